@@ -1,0 +1,135 @@
+//! The operator's HTTP surface (loopback by default) and the client the CLI uses.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | `/v1/status` | | [`Status`] |
+//! | POST | `/v1/activate` | [`ActivateRequest`] | [`VmInfo`] (same session id → same VM) |
+//! | DELETE | `/v1/vms/{id}` | | 204; `id` is a VM id or a session id |
+//!
+//! Errors are `{"code": "...", "message": "..."}` with a stable code and a 4xx/5xx status.
+
+use crate::pool::{ActivateRequest, Pool, PoolError, Status, VmInfo};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+/// An error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+}
+
+struct Failure(StatusCode, ApiError);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<PoolError> for Failure {
+    fn from(e: PoolError) -> Self {
+        let status = match e {
+            PoolError::UnknownImage { .. } | PoolError::Unknown { .. } => StatusCode::NOT_FOUND,
+            PoolError::AtCapacity { .. } | PoolError::NotDocked { .. } | PoolError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            PoolError::Driver { .. } => StatusCode::BAD_GATEWAY,
+        };
+        Failure(status, ApiError { code: e.code().into(), message: e.to_string() })
+    }
+}
+
+/// The router, separate from any socket so tests can drive it directly.
+pub fn app(pool: Pool) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/activate", post(activate))
+        .route("/v1/vms/{id}", delete(destroy))
+        .with_state(pool)
+}
+
+async fn status(State(pool): State<Pool>) -> Json<Status> {
+    Json(pool.status())
+}
+
+async fn activate(
+    State(pool): State<Pool>,
+    body: Result<Json<ActivateRequest>, JsonRejection>,
+) -> Result<Json<VmInfo>, Failure> {
+    let Json(req) = body.map_err(|e| {
+        Failure(StatusCode::BAD_REQUEST, ApiError { code: "bad_request".into(), message: e.body_text() })
+    })?;
+    Ok(Json(pool.activate(req).await?))
+}
+
+async fn destroy(State(pool): State<Pool>, Path(id): Path<String>) -> Result<StatusCode, Failure> {
+    pool.destroy(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The CLI's client for a running hostd.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach hostd at {base}: {source}")]
+    Unreachable {
+        base: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{}: {}", .0.code, .0.message)]
+    Api(ApiError),
+    #[error("hostd answered something unexpected: {0}")]
+    Unexpected(String),
+}
+
+impl Client {
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        Self { base: format!("http://{addr}"), http: reqwest::Client::new() }
+    }
+
+    async fn answer<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<Option<T>, ClientError> {
+        let resp = resp.map_err(|source| ClientError::Unreachable { base: self.base.clone(), source })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => ClientError::Api(e),
+                Err(_) => ClientError::Unexpected(format!("{status}: {}", String::from_utf8_lossy(&bytes))),
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| ClientError::Unexpected(e.to_string()))
+    }
+
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        let r = self.http.get(format!("{}/v1/status", self.base)).send().await;
+        self.answer(r).await?.ok_or_else(|| ClientError::Unexpected("empty status".into()))
+    }
+
+    pub async fn activate(&self, req: &ActivateRequest) -> Result<VmInfo, ClientError> {
+        let r = self.http.post(format!("{}/v1/activate", self.base)).json(req).send().await;
+        self.answer(r).await?.ok_or_else(|| ClientError::Unexpected("empty answer".into()))
+    }
+
+    pub async fn destroy(&self, id: &str) -> Result<(), ClientError> {
+        let r = self.http.delete(format!("{}/v1/vms/{id}", self.base)).send().await;
+        self.answer::<serde_json::Value>(r).await.map(|_| ())
+    }
+}

@@ -1,0 +1,202 @@
+//! The VM driver trait: one per hypervisor, chosen at start-up.
+//!
+//! A driver knows how to turn an image into a docked substrate ([`VmDriver::prime`]), how to
+//! restore clones of it ([`VmDriver::restore`], left paused: the warm tier), how to cold-boot an
+//! image (the baseline the benchmark compares against) and how to re-attach to a VM an earlier
+//! hostd left running ([`VmDriver::adopt`]). Each VM is a [`Vm`], owned by exactly one task of
+//! the pool, which drives [`Vm::activate`], waits on [`Vm::event`] and ends with
+//! [`Vm::destroy`] — the one place its process, sockets and overlay are removed.
+
+pub mod qemu;
+pub mod xen;
+
+use crate::config::ImageConfig;
+use crate::image::Image;
+use crate::substrate::{Fingerprint, Substrate, SubstrateError};
+use async_trait::async_trait;
+use berth_protocol::guest::Identity;
+use berth_protocol::{SessionId, VmId};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What the pool hands a driver about the image a VM runs.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub image: Image,
+    pub config: ImageConfig,
+}
+
+/// Figures from priming a substrate.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrimeStats {
+    pub boot_ms: u64,
+    pub dock_ms: u64,
+    pub state_bytes: u64,
+}
+
+/// The agent's `ready`, with host-side timing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ready {
+    pub session_id: SessionId,
+    /// Guest wall clock right after the identity was applied.
+    pub guest_clock_ms: u64,
+    /// Host wall clock when `ready` arrived.
+    pub host_clock_ms: u64,
+    /// Resume + identity + ready, as hostd saw it.
+    pub activate_us: u64,
+}
+
+/// Something that happened to a running VM.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VmEvent {
+    /// The game reported game over.
+    Ended {
+        reason: String,
+        results: serde_json::Value,
+    },
+    /// The VM process is gone.
+    Exited { status: String },
+    /// No heartbeat from the agent for this long.
+    Silent { for_ms: u64 },
+}
+
+/// What hostd writes next to each VM so that a restarted hostd can find it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRecord {
+    pub vm_id: VmId,
+    pub image: String,
+    pub driver: String,
+    pub pid: u32,
+    pub game_port: u16,
+    pub session_id: Option<SessionId>,
+    pub created_ms: u64,
+}
+
+impl VmRecord {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("vm.json")
+    }
+    pub fn load(dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(Self::path(dir)).ok()?).ok()
+    }
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let tmp = dir.join("vm.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("record serialises"))?;
+        std::fs::rename(tmp, Self::path(dir))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("starting {what}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP {during}: {message}")]
+    Qmp {
+        during: &'static str,
+        message: String,
+    },
+    #[error("the guest did not say initialised within {0:?}")]
+    BootTimeout(Duration),
+    #[error("the guest did not answer ready within {0:?}")]
+    ReadyTimeout(Duration),
+    #[error("restoring the substrate failed: {0}")]
+    Restore(String),
+    #[error("the agent refused: {code}: {message}")]
+    AgentRefused { code: String, message: String },
+    #[error("the agent speaks protocol version {found}, hostd speaks {expected}")]
+    AgentVersion { found: u32, expected: u32 },
+    #[error("the VM exited: {0}")]
+    Exited(String),
+    #[error(transparent)]
+    Substrate(#[from] SubstrateError),
+    #[error("not supported by this driver: {0}")]
+    Unsupported(&'static str),
+}
+
+impl DriverError {
+    /// A short stable discriminant: error code and metric label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DriverError::Spawn { .. } => "spawn_failed",
+            DriverError::Io { .. } => "io",
+            DriverError::Qmp { .. } => "qmp",
+            DriverError::BootTimeout(_) => "boot_timeout",
+            DriverError::ReadyTimeout(_) => "ready_timeout",
+            DriverError::Restore(_) => "restore_failed",
+            DriverError::AgentRefused { .. } => "agent_refused",
+            DriverError::AgentVersion { .. } => "agent_version",
+            DriverError::Exited(_) => "vm_exited",
+            DriverError::Substrate(e) => e.code(),
+            DriverError::Unsupported(_) => "unsupported",
+        }
+    }
+
+    /// True when the substrate itself is suspect and must be primed again.
+    pub fn substrate_suspect(&self) -> bool {
+        matches!(self, DriverError::Restore(_) | DriverError::Substrate(_))
+    }
+}
+
+/// One hypervisor backend.
+#[async_trait]
+pub trait VmDriver: Send + Sync + 'static {
+    /// `qemu` or `xen`.
+    fn kind(&self) -> &'static str;
+    /// The accelerator in use (`tcg`, `kvm`, `xen`, ...), reported by hostd and benchmarks.
+    fn accel(&self) -> String;
+    /// The header fields a substrate of `spec` made by this driver here must carry.
+    fn fingerprint(&self, spec: &VmSpec) -> Fingerprint;
+    /// Cold-boots the image, waits for `initialised` and docks it into `dir`; no process remains.
+    async fn prime(&self, spec: &VmSpec, dir: &Path, boot_timeout: Duration)
+        -> Result<PrimeStats, DriverError>;
+    /// Restores a clone of `substrate` into `vm_dir`, left paused and waiting for identity.
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        substrate: &Substrate,
+        vm_id: VmId,
+        vm_dir: &Path,
+    ) -> Result<Box<dyn Vm>, DriverError>;
+    /// Cold-boots a VM from the image (the template baseline), waiting for `initialised`.
+    async fn cold_boot(
+        &self,
+        spec: &VmSpec,
+        vm_id: VmId,
+        vm_dir: &Path,
+        boot_timeout: Duration,
+    ) -> Result<Box<dyn Vm>, DriverError>;
+    /// Re-attaches to a VM described by `record` in `vm_dir`, left by an earlier hostd.
+    async fn adopt(&self, record: &VmRecord, vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError>;
+}
+
+/// A VM with one owner.
+#[async_trait]
+pub trait Vm: Send {
+    fn id(&self) -> &VmId;
+    /// Where the game server's port is reachable from this host.
+    fn game_addr(&self) -> SocketAddr;
+    /// The hypervisor process (QEMU) or domain id (Xen).
+    fn pid(&self) -> u32;
+    fn dir(&self) -> &Path;
+    /// Resumes the VM if paused, injects `identity` and waits for the agent's `ready`.
+    async fn activate(&mut self, identity: Identity, timeout: Duration) -> Result<Ready, DriverError>;
+    /// Waits for the next thing that ends or breaks this VM. Heartbeats are consumed inside;
+    /// after activation, `silence` without one yields [`VmEvent::Silent`].
+    async fn event(&mut self, silence: Duration) -> VmEvent;
+    /// Stops the VM and removes everything it had: process, sockets, overlay, folder.
+    async fn destroy(self: Box<Self>);
+}

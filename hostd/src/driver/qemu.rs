@@ -1,0 +1,861 @@
+//! The QEMU driver: microvm guests, QMP over unix sockets, substrates in tmpfs.
+//!
+//! Device model (identical for template and clones, or migration refuses):
+//! microvm without option ROMs, RAM in a `memory-backend-file` (`share=on` for the template so
+//! its RAM lands in the substrate's `ram` file; `share=off` for clones so they map that file
+//! copy-on-write), a virtio-serial port `berth.agent` (hostd connects to QEMU's socket), a
+//! virtio-net with user-mode networking and one loopback `hostfwd` to the game port, a
+//! virtio-blk on a qcow2 overlay of the image's disk, a virtio-balloon, the serial console to a
+//! log file. Priming sets `x-ignore-shared` and migrates the stopped template to
+//! `exec:cat > state`, so only device state (tens of KiB) is written; clones start with
+//! `-incoming defer -S`, set the same capability and `migrate-incoming` from the state file.
+
+use super::{DriverError, PrimeStats, Ready, Vm, VmDriver, VmEvent, VmRecord, VmSpec};
+use crate::substrate::{self, Fingerprint, Header, Machine, Substrate};
+use crate::util::{now_ms, pid_alive, pid_cmdline};
+use async_trait::async_trait;
+use berth_protocol::guest::{
+    decode_line, encode_line, GuestToHost, HostToGuest, Identity, Line, LineBuffer,
+    AGENT_PORT_NAME, AGENT_PROTOCOL_VERSION, GAME_PORT,
+};
+use berth_protocol::VmId;
+use qapi::qmp;
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+/// Bumped whenever the VM arguments below change: old substrates are then re-primed.
+pub const DEVICE_MODEL: &str = "microvm-1";
+
+type QmpService = qapi::futures::QapiService<
+    qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>,
+>;
+
+/// The accelerator QEMU runs guests with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
+
+/// Where guest RAM lives.
+#[derive(Debug, Clone, Copy)]
+enum Ram<'a> {
+    /// The template: writes go to the file (the substrate's RAM).
+    Shared(&'a Path),
+    /// A clone: the substrate's RAM mapped copy-on-write.
+    Private(&'a Path),
+    /// A cold-booted VM with anonymous RAM.
+    Anonymous,
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuDriver {
+    qemu: PathBuf,
+    version: String,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+}
+
+/// Reads `qemu --version`, e.g. "QEMU emulator version 7.2.22 (Debian ...)" → "7.2.22".
+pub async fn qemu_version(qemu: &Path) -> Result<String, DriverError> {
+    let out = tokio::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|source| DriverError::Spawn { what: "qemu --version", source })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .map(str::to_string)
+        .ok_or_else(|| DriverError::Io {
+            what: format!("unexpected `{} --version` output: {text:?}", qemu.display()),
+            source: std::io::Error::other("no version"),
+        })
+}
+
+/// The host's TSC frequency in kHz, for `tsc_early_khz` (TCG only).
+pub fn host_tsc_khz() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = text
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+fn mkdir_private(dir: &Path) -> Result<(), DriverError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| DriverError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+    let what = what.into();
+    move |source| DriverError::Io { what, source }
+}
+
+fn qmp_err(during: &'static str) -> impl FnOnce(qapi::ExecuteError) -> DriverError {
+    move |e| DriverError::Qmp { during, message: e.to_string() }
+}
+
+/// A free loopback TCP port for a VM's `hostfwd`.
+fn free_port() -> Result<u16, DriverError> {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io_err("finding a free port"))
+}
+
+impl QemuDriver {
+    pub async fn new(qemu: PathBuf, accel: Accel) -> Result<Self, DriverError> {
+        let version = qemu_version(&qemu).await?;
+        Ok(Self {
+            qemu,
+            version,
+            accel,
+            tsc_khz: if accel == Accel::Tcg { host_tsc_khz() } else { None },
+        })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn args(&self, spec: &VmSpec, dir: &Path, ram: Ram<'_>, game_port: u16) -> Vec<OsString> {
+        let cfg = &spec.config;
+        let mut cmdline = spec.image.manifest.cmdline.clone();
+        if let Some(khz) = self.tsc_khz {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        if let Some(extra) = &cfg.cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let mem = match ram {
+            Ram::Shared(p) => format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+                cfg.memory_mib,
+                p.display()
+            ),
+            Ram::Private(p) => format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share=off",
+                cfg.memory_mib,
+                p.display()
+            ),
+            Ram::Anonymous => format!("memory-backend-ram,id=mem,size={}M", cfg.memory_mib),
+        };
+        let d = |f: &str| dir.join(f).display().to_string();
+        let accel = match self.accel {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        };
+        let mut args: Vec<String> = vec![
+            "-name".into(),
+            format!("berth,process=berth-vm,debug-threads=off"),
+            "-M".into(),
+            "microvm,x-option-roms=off,rtc=on,memory-backend=mem".into(),
+            "-accel".into(),
+            accel.into(),
+        ];
+        if self.accel == Accel::Kvm {
+            args.extend(["-cpu".into(), "host".into()]);
+        }
+        args.extend([
+            "-m".into(),
+            format!("{}M", cfg.memory_mib),
+            "-smp".into(),
+            cfg.vcpus.to_string(),
+            "-object".into(),
+            mem,
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            spec.image.kernel().display().to_string(),
+            "-initrd".into(),
+            spec.image.initrd().display().to_string(),
+            "-append".into(),
+            cmdline,
+            "-chardev".into(),
+            format!("file,id=con,path={}", d("console.log")),
+            "-serial".into(),
+            "chardev:con".into(),
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!("socket,id=agent,path={},server=on,wait=off", d("agent.sock")),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+            "-netdev".into(),
+            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{game_port}-:{GAME_PORT}"),
+            "-device".into(),
+            "virtio-net-device,netdev=n0".into(),
+            "-drive".into(),
+            format!("if=none,id=d0,file={},format=qcow2", d("overlay.qcow2")),
+            "-device".into(),
+            "virtio-blk-device,drive=d0".into(),
+            "-device".into(),
+            "virtio-balloon-device".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", d("qmp.sock")),
+        ]);
+        args.into_iter().map(OsString::from).collect()
+    }
+
+    async fn spawn(
+        &self,
+        spec: &VmSpec,
+        vm_id: VmId,
+        dir: &Path,
+        ram: Ram<'_>,
+        incoming: bool,
+    ) -> Result<QemuVm, DriverError> {
+        let game_port = free_port()?;
+        let mut args = self.args(spec, dir, ram, game_port);
+        if incoming {
+            args.extend(["-incoming", "defer", "-S"].map(OsString::from));
+        }
+        let log = std::fs::File::create(dir.join("qemu.log")).map_err(io_err("creating qemu.log"))?;
+        let child = tokio::process::Command::new(&self.qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            // Own process group: a Ctrl-C meant for hostd does not kill the VMs (they are
+            // destroyed by their owner, or adopted by the next hostd after a crash).
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| DriverError::Spawn { what: "qemu", source })?;
+        let pid = child.id().unwrap_or(0);
+        let mut vm = QemuVm::new(vm_id, dir.to_path_buf(), pid, game_port, Some(child));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        if let Err(e) = vm.connect(deadline).await {
+            let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+            Box::new(vm).destroy_in_place().await;
+            return Err(match e {
+                DriverError::Exited(_) => DriverError::Exited(log.trim().to_string()),
+                other => other,
+            });
+        }
+        Ok(vm)
+    }
+
+    fn write_blank_overlay(spec: &VmSpec, path: &Path) -> Result<(), DriverError> {
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(spec.image.disk())
+            .arg(path)
+            .status()
+            .map_err(|source| DriverError::Spawn { what: "qemu-img", source })?;
+        if !status.success() {
+            return Err(DriverError::Io {
+                what: format!("qemu-img create {}", path.display()),
+                source: std::io::Error::other(status.to_string()),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl VmDriver for QemuDriver {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn accel(&self) -> String {
+        self.accel.as_str().into()
+    }
+
+    fn fingerprint(&self, spec: &VmSpec) -> Fingerprint {
+        Fingerprint {
+            driver: "qemu".into(),
+            image_digest: spec.image.manifest.digest.clone(),
+            hypervisor_version: format!("QEMU {}", self.version),
+            device_model: DEVICE_MODEL.into(),
+            machine: Machine {
+                memory_mib: spec.config.memory_mib,
+                vcpus: spec.config.vcpus,
+                balloon_mib: spec.config.balloon_mib,
+                cow: spec.config.cow,
+                accel: self.accel.as_str().into(),
+            },
+        }
+    }
+
+    async fn prime(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+        boot_timeout: Duration,
+    ) -> Result<PrimeStats, DriverError> {
+        let t0 = Instant::now();
+        let _ = std::fs::remove_dir_all(dir);
+        let template_dir = dir.join("template");
+        mkdir_private(&template_dir)?;
+        Self::write_blank_overlay(spec, &Substrate::overlay_path(dir))?;
+        std::fs::copy(Substrate::overlay_path(dir), template_dir.join("overlay.qcow2"))
+            .map_err(io_err("copying the overlay"))?;
+        let ram = Substrate::ram_path(dir);
+        let template_id = VmId::new(format!("template-{}", spec.config.name)).map_err(|e| {
+            DriverError::Io { what: e.to_string(), source: std::io::Error::other("bad id") }
+        })?;
+        let ram = if spec.config.cow { Ram::Shared(&ram) } else { Ram::Anonymous };
+        let mut vm = self.spawn(spec, template_id, &template_dir, ram, false).await?;
+        let result = async {
+            vm.wait_initialised(boot_timeout).await?;
+            let boot_ms = t0.elapsed().as_millis() as u64;
+            let t1 = Instant::now();
+            if let Some(target) = spec.config.balloon_mib {
+                vm.balloon_down(target).await?;
+            }
+            let qmp = vm.qmp()?;
+            qmp.execute(qmp::stop {}).await.map_err(qmp_err("stop"))?;
+            prepare_migration(qmp, spec.config.cow).await?;
+            let uri = format!("exec:cat > '{}'", Substrate::state_path(dir).display());
+            qmp.execute(qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None })
+                .await
+                .map_err(qmp_err("migrate"))?;
+            wait_migration(qmp, Duration::from_secs(30)).await?;
+            let _ = qmp.execute(qmp::quit {}).await;
+            Ok::<_, DriverError>((boot_ms, t1))
+        }
+        .await;
+        Box::new(vm).destroy_in_place().await;
+        let _ = std::fs::remove_dir_all(&template_dir);
+        let (boot_ms, t1) = result?;
+        let (sha, state_bytes) = substrate::sha256_file(&Substrate::state_path(dir))
+            .map_err(io_err("hashing the state file"))?;
+        let dock_ms = t1.elapsed().as_millis() as u64;
+        let header = Header {
+            magic: substrate::MAGIC.into(),
+            format: substrate::FORMAT,
+            fingerprint: self.fingerprint(spec),
+            created_ms: now_ms(),
+            prime_ms: t0.elapsed().as_millis() as u64,
+            state_sha256: sha,
+            state_bytes,
+        };
+        let header_json = serde_json::to_vec_pretty(&header).expect("header serialises");
+        std::fs::write(Substrate::header_path(dir), header_json)
+            .map_err(io_err("writing substrate.json"))?;
+        Ok(PrimeStats { boot_ms, dock_ms, state_bytes })
+    }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        substrate: &Substrate,
+        vm_id: VmId,
+        vm_dir: &Path,
+    ) -> Result<Box<dyn Vm>, DriverError> {
+        mkdir_private(vm_dir)?;
+        std::fs::copy(substrate.overlay(), vm_dir.join("overlay.qcow2"))
+            .map_err(io_err("copying the overlay"))?;
+        let ram = substrate.ram();
+        let ram = if spec.config.cow { Ram::Private(&ram) } else { Ram::Anonymous };
+        let mut vm = self.spawn(spec, vm_id, vm_dir, ram, true).await?;
+        let result = async {
+            let qmp = vm.qmp()?;
+            prepare_migration(qmp, spec.config.cow).await?;
+            let uri = format!("exec:cat '{}'", substrate.state().display());
+            qmp.execute(qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: None })
+                .await
+                .map_err(|e| DriverError::Restore(e.to_string()))?;
+            wait_migration(qmp, Duration::from_secs(30)).await
+        }
+        .await;
+        if let Err(e) = result {
+            Box::new(vm).destroy_in_place().await;
+            return Err(match e {
+                DriverError::Qmp { message, .. } => DriverError::Restore(message),
+                other => other,
+            });
+        }
+        vm.paused = true;
+        vm.balloon_mib = spec.config.balloon_mib.map(|b| (b, spec.config.memory_mib));
+        vm.save_record(&spec.config.name)?;
+        Ok(Box::new(vm))
+    }
+
+    async fn cold_boot(
+        &self,
+        spec: &VmSpec,
+        vm_id: VmId,
+        vm_dir: &Path,
+        boot_timeout: Duration,
+    ) -> Result<Box<dyn Vm>, DriverError> {
+        mkdir_private(vm_dir)?;
+        Self::write_blank_overlay(spec, &vm_dir.join("overlay.qcow2"))?;
+        let mut vm = self.spawn(spec, vm_id, vm_dir, Ram::Anonymous, false).await?;
+        if let Err(e) = vm.wait_initialised(boot_timeout).await {
+            Box::new(vm).destroy_in_place().await;
+            return Err(e);
+        }
+        vm.save_record(&spec.config.name)?;
+        Ok(Box::new(vm))
+    }
+
+    async fn adopt(&self, record: &VmRecord, vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError> {
+        let dir_arg = vm_dir.join("qmp.sock").display().to_string();
+        if !pid_alive(record.pid) || !pid_cmdline(record.pid).iter().any(|a| a.contains(&dir_arg)) {
+            return Err(DriverError::Exited(format!("pid {} is not this VM's QEMU", record.pid)));
+        }
+        let mut vm = QemuVm::new(
+            record.vm_id.clone(),
+            vm_dir.to_path_buf(),
+            record.pid,
+            record.game_port,
+            None,
+        );
+        vm.image = record.image.clone();
+        vm.session = record.session_id.clone();
+        vm.activated = record.session_id.is_some();
+        vm.created_ms = record.created_ms;
+        vm.connect(Instant::now() + Duration::from_secs(5)).await?;
+        let status = vm
+            .qmp()?
+            .execute(qmp::query_status {})
+            .await
+            .map_err(qmp_err("query-status"))?;
+        vm.paused = !status.running;
+        Ok(Box::new(vm))
+    }
+}
+
+/// Both sides of a migration: `x-ignore-shared` for copy-on-write substrates (RAM stays in
+/// the shared file), and no bandwidth cap (the default cap makes a full save ~15x slower).
+async fn prepare_migration(qmp: &QmpService, cow: bool) -> Result<(), DriverError> {
+    if cow {
+        qmp.execute(qmp::migrate_set_capabilities {
+            capabilities: vec![qmp::MigrationCapabilityStatus {
+                capability: qmp::MigrationCapability::x_ignore_shared,
+                state: true,
+            }],
+        })
+        .await
+        .map_err(qmp_err("migrate-set-capabilities"))?;
+    }
+    let params = qmp::MigrateSetParameters {
+        max_bandwidth: Some(64 << 30),
+        ..Default::default()
+    };
+    qmp.execute(qmp::migrate_set_parameters(params))
+        .await
+        .map_err(qmp_err("migrate-set-parameters"))?;
+    Ok(())
+}
+
+/// Polls `query-migrate` until the migration (either direction) completes or fails.
+async fn wait_migration(qmp: &QmpService, limit: Duration) -> Result<(), DriverError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let info = qmp.execute(qmp::query_migrate {}).await.map_err(qmp_err("query-migrate"))?;
+        match info.status {
+            Some(qmp::MigrationStatus::completed) => return Ok(()),
+            Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
+                return Err(DriverError::Restore(
+                    info.error_desc.unwrap_or_else(|| "migration failed".into()),
+                ))
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(DriverError::Restore(format!("migration did not finish in {limit:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// What the agent reader task passes on.
+#[derive(Debug)]
+enum AgentItem {
+    Msg(GuestToHost),
+    Bad { code: &'static str, message: String },
+    Closed,
+}
+
+/// One QEMU process and hostd's two connections into it.
+pub struct QemuVm {
+    id: VmId,
+    dir: PathBuf,
+    pid: u32,
+    game_port: u16,
+    child: Option<tokio::process::Child>,
+    qmp: Option<QmpService>,
+    qmp_task: Option<tokio::task::JoinHandle<()>>,
+    agent_tx: Option<tokio::net::unix::OwnedWriteHalf>,
+    agent_rx: Option<mpsc::Receiver<AgentItem>>,
+    agent_task: Option<tokio::task::JoinHandle<()>>,
+    paused: bool,
+    activated: bool,
+    balloon_mib: Option<(u32, u32)>,
+    last_heard: Instant,
+    image: String,
+    session: Option<berth_protocol::SessionId>,
+    created_ms: u64,
+    exit_status: Option<String>,
+}
+
+impl QemuVm {
+    fn new(id: VmId, dir: PathBuf, pid: u32, game_port: u16, child: Option<tokio::process::Child>) -> Self {
+        Self {
+            id,
+            dir,
+            pid,
+            game_port,
+            child,
+            qmp: None,
+            qmp_task: None,
+            agent_tx: None,
+            agent_rx: None,
+            agent_task: None,
+            paused: false,
+            activated: false,
+            balloon_mib: None,
+            last_heard: Instant::now(),
+            image: String::new(),
+            session: None,
+            created_ms: now_ms(),
+            exit_status: None,
+        }
+    }
+
+    fn qmp(&self) -> Result<&QmpService, DriverError> {
+        self.qmp.as_ref().ok_or(DriverError::Qmp { during: "connect", message: "not connected".into() })
+    }
+
+    /// Connects QMP and the agent socket, retrying until QEMU has created them.
+    async fn connect(&mut self, deadline: Instant) -> Result<(), DriverError> {
+        let qmp_path = self.dir.join("qmp.sock");
+        let agent_path = self.dir.join("agent.sock");
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(DriverError::Exited(status.to_string()));
+                }
+            } else if !pid_alive(self.pid) {
+                return Err(DriverError::Exited("process gone".into()));
+            }
+            if qmp_path.exists() && agent_path.exists() {
+                if let Ok(stream) = qapi::futures::QmpStreamTokio::open_uds(&qmp_path).await {
+                    let stream = stream
+                        .negotiate()
+                        .await
+                        .map_err(io_err("QMP capabilities negotiation"))?;
+                    let (service, task) = stream.spawn_tokio();
+                    self.qmp = Some(service);
+                    self.qmp_task = Some(task);
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(DriverError::Qmp { during: "connect", message: "QMP socket never answered".into() });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let agent = UnixStream::connect(&agent_path).await.map_err(io_err("connecting the agent socket"))?;
+        let (mut rd, wr) = agent.into_split();
+        let (tx, rx) = mpsc::channel(64);
+        self.agent_tx = Some(wr);
+        self.agent_rx = Some(rx);
+        self.agent_task = Some(tokio::spawn(async move {
+            let mut lines = LineBuffer::default();
+            let mut buf = vec![0u8; 8192];
+            loop {
+                let n = match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(AgentItem::Closed).await;
+                        return;
+                    }
+                    Ok(n) => n,
+                };
+                let mut out = Vec::new();
+                lines.push(&buf[..n], &mut out);
+                for line in out {
+                    let item = match line {
+                        Line::TooLong => AgentItem::Bad {
+                            code: "line_too_long",
+                            message: "the agent sent an oversize line".into(),
+                        },
+                        Line::Complete(l) => match decode_line::<GuestToHost>(&l) {
+                            Ok(m) => AgentItem::Msg(m),
+                            Err(e) => AgentItem::Bad { code: e.code(), message: e.to_string() },
+                        },
+                    };
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    fn save_record(&mut self, image: &str) -> Result<(), DriverError> {
+        self.image = image.to_string();
+        VmRecord {
+            vm_id: self.id.clone(),
+            image: self.image.clone(),
+            driver: "qemu".into(),
+            pid: self.pid,
+            game_port: self.game_port,
+            session_id: self.session.clone(),
+            created_ms: self.created_ms,
+        }
+        .save(&self.dir)
+        .map_err(io_err("writing vm.json"))
+    }
+
+    /// Next item from the agent, or the VM's exit.
+    async fn next_agent(&mut self) -> Result<AgentItem, DriverError> {
+        let Some(rx) = self.agent_rx.as_mut() else {
+            return Err(DriverError::Exited("agent not connected".into()));
+        };
+        let exit = async {
+            match self.child.as_mut() {
+                Some(child) => child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                None => loop {
+                    if !pid_alive(self.pid) {
+                        return "process gone".to_string();
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                },
+            }
+        };
+        tokio::select! {
+            item = rx.recv() => Ok(item.unwrap_or(AgentItem::Closed)),
+            status = exit => {
+                self.exit_status = Some(status.clone());
+                Err(DriverError::Exited(status))
+            }
+        }
+    }
+
+    async fn wait_initialised(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let item = tokio::time::timeout_at(deadline, self.next_agent())
+                .await
+                .map_err(|_| DriverError::BootTimeout(timeout))??;
+            match item {
+                AgentItem::Msg(GuestToHost::Initialised { version, .. }) => {
+                    if version != AGENT_PROTOCOL_VERSION {
+                        return Err(DriverError::AgentVersion { found: version, expected: AGENT_PROTOCOL_VERSION });
+                    }
+                    return Ok(());
+                }
+                AgentItem::Closed => {
+                    // QEMU's socket closes only with QEMU; let the exit path report it.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                AgentItem::Bad { code, message } => {
+                    tracing::warn!(vm_id = %self.id, code, %message, "bad line from guest");
+                }
+                AgentItem::Msg(other) => {
+                    tracing::debug!(vm_id = %self.id, ?other, "agent message while booting");
+                }
+            }
+        }
+    }
+
+    async fn balloon_down(&mut self, target_mib: u32) -> Result<(), DriverError> {
+        let qmp = self.qmp()?;
+        let target = i64::from(target_mib) << 20;
+        qmp.execute(qmp::balloon { value: target }).await.map_err(qmp_err("balloon"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let info = qmp.execute(qmp::query_balloon {}).await.map_err(qmp_err("query-balloon"))?;
+            if info.actual <= target + (1 << 20) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(vm_id = %self.id, target_mib, "balloon did not reach its target; docking anyway");
+        Ok(())
+    }
+
+    async fn kill(&mut self) {
+        self.qmp = None;
+        if let Some(t) = self.qmp_task.take() {
+            t.abort();
+        }
+        if let Some(t) = self.agent_task.take() {
+            t.abort();
+        }
+        self.agent_tx = None;
+        if self.pid != 0 && self.exit_status.is_none() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        match self.child.as_mut() {
+            Some(child) => {
+                let _ = child.wait().await;
+            }
+            None => {
+                for _ in 0..500 {
+                    if !pid_alive(self.pid) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+
+    async fn destroy_in_place(mut self: Box<Self>) {
+        self.kill().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn id(&self) -> &VmId {
+        &self.id
+    }
+
+    fn game_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.game_port))
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    async fn activate(&mut self, mut identity: Identity, timeout: Duration) -> Result<Ready, DriverError> {
+        let t0 = Instant::now();
+        if self.paused {
+            self.qmp()?.execute(qmp::cont {}).await.map_err(qmp_err("cont"))?;
+            self.paused = false;
+        }
+        identity.wall_clock_ms = now_ms();
+        let session_id = identity.session_id.clone();
+        let line = encode_line(&HostToGuest::Identity(identity));
+        let tx = self.agent_tx.as_mut().ok_or(DriverError::Exited("agent not connected".into()))?;
+        tx.write_all(&line).await.map_err(io_err("writing the identity"))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let item = tokio::time::timeout_at(deadline, self.next_agent())
+                .await
+                .map_err(|_| DriverError::ReadyTimeout(timeout))??;
+            match item {
+                AgentItem::Msg(GuestToHost::Ready { session_id: s, clock_ms, .. }) if s == session_id => {
+                    self.activated = true;
+                    self.last_heard = Instant::now();
+                    self.session = Some(session_id.clone());
+                    let image = self.image.clone();
+                    self.save_record(&image)?;
+                    if let Some((_, full)) = self.balloon_mib {
+                        let _ = self.qmp()?.execute(qmp::balloon { value: i64::from(full) << 20 }).await;
+                    }
+                    return Ok(Ready {
+                        session_id,
+                        guest_clock_ms: clock_ms,
+                        host_clock_ms: now_ms(),
+                        activate_us: t0.elapsed().as_micros() as u64,
+                    });
+                }
+                AgentItem::Msg(GuestToHost::Error { code, message }) => {
+                    return Err(DriverError::AgentRefused { code, message })
+                }
+                AgentItem::Bad { code, message } => {
+                    tracing::warn!(vm_id = %self.id, code, %message, "bad line from guest");
+                }
+                AgentItem::Closed => tokio::time::sleep(Duration::from_millis(10)).await,
+                AgentItem::Msg(other) => {
+                    tracing::debug!(vm_id = %self.id, ?other, "agent message while activating");
+                }
+            }
+        }
+    }
+
+    async fn event(&mut self, silence: Duration) -> VmEvent {
+        loop {
+            let wait = silence.saturating_sub(self.last_heard.elapsed());
+            let next = if self.activated {
+                match tokio::time::timeout(wait, self.next_agent()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return VmEvent::Silent { for_ms: self.last_heard.elapsed().as_millis() as u64 }
+                    }
+                }
+            } else {
+                self.next_agent().await
+            };
+            match next {
+                Err(DriverError::Exited(status)) => return VmEvent::Exited { status },
+                Err(e) => return VmEvent::Exited { status: e.to_string() },
+                Ok(AgentItem::Msg(GuestToHost::Heartbeat { .. })) => self.last_heard = Instant::now(),
+                Ok(AgentItem::Msg(GuestToHost::Ended { reason, results, .. })) => {
+                    return VmEvent::Ended { reason, results }
+                }
+                Ok(AgentItem::Closed) => {
+                    // The socket closes when QEMU goes away; wait for the exit to be seen.
+                    self.agent_rx = None;
+                    let status = match self.child.as_mut() {
+                        Some(c) => c.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                        None => "agent socket closed".into(),
+                    };
+                    self.exit_status = Some(status.clone());
+                    return VmEvent::Exited { status };
+                }
+                Ok(AgentItem::Bad { code, message }) => {
+                    tracing::warn!(vm_id = %self.id, code, %message, "bad line from guest");
+                }
+                Ok(AgentItem::Msg(other)) => {
+                    tracing::debug!(vm_id = %self.id, ?other, "agent message");
+                }
+            }
+        }
+    }
+
+    async fn destroy(self: Box<Self>) {
+        self.destroy_in_place().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_is_read_from_cpuinfo() {
+        // Every x86 Linux host has a "cpu MHz" line.
+        assert!(host_tsc_khz().is_some_and(|k| k > 100_000));
+    }
+}

@@ -1,0 +1,61 @@
+//! `berth-hostd`: everything one host does for Berth.
+//!
+//! - [`config`]: the TOML config, validated into runtime types at start-up.
+//! - [`image`]: guest images (`manifest.json` written by `cargo xtask image`).
+//! - [`substrate`]: the versioned header of a docked substrate and its checks.
+//! - [`driver`]: the [`driver::VmDriver`] trait and its backends — [`driver::qemu`] (real, the
+//!   default) and `driver::xen` (behind the `xen` feature).
+//! - [`accel`]: which accelerator QEMU may use here (KVM only when a guest really boots on it).
+//! - [`pool`]: per host, per image: the docked substrate, warm clones, running VMs; activation
+//!   by session id (idempotent), destroy, health, refill, adoption after a restart.
+//! - [`control`]: the operator's HTTP surface and its client (`berth-hostd status` etc.).
+
+pub mod accel;
+pub mod config;
+pub mod control;
+pub mod driver;
+pub mod image;
+pub mod pool;
+pub mod substrate;
+pub mod util;
+
+pub use config::HostdConfig;
+pub use pool::Pool;
+
+use std::sync::Arc;
+
+/// Picks the driver this host can run (see [`accel`]).
+pub async fn driver_for(config: &HostdConfig) -> anyhow::Result<Arc<dyn driver::VmDriver>> {
+    let first = config
+        .images
+        .first()
+        .map(|ic| image::Image::load(&ic.dir).map(|img| (img, ic.clone())))
+        .transpose()?;
+    let accel = accel::choose(
+        config.accel,
+        &config.qemu,
+        first.as_ref().map(|(i, c)| (i, c)),
+        &config.state_dir,
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+    let driver = driver::qemu::QemuDriver::new(config.qemu.clone(), accel).await?;
+    tracing::info!(accel = accel.as_str(), qemu = driver.version(), "driver ready");
+    Ok(Arc::new(driver))
+}
+
+/// Runs hostd until `shutdown` resolves: pool plus control API; then destroys what it owns.
+pub async fn run(
+    config: HostdConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let driver = driver_for(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.control).await?;
+    tracing::info!(control = %listener.local_addr()?, "control API listening");
+    let pool = Pool::start(config, driver).await?;
+    let app = control::app(pool.clone());
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    tracing::info!("shutting down: destroying VMs");
+    pool.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! `berth-hostd`: run the host daemon, or talk to a running one.
+use anyhow::Context;
+use berth_hostd::control::Client;
+use berth_hostd::pool::ActivateRequest;
+use berth_hostd::HostdConfig;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "berth-hostd", about = "Berth host daemon: game VMs activated from in-memory substrates")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon.
+    Run {
+        #[arg(long, env = "BERTH_HOSTD_CONFIG")]
+        config: PathBuf,
+        /// Log as JSON lines.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Show a running hostd's pools and VMs.
+    Status {
+        #[arg(long, env = "BERTH_HOSTD_CONTROL", default_value = "127.0.0.1:7070")]
+        control: SocketAddr,
+    },
+    /// Activate a VM (for debugging; the server does this in production).
+    Activate {
+        #[arg(long, env = "BERTH_HOSTD_CONTROL", default_value = "127.0.0.1:7070")]
+        control: SocketAddr,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        session: String,
+        #[arg(long = "player")]
+        players: Vec<String>,
+    },
+    /// Destroy a VM by VM id or session id.
+    Destroy {
+        #[arg(long, env = "BERTH_HOSTD_CONTROL", default_value = "127.0.0.1:7070")]
+        control: SocketAddr,
+        id: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run { config, json_logs } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into());
+            if json_logs {
+                tracing_subscriber::fmt().json().with_env_filter(filter).init();
+            } else {
+                tracing_subscriber::fmt().with_env_filter(filter).init();
+            }
+            let config = HostdConfig::load(&config)?;
+            berth_hostd::run(config, shutdown_signal()).await
+        }
+        Cmd::Status { control } => {
+            let s = Client::new(control).status().await?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
+        Cmd::Activate { control, image, session, players } => {
+            let req = ActivateRequest {
+                session_id: session.parse().context("--session")?,
+                image,
+                players: players.iter().map(|p| p.parse()).collect::<Result<_, _>>().context("--player")?,
+                params: serde_json::Value::Null,
+                ticket_key: String::new(),
+            };
+            let vm = Client::new(control).activate(&req).await?;
+            println!("{}", serde_json::to_string_pretty(&vm)?);
+            Ok(())
+        }
+        Cmd::Destroy { control, id } => {
+            Client::new(control).destroy(&id).await?;
+            println!("destroyed {id}");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

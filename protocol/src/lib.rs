@@ -1,0 +1,16 @@
+//! Every wire type Berth speaks, in one crate so that no side can drift.
+//!
+//! - [`ids`]: newtype identifiers (`SessionId`, `VmId`, `HostId`, `PlayerId`).
+//! - [`guest`]: the line-delimited JSON spoken between hostd and the agent inside a game VM,
+//!   over a virtio-serial port (QEMU) or XenStore keys (Xen).
+//! - [`game`]: what the game server in the VM answers on its TCP port.
+//!
+//! Every message carries no version field of its own; the agent announces
+//! [`guest::AGENT_PROTOCOL_VERSION`] in its `initialised` message and hostd refuses a guest that
+//! speaks another.
+
+pub mod game;
+pub mod guest;
+pub mod ids;
+
+pub use ids::{HostId, IdError, PlayerId, SessionId, VmId};

@@ -1,0 +1,225 @@
+//! `cargo xtask image`: the guest image, from Debian packages and this workspace only.
+//!
+//! Output in `target/image/`: `vmlinuz` (from the kernel .deb, never installed on the host),
+//! `initrd.cpio` (busybox-static, the virtio modules, `/init`, the static `berth-guest`),
+//! `data.raw` (ext4 with `assets/game`, the game's data disk) and `manifest.json` with the
+//! image digest hostd puts into every substrate header. Rebuilt only when an input changes.
+
+use crate::cpio::Cpio;
+use crate::sys;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const KERNEL_META: &str = "linux-image-cloud-amd64";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub digest: String,
+    pub input_digest: String,
+    pub kernel: String,
+    pub initrd: String,
+    pub disk: String,
+    pub kernel_package: String,
+    pub cmdline: String,
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").into()
+}
+
+pub fn image_dir() -> PathBuf {
+    root().join("target/image")
+}
+
+fn sha_files(h: &mut Sha256, paths: &[PathBuf]) -> Result<()> {
+    for p in paths {
+        h.update(p.to_string_lossy().as_bytes());
+        h.update(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+    }
+    Ok(())
+}
+
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(files_under(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Builds the static guest binary; returns its path.
+fn build_guest() -> Result<PathBuf> {
+    let target_dir = root().join("target/guest");
+    sys::run(
+        Command::new(env!("CARGO"))
+            .current_dir(root())
+            .args(["build", "--release", "--quiet", "-p", "berth-guest"])
+            .args(["--target", "x86_64-unknown-linux-gnu"])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static"),
+    )?;
+    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/berth-guest"))
+}
+
+/// Reads `depends=` from a kernel module's `.modinfo` section.
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    ko.windows(key.len())
+        .position(|w| w == key)
+        .map(|i| {
+            let rest = &ko[i + key.len()..];
+            let end = rest.iter().position(|b| *b == 0).unwrap_or(0);
+            String::from_utf8_lossy(&rest[..end])
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Module load order for `wanted`, dependencies first.
+fn module_order(modules: &BTreeMap<String, PathBuf>, wanted: &[String]) -> Result<Vec<String>> {
+    fn visit(
+        name: &str,
+        modules: &BTreeMap<String, PathBuf>,
+        out: &mut Vec<String>,
+        depth: usize,
+    ) -> Result<()> {
+        if out.iter().any(|m| m == name) {
+            return Ok(());
+        }
+        if depth > 16 {
+            bail!("module dependency loop at {name}");
+        }
+        let path = modules.get(name).with_context(|| format!("kernel has no module {name}"))?;
+        for dep in module_depends(&std::fs::read(path)?) {
+            visit(&dep, modules, out, depth + 1)?;
+        }
+        out.push(name.to_string());
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for w in wanted {
+        visit(w, modules, &mut out, 0)?;
+    }
+    Ok(out)
+}
+
+pub fn build() -> Result<Manifest> {
+    sys::ensure(&[sys::E2FS])?;
+    let dir = image_dir();
+    let debs = root().join("target/debs");
+    let kernel_pkg = sys::resolve_meta(KERNEL_META, "linux-image-")?;
+    let kernel_deb = sys::download_deb(&kernel_pkg, &debs)?;
+    let busybox_deb = sys::download_deb("busybox-static", &debs)?;
+    let guest = build_guest()?;
+    let assets = root().join("assets");
+    let init = assets.join("image/init");
+    let modules_list = assets.join("image/modules");
+    let game_files = files_under(&assets.join("game"))?;
+
+    let mut h = Sha256::new();
+    h.update(kernel_deb.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    h.update(busybox_deb.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    sha_files(&mut h, &[guest.clone(), init.clone(), modules_list.clone()])?;
+    sha_files(&mut h, &game_files)?;
+    let input_digest = hex::encode(h.finalize());
+
+    let manifest_path = dir.join("manifest.json");
+    if let Ok(old) = std::fs::read(&manifest_path) {
+        if let Ok(old) = serde_json::from_slice::<Manifest>(&old) {
+            if old.input_digest == input_digest && dir.join(&old.disk).exists() {
+                eprintln!("xtask: image up to date ({})", &old.digest[..12]);
+                return Ok(old);
+            }
+        }
+    }
+    eprintln!("xtask: building guest image from {kernel_pkg} and busybox-static");
+    let work = root().join("target/image-work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    std::fs::create_dir_all(&dir)?;
+    for deb in [&kernel_deb, &busybox_deb] {
+        sys::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&work))?;
+    }
+    // The kernel.
+    let boot = work.join("boot");
+    let vmlinuz = std::fs::read_dir(&boot)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .context("kernel package has no vmlinuz")?;
+    std::fs::copy(&vmlinuz, dir.join("vmlinuz"))?;
+
+    // Modules, by name.
+    let mut modules = BTreeMap::new();
+    for p in files_under(&work.join("lib/modules"))? {
+        if let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+            modules.insert(name.to_string(), p.clone());
+        }
+    }
+    let wanted: Vec<String> = std::fs::read_to_string(&modules_list)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    let order = module_order(&modules, &wanted)?;
+
+    // The initramfs.
+    let mut cpio = Cpio::default();
+    for d in ["bin", "dev", "proc", "sys", "data", "tmp", "etc", "lib", "lib/modules"] {
+        cpio.dir(d);
+    }
+    cpio.char_dev("dev/console", 5, 1);
+    cpio.char_dev("dev/null", 1, 3);
+    cpio.file("init", 0o755, &std::fs::read(&init)?);
+    cpio.file("bin/busybox", 0o755, &std::fs::read(work.join("bin/busybox"))?);
+    cpio.file("bin/berth-guest", 0o755, &std::fs::read(&guest)?);
+    for m in &order {
+        cpio.file(&format!("lib/modules/{m}.ko"), 0o644, &std::fs::read(&modules[m])?);
+    }
+    cpio.file("lib/modules/order", 0o644, (order.join("\n") + "\n").as_bytes());
+    std::fs::write(dir.join("initrd.cpio"), cpio.finish())?;
+
+    // The data disk: ext4 holding the game's assets.
+    let disk = dir.join("data.raw");
+    let _ = std::fs::remove_file(&disk);
+    sys::run(
+        Command::new("mke2fs")
+            .args(["-q", "-t", "ext4", "-L", "berth-data", "-O", "^has_journal", "-d"])
+            .arg(assets.join("game"))
+            .arg(&disk)
+            .arg("16M"),
+    )?;
+
+    let mut h = Sha256::new();
+    sha_files(&mut h, &[dir.join("vmlinuz"), dir.join("initrd.cpio"), disk.clone()])?;
+    let manifest = Manifest {
+        format: 1,
+        digest: hex::encode(h.finalize()),
+        input_digest,
+        kernel: "vmlinuz".into(),
+        initrd: "initrd.cpio".into(),
+        disk: "data.raw".into(),
+        kernel_package: kernel_pkg,
+        cmdline: "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init BERTH_INIT_MS=1000".into(),
+    };
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest)?)?;
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!("xtask: image {} in {}", &manifest.digest[..12], dir.display());
+    Ok(manifest)
+}

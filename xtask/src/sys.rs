@@ -1,0 +1,96 @@
+//! Host prerequisites: what the project needs from Debian, installed when run as root.
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+/// A Debian package and a file that proves it is installed.
+pub struct Need {
+    pub package: &'static str,
+    pub proof: &'static str,
+}
+
+pub const QEMU: Need = Need { package: "qemu-system-x86", proof: "/usr/bin/qemu-system-x86_64" };
+pub const QEMU_UTILS: Need = Need { package: "qemu-utils", proof: "/usr/bin/qemu-img" };
+pub const E2FS: Need = Need { package: "e2fsprogs", proof: "/usr/sbin/mke2fs" };
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Makes sure every package in `needs` is installed: with apt-get as root, else says what to run.
+pub fn ensure(needs: &[Need]) -> Result<()> {
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|n| !Path::new(n.proof).exists())
+        .map(|n| n.package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing packages; run: sudo apt-get update && sudo apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    apt_update_once()?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing))
+}
+
+fn apt_update_once() -> Result<()> {
+    // apt's package lists are present once `apt-get update` ran on this machine.
+    let lists = std::fs::read_dir("/var/lib/apt/lists")
+        .map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().contains("_Packages")))
+        .unwrap_or(false);
+    if lists {
+        return Ok(());
+    }
+    run(Command::new("apt-get").arg("update"))
+}
+
+/// Downloads a Debian package (not installed) into `dir`; returns the .deb path.
+pub fn download_deb(package: &str, dir: &Path) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let find = |dir: &Path| -> Option<std::path::PathBuf> {
+        std::fs::read_dir(dir).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+        })
+    };
+    if let Some(p) = find(dir) {
+        return Ok(p);
+    }
+    apt_update_once()?;
+    run(Command::new("apt-get").arg("download").arg(package).current_dir(dir))?;
+    find(dir).with_context(|| format!("apt-get download {package} left no .deb"))
+}
+
+/// The real package a Debian metapackage (e.g. `linux-image-cloud-amd64`) depends on.
+pub fn resolve_meta(meta: &str, prefix: &str) -> Result<String> {
+    apt_update_once()?;
+    let out = Command::new("apt-cache").args(["depends", meta]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|d| d.starts_with(prefix))
+        .map(str::to_string)
+        .with_context(|| format!("apt-cache depends {meta}: no {prefix}* dependency"))
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
