@@ -164,7 +164,10 @@ impl Agent {
             Line::Complete(l) if l.iter().all(u8::is_ascii_whitespace) => return,
             Line::Complete(l) => l,
             Line::TooLong => {
-                return self.refuse("line_too_long", format!("lines are limited to {MAX_LINE} bytes"))
+                return self.refuse(
+                    "line_too_long",
+                    format!("lines are limited to {MAX_LINE} bytes"),
+                )
             }
         };
         match decode_line::<HostToGuest>(&line) {

@@ -27,7 +27,10 @@ impl World {
     pub fn load(data_dir: &Path, work: Duration) -> Result<Self, GuestError> {
         let started = Instant::now();
         let maps = data_dir.join("maps");
-        let err = |source| GuestError::Data { path: maps.clone(), source };
+        let err = |source| GuestError::Data {
+            path: maps.clone(),
+            source,
+        };
         let mut entries: Vec<_> = std::fs::read_dir(&maps)
             .map_err(err)?
             .filter_map(Result::ok)
@@ -133,20 +136,24 @@ fn connection(
         if reader.read_until(b'\n', &mut line)? == 0 {
             return Ok(());
         }
-        let answer = match decode_line::<GameRequest>(&line) {
-            Ok(GameRequest::Ping) => GameAnswer::Pong { clock_ms: now_ms() },
-            Ok(GameRequest::End { results }) => {
-                let _ = over.send(GameOver {
-                    reason: "game_over".into(),
-                    results,
-                });
-                GameAnswer::Ended
-            }
-            Err(e) => GameAnswer::Error {
-                code: e.code().into(),
-                message: e.to_string(),
-            },
+        let (answer, game_over) = match decode_line::<GameRequest>(&line) {
+            Ok(GameRequest::Ping) => (GameAnswer::Pong { clock_ms: now_ms() }, None),
+            Ok(GameRequest::End { results }) => (GameAnswer::Ended, Some(results)),
+            Err(e) => (
+                GameAnswer::Error {
+                    code: e.code().into(),
+                    message: e.to_string(),
+                },
+                None,
+            ),
         };
+        // Players hear the answer before hostd hears of the game's end (and ends the VM).
         writer.write_all(&encode_line(&answer))?;
+        if let Some(results) = game_over {
+            let _ = over.send(GameOver {
+                reason: "game_over".into(),
+                results,
+            });
+        }
     }
 }

@@ -35,7 +35,12 @@ pub async fn choose(
         AccelChoice::Kvm => return Accel::Kvm,
         AccelChoice::Auto => {}
     }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         tracing::info!("no usable /dev/kvm: using TCG");
         return Accel::Tcg;
     }
@@ -51,7 +56,11 @@ pub async fn choose(
         .and_then(|b| serde_json::from_slice::<ProbeRecord>(&b).ok())
     {
         if rec.qemu_version == version && rec.image_digest == image.manifest.digest {
-            return if rec.kvm_boots { Accel::Kvm } else { Accel::Tcg };
+            return if rec.kvm_boots {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            };
         }
     }
     let (kvm_boots, detail) = probe_kvm(qemu, image, config, state_dir, probe_timeout).await;

@@ -185,7 +185,10 @@ impl HostdConfig {
             })
         };
         if berth_protocol::HostId::new(self.host_id.clone()).is_err() {
-            return invalid("host_id".into(), "must be 1-64 letters, digits, '-', '_' or '.'");
+            return invalid(
+                "host_id".into(),
+                "must be 1-64 letters, digits, '-', '_' or '.'",
+            );
         }
         if self.max_vms == 0 {
             return invalid("max_vms".into(), "must be at least 1");
@@ -219,7 +222,11 @@ impl HostdConfig {
             if image.warm > self.max_vms {
                 return invalid(key("warm"), "cannot exceed max_vms");
             }
-            if image.cmdline.as_ref().is_some_and(|c| c.len() > MAX_LINE || c.contains('\n')) {
+            if image
+                .cmdline
+                .as_ref()
+                .is_some_and(|c| c.len() > MAX_LINE || c.contains('\n'))
+            {
                 return invalid(key("cmdline"), "must be one short line");
             }
         }
@@ -266,7 +273,10 @@ mod tests {
         )
         .expect("valid");
         let img = c.image("arena").expect("image");
-        assert_eq!((img.memory_mib, img.balloon_mib, img.warm), (128, Some(96), 2));
+        assert_eq!(
+            (img.memory_mib, img.balloon_mib, img.warm),
+            (128, Some(96), 2)
+        );
     }
 
     fn err(text: &str) -> String {

@@ -36,12 +36,18 @@ impl From<PoolError> for Failure {
     fn from(e: PoolError) -> Self {
         let status = match e {
             PoolError::UnknownImage { .. } | PoolError::Unknown { .. } => StatusCode::NOT_FOUND,
-            PoolError::AtCapacity { .. } | PoolError::NotDocked { .. } | PoolError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            PoolError::AtCapacity { .. }
+            | PoolError::NotDocked { .. }
+            | PoolError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             PoolError::Driver { .. } => StatusCode::BAD_GATEWAY,
         };
-        Failure(status, ApiError { code: e.code().into(), message: e.to_string() })
+        Failure(
+            status,
+            ApiError {
+                code: e.code().into(),
+                message: e.to_string(),
+            },
+        )
     }
 }
 
@@ -63,7 +69,13 @@ async fn activate(
     body: Result<Json<ActivateRequest>, JsonRejection>,
 ) -> Result<Json<VmInfo>, Failure> {
     let Json(req) = body.map_err(|e| {
-        Failure(StatusCode::BAD_REQUEST, ApiError { code: "bad_request".into(), message: e.body_text() })
+        Failure(
+            StatusCode::BAD_REQUEST,
+            ApiError {
+                code: "bad_request".into(),
+                message: e.body_text(),
+            },
+        )
     })?;
     Ok(Json(pool.activate(req).await?))
 }
@@ -96,40 +108,71 @@ pub enum ClientError {
 
 impl Client {
     pub fn new(addr: std::net::SocketAddr) -> Self {
-        Self { base: format!("http://{addr}"), http: reqwest::Client::new() }
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
     }
 
     async fn answer<T: serde::de::DeserializeOwned>(
         &self,
         resp: Result<reqwest::Response, reqwest::Error>,
     ) -> Result<Option<T>, ClientError> {
-        let resp = resp.map_err(|source| ClientError::Unreachable { base: self.base.clone(), source })?;
+        let resp = resp.map_err(|source| ClientError::Unreachable {
+            base: self.base.clone(),
+            source,
+        })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ApiError>(&bytes) {
                 Ok(e) => ClientError::Api(e),
-                Err(_) => ClientError::Unexpected(format!("{status}: {}", String::from_utf8_lossy(&bytes))),
+                Err(_) => ClientError::Unexpected(format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )),
             });
         }
         if bytes.is_empty() {
             return Ok(None);
         }
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| ClientError::Unexpected(e.to_string()))
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ClientError::Unexpected(e.to_string()))
     }
 
     pub async fn status(&self) -> Result<Status, ClientError> {
-        let r = self.http.get(format!("{}/v1/status", self.base)).send().await;
-        self.answer(r).await?.ok_or_else(|| ClientError::Unexpected("empty status".into()))
+        let r = self
+            .http
+            .get(format!("{}/v1/status", self.base))
+            .send()
+            .await;
+        self.answer(r)
+            .await?
+            .ok_or_else(|| ClientError::Unexpected("empty status".into()))
     }
 
     pub async fn activate(&self, req: &ActivateRequest) -> Result<VmInfo, ClientError> {
-        let r = self.http.post(format!("{}/v1/activate", self.base)).json(req).send().await;
-        self.answer(r).await?.ok_or_else(|| ClientError::Unexpected("empty answer".into()))
+        let r = self
+            .http
+            .post(format!("{}/v1/activate", self.base))
+            .json(req)
+            .send()
+            .await;
+        self.answer(r)
+            .await?
+            .ok_or_else(|| ClientError::Unexpected("empty answer".into()))
     }
 
     pub async fn destroy(&self, id: &str) -> Result<(), ClientError> {
-        let r = self.http.delete(format!("{}/v1/vms/{id}", self.base)).send().await;
+        let r = self
+            .http
+            .delete(format!("{}/v1/vms/{id}", self.base))
+            .send()
+            .await;
         self.answer::<serde_json::Value>(r).await.map(|_| ())
     }
 }

@@ -55,10 +55,11 @@ impl Image {
             path: path.clone(),
             source,
         })?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|source| ImageError::Parse {
-            path: path.clone(),
-            source,
-        })?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|source| ImageError::Parse {
+                path: path.clone(),
+                source,
+            })?;
         if manifest.format != 1 {
             return Err(ImageError::Format {
                 path,

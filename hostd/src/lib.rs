@@ -40,7 +40,11 @@ pub async fn driver_for(config: &HostdConfig) -> anyhow::Result<Arc<dyn driver::
     )
     .await;
     let driver = driver::qemu::QemuDriver::new(config.qemu.clone(), accel).await?;
-    tracing::info!(accel = accel.as_str(), qemu = driver.version(), "driver ready");
+    tracing::info!(
+        accel = accel.as_str(),
+        qemu = driver.version(),
+        "driver ready"
+    );
     Ok(Arc::new(driver))
 }
 
@@ -54,7 +58,9 @@ pub async fn run(
     tracing::info!(control = %listener.local_addr()?, "control API listening");
     let pool = Pool::start(config, driver).await?;
     let app = control::app(pool.clone());
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     tracing::info!("shutting down: destroying VMs");
     pool.shutdown().await;
     Ok(())

@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "berth-hostd", about = "Berth host daemon: game VMs activated from in-memory substrates")]
+#[command(
+    name = "berth-hostd",
+    about = "Berth host daemon: game VMs activated from in-memory substrates"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -55,7 +58,10 @@ async fn main() -> anyhow::Result<()> {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info".into());
             if json_logs {
-                tracing_subscriber::fmt().json().with_env_filter(filter).init();
+                tracing_subscriber::fmt()
+                    .json()
+                    .with_env_filter(filter)
+                    .init();
             } else {
                 tracing_subscriber::fmt().with_env_filter(filter).init();
             }
@@ -67,11 +73,20 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }
-        Cmd::Activate { control, image, session, players } => {
+        Cmd::Activate {
+            control,
+            image,
+            session,
+            players,
+        } => {
             let req = ActivateRequest {
                 session_id: session.parse().context("--session")?,
                 image,
-                players: players.iter().map(|p| p.parse()).collect::<Result<_, _>>().context("--player")?,
+                players: players
+                    .iter()
+                    .map(|p| p.parse())
+                    .collect::<Result<_, _>>()
+                    .context("--player")?,
                 params: serde_json::Value::Null,
                 ticket_key: String::new(),
             };

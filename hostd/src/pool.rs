@@ -108,12 +108,34 @@ impl From<DriverError> for PoolError {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum PoolEvent {
-    Docked { image: String, prime: PrimeStats },
-    PrimeFailed { image: String, code: String, message: String },
-    Activated { vm: VmInfo },
-    Ended { vm_id: VmId, session_id: SessionId, reason: String, results: serde_json::Value },
-    Failed { vm_id: VmId, session_id: SessionId, code: String, reason: String },
-    Destroyed { vm_id: VmId, session_id: SessionId },
+    Docked {
+        image: String,
+        prime: PrimeStats,
+    },
+    PrimeFailed {
+        image: String,
+        code: String,
+        message: String,
+    },
+    Activated {
+        vm: VmInfo,
+    },
+    Ended {
+        vm_id: VmId,
+        session_id: SessionId,
+        reason: String,
+        results: serde_json::Value,
+    },
+    Failed {
+        vm_id: VmId,
+        session_id: SessionId,
+        code: String,
+        reason: String,
+    },
+    Destroyed {
+        vm_id: VmId,
+        session_id: SessionId,
+    },
 }
 
 impl PartialEq for PrimeStats {
@@ -220,7 +242,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("host_id", &self.inner.config.host_id).finish()
+        f.debug_struct("Pool")
+            .field("host_id", &self.inner.config.host_id)
+            .finish()
     }
 }
 
@@ -264,7 +288,13 @@ impl Pool {
                     SubstrateState::Missing
                 }
             };
-            images.insert(name.clone(), ImageSlot { substrate, warm: Vec::new() });
+            images.insert(
+                name.clone(),
+                ImageSlot {
+                    substrate,
+                    warm: Vec::new(),
+                },
+            );
         }
         // Substrates of images no longer configured.
         for entry in std::fs::read_dir(&substrates)?.filter_map(Result::ok) {
@@ -295,7 +325,11 @@ impl Pool {
         };
         pool.adopt_leftovers().await;
         let refill = tokio::spawn(refill_task(pool.clone()));
-        pool.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(refill);
+        pool.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(refill);
         Ok(pool)
     }
 
@@ -329,7 +363,9 @@ impl Pool {
 
     async fn adopt_leftovers(&self) {
         let vms = self.inner.config.state_dir.join("vms");
-        let Ok(entries) = std::fs::read_dir(&vms) else { return };
+        let Ok(entries) = std::fs::read_dir(&vms) else {
+            return;
+        };
         for entry in entries.filter_map(Result::ok) {
             let dir = entry.path();
             let Some(record) = VmRecord::load(&dir) else {
@@ -338,7 +374,10 @@ impl Pool {
                 continue;
             };
             match self.inner.driver.adopt(&record, &dir).await {
-                Ok(vm) => match (&record.session_id, self.inner.specs.contains_key(&record.image)) {
+                Ok(vm) => match (
+                    &record.session_id,
+                    self.inner.specs.contains_key(&record.image),
+                ) {
                     (Some(session_id), true) => {
                         tracing::info!(vm_id = %record.vm_id, %session_id, "adopted a running VM");
                         let info = VmInfo {
@@ -352,7 +391,8 @@ impl Pool {
                             activate_us: 0,
                             clock_skew_ms: 0,
                         };
-                        let cell: SessionCell = Arc::new(OnceCell::new_with(Some(Ok(info.clone()))));
+                        let cell: SessionCell =
+                            Arc::new(OnceCell::new_with(Some(Ok(info.clone()))));
                         self.state().sessions.insert(session_id.clone(), cell);
                         self.register(vm, info);
                     }
@@ -382,10 +422,17 @@ impl Pool {
             .entry(req.session_id.clone())
             .or_insert_with(|| Arc::new(OnceCell::new()))
             .clone();
-        let result = cell.get_or_init(|| self.do_activate(req.clone())).await.clone();
+        let result = cell
+            .get_or_init(|| self.do_activate(req.clone()))
+            .await
+            .clone();
         if result.is_err() {
             let mut st = self.state();
-            if st.sessions.get(&req.session_id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            if st
+                .sessions
+                .get(&req.session_id)
+                .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            {
                 st.sessions.remove(&req.session_id);
             }
         }
@@ -398,12 +445,16 @@ impl Pool {
             .inner
             .specs
             .get(&req.image)
-            .ok_or_else(|| PoolError::UnknownImage { image: req.image.clone() })?;
+            .ok_or_else(|| PoolError::UnknownImage {
+                image: req.image.clone(),
+            })?;
         {
             let mut st = self.state();
             let running = st.active.len() as u32 + st.activating;
             if running >= self.inner.config.max_vms {
-                return Err(PoolError::AtCapacity { max: self.inner.config.max_vms });
+                return Err(PoolError::AtCapacity {
+                    max: self.inner.config.max_vms,
+                });
             }
             st.activating += 1;
         }
@@ -435,7 +486,11 @@ impl Pool {
         };
         let ready_timeout = self.inner.config.ready_timeout();
         // Warm first: a paused clone needs only resume + identity.
-        let warm = self.state().images.get_mut(&req.image).and_then(|s| s.warm.pop());
+        let warm = self
+            .state()
+            .images
+            .get_mut(&req.image)
+            .and_then(|s| s.warm.pop());
         if let Some(mut vm) = warm {
             let vm_id = vm.id().clone();
             match vm.activate(identity(&vm_id), ready_timeout).await {
@@ -449,9 +504,16 @@ impl Pool {
         let substrate = match &self.state().images.get(&req.image).map(|s| &s.substrate) {
             Some(SubstrateState::Docked(s)) => s.clone(),
             Some(other) => {
-                return Err(PoolError::NotDocked { image: req.image.clone(), state: other.name().into() })
+                return Err(PoolError::NotDocked {
+                    image: req.image.clone(),
+                    state: other.name().into(),
+                })
             }
-            None => return Err(PoolError::UnknownImage { image: req.image.clone() }),
+            None => {
+                return Err(PoolError::UnknownImage {
+                    image: req.image.clone(),
+                })
+            }
         };
         let vm_id = new_vm_id();
         let mut vm = match self
@@ -518,7 +580,13 @@ impl Pool {
 
     fn register(&self, vm: Box<dyn Vm>, info: VmInfo) {
         let (tx, rx) = mpsc::channel(4);
-        self.state().active.insert(info.vm_id.clone(), Active { info: info.clone(), cmd: tx });
+        self.state().active.insert(
+            info.vm_id.clone(),
+            Active {
+                info: info.clone(),
+                cmd: tx,
+            },
+        );
         tokio::spawn(vm_task(self.clone(), vm, info, rx));
     }
 
@@ -549,7 +617,9 @@ impl Pool {
                 let slot = st.images.get(name);
                 let (substrate, err, prime_ms) = match slot.map(|s| &s.substrate) {
                     Some(SubstrateState::Docked(s)) => ("docked", None, Some(s.header.prime_ms)),
-                    Some(SubstrateState::Failed { message, .. }) => ("failed", Some(message.clone()), None),
+                    Some(SubstrateState::Failed { message, .. }) => {
+                        ("failed", Some(message.clone()), None)
+                    }
                     Some(other) => (other.name(), None, None),
                     None => ("missing", None, None),
                 };
@@ -582,7 +652,12 @@ impl Pool {
 
     /// Waits until `image` is docked with at least `warm` clones ready, or fails with what the
     /// pool reported.
-    pub async fn wait_ready(&self, image: &str, warm: u32, timeout: Duration) -> Result<(), PoolError> {
+    pub async fn wait_ready(
+        &self,
+        image: &str,
+        warm: u32,
+        timeout: Duration,
+    ) -> Result<(), PoolError> {
         let deadline = Instant::now() + timeout;
         loop {
             {
@@ -590,18 +665,31 @@ impl Pool {
                 let slot = st
                     .images
                     .get(image)
-                    .ok_or_else(|| PoolError::UnknownImage { image: image.into() })?;
+                    .ok_or_else(|| PoolError::UnknownImage {
+                        image: image.into(),
+                    })?;
                 match &slot.substrate {
                     SubstrateState::Docked(_) if slot.warm.len() as u32 >= warm => return Ok(()),
                     SubstrateState::Failed { message, .. } => {
-                        return Err(PoolError::NotDocked { image: image.into(), state: format!("failed: {message}") })
+                        return Err(PoolError::NotDocked {
+                            image: image.into(),
+                            state: format!("failed: {message}"),
+                        })
                     }
                     _ => {}
                 }
             }
             if Instant::now() > deadline {
-                let state = self.status().images.into_iter().find(|i| i.name == image).map(|i| i.substrate);
-                return Err(PoolError::NotDocked { image: image.into(), state: format!("still {}", state.unwrap_or_default()) });
+                let state = self
+                    .status()
+                    .images
+                    .into_iter()
+                    .find(|i| i.name == image)
+                    .map(|i| i.substrate);
+                return Err(PoolError::NotDocked {
+                    image: image.into(),
+                    state: format!("still {}", state.unwrap_or_default()),
+                });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -611,7 +699,8 @@ impl Pool {
     pub async fn shutdown(&self) {
         let _ = self.inner.shutdown.send(true);
         self.inner.wake.notify_waiters();
-        let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
             let _ = t.await;
         }
@@ -640,13 +729,28 @@ impl Pool {
 
 fn kill_if_ours(pid: u32, dir: &std::path::Path) {
     let marker = dir.display().to_string();
-    if crate::util::pid_alive(pid) && crate::util::pid_cmdline(pid).iter().any(|a| a.contains(&marker)) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    if crate::util::pid_alive(pid)
+        && crate::util::pid_cmdline(pid)
+            .iter()
+            .any(|a| a.contains(&marker))
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
+/// How long a VM whose game ended keeps running before it is destroyed.
+const END_GRACE: Duration = Duration::from_millis(500);
+
 /// The one owner of an active VM.
-async fn vm_task(pool: Pool, mut vm: Box<dyn Vm>, info: VmInfo, mut cmd: mpsc::Receiver<VmCommand>) {
+async fn vm_task(
+    pool: Pool,
+    mut vm: Box<dyn Vm>,
+    info: VmInfo,
+    mut cmd: mpsc::Receiver<VmCommand>,
+) {
     let silence = pool.inner.config.agent_silence();
     let mut reply = None;
     let event = tokio::select! {
@@ -656,53 +760,66 @@ async fn vm_task(pool: Pool, mut vm: Box<dyn Vm>, info: VmInfo, mut cmd: mpsc::R
         }
         e = vm.event(silence) => Some(e),
     };
-    match &event {
+    if matches!(event, Some(VmEvent::Ended { .. })) {
+        // Let the last answers to players leave the VM before it goes.
+        tokio::time::sleep(END_GRACE).await;
+    }
+    // Destroy and forget the VM first, so that whoever sees the event sees a consistent pool.
+    vm.destroy().await;
+    let announce = match event {
         Some(VmEvent::Ended { reason, results }) => {
             tracing::info!(vm_id = %info.vm_id, %reason, "game ended");
-            pool.emit(PoolEvent::Ended {
+            Some(PoolEvent::Ended {
                 vm_id: info.vm_id.clone(),
                 session_id: info.session_id.clone(),
-                reason: reason.clone(),
-                results: results.clone(),
-            });
+                reason,
+                results,
+            })
         }
         Some(failure) => {
             let (code, reason) = match failure {
-                VmEvent::Exited { status } => ("vm_exited", format!("the VM process exited: {status}")),
-                VmEvent::Silent { for_ms } => ("agent_silent", format!("no heartbeat from the agent for {for_ms} ms")),
-                VmEvent::Ended { .. } => unreachable!("handled above"),
+                VmEvent::Exited { status } => {
+                    ("vm_exited", format!("the VM process exited: {status}"))
+                }
+                VmEvent::Silent { for_ms } => (
+                    "agent_silent",
+                    format!("no heartbeat from the agent for {for_ms} ms"),
+                ),
+                VmEvent::Ended { .. } => unreachable!("matched above"),
             };
             tracing::warn!(vm_id = %info.vm_id, code, %reason, "VM failed");
-            let f = Failure {
+            let mut st = pool.state();
+            st.failures.push_back(Failure {
                 vm_id: info.vm_id.clone(),
                 session_id: info.session_id.clone(),
                 code: code.into(),
                 reason: reason.clone(),
                 at_ms: now_ms(),
-            };
-            {
-                let mut st = pool.state();
-                st.failures.push_back(f);
-                while st.failures.len() > 100 {
-                    st.failures.pop_front();
-                }
+            });
+            while st.failures.len() > 100 {
+                st.failures.pop_front();
             }
-            pool.emit(PoolEvent::Failed {
+            Some(PoolEvent::Failed {
                 vm_id: info.vm_id.clone(),
                 session_id: info.session_id.clone(),
                 code: code.into(),
                 reason,
-            });
+            })
         }
-        None => {}
-    }
-    vm.destroy().await;
+        None => None,
+    };
     {
         let mut st = pool.state();
         st.active.remove(&info.vm_id);
         st.sessions.remove(&info.session_id);
     }
-    pool.emit(PoolEvent::Destroyed { vm_id: info.vm_id.clone(), session_id: info.session_id.clone() });
+    if let Some(e) = announce {
+        pool.emit(e);
+    }
+    pool.emit(PoolEvent::Destroyed {
+        vm_id: info.vm_id.clone(),
+        session_id: info.session_id.clone(),
+    });
     pool.inner.wake.notify_one();
     if let Some(tx) = reply {
         let _ = tx.send(());
@@ -742,7 +859,9 @@ async fn refill_once(pool: &Pool) -> bool {
             let mut st = pool.state();
             let busy = st.active.len() as u32 + st.activating;
             let warm_total: u32 = st.images.values().map(|s| s.warm.len() as u32).sum();
-            let Some(slot) = st.images.get_mut(name) else { continue };
+            let Some(slot) = st.images.get_mut(name) else {
+                continue;
+            };
             match &slot.substrate {
                 SubstrateState::Missing => {
                     slot.substrate = SubstrateState::Priming;
@@ -766,34 +885,55 @@ async fn refill_once(pool: &Pool) -> bool {
             Some(Job::Prime) => {
                 let dir = pool.substrate_dir(name);
                 tracing::info!(image = %name, "priming substrate");
-                let result = pool.inner.driver.prime(spec, &dir, pool.inner.config.boot_timeout()).await;
+                let result = pool
+                    .inner
+                    .driver
+                    .prime(spec, &dir, pool.inner.config.boot_timeout())
+                    .await;
                 let opened = result.and_then(|stats| {
                     Substrate::open(&dir, &pool.inner.driver.fingerprint(spec))
                         .map(|s| (s, stats))
                         .map_err(DriverError::from)
                 });
                 let mut st = pool.state();
-                let Some(slot) = st.images.get_mut(name) else { return true };
+                let Some(slot) = st.images.get_mut(name) else {
+                    return true;
+                };
                 match opened {
                     Ok((s, stats)) => {
                         tracing::info!(image = %name, boot_ms = stats.boot_ms, dock_ms = stats.dock_ms, "substrate docked");
                         slot.substrate = SubstrateState::Docked(s);
                         drop(st);
-                        pool.emit(PoolEvent::Docked { image: name.clone(), prime: stats });
+                        pool.emit(PoolEvent::Docked {
+                            image: name.clone(),
+                            prime: stats,
+                        });
                     }
                     Err(e) => {
                         tracing::error!(image = %name, error = %e, "priming failed");
                         let _ = std::fs::remove_dir_all(&dir);
-                        slot.substrate = SubstrateState::Failed { message: e.to_string(), at: Instant::now() };
+                        slot.substrate = SubstrateState::Failed {
+                            message: e.to_string(),
+                            at: Instant::now(),
+                        };
                         drop(st);
-                        pool.emit(PoolEvent::PrimeFailed { image: name.clone(), code: e.code().into(), message: e.to_string() });
+                        pool.emit(PoolEvent::PrimeFailed {
+                            image: name.clone(),
+                            code: e.code().into(),
+                            message: e.to_string(),
+                        });
                     }
                 }
                 return true;
             }
             Some(Job::Warm(substrate)) => {
                 let vm_id = new_vm_id();
-                match pool.inner.driver.restore(spec, &substrate, vm_id.clone(), &pool.vm_dir(&vm_id)).await {
+                match pool
+                    .inner
+                    .driver
+                    .restore(spec, &substrate, vm_id.clone(), &pool.vm_dir(&vm_id))
+                    .await
+                {
                     Ok(vm) => {
                         let mut st = pool.state();
                         if *pool.inner.shutdown.borrow() {

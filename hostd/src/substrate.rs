@@ -240,10 +240,16 @@ mod tests {
 
         write(d.path(), fp(), b"state");
         std::fs::write(Substrate::state_path(d.path()), b"stale").expect("corrupt it");
-        assert_eq!(Substrate::open(d.path(), &fp()).expect_err("x").code(), "substrate_corrupt");
+        assert_eq!(
+            Substrate::open(d.path(), &fp()).expect_err("x").code(),
+            "substrate_corrupt"
+        );
 
         std::fs::write(Substrate::header_path(d.path()), b"{garbage").expect("garbage");
-        assert_eq!(Substrate::open(d.path(), &fp()).expect_err("x").code(), "substrate_corrupt");
+        assert_eq!(
+            Substrate::open(d.path(), &fp()).expect_err("x").code(),
+            "substrate_corrupt"
+        );
 
         let mut other = fp();
         other.hypervisor_version = "QEMU 10.0".into();
@@ -254,6 +260,9 @@ mod tests {
         let mut other = fp();
         other.machine.memory_mib = 256;
         write(d.path(), other, b"state");
-        assert!(Substrate::open(d.path(), &fp()).expect_err("x").to_string().contains("machine"));
+        assert!(Substrate::open(d.path(), &fp())
+            .expect_err("x")
+            .to_string()
+            .contains("machine"));
     }
 }

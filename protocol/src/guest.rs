@@ -183,13 +183,18 @@ mod tests {
         let mut out = Vec::new();
         lb.push(b"ab\ncd", &mut out);
         lb.push(b"e\n", &mut out);
-        assert_eq!(out, vec![Line::Complete(b"ab".to_vec()), Line::Complete(b"cde".to_vec())]);
+        assert_eq!(
+            out,
+            vec![
+                Line::Complete(b"ab".to_vec()),
+                Line::Complete(b"cde".to_vec())
+            ]
+        );
         out.clear();
         lb.push(&vec![b'x'; MAX_LINE + 10], &mut out);
         lb.push(b"tail\nok\n", &mut out);
         assert_eq!(out, vec![Line::TooLong, Line::Complete(b"ok".to_vec())]);
     }
-
 
     fn identity() -> Identity {
         Identity {
@@ -223,8 +228,10 @@ mod tests {
         let long = vec![b'a'; MAX_LINE + 1];
         let e = decode_line::<HostToGuest>(&long).expect_err("long");
         assert_eq!(e.code(), "line_too_long");
-        let e = decode_line::<GuestToHost>(br#"{"type":"ready","session_id":"../x","vm_id":"v","clock_ms":1,"apply_us":1}"#)
-            .expect_err("bad id");
+        let e = decode_line::<GuestToHost>(
+            br#"{"type":"ready","session_id":"../x","vm_id":"v","clock_ms":1,"apply_us":1}"#,
+        )
+        .expect_err("bad id");
         assert_eq!(e.code(), "bad_message");
     }
 

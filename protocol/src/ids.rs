@@ -109,15 +109,24 @@ mod tests {
 
     #[test]
     fn accepts_plain_ids() {
-        assert_eq!(SessionId::new("s-1.a_b").map(String::from), Ok("s-1.a_b".into()));
+        assert_eq!(
+            SessionId::new("s-1.a_b").map(String::from),
+            Ok("s-1.a_b".into())
+        );
     }
 
     #[test]
     fn rejects_path_tricks_and_empties() {
         assert!(matches!(VmId::new(""), Err(IdError::Empty { .. })));
         assert!(matches!(VmId::new("../x"), Err(IdError::BadChar { .. })));
-        assert!(matches!(VmId::new("a/b"), Err(IdError::BadChar { found: '/', .. })));
-        assert!(matches!(VmId::new("x".repeat(65)), Err(IdError::TooLong { .. })));
+        assert!(matches!(
+            VmId::new("a/b"),
+            Err(IdError::BadChar { found: '/', .. })
+        ));
+        assert!(matches!(
+            VmId::new("x".repeat(65)),
+            Err(IdError::TooLong { .. })
+        ));
     }
 
     #[test]

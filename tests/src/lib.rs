@@ -1,1 +1,250 @@
+//! The test sandbox: real hostd pools with real QEMU VMs, on private state folders in
+//! `/dev/shm`, sharing one primed substrate per image digest so that each test does not pay a
+//! cold boot.
+//!
+//! A [`Sandbox`] owns its state folder; [`Sandbox::finish`] shuts the pool down and checks that
+//! nothing is left (no folder, no QEMU process naming it). If a test panics first, `Drop`
+//! kills any QEMU naming the folder and removes it, so a failing test does not leak either.
 
+use anyhow::{bail, Context, Result};
+use berth_hostd::config::{AccelChoice, ImageConfig};
+use berth_hostd::driver::qemu::{Accel, QemuDriver};
+use berth_hostd::driver::{VmDriver, VmSpec};
+use berth_hostd::image::Image;
+use berth_hostd::substrate::Substrate;
+use berth_hostd::{HostdConfig, Pool};
+use berth_protocol::game::GameAnswer;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The guest image `cargo xtask image` builds.
+pub fn image_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image")
+}
+
+pub fn image() -> Image {
+    Image::load(&image_dir()).unwrap_or_else(|e| {
+        panic!("no guest image ({e}); build it with `cargo xtask image` (cargo xtask test does)")
+    })
+}
+
+/// Where tests keep the one primed substrate they all copy.
+pub fn cache_dir() -> PathBuf {
+    PathBuf::from("/dev/shm/berth-test-cache")
+}
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn image_config(name: &str, warm: u32) -> ImageConfig {
+    ImageConfig {
+        name: name.into(),
+        dir: image_dir(),
+        memory_mib: 128,
+        vcpus: 1,
+        balloon_mib: None,
+        warm,
+        cow: true,
+        cmdline: None,
+    }
+}
+
+pub fn config(state_dir: &Path, images: Vec<ImageConfig>) -> HostdConfig {
+    HostdConfig {
+        host_id: "test-host".into(),
+        state_dir: state_dir.to_path_buf(),
+        control: SocketAddr::from(([127, 0, 0, 1], 0)),
+        accel: AccelChoice::Tcg,
+        qemu: "qemu-system-x86_64".into(),
+        max_vms: 64,
+        boot_timeout_s: 90,
+        ready_timeout_s: 20,
+        agent_silence_s: 15,
+        keep_substrates: false,
+        images,
+    }
+}
+
+pub async fn tcg_driver() -> Arc<dyn VmDriver> {
+    Arc::new(
+        QemuDriver::new("qemu-system-x86_64".into(), Accel::Tcg)
+            .await
+            .expect("qemu-system-x86_64 is installed (cargo xtask test installs it)"),
+    )
+}
+
+/// Copies the shared primed substrate for `ic` into `state_dir/substrates/<name>`, priming it
+/// first (under a file lock, once for all test processes) if the cache has none.
+pub async fn seed_substrate(state_dir: &Path, ic: &ImageConfig) -> Result<()> {
+    let driver = tcg_driver().await;
+    let spec = VmSpec {
+        image: image(),
+        config: ic.clone(),
+    };
+    let fp = driver.fingerprint(&spec);
+    let cache = cache_dir().join(format!("{}-{}", &fp.image_digest[..12], ic.memory_mib));
+    std::fs::create_dir_all(cache_dir())?;
+    let lock_file = std::fs::File::create(cache_dir().join(".lock"))?;
+    let _lock = tokio::task::spawn_blocking(move || {
+        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow::anyhow!("locking the substrate cache: {e}"))
+    })
+    .await??;
+    if Substrate::open(&cache, &fp).is_err() {
+        driver
+            .prime(&spec, &cache, Duration::from_secs(120))
+            .await
+            .context("priming the shared test substrate")?;
+    }
+    let dest = state_dir.join("substrates").join(&ic.name);
+    std::fs::create_dir_all(&dest)?;
+    for entry in std::fs::read_dir(&cache)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), dest.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+/// A pool on a private state folder.
+pub struct Sandbox {
+    pub dir: PathBuf,
+    pub pool: Pool,
+}
+
+impl Sandbox {
+    /// A state folder name unique to this test process and `name`.
+    pub fn state_dir(name: &str) -> PathBuf {
+        PathBuf::from(format!("/dev/shm/berth-test-{name}-{}", std::process::id()))
+    }
+
+    /// Starts a pool with one image `arena`, seeded with the shared substrate.
+    pub async fn start(name: &str, warm: u32) -> Result<Self> {
+        Self::start_with(name, vec![image_config("arena", warm)], true).await
+    }
+
+    pub async fn start_with(name: &str, images: Vec<ImageConfig>, seed: bool) -> Result<Self> {
+        init_logs();
+        let dir = Self::state_dir(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        if seed {
+            for ic in &images {
+                seed_substrate(&dir, ic).await?;
+            }
+        }
+        let pool = Pool::start(config(&dir, images), tcg_driver().await).await?;
+        Ok(Self { dir, pool })
+    }
+
+    /// Shuts the pool down and checks that nothing it owned is left.
+    pub async fn finish(self) -> Result<()> {
+        self.pool.shutdown().await;
+        assert_nothing_left(&self.dir)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        kill_qemu_naming(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// QEMU processes whose command line names `dir`.
+pub fn qemu_naming(dir: &Path) -> Vec<u32> {
+    let marker = dir.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let args = berth_hostd::util::pid_cmdline(*pid);
+            berth_hostd::util::pid_alive(*pid)
+                && args.first().is_some_and(|a| a.contains("qemu-system"))
+                && args.iter().any(|a| a.contains(&marker))
+        })
+        .collect()
+}
+
+pub fn kill_qemu_naming(dir: &Path) {
+    for pid in qemu_naming(dir) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Fails if `dir` or any QEMU naming it still exists.
+pub fn assert_nothing_left(dir: &Path) -> Result<()> {
+    let left = qemu_naming(dir);
+    if !left.is_empty() {
+        bail!("QEMU processes left for {}: {left:?}", dir.display());
+    }
+    if dir.exists() {
+        let mut files = Vec::new();
+        walk(dir, &mut files);
+        bail!("{} still holds {files:?}", dir.display());
+    }
+    Ok(())
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            out.push(e.path());
+            if e.path().is_dir() {
+                walk(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// Connects to a game port and reads the server's hello.
+pub async fn game_hello(addr: SocketAddr) -> Result<GameAnswer> {
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .context("connect timed out")??;
+    let mut lines = BufReader::new(stream).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("no hello within 10 s")??
+        .context("connection closed before hello")?;
+    Ok(serde_json::from_str(&line)?)
+}
+
+/// Sends one game request line and returns the answer.
+pub async fn game_request(addr: SocketAddr, request: &str) -> Result<Vec<GameAnswer>> {
+    use tokio::io::AsyncWriteExt;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let mut out = Vec::new();
+    let first = lines.next_line().await?.context("no hello")?;
+    out.push(serde_json::from_str(&first)?);
+    wr.write_all(request.as_bytes()).await?;
+    wr.write_all(b"\n").await?;
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("no answer")??
+        .context("closed")?;
+    out.push(serde_json::from_str(&line)?);
+    Ok(out)
+}
+
+pub fn now_ms() -> u64 {
+    berth_hostd::util::now_ms()
+}

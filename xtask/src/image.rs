@@ -29,7 +29,10 @@ pub struct Manifest {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .into()
 }
 
 pub fn image_dir() -> PathBuf {
@@ -68,7 +71,10 @@ fn build_guest() -> Result<PathBuf> {
             .args(["--target", "x86_64-unknown-linux-gnu"])
             .arg("--target-dir")
             .arg(&target_dir)
-            .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static"),
+            .env(
+                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+                "-C target-feature=+crt-static",
+            ),
     )?;
     Ok(target_dir.join("x86_64-unknown-linux-gnu/release/berth-guest"))
 }
@@ -104,7 +110,9 @@ fn module_order(modules: &BTreeMap<String, PathBuf>, wanted: &[String]) -> Resul
         if depth > 16 {
             bail!("module dependency loop at {name}");
         }
-        let path = modules.get(name).with_context(|| format!("kernel has no module {name}"))?;
+        let path = modules
+            .get(name)
+            .with_context(|| format!("kernel has no module {name}"))?;
         for dep in module_depends(&std::fs::read(path)?) {
             visit(&dep, modules, out, depth + 1)?;
         }
@@ -132,8 +140,18 @@ pub fn build() -> Result<Manifest> {
     let game_files = files_under(&assets.join("game"))?;
 
     let mut h = Sha256::new();
-    h.update(kernel_deb.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    h.update(busybox_deb.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    h.update(
+        kernel_deb
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    h.update(
+        busybox_deb
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
     sha_files(&mut h, &[guest.clone(), init.clone(), modules_list.clone()])?;
     sha_files(&mut h, &game_files)?;
     let input_digest = hex::encode(h.finalize());
@@ -160,14 +178,21 @@ pub fn build() -> Result<Manifest> {
     let vmlinuz = std::fs::read_dir(&boot)?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .context("kernel package has no vmlinuz")?;
     std::fs::copy(&vmlinuz, dir.join("vmlinuz"))?;
 
     // Modules, by name.
     let mut modules = BTreeMap::new();
     for p in files_under(&work.join("lib/modules"))? {
-        if let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+        if let Some(name) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+        {
             modules.insert(name.to_string(), p.clone());
         }
     }
@@ -181,18 +206,40 @@ pub fn build() -> Result<Manifest> {
 
     // The initramfs.
     let mut cpio = Cpio::default();
-    for d in ["bin", "dev", "proc", "sys", "data", "tmp", "etc", "lib", "lib/modules"] {
+    for d in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "data",
+        "tmp",
+        "etc",
+        "lib",
+        "lib/modules",
+    ] {
         cpio.dir(d);
     }
     cpio.char_dev("dev/console", 5, 1);
     cpio.char_dev("dev/null", 1, 3);
     cpio.file("init", 0o755, &std::fs::read(&init)?);
-    cpio.file("bin/busybox", 0o755, &std::fs::read(work.join("bin/busybox"))?);
+    cpio.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read(work.join("bin/busybox"))?,
+    );
     cpio.file("bin/berth-guest", 0o755, &std::fs::read(&guest)?);
     for m in &order {
-        cpio.file(&format!("lib/modules/{m}.ko"), 0o644, &std::fs::read(&modules[m])?);
+        cpio.file(
+            &format!("lib/modules/{m}.ko"),
+            0o644,
+            &std::fs::read(&modules[m])?,
+        );
     }
-    cpio.file("lib/modules/order", 0o644, (order.join("\n") + "\n").as_bytes());
+    cpio.file(
+        "lib/modules/order",
+        0o644,
+        (order.join("\n") + "\n").as_bytes(),
+    );
     std::fs::write(dir.join("initrd.cpio"), cpio.finish())?;
 
     // The data disk: ext4 holding the game's assets.
@@ -200,14 +247,26 @@ pub fn build() -> Result<Manifest> {
     let _ = std::fs::remove_file(&disk);
     sys::run(
         Command::new("mke2fs")
-            .args(["-q", "-t", "ext4", "-L", "berth-data", "-O", "^has_journal", "-d"])
+            .args([
+                "-q",
+                "-t",
+                "ext4",
+                "-L",
+                "berth-data",
+                "-O",
+                "^has_journal",
+                "-d",
+            ])
             .arg(assets.join("game"))
             .arg(&disk)
             .arg("16M"),
     )?;
 
     let mut h = Sha256::new();
-    sha_files(&mut h, &[dir.join("vmlinuz"), dir.join("initrd.cpio"), disk.clone()])?;
+    sha_files(
+        &mut h,
+        &[dir.join("vmlinuz"), dir.join("initrd.cpio"), disk.clone()],
+    )?;
     let manifest = Manifest {
         format: 1,
         digest: hex::encode(h.finalize()),
@@ -220,6 +279,10 @@ pub fn build() -> Result<Manifest> {
     };
     std::fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest)?)?;
     let _ = std::fs::remove_dir_all(&work);
-    eprintln!("xtask: image {} in {}", &manifest.digest[..12], dir.display());
+    eprintln!(
+        "xtask: image {} in {}",
+        &manifest.digest[..12],
+        dir.display()
+    );
     Ok(manifest)
 }

@@ -10,9 +10,18 @@ pub struct Need {
     pub proof: &'static str,
 }
 
-pub const QEMU: Need = Need { package: "qemu-system-x86", proof: "/usr/bin/qemu-system-x86_64" };
-pub const QEMU_UTILS: Need = Need { package: "qemu-utils", proof: "/usr/bin/qemu-img" };
-pub const E2FS: Need = Need { package: "e2fsprogs", proof: "/usr/sbin/mke2fs" };
+pub const QEMU: Need = Need {
+    package: "qemu-system-x86",
+    proof: "/usr/bin/qemu-system-x86_64",
+};
+pub const QEMU_UTILS: Need = Need {
+    package: "qemu-utils",
+    proof: "/usr/bin/qemu-img",
+};
+pub const E2FS: Need = Need {
+    package: "e2fsprogs",
+    proof: "/usr/sbin/mke2fs",
+};
 
 fn is_root() -> bool {
     Command::new("id")
@@ -49,7 +58,10 @@ pub fn ensure(needs: &[Need]) -> Result<()> {
 fn apt_update_once() -> Result<()> {
     // apt's package lists are present once `apt-get update` ran on this machine.
     let lists = std::fs::read_dir("/var/lib/apt/lists")
-        .map(|d| d.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().contains("_Packages")))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+        })
         .unwrap_or(false);
     if lists {
         return Ok(());
@@ -61,17 +73,24 @@ fn apt_update_once() -> Result<()> {
 pub fn download_deb(package: &str, dir: &Path) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(dir)?;
     let find = |dir: &Path| -> Option<std::path::PathBuf> {
-        std::fs::read_dir(dir).ok()?.filter_map(Result::ok).map(|e| e.path()).find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-        })
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
     };
     if let Some(p) = find(dir) {
         return Ok(p);
     }
     apt_update_once()?;
-    run(Command::new("apt-get").arg("download").arg(package).current_dir(dir))?;
+    run(Command::new("apt-get")
+        .arg("download")
+        .arg(package)
+        .current_dir(dir))?;
     find(dir).with_context(|| format!("apt-get download {package} left no .deb"))
 }
 

@@ -85,7 +85,10 @@ impl VmRecord {
     }
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
         let tmp = dir.join("vm.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("record serialises"))?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).expect("record serialises"),
+        )?;
         std::fs::rename(tmp, Self::path(dir))
     }
 }
@@ -161,8 +164,12 @@ pub trait VmDriver: Send + Sync + 'static {
     /// The header fields a substrate of `spec` made by this driver here must carry.
     fn fingerprint(&self, spec: &VmSpec) -> Fingerprint;
     /// Cold-boots the image, waits for `initialised` and docks it into `dir`; no process remains.
-    async fn prime(&self, spec: &VmSpec, dir: &Path, boot_timeout: Duration)
-        -> Result<PrimeStats, DriverError>;
+    async fn prime(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+        boot_timeout: Duration,
+    ) -> Result<PrimeStats, DriverError>;
     /// Restores a clone of `substrate` into `vm_dir`, left paused and waiting for identity.
     async fn restore(
         &self,
@@ -193,7 +200,11 @@ pub trait Vm: Send {
     fn pid(&self) -> u32;
     fn dir(&self) -> &Path;
     /// Resumes the VM if paused, injects `identity` and waits for the agent's `ready`.
-    async fn activate(&mut self, identity: Identity, timeout: Duration) -> Result<Ready, DriverError>;
+    async fn activate(
+        &mut self,
+        identity: Identity,
+        timeout: Duration,
+    ) -> Result<Ready, DriverError>;
     /// Waits for the next thing that ends or breaks this VM. Heartbeats are consumed inside;
     /// after activation, `silence` without one yields [`VmEvent::Silent`].
     async fn event(&mut self, silence: Duration) -> VmEvent;

@@ -33,9 +33,8 @@ use tokio::sync::mpsc;
 /// Bumped whenever the VM arguments below change: old substrates are then re-primed.
 pub const DEVICE_MODEL: &str = "microvm-1";
 
-type QmpService = qapi::futures::QapiService<
-    qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>,
->;
+type QmpService =
+    qapi::futures::QapiService<qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>>;
 
 /// The accelerator QEMU runs guests with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +77,10 @@ pub async fn qemu_version(qemu: &Path) -> Result<String, DriverError> {
         .arg("--version")
         .output()
         .await
-        .map_err(|source| DriverError::Spawn { what: "qemu --version", source })?;
+        .map_err(|source| DriverError::Spawn {
+            what: "qemu --version",
+            source,
+        })?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace()
         .skip_while(|w| *w != "version")
@@ -121,7 +123,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError
 }
 
 fn qmp_err(during: &'static str) -> impl FnOnce(qapi::ExecuteError) -> DriverError {
-    move |e| DriverError::Qmp { during, message: e.to_string() }
+    move |e| DriverError::Qmp {
+        during,
+        message: e.to_string(),
+    }
 }
 
 /// A free loopback TCP port for a VM's `hostfwd`.
@@ -139,7 +144,11 @@ impl QemuDriver {
             qemu,
             version,
             accel,
-            tsc_khz: if accel == Accel::Tcg { host_tsc_khz() } else { None },
+            tsc_khz: if accel == Accel::Tcg {
+                host_tsc_khz()
+            } else {
+                None
+            },
         })
     }
 
@@ -210,7 +219,10 @@ impl QemuDriver {
             "-device".into(),
             "virtio-serial-device".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", d("agent.sock")),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                d("agent.sock")
+            ),
             "-device".into(),
             format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
             "-netdev".into(),
@@ -242,7 +254,8 @@ impl QemuDriver {
         if incoming {
             args.extend(["-incoming", "defer", "-S"].map(OsString::from));
         }
-        let log = std::fs::File::create(dir.join("qemu.log")).map_err(io_err("creating qemu.log"))?;
+        let log =
+            std::fs::File::create(dir.join("qemu.log")).map_err(io_err("creating qemu.log"))?;
         let child = tokio::process::Command::new(&self.qemu)
             .args(&args)
             .stdin(Stdio::null())
@@ -253,7 +266,10 @@ impl QemuDriver {
             .process_group(0)
             .kill_on_drop(false)
             .spawn()
-            .map_err(|source| DriverError::Spawn { what: "qemu", source })?;
+            .map_err(|source| DriverError::Spawn {
+                what: "qemu",
+                source,
+            })?;
         let pid = child.id().unwrap_or(0);
         let mut vm = QemuVm::new(vm_id, dir.to_path_buf(), pid, game_port, Some(child));
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -274,7 +290,10 @@ impl QemuDriver {
             .arg(spec.image.disk())
             .arg(path)
             .status()
-            .map_err(|source| DriverError::Spawn { what: "qemu-img", source })?;
+            .map_err(|source| DriverError::Spawn {
+                what: "qemu-img",
+                source,
+            })?;
         if !status.success() {
             return Err(DriverError::Io {
                 what: format!("qemu-img create {}", path.display()),
@@ -322,14 +341,25 @@ impl VmDriver for QemuDriver {
         let template_dir = dir.join("template");
         mkdir_private(&template_dir)?;
         Self::write_blank_overlay(spec, &Substrate::overlay_path(dir))?;
-        std::fs::copy(Substrate::overlay_path(dir), template_dir.join("overlay.qcow2"))
-            .map_err(io_err("copying the overlay"))?;
+        std::fs::copy(
+            Substrate::overlay_path(dir),
+            template_dir.join("overlay.qcow2"),
+        )
+        .map_err(io_err("copying the overlay"))?;
         let ram = Substrate::ram_path(dir);
-        let template_id = VmId::new(format!("template-{}", spec.config.name)).map_err(|e| {
-            DriverError::Io { what: e.to_string(), source: std::io::Error::other("bad id") }
-        })?;
-        let ram = if spec.config.cow { Ram::Shared(&ram) } else { Ram::Anonymous };
-        let mut vm = self.spawn(spec, template_id, &template_dir, ram, false).await?;
+        let template_id =
+            VmId::new(format!("template-{}", spec.config.name)).map_err(|e| DriverError::Io {
+                what: e.to_string(),
+                source: std::io::Error::other("bad id"),
+            })?;
+        let ram = if spec.config.cow {
+            Ram::Shared(&ram)
+        } else {
+            Ram::Anonymous
+        };
+        let mut vm = self
+            .spawn(spec, template_id, &template_dir, ram, false)
+            .await?;
         let result = async {
             vm.wait_initialised(boot_timeout).await?;
             let boot_ms = t0.elapsed().as_millis() as u64;
@@ -341,9 +371,14 @@ impl VmDriver for QemuDriver {
             qmp.execute(qmp::stop {}).await.map_err(qmp_err("stop"))?;
             prepare_migration(qmp, spec.config.cow).await?;
             let uri = format!("exec:cat > '{}'", Substrate::state_path(dir).display());
-            qmp.execute(qmp::migrate { uri: Some(uri), channels: None, detach: None, resume: None })
-                .await
-                .map_err(qmp_err("migrate"))?;
+            qmp.execute(qmp::migrate {
+                uri: Some(uri),
+                channels: None,
+                detach: None,
+                resume: None,
+            })
+            .await
+            .map_err(qmp_err("migrate"))?;
             wait_migration(qmp, Duration::from_secs(30)).await?;
             let _ = qmp.execute(qmp::quit {}).await;
             Ok::<_, DriverError>((boot_ms, t1))
@@ -367,7 +402,11 @@ impl VmDriver for QemuDriver {
         let header_json = serde_json::to_vec_pretty(&header).expect("header serialises");
         std::fs::write(Substrate::header_path(dir), header_json)
             .map_err(io_err("writing substrate.json"))?;
-        Ok(PrimeStats { boot_ms, dock_ms, state_bytes })
+        Ok(PrimeStats {
+            boot_ms,
+            dock_ms,
+            state_bytes,
+        })
     }
 
     async fn restore(
@@ -381,15 +420,23 @@ impl VmDriver for QemuDriver {
         std::fs::copy(substrate.overlay(), vm_dir.join("overlay.qcow2"))
             .map_err(io_err("copying the overlay"))?;
         let ram = substrate.ram();
-        let ram = if spec.config.cow { Ram::Private(&ram) } else { Ram::Anonymous };
+        let ram = if spec.config.cow {
+            Ram::Private(&ram)
+        } else {
+            Ram::Anonymous
+        };
         let mut vm = self.spawn(spec, vm_id, vm_dir, ram, true).await?;
         let result = async {
             let qmp = vm.qmp()?;
             prepare_migration(qmp, spec.config.cow).await?;
             let uri = format!("exec:cat '{}'", substrate.state().display());
-            qmp.execute(qmp::migrate_incoming { uri: Some(uri), channels: None, exit_on_error: None })
-                .await
-                .map_err(|e| DriverError::Restore(e.to_string()))?;
+            qmp.execute(qmp::migrate_incoming {
+                uri: Some(uri),
+                channels: None,
+                exit_on_error: None,
+            })
+            .await
+            .map_err(|e| DriverError::Restore(e.to_string()))?;
             wait_migration(qmp, Duration::from_secs(30)).await
         }
         .await;
@@ -415,7 +462,9 @@ impl VmDriver for QemuDriver {
     ) -> Result<Box<dyn Vm>, DriverError> {
         mkdir_private(vm_dir)?;
         Self::write_blank_overlay(spec, &vm_dir.join("overlay.qcow2"))?;
-        let mut vm = self.spawn(spec, vm_id, vm_dir, Ram::Anonymous, false).await?;
+        let mut vm = self
+            .spawn(spec, vm_id, vm_dir, Ram::Anonymous, false)
+            .await?;
         if let Err(e) = vm.wait_initialised(boot_timeout).await {
             Box::new(vm).destroy_in_place().await;
             return Err(e);
@@ -427,7 +476,10 @@ impl VmDriver for QemuDriver {
     async fn adopt(&self, record: &VmRecord, vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError> {
         let dir_arg = vm_dir.join("qmp.sock").display().to_string();
         if !pid_alive(record.pid) || !pid_cmdline(record.pid).iter().any(|a| a.contains(&dir_arg)) {
-            return Err(DriverError::Exited(format!("pid {} is not this VM's QEMU", record.pid)));
+            return Err(DriverError::Exited(format!(
+                "pid {} is not this VM's QEMU",
+                record.pid
+            )));
         }
         let mut vm = QemuVm::new(
             record.vm_id.clone(),
@@ -478,7 +530,10 @@ async fn prepare_migration(qmp: &QmpService, cow: bool) -> Result<(), DriverErro
 async fn wait_migration(qmp: &QmpService, limit: Duration) -> Result<(), DriverError> {
     let deadline = Instant::now() + limit;
     loop {
-        let info = qmp.execute(qmp::query_migrate {}).await.map_err(qmp_err("query-migrate"))?;
+        let info = qmp
+            .execute(qmp::query_migrate {})
+            .await
+            .map_err(qmp_err("query-migrate"))?;
         match info.status {
             Some(qmp::MigrationStatus::completed) => return Ok(()),
             Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
@@ -489,7 +544,9 @@ async fn wait_migration(qmp: &QmpService, limit: Duration) -> Result<(), DriverE
             _ => {}
         }
         if Instant::now() > deadline {
-            return Err(DriverError::Restore(format!("migration did not finish in {limit:?}")));
+            return Err(DriverError::Restore(format!(
+                "migration did not finish in {limit:?}"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -526,7 +583,13 @@ pub struct QemuVm {
 }
 
 impl QemuVm {
-    fn new(id: VmId, dir: PathBuf, pid: u32, game_port: u16, child: Option<tokio::process::Child>) -> Self {
+    fn new(
+        id: VmId,
+        dir: PathBuf,
+        pid: u32,
+        game_port: u16,
+        child: Option<tokio::process::Child>,
+    ) -> Self {
         Self {
             id,
             dir,
@@ -550,7 +613,10 @@ impl QemuVm {
     }
 
     fn qmp(&self) -> Result<&QmpService, DriverError> {
-        self.qmp.as_ref().ok_or(DriverError::Qmp { during: "connect", message: "not connected".into() })
+        self.qmp.as_ref().ok_or(DriverError::Qmp {
+            during: "connect",
+            message: "not connected".into(),
+        })
     }
 
     /// Connects QMP and the agent socket, retrying until QEMU has created them.
@@ -578,11 +644,16 @@ impl QemuVm {
                 }
             }
             if Instant::now() > deadline {
-                return Err(DriverError::Qmp { during: "connect", message: "QMP socket never answered".into() });
+                return Err(DriverError::Qmp {
+                    during: "connect",
+                    message: "QMP socket never answered".into(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let agent = UnixStream::connect(&agent_path).await.map_err(io_err("connecting the agent socket"))?;
+        let agent = UnixStream::connect(&agent_path)
+            .await
+            .map_err(io_err("connecting the agent socket"))?;
         let (mut rd, wr) = agent.into_split();
         let (tx, rx) = mpsc::channel(64);
         self.agent_tx = Some(wr);
@@ -608,7 +679,10 @@ impl QemuVm {
                         },
                         Line::Complete(l) => match decode_line::<GuestToHost>(&l) {
                             Ok(m) => AgentItem::Msg(m),
-                            Err(e) => AgentItem::Bad { code: e.code(), message: e.to_string() },
+                            Err(e) => AgentItem::Bad {
+                                code: e.code(),
+                                message: e.to_string(),
+                            },
                         },
                     };
                     if tx.send(item).await.is_err() {
@@ -642,7 +716,11 @@ impl QemuVm {
         };
         let exit = async {
             match self.child.as_mut() {
-                Some(child) => child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                Some(child) => child
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string()),
                 None => loop {
                     if !pid_alive(self.pid) {
                         return "process gone".to_string();
@@ -669,7 +747,10 @@ impl QemuVm {
             match item {
                 AgentItem::Msg(GuestToHost::Initialised { version, .. }) => {
                     if version != AGENT_PROTOCOL_VERSION {
-                        return Err(DriverError::AgentVersion { found: version, expected: AGENT_PROTOCOL_VERSION });
+                        return Err(DriverError::AgentVersion {
+                            found: version,
+                            expected: AGENT_PROTOCOL_VERSION,
+                        });
                     }
                     return Ok(());
                 }
@@ -690,10 +771,15 @@ impl QemuVm {
     async fn balloon_down(&mut self, target_mib: u32) -> Result<(), DriverError> {
         let qmp = self.qmp()?;
         let target = i64::from(target_mib) << 20;
-        qmp.execute(qmp::balloon { value: target }).await.map_err(qmp_err("balloon"))?;
+        qmp.execute(qmp::balloon { value: target })
+            .await
+            .map_err(qmp_err("balloon"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            let info = qmp.execute(qmp::query_balloon {}).await.map_err(qmp_err("query-balloon"))?;
+            let info = qmp
+                .execute(qmp::query_balloon {})
+                .await
+                .map_err(qmp_err("query-balloon"))?;
             if info.actual <= target + (1 << 20) {
                 return Ok(());
             }
@@ -757,31 +843,52 @@ impl Vm for QemuVm {
         &self.dir
     }
 
-    async fn activate(&mut self, mut identity: Identity, timeout: Duration) -> Result<Ready, DriverError> {
+    async fn activate(
+        &mut self,
+        mut identity: Identity,
+        timeout: Duration,
+    ) -> Result<Ready, DriverError> {
         let t0 = Instant::now();
         if self.paused {
-            self.qmp()?.execute(qmp::cont {}).await.map_err(qmp_err("cont"))?;
+            self.qmp()?
+                .execute(qmp::cont {})
+                .await
+                .map_err(qmp_err("cont"))?;
             self.paused = false;
         }
         identity.wall_clock_ms = now_ms();
         let session_id = identity.session_id.clone();
         let line = encode_line(&HostToGuest::Identity(identity));
-        let tx = self.agent_tx.as_mut().ok_or(DriverError::Exited("agent not connected".into()))?;
-        tx.write_all(&line).await.map_err(io_err("writing the identity"))?;
+        let tx = self
+            .agent_tx
+            .as_mut()
+            .ok_or(DriverError::Exited("agent not connected".into()))?;
+        tx.write_all(&line)
+            .await
+            .map_err(io_err("writing the identity"))?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let item = tokio::time::timeout_at(deadline, self.next_agent())
                 .await
                 .map_err(|_| DriverError::ReadyTimeout(timeout))??;
             match item {
-                AgentItem::Msg(GuestToHost::Ready { session_id: s, clock_ms, .. }) if s == session_id => {
+                AgentItem::Msg(GuestToHost::Ready {
+                    session_id: s,
+                    clock_ms,
+                    ..
+                }) if s == session_id => {
                     self.activated = true;
                     self.last_heard = Instant::now();
                     self.session = Some(session_id.clone());
                     let image = self.image.clone();
                     self.save_record(&image)?;
                     if let Some((_, full)) = self.balloon_mib {
-                        let _ = self.qmp()?.execute(qmp::balloon { value: i64::from(full) << 20 }).await;
+                        let _ = self
+                            .qmp()?
+                            .execute(qmp::balloon {
+                                value: i64::from(full) << 20,
+                            })
+                            .await;
                     }
                     return Ok(Ready {
                         session_id,
@@ -811,7 +918,9 @@ impl Vm for QemuVm {
                 match tokio::time::timeout(wait, self.next_agent()).await {
                     Ok(r) => r,
                     Err(_) => {
-                        return VmEvent::Silent { for_ms: self.last_heard.elapsed().as_millis() as u64 }
+                        return VmEvent::Silent {
+                            for_ms: self.last_heard.elapsed().as_millis() as u64,
+                        }
                     }
                 }
             } else {
@@ -819,16 +928,26 @@ impl Vm for QemuVm {
             };
             match next {
                 Err(DriverError::Exited(status)) => return VmEvent::Exited { status },
-                Err(e) => return VmEvent::Exited { status: e.to_string() },
-                Ok(AgentItem::Msg(GuestToHost::Heartbeat { .. })) => self.last_heard = Instant::now(),
-                Ok(AgentItem::Msg(GuestToHost::Ended { reason, results, .. })) => {
-                    return VmEvent::Ended { reason, results }
+                Err(e) => {
+                    return VmEvent::Exited {
+                        status: e.to_string(),
+                    }
                 }
+                Ok(AgentItem::Msg(GuestToHost::Heartbeat { .. })) => {
+                    self.last_heard = Instant::now()
+                }
+                Ok(AgentItem::Msg(GuestToHost::Ended {
+                    reason, results, ..
+                })) => return VmEvent::Ended { reason, results },
                 Ok(AgentItem::Closed) => {
                     // The socket closes when QEMU goes away; wait for the exit to be seen.
                     self.agent_rx = None;
                     let status = match self.child.as_mut() {
-                        Some(c) => c.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                        Some(c) => c
+                            .wait()
+                            .await
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|e| e.to_string()),
                         None => "agent socket closed".into(),
                     };
                     self.exit_status = Some(status.clone());

@@ -57,12 +57,22 @@ pub fn xl_create(config: &Path) -> Vec<String> {
 
 /// `xl mem-set` for miniaturisation.
 pub fn xl_mem_set(domain: &str, mib: u32) -> Vec<String> {
-    vec!["xl".into(), "mem-set".into(), domain.into(), format!("{mib}m")]
+    vec![
+        "xl".into(),
+        "mem-set".into(),
+        domain.into(),
+        format!("{mib}m"),
+    ]
 }
 
 /// `xl save` into the substrate's state file (the domain is destroyed by it).
 pub fn xl_save(domain: &str, state: &Path) -> Vec<String> {
-    vec!["xl".into(), "save".into(), domain.into(), state.display().to_string()]
+    vec![
+        "xl".into(),
+        "save".into(),
+        domain.into(),
+        state.display().to_string(),
+    ]
 }
 
 /// `xl restore`, paused, with a new name for the clone.
@@ -93,7 +103,14 @@ pub fn xl_domid(domain: &str) -> Vec<String> {
 }
 
 /// The `xl` domain config for priming an image.
-pub fn domain_config(name: &str, kernel: &Path, initrd: &Path, memory_mib: u32, vcpus: u32, cmdline: &str) -> String {
+pub fn domain_config(
+    name: &str,
+    kernel: &Path,
+    initrd: &Path,
+    memory_mib: u32,
+    vcpus: u32,
+    cmdline: &str,
+) -> String {
     format!(
         "name = \"{name}\"\ntype = \"pvh\"\nkernel = \"{}\"\nramdisk = \"{}\"\nmemory = {memory_mib}\nmaxmem = {memory_mib}\nvcpus = {vcpus}\nextra = \"{}\"\non_crash = \"destroy\"\n",
         kernel.display(),
@@ -119,7 +136,10 @@ mod tests {
         let vm = VmId::new("vm-1").expect("valid");
         let name = domain_name(&vm);
         assert_eq!(name, "berth-vm-1");
-        assert_eq!(xl_mem_set(&name, 96), ["xl", "mem-set", "berth-vm-1", "96m"]);
+        assert_eq!(
+            xl_mem_set(&name, 96),
+            ["xl", "mem-set", "berth-vm-1", "96m"]
+        );
         assert_eq!(
             xl_save(&name, Path::new("/run/s/state")),
             ["xl", "save", "berth-vm-1", "/run/s/state"]
