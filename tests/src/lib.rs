@@ -153,8 +153,18 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        kill_qemu_naming(&self.dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        drop(DirGuard(self.dir.clone()));
+    }
+}
+
+/// Kills any QEMU naming the folder and removes it when dropped: what a panicking test leaves.
+#[derive(Debug)]
+pub struct DirGuard(pub PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        kill_qemu_naming(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

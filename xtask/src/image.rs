@@ -8,7 +8,6 @@
 use crate::cpio::Cpio;
 use crate::sys;
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,17 +15,7 @@ use std::process::Command;
 
 pub const KERNEL_META: &str = "linux-image-cloud-amd64";
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: u32,
-    pub digest: String,
-    pub input_digest: String,
-    pub kernel: String,
-    pub initrd: String,
-    pub disk: String,
-    pub kernel_package: String,
-    pub cmdline: String,
-}
+pub use berth_hostd::image::Manifest;
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,7 +1,10 @@
 //! `cargo xtask`: build the guest image, run the demo, run all tests, run benchmarks.
+mod bench;
 mod cpio;
+mod demo;
 mod image;
 mod sys;
+mod test;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -17,13 +20,55 @@ struct Cli {
 enum Cmd {
     /// Build (or reuse) the guest image under target/image.
     Image,
+    /// The main job: prime a substrate and activate game VMs from it, printing what happens.
+    Demo(demo::DemoArgs),
+    /// Install what is missing, build the image and run every test.
+    Test {
+        /// Extra arguments for the test runner (e.g. a filter).
+        #[arg(trailing_var_arg = true)]
+        extra: Vec<String>,
+    },
+    /// Benchmarks; results go to target/bench/*.json.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Cold boot vs substrate vs copy-on-write vs warm activation, and capacity.
+    Activation(bench::ActivationArgs),
 }
 
 fn main() -> Result<()> {
+    let rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
     match Cli::parse().cmd {
         Cmd::Image => {
             image::build()?;
         }
+        Cmd::Demo(args) => {
+            init_logs();
+            rt()?.block_on(demo::run(args))?;
+        }
+        Cmd::Test { extra } => test::run(&extra)?,
+        Cmd::Bench { which: BenchCmd::Activation(args) } => {
+            sys::ensure(&[sys::QEMU, sys::QEMU_UTILS, sys::E2FS])?;
+            init_logs();
+            rt()?.block_on(bench::activation(args))?;
+        }
     }
     Ok(())
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
 }

@@ -1,19 +1,59 @@
 //! The Xen driver, as in the paper: `xl save`/`xl restore` substrates and identity through
 //! XenStore.
 //!
-//! **Untested on real Xen.** These machines have no Xen; what is tested here is the
-//! construction of every `xl` command and XenStore path (unit tests below). The driver itself
-//! is behind the `xen` cargo feature and only builds there.
+//! **UNTESTED ON REAL XEN.** These machines have no Xen, and no test here starts a domain.
+//! What the unit tests below cover is everything that can be checked without one: every `xl`
+//! argument vector, every XenStore path, the parsing of `xl domid`, `xl list` and `xl info`
+//! output, and how identity and agent messages are encoded into XenStore values. The driver
+//! itself ([`XenDriver`], [`XenVm`]) is behind the `xen` cargo feature; it builds and passes
+//! clippy, nothing more. Before it can be trusted it needs:
+//! - **a nested-Xen test tier**: Xen + dom0 booted inside QEMU TCG as DESIGN.md's field notes
+//!   describe (stock bookworm packages unpacked with `dpkg-deb -x`), hostd run in dom0 against a
+//!   real `xl` and `xenstored`, and a PVH guest image whose `/init` starts the agent with
+//!   `berth_guest::xen` (the `xen` feature of `berth-guest`);
+//! - **networking**: a `vif` on a bridge in dom0 and the guest re-addressed on activation. Out
+//!   of scope here, so [`XenVm::game_addr`](crate::driver::Vm::game_addr) is not a loopback
+//!   `hostfwd` as under QEMU: it is the address the guest published in XenStore
+//!   (`attr/vif/0/ipv4/0`) if there is one, else `0.0.0.0:7000`, which no one can connect to;
+//! - **disks**: a blkback `disk = [...]` for the image's data disk (with a copy-on-write
+//!   backend per clone). The domain config below has none, so a guest under this driver must
+//!   carry its game data in its initramfs.
 //!
-//! Layout: prime = `xl create` the image's config, wait for the agent's `initialised` key,
-//! `xl mem-set` down (miniaturisation), `xl save` to the substrate's `state`. Activate =
-//! `xl restore -p` (paused), look the new domid up (it changes on every restore), write the
-//! identity under `/local/domain/<domid>/data/berth/identity`, `xl unpause`, wait for the
-//! agent's `ready` key. The agent reads and writes its keys through xenbus
-//! (`/dev/xen/xenbus`) with `xenstore-rs`.
+//! Commands run through `tokio::process::Command` with argument vectors, never a shell; the
+//! helpers here build them. `xenstore-chmod` (from `xenstore-utils`) must be on `PATH` in dom0:
+//! `xenstore-rs` has no call to set permissions.
+//!
+//! ```text
+//! prime     xl create -e <dir>/domain.cfg          cold boot of the image (PVH)
+//!           wait /local/domain/<domid>/data/berth/initialised
+//!           xl mem-set <name> <balloon>m           miniaturisation (if configured)
+//!           xl save <name> <dir>/state             the domain is gone after this
+//!           <dir>/substrate.json                   header, as for QEMU
+//! restore   xl restore -p -e <vm>/domain.cfg <dir>/state   new name, NEW domid, paused
+//!           write data/berth (empty) + xenstore-chmod -r … n<domid>   the guest owns it again
+//! activate  write data/berth/identity              one JSON line, wall clock set to now
+//!           xl unpause <name>
+//!           wait data/berth/ready                  Ready (matching session) or Error
+//! running   data/berth/event                       heartbeats, then a sticky `ended`
+//!           xl list <name>                         gone, crashed or shut down → Exited
+//! destroy   xl destroy <name>; rm -r <vm dir>
+//! ```
+//!
+//! Keys are watched (XenStore watch) and re-read on a short poll as well, so a lost watch
+//! event costs latency, not correctness. `-e` keeps `xl` from leaving a monitor process per
+//! domain; a crashed domain therefore stays in `xl list` as crashed until hostd destroys it.
 
+use berth_protocol::guest::{encode_line, HostToGuest, Identity};
 use berth_protocol::VmId;
+use std::net::IpAddr;
 use std::path::Path;
+
+/// Bumped whenever the domain config below changes: old substrates are then re-primed.
+pub const DEVICE_MODEL: &str = "xen-pvh-1";
+
+/// The largest XenStore request payload (`XENSTORE_PAYLOAD_MAX`): a write carries the path, a
+/// NUL and the value in one payload of at most this many bytes.
+pub const XENSTORE_PAYLOAD_MAX: usize = 4096;
 
 /// XenStore paths of one domain's agent keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +75,7 @@ impl AgentKeys {
     pub fn initialised(&self) -> String {
         format!("{}/initialised", self.base)
     }
-    /// agent → hostd: the `ready` message.
+    /// agent → hostd: the `ready` message (or the agent's `error` refusing the identity).
     pub fn ready(&self) -> String {
         format!("{}/ready", self.base)
     }
@@ -45,64 +85,79 @@ impl AgentKeys {
     }
 }
 
+/// Where a guest agent publishes its first IPv4 address (the convention Xen guest tools use).
+pub fn guest_ip_key(domid: u32) -> String {
+    format!("/local/domain/{domid}/attr/vif/0/ipv4/0")
+}
+
 /// The domain name hostd gives a VM: `berth-<vm id>`.
 pub fn domain_name(vm_id: &VmId) -> String {
     format!("berth-{vm_id}")
 }
 
-/// `xl create` for priming: the config file, paused so hostd can watch keys first.
-pub fn xl_create(config: &Path) -> Vec<String> {
-    vec!["xl".into(), "create".into(), config.display().to_string()]
+fn argv<const N: usize>(args: [&str; N]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
 }
 
-/// `xl mem-set` for miniaturisation.
+/// `xl create` of a domain config. `-e`: no `xl` monitor process stays behind per domain.
+pub fn xl_create(config: &Path) -> Vec<String> {
+    argv(["xl", "create", "-e", &config.display().to_string()])
+}
+
+/// `xl mem-set` for miniaturisation (and back to full size after activation).
 pub fn xl_mem_set(domain: &str, mib: u32) -> Vec<String> {
-    vec![
-        "xl".into(),
-        "mem-set".into(),
-        domain.into(),
-        format!("{mib}m"),
-    ]
+    argv(["xl", "mem-set", domain, &format!("{mib}m")])
 }
 
 /// `xl save` into the substrate's state file (the domain is destroyed by it).
 pub fn xl_save(domain: &str, state: &Path) -> Vec<String> {
-    vec![
-        "xl".into(),
-        "save".into(),
-        domain.into(),
-        state.display().to_string(),
-    ]
+    argv(["xl", "save", domain, &state.display().to_string()])
 }
 
-/// `xl restore`, paused, with a new name for the clone.
-pub fn xl_restore(state: &Path, new_name: &str) -> Vec<String> {
-    vec![
-        "xl".into(),
-        "restore".into(),
-        "-p".into(),
-        "-e".into(),
-        "--".into(),
-        state.display().to_string(),
-    ]
-    .into_iter()
-    .chain(std::iter::once(format!("name=\"{new_name}\"")))
-    .collect()
+/// `xl restore`, paused. `xl restore` takes no `key=value` overrides: the clone's new name
+/// comes from `config`, a domain config equal to the substrate's but for its `name`.
+pub fn xl_restore(config: &Path, state: &Path) -> Vec<String> {
+    argv([
+        "xl",
+        "restore",
+        "-p",
+        "-e",
+        &config.display().to_string(),
+        &state.display().to_string(),
+    ])
 }
 
 pub fn xl_unpause(domain: &str) -> Vec<String> {
-    vec!["xl".into(), "unpause".into(), domain.into()]
+    argv(["xl", "unpause", domain])
 }
 
 pub fn xl_destroy(domain: &str) -> Vec<String> {
-    vec!["xl".into(), "destroy".into(), domain.into()]
+    argv(["xl", "destroy", domain])
 }
 
 pub fn xl_domid(domain: &str) -> Vec<String> {
-    vec!["xl".into(), "domid".into(), domain.into()]
+    argv(["xl", "domid", domain])
 }
 
-/// The `xl` domain config for priming an image.
+/// `xl list` of one domain: its domid, memory and state flags.
+pub fn xl_list(domain: &str) -> Vec<String> {
+    argv(["xl", "list", domain])
+}
+
+/// `xl info`, for the hypervisor version in the substrate fingerprint.
+pub fn xl_info() -> Vec<String> {
+    argv(["xl", "info"])
+}
+
+/// Gives the agent subtree to the guest: owner `domid`, no access for other domains (dom0 is
+/// privileged and keeps full access). `xenstore-rs` cannot set permissions itself.
+pub fn xenstore_chmod(path: &str, domid: u32) -> Vec<String> {
+    argv(["xenstore-chmod", "-r", path, &format!("n{domid}")])
+}
+
+/// The `xl` domain config for priming an image (and, with another name, for restoring it).
+///
+/// PVH, no disk and no network: see the module docs.
 pub fn domain_config(
     name: &str,
     kernel: &Path,
@@ -119,16 +174,891 @@ pub fn domain_config(
     )
 }
 
+/// The guest kernel command line under Xen: the image's, the configured extra, the PVH console
+/// and the agent transport (the image's `/init` passes `berth.*` to the agent).
+pub fn guest_cmdline(image_cmdline: &str, extra: Option<&str>) -> String {
+    let mut cmdline = image_cmdline.trim().to_string();
+    if let Some(extra) = extra {
+        cmdline.push(' ');
+        cmdline.push_str(extra.trim());
+    }
+    cmdline.push_str(" console=hvc0 berth.transport=xen");
+    cmdline.trim_start().to_string()
+}
+
+/// Reads `xl domid` output: one decimal number.
+pub fn parse_domid(stdout: &str) -> Option<u32> {
+    stdout.trim().parse().ok()
+}
+
+/// Reads the `xen_version` line of `xl info` ("xen_version            : 4.17.3").
+pub fn parse_xen_version(xl_info: &str) -> Option<String> {
+    xl_info.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "xen_version" && !value.trim().is_empty()).then(|| value.trim().to_string())
+    })
+}
+
+/// The state column of `xl list` (`r-----`, `--p---`, …).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DomainState {
+    pub running: bool,
+    pub blocked: bool,
+    pub paused: bool,
+    pub shutdown: bool,
+    pub crashed: bool,
+    pub dying: bool,
+}
+
+impl DomainState {
+    /// Parses the six-character flag field; `None` for anything else.
+    pub fn parse(flags: &str) -> Option<Self> {
+        if flags.len() != 6 || !flags.chars().all(|c| "rbpscd-".contains(c)) {
+            return None;
+        }
+        Some(Self {
+            running: flags.contains('r'),
+            blocked: flags.contains('b'),
+            paused: flags.contains('p'),
+            shutdown: flags.contains('s'),
+            crashed: flags.contains('c'),
+            dying: flags.contains('d'),
+        })
+    }
+
+    /// Why a domain in this state counts as gone, if it does.
+    pub fn ended(&self) -> Option<&'static str> {
+        if self.crashed {
+            Some("domain crashed")
+        } else if self.shutdown {
+            Some("domain shut down")
+        } else if self.dying {
+            Some("domain is dying")
+        } else {
+            None
+        }
+    }
+}
+
+/// One row of `xl list`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DomainInfo {
+    pub name: String,
+    pub domid: u32,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub state: DomainState,
+    pub cpu_time_s: f64,
+}
+
+/// Parses `xl list` output. Columns are read from the right, so a name with spaces survives;
+/// the header and any malformed line are skipped.
+pub fn parse_xl_list(stdout: &str) -> Vec<DomainInfo> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let n = fields.len();
+            if n < 6 || fields[0] == "Name" {
+                return None;
+            }
+            Some(DomainInfo {
+                name: fields[..n - 5].join(" "),
+                domid: fields[n - 5].parse().ok()?,
+                mem_mib: fields[n - 4].parse().ok()?,
+                vcpus: fields[n - 3].parse().ok()?,
+                state: DomainState::parse(fields[n - 2])?,
+                cpu_time_s: fields[n - 1].parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Reads a guest-published IP address value.
+pub fn parse_guest_ip(value: &str) -> Option<IpAddr> {
+    value.trim().parse().ok()
+}
+
+/// An identity that does not fit in one XenStore value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the identity is {bytes} bytes; a XenStore value at {path} holds at most {max}")]
+pub struct ValueTooLarge {
+    pub path: String,
+    pub bytes: usize,
+    pub max: usize,
+}
+
+/// The most bytes a value written at `path` may have.
+pub fn max_value_len(path: &str) -> usize {
+    XENSTORE_PAYLOAD_MAX.saturating_sub(path.len() + 1)
+}
+
+/// Encodes `identity` as the value of the identity key at `path`: the protocol's JSON line
+/// without its newline (the agent decodes it with `decode_line`, which takes either).
+pub fn identity_value(identity: &Identity, path: &str) -> Result<String, ValueTooLarge> {
+    let mut line = encode_line(&HostToGuest::Identity(identity.clone()));
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    let max = max_value_len(path);
+    if line.len() > max {
+        return Err(ValueTooLarge {
+            path: path.to_string(),
+            bytes: line.len(),
+            max,
+        });
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+#[cfg(feature = "xen")]
+pub use live::{XenDriver, XenVm};
+
+/// The driver proper: only where the `xen` feature is on. See the module docs: untested.
+#[cfg(feature = "xen")]
+mod live {
+    use super::*;
+    use crate::driver::{DriverError, PrimeStats, Ready, Vm, VmDriver, VmEvent, VmRecord, VmSpec};
+    use crate::substrate::{self, Fingerprint, Header, Machine, Substrate};
+    use crate::util::now_ms;
+    use async_trait::async_trait;
+    use berth_protocol::guest::{
+        decode_line, GuestToHost, LineError, AGENT_PROTOCOL_VERSION, GAME_PORT,
+    };
+    use futures::{Stream, StreamExt};
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::os::unix::fs::DirBuilderExt;
+    use std::path::PathBuf;
+    use std::pin::Pin;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    use xenstore_rs::tokio::XsTokio;
+    use xenstore_rs::{AsyncWatch, AsyncXs};
+
+    /// Limit for quick `xl` calls (list, domid, unpause, destroy, mem-set, info, chmod).
+    const XL_QUICK: Duration = Duration::from_secs(30);
+    /// Limit for `xl create`, `save` and `restore` (seconds each in nested TCG).
+    const XL_SLOW: Duration = Duration::from_secs(180);
+    /// Re-read a watched key at least this often (a watch event can be missed).
+    const KEY_POLL: Duration = Duration::from_millis(100);
+    /// Re-read the `event` key at least this often.
+    const EVENT_POLL: Duration = Duration::from_millis(500);
+    /// Check that the domain still exists this often.
+    const DOMAIN_CHECK: Duration = Duration::from_secs(1);
+    /// How long miniaturisation may take before docking anyway.
+    const BALLOON_WAIT: Duration = Duration::from_secs(10);
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Box<str>> + Send>>;
+
+    fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+        let what = what.into();
+        move |source| DriverError::Io { what, source }
+    }
+
+    fn mkdir_private(dir: &Path) -> Result<(), DriverError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(format!("creating {}", dir.display())))
+    }
+
+    fn program(argv: &[String]) -> &'static str {
+        match argv.first().map(String::as_str) {
+            Some("xenstore-chmod") => "xenstore-chmod",
+            _ => "xl",
+        }
+    }
+
+    /// Runs one argument vector (no shell) within `limit`; its stdout on success.
+    async fn run(argv: &[String], limit: Duration) -> Result<String, DriverError> {
+        let Some((prog, args)) = argv.split_first() else {
+            return Err(DriverError::Io {
+                what: "running an empty command".into(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        };
+        let shown = argv.join(" ");
+        let child = tokio::process::Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(limit, child)
+            .await
+            .map_err(|_| DriverError::Io {
+                what: format!("`{shown}` did not finish within {limit:?}"),
+                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+            })?
+            .map_err(|source| DriverError::Spawn {
+                what: program(argv),
+                source,
+            })?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            return Err(DriverError::Io {
+                what: format!("`{shown}` failed: {}", stderr.trim()),
+                source: std::io::Error::other(out.status.to_string()),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The domid of a domain by name.
+    async fn domid_of(name: &str) -> Result<u32, DriverError> {
+        let out = run(&xl_domid(name), XL_QUICK).await?;
+        parse_domid(&out).ok_or_else(|| DriverError::Io {
+            what: format!("unexpected `xl domid {name}` output: {out:?}"),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        })
+    }
+
+    /// The `xl list` row of a domain, or why it is not there.
+    async fn domain_info(name: &str) -> Result<DomainInfo, DriverError> {
+        let out = run(&xl_list(name), XL_QUICK)
+            .await
+            .map_err(|e| DriverError::Exited(format!("domain {name} is gone: {e}")))?;
+        parse_xl_list(&out)
+            .into_iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| DriverError::Exited(format!("domain {name} is not in `xl list`")))
+    }
+
+    /// `Ok` while the domain exists and has not crashed or shut down.
+    async fn domain_alive(name: &str) -> Result<DomainInfo, DriverError> {
+        let info = domain_info(name).await?;
+        match info.state.ended() {
+            Some(why) => Err(DriverError::Exited(format!("{why} ({name})"))),
+            None => Ok(info),
+        }
+    }
+
+    /// Best effort: a domain that may or may not exist is destroyed.
+    async fn destroy_domain(name: &str) {
+        if let Err(e) = run(&xl_destroy(name), XL_QUICK).await {
+            tracing::debug!(domain = name, error = %e, "xl destroy");
+        }
+    }
+
+    fn bad_value(path: &str, e: &LineError) {
+        tracing::warn!(path, code = e.code(), error = %e, "bad agent value in XenStore");
+    }
+
+    /// hostd's XenStore connection (dom0's `xenstored` socket, else `/dev/xen/xenbus`).
+    #[derive(Clone)]
+    struct Store(XsTokio);
+
+    impl Store {
+        async fn open() -> Result<Self, DriverError> {
+            XsTokio::new()
+                .await
+                .map(Self)
+                .map_err(io_err("opening XenStore (is this a Xen dom0?)"))
+        }
+
+        /// The value at `path`, `None` if there is no such node.
+        async fn read(&self, path: &str) -> Result<Option<String>, DriverError> {
+            match self.0.read(path).await {
+                Ok(v) => Ok(Some(v.into())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(DriverError::Io {
+                    what: format!("reading XenStore {path}"),
+                    source,
+                }),
+            }
+        }
+
+        async fn write(&self, path: &str, value: &str) -> Result<(), DriverError> {
+            self.0
+                .write(path, value)
+                .await
+                .map_err(io_err(format!("writing XenStore {path}")))
+        }
+
+        /// A watch on `path`, or `None` (then callers only poll).
+        async fn watch(&self, path: &str) -> Option<WatchStream> {
+            match self.0.watch(path).await {
+                Ok(stream) => Some(Box::pin(stream)),
+                Err(e) => {
+                    tracing::debug!(path, error = %e, "XenStore watch failed; polling only");
+                    None
+                }
+            }
+        }
+    }
+
+    /// Waits for the next watch event on `watch`, at most `max`.
+    async fn wait_change(watch: &mut Option<WatchStream>, max: Duration) {
+        match watch {
+            Some(stream) => {
+                if let Ok(None) = tokio::time::timeout(max, stream.next()).await {
+                    // The XenStore task is gone; keep polling.
+                    *watch = None;
+                }
+            }
+            None => tokio::time::sleep(max).await,
+        }
+    }
+
+    /// Waits until the value at `path` is one `take` accepts (it sees each distinct value
+    /// once), checking every [`DOMAIN_CHECK`] that domain `name` is still there. No time
+    /// limit: callers wrap it in one.
+    async fn wait_key<T>(
+        store: &Store,
+        name: &str,
+        path: &str,
+        mut take: impl FnMut(&str) -> Option<Result<T, DriverError>>,
+    ) -> Result<T, DriverError> {
+        let mut watch = store.watch(path).await;
+        let mut checked = Instant::now();
+        let mut seen: Option<String> = None;
+        loop {
+            if let Some(value) = store.read(path).await? {
+                if seen.as_deref() != Some(value.as_str()) {
+                    if let Some(result) = take(&value) {
+                        return result;
+                    }
+                    seen = Some(value);
+                }
+            }
+            if checked.elapsed() >= DOMAIN_CHECK {
+                domain_alive(name).await?;
+                checked = Instant::now();
+            }
+            wait_change(&mut watch, KEY_POLL).await;
+        }
+    }
+
+    /// Waits for the agent's `initialised` in domain `name`.
+    async fn wait_initialised(
+        store: &Store,
+        name: &str,
+        domid: u32,
+        timeout: Duration,
+    ) -> Result<(), DriverError> {
+        let path = AgentKeys::for_domid(domid).initialised();
+        let wait = wait_key(store, name, &path, |value| {
+            match decode_line::<GuestToHost>(value.as_bytes()) {
+                Ok(GuestToHost::Initialised { version, .. }) if version == AGENT_PROTOCOL_VERSION => {
+                    Some(Ok(()))
+                }
+                Ok(GuestToHost::Initialised { version, .. }) => Some(Err(DriverError::AgentVersion {
+                    found: version,
+                    expected: AGENT_PROTOCOL_VERSION,
+                })),
+                Ok(other) => {
+                    tracing::debug!(domain = name, ?other, "agent message while booting");
+                    None
+                }
+                Err(e) => {
+                    bad_value(&path, &e);
+                    None
+                }
+            }
+        });
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| DriverError::BootTimeout(timeout))?
+    }
+
+    /// The Xen driver: `xl` for domains, XenStore for the agent.
+    #[derive(Clone)]
+    pub struct XenDriver {
+        version: String,
+        store: Store,
+    }
+
+    impl std::fmt::Debug for XenDriver {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("XenDriver").field("version", &self.version).finish()
+        }
+    }
+
+    impl XenDriver {
+        /// Reads the Xen version (`xl info`) and connects to XenStore. Only works in dom0.
+        pub async fn new() -> Result<Self, DriverError> {
+            let info = run(&xl_info(), XL_QUICK).await?;
+            let version = parse_xen_version(&info).ok_or_else(|| DriverError::Io {
+                what: "`xl info` has no xen_version line".into(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            })?;
+            Ok(Self {
+                version,
+                store: Store::open().await?,
+            })
+        }
+
+        pub fn version(&self) -> &str {
+            &self.version
+        }
+
+        fn config_for(spec: &VmSpec, name: &str) -> String {
+            domain_config(
+                name,
+                &spec.image.kernel(),
+                &spec.image.initrd(),
+                spec.config.memory_mib,
+                spec.config.vcpus,
+                &guest_cmdline(&spec.image.manifest.cmdline, spec.config.cmdline.as_deref()),
+            )
+        }
+
+        fn write_config(spec: &VmSpec, name: &str, dir: &Path) -> Result<PathBuf, DriverError> {
+            let path = dir.join("domain.cfg");
+            std::fs::write(&path, Self::config_for(spec, name))
+                .map_err(io_err(format!("writing {}", path.display())))?;
+            Ok(path)
+        }
+
+        /// Gives a restored domain its agent subtree back (libxl rebuilt the domain's
+        /// XenStore directory; the keys the guest wrote before the save are gone).
+        async fn publish_subtree(&self, domid: u32) -> Result<(), DriverError> {
+            let keys = AgentKeys::for_domid(domid);
+            self.store.write(&keys.base, "").await?;
+            run(&xenstore_chmod(&keys.base, domid), XL_QUICK).await?;
+            Ok(())
+        }
+
+        /// Balloons `name` down to `target` MiB and waits (bounded) until `xl list` shows it.
+        async fn balloon_down(name: &str, target: u32) -> Result<(), DriverError> {
+            run(&xl_mem_set(name, target), XL_QUICK).await?;
+            let deadline = Instant::now() + BALLOON_WAIT;
+            while Instant::now() < deadline {
+                if domain_alive(name).await?.mem_mib <= u64::from(target) + 1 {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tracing::warn!(domain = name, target, "balloon did not reach its target; docking anyway");
+            Ok(())
+        }
+
+        fn new_vm(&self, id: VmId, dir: &Path, name: String, domid: u32) -> XenVm {
+            XenVm {
+                id,
+                dir: dir.to_path_buf(),
+                name,
+                domid,
+                store: self.store.clone(),
+                paused: false,
+                activated: false,
+                balloon_mib: None,
+                addr: None,
+                event_watch: None,
+                last_event: None,
+                last_heard: Instant::now(),
+                image: String::new(),
+                session: None,
+                created_ms: now_ms(),
+            }
+        }
+
+        /// `xl create` + `initialised`, shared by prime and cold boot. The domain is destroyed
+        /// again if it does not come up.
+        async fn boot(
+            &self,
+            spec: &VmSpec,
+            name: &str,
+            dir: &Path,
+            boot_timeout: Duration,
+        ) -> Result<u32, DriverError> {
+            let config = Self::write_config(spec, name, dir)?;
+            run(&xl_create(&config), XL_SLOW).await?;
+            let booted = async {
+                let domid = domid_of(name).await?;
+                wait_initialised(&self.store, name, domid, boot_timeout).await?;
+                Ok(domid)
+            }
+            .await;
+            if booted.is_err() {
+                destroy_domain(name).await;
+            }
+            booted
+        }
+    }
+
+    #[async_trait]
+    impl VmDriver for XenDriver {
+        fn kind(&self) -> &'static str {
+            "xen"
+        }
+
+        fn accel(&self) -> String {
+            "xen".into()
+        }
+
+        fn fingerprint(&self, spec: &VmSpec) -> Fingerprint {
+            Fingerprint {
+                driver: "xen".into(),
+                image_digest: spec.image.manifest.digest.clone(),
+                hypervisor_version: format!("Xen {}", self.version),
+                device_model: DEVICE_MODEL.into(),
+                machine: Machine {
+                    memory_mib: spec.config.memory_mib,
+                    vcpus: spec.config.vcpus,
+                    balloon_mib: spec.config.balloon_mib,
+                    accel: self.accel(),
+                },
+            }
+        }
+
+        async fn prime(
+            &self,
+            spec: &VmSpec,
+            dir: &Path,
+            boot_timeout: Duration,
+        ) -> Result<PrimeStats, DriverError> {
+            let t0 = Instant::now();
+            let _ = std::fs::remove_dir_all(dir);
+            mkdir_private(dir)?;
+            let template = VmId::new(format!("template-{}", spec.config.name)).map_err(|e| {
+                DriverError::Io {
+                    what: format!("image name {:?} makes no domain name: {e}", spec.config.name),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                }
+            })?;
+            let name = domain_name(&template);
+            // A template left by a crashed hostd would make `xl create` refuse the name.
+            destroy_domain(&name).await;
+            self.boot(spec, &name, dir, boot_timeout).await?;
+            let boot_ms = t0.elapsed().as_millis() as u64;
+            let t1 = Instant::now();
+            let docked = async {
+                if let Some(target) = spec.config.balloon_mib {
+                    Self::balloon_down(&name, target).await?;
+                }
+                run(&xl_save(&name, &Substrate::state_path(dir)), XL_SLOW).await?;
+                Ok::<_, DriverError>(())
+            }
+            .await;
+            if let Err(e) = docked {
+                destroy_domain(&name).await;
+                return Err(e);
+            }
+            let (sha, state_bytes) = substrate::sha256_file(&Substrate::state_path(dir))
+                .map_err(io_err("hashing the state file"))?;
+            let dock_ms = t1.elapsed().as_millis() as u64;
+            let header = Header {
+                magic: substrate::MAGIC.into(),
+                format: substrate::FORMAT,
+                fingerprint: self.fingerprint(spec),
+                created_ms: now_ms(),
+                prime_ms: t0.elapsed().as_millis() as u64,
+                state_sha256: sha,
+                state_bytes,
+            };
+            let header_json = serde_json::to_vec_pretty(&header).expect("header serialises");
+            std::fs::write(Substrate::header_path(dir), header_json)
+                .map_err(io_err("writing substrate.json"))?;
+            Ok(PrimeStats {
+                boot_ms,
+                dock_ms,
+                state_bytes,
+            })
+        }
+
+        async fn restore(
+            &self,
+            spec: &VmSpec,
+            substrate: &Substrate,
+            vm_id: VmId,
+            vm_dir: &Path,
+        ) -> Result<Box<dyn Vm>, DriverError> {
+            mkdir_private(vm_dir)?;
+            let name = domain_name(&vm_id);
+            let restored = async {
+                let config = Self::write_config(spec, &name, vm_dir)?;
+                run(&xl_restore(&config, &substrate.state()), XL_SLOW)
+                    .await
+                    .map_err(|e| DriverError::Restore(e.to_string()))?;
+                // The domid changes on every restore: look it up, never reuse the template's.
+                let domid = domid_of(&name).await?;
+                self.publish_subtree(domid).await?;
+                Ok::<_, DriverError>(domid)
+            }
+            .await;
+            let domid = match restored {
+                Ok(domid) => domid,
+                Err(e) => {
+                    destroy_domain(&name).await;
+                    let _ = std::fs::remove_dir_all(vm_dir);
+                    return Err(e);
+                }
+            };
+            let mut vm = self.new_vm(vm_id, vm_dir, name, domid);
+            vm.paused = true;
+            vm.balloon_mib = spec.config.balloon_mib.map(|_| spec.config.memory_mib);
+            if let Err(e) = vm.save_record(&spec.config.name) {
+                Box::new(vm).destroy_in_place().await;
+                return Err(e);
+            }
+            Ok(Box::new(vm))
+        }
+
+        async fn cold_boot(
+            &self,
+            spec: &VmSpec,
+            vm_id: VmId,
+            vm_dir: &Path,
+            boot_timeout: Duration,
+        ) -> Result<Box<dyn Vm>, DriverError> {
+            mkdir_private(vm_dir)?;
+            let name = domain_name(&vm_id);
+            let domid = match self.boot(spec, &name, vm_dir, boot_timeout).await {
+                Ok(domid) => domid,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(vm_dir);
+                    return Err(e);
+                }
+            };
+            let mut vm = self.new_vm(vm_id, vm_dir, name, domid);
+            if let Err(e) = vm.save_record(&spec.config.name) {
+                Box::new(vm).destroy_in_place().await;
+                return Err(e);
+            }
+            Ok(Box::new(vm))
+        }
+
+        async fn adopt(&self, record: &VmRecord, vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError> {
+            if record.driver != "xen" {
+                return Err(DriverError::Exited(format!(
+                    "VM {} was made by the {} driver",
+                    record.vm_id, record.driver
+                )));
+            }
+            let name = domain_name(&record.vm_id);
+            let info = domain_alive(&name).await?;
+            let mut vm = self.new_vm(record.vm_id.clone(), vm_dir, name, info.domid);
+            vm.paused = info.state.paused;
+            vm.activated = record.session_id.is_some();
+            vm.session = record.session_id.clone();
+            vm.image = record.image.clone();
+            vm.created_ms = record.created_ms;
+            vm.addr = vm.published_addr().await;
+            Ok(Box::new(vm))
+        }
+    }
+
+    /// One Xen domain, owned by one pool task.
+    pub struct XenVm {
+        id: VmId,
+        dir: PathBuf,
+        /// The domain name (`berth-<vm id>`): stable, unlike the domid.
+        name: String,
+        domid: u32,
+        store: Store,
+        paused: bool,
+        activated: bool,
+        /// Full memory to balloon back up to after activation, if the substrate was shrunk.
+        balloon_mib: Option<u32>,
+        /// The address the guest published in XenStore, if any.
+        addr: Option<IpAddr>,
+        event_watch: Option<WatchStream>,
+        last_event: Option<String>,
+        last_heard: Instant,
+        image: String,
+        session: Option<berth_protocol::SessionId>,
+        created_ms: u64,
+    }
+
+    impl XenVm {
+        fn keys(&self) -> AgentKeys {
+            AgentKeys::for_domid(self.domid)
+        }
+
+        fn save_record(&mut self, image: &str) -> Result<(), DriverError> {
+            self.image = image.to_string();
+            VmRecord {
+                vm_id: self.id.clone(),
+                image: self.image.clone(),
+                driver: "xen".into(),
+                pid: self.domid,
+                game_port: GAME_PORT,
+                session_id: self.session.clone(),
+                created_ms: self.created_ms,
+            }
+            .save(&self.dir)
+            .map_err(io_err("writing vm.json"))
+        }
+
+        async fn published_addr(&self) -> Option<IpAddr> {
+            match self.store.read(&guest_ip_key(self.domid)).await {
+                Ok(Some(v)) => parse_guest_ip(&v),
+                _ => None,
+            }
+        }
+
+        async fn destroy_in_place(self: Box<Self>) {
+            destroy_domain(&self.name).await;
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+
+        /// Handles one new value of the `event` key; `Some` when it ends the VM.
+        fn on_event_value(&mut self, value: &str) -> Option<VmEvent> {
+            match decode_line::<GuestToHost>(value.as_bytes()) {
+                Ok(GuestToHost::Heartbeat { .. }) => self.last_heard = Instant::now(),
+                Ok(GuestToHost::Ended {
+                    reason, results, ..
+                }) => return Some(VmEvent::Ended { reason, results }),
+                Ok(other) => tracing::debug!(vm_id = %self.id, ?other, "agent message"),
+                Err(e) => bad_value(&self.keys().event(), &e),
+            }
+            None
+        }
+    }
+
+    #[async_trait]
+    impl Vm for XenVm {
+        fn id(&self) -> &VmId {
+            &self.id
+        }
+
+        /// Not reachable yet: networking is out of scope under Xen (see the module docs).
+        fn game_addr(&self) -> SocketAddr {
+            SocketAddr::new(
+                self.addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                GAME_PORT,
+            )
+        }
+
+        /// The domid (it changes on every restore).
+        fn pid(&self) -> u32 {
+            self.domid
+        }
+
+        fn dir(&self) -> &Path {
+            &self.dir
+        }
+
+        async fn activate(
+            &mut self,
+            mut identity: Identity,
+            timeout: Duration,
+        ) -> Result<Ready, DriverError> {
+            let t0 = Instant::now();
+            let keys = self.keys();
+            identity.wall_clock_ms = now_ms();
+            let session_id = identity.session_id.clone();
+            let value = identity_value(&identity, &keys.identity()).map_err(|e| DriverError::Io {
+                what: e.to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            })?;
+            self.store.write(&keys.identity(), &value).await?;
+            if self.paused {
+                run(&xl_unpause(&self.name), XL_QUICK).await?;
+                self.paused = false;
+            }
+            let id = self.id.clone();
+            let path = keys.ready();
+            let wait = wait_key(&self.store, &self.name, &path, |value| {
+                match decode_line::<GuestToHost>(value.as_bytes()) {
+                    Ok(GuestToHost::Ready {
+                        session_id: s,
+                        clock_ms,
+                        ..
+                    }) if s == session_id => Some(Ok(clock_ms)),
+                    Ok(GuestToHost::Error { code, message }) => {
+                        Some(Err(DriverError::AgentRefused { code, message }))
+                    }
+                    Ok(other) => {
+                        tracing::debug!(vm_id = %id, ?other, "agent message while activating");
+                        None
+                    }
+                    Err(e) => {
+                        bad_value(&path, &e);
+                        None
+                    }
+                }
+            });
+            let clock_ms = tokio::time::timeout(timeout, wait)
+                .await
+                .map_err(|_| DriverError::ReadyTimeout(timeout))??;
+            self.activated = true;
+            self.last_heard = Instant::now();
+            self.session = Some(session_id.clone());
+            let image = self.image.clone();
+            self.save_record(&image)?;
+            if let Some(full) = self.balloon_mib {
+                if let Err(e) = run(&xl_mem_set(&self.name, full), XL_QUICK).await {
+                    tracing::warn!(vm_id = %self.id, error = %e, "could not balloon back up");
+                }
+            }
+            self.addr = self.published_addr().await;
+            Ok(Ready {
+                session_id,
+                guest_clock_ms: clock_ms,
+                host_clock_ms: now_ms(),
+                activate_us: t0.elapsed().as_micros() as u64,
+            })
+        }
+
+        async fn event(&mut self, silence: Duration) -> VmEvent {
+            let path = self.keys().event();
+            if self.event_watch.is_none() {
+                self.event_watch = self.store.watch(&path).await;
+            }
+            let mut checked: Option<Instant> = None;
+            loop {
+                if checked.is_none_or(|t| t.elapsed() >= DOMAIN_CHECK) {
+                    if let Err(e) = domain_alive(&self.name).await {
+                        return VmEvent::Exited {
+                            status: match e {
+                                DriverError::Exited(status) => status,
+                                other => other.to_string(),
+                            },
+                        };
+                    }
+                    checked = Some(Instant::now());
+                }
+                match self.store.read(&path).await {
+                    Ok(Some(value)) if self.last_event.as_deref() != Some(value.as_str()) => {
+                        let ended = self.on_event_value(&value);
+                        self.last_event = Some(value);
+                        if let Some(event) = ended {
+                            return event;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(vm_id = %self.id, error = %e, "reading the event key"),
+                }
+                let mut wait = EVENT_POLL.min(DOMAIN_CHECK);
+                if self.activated {
+                    let quiet = self.last_heard.elapsed();
+                    if quiet >= silence {
+                        return VmEvent::Silent {
+                            for_ms: quiet.as_millis() as u64,
+                        };
+                    }
+                    wait = wait.min(silence - quiet);
+                }
+                wait_change(&mut self.event_watch, wait).await;
+            }
+        }
+
+        async fn destroy(self: Box<Self>) {
+            self.destroy_in_place().await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_protocol::guest::decode_line;
+    use berth_protocol::{PlayerId, SessionId};
 
     #[test]
     fn keys_follow_the_domid() {
         let k = AgentKeys::for_domid(7);
+        assert_eq!(k.base, "/local/domain/7/data/berth");
         assert_eq!(k.identity(), "/local/domain/7/data/berth/identity");
+        assert_eq!(k.initialised(), "/local/domain/7/data/berth/initialised");
         assert_eq!(k.ready(), "/local/domain/7/data/berth/ready");
+        assert_eq!(k.event(), "/local/domain/7/data/berth/event");
         assert_ne!(AgentKeys::for_domid(8).identity(), k.identity());
+        assert_eq!(guest_ip_key(7), "/local/domain/7/attr/vif/0/ipv4/0");
     }
 
     #[test]
@@ -137,17 +1067,40 @@ mod tests {
         let name = domain_name(&vm);
         assert_eq!(name, "berth-vm-1");
         assert_eq!(
-            xl_mem_set(&name, 96),
-            ["xl", "mem-set", "berth-vm-1", "96m"]
+            xl_create(Path::new("/run/s/domain.cfg")),
+            ["xl", "create", "-e", "/run/s/domain.cfg"]
         );
+        assert_eq!(xl_mem_set(&name, 96), ["xl", "mem-set", "berth-vm-1", "96m"]);
         assert_eq!(
             xl_save(&name, Path::new("/run/s/state")),
             ["xl", "save", "berth-vm-1", "/run/s/state"]
         );
-        let r = xl_restore(Path::new("/run/s/state"), "berth-vm-2");
-        assert_eq!(r[..3], ["xl", "restore", "-p"]);
-        assert_eq!(r.last().map(String::as_str), Some("name=\"berth-vm-2\""));
+        assert_eq!(xl_unpause(&name), ["xl", "unpause", "berth-vm-1"]);
         assert_eq!(xl_destroy(&name), ["xl", "destroy", "berth-vm-1"]);
+        assert_eq!(xl_domid(&name), ["xl", "domid", "berth-vm-1"]);
+        assert_eq!(xl_list(&name), ["xl", "list", "berth-vm-1"]);
+        assert_eq!(xl_info(), ["xl", "info"]);
+        assert_eq!(
+            xenstore_chmod("/local/domain/9/data/berth", 9),
+            ["xenstore-chmod", "-r", "/local/domain/9/data/berth", "n9"]
+        );
+    }
+
+    #[test]
+    fn restore_takes_the_new_name_from_a_config_file() {
+        // `xl restore [options] [<ConfigFile>] <CheckpointFile>`: two positionals at most.
+        let r = xl_restore(Path::new("/run/v/domain.cfg"), Path::new("/run/s/state"));
+        assert_eq!(r, ["xl", "restore", "-p", "-e", "/run/v/domain.cfg", "/run/s/state"]);
+        let a = domain_config("berth-a", Path::new("/k"), Path::new("/i"), 128, 1, "x");
+        let b = domain_config("berth-b", Path::new("/k"), Path::new("/i"), 128, 1, "x");
+        assert_eq!(a.replace("berth-a", "berth-b"), b, "only the name differs");
+    }
+
+    #[test]
+    fn paths_with_spaces_stay_one_argument() {
+        let r = xl_save("d", Path::new("/run/with space/state"));
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[3], "/run/with space/state");
     }
 
     #[test]
@@ -155,6 +1108,110 @@ mod tests {
         let c = domain_config("d", Path::new("/k"), Path::new("/i"), 128, 1, "a=\"b\" c");
         assert!(c.contains("extra = \"a=b c\""));
         assert!(c.contains("memory = 128"));
+        assert!(c.contains("maxmem = 128"));
         assert!(c.contains("type = \"pvh\""));
+        assert!(c.contains("name = \"d\""));
+    }
+
+    #[test]
+    fn guest_cmdline_adds_console_and_transport() {
+        assert_eq!(
+            guest_cmdline("quiet console=ttyS0", Some("berth.init_ms=5 ")),
+            "quiet console=ttyS0 berth.init_ms=5 console=hvc0 berth.transport=xen"
+        );
+        assert_eq!(guest_cmdline("", None), "console=hvc0 berth.transport=xen");
+    }
+
+    #[test]
+    fn domid_output_is_parsed() {
+        assert_eq!(parse_domid("12\n"), Some(12));
+        assert_eq!(parse_domid("  0 "), Some(0));
+        assert_eq!(parse_domid(""), None);
+        assert_eq!(parse_domid("Can't get domid of domain name 'x'"), None);
+        assert_eq!(parse_domid("-1"), None);
+    }
+
+    #[test]
+    fn xen_version_is_read_from_xl_info() {
+        let info = "host                   : dom0\nrelease                : 6.1.0-27-amd64\n\
+                    xen_major              : 4\nxen_minor              : 17\n\
+                    xen_version            : 4.17.5-pre\nxen_caps               : xen-3.0-x86_64 hvm-3.0-x86_64\n";
+        assert_eq!(parse_xen_version(info).as_deref(), Some("4.17.5-pre"));
+        assert_eq!(parse_xen_version("xen_major : 4\n"), None);
+        assert_eq!(parse_xen_version("xen_version :   \n"), None);
+    }
+
+    #[test]
+    fn xl_list_rows_are_parsed() {
+        let out = "Name                                        ID   Mem VCPUs\tState\tTime(s)\n\
+                   Domain-0                                     0   768     2     r-----      12.3\n\
+                   berth-vm-1                                   3   128     1     --p---       0.0\n\
+                   berth template x                             4    94     1     -b----       1.5\n\
+                   broken line\n\
+                   berth-vm-2                                   5   128     1     ---c--       2.0\n";
+        let rows = parse_xl_list(out);
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert_eq!(rows[0].name, "Domain-0");
+        assert!(rows[0].state.running);
+        assert_eq!(rows[1].name, "berth-vm-1");
+        assert_eq!(rows[1].domid, 3);
+        assert_eq!(rows[1].mem_mib, 128);
+        assert_eq!(rows[1].vcpus, 1);
+        assert!(rows[1].state.paused && !rows[1].state.running);
+        assert_eq!(rows[1].state.ended(), None);
+        assert_eq!(rows[2].name, "berth template x");
+        assert_eq!(rows[2].mem_mib, 94);
+        assert!(rows[2].state.blocked);
+        assert_eq!(rows[3].state.ended(), Some("domain crashed"));
+        assert!((rows[2].cpu_time_s - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn domain_states_are_strict() {
+        assert_eq!(DomainState::parse("------"), Some(DomainState::default()));
+        assert_eq!(DomainState::parse("---s--").and_then(|s| s.ended()), Some("domain shut down"));
+        assert_eq!(DomainState::parse("-----d").and_then(|s| s.ended()), Some("domain is dying"));
+        assert_eq!(DomainState::parse("r----"), None);
+        assert_eq!(DomainState::parse("rx----"), None);
+    }
+
+    #[test]
+    fn guest_ips_are_parsed() {
+        assert_eq!(parse_guest_ip("10.0.0.5\n"), Some(IpAddr::from([10, 0, 0, 5])));
+        assert_eq!(parse_guest_ip(""), None);
+        assert_eq!(parse_guest_ip("not an ip"), None);
+    }
+
+    fn identity(players: usize) -> Identity {
+        Identity {
+            session_id: SessionId::new("s1").expect("valid"),
+            vm_id: VmId::new("vm1").expect("valid"),
+            hostname: "berth-vm1".into(),
+            players: (0..players)
+                .map(|i| PlayerId::new(format!("player-{i}")).expect("valid"))
+                .collect(),
+            ticket_key: "00ff".repeat(16),
+            params: serde_json::json!({"score_limit": 10, "note": "a \"quoted\"\nline"}),
+            wall_clock_ms: 1_700_000_000_000,
+            rng_seed: 42,
+        }
+    }
+
+    #[test]
+    fn identity_is_one_line_that_the_agent_decodes() {
+        let path = AgentKeys::for_domid(3).identity();
+        let value = identity_value(&identity(4), &path).expect("fits");
+        assert!(!value.contains('\n'), "no raw newline in the value");
+        let back: HostToGuest = decode_line(value.as_bytes()).expect("decodes");
+        assert_eq!(back, HostToGuest::Identity(identity(4)));
+    }
+
+    #[test]
+    fn identity_that_does_not_fit_is_refused() {
+        let path = AgentKeys::for_domid(3).identity();
+        let e = identity_value(&identity(400), &path).expect_err("too large");
+        assert_eq!(e.max, XENSTORE_PAYLOAD_MAX - path.len() - 1);
+        assert!(e.bytes > e.max);
+        assert!(e.to_string().contains("at most"), "{e}");
     }
 }

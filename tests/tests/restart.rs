@@ -1,0 +1,154 @@
+//! The real `berth-hostd` binary: killed while VMs run, restarted, it adopts the active VMs,
+//! cleans the warm leftovers, and a clean stop removes everything. Also the control API's
+//! answers to bad requests.
+
+use anyhow::{Context, Result};
+use berth_hostd::control::{Client, ClientError};
+use berth_hostd::pool::{ActivateRequest, ActivationPath};
+use berth_protocol::game::GameAnswer;
+use berth_protocol::SessionId;
+use berth_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn hostd_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("berth-hostd");
+    assert!(bin.exists(), "{} missing: cargo xtask test builds the binaries first", bin.display());
+    bin
+}
+
+fn spawn(config: &Path) -> Child {
+    Command::new(hostd_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .spawn()
+        .expect("starting berth-hostd")
+}
+
+async fn wait_warm(client: &Client, warm: u32) -> Result<berth_hostd::pool::Status> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(s) = client.status().await {
+            if s.images.first().is_some_and(|i| i.substrate == "docked" && i.warm >= warm) {
+                return Ok(s);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "hostd never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> {
+    init_logs();
+    let dir = Sandbox::state_dir("restart");
+    let _ = std::fs::remove_dir_all(&dir);
+    let ic = image_config("arena", 1);
+    seed_substrate(&dir, &ic).await?;
+    let port = free_port();
+    let conf_dir = tempfile_dir("restart");
+    let config = conf_dir.join("hostd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host_id = \"restart\"\nstate_dir = \"{}\"\ncontrol = \"127.0.0.1:{port}\"\naccel = \"tcg\"\n\
+             [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = 1\n",
+            dir.display(),
+            image_dir().display()
+        ),
+    )?;
+    let _guard = DirGuard(dir.clone());
+    let client = Client::new(([127, 0, 0, 1], port).into());
+
+    let mut hostd = spawn(&config);
+    wait_warm(&client, 1).await?;
+    // Bad requests get stable codes.
+    let http = reqwest_client();
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/v1/activate"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await?;
+    assert_eq!(body["code"], "bad_request");
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/v1/activate"))
+        .json(&serde_json::json!({"session_id": "../etc", "image": "arena"}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 400, "path-like session ids are refused");
+    let unknown = ActivateRequest {
+        session_id: SessionId::new("u")?,
+        image: "nosuch".into(),
+        players: vec![],
+        params: serde_json::Value::Null,
+        ticket_key: String::new(),
+    };
+    match client.activate(&unknown).await {
+        Err(ClientError::Api(e)) => assert_eq!(e.code, "unknown_image"),
+        other => panic!("expected unknown_image, got {other:?}"),
+    }
+
+    let req = ActivateRequest { session_id: SessionId::new("kept")?, image: "arena".into(), ..unknown };
+    let vm = client.activate(&req).await?;
+    let before = wait_warm(&client, 1).await?;
+    let warm_pids: Vec<u32> = qemu_naming(&dir).into_iter().filter(|p| *p != vm.pid).collect();
+    assert_eq!(warm_pids.len(), 1, "one warm clone besides the active VM: {before:?}");
+
+    // Crash.
+    hostd.kill()?;
+    hostd.wait()?;
+    assert!(berth_hostd::util::pid_alive(vm.pid), "VMs outlive a crashed hostd");
+
+    let mut hostd = spawn(&config);
+    let after = wait_warm(&client, 1).await?;
+    let adopted = after.vms.iter().find(|v| v.vm_id == vm.vm_id).context("VM not adopted")?;
+    assert_eq!(adopted.path, ActivationPath::Adopted);
+    assert_eq!(adopted.session_id, vm.session_id);
+    assert!(!berth_hostd::util::pid_alive(warm_pids[0]), "the orphaned warm clone was destroyed");
+    let GameAnswer::Hello { session_id, .. } = game_hello(vm.game_addr).await? else {
+        panic!("expected hello");
+    };
+    assert_eq!(session_id.as_str(), "kept");
+    // Same session id after the restart: still the same VM.
+    assert_eq!(client.activate(&req).await?.vm_id, vm.vm_id);
+
+    client.destroy("kept").await?;
+    assert!(!berth_hostd::util::pid_alive(vm.pid));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(hostd.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let status = hostd.wait()?;
+    assert!(status.success(), "clean stop: {status}");
+    let _ = std::fs::remove_dir_all(&conf_dir);
+    assert_nothing_left(&dir)?;
+    Ok(())
+}
+
+fn tempfile_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("berth-conf-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+fn reqwest_client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+

@@ -1,0 +1,373 @@
+//! `cargo xtask bench activation`: cold boot vs substrate vs copy-on-write vs warm activation,
+//! side by side in one run on the same image, each timed until a TCP client gets the game's
+//! answer from inside the VM. Also concurrent activations, per-VM PSS and idle CPU, substrate
+//! size, time to prime, and many VMs at once. Writes `target/bench/activation.json`.
+
+use anyhow::{Context, Result};
+use berth_hostd::config::{AccelChoice, ImageConfig};
+use berth_hostd::driver::qemu::QemuDriver;
+use berth_hostd::driver::{Vm, VmDriver, VmSpec};
+use berth_hostd::image::Image;
+use berth_hostd::substrate::Substrate;
+use berth_hostd::util::{disk_usage, pss_kib, random_u64};
+use berth_protocol::guest::Identity;
+use berth_protocol::{SessionId, VmId};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ActivationArgs {
+    /// Timed runs per activation kind.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Cold boots to time (each takes seconds under TCG).
+    #[arg(long, default_value_t = 3)]
+    pub cold_runs: usize,
+    /// VMs to run at once in the capacity check (0 skips it).
+    #[arg(long, default_value_t = 64)]
+    pub many: usize,
+    /// Accelerator: auto probes KVM with a real boot first.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Tcg,
+    Kvm,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn summary(mut v: Vec<f64>) -> serde_json::Value {
+    v.sort_by(|a, b| a.total_cmp(b));
+    json!({
+        "p50": round(percentile(&v, 50.0)),
+        "p99": round(percentile(&v, 99.0)),
+        "min": round(v.first().copied().unwrap_or(f64::NAN)),
+        "max": round(v.last().copied().unwrap_or(f64::NAN)),
+        "n": v.len(),
+    })
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+struct Bench {
+    driver: QemuDriver,
+    dir: PathBuf,
+    n: u64,
+}
+
+fn identity(vm_id: &VmId, n: u64) -> Identity {
+    Identity {
+        session_id: SessionId::new(format!("bench-{n}")).expect("valid id"),
+        vm_id: vm_id.clone(),
+        hostname: format!("bench-{n}"),
+        players: vec![],
+        ticket_key: String::new(),
+        params: serde_json::Value::Null,
+        wall_clock_ms: 0,
+        rng_seed: random_u64(),
+    }
+}
+
+/// Connects to the game port and waits for its first line.
+async fn game_answer(addr: std::net::SocketAddr) -> Result<()> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .context("no game answer in 20 s")??
+        .context("game port closed")?;
+    anyhow::ensure!(line.contains("\"hello\""), "unexpected game answer {line}");
+    Ok(())
+}
+
+impl Bench {
+    fn next(&mut self) -> (VmId, PathBuf) {
+        self.n += 1;
+        let id = VmId::new(format!("b{}", self.n)).expect("valid id");
+        let dir = self.dir.join("vms").join(id.as_str());
+        (id, dir)
+    }
+
+    async fn restore(&mut self, spec: &VmSpec, sub: &Substrate) -> Result<Box<dyn Vm>> {
+        let (id, dir) = self.next();
+        Ok(self.driver.restore(spec, sub, id, &dir).await?)
+    }
+
+    /// Restore (unless `warm` is given) + activate + game answer, in ms.
+    async fn activation(
+        &mut self,
+        spec: &VmSpec,
+        sub: &Substrate,
+        warm: Option<Box<dyn Vm>>,
+    ) -> Result<(f64, Box<dyn Vm>)> {
+        let t0 = Instant::now();
+        let mut vm = match warm {
+            Some(vm) => vm,
+            None => self.restore(spec, sub).await?,
+        };
+        let id = identity(vm.id(), self.n);
+        vm.activate(id, Duration::from_secs(30)).await?;
+        game_answer(vm.game_addr()).await?;
+        Ok((t0.elapsed().as_secs_f64() * 1000.0, vm))
+    }
+
+    async fn cold(&mut self, spec: &VmSpec) -> Result<f64> {
+        let t0 = Instant::now();
+        let (id, dir) = self.next();
+        let mut vm = self.driver.cold_boot(spec, id, &dir, Duration::from_secs(120)).await?;
+        let ident = identity(vm.id(), self.n);
+        vm.activate(ident, Duration::from_secs(30)).await?;
+        game_answer(vm.game_addr()).await?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        vm.destroy().await;
+        Ok(ms)
+    }
+
+    /// `k` activations at once from the substrate; ms until every VM answered.
+    async fn concurrent(&mut self, spec: &VmSpec, sub: &Substrate, k: usize) -> Result<(f64, Vec<Box<dyn Vm>>)> {
+        let t0 = Instant::now();
+        let mut jobs = Vec::new();
+        for _ in 0..k {
+            let (id, dir) = self.next();
+            let n = self.n;
+            let driver = self.driver.clone();
+            let (spec, sub) = (spec.clone(), sub.clone());
+            jobs.push(tokio::spawn(async move {
+                let mut vm = driver.restore(&spec, &sub, id, &dir).await?;
+                let ident = identity(vm.id(), n);
+                vm.activate(ident, Duration::from_secs(60)).await?;
+                game_answer(vm.game_addr()).await?;
+                anyhow::Ok(vm)
+            }));
+        }
+        let mut vms = Vec::new();
+        let mut first_err = None;
+        for j in jobs {
+            match j.await? {
+                Ok(vm) => vms.push(vm),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if let Some(e) = first_err {
+            destroy_all(vms).await;
+            return Err(e);
+        }
+        Ok((ms, vms))
+    }
+}
+
+async fn destroy_all(vms: Vec<Box<dyn Vm>>) {
+    for vm in vms {
+        vm.destroy().await;
+    }
+}
+
+/// CPU ticks (utime + stime) of a process.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+pub async fn activation(args: ActivationArgs) -> Result<()> {
+    let manifest = crate::image::build()?;
+    let root = crate::image::root();
+    let image = Image::load(&crate::image::image_dir())?;
+    let dir = PathBuf::from(format!("/dev/shm/berth-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("vms"))?;
+    let result = run(&args, image, &dir).await;
+    kill_leftovers(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut report = result?;
+    report["image_digest"] = json!(manifest.digest);
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let path = out.join("activation.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn kill_leftovers(dir: &Path) {
+    let marker = dir.display().to_string();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for pid in procs.filter_map(Result::ok).filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+            if berth_hostd::util::pid_cmdline(pid).iter().any(|a| a.contains(&marker)) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_json::Value> {
+    let cfg = |name: &str, cow: bool| ImageConfig {
+        name: name.into(),
+        dir: image.dir.clone(),
+        memory_mib: 128,
+        vcpus: 1,
+        balloon_mib: None,
+        warm: 0,
+        cow,
+        cmdline: None,
+    };
+    let cow_spec = VmSpec { image: image.clone(), config: cfg("cow", true) };
+    let full_spec = VmSpec { image: image.clone(), config: cfg("full", false) };
+    let choice = match args.accel {
+        AccelArg::Auto => AccelChoice::Auto,
+        AccelArg::Tcg => AccelChoice::Tcg,
+        AccelArg::Kvm => AccelChoice::Kvm,
+    };
+    eprintln!("bench: choosing the accelerator ({choice:?})");
+    let accel = berth_hostd::accel::choose(choice, Path::new("qemu-system-x86_64"), Some((&image, &cow_spec.config)), dir, Duration::from_secs(15)).await;
+    let driver = QemuDriver::new("qemu-system-x86_64".into(), accel).await?;
+    eprintln!("bench: accel {}, QEMU {}", accel.as_str(), driver.version());
+    let mut b = Bench { driver, dir: dir.to_path_buf(), n: 0 };
+
+    // Priming (the template boot) for both substrate kinds.
+    let cow_dir = dir.join("substrates/cow");
+    let full_dir = dir.join("substrates/full");
+    let t = Instant::now();
+    let prime = b.driver.prime(&cow_spec, &cow_dir, Duration::from_secs(120)).await?;
+    let prime_ms = t.elapsed().as_secs_f64() * 1000.0;
+    b.driver.prime(&full_spec, &full_dir, Duration::from_secs(120)).await?;
+    let cow_sub = Substrate::open(&cow_dir, &b.driver.fingerprint(&cow_spec))?;
+    let full_sub = Substrate::open(&full_dir, &b.driver.fingerprint(&full_spec))?;
+    let substrate_mib = disk_usage(&cow_dir) as f64 / 1048576.0;
+    let full_substrate_mib = disk_usage(&full_dir) as f64 / 1048576.0;
+    eprintln!("bench: primed in {prime_ms:.0} ms (boot {} ms, dock {} ms)", prime.boot_ms, prime.dock_ms);
+
+    let mut cold = Vec::new();
+    for i in 0..args.cold_runs {
+        cold.push(b.cold(&cow_spec).await?);
+        eprintln!("bench: cold boot {}/{}: {:.0} ms", i + 1, args.cold_runs, cold[i]);
+    }
+    let mut full = Vec::new();
+    let mut cow = Vec::new();
+    let mut warm = Vec::new();
+    for _ in 0..args.runs {
+        let (ms, vm) = b.activation(&full_spec, &full_sub, None).await?;
+        full.push(ms);
+        vm.destroy().await;
+        let (ms, vm) = b.activation(&cow_spec, &cow_sub, None).await?;
+        cow.push(ms);
+        vm.destroy().await;
+        let paused = b.restore(&cow_spec, &cow_sub).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (ms, vm) = b.activation(&cow_spec, &cow_sub, Some(paused)).await?;
+        warm.push(ms);
+        vm.destroy().await;
+    }
+    eprintln!("bench: sequential activations done");
+    let (c4, vms) = b.concurrent(&cow_spec, &cow_sub, 4).await?;
+    destroy_all(vms).await;
+    let (c16, vms) = b.concurrent(&cow_spec, &cow_sub, 16).await?;
+    // Idle cost of the 16: PSS and CPU over a few seconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pss: Vec<f64> = vms.iter().filter_map(|v| pss_kib(v.pid())).map(|k| k as f64 / 1024.0).collect();
+    let pss_mean = pss.iter().sum::<f64>() / pss.len().max(1) as f64;
+    let ticks0: u64 = vms.iter().map(|v| cpu_ticks(v.pid())).sum();
+    let window = Duration::from_secs(5);
+    tokio::time::sleep(window).await;
+    let ticks1: u64 = vms.iter().map(|v| cpu_ticks(v.pid())).sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let idle_cpu_pct = (ticks1 - ticks0) as f64 / hz / window.as_secs_f64() * 100.0 / vms.len() as f64;
+    destroy_all(vms).await;
+    eprintln!("bench: concurrency done");
+
+    // Many at once: activate in waves of 8 until `many` run, then check each answers.
+    let mut many_ok = 0usize;
+    let mut many_failed = 0usize;
+    let mut many_ms = 0.0;
+    if args.many > 0 {
+        let t = Instant::now();
+        let mut all = Vec::new();
+        while all.len() + many_failed < args.many {
+            let k = 8.min(args.many - all.len() - many_failed);
+            match b.concurrent(&cow_spec, &cow_sub, k).await {
+                Ok((_, vms)) => all.extend(vms),
+                Err(e) => {
+                    eprintln!("bench: wave failed: {e:#}");
+                    many_failed += k;
+                }
+            }
+        }
+        many_ms = t.elapsed().as_secs_f64() * 1000.0;
+        for vm in &all {
+            match game_answer(vm.game_addr()).await {
+                Ok(()) => many_ok += 1,
+                Err(_) => many_failed += 1,
+            }
+        }
+        destroy_all(all).await;
+        eprintln!("bench: {many_ok} VMs ran at once, {many_failed} failed");
+    }
+
+    let p50 = |v: &Vec<f64>| {
+        let mut s = v.clone();
+        s.sort_by(|a, b| a.total_cmp(b));
+        percentile(&s, 50.0)
+    };
+    let report = json!({
+        "accel": accel.as_str(),
+        "qemu": b.driver.version(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "guest_memory_mib": 128,
+        "runs": args.runs,
+        "cold_boot_ms": summary(cold.clone()),
+        "substrate_ms": summary(full.clone()),
+        "cow_ms": summary(cow.clone()),
+        "warm_ms": summary(warm.clone()),
+        "cold_over_substrate": round(p50(&cold) / p50(&full)),
+        "cold_over_cow": round(p50(&cold) / p50(&cow)),
+        "concurrent4_all_ready_ms": round(c4),
+        "concurrent16_all_ready_ms": round(c16),
+        "pss_mib_per_cow_vm": round(pss_mean),
+        "idle_cpu_pct_per_vm": round(idle_cpu_pct),
+        "substrate_mib": round(substrate_mib),
+        "full_substrate_mib": round(full_substrate_mib),
+        "substrate_state_kib": round(cow_sub.header.state_bytes as f64 / 1024.0),
+        "prime_ms": round(prime_ms),
+        "many_vms": {"target": args.many, "answered": many_ok, "failed": many_failed, "ms": round(many_ms)},
+    });
+    print_table(&report);
+    Ok(report)
+}
+
+fn print_table(r: &serde_json::Value) {
+    println!("\nactivation benchmark — accel {}, QEMU {}, {} CPUs, 128 MiB guest", r["accel"], r["qemu"], r["cpus"]);
+    println!("{:<34} {:>10} {:>10}", "until the game answers", "p50 ms", "p99 ms");
+    for (k, label) in [
+        ("cold_boot_ms", "cold boot (template baseline)"),
+        ("substrate_ms", "substrate (RAM copied)"),
+        ("cow_ms", "substrate, copy-on-write clone"),
+        ("warm_ms", "warm clone (identity + cont)"),
+    ] {
+        println!("{:<34} {:>10} {:>10}", label, r[k]["p50"], r[k]["p99"]);
+    }
+    println!("cold ÷ substrate: {}   cold ÷ CoW: {}", r["cold_over_substrate"], r["cold_over_cow"]);
+    println!("4 at once: {} ms   16 at once: {} ms", r["concurrent4_all_ready_ms"], r["concurrent16_all_ready_ms"]);
+    println!("PSS per idle CoW VM: {} MiB   idle CPU per VM: {} % of a core", r["pss_mib_per_cow_vm"], r["idle_cpu_pct_per_vm"]);
+    println!("substrate in /dev/shm: {} MiB (full-copy kind: {} MiB; state file {} KiB)   prime: {} ms", r["substrate_mib"], r["full_substrate_mib"], r["substrate_state_kib"], r["prime_ms"]);
+    println!("many VMs at once: {}", r["many_vms"]);
+}
