@@ -10,11 +10,12 @@ use berth_protocol::guest::{
     decode_line, encode_line, GuestToHost, HostToGuest, Identity, Line, LineBuffer,
     AGENT_PORT_NAME, AGENT_PROTOCOL_VERSION, GAME_PORT, HEARTBEAT_INTERVAL, MAX_LINE,
 };
+use berth_protocol::{SessionId, VmId};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Finds and opens the agent's virtio-serial port (`/dev/vportNpM` whose sysfs name matches).
@@ -92,7 +93,8 @@ pub struct Agent {
     world: World,
     listener: Option<TcpListener>,
     started: Instant,
-    session: Option<String>,
+    session: Arc<OnceLock<game::Session>>,
+    activated: Option<mpsc::Sender<SessionId>>,
 }
 
 impl Agent {
@@ -104,7 +106,8 @@ impl Agent {
             world,
             listener: Some(listener),
             started,
-            session: None,
+            session: Arc::new(OnceLock::new()),
+            activated: None,
         }
     }
 
@@ -115,8 +118,49 @@ impl Agent {
         let _ = w.write_all(&line);
     }
 
+    /// Starts the game server and the reporter threads. Both exist before the VM is docked,
+    /// so that activating a clone starts no thread.
+    fn start_threads(&mut self) {
+        let (over_tx, over_rx) = mpsc::channel::<GameOver>();
+        if let Some(listener) = self.listener.take() {
+            let session = self.session.clone();
+            let tiles = self.world.tiles;
+            std::thread::spawn(move || game::serve(listener, session, tiles, over_tx));
+        }
+        let (activated_tx, activated_rx) = mpsc::channel::<SessionId>();
+        self.activated = Some(activated_tx);
+        let writer = self.writer.clone();
+        let booted = self.started;
+        std::thread::spawn(move || {
+            // Blocked (no timer, no polling) until activation.
+            let Ok(session_id) = activated_rx.recv() else {
+                return;
+            };
+            loop {
+                match over_rx.recv_timeout(HEARTBEAT_INTERVAL) {
+                    Ok(over) => Self::send(
+                        &writer,
+                        &GuestToHost::Ended {
+                            session_id: session_id.clone(),
+                            reason: over.reason,
+                            results: over.results,
+                        },
+                    ),
+                    Err(mpsc::RecvTimeoutError::Timeout) => Self::send(
+                        &writer,
+                        &GuestToHost::Heartbeat {
+                            uptime_ms: booted.elapsed().as_millis() as u64,
+                        },
+                    ),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        });
+    }
+
     /// Serves hostd until the VM is destroyed.
     pub fn serve(mut self) -> Result<(), GuestError> {
+        self.start_threads();
         Self::send(
             &self.writer,
             &GuestToHost::Initialised {
@@ -172,58 +216,67 @@ impl Agent {
         };
         match decode_line::<HostToGuest>(&line) {
             Ok(HostToGuest::Identity(identity)) => self.activate(identity),
+            Ok(HostToGuest::Prewarm) => self.prewarm(),
             Err(e) => self.refuse(e.code(), e.to_string()),
         }
     }
 
+    /// Runs the activation paths once with values that change nothing (this VM's own host
+    /// name, the current time), so that a warm clone's first real activation is fast.
+    fn prewarm(&mut self) {
+        if self.session.get().is_none() {
+            let hostname = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "berth".into());
+            let sample = Identity {
+                session_id: SessionId::new("prewarm").expect("literal id is valid"),
+                vm_id: VmId::new("prewarm").expect("literal id is valid"),
+                hostname,
+                players: vec![],
+                ticket_key: String::new(),
+                params: serde_json::json!({}),
+                wall_clock_ms: game::now_ms(),
+                rng_seed: 0,
+            };
+            let line = encode_line(&HostToGuest::Identity(sample));
+            if let Ok(HostToGuest::Identity(sample)) = decode_line::<HostToGuest>(&line) {
+                let _ = apply_identity(&sample);
+                let _ = encode_line(&GuestToHost::Ready {
+                    session_id: sample.session_id,
+                    vm_id: sample.vm_id,
+                    clock_ms: game::now_ms(),
+                    apply_us: 0,
+                });
+            }
+        }
+        Self::send(&self.writer, &GuestToHost::Prewarmed);
+    }
+
     fn activate(&mut self, identity: Identity) {
         let t0 = Instant::now();
-        if let Some(current) = &self.session {
-            let e = ApplyError::AlreadyActivated(current.clone());
+        if let Some(current) = self.session.get() {
+            let e = ApplyError::AlreadyActivated(current.identity.session_id.to_string());
             return self.refuse(e.code(), e.to_string());
         }
         if let Err(e) = apply_identity(&identity) {
             return self.refuse(e.code(), e.to_string());
         }
-        let Some(listener) = self.listener.take() else {
-            return;
-        };
-        self.session = Some(identity.session_id.to_string());
-        let (over_tx, over_rx) = mpsc::channel::<GameOver>();
-        let tiles = self.world.tiles;
-        let game_identity = identity.clone();
-        std::thread::spawn(move || game::serve(listener, game_identity, tiles, over_tx));
+        let session_id = identity.session_id.clone();
+        let vm_id = identity.vm_id.clone();
+        let _ = self.session.set(game::Session::new(identity));
+        if let Some(tx) = &self.activated {
+            let _ = tx.send(session_id.clone());
+        }
         Self::send(
             &self.writer,
             &GuestToHost::Ready {
-                session_id: identity.session_id.clone(),
-                vm_id: identity.vm_id.clone(),
+                session_id,
+                vm_id,
                 clock_ms: game::now_ms(),
                 apply_us: t0.elapsed().as_micros() as u64,
             },
         );
-        let writer = self.writer.clone();
-        let session_id = identity.session_id;
-        let booted = self.started;
-        std::thread::spawn(move || loop {
-            match over_rx.recv_timeout(HEARTBEAT_INTERVAL) {
-                Ok(over) => Self::send(
-                    &writer,
-                    &GuestToHost::Ended {
-                        session_id: session_id.clone(),
-                        reason: over.reason,
-                        results: over.results,
-                    },
-                ),
-                Err(mpsc::RecvTimeoutError::Timeout) => Self::send(
-                    &writer,
-                    &GuestToHost::Heartbeat {
-                        uptime_ms: booted.elapsed().as_millis() as u64,
-                    },
-                ),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            }
-        });
     }
 }
 

@@ -10,7 +10,7 @@ use berth_protocol::guest::{decode_line, encode_line, Identity};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What the game loaded at start-up.
@@ -92,43 +92,66 @@ pub struct GameOver {
     pub results: serde_json::Value,
 }
 
-/// Serves players on `listener` for the session in `identity`, forever.
+/// The session a game server serves: set once, at activation.
+#[derive(Debug)]
+pub struct Session {
+    pub identity: Identity,
+    rng: Mutex<Rng>,
+}
+
+impl Session {
+    pub fn new(identity: Identity) -> Self {
+        let rng = Mutex::new(Rng::new(identity.rng_seed));
+        Self { identity, rng }
+    }
+}
+
+/// Serves players on `listener`, forever. Started at boot, so that the thread already exists
+/// in the substrate; until `session` is set, a connection gets a `not_activated` error.
+/// The hello is written from the accepting thread (no thread start before the first answer).
 pub fn serve(
     listener: TcpListener,
-    identity: Identity,
+    session: Arc<OnceLock<Session>>,
     map_tiles: u64,
     over: mpsc::Sender<GameOver>,
 ) {
-    let mut rng = Rng::new(identity.rng_seed);
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let identity = identity.clone();
-        let draw = rng.next_u64();
+        let Ok(mut stream) = stream else { continue };
+        let _ = stream.set_nodelay(true);
+        let Some(current) = session.get() else {
+            let _ = stream.write_all(&encode_line(&GameAnswer::Error {
+                code: "not_activated".into(),
+                message: "this game server has no session yet".into(),
+            }));
+            continue;
+        };
+        let draw = current
+            .rng
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_u64();
+        let identity = &current.identity;
+        let hello = GameAnswer::Hello {
+            session_id: identity.session_id.clone(),
+            vm_id: identity.vm_id.clone(),
+            hostname: identity.hostname.clone(),
+            players: identity.players.clone(),
+            clock_ms: now_ms(),
+            rng_draw: draw,
+            map_tiles,
+        };
+        if stream.write_all(&encode_line(&hello)).is_err() {
+            continue;
+        }
         let over = over.clone();
         std::thread::spawn(move || {
-            let _ = connection(stream, &identity, draw, map_tiles, &over);
+            let _ = connection(stream, &over);
         });
     }
 }
 
-fn connection(
-    stream: TcpStream,
-    identity: &Identity,
-    rng_draw: u64,
-    map_tiles: u64,
-    over: &mpsc::Sender<GameOver>,
-) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
+fn connection(stream: TcpStream, over: &mpsc::Sender<GameOver>) -> std::io::Result<()> {
     let mut writer = stream.try_clone()?;
-    writer.write_all(&encode_line(&GameAnswer::Hello {
-        session_id: identity.session_id.clone(),
-        vm_id: identity.vm_id.clone(),
-        hostname: identity.hostname.clone(),
-        players: identity.players.clone(),
-        clock_ms: now_ms(),
-        rng_draw,
-        map_tiles,
-    }))?;
     let mut reader = BufReader::new(stream).take(1 << 20);
     let mut line = Vec::new();
     loop {

@@ -11,6 +11,8 @@
 
 pub mod agent;
 pub mod game;
+#[cfg(feature = "xen")]
+pub mod xen;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -183,7 +183,7 @@ pub struct Status {
 enum SubstrateState {
     Missing,
     Priming,
-    Docked(Substrate),
+    Docked(Box<Substrate>),
     Failed { message: String, at: Instant },
 }
 
@@ -278,7 +278,7 @@ impl Pool {
             let substrate = match Substrate::open(&dir, &driver.fingerprint(spec)) {
                 Ok(s) => {
                     tracing::info!(image = %name, "reusing docked substrate");
-                    SubstrateState::Docked(s)
+                    SubstrateState::Docked(Box::new(s))
                 }
                 Err(e) => {
                     if !matches!(e, crate::substrate::SubstrateError::Missing(_)) {
@@ -537,6 +537,26 @@ impl Pool {
                 Err(e.into())
             }
         }
+    }
+
+    /// A warm clone: restored, its activation paths run once, paused again.
+    async fn restore_warm(
+        &self,
+        spec: &VmSpec,
+        substrate: &Substrate,
+        vm_id: VmId,
+    ) -> Result<Box<dyn Vm>, DriverError> {
+        let dir = self.vm_dir(&vm_id);
+        let mut vm = self
+            .inner
+            .driver
+            .restore(spec, substrate, vm_id, &dir)
+            .await?;
+        if let Err(e) = vm.prewarm(self.inner.config.ready_timeout()).await {
+            vm.destroy().await;
+            return Err(e);
+        }
+        Ok(vm)
     }
 
     fn discard_substrate(&self, image: &str, e: &DriverError) {
@@ -853,7 +873,7 @@ async fn refill_once(pool: &Pool) -> bool {
         let spec = &pool.inner.specs[name];
         enum Job {
             Prime,
-            Warm(Substrate),
+            Warm(Box<Substrate>),
         }
         let job = {
             let mut st = pool.state();
@@ -902,7 +922,7 @@ async fn refill_once(pool: &Pool) -> bool {
                 match opened {
                     Ok((s, stats)) => {
                         tracing::info!(image = %name, boot_ms = stats.boot_ms, dock_ms = stats.dock_ms, "substrate docked");
-                        slot.substrate = SubstrateState::Docked(s);
+                        slot.substrate = SubstrateState::Docked(Box::new(s));
                         drop(st);
                         pool.emit(PoolEvent::Docked {
                             image: name.clone(),
@@ -928,12 +948,7 @@ async fn refill_once(pool: &Pool) -> bool {
             }
             Some(Job::Warm(substrate)) => {
                 let vm_id = new_vm_id();
-                match pool
-                    .inner
-                    .driver
-                    .restore(spec, &substrate, vm_id.clone(), &pool.vm_dir(&vm_id))
-                    .await
-                {
+                match pool.restore_warm(spec, &substrate, vm_id).await {
                     Ok(vm) => {
                         let mut st = pool.state();
                         if *pool.inner.shutdown.borrow() {

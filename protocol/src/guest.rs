@@ -7,6 +7,7 @@
 //! agent ─▶ hostd: {"type":"heartbeat", ...}            (every HEARTBEAT_INTERVAL)
 //! agent ─▶ hostd: {"type":"ended", ...}                (game over, with results)
 //! agent ─▶ hostd: {"type":"error", "code": ..., ...}   (a line hostd sent was refused)
+//! hostd ─▶ agent: {"type":"prewarm"} → {"type":"prewarmed"}  (warm tier, before identity)
 //! ```
 
 use crate::ids::{PlayerId, SessionId, VmId};
@@ -54,6 +55,10 @@ pub struct Identity {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HostToGuest {
     Identity(Identity),
+    /// Run the activation code paths once without activating (warm tier). Under TCG a
+    /// restored VM translates every code path on first use; a warm clone pays that before a
+    /// player waits. The agent answers [`GuestToHost::Prewarmed`].
+    Prewarm,
 }
 
 /// agent → hostd.
@@ -79,6 +84,8 @@ pub enum GuestToHost {
     Heartbeat {
         uptime_ms: u64,
     },
+    /// Answer to [`HostToGuest::Prewarm`].
+    Prewarmed,
     /// The game is over.
     Ended {
         session_id: SessionId,

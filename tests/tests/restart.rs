@@ -19,24 +19,58 @@ fn hostd_bin() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>/deps")
         .join("berth-hostd");
-    assert!(bin.exists(), "{} missing: cargo xtask test builds the binaries first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: cargo xtask test builds the binaries first",
+        bin.display()
+    );
     bin
 }
 
-fn spawn(config: &Path) -> Child {
-    Command::new(hostd_bin())
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .spawn()
-        .expect("starting berth-hostd")
+/// A running `berth-hostd`; killed and reaped if the test ends early.
+struct Hostd(Child);
+
+impl Hostd {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+    fn kill(&mut self) -> std::io::Result<()> {
+        self.0.kill()?;
+        self.0.wait().map(|_| ())
+    }
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for Hostd {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn(config: &Path) -> Hostd {
+    Hostd(
+        Command::new(hostd_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .expect("starting berth-hostd"),
+    )
 }
 
 async fn wait_warm(client: &Client, warm: u32) -> Result<berth_hostd::pool::Status> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(s) = client.status().await {
-            if s.images.first().is_some_and(|i| i.substrate == "docked" && i.warm >= warm) {
+            if s.images
+                .first()
+                .is_some_and(|i| i.substrate == "docked" && i.warm >= warm)
+            {
                 return Ok(s);
             }
         }
@@ -105,23 +139,43 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
         other => panic!("expected unknown_image, got {other:?}"),
     }
 
-    let req = ActivateRequest { session_id: SessionId::new("kept")?, image: "arena".into(), ..unknown };
+    let req = ActivateRequest {
+        session_id: SessionId::new("kept")?,
+        image: "arena".into(),
+        ..unknown
+    };
     let vm = client.activate(&req).await?;
     let before = wait_warm(&client, 1).await?;
-    let warm_pids: Vec<u32> = qemu_naming(&dir).into_iter().filter(|p| *p != vm.pid).collect();
-    assert_eq!(warm_pids.len(), 1, "one warm clone besides the active VM: {before:?}");
+    let warm_pids: Vec<u32> = qemu_naming(&dir)
+        .into_iter()
+        .filter(|p| *p != vm.pid)
+        .collect();
+    assert_eq!(
+        warm_pids.len(),
+        1,
+        "one warm clone besides the active VM: {before:?}"
+    );
 
     // Crash.
     hostd.kill()?;
-    hostd.wait()?;
-    assert!(berth_hostd::util::pid_alive(vm.pid), "VMs outlive a crashed hostd");
+    assert!(
+        berth_hostd::util::pid_alive(vm.pid),
+        "VMs outlive a crashed hostd"
+    );
 
     let mut hostd = spawn(&config);
     let after = wait_warm(&client, 1).await?;
-    let adopted = after.vms.iter().find(|v| v.vm_id == vm.vm_id).context("VM not adopted")?;
+    let adopted = after
+        .vms
+        .iter()
+        .find(|v| v.vm_id == vm.vm_id)
+        .context("VM not adopted")?;
     assert_eq!(adopted.path, ActivationPath::Adopted);
     assert_eq!(adopted.session_id, vm.session_id);
-    assert!(!berth_hostd::util::pid_alive(warm_pids[0]), "the orphaned warm clone was destroyed");
+    assert!(
+        !berth_hostd::util::pid_alive(warm_pids[0]),
+        "the orphaned warm clone was destroyed"
+    );
     let GameAnswer::Hello { session_id, .. } = game_hello(vm.game_addr).await? else {
         panic!("expected hello");
     };
@@ -151,4 +205,3 @@ fn tempfile_dir(name: &str) -> PathBuf {
 fn reqwest_client() -> reqwest::Client {
     reqwest::Client::new()
 }
-

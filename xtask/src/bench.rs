@@ -128,7 +128,10 @@ impl Bench {
     async fn cold(&mut self, spec: &VmSpec) -> Result<f64> {
         let t0 = Instant::now();
         let (id, dir) = self.next();
-        let mut vm = self.driver.cold_boot(spec, id, &dir, Duration::from_secs(120)).await?;
+        let mut vm = self
+            .driver
+            .cold_boot(spec, id, &dir, Duration::from_secs(120))
+            .await?;
         let ident = identity(vm.id(), self.n);
         vm.activate(ident, Duration::from_secs(30)).await?;
         game_answer(vm.game_addr()).await?;
@@ -138,7 +141,12 @@ impl Bench {
     }
 
     /// `k` activations at once from the substrate; ms until every VM answered.
-    async fn concurrent(&mut self, spec: &VmSpec, sub: &Substrate, k: usize) -> Result<(f64, Vec<Box<dyn Vm>>)> {
+    async fn concurrent(
+        &mut self,
+        spec: &VmSpec,
+        sub: &Substrate,
+        k: usize,
+    ) -> Result<(f64, Vec<Box<dyn Vm>>)> {
         let t0 = Instant::now();
         let mut jobs = Vec::new();
         for _ in 0..k {
@@ -212,9 +220,18 @@ pub async fn activation(args: ActivationArgs) -> Result<()> {
 fn kill_leftovers(dir: &Path) {
     let marker = dir.display().to_string();
     if let Ok(procs) = std::fs::read_dir("/proc") {
-        for pid in procs.filter_map(Result::ok).filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
-            if berth_hostd::util::pid_cmdline(pid).iter().any(|a| a.contains(&marker)) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        for pid in procs
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        {
+            if berth_hostd::util::pid_cmdline(pid)
+                .iter()
+                .any(|a| a.contains(&marker))
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }
@@ -231,36 +248,66 @@ async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_js
         cow,
         cmdline: None,
     };
-    let cow_spec = VmSpec { image: image.clone(), config: cfg("cow", true) };
-    let full_spec = VmSpec { image: image.clone(), config: cfg("full", false) };
+    let cow_spec = VmSpec {
+        image: image.clone(),
+        config: cfg("cow", true),
+    };
+    let full_spec = VmSpec {
+        image: image.clone(),
+        config: cfg("full", false),
+    };
     let choice = match args.accel {
         AccelArg::Auto => AccelChoice::Auto,
         AccelArg::Tcg => AccelChoice::Tcg,
         AccelArg::Kvm => AccelChoice::Kvm,
     };
     eprintln!("bench: choosing the accelerator ({choice:?})");
-    let accel = berth_hostd::accel::choose(choice, Path::new("qemu-system-x86_64"), Some((&image, &cow_spec.config)), dir, Duration::from_secs(15)).await;
+    let accel = berth_hostd::accel::choose(
+        choice,
+        Path::new("qemu-system-x86_64"),
+        Some((&image, &cow_spec.config)),
+        dir,
+        Duration::from_secs(15),
+    )
+    .await;
     let driver = QemuDriver::new("qemu-system-x86_64".into(), accel).await?;
     eprintln!("bench: accel {}, QEMU {}", accel.as_str(), driver.version());
-    let mut b = Bench { driver, dir: dir.to_path_buf(), n: 0 };
+    let mut b = Bench {
+        driver,
+        dir: dir.to_path_buf(),
+        n: 0,
+    };
 
     // Priming (the template boot) for both substrate kinds.
     let cow_dir = dir.join("substrates/cow");
     let full_dir = dir.join("substrates/full");
     let t = Instant::now();
-    let prime = b.driver.prime(&cow_spec, &cow_dir, Duration::from_secs(120)).await?;
+    let prime = b
+        .driver
+        .prime(&cow_spec, &cow_dir, Duration::from_secs(120))
+        .await?;
     let prime_ms = t.elapsed().as_secs_f64() * 1000.0;
-    b.driver.prime(&full_spec, &full_dir, Duration::from_secs(120)).await?;
+    b.driver
+        .prime(&full_spec, &full_dir, Duration::from_secs(120))
+        .await?;
     let cow_sub = Substrate::open(&cow_dir, &b.driver.fingerprint(&cow_spec))?;
     let full_sub = Substrate::open(&full_dir, &b.driver.fingerprint(&full_spec))?;
     let substrate_mib = disk_usage(&cow_dir) as f64 / 1048576.0;
     let full_substrate_mib = disk_usage(&full_dir) as f64 / 1048576.0;
-    eprintln!("bench: primed in {prime_ms:.0} ms (boot {} ms, dock {} ms)", prime.boot_ms, prime.dock_ms);
+    eprintln!(
+        "bench: primed in {prime_ms:.0} ms (boot {} ms, dock {} ms)",
+        prime.boot_ms, prime.dock_ms
+    );
 
     let mut cold = Vec::new();
     for i in 0..args.cold_runs {
         cold.push(b.cold(&cow_spec).await?);
-        eprintln!("bench: cold boot {}/{}: {:.0} ms", i + 1, args.cold_runs, cold[i]);
+        eprintln!(
+            "bench: cold boot {}/{}: {:.0} ms",
+            i + 1,
+            args.cold_runs,
+            cold[i]
+        );
     }
     let mut full = Vec::new();
     let mut cow = Vec::new();
@@ -272,7 +319,9 @@ async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_js
         let (ms, vm) = b.activation(&cow_spec, &cow_sub, None).await?;
         cow.push(ms);
         vm.destroy().await;
-        let paused = b.restore(&cow_spec, &cow_sub).await?;
+        // The warm tier as the pool keeps it: restored, pre-warmed, paused.
+        let mut paused = b.restore(&cow_spec, &cow_sub).await?;
+        paused.prewarm(Duration::from_secs(30)).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (ms, vm) = b.activation(&cow_spec, &cow_sub, Some(paused)).await?;
         warm.push(ms);
@@ -284,14 +333,22 @@ async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_js
     let (c16, vms) = b.concurrent(&cow_spec, &cow_sub, 16).await?;
     // Idle cost of the 16: PSS and CPU over a few seconds.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let pss: Vec<f64> = vms.iter().filter_map(|v| pss_kib(v.pid())).map(|k| k as f64 / 1024.0).collect();
+    let pss: Vec<f64> = vms
+        .iter()
+        .filter_map(|v| pss_kib(v.pid()))
+        .map(|k| k as f64 / 1024.0)
+        .collect();
     let pss_mean = pss.iter().sum::<f64>() / pss.len().max(1) as f64;
     let ticks0: u64 = vms.iter().map(|v| cpu_ticks(v.pid())).sum();
     let window = Duration::from_secs(5);
     tokio::time::sleep(window).await;
     let ticks1: u64 = vms.iter().map(|v| cpu_ticks(v.pid())).sum();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-    let idle_cpu_pct = (ticks1 - ticks0) as f64 / hz / window.as_secs_f64() * 100.0 / vms.len() as f64;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let idle_cpu_pct =
+        (ticks1 - ticks0) as f64 / hz / window.as_secs_f64() * 100.0 / vms.len() as f64;
     destroy_all(vms).await;
     eprintln!("bench: concurrency done");
 
@@ -355,8 +412,14 @@ async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_js
 }
 
 fn print_table(r: &serde_json::Value) {
-    println!("\nactivation benchmark — accel {}, QEMU {}, {} CPUs, 128 MiB guest", r["accel"], r["qemu"], r["cpus"]);
-    println!("{:<34} {:>10} {:>10}", "until the game answers", "p50 ms", "p99 ms");
+    println!(
+        "\nactivation benchmark — accel {}, QEMU {}, {} CPUs, 128 MiB guest",
+        r["accel"], r["qemu"], r["cpus"]
+    );
+    println!(
+        "{:<34} {:>10} {:>10}",
+        "until the game answers", "p50 ms", "p99 ms"
+    );
     for (k, label) in [
         ("cold_boot_ms", "cold boot (template baseline)"),
         ("substrate_ms", "substrate (RAM copied)"),
@@ -365,9 +428,21 @@ fn print_table(r: &serde_json::Value) {
     ] {
         println!("{:<34} {:>10} {:>10}", label, r[k]["p50"], r[k]["p99"]);
     }
-    println!("cold ÷ substrate: {}   cold ÷ CoW: {}", r["cold_over_substrate"], r["cold_over_cow"]);
-    println!("4 at once: {} ms   16 at once: {} ms", r["concurrent4_all_ready_ms"], r["concurrent16_all_ready_ms"]);
-    println!("PSS per idle CoW VM: {} MiB   idle CPU per VM: {} % of a core", r["pss_mib_per_cow_vm"], r["idle_cpu_pct_per_vm"]);
-    println!("substrate in /dev/shm: {} MiB (full-copy kind: {} MiB; state file {} KiB)   prime: {} ms", r["substrate_mib"], r["full_substrate_mib"], r["substrate_state_kib"], r["prime_ms"]);
+    println!(
+        "cold ÷ substrate: {}   cold ÷ CoW: {}",
+        r["cold_over_substrate"], r["cold_over_cow"]
+    );
+    println!(
+        "4 at once: {} ms   16 at once: {} ms",
+        r["concurrent4_all_ready_ms"], r["concurrent16_all_ready_ms"]
+    );
+    println!(
+        "PSS per idle CoW VM: {} MiB   idle CPU per VM: {} % of a core",
+        r["pss_mib_per_cow_vm"], r["idle_cpu_pct_per_vm"]
+    );
+    println!(
+        "substrate in /dev/shm: {} MiB (full-copy kind: {} MiB; state file {} KiB)   prime: {} ms",
+        r["substrate_mib"], r["full_substrate_mib"], r["substrate_state_kib"], r["prime_ms"]
+    );
     println!("many VMs at once: {}", r["many_vms"]);
 }

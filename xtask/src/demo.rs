@@ -37,7 +37,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         cow: true,
         cmdline: None,
     });
-    println!("image {} ({})", &manifest.digest[..12], manifest.kernel_package);
+    println!(
+        "image {} ({})",
+        &manifest.digest[..12],
+        manifest.kernel_package
+    );
     let driver = berth_hostd::driver_for(&config).await?;
     println!("driver qemu, accelerator {}", driver.accel());
     let pool = Pool::start(config, driver).await?;
@@ -50,7 +54,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 async fn demo(pool: &Pool, args: &DemoArgs) -> Result<()> {
     let t = Instant::now();
     println!("priming the substrate (cold boot of the game VM, once)...");
-    pool.wait_ready("arena", args.warm, Duration::from_secs(300)).await?;
+    pool.wait_ready("arena", args.warm, Duration::from_secs(300))
+        .await?;
     let img = &pool.status().images[0];
     println!(
         "docked in {} ms: {:.1} MiB in /dev/shm, {} warm clones paused (ready after {:.1} s)",
@@ -59,7 +64,10 @@ async fn demo(pool: &Pool, args: &DemoArgs) -> Result<()> {
         img.warm,
         t.elapsed().as_secs_f64()
     );
-    println!("\n{:<10} {:<20} {:<10} {:>12} {:>14}  game answer", "session", "vm", "path", "activate ms", "to answer ms");
+    println!(
+        "\n{:<10} {:<20} {:<10} {:>12} {:>14}  game answer",
+        "session", "vm", "path", "activate ms", "to answer ms"
+    );
     for i in 0..args.vms {
         let session = format!("match-{}", i + 1);
         let t = Instant::now();
@@ -67,7 +75,10 @@ async fn demo(pool: &Pool, args: &DemoArgs) -> Result<()> {
             .activate(ActivateRequest {
                 session_id: SessionId::new(&session)?,
                 image: "arena".into(),
-                players: vec![PlayerId::new(format!("p{}", 2 * i))?, PlayerId::new(format!("p{}", 2 * i + 1))?],
+                players: vec![
+                    PlayerId::new(format!("p{}", 2 * i))?,
+                    PlayerId::new(format!("p{}", 2 * i + 1))?,
+                ],
                 params: serde_json::json!({"score_limit": 10}),
                 ticket_key: String::new(),
             })
@@ -90,7 +101,10 @@ async fn demo(pool: &Pool, args: &DemoArgs) -> Result<()> {
         );
     }
     let st = pool.status();
-    println!("\n{} VMs active; destroying them (slots go back to the pool)", st.vms.len());
+    println!(
+        "\n{} VMs active; destroying them (slots go back to the pool)",
+        st.vms.len()
+    );
     for vm in st.vms {
         pool.destroy(vm.vm_id.as_str()).await?;
     }

@@ -56,7 +56,9 @@ fn main() -> Result<()> {
             rt()?.block_on(demo::run(args))?;
         }
         Cmd::Test { extra } => test::run(&extra)?,
-        Cmd::Bench { which: BenchCmd::Activation(args) } => {
+        Cmd::Bench {
+            which: BenchCmd::Activation(args),
+        } => {
             sys::ensure(&[sys::QEMU, sys::QEMU_UTILS, sys::E2FS])?;
             init_logs();
             rt()?.block_on(bench::activation(args))?;

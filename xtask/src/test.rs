@@ -16,14 +16,30 @@ pub fn run(extra: &[String]) -> Result<()> {
     image::build()?;
     let root = image::root();
     let cargo = env!("CARGO");
-    sys::run(Command::new(cargo).current_dir(&root).args(["build", "--workspace", "--bins", "--features", FEATURES]))?;
+    sys::run(Command::new(cargo).current_dir(&root).args([
+        "build",
+        "--workspace",
+        "--bins",
+        "--features",
+        FEATURES,
+    ]))?;
     let _ = std::fs::remove_dir_all("/dev/shm/berth-test-cache");
-    let nextest = Command::new(cargo).args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    let nextest = Command::new(cargo)
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     let result = if nextest {
         sys::run(
             Command::new(cargo)
                 .current_dir(&root)
-                .args(["nextest", "run", "--workspace", "--features", FEATURES, "--no-fail-fast"])
+                .args([
+                    "nextest",
+                    "run",
+                    "--workspace",
+                    "--features",
+                    FEATURES,
+                    "--no-fail-fast",
+                ])
                 .args(extra),
         )
     } else {
@@ -31,7 +47,13 @@ pub fn run(extra: &[String]) -> Result<()> {
         sys::run(
             Command::new(cargo)
                 .current_dir(&root)
-                .args(["test", "--workspace", "--features", FEATURES, "--no-fail-fast"])
+                .args([
+                    "test",
+                    "--workspace",
+                    "--features",
+                    FEATURES,
+                    "--no-fail-fast",
+                ])
                 .args(extra)
                 .args(["--", "--test-threads=1"]),
         )

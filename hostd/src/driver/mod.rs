@@ -205,6 +205,12 @@ pub trait Vm: Send {
         identity: Identity,
         timeout: Duration,
     ) -> Result<Ready, DriverError>;
+    /// For a paused clone of the warm tier: runs the guest's activation paths once without
+    /// activating it, then pauses it again (see `HostToGuest::Prewarm`). Drivers without the
+    /// need keep the default, which does nothing.
+    async fn prewarm(&mut self, _timeout: Duration) -> Result<(), DriverError> {
+        Ok(())
+    }
     /// Waits for the next thing that ends or breaks this VM. Heartbeats are consumed inside;
     /// after activation, `silence` without one yields [`VmEvent::Silent`].
     async fn event(&mut self, silence: Duration) -> VmEvent;

@@ -738,34 +738,53 @@ impl QemuVm {
         }
     }
 
-    async fn wait_initialised(&mut self, timeout: Duration) -> Result<(), DriverError> {
+    /// Waits for the agent message `pick` accepts; an `error` from the agent is a refusal,
+    /// bad lines are logged, and `late` is the error when `timeout` passes first.
+    async fn wait_for<T>(
+        &mut self,
+        timeout: Duration,
+        late: DriverError,
+        mut pick: impl FnMut(GuestToHost) -> Option<Result<T, DriverError>> + Send,
+    ) -> Result<T, DriverError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let item = tokio::time::timeout_at(deadline, self.next_agent())
-                .await
-                .map_err(|_| DriverError::BootTimeout(timeout))??;
-            match item {
-                AgentItem::Msg(GuestToHost::Initialised { version, .. }) => {
-                    if version != AGENT_PROTOCOL_VERSION {
-                        return Err(DriverError::AgentVersion {
-                            found: version,
-                            expected: AGENT_PROTOCOL_VERSION,
-                        });
-                    }
-                    return Ok(());
+            let Ok(item) = tokio::time::timeout_at(deadline, self.next_agent()).await else {
+                return Err(late);
+            };
+            match item? {
+                AgentItem::Msg(GuestToHost::Error { code, message }) => {
+                    return Err(DriverError::AgentRefused { code, message })
                 }
-                AgentItem::Closed => {
-                    // QEMU's socket closes only with QEMU; let the exit path report it.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                AgentItem::Msg(msg) => {
+                    if let Some(result) = pick(msg) {
+                        return result;
+                    }
                 }
                 AgentItem::Bad { code, message } => {
                     tracing::warn!(vm_id = %self.id, code, %message, "bad line from guest");
                 }
-                AgentItem::Msg(other) => {
-                    tracing::debug!(vm_id = %self.id, ?other, "agent message while booting");
-                }
+                // QEMU's socket closes only with QEMU; let the exit path report it.
+                AgentItem::Closed => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
+    }
+
+    async fn wait_initialised(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        self.wait_for(
+            timeout,
+            DriverError::BootTimeout(timeout),
+            |msg| match msg {
+                GuestToHost::Initialised { version, .. } if version != AGENT_PROTOCOL_VERSION => {
+                    Some(Err(DriverError::AgentVersion {
+                        found: version,
+                        expected: AGENT_PROTOCOL_VERSION,
+                    }))
+                }
+                GuestToHost::Initialised { .. } => Some(Ok(())),
+                _ => None,
+            },
+        )
+        .await
     }
 
     async fn balloon_down(&mut self, target_mib: u32) -> Result<(), DriverError> {
@@ -856,6 +875,7 @@ impl Vm for QemuVm {
                 .map_err(qmp_err("cont"))?;
             self.paused = false;
         }
+        let resumed_us = t0.elapsed().as_micros() as u64;
         identity.wall_clock_ms = now_ms();
         let session_id = identity.session_id.clone();
         let line = encode_line(&HostToGuest::Identity(identity));
@@ -866,49 +886,77 @@ impl Vm for QemuVm {
         tx.write_all(&line)
             .await
             .map_err(io_err("writing the identity"))?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let item = tokio::time::timeout_at(deadline, self.next_agent())
-                .await
-                .map_err(|_| DriverError::ReadyTimeout(timeout))??;
-            match item {
-                AgentItem::Msg(GuestToHost::Ready {
-                    session_id: s,
-                    clock_ms,
-                    ..
-                }) if s == session_id => {
-                    self.activated = true;
-                    self.last_heard = Instant::now();
-                    self.session = Some(session_id.clone());
-                    let image = self.image.clone();
-                    self.save_record(&image)?;
-                    if let Some((_, full)) = self.balloon_mib {
-                        let _ = self
-                            .qmp()?
-                            .execute(qmp::balloon {
-                                value: i64::from(full) << 20,
-                            })
-                            .await;
-                    }
-                    return Ok(Ready {
-                        session_id,
-                        guest_clock_ms: clock_ms,
-                        host_clock_ms: now_ms(),
-                        activate_us: t0.elapsed().as_micros() as u64,
-                    });
-                }
-                AgentItem::Msg(GuestToHost::Error { code, message }) => {
-                    return Err(DriverError::AgentRefused { code, message })
-                }
-                AgentItem::Bad { code, message } => {
-                    tracing::warn!(vm_id = %self.id, code, %message, "bad line from guest");
-                }
-                AgentItem::Closed => tokio::time::sleep(Duration::from_millis(10)).await,
-                AgentItem::Msg(other) => {
-                    tracing::debug!(vm_id = %self.id, ?other, "agent message while activating");
-                }
-            }
+        let wrote_us = t0.elapsed().as_micros() as u64;
+        let (guest_clock_ms, apply_us) = self
+            .wait_for(
+                timeout,
+                DriverError::ReadyTimeout(timeout),
+                |msg| match msg {
+                    GuestToHost::Ready {
+                        session_id: s,
+                        clock_ms,
+                        apply_us,
+                        ..
+                    } if s == session_id => Some(Ok((clock_ms, apply_us))),
+                    _ => None,
+                },
+            )
+            .await?;
+        tracing::debug!(vm_id = %self.id, resumed_us, wrote_us, apply_us,
+            ready_us = t0.elapsed().as_micros() as u64, "agent ready");
+        self.activated = true;
+        self.last_heard = Instant::now();
+        self.session = Some(session_id.clone());
+        let image = self.image.clone();
+        self.save_record(&image)?;
+        if let Some((_, full)) = self.balloon_mib {
+            // Give the clone its full memory back (the substrate was miniaturised).
+            let _ = self
+                .qmp()?
+                .execute(qmp::balloon {
+                    value: i64::from(full) << 20,
+                })
+                .await;
         }
+        Ok(Ready {
+            session_id,
+            guest_clock_ms,
+            host_clock_ms: now_ms(),
+            activate_us: t0.elapsed().as_micros() as u64,
+        })
+    }
+
+    async fn prewarm(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        if !self.paused || self.activated {
+            return Ok(());
+        }
+        let qmp = self.qmp()?;
+        qmp.execute(qmp::cont {}).await.map_err(qmp_err("cont"))?;
+        let tx = self
+            .agent_tx
+            .as_mut()
+            .ok_or(DriverError::Exited("agent not connected".into()))?;
+        tx.write_all(&encode_line(&HostToGuest::Prewarm))
+            .await
+            .map_err(io_err("writing prewarm"))?;
+        // The guest's network and game-server paths too: it answers `not_activated`.
+        let addr = self.game_addr();
+        let _ = tokio::time::timeout(timeout, async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            let mut line = String::new();
+            tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stream), &mut line)
+                .await
+        })
+        .await;
+        self.wait_for(timeout, DriverError::ReadyTimeout(timeout), |msg| {
+            matches!(msg, GuestToHost::Prewarmed).then_some(Ok(()))
+        })
+        .await?;
+        self.qmp()?
+            .execute(qmp::stop {})
+            .await
+            .map_err(qmp_err("stop"))?;
+        Ok(())
     }
 
     async fn event(&mut self, silence: Duration) -> VmEvent {

@@ -5,14 +5,14 @@
 //! What the unit tests below cover is everything that can be checked without one: every `xl`
 //! argument vector, every XenStore path, the parsing of `xl domid`, `xl list` and `xl info`
 //! output, and how identity and agent messages are encoded into XenStore values. The driver
-//! itself ([`XenDriver`], [`XenVm`]) is behind the `xen` cargo feature; it builds and passes
+//! itself (`XenDriver`, `XenVm`) is behind the `xen` cargo feature; it builds and passes
 //! clippy, nothing more. Before it can be trusted it needs:
 //! - **a nested-Xen test tier**: Xen + dom0 booted inside QEMU TCG as DESIGN.md's field notes
 //!   describe (stock bookworm packages unpacked with `dpkg-deb -x`), hostd run in dom0 against a
 //!   real `xl` and `xenstored`, and a PVH guest image whose `/init` starts the agent with
 //!   `berth_guest::xen` (the `xen` feature of `berth-guest`);
 //! - **networking**: a `vif` on a bridge in dom0 and the guest re-addressed on activation. Out
-//!   of scope here, so [`XenVm::game_addr`](crate::driver::Vm::game_addr) is not a loopback
+//!   of scope here, so `XenVm::game_addr` is not a loopback
 //!   `hostfwd` as under QEMU: it is the address the guest published in XenStore
 //!   (`attr/vif/0/ipv4/0`) if there is one, else `0.0.0.0:7000`, which no one can connect to;
 //! - **disks**: a blkback `disk = [...]` for the image's data disk (with a copy-on-write
@@ -40,7 +40,9 @@
 //! ```
 //!
 //! Keys are watched (XenStore watch) and re-read on a short poll as well, so a lost watch
-//! event costs latency, not correctness. `-e` keeps `xl` from leaving a monitor process per
+//! event costs latency, not correctness. [`Vm::prewarm`](crate::driver::Vm::prewarm) keeps
+//! the trait's no-op: warming up translated code is a TCG concern, and Xen runs guests on
+//! hardware virtualisation. `-e` keeps `xl` from leaving a monitor process per
 //! domain; a crashed domain therefore stays in `xl list` as crashed until hostd destroys it.
 
 use berth_protocol::guest::{encode_line, HostToGuest, Identity};
@@ -175,14 +177,15 @@ pub fn domain_config(
 }
 
 /// The guest kernel command line under Xen: the image's, the configured extra, the PVH console
-/// and the agent transport (the image's `/init` passes `berth.*` to the agent).
+/// and the agent transport. Like `BERTH_INIT_MS`, `BERTH_TRANSPORT=xen` has no dot, so the
+/// kernel hands it to `/init` (and so to the agent) as an environment variable.
 pub fn guest_cmdline(image_cmdline: &str, extra: Option<&str>) -> String {
     let mut cmdline = image_cmdline.trim().to_string();
     if let Some(extra) = extra {
         cmdline.push(' ');
         cmdline.push_str(extra.trim());
     }
-    cmdline.push_str(" console=hvc0 berth.transport=xen");
+    cmdline.push_str(" console=hvc0 BERTH_TRANSPORT=xen");
     cmdline.trim_start().to_string()
 }
 
@@ -435,6 +438,14 @@ mod live {
         }
     }
 
+    /// The address the guest published in XenStore, if any.
+    async fn published_addr(store: &Store, domid: u32) -> Option<IpAddr> {
+        match store.read(&guest_ip_key(domid)).await {
+            Ok(Some(v)) => parse_guest_ip(&v),
+            _ => None,
+        }
+    }
+
     /// Best effort: a domain that may or may not exist is destroyed.
     async fn destroy_domain(name: &str) {
         if let Err(e) = run(&xl_destroy(name), XL_QUICK).await {
@@ -541,13 +552,17 @@ mod live {
         let path = AgentKeys::for_domid(domid).initialised();
         let wait = wait_key(store, name, &path, |value| {
             match decode_line::<GuestToHost>(value.as_bytes()) {
-                Ok(GuestToHost::Initialised { version, .. }) if version == AGENT_PROTOCOL_VERSION => {
+                Ok(GuestToHost::Initialised { version, .. })
+                    if version == AGENT_PROTOCOL_VERSION =>
+                {
                     Some(Ok(()))
                 }
-                Ok(GuestToHost::Initialised { version, .. }) => Some(Err(DriverError::AgentVersion {
-                    found: version,
-                    expected: AGENT_PROTOCOL_VERSION,
-                })),
+                Ok(GuestToHost::Initialised { version, .. }) => {
+                    Some(Err(DriverError::AgentVersion {
+                        found: version,
+                        expected: AGENT_PROTOCOL_VERSION,
+                    }))
+                }
                 Ok(other) => {
                     tracing::debug!(domain = name, ?other, "agent message while booting");
                     None
@@ -572,7 +587,9 @@ mod live {
 
     impl std::fmt::Debug for XenDriver {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("XenDriver").field("version", &self.version).finish()
+            f.debug_struct("XenDriver")
+                .field("version", &self.version)
+                .finish()
         }
     }
 
@@ -631,7 +648,11 @@ mod live {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tracing::warn!(domain = name, target, "balloon did not reach its target; docking anyway");
+            tracing::warn!(
+                domain = name,
+                target,
+                "balloon did not reach its target; docking anyway"
+            );
             Ok(())
         }
 
@@ -699,6 +720,8 @@ mod live {
                     memory_mib: spec.config.memory_mib,
                     vcpus: spec.config.vcpus,
                     balloon_mib: spec.config.balloon_mib,
+                    // RAM is inside the `xl save` file: no shared copy-on-write RAM file.
+                    cow: false,
                     accel: self.accel(),
                 },
             }
@@ -715,7 +738,10 @@ mod live {
             mkdir_private(dir)?;
             let template = VmId::new(format!("template-{}", spec.config.name)).map_err(|e| {
                 DriverError::Io {
-                    what: format!("image name {:?} makes no domain name: {e}", spec.config.name),
+                    what: format!(
+                        "image name {:?} makes no domain name: {e}",
+                        spec.config.name
+                    ),
                     source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
                 }
             })?;
@@ -821,7 +847,11 @@ mod live {
             Ok(Box::new(vm))
         }
 
-        async fn adopt(&self, record: &VmRecord, vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError> {
+        async fn adopt(
+            &self,
+            record: &VmRecord,
+            vm_dir: &Path,
+        ) -> Result<Box<dyn Vm>, DriverError> {
             if record.driver != "xen" {
                 return Err(DriverError::Exited(format!(
                     "VM {} was made by the {} driver",
@@ -836,7 +866,7 @@ mod live {
             vm.session = record.session_id.clone();
             vm.image = record.image.clone();
             vm.created_ms = record.created_ms;
-            vm.addr = vm.published_addr().await;
+            vm.addr = published_addr(&self.store, info.domid).await;
             Ok(Box::new(vm))
         }
     }
@@ -881,13 +911,6 @@ mod live {
             }
             .save(&self.dir)
             .map_err(io_err("writing vm.json"))
-        }
-
-        async fn published_addr(&self) -> Option<IpAddr> {
-            match self.store.read(&guest_ip_key(self.domid)).await {
-                Ok(Some(v)) => parse_guest_ip(&v),
-                _ => None,
-            }
         }
 
         async fn destroy_in_place(self: Box<Self>) {
@@ -941,10 +964,11 @@ mod live {
             let keys = self.keys();
             identity.wall_clock_ms = now_ms();
             let session_id = identity.session_id.clone();
-            let value = identity_value(&identity, &keys.identity()).map_err(|e| DriverError::Io {
-                what: e.to_string(),
-                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-            })?;
+            let value =
+                identity_value(&identity, &keys.identity()).map_err(|e| DriverError::Io {
+                    what: e.to_string(),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                })?;
             self.store.write(&keys.identity(), &value).await?;
             if self.paused {
                 run(&xl_unpause(&self.name), XL_QUICK).await?;
@@ -985,7 +1009,7 @@ mod live {
                     tracing::warn!(vm_id = %self.id, error = %e, "could not balloon back up");
                 }
             }
-            self.addr = self.published_addr().await;
+            self.addr = published_addr(&self.store, self.domid).await;
             Ok(Ready {
                 session_id,
                 guest_clock_ms: clock_ms,
@@ -1070,7 +1094,10 @@ mod tests {
             xl_create(Path::new("/run/s/domain.cfg")),
             ["xl", "create", "-e", "/run/s/domain.cfg"]
         );
-        assert_eq!(xl_mem_set(&name, 96), ["xl", "mem-set", "berth-vm-1", "96m"]);
+        assert_eq!(
+            xl_mem_set(&name, 96),
+            ["xl", "mem-set", "berth-vm-1", "96m"]
+        );
         assert_eq!(
             xl_save(&name, Path::new("/run/s/state")),
             ["xl", "save", "berth-vm-1", "/run/s/state"]
@@ -1090,7 +1117,17 @@ mod tests {
     fn restore_takes_the_new_name_from_a_config_file() {
         // `xl restore [options] [<ConfigFile>] <CheckpointFile>`: two positionals at most.
         let r = xl_restore(Path::new("/run/v/domain.cfg"), Path::new("/run/s/state"));
-        assert_eq!(r, ["xl", "restore", "-p", "-e", "/run/v/domain.cfg", "/run/s/state"]);
+        assert_eq!(
+            r,
+            [
+                "xl",
+                "restore",
+                "-p",
+                "-e",
+                "/run/v/domain.cfg",
+                "/run/s/state"
+            ]
+        );
         let a = domain_config("berth-a", Path::new("/k"), Path::new("/i"), 128, 1, "x");
         let b = domain_config("berth-b", Path::new("/k"), Path::new("/i"), 128, 1, "x");
         assert_eq!(a.replace("berth-a", "berth-b"), b, "only the name differs");
@@ -1116,10 +1153,10 @@ mod tests {
     #[test]
     fn guest_cmdline_adds_console_and_transport() {
         assert_eq!(
-            guest_cmdline("quiet console=ttyS0", Some("berth.init_ms=5 ")),
-            "quiet console=ttyS0 berth.init_ms=5 console=hvc0 berth.transport=xen"
+            guest_cmdline("quiet console=ttyS0", Some("BERTH_INIT_MS=5 ")),
+            "quiet console=ttyS0 BERTH_INIT_MS=5 console=hvc0 BERTH_TRANSPORT=xen"
         );
-        assert_eq!(guest_cmdline("", None), "console=hvc0 berth.transport=xen");
+        assert_eq!(guest_cmdline("", None), "console=hvc0 BERTH_TRANSPORT=xen");
     }
 
     #[test]
@@ -1169,15 +1206,24 @@ mod tests {
     #[test]
     fn domain_states_are_strict() {
         assert_eq!(DomainState::parse("------"), Some(DomainState::default()));
-        assert_eq!(DomainState::parse("---s--").and_then(|s| s.ended()), Some("domain shut down"));
-        assert_eq!(DomainState::parse("-----d").and_then(|s| s.ended()), Some("domain is dying"));
+        assert_eq!(
+            DomainState::parse("---s--").and_then(|s| s.ended()),
+            Some("domain shut down")
+        );
+        assert_eq!(
+            DomainState::parse("-----d").and_then(|s| s.ended()),
+            Some("domain is dying")
+        );
         assert_eq!(DomainState::parse("r----"), None);
         assert_eq!(DomainState::parse("rx----"), None);
     }
 
     #[test]
     fn guest_ips_are_parsed() {
-        assert_eq!(parse_guest_ip("10.0.0.5\n"), Some(IpAddr::from([10, 0, 0, 5])));
+        assert_eq!(
+            parse_guest_ip("10.0.0.5\n"),
+            Some(IpAddr::from([10, 0, 0, 5]))
+        );
         assert_eq!(parse_guest_ip(""), None);
         assert_eq!(parse_guest_ip("not an ip"), None);
     }
