@@ -91,7 +91,15 @@ pub async fn seed_substrate(state_dir: &Path, ic: &ImageConfig) -> Result<()> {
         config: ic.clone(),
     };
     let fp = driver.fingerprint(&spec);
-    let cache = cache_dir().join(format!("{}-{}", &fp.image_digest[..12], ic.memory_mib));
+    let m = &fp.machine;
+    let cache = cache_dir().join(format!(
+        "{}-{}-{}-{}-{}",
+        &fp.image_digest[..12],
+        m.memory_mib,
+        m.vcpus,
+        m.balloon_mib.unwrap_or(0),
+        m.cow
+    ));
     std::fs::create_dir_all(cache_dir())?;
     let lock_file = std::fs::File::create(cache_dir().join(".lock"))?;
     let _lock = tokio::task::spawn_blocking(move || {
@@ -132,15 +140,33 @@ impl Sandbox {
     }
 
     pub async fn start_with(name: &str, images: Vec<ImageConfig>, seed: bool) -> Result<Self> {
+        let seeded: Vec<String> = if seed {
+            images.iter().map(|i| i.name.clone()).collect()
+        } else {
+            vec![]
+        };
+        Self::start_custom(name, images, &seeded, |_| {}).await
+    }
+
+    /// A pool whose images named in `seed` start docked (from the shared substrate) and whose
+    /// config `tweak` may change.
+    pub async fn start_custom(
+        name: &str,
+        images: Vec<ImageConfig>,
+        seed: &[String],
+        tweak: impl FnOnce(&mut HostdConfig),
+    ) -> Result<Self> {
         init_logs();
         let dir = Self::state_dir(name);
         let _ = std::fs::remove_dir_all(&dir);
-        if seed {
-            for ic in &images {
-                seed_substrate(&dir, ic).await?;
-            }
+        let guard = DirGuard(dir.clone());
+        for ic in images.iter().filter(|i| seed.contains(&i.name)) {
+            seed_substrate(&dir, ic).await?;
         }
-        let pool = Pool::start(config(&dir, images), tcg_driver().await).await?;
+        let mut cfg = config(&dir, images);
+        tweak(&mut cfg);
+        let pool = Pool::start(cfg, tcg_driver().await).await?;
+        std::mem::forget(guard);
         Ok(Self { dir, pool })
     }
 
@@ -257,4 +283,33 @@ pub async fn game_request(addr: SocketAddr, request: &str) -> Result<Vec<GameAns
 
 pub fn now_ms() -> u64 {
     berth_hostd::util::now_ms()
+}
+
+/// Sends `signal` to a process (a VM's QEMU, a hostd).
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) -> Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)?;
+    Ok(())
+}
+
+/// The next `Failed` event: (vm id, code, reason).
+pub async fn next_failure(
+    events: &mut tokio::sync::broadcast::Receiver<berth_hostd::pool::PoolEvent>,
+    within: Duration,
+) -> Result<(berth_protocol::VmId, String, String)> {
+    tokio::time::timeout(within, async {
+        loop {
+            match events.recv().await {
+                Ok(berth_hostd::pool::PoolEvent::Failed {
+                    vm_id,
+                    code,
+                    reason,
+                    ..
+                }) => return Ok((vm_id, code, reason)),
+                Ok(_) => continue,
+                Err(e) => bail!("event stream ended: {e}"),
+            }
+        }
+    })
+    .await
+    .context("no failure reported in time")?
 }

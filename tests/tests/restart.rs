@@ -185,10 +185,7 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
 
     client.destroy("kept").await?;
     assert!(!berth_hostd::util::pid_alive(vm.pid));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(hostd.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
+    signal(hostd.id(), nix::sys::signal::Signal::SIGTERM)?;
     let status = hostd.wait()?;
     assert!(status.success(), "clean stop: {status}");
     let _ = std::fs::remove_dir_all(&conf_dir);

@@ -182,24 +182,8 @@ async fn a_killed_qemu_is_detected_and_reported() -> Result<()> {
         .await?;
     let mut events = sb.pool.subscribe();
     let vm = sb.pool.activate(request("doomed")).await?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(vm.pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
-    let failed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(PoolEvent::Failed {
-                vm_id,
-                code,
-                reason,
-                ..
-            }) = events.recv().await
-            {
-                return (vm_id, code, reason);
-            }
-        }
-    })
-    .await?;
+    signal(vm.pid, nix::sys::signal::Signal::SIGKILL)?;
+    let failed = next_failure(&mut events, Duration::from_secs(10)).await?;
     assert_eq!(failed.0, vm.vm_id);
     assert_eq!(failed.1, "vm_exited");
     assert!(failed.2.contains("signal: 9"), "{}", failed.2);
@@ -255,13 +239,7 @@ async fn a_guest_that_never_answers_times_out_with_a_clear_error() -> Result<()>
     let mut ic = image_config("mute", 0);
     // The game's start-up work now takes ten minutes: `initialised` never comes in time.
     ic.cmdline = Some("BERTH_INIT_MS=600000".into());
-    init_logs();
-    let dir = Sandbox::state_dir("mute");
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = config(&dir, vec![ic]);
-    cfg.boot_timeout_s = 8;
-    let pool = berth_hostd::Pool::start(cfg, tcg_driver().await).await?;
-    let sb = Sandbox { dir, pool };
+    let sb = Sandbox::start_custom("mute", vec![ic], &[], |c| c.boot_timeout_s = 8).await?;
     let err = sb
         .pool
         .wait_ready("mute", 0, Duration::from_secs(60))
@@ -285,15 +263,13 @@ async fn a_guest_that_never_answers_times_out_with_a_clear_error() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_images_and_capacity_get_stable_errors() -> Result<()> {
-    let dir = Sandbox::state_dir("capacity");
-    let _ = std::fs::remove_dir_all(&dir);
-    let ic = image_config("arena", 0);
-    seed_substrate(&dir, &ic).await?;
-    let mut cfg = config(&dir, vec![ic]);
-    cfg.max_vms = 1;
-    init_logs();
-    let pool = berth_hostd::Pool::start(cfg, tcg_driver().await).await?;
-    let sb = Sandbox { dir, pool };
+    let sb = Sandbox::start_custom(
+        "capacity",
+        vec![image_config("arena", 0)],
+        &["arena".into()],
+        |c| c.max_vms = 1,
+    )
+    .await?;
     let mut req = request("x");
     req.image = "nosuch".into();
     assert_eq!(
@@ -315,5 +291,69 @@ async fn unknown_images_and_capacity_get_stable_errors() -> Result<()> {
     );
     sb.pool.destroy("one").await?;
     sb.pool.activate(request("two")).await?;
+    sb.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_detected_and_reported() -> Result<()> {
+    let sb = Sandbox::start_custom(
+        "silent",
+        vec![image_config("arena", 0)],
+        &["arena".into()],
+        |c| c.agent_silence_s = 3,
+    )
+    .await?;
+    let mut events = sb.pool.subscribe();
+    let vm = sb.pool.activate(request("frozen")).await?;
+    // Freeze the whole VM: QEMU still exists, but the agent says nothing any more.
+    signal(vm.pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let (_, code, reason) = next_failure(&mut events, Duration::from_secs(15)).await?;
+    assert_eq!(code, "agent_silent");
+    assert!(reason.contains("no heartbeat"), "{reason}");
+    assert!(
+        !berth_hostd::util::pid_alive(vm.pid),
+        "the frozen VM was destroyed"
+    );
+    sb.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ballooned_substrate_is_smaller_and_its_clones_work() -> Result<()> {
+    let mut small = image_config("small", 0);
+    small.balloon_mib = Some(96);
+    let images = vec![image_config("arena", 0), small];
+    let sb = Sandbox::start_custom("balloon", images, &["arena".into()], |_| {}).await?;
+    sb.pool
+        .wait_ready("small", 0, Duration::from_secs(120))
+        .await?;
+    let header: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        sb.dir.join("substrates/small/substrate.json"),
+    )?)?;
+    assert_eq!(header["fingerprint"]["machine"]["balloon_mib"], 96);
+    let st = sb.pool.status();
+    let bytes = |name: &str| {
+        st.images
+            .iter()
+            .find(|i| i.name == name)
+            .map(|i| i.substrate_bytes)
+    };
+    let (plain_bytes, small_bytes) = (
+        bytes("arena").expect("arena"),
+        bytes("small").expect("small"),
+    );
+    // The balloon hands the guest's free pages back: they are holes in the RAM file.
+    assert!(
+        small_bytes + (16 << 20) < plain_bytes,
+        "ballooned substrate {} MiB vs plain {} MiB",
+        small_bytes >> 20,
+        plain_bytes >> 20
+    );
+    let mut req = request("small-1");
+    req.image = "small".into();
+    let vm = sb.pool.activate(req).await?;
+    assert!(matches!(
+        game_hello(vm.game_addr).await?,
+        GameAnswer::Hello { .. }
+    ));
     sb.finish().await
 }

@@ -31,7 +31,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 /// Bumped whenever the VM arguments below change: old substrates are then re-primed.
-pub const DEVICE_MODEL: &str = "microvm-1";
+pub const DEVICE_MODEL: &str = "microvm-2";
 
 type QmpService =
     qapi::futures::QapiService<qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<UnixStream>>>;
@@ -188,13 +188,18 @@ impl QemuDriver {
             "-name".into(),
             format!("berth,process=berth-vm,debug-threads=off"),
             "-M".into(),
-            "microvm,x-option-roms=off,rtc=on,memory-backend=mem".into(),
+            "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,memory-backend=mem".into(),
             "-accel".into(),
             accel.into(),
         ];
-        if self.accel == Accel::Kvm {
-            args.extend(["-cpu".into(), "host".into()]);
-        }
+        args.extend([
+            "-cpu".into(),
+            match self.accel {
+                Accel::Kvm => "host".into(),
+                // arat + tsc-deadline: the guest can stop its tick when idle.
+                Accel::Tcg => "qemu64,+arat,+tsc-deadline".into(),
+            },
+        ]);
         args.extend([
             "-m".into(),
             format!("{}M", cfg.memory_mib),
@@ -206,10 +211,6 @@ impl QemuDriver {
             "-no-user-config".into(),
             "-nographic".into(),
             "-no-reboot".into(),
-            "-kernel".into(),
-            spec.image.kernel().display().to_string(),
-            "-initrd".into(),
-            spec.image.initrd().display().to_string(),
             "-append".into(),
             cmdline,
             "-chardev".into(),
@@ -238,6 +239,21 @@ impl QemuDriver {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", d("qmp.sock")),
         ]);
+        match ram {
+            // A clone never boots: its kernel is already in the substrate's RAM. QEMU keeps
+            // whatever `-kernel`/`-initrd` name in memory for the VM's life (~19 MiB per VM
+            // with this image), so clones get only the kernel's boot header.
+            Ram::Private(ram) => args.extend([
+                "-kernel".into(),
+                ram.with_file_name("kernel-header").display().to_string(),
+            ]),
+            Ram::Shared(_) | Ram::Anonymous => args.extend([
+                "-kernel".into(),
+                spec.image.kernel().display().to_string(),
+                "-initrd".into(),
+                spec.image.initrd().display().to_string(),
+            ]),
+        }
         args.into_iter().map(OsString::from).collect()
     }
 
@@ -341,6 +357,7 @@ impl VmDriver for QemuDriver {
         let template_dir = dir.join("template");
         mkdir_private(&template_dir)?;
         Self::write_blank_overlay(spec, &Substrate::overlay_path(dir))?;
+        write_kernel_header(&spec.image.kernel(), &dir.join("kernel-header"))?;
         std::fs::copy(
             Substrate::overlay_path(dir),
             template_dir.join("overlay.qcow2"),
@@ -416,6 +433,11 @@ impl VmDriver for QemuDriver {
         vm_id: VmId,
         vm_dir: &Path,
     ) -> Result<Box<dyn Vm>, DriverError> {
+        if !substrate.dir.join("kernel-header").exists() {
+            return Err(DriverError::Restore(
+                "the substrate has no kernel header".into(),
+            ));
+        }
         mkdir_private(vm_dir)?;
         std::fs::copy(substrate.overlay(), vm_dir.join("overlay.qcow2"))
             .map_err(io_err("copying the overlay"))?;
@@ -524,6 +546,17 @@ async fn prepare_migration(qmp: &QmpService, cow: bool) -> Result<(), DriverErro
         .await
         .map_err(qmp_err("migrate-set-parameters"))?;
     Ok(())
+}
+
+/// The first 64 KiB of a bzImage: its boot header and setup code, enough for QEMU to accept
+/// it as `-kernel` for a VM that is restored rather than booted.
+fn write_kernel_header(kernel: &Path, out: &Path) -> Result<(), DriverError> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(64 << 10);
+    std::fs::File::open(kernel)
+        .and_then(|f| f.take(64 << 10).read_to_end(&mut head))
+        .map_err(io_err(format!("reading {}", kernel.display())))?;
+    std::fs::write(out, head).map_err(io_err("writing the kernel header"))
 }
 
 /// Polls `query-migrate` until the migration (either direction) completes or fails.
