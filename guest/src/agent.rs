@@ -216,14 +216,14 @@ impl Agent {
         };
         match decode_line::<HostToGuest>(&line) {
             Ok(HostToGuest::Identity(identity)) => self.activate(identity),
-            Ok(HostToGuest::Prewarm) => self.prewarm(),
+            Ok(HostToGuest::Prewarm { wall_clock_ms }) => self.prewarm(wall_clock_ms),
             Err(e) => self.refuse(e.code(), e.to_string()),
         }
     }
 
-    /// Runs the activation paths once with values that change nothing (this VM's own host
-    /// name, the current time), so that a warm clone's first real activation is fast.
-    fn prewarm(&mut self) {
+    /// Runs the activation paths once with values that change nothing but the clock (this
+    /// VM's own host name, hostd's wall clock), so that the first real activation is fast.
+    fn prewarm(&mut self, wall_clock_ms: u64) {
         if self.session.get().is_none() {
             let hostname = nix::unistd::gethostname()
                 .ok()
@@ -236,7 +236,7 @@ impl Agent {
                 players: vec![],
                 ticket_key: String::new(),
                 params: serde_json::json!({}),
-                wall_clock_ms: game::now_ms(),
+                wall_clock_ms,
                 rng_seed: 0,
             };
             let line = encode_line(&HostToGuest::Identity(sample));

@@ -7,7 +7,7 @@
 //! agent ─▶ hostd: {"type":"heartbeat", ...}            (every HEARTBEAT_INTERVAL)
 //! agent ─▶ hostd: {"type":"ended", ...}                (game over, with results)
 //! agent ─▶ hostd: {"type":"error", "code": ..., ...}   (a line hostd sent was refused)
-//! hostd ─▶ agent: {"type":"prewarm"} → {"type":"prewarmed"}  (warm tier, before identity)
+//! hostd ─▶ agent: {"type":"prewarm","wall_clock_ms":…} → {"type":"prewarmed"}  (before docking; warm tier)
 //! ```
 
 use crate::ids::{PlayerId, SessionId, VmId};
@@ -55,10 +55,14 @@ pub struct Identity {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HostToGuest {
     Identity(Identity),
-    /// Run the activation code paths once without activating (warm tier). Under TCG a
-    /// restored VM translates every code path on first use; a warm clone pays that before a
-    /// player waits. The agent answers [`GuestToHost::Prewarmed`].
-    Prewarm,
+    /// Run the activation code paths once without activating: before docking (so the
+    /// substrate holds every first-use allocation) and for each warm clone (under TCG a
+    /// restored VM translates every code path on first use; the warm clone pays that before a
+    /// player waits). The agent sets its wall clock to `wall_clock_ms`, so the substrate's
+    /// clock is only as stale as its time parked, and answers [`GuestToHost::Prewarmed`].
+    Prewarm {
+        wall_clock_ms: u64,
+    },
 }
 
 /// agent → hostd.

@@ -381,6 +381,9 @@ impl VmDriver for QemuDriver {
             vm.wait_initialised(boot_timeout).await?;
             let boot_ms = t0.elapsed().as_millis() as u64;
             let t1 = Instant::now();
+            // First-use work (allocations, page cache, a clock near the host's) happens once
+            // here and is docked with the substrate instead of repeated by every clone.
+            vm.exercise(Duration::from_secs(30)).await?;
             if let Some(target) = spec.config.balloon_mib {
                 vm.balloon_down(target).await?;
             }
@@ -447,7 +450,9 @@ impl VmDriver for QemuDriver {
         } else {
             Ram::Anonymous
         };
+        let t0 = Instant::now();
         let mut vm = self.spawn(spec, vm_id, vm_dir, ram, true).await?;
+        let spawned_us = t0.elapsed().as_micros() as u64;
         let result = async {
             let qmp = vm.qmp()?;
             prepare_migration(qmp, spec.config.cow).await?;
@@ -469,6 +474,7 @@ impl VmDriver for QemuDriver {
                 other => other,
             });
         }
+        tracing::debug!(vm_id = %vm.id, spawned_us, restored_us = t0.elapsed().as_micros() as u64, "restored");
         vm.paused = true;
         vm.balloon_mib = spec.config.balloon_mib.map(|b| (b, spec.config.memory_mib));
         vm.save_record(&spec.config.name)?;
@@ -871,6 +877,33 @@ impl QemuVm {
         }
     }
 
+    /// Runs the guest's activation paths once without activating it: `prewarm` to the agent
+    /// and one TCP connection to the game port (answered `not_activated`).
+    async fn exercise(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        let line = encode_line(&HostToGuest::Prewarm {
+            wall_clock_ms: now_ms(),
+        });
+        let tx = self
+            .agent_tx
+            .as_mut()
+            .ok_or(DriverError::Exited("agent not connected".into()))?;
+        tx.write_all(&line)
+            .await
+            .map_err(io_err("writing prewarm"))?;
+        let addr = self.game_addr();
+        let _ = tokio::time::timeout(timeout, async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            let mut line = String::new();
+            tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stream), &mut line)
+                .await
+        })
+        .await;
+        self.wait_for(timeout, DriverError::ReadyTimeout(timeout), |msg| {
+            matches!(msg, GuestToHost::Prewarmed).then_some(Ok(()))
+        })
+        .await
+    }
+
     async fn destroy_in_place(mut self: Box<Self>) {
         self.kill().await;
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -965,26 +998,7 @@ impl Vm for QemuVm {
         }
         let qmp = self.qmp()?;
         qmp.execute(qmp::cont {}).await.map_err(qmp_err("cont"))?;
-        let tx = self
-            .agent_tx
-            .as_mut()
-            .ok_or(DriverError::Exited("agent not connected".into()))?;
-        tx.write_all(&encode_line(&HostToGuest::Prewarm))
-            .await
-            .map_err(io_err("writing prewarm"))?;
-        // The guest's network and game-server paths too: it answers `not_activated`.
-        let addr = self.game_addr();
-        let _ = tokio::time::timeout(timeout, async move {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            let mut line = String::new();
-            tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stream), &mut line)
-                .await
-        })
-        .await;
-        self.wait_for(timeout, DriverError::ReadyTimeout(timeout), |msg| {
-            matches!(msg, GuestToHost::Prewarmed).then_some(Ok(()))
-        })
-        .await?;
+        self.exercise(timeout).await?;
         self.qmp()?
             .execute(qmp::stop {})
             .await
