@@ -877,19 +877,24 @@ impl QemuVm {
         }
     }
 
-    /// Runs the guest's activation paths once without activating it: `prewarm` to the agent
-    /// and one TCP connection to the game port (answered `not_activated`).
-    async fn exercise(&mut self, timeout: Duration) -> Result<(), DriverError> {
-        let line = encode_line(&HostToGuest::Prewarm {
-            wall_clock_ms: now_ms(),
-        });
+    /// Writes one line to the agent.
+    async fn send(&mut self, msg: &HostToGuest) -> Result<(), DriverError> {
         let tx = self
             .agent_tx
             .as_mut()
             .ok_or(DriverError::Exited("agent not connected".into()))?;
-        tx.write_all(&line)
+        tx.write_all(&encode_line(msg))
             .await
-            .map_err(io_err("writing prewarm"))?;
+            .map_err(io_err("writing to the agent"))
+    }
+
+    /// Runs the guest's activation paths once without activating it: `prewarm` to the agent
+    /// and one TCP connection to the game port (answered `not_activated`).
+    async fn exercise(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        self.send(&HostToGuest::Prewarm {
+            wall_clock_ms: now_ms(),
+        })
+        .await?;
         let addr = self.game_addr();
         let _ = tokio::time::timeout(timeout, async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
@@ -944,14 +949,7 @@ impl Vm for QemuVm {
         let resumed_us = t0.elapsed().as_micros() as u64;
         identity.wall_clock_ms = now_ms();
         let session_id = identity.session_id.clone();
-        let line = encode_line(&HostToGuest::Identity(identity));
-        let tx = self
-            .agent_tx
-            .as_mut()
-            .ok_or(DriverError::Exited("agent not connected".into()))?;
-        tx.write_all(&line)
-            .await
-            .map_err(io_err("writing the identity"))?;
+        self.send(&HostToGuest::Identity(identity)).await?;
         let wrote_us = t0.elapsed().as_micros() as u64;
         let (guest_clock_ms, apply_us) = self
             .wait_for(
