@@ -32,27 +32,34 @@ fn is_root() -> bool {
 }
 
 /// Makes sure every package in `needs` is installed: with apt-get as root, else says what to run.
+///
+/// Installing can remove another need: Debian's qemu-system-x86 (7.2) replaces a backported
+/// qemu-utils (10.x) that some machines come with, taking `qemu-img` away. So the check runs
+/// again after each install, a few rounds at most.
 pub fn ensure(needs: &[Need]) -> Result<()> {
-    let missing: Vec<&str> = needs
-        .iter()
-        .filter(|n| !Path::new(n.proof).exists())
-        .map(|n| n.package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
+    for _ in 0..3 {
+        let missing: Vec<&str> = needs
+            .iter()
+            .filter(|n| !Path::new(n.proof).exists())
+            .map(|n| n.package)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if !is_root() {
+            bail!(
+                "missing packages; run: sudo apt-get update && sudo apt-get install -y {}",
+                missing.join(" ")
+            );
+        }
+        eprintln!("xtask: installing {}", missing.join(" "));
+        apt_update_once()?;
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing))?;
     }
-    if !is_root() {
-        bail!(
-            "missing packages; run: sudo apt-get update && sudo apt-get install -y {}",
-            missing.join(" ")
-        );
-    }
-    eprintln!("xtask: installing {}", missing.join(" "));
-    apt_update_once()?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing))
+    bail!("packages still missing after installing them: check apt's output above")
 }
 
 fn apt_update_once() -> Result<()> {

@@ -295,10 +295,18 @@ impl QemuDriver {
         let mut vm = QemuVm::new(vm_id, dir.to_path_buf(), pid, game_port, Some(child));
         let deadline = Instant::now() + Duration::from_secs(10);
         if let Err(e) = vm.connect(deadline).await {
+            // QEMU dying at start-up (bad flags, an accelerator that fails) also shows up as a
+            // broken QMP handshake: give it a moment and report what it said.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let exited = vm
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
             let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
             Box::new(vm).destroy_in_place().await;
             return Err(match e {
                 DriverError::Exited(_) => DriverError::Exited(log.trim().to_string()),
+                _ if exited => DriverError::Exited(log.trim().to_string()),
                 other => other,
             });
         }
