@@ -202,3 +202,39 @@ fn tempfile_dir(name: &str) -> PathBuf {
 fn reqwest_client() -> reqwest::Client {
     reqwest::Client::new()
 }
+
+#[test]
+fn a_bad_config_file_fails_fast_naming_the_key() {
+    let dir = tempfile_dir("badconfig");
+    let cases = [
+        (
+            "[[images]]\nname = \"a\"\ndir = \"x\"\nmemory_mib = 8\n",
+            "images[0].memory_mib",
+        ),
+        ("surprise = true\n", "unknown field `surprise`"),
+        ("accel = \"warp\"\n", "unknown variant `warp`"),
+    ];
+    for (text, expected) in cases {
+        let path = dir.join("hostd.toml");
+        std::fs::write(&path, text).expect("write config");
+        let out = Command::new(hostd_bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run berth-hostd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text:?} was accepted");
+        assert!(stderr.contains(expected), "{text:?}: {stderr}");
+    }
+    let missing = Command::new(hostd_bin())
+        .args(["run", "--config", "/nonexistent/hostd.toml"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run berth-hostd");
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("reading config /nonexistent/hostd.toml")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
