@@ -138,12 +138,6 @@ pub enum PoolEvent {
     },
 }
 
-impl PartialEq for PrimeStats {
-    fn eq(&self, other: &Self) -> bool {
-        self.boot_ms == other.boot_ms && self.dock_ms == other.dock_ms
-    }
-}
-
 /// A VM failure kept for `status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Failure {
@@ -403,7 +397,7 @@ impl Pool {
                 },
                 Err(e) => {
                     tracing::warn!(vm_id = %record.vm_id, error = %e, "leftover VM is gone; cleaning up");
-                    kill_if_ours(record.pid, &dir);
+                    crate::util::kill_processes_naming(&dir);
                     let _ = std::fs::remove_dir_all(&dir);
                 }
             }
@@ -744,20 +738,6 @@ impl Pool {
             let _ = std::fs::remove_file(dir.join("accel-probe.json"));
             let _ = std::fs::remove_dir(dir);
         }
-    }
-}
-
-fn kill_if_ours(pid: u32, dir: &std::path::Path) {
-    let marker = dir.display().to_string();
-    if crate::util::pid_alive(pid)
-        && crate::util::pid_cmdline(pid)
-            .iter()
-            .any(|a| a.contains(&marker))
-    {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
     }
 }
 

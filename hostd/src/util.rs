@@ -62,3 +62,27 @@ pub fn disk_usage(dir: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+/// Live processes whose command line names `path` (QEMU processes carry their VM folder in
+/// their socket and file arguments, which is how leftovers are recognised).
+pub fn processes_naming(path: &std::path::Path) -> Vec<u32> {
+    let marker = path.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| pid_alive(*pid) && pid_cmdline(*pid).iter().any(|a| a.contains(&marker)))
+        .collect()
+}
+
+/// SIGKILLs every process [`processes_naming`] finds for `path`.
+pub fn kill_processes_naming(path: &std::path::Path) {
+    for pid in processes_naming(path) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

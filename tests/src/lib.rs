@@ -196,28 +196,19 @@ impl Drop for DirGuard {
 
 /// QEMU processes whose command line names `dir`.
 pub fn qemu_naming(dir: &Path) -> Vec<u32> {
-    let marker = dir.display().to_string();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    berth_hostd::util::processes_naming(dir)
+        .into_iter()
         .filter(|pid| {
-            let args = berth_hostd::util::pid_cmdline(*pid);
-            berth_hostd::util::pid_alive(*pid)
-                && args.first().is_some_and(|a| a.contains("qemu-system"))
-                && args.iter().any(|a| a.contains(&marker))
+            berth_hostd::util::pid_cmdline(*pid)
+                .first()
+                .is_some_and(|a| a.contains("qemu-system"))
         })
         .collect()
 }
 
 pub fn kill_qemu_naming(dir: &Path) {
     for pid in qemu_naming(dir) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = signal(pid, nix::sys::signal::Signal::SIGKILL);
     }
 }
 

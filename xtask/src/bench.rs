@@ -205,7 +205,7 @@ pub async fn activation(args: ActivationArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("vms"))?;
     let result = run(&args, image, &dir).await;
-    kill_leftovers(&dir);
+    berth_hostd::util::kill_processes_naming(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     let mut report = result?;
     report["image_digest"] = json!(manifest.digest);
@@ -215,26 +215,6 @@ pub async fn activation(args: ActivationArgs) -> Result<()> {
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
     println!("wrote {}", path.display());
     Ok(())
-}
-
-fn kill_leftovers(dir: &Path) {
-    let marker = dir.display().to_string();
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        for pid in procs
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        {
-            if berth_hostd::util::pid_cmdline(pid)
-                .iter()
-                .any(|a| a.contains(&marker))
-            {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-    }
 }
 
 async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_json::Value> {

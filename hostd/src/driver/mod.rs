@@ -29,7 +29,7 @@ pub struct VmSpec {
 }
 
 /// Figures from priming a substrate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PrimeStats {
     pub boot_ms: u64,
     pub dock_ms: u64,
