@@ -4,6 +4,8 @@
 //! - [`guest`]: the line-delimited JSON spoken between hostd and the agent inside a game VM,
 //!   over a virtio-serial port (QEMU) or XenStore keys (Xen).
 //! - [`game`]: what the game server in the VM answers on its TCP port.
+//! - [`play`]: player ↔ server messages on the `/v1/play` websocket.
+//! - [`host`]: hostd ↔ server messages on the `/v1/hosts` websocket.
 //!
 //! Every message carries no version field of its own; the agent announces
 //! [`guest::AGENT_PROTOCOL_VERSION`] in its `initialised` message and hostd refuses a guest that
@@ -11,6 +13,8 @@
 
 pub mod game;
 pub mod guest;
+pub mod host;
 pub mod ids;
+pub mod play;
 
 pub use ids::{HostId, IdError, PlayerId, SessionId, VmId};

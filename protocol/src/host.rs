@@ -1,0 +1,120 @@
+//! hostd ↔ server messages on the `/v1/hosts` websocket: one JSON object per text frame.
+//!
+//! ```text
+//! hostd:  {"type":"register","v":1,"host":"h1",...,"vms":[…]}   (first message, every connect)
+//! server: {"type":"welcome","v":1,"heartbeat_ms":2000}
+//!         {"type":"destroy","session":"…"}                    (reconciliation, if any)
+//! hostd:  {"type":"heartbeat","images":[…]}                   (every heartbeat_ms)
+//! server: {"type":"activate","session":"…","image":"arena",…}
+//! hostd:  {"type":"activated","session":"…","vm":"…",…} | {"type":"activate_failed",…}
+//! hostd:  {"type":"ended","session":"…","reason":"game_over","results":{…}}   (game over)
+//! server: {"type":"destroy","session":"…"}
+//! hostd:  {"type":"destroyed","session":"…","vm":"…"}
+//! ```
+//! hostd authenticates with a bearer JWT whose `role` is `host` and whose `sub` is its host id.
+
+use crate::ids::{HostId, PlayerId, SessionId, VmId};
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change of these messages.
+pub const HOST_PROTOCOL_VERSION: u32 = 1;
+
+/// What a host can run of one image right now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageCapacity {
+    pub name: String,
+    /// A substrate is docked: activations need no boot.
+    pub docked: bool,
+    /// Warm clones waiting only for an identity.
+    pub warm: u32,
+    /// Running (activated) VMs of this image.
+    pub running: u32,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+}
+
+/// A VM a host really has, reported on every (re)connect so the server can reconcile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostVm {
+    pub vm: VmId,
+    pub session: SessionId,
+    pub image: String,
+}
+
+/// hostd → server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HostMessage {
+    Register {
+        v: u32,
+        host: HostId,
+        /// `kvm`, `tcg` or `xen`.
+        accel: String,
+        driver: String,
+        /// Where players reach this host's gateway (`ws://…`).
+        gateway: String,
+        max_vms: u32,
+        images: Vec<ImageCapacity>,
+        vms: Vec<HostVm>,
+    },
+    Heartbeat {
+        images: Vec<ImageCapacity>,
+    },
+    Activated {
+        session: SessionId,
+        vm: VmId,
+        /// `warm`, `substrate` or `cold`.
+        path: String,
+        activate_us: u64,
+    },
+    ActivateFailed {
+        session: SessionId,
+        code: String,
+        message: String,
+    },
+    /// The game in the VM reported game over; hostd destroys the VM next.
+    Ended {
+        session: SessionId,
+        vm: VmId,
+        reason: String,
+        #[serde(default)]
+        results: serde_json::Value,
+    },
+    /// The VM died or stopped answering (`code` as hostd's pool reports it).
+    Failed {
+        session: SessionId,
+        vm: VmId,
+        code: String,
+        reason: String,
+    },
+    /// The VM is gone and its slot is back in the pool.
+    Destroyed { session: SessionId, vm: VmId },
+}
+
+/// server → hostd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerToHost {
+    Welcome {
+        v: u32,
+        heartbeat_ms: u64,
+    },
+    /// Activate a VM for this session; the session id is the idempotency key.
+    Activate {
+        session: SessionId,
+        image: String,
+        players: Vec<PlayerId>,
+        /// Hex key the gateway and the game check this session's tickets with.
+        ticket_key: String,
+        #[serde(default)]
+        params: serde_json::Value,
+        deadline_ms: u64,
+    },
+    Destroy {
+        session: SessionId,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
