@@ -1,14 +1,8 @@
 //! Small helpers shared by the drivers and the pool.
 
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Wall-clock milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use berth_protocol::now_ms;
 
 /// A fresh random 64-bit value (from the OS RNG, through uuid v4).
 pub fn random_u64() -> u64 {

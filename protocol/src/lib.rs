@@ -18,3 +18,11 @@ pub mod ids;
 pub mod play;
 
 pub use ids::{HostId, IdError, PlayerId, SessionId, VmId};
+
+/// Milliseconds since the Unix epoch: the time base of every timestamp on the wire.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

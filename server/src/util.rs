@@ -1,0 +1,15 @@
+//! Small helpers.
+
+pub use berth_protocol::now_ms;
+
+/// A fresh random id (uuid v4, simple form).
+pub fn random_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// 32 random bytes, hex-encoded: a per-session ticket key.
+pub fn random_key() -> String {
+    let a = uuid::Uuid::new_v4();
+    let b = uuid::Uuid::new_v4();
+    format!("{}{}", a.simple(), b.simple())
+}
