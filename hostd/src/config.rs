@@ -14,6 +14,12 @@
 //! vcpus = 1
 //! balloon_mib = 96               # optional: miniaturise before docking
 //! warm = 2                       # clones kept restored and paused
+//!
+//! [server]                       # optional: without it hostd runs standalone
+//! url = "ws://127.0.0.1:7080/v1/hosts"
+//! token_file = "host-1.jwt"      # or `token = "…"`: this host's JWT (role `host`)
+//! gateway = "ws://203.0.113.7:7071"
+//! reconnect_max_s = 10
 //! ```
 
 use berth_protocol::guest::MAX_LINE;
@@ -92,6 +98,124 @@ pub struct ImageConfig {
     pub cmdline: Option<String>,
 }
 
+fn default_gateway() -> String {
+    "ws://127.0.0.1:7071".into()
+}
+fn default_reconnect_max() -> u64 {
+    10
+}
+
+/// The optional `[server]` table: the matchmaking server this host registers with.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The server's host websocket, `ws://host:port/v1/hosts`.
+    pub url: String,
+    /// This host's credential (a JWT), sent as `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the token instead (relative to the config file); read again on every
+    /// reconnect, so a renewed token is picked up without a restart.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Where players reach this host's gateway, advertised in `register`.
+    #[serde(default = "default_gateway")]
+    pub gateway: String,
+    /// Longest wait between reconnect attempts (seconds).
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_s: u64,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("gateway", &self.gateway)
+            .field("reconnect_max_s", &self.reconnect_max_s)
+            .finish()
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: format!("server.{key}"),
+                message: message.into(),
+            })
+        };
+        if !self.url.starts_with("ws://") || !is_uri(&self.url) {
+            // No TLS support is built in: put a TLS-terminating proxy on loopback for `wss://`.
+            return invalid("url", "must be a ws:// URL (wss:// is not supported)");
+        }
+        if !(self.gateway.starts_with("ws://") || self.gateway.starts_with("wss://"))
+            || !is_uri(&self.gateway)
+        {
+            return invalid("gateway", "must be a ws:// or wss:// URL");
+        }
+        match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => return invalid("token", "set token or token_file, not both"),
+            (Some(t), None) if !is_token(t) => {
+                return invalid("token", "must be a JWT (visible ASCII, no spaces)")
+            }
+            _ => {}
+        }
+        if !(1..=3600).contains(&self.reconnect_max_s) {
+            return invalid("reconnect_max_s", "must be between 1 and 3600");
+        }
+        Ok(())
+    }
+
+    /// The runtime settings of the link: reads `token_file` (so a missing or empty file fails
+    /// start-up) and insists on a token.
+    pub fn resolve(&self, host_id: &str) -> Result<crate::link::ServerLink, ConfigError> {
+        use crate::link::{ServerLink, Token};
+        self.validate()?;
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Token::Inline(t.clone()),
+            (None, Some(path)) => {
+                let token = Token::File(path.clone());
+                token.read().map_err(|e| ConfigError::Invalid {
+                    key: "server.token_file".into(),
+                    message: e.to_string(),
+                })?;
+                token
+            }
+            (None, None) => {
+                return Err(ConfigError::Invalid {
+                    key: "server.token".into(),
+                    message: "is needed (token, token_file, --server-token or BERTH_SERVER_TOKEN)"
+                        .into(),
+                })
+            }
+        };
+        Ok(ServerLink {
+            url: self.url.clone(),
+            host: berth_protocol::HostId::new(host_id.to_owned()).map_err(|_| {
+                ConfigError::Invalid {
+                    key: "host_id".into(),
+                    message: "must be 1-64 letters, digits, '-', '_' or '.'".into(),
+                }
+            })?,
+            token,
+            gateway: self.gateway.clone(),
+            reconnect_max: Duration::from_secs(self.reconnect_max_s),
+        })
+    }
+}
+
+fn is_uri(s: &str) -> bool {
+    s.parse::<tokio_tungstenite::tungstenite::http::Uri>()
+        .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
+}
+
+/// What may go into an `Authorization: Bearer` header: a JWT is base64url and dots.
+pub(crate) fn is_token(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 8192 && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +246,9 @@ pub struct HostdConfig {
     pub keep_substrates: bool,
     #[serde(default)]
     pub images: Vec<ImageConfig>,
+    /// The matchmaking server to register with; `None` runs standalone.
+    #[serde(default)]
+    pub server: Option<ServerConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +290,11 @@ impl HostdConfig {
         for image in &mut config.images {
             if image.dir.is_relative() {
                 image.dir = base.join(&image.dir);
+            }
+        }
+        if let Some(file) = config.server.as_mut().and_then(|s| s.token_file.as_mut()) {
+            if file.is_relative() {
+                *file = base.join(&*file);
             }
         }
         Ok(config)
@@ -230,7 +362,53 @@ impl HostdConfig {
                 return invalid(key("cmdline"), "must be one short line");
             }
         }
+        if let Some(server) = &self.server {
+            server.validate()?;
+        }
         Ok(())
+    }
+
+    /// Applies `--server-url` / `--server-token` (or their env vars) over the file: a URL
+    /// without a `[server]` table creates one with defaults; a token replaces `token` and
+    /// `token_file`.
+    pub fn apply_server_flags(
+        &mut self,
+        url: Option<String>,
+        token: Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(url) = url {
+            match &mut self.server {
+                Some(s) => s.url = url,
+                None => {
+                    self.server = Some(ServerConfig {
+                        url,
+                        token: None,
+                        token_file: None,
+                        gateway: default_gateway(),
+                        reconnect_max_s: default_reconnect_max(),
+                    })
+                }
+            }
+        }
+        if let Some(token) = token {
+            let Some(s) = &mut self.server else {
+                return Err(ConfigError::Invalid {
+                    key: "server.url".into(),
+                    message: "is needed with a server token (--server-url or [server] url)".into(),
+                });
+            };
+            s.token = Some(token);
+            s.token_file = None;
+        }
+        self.validate()
+    }
+
+    /// The link's runtime settings if a server is configured (see [`ServerConfig::resolve`]).
+    pub fn server_link(&self) -> Result<Option<crate::link::ServerLink>, ConfigError> {
+        self.server
+            .as_ref()
+            .map(|s| s.resolve(&self.host_id))
+            .transpose()
     }
 
     pub fn boot_timeout(&self) -> Duration {
@@ -296,5 +474,96 @@ mod tests {
         let twice = format!("{}\n{}", img(""), img(""));
         assert!(err(&twice).contains("used by another image"));
         assert!(err("state_dir = \"/\"").contains("state_dir"));
+    }
+
+    #[test]
+    fn server_table_takes_defaults() {
+        let c = HostdConfig::parse(
+            "[server]\nurl = \"ws://127.0.0.1:7080/v1/hosts\"\ntoken = \"a.b.c\"",
+        )
+        .expect("valid");
+        let s = c.server.as_ref().expect("server");
+        assert_eq!(
+            (s.gateway.as_str(), s.reconnect_max_s),
+            ("ws://127.0.0.1:7071", 10)
+        );
+        let link = c.server_link().expect("resolves").expect("configured");
+        assert_eq!(link.host.as_str(), "host-1");
+        assert_eq!(link.reconnect_max, Duration::from_secs(10));
+        assert!(
+            !format!("{s:?}{link:?}").contains("a.b.c"),
+            "tokens stay out of logs"
+        );
+        assert!(HostdConfig::default().server_link().expect("ok").is_none());
+    }
+
+    #[test]
+    fn bad_server_tables_name_the_key() {
+        let server = |extra: &str| format!("[server]\nurl = \"ws://s:7080/v1/hosts\"\n{extra}");
+        assert!(err("[server]\ngateway = \"ws://g\"").contains("missing field `url`"));
+        assert!(err(&server("surprise = 1")).contains("unknown field"));
+        assert!(err("[server]\nurl = \"http://s/v1/hosts\"").contains("server.url"));
+        assert!(err("[server]\nurl = \"wss://s/v1/hosts\"").contains("server.url"));
+        assert!(err("[server]\nurl = \"ws://\"").contains("server.url"));
+        assert!(err(&server("gateway = \"tcp://g\"")).contains("server.gateway"));
+        assert!(err(&server("reconnect_max_s = 0")).contains("server.reconnect_max_s"));
+        assert!(err(&server("token = \"a b\"")).contains("server.token"));
+        let both = server("token = \"t\"\ntoken_file = \"f\"");
+        assert!(err(&both).contains("not both"));
+        // Parses, but cannot start without a token.
+        let c = HostdConfig::parse(&server("")).expect("valid file");
+        let e = c.server_link().expect_err("no token").to_string();
+        assert!(e.contains("server.token"), "{e}");
+        let c = HostdConfig::parse(&server("token_file = \"/nonexistent/t.jwt\"")).expect("valid");
+        let e = c.server_link().expect_err("unreadable").to_string();
+        assert!(e.contains("server.token_file"), "{e}");
+    }
+
+    #[test]
+    fn token_file_is_relative_to_the_config_and_trimmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("host.jwt"), "x.y.z\n").expect("write");
+        let path = dir.path().join("hostd.toml");
+        std::fs::write(
+            &path,
+            "[server]\nurl = \"ws://s:7080/v1/hosts\"\ntoken_file = \"host.jwt\"",
+        )
+        .expect("write");
+        let c = HostdConfig::load(&path).expect("loads");
+        let link = c.server_link().expect("resolves").expect("configured");
+        assert_eq!(link.token.read().expect("readable"), "x.y.z");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut c = HostdConfig::default();
+        let e = c
+            .apply_server_flags(None, Some("t".into()))
+            .expect_err("no url");
+        assert!(e.to_string().contains("server.url"));
+        c.apply_server_flags(Some("ws://s:1/v1/hosts".into()), None)
+            .expect("url alone makes a table");
+        assert_eq!(c.server.as_ref().map(|s| s.reconnect_max_s), Some(10));
+        let mut c = HostdConfig::parse(
+            "[server]\nurl = \"ws://a:1/v1/hosts\"\ntoken_file = \"f\"\ngateway = \"ws://g:2\"",
+        )
+        .expect("valid");
+        c.apply_server_flags(Some("ws://b:1/v1/hosts".into()), Some("t.o.k".into()))
+            .expect("valid");
+        let s = c.server.expect("server");
+        assert_eq!(
+            (
+                s.url.as_str(),
+                s.token.as_deref(),
+                s.token_file,
+                s.gateway.as_str()
+            ),
+            ("ws://b:1/v1/hosts", Some("t.o.k"), None, "ws://g:2")
+        );
+        let mut c = HostdConfig::default();
+        let e = c
+            .apply_server_flags(Some("nope".into()), None)
+            .expect_err("bad url");
+        assert!(e.to_string().contains("server.url"));
     }
 }

@@ -9,12 +9,15 @@
 //! - [`pool`]: per host, per image: the docked substrate, warm clones, running VMs; activation
 //!   by session id (idempotent), destroy, health, refill, adoption after a restart.
 //! - [`control`]: the operator's HTTP surface and its client (`berth-hostd status` etc.).
+//! - [`link`]: the one websocket to the matchmaking server: register, heartbeats, activate and
+//!   destroy on the server's behalf, pool events upstream, reconnect and reconcile.
 
 pub mod accel;
 pub mod config;
 pub mod control;
 pub mod driver;
 pub mod image;
+pub mod link;
 pub mod pool;
 pub mod substrate;
 pub mod util;
@@ -22,6 +25,7 @@ pub mod util;
 pub use config::HostdConfig;
 pub use pool::Pool;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 /// Picks the driver this host can run (see [`accel`]).
@@ -48,20 +52,42 @@ pub async fn driver_for(config: &HostdConfig) -> anyhow::Result<Arc<dyn driver::
     Ok(Arc::new(driver))
 }
 
-/// Runs hostd until `shutdown` resolves: pool plus control API; then destroys what it owns.
+/// Runs hostd until `shutdown` resolves: pool, control API and, with a `[server]` table, the
+/// link to the server; then closes the link and destroys what it owns.
 pub async fn run(
     config: HostdConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Before anything boots: a bad `[server]` table or an unreadable token fails start-up.
+    let server = config.server_link()?;
     let driver = driver_for(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.control).await?;
     tracing::info!(control = %listener.local_addr()?, "control API listening");
     let pool = Pool::start(config, driver).await?;
-    let app = control::app(pool.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let link = server
+        .map(|server| tokio::spawn(link::run(pool.clone(), server, stopped(stop.subscribe()))));
+    let serve = axum::serve(listener, control::app(pool.clone()))
+        .with_graceful_shutdown(stopped(stop.subscribe()))
+        .into_future();
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        served = &mut serve => served,
+        () = shutdown => {
+            stop.send_replace(true);
+            serve.await
+        }
+    };
+    stop.send_replace(true);
+    if let Some(link) = link {
+        if let Err(e) = link.await {
+            tracing::error!(error = %e, "the server link task failed");
+        }
+    }
     tracing::info!("shutting down: destroying VMs");
     pool.shutdown().await;
-    Ok(())
+    Ok(served?)
 }

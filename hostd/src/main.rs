@@ -23,6 +23,12 @@ enum Cmd {
     Run {
         #[arg(long, env = "BERTH_HOSTD_CONFIG")]
         config: PathBuf,
+        /// The matchmaking server's host websocket (overrides `[server] url`).
+        #[arg(long, env = "BERTH_SERVER_URL")]
+        server_url: Option<String>,
+        /// This host's credential, a JWT (overrides `[server] token` and `token_file`).
+        #[arg(long, env = "BERTH_SERVER_TOKEN", hide_env_values = true)]
+        server_token: Option<String>,
         /// Log as JSON lines.
         #[arg(long)]
         json_logs: bool,
@@ -54,7 +60,12 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Run { config, json_logs } => {
+        Cmd::Run {
+            config,
+            server_url,
+            server_token,
+            json_logs,
+        } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info".into());
             if json_logs {
@@ -65,7 +76,8 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 tracing_subscriber::fmt().with_env_filter(filter).init();
             }
-            let config = HostdConfig::load(&config)?;
+            let mut config = HostdConfig::load(&config)?;
+            config.apply_server_flags(server_url, server_token)?;
             berth_hostd::run(config, shutdown_signal()).await
         }
         Cmd::Status { control } => {

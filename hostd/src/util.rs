@@ -1,6 +1,5 @@
 //! Small helpers shared by the drivers and the pool.
 
-
 /// Wall-clock milliseconds since the Unix epoch.
 pub use berth_protocol::now_ms;
 

@@ -63,7 +63,7 @@ pub enum HostMessage {
     Activated {
         session: SessionId,
         vm: VmId,
-        /// `warm`, `substrate` or `cold`.
+        /// `warm`, `substrate`, `cold`, or `adopted` (a VM an earlier hostd left running).
         path: String,
         activate_us: u64,
     },
@@ -88,7 +88,10 @@ pub enum HostMessage {
         reason: String,
     },
     /// The VM is gone and its slot is back in the pool.
-    Destroyed { session: SessionId, vm: VmId },
+    Destroyed {
+        session: SessionId,
+        vm: VmId,
+    },
 }
 
 /// server → hostd.

@@ -6,6 +6,7 @@
 //! - [`game`]: what the game server in the VM answers on its TCP port.
 //! - [`play`]: player ↔ server messages on the `/v1/play` websocket.
 //! - [`host`]: hostd ↔ server messages on the `/v1/hosts` websocket.
+//! - [`ticket`]: the claims of a session ticket.
 //!
 //! Every message carries no version field of its own; the agent announces
 //! [`guest::AGENT_PROTOCOL_VERSION`] in its `initialised` message and hostd refuses a guest that
@@ -16,6 +17,7 @@ pub mod guest;
 pub mod host;
 pub mod ids;
 pub mod play;
+pub mod ticket;
 
 pub use ids::{HostId, IdError, PlayerId, SessionId, VmId};
 

@@ -78,7 +78,10 @@ pub enum ServerMessage {
         skill_window: f64,
     },
     /// The player left the queue: `reason` is `cancelled`, `max_wait`, `away` or `mode_removed`.
-    Dequeued { ticket: String, reason: String },
+    Dequeued {
+        ticket: String,
+        reason: String,
+    },
     /// A game server VM is running for this player: connect to `endpoint` with `ticket`.
     Matched {
         session: SessionId,
@@ -101,8 +104,14 @@ pub enum ServerMessage {
         #[serde(default)]
         results: serde_json::Value,
     },
-    Error { code: String, message: String },
-    Pong { nonce: u64, server_ms: u64 },
+    Error {
+        code: String,
+        message: String,
+    },
+    Pong {
+        nonce: u64,
+        server_ms: u64,
+    },
 }
 
 impl ServerMessage {

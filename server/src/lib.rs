@@ -3,6 +3,20 @@
 //! - [`model`]: tickets, sessions, hosts, bindings, cross-replica events.
 //! - [`store`]: the [`store::Store`] trait and its `memory` and `redis` backends.
 
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod dispatch;
+pub mod hosts;
+pub mod matching;
+pub mod matchmaker;
+pub mod metrics;
 pub mod model;
+pub mod modes;
+pub mod play;
+pub mod sessions;
+pub mod state;
 pub mod store;
 pub mod util;
+pub mod wire;

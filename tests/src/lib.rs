@@ -71,6 +71,7 @@ pub fn config(state_dir: &Path, images: Vec<ImageConfig>) -> HostdConfig {
         agent_silence_s: 15,
         keep_substrates: false,
         images,
+        server: None,
     }
 }
 

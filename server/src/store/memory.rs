@@ -62,7 +62,10 @@ fn ticket_key(t: &Ticket) -> (u64, String) {
 impl Inner {
     fn find_ticket(&self, id: &str, pool: &PoolKey) -> Option<(u64, String)> {
         let key = self.index.get(id)?;
-        self.queues.get(pool)?.contains_key(key).then(|| key.clone())
+        self.queues
+            .get(pool)?
+            .contains_key(key)
+            .then(|| key.clone())
     }
 
     fn remove_ticket(&mut self, id: &str, pool: &PoolKey) -> Option<Ticket> {

@@ -1,0 +1,338 @@
+//! Who is talking: JWTs for players, hosts and admins (one pinned algorithm, issuer, audience
+//! and expiry checked), and the per-session tickets the server mints for players.
+
+use crate::config::{Algorithm, AuthConfig};
+use crate::util::now_ms;
+use berth_protocol::ticket::{TicketClaims, TICKET_AUDIENCE};
+use berth_protocol::{PlayerId, SessionId};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Player,
+    Host,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Player => "player",
+            Role::Host => "host",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+fn default_role() -> Role {
+    Role::Player
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub iss: String,
+    pub aud: String,
+    pub exp: u64,
+    #[serde(default)]
+    pub iat: u64,
+    #[serde(default = "default_role")]
+    pub role: Role,
+}
+
+/// Why a token was refused; `code()` is what the client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token: send it as a bearer header or in the hello message")]
+    Missing,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is for another audience")]
+    Audience,
+    #[error("token is from another issuer")]
+    Issuer,
+    #[error("token is signed with an algorithm this server does not accept")]
+    Algorithm,
+    #[error("token signature does not verify")]
+    Signature,
+    #[error("token is malformed")]
+    Malformed,
+    #[error("token's role is {found}, this needs {needed}")]
+    Role {
+        found: &'static str,
+        needed: &'static str,
+    },
+    #[error("token's subject is not a valid id: {0}")]
+    Subject(String),
+    #[error("this server cannot mint tokens (no signing key configured)")]
+    CannotMint,
+    #[error("auth key: {0}")]
+    Key(String),
+}
+
+impl AuthError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::Expired => "expired_token",
+            AuthError::Audience => "wrong_audience",
+            AuthError::Issuer => "wrong_issuer",
+            AuthError::Algorithm => "bad_algorithm",
+            AuthError::Signature => "bad_signature",
+            AuthError::Malformed => "bad_token",
+            AuthError::Role { .. } => "wrong_role",
+            AuthError::Subject(_) => "bad_subject",
+            AuthError::CannotMint => "cannot_mint",
+            AuthError::Key(_) => "bad_key",
+        }
+    }
+}
+
+impl From<jsonwebtoken::errors::Error> for AuthError {
+    fn from(e: jsonwebtoken::errors::Error) -> Self {
+        match e.kind() {
+            ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => AuthError::Expired,
+            ErrorKind::InvalidAudience => AuthError::Audience,
+            ErrorKind::InvalidIssuer => AuthError::Issuer,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
+            ErrorKind::InvalidSignature => AuthError::Signature,
+            _ => AuthError::Malformed,
+        }
+    }
+}
+
+/// Verifies (and, with a signing key, mints) the deployment's JWTs.
+pub struct Auth {
+    alg: jsonwebtoken::Algorithm,
+    decoding: DecodingKey,
+    encoding: Option<EncodingKey>,
+    validation: Validation,
+    issuer: String,
+    audience: String,
+    pub dev_tokens: bool,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("alg", &self.alg).finish()
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, AuthError> {
+    std::fs::read(path).map_err(|e| AuthError::Key(format!("{}: {e}", path.display())))
+}
+
+impl Auth {
+    pub fn new(c: &AuthConfig) -> Result<Self, AuthError> {
+        let key_err = |e: jsonwebtoken::errors::Error| AuthError::Key(e.to_string());
+        let (alg, decoding, encoding) = match c.algorithm {
+            Algorithm::HS256 => {
+                let secret = match &c.secret_file {
+                    Some(p) => read(p)?,
+                    None => c.secret.clone().into_bytes(),
+                };
+                let secret = secret.trim_ascii().to_vec();
+                if secret.len() < 16 {
+                    return Err(AuthError::Key(
+                        "auth.secret must be at least 16 bytes (or set BERTH_AUTH_SECRET)".into(),
+                    ));
+                }
+                (
+                    jsonwebtoken::Algorithm::HS256,
+                    DecodingKey::from_secret(&secret),
+                    Some(EncodingKey::from_secret(&secret)),
+                )
+            }
+            Algorithm::RS256 | Algorithm::EdDSA => {
+                let pem = read(c.public_key_file.as_deref().ok_or_else(|| {
+                    AuthError::Key("auth.public_key_file is needed for RS256/EdDSA".into())
+                })?)?;
+                let private = c.private_key_file.as_deref().map(read).transpose()?;
+                if c.algorithm == Algorithm::RS256 {
+                    (
+                        jsonwebtoken::Algorithm::RS256,
+                        DecodingKey::from_rsa_pem(&pem).map_err(key_err)?,
+                        private
+                            .map(|p| EncodingKey::from_rsa_pem(&p))
+                            .transpose()
+                            .map_err(key_err)?,
+                    )
+                } else {
+                    (
+                        jsonwebtoken::Algorithm::EdDSA,
+                        DecodingKey::from_ed_pem(&pem).map_err(key_err)?,
+                        private
+                            .map(|p| EncodingKey::from_ed_pem(&p))
+                            .transpose()
+                            .map_err(key_err)?,
+                    )
+                }
+            }
+        };
+        let mut validation = Validation::new(alg);
+        validation.set_issuer(&[&c.issuer]);
+        validation.set_audience(&[&c.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = 5;
+        Ok(Auth {
+            alg,
+            decoding,
+            encoding,
+            validation,
+            issuer: c.issuer.clone(),
+            audience: c.audience.clone(),
+            dev_tokens: c.dev_tokens,
+        })
+    }
+
+    /// Checks `token` and that it carries `role`.
+    pub fn verify(&self, token: &str, role: Role) -> Result<Claims, AuthError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
+        if data.claims.role != role {
+            return Err(AuthError::Role {
+                found: data.claims.role.as_str(),
+                needed: role.as_str(),
+            });
+        }
+        Ok(data.claims)
+    }
+
+    /// A player's id from a verified player token.
+    pub fn verify_player(&self, token: &str) -> Result<PlayerId, AuthError> {
+        let claims = self.verify(token, Role::Player)?;
+        PlayerId::new(claims.sub).map_err(|e| AuthError::Subject(e.to_string()))
+    }
+
+    /// Mints a token for `sub` with `role`, valid `ttl_s` seconds.
+    pub fn mint(&self, sub: &str, role: Role, ttl_s: u64) -> Result<String, AuthError> {
+        let key = self.encoding.as_ref().ok_or(AuthError::CannotMint)?;
+        let now = now_ms() / 1000;
+        let claims = Claims {
+            sub: sub.to_owned(),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            exp: now + ttl_s,
+            iat: now,
+            role,
+        };
+        jsonwebtoken::encode(&Header::new(self.alg), &claims, key)
+            .map_err(|e| AuthError::Key(e.to_string()))
+    }
+
+    /// Mints a session ticket for `player` in `session`, signed with the session's key.
+    pub fn ticket(
+        &self,
+        key_hex: &str,
+        session: &SessionId,
+        player: &PlayerId,
+        ttl_ms: u64,
+    ) -> Result<(String, u64), AuthError> {
+        let key = hex::decode(key_hex).map_err(|e| AuthError::Key(e.to_string()))?;
+        let now = now_ms();
+        let expires_ms = now + ttl_ms;
+        let claims = TicketClaims {
+            sub: player.clone(),
+            sid: session.clone(),
+            aud: TICKET_AUDIENCE.to_owned(),
+            iss: self.issuer.clone(),
+            exp: expires_ms.div_ceil(1000),
+            iat: now / 1000,
+            jti: crate::util::random_id(),
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&key),
+        )
+        .map_err(|e| AuthError::Key(e.to_string()))?;
+        Ok((token, expires_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn auth() -> Auth {
+        Auth::new(&AuthConfig {
+            secret: "0123456789abcdef0123".into(),
+            ..AuthConfig::default()
+        })
+        .expect("valid config")
+    }
+
+    fn b64(v: &serde_json::Value) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    #[test]
+    fn roles_expiry_audience_and_alg_none() {
+        let a = auth();
+        let t = a.mint("alice", Role::Player, 60).expect("mint");
+        assert_eq!(a.verify_player(&t).expect("valid").as_str(), "alice");
+        let e = a.verify(&t, Role::Admin).expect_err("not admin");
+        assert_eq!(e.code(), "wrong_role");
+
+        let other = Auth::new(&AuthConfig {
+            secret: "0123456789abcdef0123".into(),
+            audience: "someone-else".into(),
+            ..AuthConfig::default()
+        })
+        .expect("valid");
+        let t2 = other.mint("alice", Role::Player, 60).expect("mint");
+        assert_eq!(
+            a.verify_player(&t2).expect_err("aud").code(),
+            "wrong_audience"
+        );
+
+        let now = now_ms() / 1000;
+        let claims = serde_json::json!({"sub":"alice","iss":"berth","aud":"berth","exp": now + 60});
+        let none = format!(
+            "{}.{}.",
+            b64(&serde_json::json!({"alg":"none","typ":"JWT"})),
+            b64(&claims)
+        );
+        let e = a.verify_player(&none).expect_err("alg none");
+        assert!(matches!(e.code(), "bad_algorithm" | "bad_token"), "{e:?}");
+        assert_eq!(
+            a.verify_player("").expect_err("empty").code(),
+            "missing_token"
+        );
+        assert_eq!(
+            a.verify_player("x.y.z").expect_err("junk").code(),
+            "bad_token"
+        );
+    }
+
+    #[test]
+    fn expired_token_is_refused() {
+        let a = auth();
+        let now = now_ms() / 1000;
+        let claims = Claims {
+            sub: "bob".into(),
+            iss: "berth".into(),
+            aud: "berth".into(),
+            exp: now - 120,
+            iat: now - 180,
+            role: Role::Player,
+        };
+        let t = jsonwebtoken::encode(
+            &Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"0123456789abcdef0123"),
+        )
+        .expect("encode");
+        assert_eq!(
+            a.verify_player(&t).expect_err("expired").code(),
+            "expired_token"
+        );
+    }
+}

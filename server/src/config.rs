@@ -1,0 +1,288 @@
+//! `berth-server`'s configuration: a TOML file (every key optional), then flags and
+//! environment variables on top, validated into runtime types at start-up.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where players, hosts and operators connect.
+    pub listen: SocketAddr,
+    /// This replica's name (hosts connected to it are recorded under it); random if empty.
+    pub replica: String,
+    /// Game modes: every `*.toml` in this folder.
+    pub modes_dir: PathBuf,
+    pub store: StoreConfig,
+    pub auth: AuthConfig,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub placement: Placement,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: ([127, 0, 0, 1], 7080).into(),
+            replica: String::new(),
+            modes_dir: PathBuf::from("assets/modes"),
+            store: StoreConfig::default(),
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            placement: Placement::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Empty: the embedded memory store. `redis://…`: shared state for many replicas.
+    pub redis: String,
+    /// Prefix of every Redis key (one deployment per prefix).
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Algorithm {
+    HS256,
+    RS256,
+    EdDSA,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The one algorithm accepted; a token naming another (or `none`) is refused.
+    pub algorithm: Algorithm,
+    /// HS256 shared secret (or `BERTH_AUTH_SECRET`).
+    pub secret: String,
+    pub secret_file: Option<PathBuf>,
+    /// RS256/EdDSA: PEM public key to verify with.
+    pub public_key_file: Option<PathBuf>,
+    /// RS256/EdDSA: PEM private key, only needed to mint tokens (dev mode, `token`).
+    pub private_key_file: Option<PathBuf>,
+    pub issuer: String,
+    pub audience: String,
+    /// Lets anyone mint player tokens at `POST /v1/dev/token` (and admin tokens with
+    /// `berth-server token`). Never on in production.
+    pub dev_tokens: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            algorithm: Algorithm::HS256,
+            secret: String::new(),
+            secret_file: None,
+            public_key_file: None,
+            private_key_file: None,
+            issuer: "berth".into(),
+            audience: "berth".into(),
+            dev_tokens: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest websocket message accepted from a player or host.
+    pub max_frame_bytes: usize,
+    /// Messages per second a player connection may send (token bucket)…
+    pub messages_per_s: u32,
+    /// …with bursts up to this many.
+    pub burst: u32,
+    /// Rate-limited messages tolerated before the connection is closed.
+    pub rate_strikes: u32,
+    /// Most concurrent player connections on this replica.
+    pub max_players: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 16 * 1024,
+            messages_per_s: 10,
+            burst: 20,
+            rate_strikes: 20,
+            max_players: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// A player must send `hello` within this.
+    pub hello_ms: u64,
+    /// A player socket silent this long is closed (clients ping every third of it).
+    pub idle_ms: u64,
+    /// A disconnected player keeps its place in the queue this long.
+    pub reconnect_grace_ms: u64,
+    /// hostd heartbeats this often…
+    pub host_heartbeat_ms: u64,
+    /// …and is lost if not heard from for this long (or disconnected this long).
+    pub host_lost_ms: u64,
+    /// Choosing a host.
+    pub placing_ms: u64,
+    /// hostd activating the VM, per attempt.
+    pub activating_ms: u64,
+    /// A session's VM being destroyed after it ended.
+    pub ending_ms: u64,
+    /// Session tickets are valid this long (a reconnecting player gets a fresh one).
+    pub ticket_ttl_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            hello_ms: 10_000,
+            idle_ms: 60_000,
+            reconnect_grace_ms: 30_000,
+            host_heartbeat_ms: 2_000,
+            host_lost_ms: 6_000,
+            placing_ms: 5_000,
+            activating_ms: 15_000,
+            ending_ms: 10_000,
+            ticket_ttl_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// The host with the fewest running VMs: spreads load and failure.
+    Spread,
+    /// The host with the most running VMs that still has room: frees whole hosts.
+    Pack,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Placement {
+    pub policy: Policy,
+    /// Hosts tried per session before it ends as `placement_failed`.
+    pub attempts: u32,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            policy: Policy::Spread,
+            attempts: 3,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads `path` (all keys optional; unknown keys are refused).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let c: ServerConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(c)
+    }
+
+    /// Checks what serde cannot; run after flags are applied.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_frame_bytes < 256 || l.max_frame_bytes > 16 << 20 {
+            return Err(invalid("limits.max_frame_bytes", "must be 256 B to 16 MiB"));
+        }
+        if l.messages_per_s == 0 || l.burst == 0 {
+            return Err(invalid("limits.messages_per_s", "must be at least 1"));
+        }
+        let t = &self.timeouts;
+        if t.host_lost_ms <= t.host_heartbeat_ms {
+            return Err(invalid(
+                "timeouts.host_lost_ms",
+                "must be longer than timeouts.host_heartbeat_ms",
+            ));
+        }
+        for (key, v) in [
+            ("timeouts.hello_ms", t.hello_ms),
+            ("timeouts.idle_ms", t.idle_ms),
+            ("timeouts.host_heartbeat_ms", t.host_heartbeat_ms),
+            ("timeouts.placing_ms", t.placing_ms),
+            ("timeouts.activating_ms", t.activating_ms),
+            ("timeouts.ending_ms", t.ending_ms),
+            ("timeouts.ticket_ttl_ms", t.ticket_ttl_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be more than 0"));
+            }
+        }
+        if self.placement.attempts == 0 {
+            return Err(invalid("placement.attempts", "must be at least 1"));
+        }
+        let r = &self.store.redis;
+        let known = ["redis://", "rediss://", "redis+unix://"];
+        if !r.is_empty() && !known.iter().any(|k| r.starts_with(k)) {
+            return Err(invalid("store.redis", "must be a redis:// URL"));
+        }
+        Ok(())
+    }
+}
+
+impl Timeouts {
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults_and_unknown_keys_are_named() {
+        let c = ServerConfig::parse("", Path::new("x.toml")).expect("empty is fine");
+        c.validate().expect("defaults are valid");
+        let e = ServerConfig::parse("[limits]\nmax_frame = 3\n", Path::new("x.toml"))
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("max_frame"), "{e}");
+        let mut c = ServerConfig::default();
+        c.timeouts.host_lost_ms = 1;
+        let e = c.validate().expect_err("lost before heartbeat");
+        assert!(e.to_string().starts_with("timeouts.host_lost_ms"), "{e}");
+    }
+}

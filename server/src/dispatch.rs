@@ -1,0 +1,110 @@
+//! The replica's event loop: turns events from every replica (through the store) into
+//! messages on the sockets this replica holds.
+
+use crate::model::{Event, SessionState};
+use crate::play::session_message;
+use crate::state::{lock, Ctx};
+use crate::wire::close;
+use berth_protocol::host::ServerToHost;
+use berth_protocol::play::ServerMessage;
+use std::time::Instant;
+use tokio::sync::broadcast::error::RecvError;
+
+pub async fn run(ctx: Ctx) {
+    let mut events = ctx.store.subscribe();
+    loop {
+        match events.recv().await {
+            Ok(e) => {
+                if let Err(err) = handle(&ctx, e).await {
+                    tracing::warn!(error = %err, "handling event");
+                }
+            }
+            Err(RecvError::Lagged(n)) => {
+                // State lives in the store: players re-read it on reconnect and the sweeper
+                // re-drives placement; what was missed here is notification, not state.
+                tracing::warn!(missed = n, "event receiver lagged");
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
+    match e {
+        Event::QueueChanged { pool } => {
+            let _ = ctx.matcher.send(pool);
+        }
+        Event::Dequeued {
+            player,
+            ticket,
+            reason,
+        } => {
+            if let Some(c) = ctx.player(&player) {
+                c.send(ServerMessage::Dequeued { ticket, reason });
+            }
+        }
+        Event::Session { session, state } => {
+            if !matches!(
+                state,
+                SessionState::Active | SessionState::Ending | SessionState::Ended
+            ) {
+                return Ok(());
+            }
+            let Some(s) = ctx.store.session(&session).await? else {
+                return Ok(());
+            };
+            let local: Vec<_> = {
+                let players = lock(&ctx.players);
+                s.players
+                    .iter()
+                    .filter_map(|p| players.get(p).map(|c| (p.clone(), c.clone())))
+                    .collect()
+            };
+            for (p, c) in local {
+                // The event names the state it was published for; the session may have moved
+                // on since, and then a later event covers it.
+                if s.state != state {
+                    continue;
+                }
+                if let Some(m) = session_message(ctx, &s, &p, Some(state)) {
+                    c.send(m);
+                }
+            }
+        }
+        Event::Place { host, session } => {
+            let Some(c) = ctx.host_conn(&host) else {
+                return Ok(());
+            };
+            let Some(s) = ctx.store.session(&session).await? else {
+                return Ok(());
+            };
+            if s.state != SessionState::Activating || s.host.as_ref() != Some(&host) {
+                return Ok(());
+            }
+            lock(&ctx.activations).insert(s.id.clone(), Instant::now());
+            c.send(ServerToHost::Activate {
+                session: s.id,
+                image: s.image,
+                players: s.players,
+                ticket_key: s.ticket_key,
+                params: s.params,
+                deadline_ms: s.deadline_ms,
+            });
+        }
+        Event::Destroy { host, session } => {
+            if let Some(c) = ctx.host_conn(&host) {
+                c.send(ServerToHost::Destroy { session });
+            }
+        }
+        Event::PlayerConnected { player, conn } => {
+            let old = {
+                let players = lock(&ctx.players);
+                players.get(&player).filter(|c| c.id != conn).cloned()
+            };
+            if let Some(c) = old {
+                c.close(close::REPLACED, "replaced");
+            }
+        }
+    }
+    Ok(())
+}

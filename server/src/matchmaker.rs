@@ -1,0 +1,162 @@
+//! The matchmaker task: one per replica. It looks at a pool as soon as tickets arrive there
+//! (an [`Event::QueueChanged`] from any replica), and at every pool a few times a second for
+//! what time changes (widening skill windows, fill waits, max waits, players away too long).
+//!
+//! Replicas share the work by pool: a pool is matched by the replica holding its lease. The
+//! store's atomic claim is what makes a ticket match once even if two replicas ever overlap.
+
+use crate::matching::decide;
+use crate::model::{Event, PoolKey};
+use crate::sessions::{new_session, try_place};
+use crate::state::Ctx;
+use crate::store::StoreError;
+use crate::util::now_ms;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How often every pool is looked at even without new tickets.
+pub const TICK: Duration = Duration::from_millis(250);
+/// A pool lease lasts this long and is renewed when a third is left.
+const LEASE_MS: u64 = 3000;
+
+pub async fn run(ctx: Ctx, mut trigger: mpsc::UnboundedReceiver<PoolKey>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leases: HashMap<PoolKey, Instant> = HashMap::new();
+    let mut dirty: BTreeSet<PoolKey> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            pool = trigger.recv() => {
+                let Some(pool) = pool else { return };
+                dirty.insert(pool);
+                while let Ok(p) = trigger.try_recv() {
+                    dirty.insert(p);
+                }
+            }
+            _ = tick.tick() => match ctx.store.pools().await {
+                Ok(pools) => dirty.extend(pools),
+                Err(e) => tracing::warn!(error = %e, "listing pools"),
+            },
+        }
+        for pool in std::mem::take(&mut dirty) {
+            let now = Instant::now();
+            let held = leases.get(&pool).is_some_and(|until| {
+                until.saturating_duration_since(now) > Duration::from_millis(LEASE_MS / 3)
+            });
+            if !held {
+                match ctx
+                    .store
+                    .lease(&format!("match:{pool}"), &ctx.replica, LEASE_MS)
+                    .await
+                {
+                    Ok(true) => {
+                        leases.insert(pool.clone(), now + Duration::from_millis(LEASE_MS));
+                    }
+                    Ok(false) => {
+                        leases.remove(&pool);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, %pool, "pool lease");
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = cycle(&ctx, &pool).await {
+                tracing::warn!(error = %e, %pool, "matching failed");
+            }
+        }
+    }
+}
+
+/// Matches one pool until nothing more can be formed; returns how many matches were claimed.
+pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
+    let mut claimed = 0;
+    // A lost claim means the queue changed under us: look again (bounded).
+    for _ in 0..8 {
+        let tickets = ctx.store.tickets(pool).await?;
+        let now = now_ms();
+        let Some(mode) = ctx.modes.get(&pool.mode) else {
+            for t in tickets {
+                drop_ticket(ctx, &t, "mode_removed").await?;
+            }
+            return Ok(claimed);
+        };
+        let outcome = decide(mode, &tickets, now, ctx.config.timeouts.reconnect_grace_ms);
+        for (t, reason) in &outcome.dropped {
+            drop_ticket(ctx, t, reason).await?;
+        }
+        let mut lost = false;
+        let mut matched = 0;
+        for formed in &outcome.matches {
+            let session = new_session(ctx, mode, &pool.region, formed, now);
+            if ctx.store.claim(&formed.tickets, &session).await? {
+                claimed += 1;
+                matched += formed.tickets.len();
+                ctx.metrics.matches.inc();
+                observe_waits(ctx, pool, &tickets, &formed.tickets, now);
+                tracing::debug!(session_id = %session.id, %pool, players = session.players.len(), "match formed");
+                ctx.store
+                    .publish(&Event::Session {
+                        session: session.id.clone(),
+                        state: session.state,
+                    })
+                    .await?;
+                let (ctx, id) = (ctx.clone(), session.id.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = try_place(&ctx, &id).await {
+                        tracing::warn!(session_id = %id, error = %e, "placement failed");
+                    }
+                });
+            } else {
+                lost = true;
+            }
+        }
+        ctx.metrics
+            .queue_depth
+            .get_or_create(&vec![
+                ("mode", pool.mode.clone()),
+                ("region", pool.region.clone()),
+            ])
+            .set((tickets.len() - matched - outcome.dropped.len()) as i64);
+        if !lost {
+            return Ok(claimed);
+        }
+    }
+    Ok(claimed)
+}
+
+fn observe_waits(
+    ctx: &Ctx,
+    pool: &PoolKey,
+    tickets: &[crate::model::Ticket],
+    ids: &[String],
+    now: u64,
+) {
+    let wait = ctx
+        .metrics
+        .queue_wait
+        .get_or_create(&vec![("mode", pool.mode.clone())]);
+    for t in tickets.iter().filter(|t| ids.contains(&t.id)) {
+        wait.observe(now.saturating_sub(t.enqueued_ms) as f64 / 1000.0);
+    }
+}
+
+async fn drop_ticket(ctx: &Ctx, t: &crate::model::Ticket, reason: &str) -> Result<(), StoreError> {
+    // Only this ticket: the player may have queued again meanwhile.
+    if let Some(crate::model::Binding::Queued { ticket, .. }) = ctx.store.binding(&t.player).await?
+    {
+        if ticket == t.id {
+            ctx.store.dequeue(&t.player).await?;
+            ctx.store
+                .publish(&Event::Dequeued {
+                    player: t.player.clone(),
+                    ticket: t.id.clone(),
+                    reason: reason.to_owned(),
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}

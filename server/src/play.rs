@@ -1,0 +1,478 @@
+//! The player websocket (`/v1/play`): hello and auth, queue, cancel, ping; resume on
+//! reconnect; one live connection per player; rate limit, size limit, idle timeout.
+//!
+//! The connection logic is written against any `Stream + Sink` of websocket messages, so the
+//! same code runs on real sockets and in tests.
+
+use crate::model::{Binding, Event, PoolKey, Session, SessionState, Ticket};
+use crate::state::{lock, Conn, Ctx, Outbound, PlayerConn};
+use crate::util::{now_ms, random_id};
+use crate::wire::{self, close, decode, send_close, text, FrameError, RateLimit};
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage, PLAY_PROTOCOL_VERSION};
+use berth_protocol::PlayerId;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Queued players get a `queue_status` this often.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// Messages waiting to be written to one player before it counts as too slow.
+const OUTBOX: usize = 32;
+
+pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(ctx): State<Ctx>) -> Response {
+    let limits = &ctx.config.limits;
+    if lock(&ctx.players).len() >= limits.max_players {
+        ctx.metrics.refuse("server_full");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(ServerMessage::error(
+                "server_full",
+                "too many players; retry later",
+            )),
+        )
+            .into_response();
+    }
+    let bearer = wire::bearer(&headers);
+    let max = limits.max_frame_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        // Small buffers: most player sockets are idle most of the time.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_write_buffer_size(256 * 1024)
+        .on_upgrade(move |socket| serve(ctx, socket, bearer))
+}
+
+/// Runs one player connection to its end.
+pub async fn serve<S>(ctx: Ctx, mut ws: S, bearer: Option<String>)
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
+{
+    let Some(player) = hello(&ctx, &mut ws, bearer).await else {
+        return;
+    };
+    let conn_id = random_id();
+    let (tx, mut rx) = mpsc::channel(OUTBOX);
+    let conn: PlayerConn = Conn {
+        id: conn_id.clone(),
+        tx,
+    };
+    if let Some(old) = lock(&ctx.players).insert(player.clone(), conn) {
+        old.close(close::REPLACED, "replaced");
+    }
+    ctx.metrics.player_connections.inc();
+    if let Err(e) = ctx
+        .store
+        .publish(&Event::PlayerConnected {
+            player: player.clone(),
+            conn: conn_id.clone(),
+        })
+        .await
+    {
+        tracing::warn!(error = %e, "publishing connect");
+    }
+    let _ = ctx.store.set_away(&player, None).await;
+
+    let t = &ctx.config.timeouts;
+    let welcome = ServerMessage::Welcome {
+        v: PLAY_PROTOCOL_VERSION,
+        player: player.clone(),
+        ping_interval_ms: t.idle_ms / 3,
+        reconnect_grace_ms: t.reconnect_grace_ms,
+    };
+    let mut ok = ws.send(text(&welcome)).await.is_ok();
+    if ok {
+        for m in current_state(&ctx, &player).await {
+            ok &= ws.send(text(&m)).await.is_ok();
+        }
+    }
+
+    let mut rate = RateLimit::new(ctx.config.limits.messages_per_s, ctx.config.limits.burst);
+    let mut strikes = 0;
+    let idle = Duration::from_millis(t.idle_ms);
+    let mut last_heard = Instant::now();
+    let mut status =
+        tokio::time::interval_at(tokio::time::Instant::now() + STATUS_EVERY, STATUS_EVERY);
+    while ok {
+        let idle_left = idle.saturating_sub(last_heard.elapsed());
+        tokio::select! {
+            frame = ws.next() => {
+                last_heard = Instant::now();
+                let replies = match frame {
+                    None | Some(Ok(Message::Close(_))) => break,
+                    Some(Err(e)) => {
+                        if wire::is_too_big(&e) {
+                            ctx.metrics.refuse("message_too_big");
+                            send_close(&mut ws, close::TOO_BIG, "message_too_big").await;
+                        }
+                        break;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(m)) => {
+                        if !rate.allow(Instant::now()) {
+                            strikes += 1;
+                            ctx.metrics.refuse("rate_limited");
+                            if strikes > ctx.config.limits.rate_strikes {
+                                let _ = ws.send(text(&ServerMessage::error("rate_limited", "too many messages; closing"))).await;
+                                send_close(&mut ws, close::RATE_LIMITED, "rate_limited").await;
+                                break;
+                            }
+                            vec![ServerMessage::error("rate_limited", format!(
+                                "at most {} messages per second", ctx.config.limits.messages_per_s))]
+                        } else {
+                            handle(&ctx, &player, m).await
+                        }
+                    }
+                };
+                for r in replies {
+                    if ws.send(text(&r)).await.is_err() {
+                        ok = false;
+                    }
+                }
+            }
+            out = rx.recv() => match out {
+                Some(Outbound::Msg(m)) => ok = ws.send(text(&m)).await.is_ok(),
+                Some(Outbound::Close(code, reason)) => {
+                    let _ = ws.send(text(&ServerMessage::error(&reason, close_message(&reason)))).await;
+                    send_close(&mut ws, code, &reason).await;
+                    break;
+                }
+                None => break,
+            },
+            _ = status.tick() => {
+                if let Some(m) = queue_status(&ctx, &player).await {
+                    ok = ws.send(text(&m)).await.is_ok();
+                }
+            }
+            _ = tokio::time::sleep(idle_left) => {
+                ctx.metrics.refuse("idle_timeout");
+                send_close(&mut ws, close::TIMEOUT, "idle_timeout").await;
+                break;
+            }
+        }
+    }
+
+    let mine = {
+        let mut players = lock(&ctx.players);
+        let mine = players.get(&player).is_some_and(|c| c.id == conn_id);
+        if mine {
+            players.remove(&player);
+        }
+        mine
+    };
+    ctx.metrics.player_connections.dec();
+    // A queued player keeps its ticket for the reconnect grace (unless another connection of
+    // theirs is live).
+    if mine {
+        let _ = ctx.store.set_away(&player, Some(now_ms())).await;
+    }
+}
+
+fn close_message(reason: &str) -> String {
+    match reason {
+        "replaced" => "another connection for this player took over".into(),
+        "slow_consumer" => "messages were not read fast enough".into(),
+        "shutting_down" => "server is shutting down; reconnect".into(),
+        other => other.to_owned(),
+    }
+}
+
+/// Waits for `hello`, checks the version and the token; `None` if the connection was closed.
+async fn hello<S>(ctx: &Ctx, ws: &mut S, bearer: Option<String>) -> Option<PlayerId>
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
+{
+    let wait = Duration::from_millis(ctx.config.timeouts.hello_ms);
+    let refuse = |code: &'static str, message: String, close_code: u16| async move {
+        (code, message, close_code)
+    };
+    let (code, message, close_code) = loop {
+        let frame = match tokio::time::timeout(wait, ws.next()).await {
+            Err(_) => {
+                break refuse("hello_timeout", "no hello in time".into(), close::TIMEOUT).await
+            }
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return None,
+            Ok(Some(Ok(f))) => f,
+        };
+        let text = match frame {
+            Message::Text(t) => t,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            _ => {
+                let e = FrameError::Binary;
+                break refuse(e.code(), e.to_string(), close::PROTOCOL).await;
+            }
+        };
+        match decode::<ClientMessage>(&text) {
+            Ok(ClientMessage::Hello { v, token }) => {
+                if v != PLAY_PROTOCOL_VERSION {
+                    break refuse(
+                        "unsupported_version",
+                        format!(
+                            "this server speaks protocol version {PLAY_PROTOCOL_VERSION}, not {v}"
+                        ),
+                        close::PROTOCOL,
+                    )
+                    .await;
+                }
+                let token = token.or(bearer.clone()).unwrap_or_default();
+                match ctx.auth.verify_player(&token) {
+                    Ok(p) => return Some(p),
+                    Err(e) => break refuse(e.code(), e.to_string(), close::AUTH).await,
+                }
+            }
+            Ok(_) => {
+                break refuse(
+                    "hello_required",
+                    "the first message must be hello".into(),
+                    close::PROTOCOL,
+                )
+                .await
+            }
+            Err(e) => break refuse(e.code(), e.to_string(), close::PROTOCOL).await,
+        }
+    };
+    ctx.metrics.refuse(code);
+    let _ = ws.send(text(&ServerMessage::error(code, message))).await;
+    send_close(ws, close_code, code).await;
+    None
+}
+
+/// Answers one frame from an authenticated player.
+async fn handle(ctx: &Ctx, player: &PlayerId, m: Message) -> Vec<ServerMessage> {
+    let text = match m {
+        Message::Text(t) => t,
+        _ => {
+            let e = FrameError::Binary;
+            ctx.metrics.refuse(e.code());
+            return vec![ServerMessage::error(e.code(), e.to_string())];
+        }
+    };
+    let msg = match decode::<ClientMessage>(&text) {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.metrics.refuse(e.code());
+            return vec![ServerMessage::error(e.code(), e.to_string())];
+        }
+    };
+    let result = match msg {
+        ClientMessage::Hello { .. } => Err(("already_hello", "hello was already accepted".into())),
+        ClientMessage::Ping { nonce } => Ok(vec![ServerMessage::Pong {
+            nonce,
+            server_ms: now_ms(),
+        }]),
+        ClientMessage::Queue {
+            mode,
+            region,
+            party,
+            skill,
+        } => queue(ctx, player, mode, region, party, skill).await,
+        ClientMessage::Cancel {} => match ctx.store.dequeue(player).await {
+            Ok(Some(t)) => Ok(vec![ServerMessage::Dequeued {
+                ticket: t.id,
+                reason: "cancelled".into(),
+            }]),
+            Ok(None) => Err(("not_queued", "there is no ticket to cancel".into())),
+            Err(e) => Err((e.code(), "state store unavailable; retry".into())),
+        },
+    };
+    result.unwrap_or_else(|(code, message)| {
+        ctx.metrics.refuse(code);
+        vec![ServerMessage::error(code, message)]
+    })
+}
+
+type Refusal = (&'static str, String);
+
+fn valid_name(s: &str) -> bool {
+    berth_protocol::SessionId::new(s).is_ok()
+}
+
+async fn queue(
+    ctx: &Ctx,
+    player: &PlayerId,
+    mode_name: String,
+    region: String,
+    party: Option<PartySpec>,
+    skill: Option<f64>,
+) -> Result<Vec<ServerMessage>, Refusal> {
+    let Some(mode) = ctx.modes.get(&mode_name) else {
+        let known: Vec<&str> = ctx.modes.0.keys().map(String::as_str).collect();
+        return Err((
+            "unknown_mode",
+            format!("no mode {mode_name:?}; modes: {}", known.join(", ")),
+        ));
+    };
+    if !valid_name(&region) || !mode.offers_region(&region) {
+        return Err((
+            "unknown_region",
+            format!("mode {mode_name} is not offered in region {region:?}"),
+        ));
+    }
+    let skill = skill.unwrap_or(mode.skill.default);
+    if !skill.is_finite() || skill.abs() > 1e9 {
+        return Err(("bad_skill", "skill must be a finite number".into()));
+    }
+    let pool = PoolKey {
+        mode: mode_name,
+        region,
+    };
+    let party = match party {
+        Some(p) if p.size <= 1 => None,
+        Some(p) => {
+            if !valid_name(&p.id) {
+                return Err((
+                    "bad_party",
+                    "party id must be 1-64 letters, digits, '-', '_' or '.'".into(),
+                ));
+            }
+            if p.size > mode.team_size() {
+                return Err((
+                    "party_too_big",
+                    format!(
+                        "parties in {} have at most {} players",
+                        mode.name,
+                        mode.team_size()
+                    ),
+                ));
+            }
+            let tickets = ctx
+                .store
+                .tickets(&pool)
+                .await
+                .map_err(|e| (e.code(), "state store unavailable; retry".to_owned()))?;
+            let members = tickets
+                .iter()
+                .filter(|t| t.party.as_ref().is_some_and(|q| q.id == p.id))
+                .count();
+            if members as u32 >= p.size {
+                return Err((
+                    "party_full",
+                    format!("party {} already has {} players queued", p.id, p.size),
+                ));
+            }
+            Some(p)
+        }
+        None => None,
+    };
+    let ticket = Ticket {
+        id: format!("t-{}", &random_id()[..20]),
+        player: player.clone(),
+        pool: pool.clone(),
+        party,
+        skill,
+        enqueued_ms: now_ms(),
+        away_since_ms: None,
+    };
+    match ctx.store.enqueue(&ticket).await {
+        Ok(()) => {}
+        Err(e @ crate::store::StoreError::PlayerBusy(_)) => {
+            return Err((
+                e.code(),
+                match e.code() {
+                    "in_session" => {
+                        "you are in a session; it must end before you queue again".into()
+                    }
+                    _ => "you are already queued; cancel first to change mode".into(),
+                },
+            ));
+        }
+        Err(e) => return Err((e.code(), "state store unavailable; retry".into())),
+    }
+    if let Err(e) = ctx
+        .store
+        .publish(&Event::QueueChanged { pool: pool.clone() })
+        .await
+    {
+        tracing::warn!(error = %e, "publishing queue change");
+    }
+    Ok(queue_status(ctx, player).await.into_iter().collect())
+}
+
+/// The player's `queue_status`, if queued.
+async fn queue_status(ctx: &Ctx, player: &PlayerId) -> Option<ServerMessage> {
+    let Ok(Some(Binding::Queued { ticket, pool })) = ctx.store.binding(player).await else {
+        return None;
+    };
+    let tickets = ctx.store.tickets(&pool).await.ok()?;
+    let t = tickets.iter().find(|t| t.id == ticket)?;
+    let waited_ms = now_ms().saturating_sub(t.enqueued_ms);
+    let window = ctx
+        .modes
+        .get(&pool.mode)
+        .map_or(0.0, |m| m.skill.window_after(waited_ms));
+    Some(ServerMessage::QueueStatus {
+        ticket,
+        mode: pool.mode,
+        region: pool.region,
+        waited_ms,
+        queued: tickets.len() as u64,
+        skill_window: window,
+    })
+}
+
+/// What a (re)connecting player is told about where it stands.
+async fn current_state(ctx: &Ctx, player: &PlayerId) -> Vec<ServerMessage> {
+    match ctx.store.binding(player).await {
+        Ok(Some(Binding::Queued { .. })) => queue_status(ctx, player).await.into_iter().collect(),
+        Ok(Some(Binding::Session { session })) => match ctx.store.session(&session).await {
+            Ok(Some(s)) => session_message(ctx, &s, player, None).into_iter().collect(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// What `player` should hear about session `s` in its current state (`previous`: the state it
+/// came from, when known): `matched` once active, `session_ended` once ending.
+pub fn session_message(
+    ctx: &Ctx,
+    s: &Session,
+    player: &PlayerId,
+    previous: Option<SessionState>,
+) -> Option<ServerMessage> {
+    match s.state {
+        SessionState::Active => {
+            let team = s.teams.iter().position(|t| t.contains(player))? as u32;
+            let (ticket, ticket_expires_ms) = ctx
+                .auth
+                .ticket(
+                    &s.ticket_key,
+                    &s.id,
+                    player,
+                    ctx.config.timeouts.ticket_ttl_ms,
+                )
+                .map_err(|e| tracing::error!(session_id = %s.id, error = %e, "minting ticket"))
+                .ok()?;
+            Some(ServerMessage::Matched {
+                session: s.id.clone(),
+                mode: s.pool.mode.clone(),
+                endpoint: s.endpoint.clone().unwrap_or_default(),
+                ticket,
+                ticket_expires_ms,
+                deadline_ms: s.ends_by_ms,
+                team,
+                teams: s.teams.clone(),
+            })
+        }
+        SessionState::Ending => Some(ended_message(s)),
+        // Straight to Ended without Ending (never placed): tell them once.
+        SessionState::Ended
+            if previous.is_some() && !s.history.iter().any(|t| t.state == SessionState::Ending) =>
+        {
+            Some(ended_message(s))
+        }
+        _ => None,
+    }
+}
+
+fn ended_message(s: &Session) -> ServerMessage {
+    ServerMessage::SessionEnded {
+        session: s.id.clone(),
+        reason: s.end_reason.clone().unwrap_or_else(|| "ended".into()),
+        results: s.results.clone(),
+    }
+}

@@ -1,0 +1,424 @@
+//! The session lifecycle: placement on a host, activation answers, ending, and the sweeper
+//! that enforces every state's deadline and marks silent hosts lost.
+//!
+//! Every change is a compare-and-set on the stored session followed by an
+//! [`Event::Session`], so any replica may make it and every replica tells its own players.
+
+use crate::config::Policy;
+use crate::matching::Formed;
+use crate::model::{Event, HostRecord, HostState, Session, SessionState, Transition};
+use crate::modes::Mode;
+use crate::state::Ctx;
+use crate::store::StoreError;
+use crate::util::{now_ms, random_id, random_key};
+use berth_protocol::{HostId, SessionId, VmId};
+use std::time::Duration;
+
+/// How many times a compare-and-set is retried against concurrent writers.
+const CAS_TRIES: usize = 8;
+
+/// A new session for a formed match, in `Placing`.
+pub fn new_session(ctx: &Ctx, mode: &Mode, region: &str, formed: &Formed, now: u64) -> Session {
+    let id = SessionId::new(format!("s-{}", &random_id()[..20])).expect("hex is a valid id");
+    let players = formed.teams.iter().flatten().cloned().collect();
+    Session {
+        id,
+        version: 0,
+        pool: crate::model::PoolKey {
+            mode: mode.name.clone(),
+            region: region.to_owned(),
+        },
+        image: mode.image.clone(),
+        state: SessionState::Placing,
+        players,
+        teams: formed.teams.clone(),
+        ticket_key: random_key(),
+        params: mode.params_json(),
+        host: None,
+        tried_hosts: Vec::new(),
+        vm: None,
+        endpoint: None,
+        created_ms: now,
+        deadline_ms: now + ctx.config.timeouts.placing_ms,
+        ends_by_ms: now + mode.session_max_s * 1000,
+        history: vec![Transition {
+            state: SessionState::Placing,
+            at_ms: now,
+            note: String::new(),
+        }],
+        end_reason: None,
+        results: serde_json::Value::Null,
+        match_ms: now.saturating_sub(formed.oldest_ms),
+    }
+}
+
+/// Reads, changes with `f` (which returns `false` to leave it alone) and compare-and-sets the
+/// session, retrying on concurrent changes; publishes the new state. `None` if `f` declined or
+/// the session is gone.
+pub async fn modify(
+    ctx: &Ctx,
+    id: &SessionId,
+    mut f: impl FnMut(&mut Session) -> bool,
+) -> Result<Option<Session>, StoreError> {
+    for _ in 0..CAS_TRIES {
+        let Some(current) = ctx.store.session(id).await? else {
+            return Ok(None);
+        };
+        let mut next = current.clone();
+        if !f(&mut next) {
+            return Ok(None);
+        }
+        if let Some(stored) = ctx.store.update_session(&next).await? {
+            if stored.state != current.state {
+                ctx.store
+                    .publish(&Event::Session {
+                        session: stored.id.clone(),
+                        state: stored.state,
+                    })
+                    .await?;
+            }
+            return Ok(Some(stored));
+        }
+    }
+    tracing::warn!(session_id = %id, "session kept changing under us; giving up this step");
+    Ok(None)
+}
+
+/// The VM resources a session's mode asks for (unknown mode: the image's defaults).
+fn wants(ctx: &Ctx, s: &Session) -> (u32, u32) {
+    ctx.modes
+        .get(&s.pool.mode)
+        .map_or((0, 0), |m| (m.vm.memory_mib, m.vm.vcpus))
+}
+
+/// Orders candidate hosts for `image`: warm clones first, then a docked substrate, then the
+/// policy. Hosts without room, draining, not up, or already tried are left out.
+pub fn rank_hosts<'a>(
+    hosts: &'a [HostRecord],
+    image: &str,
+    (memory_mib, vcpus): (u32, u32),
+    tried: &[HostId],
+    pending: &dyn Fn(&HostId) -> u32,
+    policy: Policy,
+) -> Vec<&'a HostRecord> {
+    let mut c: Vec<(&HostRecord, u32, bool, bool)> = hosts
+        .iter()
+        .filter(|h| h.state == HostState::Up && !h.draining && !tried.contains(&h.id))
+        .filter_map(|h| {
+            let img = h
+                .images
+                .iter()
+                .find(|i| i.name == image && i.memory_mib >= memory_mib && i.vcpus >= vcpus)?;
+            let busy = h.running() + pending(&h.id);
+            (busy < h.max_vms).then_some((h, busy, img.warm > pending(&h.id), img.docked))
+        })
+        .collect();
+    c.sort_by(|a, b| {
+        b.2.cmp(&a.2).then(b.3.cmp(&a.3)).then(match policy {
+            Policy::Spread => a.1.cmp(&b.1),
+            Policy::Pack => b.1.cmp(&a.1),
+        })
+    });
+    c.into_iter().map(|(h, ..)| h).collect()
+}
+
+/// Tries once to put a `Placing` session on a host: moves it to `Activating` and asks the
+/// host's replica to send `activate`. Leaves it `Placing` if no host has room now (the sweeper
+/// tries again until the deadline).
+pub async fn try_place(ctx: &Ctx, id: &SessionId) -> Result<(), StoreError> {
+    let Some(s) = ctx.store.session(id).await? else {
+        return Ok(());
+    };
+    if s.state != SessionState::Placing {
+        return Ok(());
+    }
+    let hosts = ctx.store.hosts().await?;
+    let activating = ctx.store.sessions(Some(SessionState::Activating)).await?;
+    let pending = |h: &HostId| {
+        activating
+            .iter()
+            .filter(|a| a.host.as_ref() == Some(h))
+            .count() as u32
+    };
+    let ranked = rank_hosts(
+        &hosts,
+        &s.image,
+        wants(ctx, &s),
+        &s.tried_hosts,
+        &pending,
+        ctx.config.placement.policy,
+    );
+    let Some(host) = ranked.first() else {
+        return Ok(());
+    };
+    let now = now_ms();
+    let deadline = now + ctx.config.timeouts.activating_ms;
+    let (host_id, gateway) = (host.id.clone(), host.gateway.clone());
+    let placed = modify(ctx, id, |s| {
+        if s.state != SessionState::Placing {
+            return false;
+        }
+        s.host = Some(host_id.clone());
+        s.endpoint = Some(gateway.clone());
+        s.transition(SessionState::Activating, now, deadline, host_id.as_str());
+        true
+    })
+    .await?;
+    if let Some(s) = placed {
+        ctx.metrics
+            .placement
+            .observe(now.saturating_sub(s.created_ms) as f64 / 1000.0);
+        tracing::info!(session_id = %s.id, host_id = %host_id, "placing");
+        ctx.store
+            .publish(&Event::Place {
+                host: host_id,
+                session: s.id,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// hostd says the VM runs: the session becomes `Active` and its players are told.
+pub async fn activated(
+    ctx: &Ctx,
+    host: &HostId,
+    id: &SessionId,
+    vm: &VmId,
+    path: &str,
+) -> Result<Option<Session>, StoreError> {
+    let now = now_ms();
+    let started = crate::state::lock(&ctx.activations).remove(id);
+    let active = modify(ctx, id, |s| {
+        if s.state != SessionState::Activating || s.host.as_ref() != Some(host) {
+            return false;
+        }
+        s.vm = Some(vm.clone());
+        let ends_by = s.ends_by_ms.max(now);
+        s.transition(SessionState::Active, now, ends_by, path);
+        true
+    })
+    .await?;
+    if let Some(s) = &active {
+        if let Some(t) = started {
+            ctx.metrics
+                .activation
+                .get_or_create(&vec![("path", path.to_owned())])
+                .observe(t.elapsed().as_secs_f64());
+        }
+        let oldest = s.created_ms.saturating_sub(s.match_ms);
+        ctx.metrics
+            .time_to_match
+            .get_or_create(&vec![("mode", s.pool.mode.clone())])
+            .observe(now.saturating_sub(oldest) as f64 / 1000.0);
+        tracing::info!(session_id = %s.id, host_id = %host, vm_id = %vm, "active");
+    }
+    Ok(active)
+}
+
+/// hostd could not activate (or did not answer in time): try another host, or give up after
+/// `placement.attempts` hosts.
+pub async fn activation_failed(
+    ctx: &Ctx,
+    host: &HostId,
+    id: &SessionId,
+    why: &str,
+) -> Result<(), StoreError> {
+    crate::state::lock(&ctx.activations).remove(id);
+    let now = now_ms();
+    let attempts = ctx.config.placement.attempts as usize;
+    let placing_ms = ctx.config.timeouts.placing_ms;
+    let next = modify(ctx, id, |s| {
+        if s.state != SessionState::Activating || s.host.as_ref() != Some(host) {
+            return false;
+        }
+        s.tried_hosts.push(host.clone());
+        s.host = None;
+        s.endpoint = None;
+        if s.tried_hosts.len() >= attempts {
+            s.end_reason = Some("placement_failed".into());
+            s.transition(SessionState::Ended, now, now, why);
+        } else {
+            s.transition(SessionState::Placing, now, now + placing_ms, why);
+        }
+        true
+    })
+    .await?;
+    tracing::warn!(session_id = %id, host_id = %host, why, "activation failed");
+    // Whatever the host did meanwhile, it must not keep a VM for this session.
+    ctx.store
+        .publish(&Event::Destroy {
+            host: host.clone(),
+            session: id.clone(),
+        })
+        .await?;
+    if let Some(s) = next {
+        if s.state == SessionState::Placing {
+            try_place(ctx, id).await?;
+        } else {
+            count_end(ctx, &s);
+        }
+    }
+    Ok(())
+}
+
+fn count_end(ctx: &Ctx, s: &Session) {
+    ctx.metrics
+        .sessions_ended
+        .get_or_create(&vec![("reason", s.end_reason.clone().unwrap_or_default())])
+        .inc();
+}
+
+/// Ends a live session for `reason`: players are told (with `results`), and the VM, if one may
+/// exist, is destroyed; the session is `Ended` once its host confirms (or at the deadline).
+/// Returns the session as stored, `None` if it had already ended or is unknown.
+pub async fn end(
+    ctx: &Ctx,
+    id: &SessionId,
+    reason: &str,
+    results: serde_json::Value,
+) -> Result<Option<Session>, StoreError> {
+    let now = now_ms();
+    let ending_ms = ctx.config.timeouts.ending_ms;
+    let ended = modify(ctx, id, |s| {
+        match s.state {
+            SessionState::Ending | SessionState::Ended => return false,
+            SessionState::Placing => {
+                s.end_reason = Some(reason.to_owned());
+                s.results = results.clone();
+                // No VM can exist yet: it ends here (players are told on `Ended` too).
+                s.transition(SessionState::Ended, now, now, reason);
+            }
+            SessionState::Activating | SessionState::Active => {
+                s.end_reason = Some(reason.to_owned());
+                s.results = results.clone();
+                s.transition(SessionState::Ending, now, now + ending_ms, reason);
+            }
+        }
+        true
+    })
+    .await?;
+    if let Some(s) = &ended {
+        tracing::info!(session_id = %s.id, reason, "session ending");
+        count_end(ctx, s);
+        if let (SessionState::Ending, Some(host)) = (s.state, &s.host) {
+            ctx.store
+                .publish(&Event::Destroy {
+                    host: host.clone(),
+                    session: s.id.clone(),
+                })
+                .await?;
+        }
+    }
+    Ok(ended)
+}
+
+/// The session's VM is gone: `Ending` → `Ended`. A VM that vanished while the session was live
+/// ends it as `vm_lost`.
+pub async fn destroyed(ctx: &Ctx, host: &HostId, id: &SessionId) -> Result<(), StoreError> {
+    let now = now_ms();
+    modify(ctx, id, |s| {
+        if s.host.as_ref() != Some(host) || !s.state.is_live() {
+            return false;
+        }
+        if s.state != SessionState::Ending {
+            s.end_reason = Some("vm_lost".into());
+        }
+        s.transition(SessionState::Ended, now, now, "vm destroyed");
+        true
+    })
+    .await?;
+    Ok(())
+}
+
+/// Ends a session whose VM cannot be reached any more (host lost): straight to `Ended`.
+pub async fn abandon(ctx: &Ctx, id: &SessionId, reason: &str) -> Result<(), StoreError> {
+    let now = now_ms();
+    let done = modify(ctx, id, |s| {
+        if !s.state.is_live() {
+            return false;
+        }
+        if s.state != SessionState::Ending {
+            s.end_reason = Some(reason.to_owned());
+        }
+        s.transition(SessionState::Ended, now, now, reason);
+        true
+    })
+    .await?;
+    if let Some(s) = done {
+        count_end(ctx, &s);
+    }
+    Ok(())
+}
+
+/// One pass of deadline enforcement. Run by the replica holding the `sweeper` lease.
+pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
+    let now = now_ms();
+    let t = &ctx.config.timeouts;
+    // Hosts first: a lost host's sessions end below.
+    let mut lost = Vec::new();
+    for h in ctx.store.hosts().await? {
+        let silent = now.saturating_sub(h.last_seen_ms);
+        let stale = h.state != HostState::Lost && silent > t.host_lost_ms;
+        if stale
+            && ctx
+                .store
+                .mark_host(&h.id, h.last_seen_ms, HostState::Lost)
+                .await?
+        {
+            tracing::warn!(host_id = %h.id, silent_ms = silent, "host lost");
+            lost.push(h.id.clone());
+        } else if h.state == HostState::Lost {
+            lost.push(h.id.clone());
+        }
+    }
+    for s in ctx.store.sessions(None).await? {
+        if !s.state.is_live() {
+            continue;
+        }
+        if let Some(h) = &s.host {
+            if lost.contains(h) && s.state != SessionState::Placing {
+                abandon(ctx, &s.id, "host_lost").await?;
+                continue;
+            }
+        }
+        match s.state {
+            SessionState::Placing if now > s.deadline_ms => {
+                end(ctx, &s.id, "placement_failed", serde_json::Value::Null).await?;
+            }
+            SessionState::Placing => try_place(ctx, &s.id).await?,
+            SessionState::Activating if now > s.deadline_ms => {
+                if let Some(h) = &s.host {
+                    activation_failed(ctx, h, &s.id, "activation_timeout").await?;
+                }
+            }
+            SessionState::Active if now > s.deadline_ms => {
+                end(ctx, &s.id, "deadline", serde_json::Value::Null).await?;
+            }
+            SessionState::Ending if now > s.deadline_ms => {
+                abandon(ctx, &s.id, "ending_timeout").await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Runs [`sweep`] every `period` while this replica holds the sweeper lease.
+pub async fn run_sweeper(ctx: Ctx, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let lease_ms = (period.as_millis() as u64 * 4).max(1000);
+        match ctx.store.lease("sweeper", &ctx.replica, lease_ms).await {
+            Ok(true) => {
+                if let Err(e) = sweep(&ctx).await {
+                    tracing::warn!(error = %e, "sweep failed");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "sweeper lease"),
+        }
+    }
+}

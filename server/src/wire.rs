@@ -1,0 +1,176 @@
+//! What the player and host websockets share: decoding a frame into a protocol message with a
+//! stable error code, the per-connection rate limit, close codes, and the bearer header.
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use axum::http::HeaderMap;
+use futures_util::{Sink, SinkExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// Close codes this server uses (4000–4999 are the application's).
+pub mod close {
+    /// The peer broke the protocol (no hello, wrong version, wrong host id).
+    pub const PROTOCOL: u16 = 4400;
+    /// Authentication failed.
+    pub const AUTH: u16 = 4401;
+    /// Silent for too long (no hello in time, or no message within the idle timeout).
+    pub const TIMEOUT: u16 = 4408;
+    /// Another connection for the same player or host took over.
+    pub const REPLACED: u16 = 4409;
+    /// Too many messages.
+    pub const RATE_LIMITED: u16 = 4429;
+    /// The server is shutting down or at capacity; reconnect later.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A message larger than the configured limit.
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// Why a text frame is not a message; `code()` is sent to the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("binary frames are not supported; send JSON text frames")]
+    Binary,
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("unknown message type: {0}")]
+    UnknownType(String),
+    #[error("not a valid message: {0}")]
+    Message(String),
+}
+
+impl FrameError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            FrameError::Binary => "binary_not_supported",
+            FrameError::Json(_) => "bad_json",
+            FrameError::UnknownType(_) => "unknown_type",
+            FrameError::Message(_) => "bad_message",
+        }
+    }
+}
+
+/// Decodes a text frame as `T` (an internally tagged protocol enum).
+pub fn decode<T: DeserializeOwned>(text: &str) -> Result<T, FrameError> {
+    serde_json::from_str(text).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            return FrameError::Json(e.to_string());
+        }
+        let msg = e.to_string();
+        if msg.starts_with("unknown variant") || msg.contains("missing field `type`") {
+            FrameError::UnknownType(msg)
+        } else {
+            FrameError::Message(msg)
+        }
+    })
+}
+
+pub fn text<T: Serialize>(msg: &T) -> Message {
+    Message::Text(Utf8Bytes::from(
+        serde_json::to_string(msg).expect("protocol types always serialise"),
+    ))
+}
+
+pub fn close_frame(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    }))
+}
+
+/// Sends a close frame (bounded in time: a peer that stopped reading cannot hold us).
+pub async fn send_close<S>(ws: &mut S, code: u16, reason: &str)
+where
+    S: Sink<Message> + Unpin,
+{
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.send(close_frame(code, reason))).await;
+}
+
+/// `Authorization: Bearer <token>`, if present.
+pub fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+/// A token bucket: `rate` messages per second, bursts up to `burst`.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    pub fn new(rate: u32, burst: u32) -> Self {
+        RateLimit {
+            rate: rate as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Whether a websocket read error means the peer sent a message over the size limit.
+pub fn is_too_big(e: &axum::Error) -> bool {
+    let s = e.to_string().to_ascii_lowercase();
+    s.contains("too long") || s.contains("space limit") || s.contains("too big")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_protocol::play::ClientMessage;
+
+    #[test]
+    fn frame_errors_have_stable_codes() {
+        let code = |t: &str| decode::<ClientMessage>(t).expect_err("bad").code();
+        assert_eq!(code("{not json"), "bad_json");
+        assert_eq!(code(r#"{"type":"dance"}"#), "unknown_type");
+        assert_eq!(code(r#"{"mode":"duel"}"#), "unknown_type");
+        assert_eq!(code(r#"{"type":"queue","mode":3}"#), "bad_message");
+        assert_eq!(
+            code(r#"{"type":"ping","nonce":1,"extra":2}"#),
+            "bad_message"
+        );
+    }
+
+    #[test]
+    fn rate_limit_refills() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(10, 2);
+        assert!(r.allow(t0) && r.allow(t0));
+        assert!(!r.allow(t0));
+        assert!(r.allow(t0 + Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn bearer_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", "Bearer abc".parse().expect("header"));
+        assert_eq!(bearer(&h).as_deref(), Some("abc"));
+        h.insert("authorization", "Basic abc".parse().expect("header"));
+        assert_eq!(bearer(&h), None);
+    }
+}

@@ -1,0 +1,335 @@
+//! The player websocket on a real socket: auth, resume, queueing, and every kind of bad input.
+
+mod common;
+
+use anyhow::Result;
+use base64::Engine;
+use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage};
+use berth_server::app::Server;
+use common::*;
+use futures_util::SinkExt;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn server() -> Result<Server> {
+    Server::start(config()).await
+}
+
+#[tokio::test]
+async fn hello_by_message_or_by_header() -> Result<()> {
+    let s = server().await?;
+    let mut a = Client::player(&s, "alice").await?;
+    a.ping(7).await?;
+    let mut b = Client::open(&s, Some(&token("bob"))).await?;
+    b.send(&ClientMessage::Hello { v: 1, token: None }).await?;
+    assert!(
+        matches!(b.recv().await?, ServerMessage::Welcome { player, .. } if player.as_str() == "bob")
+    );
+    s.shutdown().await;
+    Ok(())
+}
+
+fn b64(v: serde_json::Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_their_code_and_closed() -> Result<()> {
+    let s = server().await?;
+    let now = berth_server::util::now_ms() / 1000;
+    let other_aud = {
+        let mut c = config();
+        c.auth.audience = "someone-else".into();
+        berth_server::auth::Auth::new(&c.auth)?.mint("eve", berth_server::auth::Role::Player, 60)?
+    };
+    let wrong_secret = {
+        let mut c = config();
+        c.auth.secret = "another-secret-0123456789".into();
+        berth_server::auth::Auth::new(&c.auth)?.mint("eve", berth_server::auth::Role::Player, 60)?
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        b64(serde_json::json!({"alg":"none","typ":"JWT"})),
+        b64(serde_json::json!({"sub":"eve","iss":"berth","aud":"berth","exp": now + 60}))
+    );
+    let expired = {
+        let claims = berth_server::auth::Claims {
+            sub: "eve".into(),
+            iss: "berth".into(),
+            aud: "berth".into(),
+            exp: now - 3600,
+            iat: now - 7200,
+            role: berth_server::auth::Role::Player,
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )?
+    };
+    let admin = admin_token();
+    for (tok, code) in [
+        (Some(other_aud), "wrong_audience"),
+        (Some(wrong_secret), "bad_signature"),
+        (Some(alg_none), "bad_algorithm"),
+        (Some(expired), "expired_token"),
+        (Some("garbage".to_owned()), "bad_token"),
+        (Some(admin), "wrong_role"),
+        (None, "missing_token"),
+    ] {
+        let mut c = Client::open(&s, None).await?;
+        c.send(&ClientMessage::Hello { v: 1, token: tok }).await?;
+        match c.recv().await? {
+            ServerMessage::Error { code: got, .. } => {
+                // `alg: none` is refused either as an algorithm or as a malformed token.
+                assert!(
+                    got == code || (code == "bad_algorithm" && got == "bad_token"),
+                    "{code}: got {got}"
+                );
+            }
+            other => panic!("{code}: expected an error, got {other:?}"),
+        }
+        assert_eq!(close_code(&c.closed().await?), 4401, "{code}");
+    }
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn protocol_errors_before_hello_close_the_connection() -> Result<()> {
+    let s = server().await?;
+    let mut c = Client::open(&s, None).await?;
+    c.send(&ClientMessage::Hello {
+        v: 99,
+        token: Some(token("a")),
+    })
+    .await?;
+    c.expect_error("unsupported_version").await?;
+    assert_eq!(close_code(&c.closed().await?), 4400);
+
+    let mut c = Client::open(&s, None).await?;
+    c.send(&queue("duel", "eu")).await?;
+    c.expect_error("hello_required").await?;
+    assert_eq!(close_code(&c.closed().await?), 4400);
+
+    let mut c = Client::open(&s, None).await?;
+    c.ws.send(Message::Binary(vec![1, 2, 3].into())).await?;
+    c.expect_error("binary_not_supported").await?;
+    assert_eq!(close_code(&c.closed().await?), 4400);
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn hello_timeout_closes() -> Result<()> {
+    let mut cfg = config();
+    cfg.timeouts.hello_ms = 300;
+    let s = Server::start(cfg).await?;
+    let mut c = Client::open(&s, None).await?;
+    c.expect_error("hello_timeout").await?;
+    assert_eq!(close_code(&c.closed().await?), 4408);
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_messages_get_codes_and_the_connection_lives_on() -> Result<()> {
+    let s = server().await?;
+    let mut c = Client::player(&s, "carol").await?;
+    c.raw("{not json".into()).await?;
+    c.expect_error("bad_json").await?;
+    c.raw(r#"{"type":"teleport"}"#.into()).await?;
+    c.expect_error("unknown_type").await?;
+    c.raw(r#"{"type":"queue","mode":7}"#.into()).await?;
+    c.expect_error("bad_message").await?;
+    c.ws.send(Message::Binary(vec![0; 10].into())).await?;
+    c.expect_error("binary_not_supported").await?;
+    c.send(&ClientMessage::Hello { v: 1, token: None }).await?;
+    c.expect_error("already_hello").await?;
+    c.send(&queue("chess", "eu")).await?;
+    c.expect_error("unknown_mode").await?;
+    c.send(&queue("duel", "mars")).await?;
+    c.expect_error("unknown_region").await?;
+    c.send(&ClientMessage::Queue {
+        mode: "arena".into(),
+        region: "eu".into(),
+        party: Some(PartySpec {
+            id: "p1".into(),
+            size: 5,
+        }),
+        skill: None,
+    })
+    .await?;
+    c.expect_error("party_too_big").await?;
+    c.send(&ClientMessage::Cancel {}).await?;
+    c.expect_error("not_queued").await?;
+    c.ping(1).await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversize_frames_close_with_1009_and_others_are_unaffected() -> Result<()> {
+    let s = server().await?;
+    let mut bystander = Client::player(&s, "dave").await?;
+    let mut c = Client::player(&s, "mallory").await?;
+    let huge = format!(
+        r#"{{"type":"ping","nonce":1,"pad":"{}"}}"#,
+        "x".repeat(64 * 1024)
+    );
+    let _ = c.raw(huge).await;
+    assert_eq!(close_code(&c.closed().await?), 1009);
+    bystander.ping(2).await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn floods_are_rate_limited_then_closed() -> Result<()> {
+    let mut cfg = config();
+    cfg.limits.messages_per_s = 5;
+    cfg.limits.burst = 5;
+    cfg.limits.rate_strikes = 10;
+    let s = Server::start(cfg).await?;
+    let mut bystander = Client::player(&s, "erin").await?;
+    let mut c = Client::player(&s, "flooder").await?;
+    for i in 0..100 {
+        if c.send(&ClientMessage::Ping { nonce: i }).await.is_err() {
+            break;
+        }
+    }
+    let mut limited = 0;
+    let close = loop {
+        match c.recv().await {
+            Ok(ServerMessage::Error { code, .. }) if code == "rate_limited" => limited += 1,
+            Ok(_) => {}
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(limited >= 10, "{limited} rate_limited errors");
+    assert!(
+        close.contains("4429") || close.contains("closed"),
+        "{close}"
+    );
+    bystander.ping(3).await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn second_connection_replaces_the_first_and_keeps_the_ticket() -> Result<()> {
+    let s = server().await?;
+    let mut first = Client::player(&s, "frank").await?;
+    first.send(&queue("arena", "eu")).await?;
+    let ticket = match first.recv().await? {
+        ServerMessage::QueueStatus { ticket, .. } => ticket,
+        other => panic!("expected queue_status, got {other:?}"),
+    };
+    let mut second = Client::player(&s, "frank").await?;
+    // Resumed: told it is still queued, same ticket.
+    match second.recv().await? {
+        ServerMessage::QueueStatus { ticket: t, .. } => assert_eq!(t, ticket),
+        other => panic!("expected queue_status, got {other:?}"),
+    }
+    first
+        .until(
+            Duration::from_secs(5),
+            |m| matches!(m, ServerMessage::Error { code, .. } if code == "replaced"),
+        )
+        .await?;
+    assert_eq!(close_code(&first.closed().await?), 4409);
+    second.send(&queue("duel", "eu")).await?;
+    second.expect_error("already_queued").await?;
+    second.send(&ClientMessage::Cancel {}).await?;
+    second
+        .until(
+            Duration::from_secs(5),
+            |m| matches!(m, ServerMessage::Dequeued { reason, .. } if reason == "cancelled"),
+        )
+        .await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn away_past_the_grace_loses_the_ticket_within_it_keeps_it() -> Result<()> {
+    let mut cfg = config();
+    cfg.timeouts.reconnect_grace_ms = 1000;
+    let s = Server::start(cfg).await?;
+    let mut c = Client::player(&s, "gina").await?;
+    c.send(&queue("arena", "eu")).await?;
+    assert!(matches!(c.recv().await?, ServerMessage::QueueStatus { .. }));
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = Client::player(&s, "gina").await?;
+    assert!(
+        matches!(c.recv().await?, ServerMessage::QueueStatus { .. }),
+        "resumed within grace"
+    );
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut c = Client::player(&s, "gina").await?;
+    c.send(&ClientMessage::Cancel {}).await?;
+    c.expect_error("not_queued").await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn parties_are_capped_at_their_size() -> Result<()> {
+    let s = server().await?;
+    let party = |size| ClientMessage::Queue {
+        mode: "arena".into(),
+        region: "eu".into(),
+        party: Some(PartySpec {
+            id: "crew".into(),
+            size,
+        }),
+        skill: Some(1000.0),
+    };
+    let mut a = Client::player(&s, "p1").await?;
+    let mut b = Client::player(&s, "p2").await?;
+    let mut c = Client::player(&s, "p3").await?;
+    a.send(&party(2)).await?;
+    assert!(matches!(a.recv().await?, ServerMessage::QueueStatus { .. }));
+    b.send(&party(2)).await?;
+    assert!(matches!(b.recv().await?, ServerMessage::QueueStatus { .. }));
+    c.send(&party(2)).await?;
+    c.expect_error("party_full").await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_hosts_a_match_ends_as_placement_failed_and_players_are_told() -> Result<()> {
+    let mut cfg = config();
+    cfg.timeouts.placing_ms = 500;
+    let s = Server::start(cfg).await?;
+    let mut a = Client::player(&s, "hana").await?;
+    let mut b = Client::player(&s, "ivan").await?;
+    a.send(&queue("duel", "eu")).await?;
+    b.send(&queue("duel", "eu")).await?;
+    for c in [&mut a, &mut b] {
+        let m = c
+            .until(Duration::from_secs(5), |m| {
+                matches!(m, ServerMessage::SessionEnded { .. })
+            })
+            .await?;
+        assert!(
+            matches!(&m, ServerMessage::SessionEnded { reason, .. } if reason == "placement_failed"),
+            "{m:?}"
+        );
+    }
+    // Free to queue again.
+    a.send(&queue("duel", "eu")).await?;
+    assert!(matches!(
+        a.until(Duration::from_secs(5), |m| !matches!(
+            m,
+            ServerMessage::Pong { .. }
+        ))
+        .await?,
+        ServerMessage::QueueStatus { .. }
+    ));
+    s.shutdown().await;
+    Ok(())
+}
