@@ -61,11 +61,6 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
                     .collect()
             };
             for (p, c) in local {
-                // The event names the state it was published for; the session may have moved
-                // on since, and then a later event covers it.
-                if s.state != state {
-                    continue;
-                }
                 if let Some(m) = session_message(ctx, &s, &p, Some(state)) {
                     c.send(m);
                 }

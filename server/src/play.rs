@@ -426,16 +426,18 @@ async fn current_state(ctx: &Ctx, player: &PlayerId) -> Vec<ServerMessage> {
     }
 }
 
-/// What `player` should hear about session `s` in its current state (`previous`: the state it
-/// came from, when known): `matched` once active, `session_ended` once ending.
+/// What `player` should hear about session `s`: `matched` while it is active, `session_ended`
+/// once it is ending. `event` is the state an event announced (the session may have moved on
+/// since); `None` when a player (re)connects and is told where it stands now.
 pub fn session_message(
     ctx: &Ctx,
     s: &Session,
     player: &PlayerId,
-    previous: Option<SessionState>,
+    event: Option<SessionState>,
 ) -> Option<ServerMessage> {
-    match s.state {
-        SessionState::Active => {
+    let never_ending = !s.history.iter().any(|t| t.state == SessionState::Ending);
+    match (event.unwrap_or(s.state), s.state) {
+        (SessionState::Active, SessionState::Active) => {
             let team = s.teams.iter().position(|t| t.contains(player))? as u32;
             let (ticket, ticket_expires_ms) = ctx
                 .auth
@@ -458,13 +460,11 @@ pub fn session_message(
                 teams: s.teams.clone(),
             })
         }
-        SessionState::Ending => Some(ended_message(s)),
-        // Straight to Ended without Ending (never placed): tell them once.
-        SessionState::Ended
-            if previous.is_some() && !s.history.iter().any(|t| t.state == SessionState::Ending) =>
-        {
-            Some(ended_message(s))
-        }
+        // Reason and results are recorded with the move to Ending, so they are there even if
+        // the session is Ended by now.
+        (SessionState::Ending, _) => Some(ended_message(s)),
+        // Straight to Ended without Ending (never placed): tell them once, by the event.
+        (SessionState::Ended, _) if event.is_some() && never_ending => Some(ended_message(s)),
         _ => None,
     }
 }

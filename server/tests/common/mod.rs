@@ -17,9 +17,11 @@ use tokio_tungstenite::tungstenite::Message;
 pub const SECRET: &str = "test-secret-0123456789";
 
 pub fn config() -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.listen = ([127, 0, 0, 1], 0).into();
-    c.modes_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/modes");
+    let mut c = ServerConfig {
+        listen: ([127, 0, 0, 1], 0).into(),
+        modes_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/modes"),
+        ..ServerConfig::default()
+    };
     c.auth.secret = SECRET.into();
     c
 }

@@ -1,0 +1,363 @@
+//! The control plane with real hosts: berth-server (memory store, and two replicas on a real
+//! Redis) + hostd's link + a pool of real QEMU VMs running the real guest. Players queue over
+//! real websockets, are matched onto a real VM, and hear how the session ended.
+
+#[path = "../../server/tests/common/mod.rs"]
+mod client;
+
+use anyhow::{bail, Context, Result};
+use berth_hostd::link::{ServerLink, Token};
+use berth_protocol::game::GameAnswer;
+use berth_protocol::play::ServerMessage;
+use berth_protocol::ticket::{TicketClaims, TICKET_AUDIENCE};
+use berth_protocol::{HostId, SessionId};
+use berth_server::app::Server;
+use berth_server::auth::Role;
+use berth_server::config::ServerConfig;
+use berth_server::model::{HostState, SessionState};
+use berth_server::store::redis::RedisStore;
+use berth_server::store::Store;
+use berth_tests::{game_hello, game_request, Sandbox};
+use client::{admin_token, auth, config, queue, Client};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// A hostd link to `server` for `sandbox`'s pool, stopped by dropping the returned sender.
+fn link(sandbox: &Sandbox, server: &Server) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let token = auth().mint("test-host", Role::Host, 3600).expect("mint");
+    let link = ServerLink {
+        url: format!("ws://{}/v1/hosts", server.addr),
+        host: HostId::new("test-host").expect("id"),
+        token: Token::Inline(token),
+        gateway: "ws://127.0.0.1:7071".into(),
+        reconnect_max: Duration::from_millis(500),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(berth_hostd::link::run(
+        sandbox.pool.clone(),
+        link,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (stop, task)
+}
+
+fn stack_config() -> ServerConfig {
+    let mut c = config();
+    c.timeouts.host_heartbeat_ms = 500;
+    c.timeouts.host_lost_ms = 2000;
+    c
+}
+
+/// Waits until `f` holds for the server's view of the host.
+async fn host_until(
+    store: &Arc<dyn Store>,
+    f: impl Fn(&berth_server::model::HostRecord) -> bool,
+) -> Result<()> {
+    let host = HostId::new("test-host")?;
+    for _ in 0..200 {
+        if store.host(&host).await?.is_some_and(|h| f(&h)) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "host never reached the expected state: {:?}",
+        store.host(&host).await?
+    )
+}
+
+async fn session_until(store: &Arc<dyn Store>, id: &SessionId, state: SessionState) -> Result<()> {
+    for _ in 0..200 {
+        if store.session(id).await?.is_some_and(|s| s.state == state) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "session {id} never reached {state:?}: {:?}",
+        store.session(id).await?
+    )
+}
+
+async fn matched(c: &mut Client) -> Result<(SessionId, String, String)> {
+    match c
+        .until(Duration::from_secs(30), |m| {
+            !matches!(m, ServerMessage::QueueStatus { .. })
+        })
+        .await?
+    {
+        ServerMessage::Matched {
+            session,
+            endpoint,
+            ticket,
+            teams,
+            ..
+        } => {
+            assert_eq!(teams.len(), 2);
+            Ok((session, endpoint, ticket))
+        }
+        other => bail!("expected matched, got {other:?}"),
+    }
+}
+
+async fn ended(c: &mut Client) -> Result<(String, serde_json::Value)> {
+    match c
+        .until(Duration::from_secs(30), |m| {
+            matches!(m, ServerMessage::SessionEnded { .. })
+        })
+        .await?
+    {
+        ServerMessage::SessionEnded {
+            reason, results, ..
+        } => Ok((reason, results)),
+        other => bail!("expected session_ended, got {other:?}"),
+    }
+}
+
+async fn no_vms_left(sandbox: &Sandbox) -> Result<()> {
+    for _ in 0..100 {
+        if sandbox.pool.status().vms.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("VMs still running: {:?}", sandbox.pool.status().vms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()> {
+    let sandbox = Sandbox::start("stack-play", 1).await?;
+    let server = Server::start(stack_config()).await?;
+    let store = server.ctx.store.clone();
+    let (stop, task) = link(&sandbox, &server);
+    host_until(&store, |h| {
+        h.state == HostState::Up && h.images.iter().any(|i| i.docked && i.warm >= 1)
+    })
+    .await?;
+
+    let mut a = Client::player(&server, "alice").await?;
+    let mut b = Client::player(&server, "bob").await?;
+    a.send(&queue("duel", "eu")).await?;
+    b.send(&queue("duel", "eu")).await?;
+    let (sa, endpoint, ticket) = matched(&mut a).await?;
+    let (sb, _, _) = matched(&mut b).await?;
+    assert_eq!(sa, sb, "one session for both");
+    assert_eq!(endpoint, "ws://127.0.0.1:7071");
+
+    // The ticket is bound to this session and this player, signed with the session's key.
+    let s = store.session(&sa).await?.context("session stored")?;
+    assert_eq!(s.state, SessionState::Active);
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_audience(&[TICKET_AUDIENCE]);
+    let claims = jsonwebtoken::decode::<TicketClaims>(
+        &ticket,
+        &jsonwebtoken::DecodingKey::from_secret(&hex_decode(&s.ticket_key)),
+        &v,
+    )?
+    .claims;
+    assert_eq!(
+        (claims.sid.as_str(), claims.sub.as_str()),
+        (sa.as_str(), "alice")
+    );
+
+    // The VM is really there, with this session's identity and players.
+    let vm = sandbox
+        .pool
+        .status()
+        .vms
+        .into_iter()
+        .find(|v| v.session_id == sa)
+        .context("a VM for the session")?;
+    match game_hello(vm.game_addr).await? {
+        GameAnswer::Hello {
+            session_id,
+            players,
+            ..
+        } => {
+            assert_eq!(session_id, sa);
+            assert_eq!(players.len(), 2);
+        }
+        other => bail!("unexpected {other:?}"),
+    }
+
+    // A reconnecting player is handed its session again, with a fresh ticket.
+    drop(b);
+    let mut b = Client::player(&server, "bob").await?;
+    let (again, _, ticket2) = matched(&mut b).await?;
+    assert_eq!(again, sa);
+    assert_ne!(ticket2, ticket);
+
+    // Game over inside the VM: both players hear it with the results; the VM is gone.
+    game_request(
+        vm.game_addr,
+        r#"{"type":"end","results":{"winner":"alice"}}"#,
+    )
+    .await?;
+    for c in [&mut a, &mut b] {
+        let (reason, results) = ended(c).await?;
+        assert_eq!(reason, "game_over");
+        assert_eq!(results["winner"], "alice");
+    }
+    session_until(&store, &sa, SessionState::Ended).await?;
+    no_vms_left(&sandbox).await?;
+    let s = store.session(&sa).await?.context("kept with results")?;
+    assert_eq!(s.results["winner"], "alice");
+    let states: Vec<SessionState> = s.history.iter().map(|t| t.state).collect();
+    assert_eq!(
+        states,
+        [
+            SessionState::Placing,
+            SessionState::Activating,
+            SessionState::Active,
+            SessionState::Ending,
+            SessionState::Ended
+        ]
+    );
+
+    // Both can play again.
+    a.send(&queue("duel", "eu")).await?;
+    b.send(&queue("duel", "eu")).await?;
+    let (s2, _, _) = matched(&mut a).await?;
+    assert_ne!(s2, sa);
+    matched(&mut b).await?;
+
+    drop(stop);
+    task.await?;
+    server.shutdown().await;
+    sandbox.finish().await
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_end_drain_and_a_lost_host() -> Result<()> {
+    let sandbox = Sandbox::start("stack-admin", 0).await?;
+    let mut cfg = stack_config();
+    cfg.timeouts.placing_ms = 1500;
+    let server = Server::start(cfg).await?;
+    let store = server.ctx.store.clone();
+    let (stop, task) = link(&sandbox, &server);
+    host_until(&store, |h| {
+        h.state == HostState::Up && h.images.iter().any(|i| i.docked)
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let admin = |path: &str| {
+        http.post(format!("http://{}{path}", server.addr))
+            .bearer_auth(admin_token())
+    };
+
+    // An operator ends a running session: players hear `admin`, the VM is destroyed.
+    let mut a = Client::player(&server, "carl").await?;
+    let mut b = Client::player(&server, "dina").await?;
+    a.send(&queue("duel", "eu")).await?;
+    b.send(&queue("duel", "eu")).await?;
+    let (s1, _, _) = matched(&mut a).await?;
+    matched(&mut b).await?;
+    let r = admin(&format!("/v1/admin/sessions/{s1}/end"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200, "{}", r.text().await?);
+    assert_eq!(ended(&mut a).await?.0, "admin");
+    assert_eq!(ended(&mut b).await?.0, "admin");
+    session_until(&store, &s1, SessionState::Ended).await?;
+    no_vms_left(&sandbox).await?;
+    let r = admin(&format!("/v1/admin/sessions/{s1}/end"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 409, "ending twice");
+
+    // A drained host gets no new sessions; undrained it does.
+    let r = admin("/v1/admin/hosts/test-host/drain").send().await?;
+    assert_eq!(r.status(), 200);
+    a.send(&queue("duel", "eu")).await?;
+    b.send(&queue("duel", "eu")).await?;
+    assert_eq!(ended(&mut a).await?.0, "placement_failed");
+    assert_eq!(ended(&mut b).await?.0, "placement_failed");
+    assert!(sandbox.pool.status().vms.is_empty());
+    admin("/v1/admin/hosts/test-host/undrain").send().await?;
+    a.send(&queue("duel", "eu")).await?;
+    b.send(&queue("duel", "eu")).await?;
+    let (s2, _, _) = matched(&mut a).await?;
+    matched(&mut b).await?;
+
+    // The host goes silent: its session ends as `host_lost` within seconds.
+    drop(stop);
+    task.await?;
+    let t0 = std::time::Instant::now();
+    assert_eq!(ended(&mut a).await?.0, "host_lost");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    session_until(&store, &s2, SessionState::Ended).await?;
+    // The VM still runs on the host; when it reconnects, reconciliation destroys it.
+    assert_eq!(sandbox.pool.status().vms.len(), 1);
+    let (stop, task) = link(&sandbox, &server);
+    no_vms_left(&sandbox).await?;
+    host_until(&store, |h| h.state == HostState::Up).await?;
+
+    drop(stop);
+    task.await?;
+    server.shutdown().await;
+    sandbox.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
+    let url = std::env::var("BERTH_TEST_REDIS").context(
+        "BERTH_TEST_REDIS is not set: run the tests with `cargo xtask test`, which starts Redis",
+    )?;
+    let prefix = format!("berth-stack-{}", std::process::id());
+    let sandbox = Sandbox::start("stack-redis", 1).await?;
+    let one: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
+    let two: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
+    let r1 = Server::start_with(stack_config(), one.clone()).await?;
+    let r2 = Server::start_with(stack_config(), two).await?;
+    let (stop, task) = link(&sandbox, &r1);
+    host_until(&one, |h| {
+        h.state == HostState::Up && h.images.iter().any(|i| i.docked)
+    })
+    .await?;
+
+    // Player on replica 1, player on replica 2: one match, one VM (host held by replica 1).
+    let mut a = Client::player(&r1, "erik").await?;
+    let mut b = Client::player(&r2, "fay").await?;
+    a.send(&queue("duel", "eu")).await?;
+    b.send(&queue("duel", "eu")).await?;
+    let (sa, _, _) = matched(&mut a).await?;
+    let (sb, _, _) = matched(&mut b).await?;
+    assert_eq!(sa, sb);
+    // A second connection for fay on the other replica takes over.
+    let mut b2 = Client::player(&r1, "fay").await?;
+    let (sb2, _, _) = matched(&mut b2).await?;
+    assert_eq!(sb2, sa);
+    b.until(
+        Duration::from_secs(5),
+        |m| matches!(m, ServerMessage::Error { code, .. } if code == "replaced"),
+    )
+    .await?;
+
+    let vm = sandbox
+        .pool
+        .status()
+        .vms
+        .into_iter()
+        .next()
+        .context("a VM")?;
+    game_request(vm.game_addr, r#"{"type":"end","results":{"winner":"fay"}}"#).await?;
+    assert_eq!(ended(&mut a).await?.0, "game_over");
+    assert_eq!(ended(&mut b2).await?.1["winner"], "fay");
+    no_vms_left(&sandbox).await?;
+
+    drop(stop);
+    task.await?;
+    r1.shutdown().await;
+    r2.shutdown().await;
+    sandbox.finish().await
+}
