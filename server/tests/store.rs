@@ -124,7 +124,7 @@ fn ticket(id: &str, player: PlayerId, pool: PoolKey, enqueued_ms: u64) -> Ticket
             size: 1,
         }),
         // Not representable in 14 digits: must survive the store exactly.
-        skill: 1517.123_456_789_012_3,
+        skill: 1_517.123_456_789_012_3,
         enqueued_ms,
         away_since_ms: None,
     }
@@ -591,7 +591,7 @@ async fn sessions_filter_by_state(store: Arc<dyn Store>) -> Result<()> {
             vec![player(n)],
             base + 10 - n as u64,
         );
-        assert!(store.claim(&[t.id.clone()], &s).await?);
+        assert!(store.claim(std::slice::from_ref(&t.id), &s).await?);
         made.push(store.session(&s.id).await?.context("claimed session")?);
     }
     let mut active = made[1].clone();

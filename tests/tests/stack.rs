@@ -25,10 +25,18 @@ use tokio::sync::oneshot;
 
 /// A hostd link to `server` for `sandbox`'s pool, stopped by dropping the returned sender.
 fn link(sandbox: &Sandbox, server: &Server) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let token = auth().mint("test-host", Role::Host, 3600).expect("mint");
+    link_as(sandbox, server, "test-host")
+}
+
+fn link_as(
+    sandbox: &Sandbox,
+    server: &Server,
+    host: &str,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let token = auth().mint(host, Role::Host, 3600).expect("mint");
     let link = ServerLink {
         url: format!("ws://{}/v1/hosts", server.addr),
-        host: HostId::new("test-host").expect("id"),
+        host: HostId::new(host).expect("id"),
         token: Token::Inline(token),
         gateway: "ws://127.0.0.1:7071".into(),
         reconnect_max: Duration::from_millis(500),
@@ -56,7 +64,15 @@ async fn host_until(
     store: &Arc<dyn Store>,
     f: impl Fn(&berth_server::model::HostRecord) -> bool,
 ) -> Result<()> {
-    let host = HostId::new("test-host")?;
+    host_named_until(store, "test-host", f).await
+}
+
+async fn host_named_until(
+    store: &Arc<dyn Store>,
+    name: &str,
+    f: impl Fn(&berth_server::model::HostRecord) -> bool,
+) -> Result<()> {
+    let host = HostId::new(name)?;
     for _ in 0..200 {
         if store.host(&host).await?.is_some_and(|h| f(&h)) {
             return Ok(());
@@ -360,4 +376,64 @@ async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
     r1.shutdown().await;
     r2.shutdown().await;
     sandbox.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_retries_another_host_when_activation_fails() -> Result<()> {
+    let images = || vec![berth_tests::image_config("arena", 0)];
+    let seed = ["arena".to_owned()];
+    let bad = Sandbox::start_custom("stack-bad", images(), &seed, |c| {
+        c.host_id = "host-a".into()
+    })
+    .await?;
+    let good = Sandbox::start_custom("stack-good", images(), &seed, |c| {
+        c.host_id = "host-b".into()
+    })
+    .await?;
+    let server = Server::start(stack_config()).await?;
+    let store = server.ctx.store.clone();
+    let (stop_a, task_a) = link_as(&bad, &server, "host-a");
+    let (stop_b, task_b) = link_as(&good, &server, "host-b");
+    for h in ["host-a", "host-b"] {
+        host_named_until(&store, h, |h| {
+            h.state == HostState::Up && h.images.iter().any(|i| i.docked)
+        })
+        .await?;
+    }
+    // host-a's docked substrate is damaged behind its back: its activations fail.
+    std::fs::write(
+        bad.dir.join("substrates/arena/state"),
+        b"not a migration stream",
+    )?;
+
+    // Spread placement tries the idle host-a first at least once in two matches.
+    let mut sessions = Vec::new();
+    for round in 0..2 {
+        let mut a = Client::player(&server, &format!("ra{round}")).await?;
+        let mut b = Client::player(&server, &format!("rb{round}")).await?;
+        a.send(&queue("duel", "eu")).await?;
+        b.send(&queue("duel", "eu")).await?;
+        let (id, _, _) = matched(&mut a).await?;
+        matched(&mut b).await?;
+        sessions.push(store.session(&id).await?.context("stored")?);
+    }
+    for s in &sessions {
+        assert_eq!(s.host.as_ref().map(|h| h.as_str()), Some("host-b"), "{s:?}");
+    }
+    let retried = sessions
+        .iter()
+        .filter(|s| s.tried_hosts.iter().any(|h| h.as_str() == "host-a"))
+        .count();
+    assert!(retried >= 1, "no session was retried: {sessions:?}");
+    assert!(
+        bad.pool.status().vms.is_empty(),
+        "nothing left running on the failing host"
+    );
+
+    drop((stop_a, stop_b));
+    task_a.await?;
+    task_b.await?;
+    server.shutdown().await;
+    bad.finish().await?;
+    good.finish().await
 }

@@ -1,4 +1,5 @@
-//! Host prerequisites: what the project needs from Debian, installed when run as root.
+//! Host prerequisites: what the project needs from Debian (QEMU, e2fsprogs, Redis for the
+//! tests), installed when run as root.
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -21,6 +22,12 @@ pub const QEMU_UTILS: Need = Need {
 pub const E2FS: Need = Need {
     package: "e2fsprogs",
     proof: "/usr/sbin/mke2fs",
+};
+/// The tests' Redis: `cargo xtask test` runs its own `redis-server` (see `redis.rs`), never the
+/// distribution's service that the package also installs.
+pub const REDIS: Need = Need {
+    package: "redis-server",
+    proof: "/usr/bin/redis-server",
 };
 
 fn is_root() -> bool {

@@ -1,9 +1,14 @@
 //! `cargo xtask test`: everything the project's tests need, then every test.
 //!
 //! Installs what is missing (as root, with apt-get), builds the guest image, builds the
-//! workspace once (debug), runs the whole suite with nextest (VM tests at most two at a time,
-//! see `.config/nextest.toml`), then checks that no test left a QEMU process or a `/dev/shm`
-//! folder behind.
+//! workspace once (debug), starts a private Redis for the store tests (`BERTH_TEST_REDIS`), runs
+//! the whole suite with nextest (VM tests at most two at a time, see `.config/nextest.toml`),
+//! stops that Redis, then checks that no test left a QEMU process or a `/dev/shm` folder behind.
+
+// Declared here, its only user, so that main.rs need not change; move it to main.rs once
+// another task needs a Redis.
+#[path = "redis.rs"]
+mod redis;
 
 use crate::{image, sys};
 use anyhow::{bail, Result};
@@ -12,7 +17,7 @@ use std::process::Command;
 pub const FEATURES: &str = "berth-hostd/xen,berth-guest/xen";
 
 pub fn run(extra: &[String]) -> Result<()> {
-    sys::ensure(&[sys::QEMU, sys::QEMU_UTILS, sys::E2FS])?;
+    sys::ensure(&[sys::QEMU, sys::QEMU_UTILS, sys::E2FS, sys::REDIS])?;
     image::build()?;
     let root = image::root();
     let cargo = env!("CARGO");
@@ -24,6 +29,8 @@ pub fn run(extra: &[String]) -> Result<()> {
         FEATURES,
     ]))?;
     let _ = std::fs::remove_dir_all("/dev/shm/berth-test-cache");
+    let redis = redis::RedisServer::start()?;
+    eprintln!("xtask: test redis at {}", redis.url);
     let nextest = Command::new(cargo)
         .args(["nextest", "--version"])
         .output()
@@ -32,6 +39,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         sys::run(
             Command::new(cargo)
                 .current_dir(&root)
+                .env("BERTH_TEST_REDIS", &redis.url)
                 .args([
                     "nextest",
                     "run",
@@ -47,6 +55,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         sys::run(
             Command::new(cargo)
                 .current_dir(&root)
+                .env("BERTH_TEST_REDIS", &redis.url)
                 .args([
                     "test",
                     "--workspace",
@@ -58,6 +67,7 @@ pub fn run(extra: &[String]) -> Result<()> {
                 .args(["--", "--test-threads=1"]),
         )
     };
+    drop(redis);
     let _ = std::fs::remove_dir_all("/dev/shm/berth-test-cache");
     let leaks = leftovers();
     result?;

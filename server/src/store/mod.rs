@@ -122,6 +122,8 @@ pub trait Store: Send + Sync + 'static {
     /// Sends `event` to every replica, this one included.
     async fn publish(&self, event: &Event) -> Result<(), StoreError>;
 
-    /// Events from every replica, in publish order per publisher.
+    /// Events from every replica, in publish order per publisher. Delivery is best-effort
+    /// (a lagging receiver or a Redis reconnect loses some): events say *look now*, the state
+    /// itself is always re-read from the store, and the sweeper re-drives what was missed.
     fn subscribe(&self) -> broadcast::Receiver<Event>;
 }

@@ -1,0 +1,185 @@
+//! The host websocket on a real socket: credentials, register, and bad host input.
+
+mod common;
+
+use anyhow::{bail, Context, Result};
+use berth_protocol::host::{HostMessage, HostVm, ImageCapacity, ServerToHost};
+use berth_protocol::{HostId, SessionId, VmId};
+use berth_server::app::Server;
+use berth_server::auth::Role;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn open(s: &Server, token: &str) -> Result<Ws> {
+    let mut req = format!("ws://{}/v1/hosts", s.addr).into_client_request()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(tokio_tungstenite::connect_async(req).await?.0)
+}
+
+fn register(host: &str, vms: Vec<HostVm>) -> HostMessage {
+    HostMessage::Register {
+        v: 1,
+        host: HostId::new(host).expect("id"),
+        accel: "tcg".into(),
+        driver: "qemu".into(),
+        gateway: "ws://127.0.0.1:7071".into(),
+        max_vms: 4,
+        images: vec![ImageCapacity {
+            name: "arena".into(),
+            docked: true,
+            warm: 0,
+            running: 0,
+            memory_mib: 128,
+            vcpus: 1,
+        }],
+        vms,
+    }
+}
+
+async fn send(ws: &mut Ws, m: &HostMessage) -> Result<()> {
+    ws.send(Message::Text(serde_json::to_string(m)?.into()))
+        .await?;
+    Ok(())
+}
+
+async fn recv(ws: &mut Ws) -> Result<ServerToHost> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .context("no message")?
+        {
+            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t)?),
+            Some(Ok(Message::Close(f))) => bail!("closed: {f:?}"),
+            Some(Ok(_)) => continue,
+            other => bail!("ended: {other:?}"),
+        }
+    }
+}
+
+async fn expect_error(ws: &mut Ws, code: &str) -> Result<()> {
+    match recv(ws).await? {
+        ServerToHost::Error { code: c, .. } if c == code => Ok(()),
+        other => bail!("expected error {code}, got {other:?}"),
+    }
+}
+
+async fn close_of(ws: &mut Ws) -> u16 {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(Message::Close(f)))) => return f.map_or(0, |f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => continue,
+            _ => return 0,
+        }
+    }
+}
+
+#[tokio::test]
+async fn only_host_credentials_open_the_host_socket() -> Result<()> {
+    let s = Server::start(config()).await?;
+    for token in [token("alice"), admin_token(), "junk".to_owned()] {
+        let mut req = format!("ws://{}/v1/hosts", s.addr).into_client_request()?;
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+        match tokio_tungstenite::connect_async(req).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+            other => bail!("expected 401, got {:?}", other.map(|_| ())),
+        }
+    }
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn register_must_come_first_name_the_credential_and_speak_this_version() -> Result<()> {
+    let s = Server::start(config()).await?;
+    let tok = auth().mint("h1", Role::Host, 60)?;
+
+    let mut ws = open(&s, &tok).await?;
+    send(&mut ws, &HostMessage::Heartbeat { images: vec![] }).await?;
+    expect_error(&mut ws, "register_required").await?;
+    assert_eq!(close_of(&mut ws).await, 4400);
+
+    let mut ws = open(&s, &tok).await?;
+    send(&mut ws, &register("h2", vec![])).await?;
+    expect_error(&mut ws, "wrong_host").await?;
+    assert_eq!(close_of(&mut ws).await, 4401);
+
+    let mut ws = open(&s, &tok).await?;
+    let mut r = serde_json::to_value(register("h1", vec![]))?;
+    r["v"] = 2.into();
+    ws.send(Message::Text(r.to_string().into())).await?;
+    expect_error(&mut ws, "unsupported_version").await?;
+    assert_eq!(close_of(&mut ws).await, 4400);
+    assert!(
+        s.ctx.store.host(&HostId::new("h1")?).await?.is_none(),
+        "nothing registered"
+    );
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_frames_get_codes_and_the_host_stays_connected() -> Result<()> {
+    let s = Server::start(config()).await?;
+    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    send(&mut ws, &register("h1", vec![])).await?;
+    assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
+    ws.send(Message::Text("{oops".into())).await?;
+    expect_error(&mut ws, "bad_json").await?;
+    ws.send(Message::Text(r#"{"type":"explode"}"#.into()))
+        .await?;
+    expect_error(&mut ws, "unknown_type").await?;
+    ws.send(Message::Binary(vec![1].into())).await?;
+    expect_error(&mut ws, "binary_not_supported").await?;
+    send(&mut ws, &register("h1", vec![])).await?;
+    expect_error(&mut ws, "already_registered").await?;
+    // A host speaking about a session that is not placed on it changes nothing.
+    let ghost = SessionId::new("s-not-mine")?;
+    send(
+        &mut ws,
+        &HostMessage::Ended {
+            session: ghost.clone(),
+            vm: VmId::new("vm-x")?,
+            reason: "game_over".into(),
+            results: serde_json::Value::Null,
+        },
+    )
+    .await?;
+    expect_error(&mut ws, "foreign_session").await?;
+    assert!(s.ctx.store.session(&ghost).await?.is_none());
+    // Still registered and heard.
+    send(&mut ws, &HostMessage::Heartbeat { images: vec![] }).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let h = s
+        .ctx
+        .store
+        .host(&HostId::new("h1")?)
+        .await?
+        .context("registered")?;
+    assert!(h.images.is_empty(), "heartbeat applied");
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn reconciliation_destroys_vms_of_unknown_sessions() -> Result<()> {
+    let s = Server::start(config()).await?;
+    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    let vm = HostVm {
+        vm: VmId::new("vm-old")?,
+        session: SessionId::new("s-long-gone")?,
+        image: "arena".into(),
+    };
+    send(&mut ws, &register("h1", vec![vm])).await?;
+    assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
+    match recv(&mut ws).await? {
+        ServerToHost::Destroy { session } => assert_eq!(session.as_str(), "s-long-gone"),
+        other => bail!("expected destroy, got {other:?}"),
+    }
+    s.shutdown().await;
+    Ok(())
+}
