@@ -20,6 +20,8 @@ use tokio::sync::mpsc;
 
 /// Queued players get a `queue_status` this often.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// Rate-limit strikes are forgotten after this long without one.
+const STRIKES_FORGIVEN: Duration = Duration::from_secs(10);
 /// Messages waiting to be written to one player before it counts as too slow.
 const OUTBOX: usize = 32;
 
@@ -93,6 +95,7 @@ where
 
     let mut rate = RateLimit::new(ctx.config.limits.messages_per_s, ctx.config.limits.burst);
     let mut strikes = 0;
+    let mut last_strike = Instant::now();
     let idle = Duration::from_millis(t.idle_ms);
     let mut last_heard = Instant::now();
     let mut status =
@@ -113,8 +116,13 @@ where
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(m)) => {
+                        // Strikes are forgiven after a quiet spell: only a sustained flood closes.
+                        if strikes > 0 && last_strike.elapsed() > STRIKES_FORGIVEN {
+                            strikes = 0;
+                        }
                         if !rate.allow(Instant::now()) {
                             strikes += 1;
+                            last_strike = Instant::now();
                             ctx.metrics.refuse("rate_limited");
                             if strikes > ctx.config.limits.rate_strikes {
                                 let _ = ws.send(text(&ServerMessage::error("rate_limited", "too many messages; closing"))).await;
@@ -218,7 +226,11 @@ where
                     )
                     .await;
                 }
-                let token = token.or(bearer.clone()).unwrap_or_default();
+                // An empty token in hello means "see the header".
+                let token = token
+                    .filter(|t| !t.trim().is_empty())
+                    .or(bearer.clone())
+                    .unwrap_or_default();
                 match ctx.auth.verify_player(&token) {
                     Ok(p) => return Some(p),
                     Err(e) => break refuse(e.code(), e.to_string(), close::AUTH).await,

@@ -40,7 +40,7 @@ fn config() -> ServerConfig {
             secret: SECRET.into(),
             ..defaults.auth
         },
-        // The fake host below does not heartbeat on a timer: keep it from being marked lost.
+        // The hostd test double below does not heartbeat on a timer: keep it from being marked lost.
         timeouts: Timeouts {
             host_lost_ms: 60_000,
             ..defaults.timeouts
@@ -266,7 +266,9 @@ async fn queue(ws: &mut Ws, mode: &str) -> Result<Value> {
     until(ws, "queue_status").await
 }
 
-/// A registered fake hostd offering the `arena` image.
+/// A test double of hostd (a scripted client of `/v1/hosts`) offering the `arena` image: the
+/// admin schemas need a host and an active session, and this test is about the HTTP shapes,
+/// not VMs (the real hostd with real VMs is driven in `tests/tests/stack.rs`).
 async fn host(server: &Server, auth: &Auth) -> Result<Ws> {
     let token = auth.mint(HOST, Role::Host, 3600)?;
     let mut ws = connect(&format!("ws://{}/v1/hosts", server.addr), Some(&token)).await?;
