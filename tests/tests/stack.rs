@@ -233,6 +233,20 @@ async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()>
         ]
     );
 
+    // Activation and time to match are measured.
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await?
+        .text()
+        .await?;
+    for want in [
+        r#"berth_activation_seconds_count{path="warm"} 1"#,
+        r#"berth_time_to_match_seconds_count{mode="duel"} 1"#,
+        r#"berth_queue_wait_seconds_count{mode="duel"} 2"#,
+        r#"berth_sessions_ended_total{reason="game_over"} 1"#,
+    ] {
+        assert!(metrics.contains(want), "metrics lack {want:?}:\n{metrics}");
+    }
+
     // Both can play again.
     a.send(&queue("duel", "eu")).await?;
     b.send(&queue("duel", "eu")).await?;

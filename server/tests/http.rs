@@ -1,0 +1,157 @@
+//! The plain HTTP surface (health, readiness, metrics, dev tokens) and the binary's start-up
+//! checks (bad config files fail naming the key; tokens are minted only when allowed).
+
+mod common;
+
+use anyhow::Result;
+use berth_server::app::Server;
+use common::*;
+use std::process::Command;
+
+#[tokio::test]
+async fn health_readiness_and_metrics() -> Result<()> {
+    let s = Server::start(config()).await?;
+    let base = format!("http://{}", s.addr);
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await?
+            .text()
+            .await?,
+        "ok"
+    );
+    assert_eq!(
+        http.get(format!("{base}/readyz")).send().await?.status(),
+        200
+    );
+
+    let mut c = Client::player(&s, "mia").await?;
+    c.send(&queue("arena", "eu")).await?;
+    c.recv().await?;
+    c.raw("{broken".into()).await?;
+    c.expect_error("bad_json").await?;
+    let m = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for want in [
+        r#"berth_queue_depth{mode="arena",region="eu"} 1"#,
+        "berth_player_connections 1",
+        r#"berth_refused_total{code="bad_json"} 1"#,
+        r#"berth_sessions{state="active"} 0"#,
+        "# TYPE berth_placement_seconds histogram",
+    ] {
+        assert!(m.contains(want), "metrics lack {want:?}:\n{m}");
+    }
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn dev_tokens_only_in_dev_mode() -> Result<()> {
+    let s = Server::start(config()).await?;
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/dev/token", s.addr))
+        .json(&serde_json::json!({"player": "nina"}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<serde_json::Value>().await?["code"],
+        "dev_tokens_disabled"
+    );
+    s.shutdown().await;
+
+    let mut cfg = config();
+    cfg.auth.dev_tokens = true;
+    let s = Server::start(cfg).await?;
+    let url = format!("http://{}/v1/dev/token", s.addr);
+    let http = reqwest::Client::new();
+    let bad = http
+        .post(&url)
+        .json(&serde_json::json!({"player": "no spaces"}))
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 400);
+    assert_eq!(bad.json::<serde_json::Value>().await?["code"], "bad_player");
+    let ok: serde_json::Value = http
+        .post(&url)
+        .json(&serde_json::json!({"player": "nina"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = ok["token"].as_str().unwrap_or_default();
+    assert_eq!(auth().verify_player(token)?.as_str(), "nina");
+    s.shutdown().await;
+    Ok(())
+}
+
+fn server_bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_berth-server"));
+    c.env_remove("BERTH_AUTH_SECRET").env_remove("BERTH_CONFIG");
+    c
+}
+
+#[test]
+fn bad_config_files_fail_naming_the_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let modes = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/modes");
+    for (text, key) in [
+        ("[limits]\nmax_frame = 1\n", "max_frame"),
+        (
+            "[timeouts]\nhost_heartbeat_ms = 5000\nhost_lost_ms = 1000\n",
+            "timeouts.host_lost_ms",
+        ),
+        ("[store]\nredis = \"http://x\"\n", "store.redis"),
+        ("[auth]\nsecret = \"short\"\n", "auth.secret"),
+        ("[placement]\npolicy = \"random\"\n", "random"),
+    ] {
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, text)?;
+        let out = server_bin()
+            .args(["--config"])
+            .arg(&path)
+            .args(["run", "--listen", "127.0.0.1:0", "--modes"])
+            .arg(&modes)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}: started");
+        assert!(err.contains(key), "{text}: {err}");
+    }
+    let out = server_bin()
+        .args(["--config", "/nonexistent/server.toml", "run"])
+        .output()?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/server.toml"));
+    Ok(())
+}
+
+#[test]
+fn player_tokens_need_dev_mode_host_tokens_do_not() -> Result<()> {
+    let secret = ("BERTH_AUTH_SECRET", SECRET);
+    let out = server_bin()
+        .env(secret.0, secret.1)
+        .args(["token", "--player", "zoe"])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dev"));
+    let out = server_bin()
+        .env(secret.0, secret.1)
+        .args(["token", "--player", "zoe", "--dev"])
+        .output()?;
+    let token = String::from_utf8(out.stdout)?;
+    assert_eq!(auth().verify_player(token.trim())?.as_str(), "zoe");
+    let out = server_bin()
+        .env(secret.0, secret.1)
+        .args(["token", "--host", "h9"])
+        .output()?;
+    let claims = auth().verify(
+        String::from_utf8(out.stdout)?.trim(),
+        berth_server::auth::Role::Host,
+    )?;
+    assert_eq!(claims.sub, "h9");
+    Ok(())
+}
