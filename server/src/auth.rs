@@ -312,6 +312,92 @@ mod tests {
         );
     }
 
+    /// Generates a key pair with the openssl CLI (Debian's `openssl`, on every machine here).
+    fn keypair(dir: &std::path::Path, alg: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (private, public) = (
+            dir.join(format!("{alg}.key")),
+            dir.join(format!("{alg}.pub")),
+        );
+        let gen: &[&str] = if alg == "ed25519" {
+            &["genpkey", "-algorithm", "ed25519"]
+        } else {
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ]
+        };
+        let ok = std::process::Command::new("openssl")
+            .args(gen)
+            .arg("-out")
+            .arg(&private)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs")
+            .success();
+        assert!(ok, "openssl genpkey");
+        let ok = std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .status()
+            .expect("openssl runs")
+            .success();
+        assert!(ok, "openssl pkey -pubout");
+        (private, public)
+    }
+
+    #[test]
+    fn rs256_and_eddsa_keys_verify_and_are_pinned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut tokens = Vec::new();
+        for (alg, name) in [(Algorithm::RS256, "rsa"), (Algorithm::EdDSA, "ed25519")] {
+            let (private, public) = keypair(dir.path(), name);
+            let signer = Auth::new(&AuthConfig {
+                algorithm: alg,
+                public_key_file: Some(public.clone()),
+                private_key_file: Some(private),
+                ..AuthConfig::default()
+            })
+            .expect("signer");
+            let verifier = Auth::new(&AuthConfig {
+                algorithm: alg,
+                public_key_file: Some(public),
+                ..AuthConfig::default()
+            })
+            .expect("verify-only");
+            assert_eq!(
+                verifier
+                    .mint("x", Role::Player, 60)
+                    .expect_err("no key")
+                    .code(),
+                "cannot_mint"
+            );
+            let t = signer.mint("alice", Role::Player, 60).expect("mint");
+            assert_eq!(
+                verifier.verify_player(&t).expect("verifies").as_str(),
+                "alice"
+            );
+            tokens.push((alg, t, verifier));
+        }
+        // Each verifier refuses the other algorithm's token, and an HS256 server refuses both.
+        let hs = auth();
+        for (i, (_, t, _)) in tokens.iter().enumerate() {
+            let other = &tokens[1 - i].2;
+            assert_eq!(
+                other.verify_player(t).expect_err("pinned").code(),
+                "bad_algorithm"
+            );
+            assert_eq!(
+                hs.verify_player(t).expect_err("pinned").code(),
+                "bad_algorithm"
+            );
+        }
+    }
+
     #[test]
     fn expired_token_is_refused() {
         let a = auth();

@@ -422,3 +422,100 @@ pub async fn run_sweeper(ctx: Ctx, period: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_protocol::host::ImageCapacity;
+
+    fn host(id: &str, running: u32, warm: u32, docked: bool) -> HostRecord {
+        HostRecord {
+            id: HostId::new(id).expect("id"),
+            state: HostState::Up,
+            draining: false,
+            accel: "tcg".into(),
+            driver: "qemu".into(),
+            gateway: String::new(),
+            max_vms: 4,
+            images: vec![ImageCapacity {
+                name: "arena".into(),
+                docked,
+                warm,
+                running,
+                memory_mib: 128,
+                vcpus: 1,
+            }],
+            vms: vec![],
+            replica: String::new(),
+            connected_ms: 0,
+            last_seen_ms: 0,
+            pending: 0,
+        }
+    }
+
+    fn ids(v: Vec<&HostRecord>) -> Vec<&str> {
+        v.into_iter().map(|h| h.id.as_str()).collect()
+    }
+
+    #[test]
+    fn warm_then_docked_then_policy() {
+        let hosts = [
+            host("busy", 3, 0, true),
+            host("idle", 0, 0, true),
+            host("warm", 2, 1, true),
+            host("cold", 0, 0, false),
+        ];
+        let none = |_: &HostId| 0;
+        let spread = rank_hosts(&hosts, "arena", (128, 1), &[], &none, Policy::Spread);
+        assert_eq!(ids(spread), ["warm", "idle", "busy", "cold"]);
+        let pack = rank_hosts(&hosts, "arena", (128, 1), &[], &none, Policy::Pack);
+        assert_eq!(ids(pack), ["warm", "busy", "idle", "cold"]);
+    }
+
+    #[test]
+    fn full_draining_lost_tried_or_too_small_hosts_are_left_out() {
+        let mut draining = host("draining", 0, 1, true);
+        draining.draining = true;
+        let mut lost = host("lost", 0, 1, true);
+        lost.state = HostState::Lost;
+        let hosts = [
+            host("full", 4, 0, true),
+            draining,
+            lost,
+            host("tried", 0, 0, true),
+            host("ok", 1, 0, true),
+        ];
+        let none = |_: &HostId| 0;
+        let tried = [HostId::new("tried").expect("id")];
+        assert_eq!(
+            ids(rank_hosts(
+                &hosts,
+                "arena",
+                (128, 1),
+                &tried,
+                &none,
+                Policy::Spread
+            )),
+            ["ok"]
+        );
+        assert!(
+            rank_hosts(&hosts, "arena", (256, 1), &tried, &none, Policy::Spread).is_empty(),
+            "too small"
+        );
+        assert!(
+            rank_hosts(&hosts, "other", (1, 1), &[], &none, Policy::Spread).is_empty(),
+            "no such image"
+        );
+        // Activations in flight count against room (and against warm clones).
+        let three = |_: &HostId| 3;
+        assert!(rank_hosts(
+            &[host("ok", 1, 0, true)],
+            "arena",
+            (128, 1),
+            &[],
+            &three,
+            Policy::Spread
+        )
+        .is_empty());
+    }
+}

@@ -451,3 +451,147 @@ async fn placement_retries_another_host_when_activation_fails() -> Result<()> {
     bad.finish().await?;
     good.finish().await
 }
+
+/// A raw client of `/v1/hosts` with `host`'s credential: an intruding host in this test.
+async fn intruder(server: &Server, host: &str) -> Result<client::Ws> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let token = auth().mint(host, Role::Host, 60)?;
+    let mut req = format!("ws://{}/v1/hosts", server.addr).into_client_request()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(tokio_tungstenite::connect_async(req).await?.0)
+}
+
+async fn host_says(ws: &mut client::Ws, m: &berth_protocol::host::HostMessage) -> Result<()> {
+    use futures_util::SinkExt;
+    let text = serde_json::to_string(m)?;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(text.into()))
+        .await?;
+    Ok(())
+}
+
+async fn host_hears(ws: &mut client::Ws) -> Result<berth_protocol::host::ServerToHost> {
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .context("silence")?
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                return Ok(serde_json::from_str(&t)?)
+            }
+            Some(Ok(_)) => continue,
+            other => bail!("host socket ended: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
+    use berth_protocol::host::{HostMessage, HostVm, ServerToHost};
+    // A mode whose matches last at most 3 s.
+    let modes = tempfile_dir("stack-modes")?;
+    std::fs::write(
+        modes.0.join("blitz.toml"),
+        "image = \"arena\"\nteams = 2\nsession_max_s = 3\n[players]\nmin = 2\nmax = 2\n[vm]\nmemory_mib = 128\n",
+    )?;
+    let sandbox = Sandbox::start("stack-fail", 1).await?;
+    let mut cfg = stack_config();
+    cfg.modes_dir = modes.0.clone();
+    let server = Server::start(cfg).await?;
+    let store = server.ctx.store.clone();
+    let (stop, task) = link(&sandbox, &server);
+    host_until(&store, |h| {
+        h.state == HostState::Up && h.images.iter().any(|i| i.docked)
+    })
+    .await?;
+
+    let mut a = Client::player(&server, "gus").await?;
+    let mut b = Client::player(&server, "hal").await?;
+    a.send(&queue("blitz", "eu")).await?;
+    b.send(&queue("blitz", "eu")).await?;
+    let (s1, _, _) = matched(&mut a).await?;
+    matched(&mut b).await?;
+
+    // Another host claims this session's VM, and reports it over: refused, nothing changes.
+    let mut other = intruder(&server, "intruder").await?;
+    let vm = sandbox
+        .pool
+        .status()
+        .vms
+        .into_iter()
+        .next()
+        .context("a VM")?;
+    host_says(
+        &mut other,
+        &HostMessage::Register {
+            v: 1,
+            host: HostId::new("intruder")?,
+            accel: "tcg".into(),
+            driver: "qemu".into(),
+            gateway: "ws://127.0.0.1:9".into(),
+            max_vms: 1,
+            images: vec![],
+            vms: vec![HostVm {
+                vm: vm.vm_id.clone(),
+                session: s1.clone(),
+                image: "arena".into(),
+            }],
+        },
+    )
+    .await?;
+    assert!(matches!(
+        host_hears(&mut other).await?,
+        ServerToHost::Welcome { .. }
+    ));
+    assert!(
+        matches!(host_hears(&mut other).await?, ServerToHost::Error { code, .. } if code == "foreign_session")
+    );
+    host_says(
+        &mut other,
+        &HostMessage::Ended {
+            session: s1.clone(),
+            vm: vm.vm_id.clone(),
+            reason: "game_over".into(),
+            results: serde_json::Value::Null,
+        },
+    )
+    .await?;
+    assert!(
+        matches!(host_hears(&mut other).await?, ServerToHost::Error { code, .. } if code == "foreign_session")
+    );
+    assert_eq!(
+        store.session(&s1).await?.context("kept")?.state,
+        SessionState::Active
+    );
+    drop(other);
+
+    // The VM dies: players hear `vm_failed`.
+    berth_tests::signal(vm.pid, nix::sys::signal::Signal::SIGKILL)?;
+    assert_eq!(ended(&mut a).await?.0, "vm_failed");
+    assert_eq!(ended(&mut b).await?.0, "vm_failed");
+    session_until(&store, &s1, SessionState::Ended).await?;
+
+    // A match that reaches the mode's session_max_s ends as `deadline`, its VM destroyed.
+    a.send(&queue("blitz", "eu")).await?;
+    b.send(&queue("blitz", "eu")).await?;
+    let (s2, _, _) = matched(&mut a).await?;
+    matched(&mut b).await?;
+    let t0 = std::time::Instant::now();
+    assert_eq!(ended(&mut a).await?.0, "deadline");
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+    session_until(&store, &s2, SessionState::Ended).await?;
+    no_vms_left(&sandbox).await?;
+
+    drop(stop);
+    task.await?;
+    server.shutdown().await;
+    sandbox.finish().await
+}
+
+/// A scratch folder removed on drop.
+fn tempfile_dir(name: &str) -> Result<berth_tests::DirGuard> {
+    let dir = std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(berth_tests::DirGuard(dir))
+}
