@@ -87,31 +87,42 @@ pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
         for (t, reason) in &outcome.dropped {
             drop_ticket(ctx, t, reason).await?;
         }
+        // Claims touch disjoint tickets: send them together (the Redis connection pipelines).
+        let sessions: Vec<_> = outcome
+            .matches
+            .iter()
+            .map(|f| (f, new_session(ctx, mode, &pool.region, f, now)))
+            .collect();
+        let results = futures_util::future::join_all(
+            sessions.iter().map(|(f, s)| ctx.store.claim(&f.tickets, s)),
+        )
+        .await;
+        let enqueued: HashMap<&str, u64> = tickets
+            .iter()
+            .map(|t| (t.id.as_str(), t.enqueued_ms))
+            .collect();
         let mut lost = false;
         let mut matched = 0;
-        for formed in &outcome.matches {
-            let session = new_session(ctx, mode, &pool.region, formed, now);
-            if ctx.store.claim(&formed.tickets, &session).await? {
-                claimed += 1;
-                matched += formed.tickets.len();
-                ctx.metrics.matches.inc();
-                observe_waits(ctx, pool, &tickets, &formed.tickets, now);
-                tracing::debug!(session_id = %session.id, %pool, players = session.players.len(), "match formed");
-                ctx.store
-                    .publish(&Event::Session {
-                        session: session.id.clone(),
-                        state: session.state,
-                    })
-                    .await?;
-                let (ctx, id) = (ctx.clone(), session.id.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = try_place(&ctx, &id).await {
-                        tracing::warn!(session_id = %id, error = %e, "placement failed");
-                    }
-                });
-            } else {
+        for ((formed, session), won) in sessions.into_iter().zip(results) {
+            if !won? {
                 lost = true;
+                continue;
             }
+            claimed_one(ctx, pool, formed, &session, &enqueued, now);
+            claimed += 1;
+            matched += formed.tickets.len();
+            ctx.store
+                .publish(&Event::Session {
+                    session: session.id.clone(),
+                    state: session.state,
+                })
+                .await?;
+            let (ctx, id) = (ctx.clone(), session.id);
+            tokio::spawn(async move {
+                if let Err(e) = try_place(&ctx, &id).await {
+                    tracing::warn!(session_id = %id, error = %e, "placement failed");
+                }
+            });
         }
         ctx.metrics
             .queue_depth
@@ -127,20 +138,26 @@ pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
     Ok(claimed)
 }
 
-fn observe_waits(
+/// Metrics and a log line for a claimed match.
+fn claimed_one(
     ctx: &Ctx,
     pool: &PoolKey,
-    tickets: &[crate::model::Ticket],
-    ids: &[String],
+    formed: &crate::matching::Formed,
+    session: &crate::model::Session,
+    enqueued: &HashMap<&str, u64>,
     now: u64,
 ) {
+    ctx.metrics.matches.inc();
     let wait = ctx
         .metrics
         .queue_wait
         .get_or_create(&vec![("mode", pool.mode.clone())]);
-    for t in tickets.iter().filter(|t| ids.contains(&t.id)) {
-        wait.observe(now.saturating_sub(t.enqueued_ms) as f64 / 1000.0);
+    for id in &formed.tickets {
+        if let Some(at) = enqueued.get(id.as_str()) {
+            wait.observe(now.saturating_sub(*at) as f64 / 1000.0);
+        }
     }
+    tracing::debug!(session_id = %session.id, %pool, players = session.players.len(), "match formed");
 }
 
 async fn drop_ticket(ctx: &Ctx, t: &crate::model::Ticket, reason: &str) -> Result<(), StoreError> {

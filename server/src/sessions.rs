@@ -133,6 +133,13 @@ pub async fn try_place(ctx: &Ctx, id: &SessionId) -> Result<(), StoreError> {
         return Ok(());
     }
     let hosts = ctx.store.hosts().await?;
+    // No host could take it anyway: skip reading the activations in flight.
+    let none = |_: &HostId| 0;
+    let wanted = wants(ctx, &s);
+    let policy = ctx.config.placement.policy;
+    if rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &none, policy).is_empty() {
+        return Ok(());
+    }
     let activating = ctx.store.sessions(Some(SessionState::Activating)).await?;
     let pending = |h: &HostId| {
         activating
@@ -140,14 +147,7 @@ pub async fn try_place(ctx: &Ctx, id: &SessionId) -> Result<(), StoreError> {
             .filter(|a| a.host.as_ref() == Some(h))
             .count() as u32
     };
-    let ranked = rank_hosts(
-        &hosts,
-        &s.image,
-        wants(ctx, &s),
-        &s.tried_hosts,
-        &pending,
-        ctx.config.placement.policy,
-    );
+    let ranked = rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &pending, policy);
     let Some(host) = ranked.first() else {
         return Ok(());
     };
@@ -357,7 +357,8 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
     let t = &ctx.config.timeouts;
     // Hosts first: a lost host's sessions end below.
     let mut lost = Vec::new();
-    for h in ctx.store.hosts().await? {
+    let hosts = ctx.store.hosts().await?;
+    for h in &hosts {
         let silent = now.saturating_sub(h.last_seen_ms);
         let stale = h.state != HostState::Lost && silent > t.host_lost_ms;
         if stale
@@ -386,7 +387,14 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
             SessionState::Placing if now > s.deadline_ms => {
                 end(ctx, &s.id, "placement_failed", serde_json::Value::Null).await?;
             }
-            SessionState::Placing => try_place(ctx, &s.id).await?,
+            SessionState::Placing => {
+                let none = |_: &HostId| 0;
+                let policy = ctx.config.placement.policy;
+                let wanted = wants(ctx, &s);
+                if !rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &none, policy).is_empty() {
+                    try_place(ctx, &s.id).await?;
+                }
+            }
             SessionState::Activating if now > s.deadline_ms => {
                 if let Some(h) = &s.host {
                     activation_failed(ctx, h, &s.id, "activation_timeout").await?;
