@@ -98,6 +98,23 @@ pub struct ImageConfig {
     pub cmdline: Option<String>,
 }
 
+impl ImageConfig {
+    /// An image with the defaults a config file gets (128 MiB, 1 vCPU, CoW, no balloon) and
+    /// `warm` warm clones.
+    pub fn new(name: &str, dir: PathBuf, warm: u32) -> Self {
+        ImageConfig {
+            name: name.to_owned(),
+            dir,
+            memory_mib: default_memory(),
+            vcpus: default_vcpus(),
+            balloon_mib: None,
+            warm,
+            cow: default_true(),
+            cmdline: None,
+        }
+    }
+}
+
 fn default_gateway() -> String {
     "ws://127.0.0.1:7071".into()
 }

@@ -107,6 +107,13 @@ impl Server {
             tokio::spawn(matchmaker::run(ctx.clone(), matcher_rx)),
             tokio::spawn(sessions::run_sweeper(ctx.clone(), SWEEP_EVERY)),
             tokio::spawn(async move {
+                use axum::serve::ListenerExt;
+                // Small messages both ways: no Nagle delay (it costs ~40 ms with delayed ACKs).
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY");
+                    }
+                });
                 let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
                     let _ = stopped.await;
                 });

@@ -103,6 +103,7 @@ pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
             .collect();
         let mut lost = false;
         let mut matched = 0;
+        let mut won_sessions = Vec::new();
         for ((formed, session), won) in sessions.into_iter().zip(results) {
             if !won? {
                 lost = true;
@@ -111,12 +112,19 @@ pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
             claimed_one(ctx, pool, formed, &session, &enqueued, now);
             claimed += 1;
             matched += formed.tickets.len();
-            ctx.store
-                .publish(&Event::Session {
-                    session: session.id.clone(),
-                    state: session.state,
-                })
-                .await?;
+            won_sessions.push(session);
+        }
+        let events: Vec<Event> = won_sessions
+            .iter()
+            .map(|s| Event::Session {
+                session: s.id.clone(),
+                state: s.state,
+            })
+            .collect();
+        for r in futures_util::future::join_all(events.iter().map(|e| ctx.store.publish(e))).await {
+            r?;
+        }
+        for session in won_sessions {
             let (ctx, id) = (ctx.clone(), session.id);
             tokio::spawn(async move {
                 if let Err(e) = try_place(&ctx, &id).await {
@@ -124,6 +132,9 @@ pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
                 }
             });
         }
+        // The memory store never yields: let the replica's other tasks (events, sockets) run
+        // between passes.
+        tokio::task::yield_now().await;
         ctx.metrics
             .queue_depth
             .get_or_create(&vec![

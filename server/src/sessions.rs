@@ -373,10 +373,17 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
             lost.push(h.id.clone());
         }
     }
-    for s in ctx.store.sessions(None).await? {
-        if !s.state.is_live() {
-            continue;
-        }
+    // Live states only: ended sessions are kept (for results) but need nothing.
+    let mut live = Vec::new();
+    for st in [
+        SessionState::Placing,
+        SessionState::Activating,
+        SessionState::Active,
+        SessionState::Ending,
+    ] {
+        live.extend(ctx.store.sessions(Some(st)).await?);
+    }
+    for s in live {
         if let Some(h) = &s.host {
             if lost.contains(h) && s.state != SessionState::Placing {
                 abandon(ctx, &s.id, "host_lost").await?;

@@ -46,16 +46,7 @@ pub fn init_logs() {
 }
 
 pub fn image_config(name: &str, warm: u32) -> ImageConfig {
-    ImageConfig {
-        name: name.into(),
-        dir: image_dir(),
-        memory_mib: 128,
-        vcpus: 1,
-        balloon_mib: None,
-        warm,
-        cow: true,
-        cmdline: None,
-    }
+    ImageConfig::new(name, image_dir(), warm)
 }
 
 pub fn config(state_dir: &Path, images: Vec<ImageConfig>) -> HostdConfig {

@@ -59,7 +59,7 @@ fn summary(mut v: Vec<f64>) -> serde_json::Value {
     })
 }
 
-fn round(x: f64) -> f64 {
+pub(crate) fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
@@ -186,7 +186,7 @@ async fn destroy_all(vms: Vec<Box<dyn Vm>>) {
 }
 
 /// CPU ticks (utime + stime) of a process.
-fn cpu_ticks(pid: u32) -> u64 {
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {

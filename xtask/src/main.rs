@@ -1,8 +1,10 @@
 //! `cargo xtask`: build the guest image, run the demo, run all tests, run benchmarks.
 mod bench;
+mod bench_server;
 mod cpio;
 mod demo;
 mod image;
+mod redis;
 mod sys;
 mod test;
 
@@ -39,6 +41,8 @@ enum Cmd {
 enum BenchCmd {
     /// Cold boot vs substrate vs copy-on-write vs warm activation, and capacity.
     Activation(bench::ActivationArgs),
+    /// The matchmaking server: idle player sockets per process, matchmaking throughput.
+    Server(bench_server::ServerArgs),
 }
 
 fn main() -> Result<()> {
@@ -62,6 +66,13 @@ fn main() -> Result<()> {
             sys::ensure(&[sys::QEMU, sys::QEMU_UTILS, sys::E2FS])?;
             init_logs();
             rt()?.block_on(bench::activation(args))?;
+        }
+        Cmd::Bench {
+            which: BenchCmd::Server(args),
+        } => {
+            sys::ensure(&[sys::REDIS])?;
+            init_logs();
+            rt()?.block_on(bench_server::run(args))?;
         }
     }
     Ok(())

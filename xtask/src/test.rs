@@ -5,11 +5,6 @@
 //! the whole suite with nextest (VM tests at most two at a time, see `.config/nextest.toml`),
 //! stops that Redis, then checks that no test left a QEMU process or a `/dev/shm` folder behind.
 
-// Declared here, its only user, so that main.rs need not change; move it to main.rs once
-// another task needs a Redis.
-#[path = "redis.rs"]
-mod redis;
-
 use crate::{image, sys};
 use anyhow::{bail, Result};
 use std::process::Command;
@@ -29,7 +24,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         FEATURES,
     ]))?;
     let _ = std::fs::remove_dir_all("/dev/shm/berth-test-cache");
-    let redis = redis::RedisServer::start()?;
+    let redis = crate::redis::RedisServer::start()?;
     eprintln!("xtask: test redis at {}", redis.url);
     let nextest = Command::new(cargo)
         .args(["nextest", "--version"])

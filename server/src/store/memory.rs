@@ -10,6 +10,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 
+/// Ended sessions this store keeps at most (the oldest go first): one process's memory is the
+/// limit here, where Redis expires them by time alone.
+pub const MAX_ENDED: usize = 50_000;
+
 #[derive(Default)]
 struct Inner {
     /// Per pool, tickets ordered by (enqueued_ms, id).
@@ -18,6 +22,10 @@ struct Inner {
     index: HashMap<String, (u64, String)>,
     bindings: HashMap<PlayerId, Binding>,
     sessions: HashMap<SessionId, Session>,
+    /// Sessions not yet ended (what the sweeper and placement look at).
+    live: std::collections::BTreeSet<SessionId>,
+    /// Ended sessions in the order they ended, for retention.
+    ended: std::collections::VecDeque<(u64, SessionId)>,
     hosts: BTreeMap<HostId, HostRecord>,
     draining: HashMap<HostId, bool>,
     leases: HashMap<String, (String, u64)>,
@@ -79,10 +87,15 @@ impl Inner {
         t
     }
 
+    /// Forgets ended sessions older than the retention, or beyond [`MAX_ENDED`] of them.
     fn prune_ended(&mut self, now: u64) {
-        self.sessions.retain(|_, s| {
-            s.state != SessionState::Ended || s.since_ms() + ENDED_RETENTION_MS > now
-        });
+        while let Some((at, id)) = self.ended.front() {
+            if *at + ENDED_RETENTION_MS > now && self.ended.len() <= MAX_ENDED {
+                break;
+            }
+            self.sessions.remove(id);
+            self.ended.pop_front();
+        }
     }
 }
 
@@ -171,6 +184,7 @@ impl Store for MemoryStore {
                 );
             }
         }
+        g.live.insert(stored.id.clone());
         g.sessions.insert(stored.id.clone(), stored);
         Ok(true)
     }
@@ -186,12 +200,21 @@ impl Store for MemoryStore {
     async fn sessions(&self, state: Option<SessionState>) -> Result<Vec<Session>, StoreError> {
         let mut g = self.lock();
         g.prune_ended(now_ms());
-        let mut out: Vec<Session> = g
-            .sessions
-            .values()
-            .filter(|s| state.is_none_or(|st| s.state == st))
-            .cloned()
-            .collect();
+        let mut out: Vec<Session> = match state {
+            None => g.sessions.values().cloned().collect(),
+            Some(SessionState::Ended) => g
+                .ended
+                .iter()
+                .filter_map(|(_, id)| g.sessions.get(id).cloned())
+                .collect(),
+            Some(st) => g
+                .live
+                .iter()
+                .filter_map(|id| g.sessions.get(id))
+                .filter(|s| s.state == st)
+                .cloned()
+                .collect(),
+        };
         out.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
         Ok(out)
     }
@@ -216,6 +239,10 @@ impl Store for MemoryStore {
                     g.bindings.remove(p);
                 }
             }
+        }
+        if stored.state == SessionState::Ended && g.live.remove(&stored.id) {
+            g.ended.push_back((stored.since_ms(), stored.id.clone()));
+            g.prune_ended(stored.since_ms());
         }
         g.sessions.insert(stored.id.clone(), stored.clone());
         Ok(Some(stored))

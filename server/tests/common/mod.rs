@@ -53,7 +53,7 @@ impl Client {
             req.headers_mut()
                 .insert("authorization", format!("Bearer {t}").parse()?);
         }
-        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true).await?;
         Ok(Client { ws })
     }
 
