@@ -394,13 +394,6 @@ async fn queue(
         }
         Err(e) => return Err((e.code(), "state store unavailable; retry".into())),
     }
-    if let Err(e) = ctx
-        .store
-        .publish(&Event::QueueChanged { pool: pool.clone() })
-        .await
-    {
-        tracing::warn!(error = %e, "publishing queue change");
-    }
     Ok(queue_status(ctx, player).await.into_iter().collect())
 }
 

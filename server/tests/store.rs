@@ -91,6 +91,7 @@ suite!(
     mark_host_is_conditional,
     lease_is_exclusive_renewable_and_expires,
     publish_reaches_subscribers,
+    enqueue_announces_the_ticket_and_a_refusal_does_not,
 );
 
 // ---- fixtures ----
@@ -734,6 +735,29 @@ async fn lease_is_exclusive_renewable_and_expires(store: Arc<dyn Store>) -> Resu
     Ok(())
 }
 
+async fn enqueue_announces_the_ticket_and_a_refusal_does_not(store: Arc<dyn Store>) -> Result<()> {
+    let mut rx = store.subscribe();
+    store
+        .enqueue(&ticket("t1", player(1), other_pool(), 1))
+        .await?;
+    assert_eq!(
+        recv(&mut rx).await?,
+        Event::QueueChanged { pool: other_pool() }
+    );
+    assert!(store
+        .enqueue(&ticket("t2", player(1), pool(), 2))
+        .await
+        .is_err());
+    // Nothing for the refused one: the next event is the marker published after it.
+    let marker = Event::PlayerConnected {
+        player: player(9),
+        conn: "marker".into(),
+    };
+    store.publish(&marker).await?;
+    assert_eq!(recv(&mut rx).await?, marker);
+    Ok(())
+}
+
 async fn publish_reaches_subscribers(store: Arc<dyn Store>) -> Result<()> {
     let mut rx1 = store.subscribe();
     let mut rx2 = store.subscribe();
@@ -775,6 +799,10 @@ async fn redis_two_replicas_share_state_and_events() -> Result<()> {
 
     let t1 = ticket("t1", player(1), pool(), 1);
     a.enqueue(&t1).await?;
+    // The enqueue itself announced the ticket to both replicas.
+    let announced = Event::QueueChanged { pool: pool() };
+    assert_eq!(recv(&mut rx_a).await?, announced);
+    assert_eq!(recv(&mut rx_b).await?, announced);
     assert_eq!(b.tickets(&pool()).await?, vec![t1.clone()]);
     assert!(matches!(
         b.enqueue(&ticket("t2", player(1), pool(), 2)).await,

@@ -126,6 +126,10 @@ impl Store for MemoryStore {
             .entry(ticket.pool.clone())
             .or_default()
             .insert(ticket_key(ticket), ticket.clone());
+        drop(g);
+        let _ = self.events.send(Event::QueueChanged {
+            pool: ticket.pool.clone(),
+        });
         Ok(())
     }
 

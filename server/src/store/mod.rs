@@ -54,7 +54,8 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- tickets and bindings ----
 
-    /// Adds `ticket` to its pool and binds its player to it. Fails with
+    /// Adds `ticket` to its pool, binds its player to it and announces
+    /// [`Event::QueueChanged`] for the pool to every replica, in one step. Fails with
     /// [`StoreError::PlayerBusy`] (and changes nothing) if the player is already bound.
     async fn enqueue(&self, ticket: &Ticket) -> Result<(), StoreError>;
 

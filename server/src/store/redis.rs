@@ -189,7 +189,8 @@ end
 "#;
 
 /// KEYS: player. ARGV: base, ticket id, ticket JSON, binding JSON, pool id, pool JSON, score,
-/// away ('' for none). Returns {1, false} or {0, the binding in the way}.
+/// away ('' for none), events channel, queue_changed event JSON. Returns {1, false} or {0, the
+/// binding in the way}. Announces the new ticket in the same step (one round trip per ticket).
 const ENQUEUE: &str = r#"
 local b = redis.call('GET', KEYS[1])
 if b then return {0, b} end
@@ -198,6 +199,7 @@ redis.call('SET', B .. 'ticket:' .. ARGV[2], ARGV[3])
 redis.call('ZADD', B .. 'queue:' .. ARGV[5], ARGV[7], ARGV[2])
 redis.call('HSET', B .. 'pools', ARGV[5], ARGV[6])
 if ARGV[8] ~= '' then redis.call('HSET', B .. 'away', ARGV[2], ARGV[8]) end
+redis.call('PUBLISH', ARGV[9], ARGV[10])
 return {1, false}
 "#;
 
@@ -626,6 +628,10 @@ impl Store for RedisStore {
             .arg(serde_json::to_string(&ticket.pool)?)
             .arg(ticket.enqueued_ms)
             .arg(away)
+            .arg(self.keys.events())
+            .arg(serde_json::to_string(&Event::QueueChanged {
+                pool: ticket.pool.clone(),
+            })?)
             .invoke_async(&mut conn)
             .await?;
         match (done, busy) {
