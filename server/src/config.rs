@@ -255,7 +255,13 @@ impl ServerConfig {
             return Err(invalid("placement.attempts", "must be at least 1"));
         }
         let r = &self.store.redis;
-        let known = ["redis://", "rediss://", "redis+unix://"];
+        if r.starts_with("rediss://") {
+            return Err(invalid(
+                "store.redis",
+                "TLS (rediss://) is not built in; reach Redis over a TLS tunnel with redis://",
+            ));
+        }
+        let known = ["redis://", "redis+unix://", "unix://"];
         if !r.is_empty() && !known.iter().any(|k| r.starts_with(k)) {
             return Err(invalid("store.redis", "must be a redis:// URL"));
         }

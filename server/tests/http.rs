@@ -107,6 +107,7 @@ fn bad_config_files_fail_naming_the_key() -> Result<()> {
             "timeouts.host_lost_ms",
         ),
         ("[store]\nredis = \"http://x\"\n", "store.redis"),
+        ("[store]\nredis = \"rediss://x\"\n", "rediss"),
         ("[auth]\nsecret = \"short\"\n", "auth.secret"),
         ("[placement]\npolicy = \"random\"\n", "random"),
     ] {
