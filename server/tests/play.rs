@@ -333,3 +333,42 @@ async fn without_hosts_a_match_ends_as_placement_failed_and_players_are_told() -
     s.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_silent_player_is_closed_after_the_idle_timeout() -> Result<()> {
+    let mut cfg = config();
+    cfg.timeouts.idle_ms = 600;
+    let s = Server::start(cfg).await?;
+    let mut c = Client::player(&s, "quiet").await?;
+    assert_eq!(close_code(&c.closed().await?), 4408);
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_full_replica_refuses_with_server_full() -> Result<()> {
+    let mut cfg = config();
+    cfg.limits.max_players = 1;
+    let s = Server::start(cfg).await?;
+    let _first = Client::player(&s, "one").await?;
+    match Client::open(&s, None).await {
+        Err(e) => assert!(e.to_string().contains("503"), "{e}"),
+        Ok(_) => panic!("a second player was let in"),
+    }
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_tells_players_to_reconnect() -> Result<()> {
+    let s = server().await?;
+    let mut c = Client::player(&s, "leaving").await?;
+    let stopping = tokio::spawn(s.shutdown());
+    c.until(Duration::from_secs(5), |m| {
+        matches!(m, ServerMessage::Error { code, .. } if code == "shutting_down")
+    })
+    .await?;
+    assert_eq!(close_code(&c.closed().await?), 1001);
+    stopping.await?;
+    Ok(())
+}
