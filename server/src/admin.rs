@@ -173,7 +173,13 @@ pub struct QueueView {
 #[derive(Debug, Deserialize)]
 pub struct SessionFilter {
     pub state: Option<String>,
+    pub limit: Option<usize>,
+    pub offset: Option<usize>,
 }
+
+/// Sessions listed per request at most (`?limit=`), and by default.
+pub const MAX_LIST: usize = 10_000;
+pub const DEFAULT_LIST: usize = 1_000;
 
 /// Every admin route: (method, path as in `docs/openapi.json`, handler).
 pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Ctx>)> {
@@ -287,18 +293,33 @@ async fn pools(_: Admin, State(ctx): State<Ctx>) -> Result<Json<Vec<PoolView>>, 
 async fn list_sessions(
     _: Admin,
     State(ctx): State<Ctx>,
-    Query(f): Query<SessionFilter>,
-) -> Result<Json<Vec<SessionView>>, ApiError> {
+    query: Result<Query<SessionFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(f) =
+        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     let state = f
         .state
         .map(|s| s.parse::<SessionState>())
         .transpose()
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_state", e))?;
+    let limit = f.limit.unwrap_or(DEFAULT_LIST);
+    if limit == 0 || limit > MAX_LIST {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "bad_limit",
+            format!("limit must be 1 to {MAX_LIST}"),
+        ));
+    }
     let now = now_ms();
     let list = ctx.store.sessions(state).await?;
-    Ok(Json(
-        list.into_iter().map(|s| SessionView::of(s, now)).collect(),
-    ))
+    let total = list.len();
+    let page: Vec<SessionView> = list
+        .into_iter()
+        .skip(f.offset.unwrap_or(0))
+        .take(limit)
+        .map(|s| SessionView::of(s, now))
+        .collect();
+    Ok(([("x-total-count", total.to_string())], Json(page)).into_response())
 }
 
 fn session_id(id: String) -> Result<SessionId, ApiError> {

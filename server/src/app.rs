@@ -212,9 +212,10 @@ async fn dev_token(
 /// Prometheus text; gauges that describe shared state are read from the store here.
 async fn metrics(State(ctx): State<Ctx>) -> Response {
     let m = &ctx.metrics;
-    if let Ok(all) = ctx.store.sessions(None).await {
-        for st in SessionState::ALL {
-            let n = all.iter().filter(|s| s.state == st).count();
+    // Live states only (ended sessions are counted by `sessions_ended_total`).
+    if let Ok(live) = sessions::live_sessions(&ctx).await {
+        for st in SessionState::ALL.into_iter().filter(|s| s.is_live()) {
+            let n = live.iter().filter(|s| s.state == st).count();
             m.sessions
                 .get_or_create(&vec![("state", st.as_str().to_owned())])
                 .set(n as i64);

@@ -269,7 +269,7 @@ async fn reconcile(ctx: &Ctx, record: &HostRecord) -> Vec<ServerToHost> {
             Err(e) => tracing::warn!(error = %e, "reconcile: reading session"),
         }
     }
-    let Ok(live) = ctx.store.sessions(None).await else {
+    let Ok(live) = sessions::live_sessions(ctx).await else {
         return out;
     };
     for s in live.into_iter().filter(|s| s.host.as_ref() == Some(host)) {

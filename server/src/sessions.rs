@@ -351,6 +351,16 @@ pub async fn abandon(ctx: &Ctx, id: &SessionId, reason: &str) -> Result<(), Stor
     Ok(())
 }
 
+/// Every session not yet ended, through the store's per-state index (ended sessions are kept
+/// for their results but need nothing).
+pub async fn live_sessions(ctx: &Ctx) -> Result<Vec<Session>, StoreError> {
+    let mut live = Vec::new();
+    for st in SessionState::ALL.into_iter().filter(|s| s.is_live()) {
+        live.extend(ctx.store.sessions(Some(st)).await?);
+    }
+    Ok(live)
+}
+
 /// One pass of deadline enforcement. Run by the replica holding the `sweeper` lease.
 pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
     let now = now_ms();
@@ -373,17 +383,7 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
             lost.push(h.id.clone());
         }
     }
-    // Live states only: ended sessions are kept (for results) but need nothing.
-    let mut live = Vec::new();
-    for st in [
-        SessionState::Placing,
-        SessionState::Activating,
-        SessionState::Active,
-        SessionState::Ending,
-    ] {
-        live.extend(ctx.store.sessions(Some(st)).await?);
-    }
-    for s in live {
+    for s in live_sessions(ctx).await? {
         if let Some(h) = &s.host {
             if lost.contains(h) && s.state != SessionState::Placing {
                 abandon(ctx, &s.id, "host_lost").await?;

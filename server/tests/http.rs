@@ -156,3 +156,51 @@ fn player_tokens_need_dev_mode_host_tokens_do_not() -> Result<()> {
     assert_eq!(claims.sub, "h9");
     Ok(())
 }
+
+#[tokio::test]
+async fn admin_session_lists_page_with_a_total() -> Result<()> {
+    let mut cfg = config();
+    // No host: the three matches stay `placing` for the whole test.
+    cfg.timeouts.placing_ms = 60_000;
+    let s = Server::start(cfg).await?;
+    let mut players = Vec::new();
+    for i in 0..6 {
+        let mut c = Client::player(&s, &format!("pg{i}")).await?;
+        c.send(&queue("duel", "eu")).await?;
+        players.push(c);
+    }
+    let http = reqwest::Client::new();
+    let get = |q: &str| {
+        http.get(format!("http://{}/v1/admin/sessions{q}", s.addr))
+            .bearer_auth(admin_token())
+            .send()
+    };
+    let mut total = 0;
+    for _ in 0..50 {
+        let r = get("?state=placing").await?;
+        anyhow::ensure!(r.status() == 200, "{}: {}", r.status(), r.text().await?);
+        total = r.headers()["x-total-count"].to_str()?.parse::<usize>()?;
+        if total == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(total, 3);
+    let all: Vec<serde_json::Value> = get("?state=placing").await?.json().await?;
+    let page = get("?state=placing&limit=2&offset=1").await?;
+    assert_eq!(page.headers()["x-total-count"], "3");
+    let page: Vec<serde_json::Value> = page.json().await?;
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0]["id"], all[1]["id"], "oldest first, paged");
+    for (q, code) in [
+        ("?limit=0", "bad_limit"),
+        ("?limit=99999", "bad_limit"),
+        ("?limit=x", "bad_query"),
+    ] {
+        let r = get(q).await?;
+        assert_eq!(r.status(), 400, "{q}");
+        assert_eq!(r.json::<serde_json::Value>().await?["code"], code, "{q}");
+    }
+    s.shutdown().await;
+    Ok(())
+}

@@ -364,9 +364,10 @@ async fn shutdown_tells_players_to_reconnect() -> Result<()> {
     let s = server().await?;
     let mut c = Client::player(&s, "leaving").await?;
     let stopping = tokio::spawn(s.shutdown());
-    c.until(Duration::from_secs(5), |m| {
-        matches!(m, ServerMessage::Error { code, .. } if code == "shutting_down")
-    })
+    c.until(
+        Duration::from_secs(5),
+        |m| matches!(m, ServerMessage::Error { code, .. } if code == "shutting_down"),
+    )
     .await?;
     assert_eq!(close_code(&c.closed().await?), 1001);
     stopping.await?;
