@@ -1,6 +1,8 @@
 //! Session tickets: short-lived JWTs (HS256) bound to one session and one player, signed with
 //! that session's own key. The server mints them; the host gateway and the game server check
 //! them with the key hostd injected at activation (so a VM can only check its own tickets).
+//! The JWT header's `kid` is the session id, so a holder of many sessions' keys (the gateway)
+//! picks the key first, then verifies, then checks that `sid` agrees.
 
 use crate::ids::{PlayerId, SessionId};
 use serde::{Deserialize, Serialize};

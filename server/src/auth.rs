@@ -246,12 +246,12 @@ impl Auth {
             iat: now / 1000,
             jti: crate::util::random_id(),
         };
-        let token = jsonwebtoken::encode(
-            &Header::new(jsonwebtoken::Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(&key),
-        )
-        .map_err(|e| AuthError::Key(e.to_string()))?;
+        // `kid` names the session, so a gateway holding many sessions' keys picks the right
+        // one before verifying (and then checks `sid` says the same).
+        let mut header = Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some(session.to_string());
+        let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&key))
+            .map_err(|e| AuthError::Key(e.to_string()))?;
         Ok((token, expires_ms))
     }
 }

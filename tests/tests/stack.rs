@@ -178,6 +178,12 @@ async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()>
         (claims.sid.as_str(), claims.sub.as_str()),
         (sa.as_str(), "alice")
     );
+    let header = jsonwebtoken::decode_header(&ticket)?;
+    assert_eq!(
+        header.kid.as_deref(),
+        Some(sa.as_str()),
+        "kid names the session"
+    );
 
     // The VM is really there, with this session's identity and players.
     let vm = sandbox
