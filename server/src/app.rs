@@ -44,8 +44,10 @@ pub fn app(ctx: Ctx) -> Router {
 
 /// Opens the configured store.
 pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
+    let retention_ms = config.store.ended_retention_s.saturating_mul(1000);
     if config.store.redis.is_empty() {
-        return Ok(Arc::new(MemoryStore::new()));
+        let store = MemoryStore::new().with_ended_retention(retention_ms);
+        return Ok(Arc::new(store));
     }
     let prefix = config
         .store
@@ -55,7 +57,7 @@ pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>>
     let store = RedisStore::connect(&config.store.redis, &prefix)
         .await
         .map_err(|e| anyhow::anyhow!("store.redis {}: {e}", config.store.redis))?;
-    Ok(Arc::new(store))
+    Ok(Arc::new(store.with_ended_retention(retention_ms)))
 }
 
 /// A server running in this process: its address, context and tasks.

@@ -62,13 +62,25 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Empty: the embedded memory store. `redis://…`: shared state for many replicas.
     pub redis: String,
     /// Prefix of every Redis key (one deployment per prefix).
     pub prefix: Option<String>,
+    /// How long an ended session (with its results) stays readable.
+    pub ended_retention_s: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            redis: String::new(),
+            prefix: None,
+            ended_retention_s: crate::store::ENDED_RETENTION_MS / 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -250,6 +262,9 @@ impl ServerConfig {
             if v == 0 {
                 return Err(invalid(key, "must be more than 0"));
             }
+        }
+        if self.store.ended_retention_s == 0 {
+            return Err(invalid("store.ended_retention_s", "must be more than 0"));
         }
         if self.placement.attempts == 0 {
             return Err(invalid("placement.attempts", "must be at least 1"));

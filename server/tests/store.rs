@@ -1015,3 +1015,30 @@ async fn redis_store_recovers_after_redis_restarts() -> Result<()> {
     assert_eq!(store.tickets(&pool()).await?, vec![t1]);
     Ok(())
 }
+
+/// Ends a fresh session in `store`, then checks it is readable, and gone after the retention.
+async fn ended_sessions_go_after_the_retention(store: Arc<dyn Store>) -> Result<()> {
+    store.enqueue(&ticket("t1", player(1), pool(), 1)).await?;
+    let s = session("s1", pool(), vec![player(1)], now_ms());
+    assert!(store.claim(&["t1".into()], &s).await?);
+    let mut cur = store.session(&s.id).await?.context("claimed")?;
+    cur.transition(SessionState::Ended, now_ms(), now_ms(), "over");
+    store.update_session(&cur).await?.context("ended")?;
+    assert_eq!(store.sessions(Some(SessionState::Ended)).await?.len(), 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(store.sessions(Some(SessionState::Ended)).await?.is_empty());
+    assert_eq!(store.session(&s.id).await?, None);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_ended_sessions_go_after_the_retention() -> Result<()> {
+    ended_sessions_go_after_the_retention(Arc::new(MemoryStore::new().with_ended_retention(300)))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_ended_sessions_go_after_the_retention() -> Result<()> {
+    let store = redis_on(&unique_prefix()).await?.with_ended_retention(300);
+    ended_sessions_go_after_the_retention(Arc::new(store)).await
+}

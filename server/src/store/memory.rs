@@ -34,6 +34,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
+    retention_ms: u64,
     events: broadcast::Sender<Event>,
 }
 
@@ -53,8 +54,16 @@ impl MemoryStore {
     pub fn new() -> Self {
         MemoryStore {
             inner: Arc::default(),
+            retention_ms: ENDED_RETENTION_MS,
             events: broadcast::channel(super::EVENT_BUFFER).0,
         }
+    }
+
+    /// Keeps ended sessions (and their results) this long instead of [`ENDED_RETENTION_MS`]
+    /// (and never more than [`MAX_ENDED`] of them).
+    pub fn with_ended_retention(mut self, ms: u64) -> Self {
+        self.retention_ms = ms.max(1);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -88,9 +97,9 @@ impl Inner {
     }
 
     /// Forgets ended sessions older than the retention, or beyond [`MAX_ENDED`] of them.
-    fn prune_ended(&mut self, now: u64) {
+    fn prune_ended(&mut self, now: u64, retention_ms: u64) {
         while let Some((at, id)) = self.ended.front() {
-            if *at + ENDED_RETENTION_MS > now && self.ended.len() <= MAX_ENDED {
+            if *at + retention_ms > now && self.ended.len() <= MAX_ENDED {
                 break;
             }
             self.sessions.remove(id);
@@ -203,7 +212,7 @@ impl Store for MemoryStore {
 
     async fn sessions(&self, state: Option<SessionState>) -> Result<Vec<Session>, StoreError> {
         let mut g = self.lock();
-        g.prune_ended(now_ms());
+        g.prune_ended(now_ms(), self.retention_ms);
         let mut out: Vec<Session> = match state {
             None => g.sessions.values().cloned().collect(),
             Some(SessionState::Ended) => g
@@ -246,7 +255,7 @@ impl Store for MemoryStore {
         }
         if stored.state == SessionState::Ended && g.live.remove(&stored.id) {
             g.ended.push_back((stored.since_ms(), stored.id.clone()));
-            g.prune_ended(stored.since_ms());
+            g.prune_ended(stored.since_ms(), self.retention_ms);
         }
         g.sessions.insert(stored.id.clone(), stored.clone());
         Ok(Some(stored))

@@ -72,6 +72,8 @@ pub struct RedisStore {
     conn: ConnectionManager,
     keys: Arc<Keys>,
     events: broadcast::Sender<Event>,
+    /// How long an ended session stays readable.
+    retention_ms: u64,
     /// Stops the event task once the last clone is gone.
     _pump: Arc<AbortOnDrop>,
 }
@@ -470,10 +472,10 @@ fn host_from(
     Ok(Some(h))
 }
 
-/// Time to live and expiry time (ms) of a session that ended: [`ENDED_RETENTION_MS`] after its
-/// last transition, as the memory store counts it.
-fn ended_expiry(session: &Session) -> (u64, u64) {
-    let expire_at = session.since_ms().saturating_add(ENDED_RETENTION_MS);
+/// Time to live and expiry time (ms) of a session that ended: `retention_ms` after its last
+/// transition, as the memory store counts it.
+fn ended_expiry(session: &Session, retention_ms: u64) -> (u64, u64) {
+    let expire_at = session.since_ms().saturating_add(retention_ms);
     let ttl = expire_at.saturating_sub(now_ms()).max(1);
     (ttl, expire_at)
 }
@@ -516,8 +518,15 @@ impl RedisStore {
             conn,
             keys,
             events,
+            retention_ms: ENDED_RETENTION_MS,
             _pump: Arc::new(AbortOnDrop(task.abort_handle())),
         })
+    }
+
+    /// Keeps ended sessions (and their results) this long instead of [`ENDED_RETENTION_MS`].
+    pub fn with_ended_retention(mut self, ms: u64) -> Self {
+        self.retention_ms = ms.max(1);
+        self
     }
 
     fn base(&self) -> &str {
@@ -707,7 +716,7 @@ impl Store for RedisStore {
     async fn claim(&self, tickets: &[String], session: &Session) -> Result<bool, StoreError> {
         let mut stored = session.clone();
         stored.version = 1;
-        let (ttl, expire_at) = ended_expiry(&stored);
+        let (ttl, expire_at) = ended_expiry(&stored, self.retention_ms);
         let mut invocation = SCRIPTS.claim.prepare_invoke();
         invocation
             .key(self.keys.queue(&session.pool))
@@ -782,7 +791,7 @@ impl Store for RedisStore {
     async fn update_session(&self, session: &Session) -> Result<Option<Session>, StoreError> {
         let mut stored = session.clone();
         stored.version = session.version.saturating_add(1);
-        let (ttl, expire_at) = ended_expiry(&stored);
+        let (ttl, expire_at) = ended_expiry(&stored, self.retention_ms);
         let mut invocation = SCRIPTS.update_session.prepare_invoke();
         invocation
             .key(self.keys.session(&session.id))
