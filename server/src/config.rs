@@ -4,7 +4,6 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -281,12 +280,6 @@ impl ServerConfig {
             return Err(invalid("store.redis", "must be a redis:// URL"));
         }
         Ok(())
-    }
-}
-
-impl Timeouts {
-    pub fn ms(v: u64) -> Duration {
-        Duration::from_millis(v)
     }
 }
 

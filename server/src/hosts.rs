@@ -212,7 +212,6 @@ where
                     replica: ctx.replica.clone(),
                     connected_ms: now,
                     last_seen_ms: now,
-                    pending: 0,
                 };
                 if let Err(e) = ctx.store.put_host(&record).await {
                     break (

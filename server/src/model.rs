@@ -171,10 +171,6 @@ pub struct HostRecord {
     pub replica: String,
     pub connected_ms: u64,
     pub last_seen_ms: u64,
-    /// Activations placed on this host whose answer is still outstanding; placement counts
-    /// them against capacity so a burst does not overfill one host.
-    #[serde(default)]
-    pub pending: u32,
 }
 
 impl HostRecord {

@@ -464,7 +464,6 @@ mod tests {
             replica: String::new(),
             connected_ms: 0,
             last_seen_ms: 0,
-            pending: 0,
         }
     }
 

@@ -185,7 +185,6 @@ fn host(id: &str, last_seen_ms: u64) -> HostRecord {
         replica: "replica-a".into(),
         connected_ms: last_seen_ms.saturating_sub(1000),
         last_seen_ms,
-        pending: 0,
     }
 }
 
@@ -633,7 +632,7 @@ async fn hosts_put_get_list_remove(store: Arc<dyn Store>) -> Result<()> {
     assert_eq!(store.hosts().await?, vec![h1.clone(), h2.clone()]);
 
     let mut h1b = h1.clone();
-    h1b.pending = 3;
+    h1b.max_vms = 3;
     h1b.last_seen_ms = 150;
     h1b.state = HostState::Disconnected;
     store.put_host(&h1b).await?;
@@ -661,7 +660,7 @@ async fn draining_survives_put_host(store: Arc<dyn Store>) -> Result<()> {
     // The host's replica writes its record (draining: false) as it always does.
     let mut beat = h1.clone();
     beat.last_seen_ms = 300;
-    beat.pending = 1;
+    beat.max_vms = 1;
     store.put_host(&beat).await?;
     let mut expected = beat.clone();
     expected.draining = true;
