@@ -230,6 +230,7 @@ impl Agent {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "berth".into());
             let sample = Identity {
+                teams: vec![],
                 session_id: SessionId::new("prewarm").expect("literal id is valid"),
                 vm_id: VmId::new("prewarm").expect("literal id is valid"),
                 hostname,

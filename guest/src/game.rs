@@ -160,8 +160,20 @@ fn connection(stream: TcpStream, over: &mpsc::Sender<GameOver>) -> std::io::Resu
             return Ok(());
         }
         let (answer, game_over) = match decode_line::<GameRequest>(&line) {
-            Ok(GameRequest::Ping) => (GameAnswer::Pong { clock_ms: now_ms() }, None),
-            Ok(GameRequest::End { results }) => (GameAnswer::Ended, Some(results)),
+            Ok(GameRequest::Ping { nonce }) => (
+                GameAnswer::Pong {
+                    nonce,
+                    clock_ms: now_ms(),
+                },
+                None,
+            ),
+            Ok(_) => (
+                GameAnswer::Error {
+                    code: "not_yet".into(),
+                    message: "the arena game is being built".into(),
+                },
+                None::<serde_json::Value>,
+            ),
             Err(e) => (
                 GameAnswer::Error {
                     code: e.code().into(),

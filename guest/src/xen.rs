@@ -450,6 +450,7 @@ mod tests {
 
     fn identity() -> Identity {
         Identity {
+            teams: vec![],
             session_id: sid(),
             vm_id: VmId::new("vm1").expect("valid"),
             hostname: "berth-vm1".into(),

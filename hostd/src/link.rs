@@ -563,6 +563,7 @@ impl<P: LinkPool> Link<P> {
                 session,
                 image,
                 players,
+                teams,
                 ticket_key,
                 params,
                 deadline_ms,
@@ -571,6 +572,7 @@ impl<P: LinkPool> Link<P> {
                     session_id: session.clone(),
                     image,
                     players,
+                    teams,
                     params,
                     ticket_key,
                 };
@@ -1012,6 +1014,7 @@ mod tests {
 
     fn activate(s: &str, image: &str) -> ServerToHost {
         ServerToHost::Activate {
+            teams: vec![],
             session: session(s),
             image: image.into(),
             players: vec![PlayerId::new("alice").expect("player")],

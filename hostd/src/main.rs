@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
             players,
         } => {
             let req = ActivateRequest {
+                teams: vec![],
                 session_id: session.parse().context("--session")?,
                 image,
                 players: players

@@ -31,6 +31,8 @@ pub struct ActivateRequest {
     #[serde(default)]
     pub players: Vec<PlayerId>,
     #[serde(default)]
+    pub teams: Vec<Vec<PlayerId>>,
+    #[serde(default)]
     pub params: serde_json::Value,
     /// hex; generated when empty.
     #[serde(default)]
@@ -469,6 +471,7 @@ impl Pool {
             vm_id: vm_id.clone(),
             hostname: format!("berth-{}", vm_id.as_str().trim_start_matches("vm-")),
             players: req.players.clone(),
+            teams: req.teams.clone(),
             ticket_key: if req.ticket_key.is_empty() {
                 format!("{:016x}{:016x}", random_u64(), random_u64())
             } else {

@@ -38,6 +38,9 @@ pub struct Identity {
     pub hostname: String,
     #[serde(default)]
     pub players: Vec<PlayerId>,
+    /// The players by team (team index = position). Empty: every player is its own team.
+    #[serde(default)]
+    pub teams: Vec<Vec<PlayerId>>,
     /// Key the game server checks session tickets with (hex-encoded bytes).
     #[serde(default)]
     pub ticket_key: String,
@@ -209,6 +212,7 @@ mod tests {
 
     fn identity() -> Identity {
         Identity {
+            teams: vec![],
             session_id: SessionId::new("s1").expect("valid"),
             vm_id: VmId::new("vm1").expect("valid"),
             hostname: "berth-vm1".into(),

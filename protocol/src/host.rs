@@ -107,6 +107,9 @@ pub enum ServerToHost {
         session: SessionId,
         image: String,
         players: Vec<PlayerId>,
+        /// The players by team, as matched (team index = position).
+        #[serde(default)]
+        teams: Vec<Vec<PlayerId>>,
         /// Hex key the gateway and the game check this session's tickets with.
         ticket_key: String,
         #[serde(default)]

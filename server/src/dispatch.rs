@@ -81,6 +81,7 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
                 session: s.id,
                 image: s.image,
                 players: s.players,
+                teams: s.teams,
                 ticket_key: s.ticket_key,
                 params: s.params,
                 deadline_ms: s.deadline_ms,

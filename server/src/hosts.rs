@@ -283,6 +283,7 @@ async fn reconcile(ctx: &Ctx, record: &HostRecord) -> Vec<ServerToHost> {
                     session: s.id,
                     image: s.image,
                     players: s.players,
+                    teams: s.teams,
                     ticket_key: s.ticket_key,
                     params: s.params,
                     deadline_ms: s.deadline_ms,

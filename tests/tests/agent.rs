@@ -12,6 +12,7 @@ use std::time::Duration;
 
 fn identity(session: &str, hostname: &str) -> Identity {
     Identity {
+        teams: vec![],
         session_id: SessionId::new(session).expect("valid"),
         vm_id: VmId::new("agent-vm").expect("valid"),
         hostname: hostname.into(),

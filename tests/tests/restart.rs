@@ -128,6 +128,7 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
         .await?;
     assert_eq!(resp.status(), 400, "path-like session ids are refused");
     let unknown = ActivateRequest {
+        teams: vec![],
         session_id: SessionId::new("u")?,
         image: "nosuch".into(),
         players: vec![],

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 fn request(session: &str) -> ActivateRequest {
     ActivateRequest {
+        teams: vec![],
         session_id: SessionId::new(session).expect("valid"),
         image: "arena".into(),
         players: vec![
@@ -142,7 +143,7 @@ async fn game_over_is_reported_and_the_vm_returns_to_the_pool() -> Result<()> {
         r#"{"type":"end","results":{"alice":3,"bob":1}}"#,
     )
     .await?;
-    assert_eq!(answers[1], GameAnswer::Ended);
+    assert!(matches!(answers[1], GameAnswer::Ended { .. }));
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match events.recv().await {

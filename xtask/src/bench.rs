@@ -71,6 +71,7 @@ struct Bench {
 
 fn identity(vm_id: &VmId, n: u64) -> Identity {
     Identity {
+        teams: vec![],
         session_id: SessionId::new(format!("bench-{n}")).expect("valid id"),
         vm_id: vm_id.clone(),
         hostname: format!("bench-{n}"),

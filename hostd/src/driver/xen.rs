@@ -1230,6 +1230,7 @@ mod tests {
 
     fn identity(players: usize) -> Identity {
         Identity {
+            teams: vec![],
             session_id: SessionId::new("s1").expect("valid"),
             vm_id: VmId::new("vm1").expect("valid"),
             hostname: "berth-vm1".into(),
