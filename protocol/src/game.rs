@@ -129,8 +129,14 @@ pub enum GameAnswer {
         clock_ms: u64,
     },
     /// The game is over; the connection closes after this.
-    Ended { reason: String, results: GameResults },
-    Error { code: String, message: String },
+    Ended {
+        reason: String,
+        results: GameResults,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
