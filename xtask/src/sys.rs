@@ -30,6 +30,21 @@ pub const REDIS: Need = Need {
     proof: "/usr/bin/redis-server",
 };
 
+/// Headless Chromium and its WebDriver, for the web pages' tests (`/play`, `/admin`).
+pub const CHROMIUM: Need = Need {
+    package: "chromium",
+    proof: "/usr/bin/chromium",
+};
+pub const CHROMEDRIVER: Need = Need {
+    package: "chromium-driver",
+    proof: "/usr/bin/chromedriver",
+};
+/// The font `berth-sim --plot` draws its chart's text with.
+pub const FONTS: Need = Need {
+    package: "fonts-dejavu-core",
+    proof: "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+};
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")

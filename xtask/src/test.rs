@@ -12,7 +12,15 @@ use std::process::Command;
 pub const FEATURES: &str = "berth-hostd/xen,berth-guest/xen";
 
 pub fn run(extra: &[String]) -> Result<()> {
-    sys::ensure(&[sys::QEMU, sys::QEMU_UTILS, sys::E2FS, sys::REDIS])?;
+    sys::ensure(&[
+        sys::QEMU,
+        sys::QEMU_UTILS,
+        sys::E2FS,
+        sys::REDIS,
+        sys::CHROMIUM,
+        sys::CHROMEDRIVER,
+        sys::FONTS,
+    ])?;
     image::build()?;
     let root = image::root();
     let cargo = env!("CARGO");
