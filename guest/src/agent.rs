@@ -4,7 +4,7 @@
 //! EOF at once; the agent then sleeps with backoff instead of spinning, so a parked or
 //! orphaned VM costs next to nothing.
 
-use crate::game::{self, GameOver, World};
+use crate::game::{self, Command, GameOver, World};
 use crate::GuestError;
 use berth_protocol::guest::{
     decode_line, encode_line, GuestToHost, HostToGuest, Identity, Line, LineBuffer,
@@ -90,11 +90,13 @@ pub fn apply_identity(identity: &Identity) -> Result<(), ApplyError> {
 pub struct Agent {
     port: File,
     writer: Arc<Mutex<File>>,
-    world: World,
+    world: Arc<World>,
     listener: Option<TcpListener>,
     started: Instant,
-    session: Arc<OnceLock<game::Session>>,
+    session: Arc<OnceLock<Arc<game::Session>>>,
     activated: Option<mpsc::Sender<SessionId>>,
+    /// The game loop's inbox (activation starts it).
+    game: Option<mpsc::Sender<Command>>,
 }
 
 impl Agent {
@@ -103,11 +105,12 @@ impl Agent {
         Self {
             port,
             writer: Arc::new(Mutex::new(writer)),
-            world,
+            world: Arc::new(world),
             listener: Some(listener),
             started,
             session: Arc::new(OnceLock::new()),
             activated: None,
+            game: None,
         }
     }
 
@@ -122,11 +125,16 @@ impl Agent {
     /// so that activating a clone starts no thread.
     fn start_threads(&mut self) {
         let (over_tx, over_rx) = mpsc::channel::<GameOver>();
+        let (game_tx, game_rx) = mpsc::channel::<Command>();
         if let Some(listener) = self.listener.take() {
             let session = self.session.clone();
             let tiles = self.world.tiles;
-            std::thread::spawn(move || game::serve(listener, session, tiles, over_tx));
+            let commands = game_tx.clone();
+            std::thread::spawn(move || game::serve(listener, session, tiles, commands));
         }
+        let world = self.world.clone();
+        std::thread::spawn(move || game::run_loop(world, game_rx, over_tx));
+        self.game = Some(game_tx);
         let (activated_tx, activated_rx) = mpsc::channel::<SessionId>();
         self.activated = Some(activated_tx);
         let writer = self.writer.clone();
@@ -243,6 +251,8 @@ impl Agent {
             let line = encode_line(&HostToGuest::Identity(sample));
             if let Ok(HostToGuest::Identity(sample)) = decode_line::<HostToGuest>(&line) {
                 let _ = apply_identity(&sample);
+                let _ = game::Session::new(sample.clone()).check("x.y.z");
+                game::warm_up(&self.world);
                 let _ = encode_line(&GuestToHost::Ready {
                     session_id: sample.session_id,
                     vm_id: sample.vm_id,
@@ -265,7 +275,11 @@ impl Agent {
         }
         let session_id = identity.session_id.clone();
         let vm_id = identity.vm_id.clone();
-        let _ = self.session.set(game::Session::new(identity));
+        let session = Arc::new(game::Session::new(identity));
+        let _ = self.session.set(session.clone());
+        if let Some(game) = &self.game {
+            let _ = game.send(Command::Start(session));
+        }
         if let Some(tx) = &self.activated {
             let _ = tx.send(session_id.clone());
         }

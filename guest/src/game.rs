@@ -1,16 +1,29 @@
-//! The game server: start-up work at boot, one TCP answer per player connection after activation.
+//! The game server: start-up work at boot, then the arena for one session after activation.
 //!
-//! This is the small real server the substrate work needs; the full arena game replaces the
-//! per-connection loop in a later issue. Its start-up — reading and indexing the maps on the
-//! VM's disk — is exactly the work a substrate saves.
+//! Threads, all but the per-connection ones started at boot (so the substrate holds them and
+//! activating a clone starts none):
+//! - the acceptor: answers every TCP connection with `hello` (or `not_activated`), then starts a
+//!   reader and a writer thread for it;
+//! - the game loop: blocked until activation, then it owns the [`Arena`] — it admits joins,
+//!   applies inputs, steps the simulation at the mode's tick and sends every connection its
+//!   snapshot, and at the end sends `ended`, closes every connection and tells the agent.
+//!
+//! Start-up — reading and indexing the maps on the VM's disk — is exactly the work a substrate
+//! saves.
 
+use crate::arena::{Arena, Input, Map};
 use crate::GuestError;
-use berth_protocol::game::{GameAnswer, GameRequest};
-use berth_protocol::guest::{decode_line, encode_line, Identity};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use berth_protocol::game::{code, GameAnswer, GameParams, GameRequest, Welcome};
+use berth_protocol::guest::{decode_line, encode_line, Identity, Line, LineBuffer, MAX_LINE};
+use berth_protocol::ticket::{self, TicketClaims};
+use berth_protocol::PlayerId;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What the game loaded at start-up.
@@ -20,35 +33,47 @@ pub struct World {
     pub tiles: u64,
     /// A digest of the indexed maps (keeps the start-up work from being optimised away).
     pub digest: u64,
+    pub maps: Vec<Map>,
 }
 
 impl World {
     /// Loads `maps/*.map` under `data_dir` and indexes them, spending at least `work` doing so.
     pub fn load(data_dir: &Path, work: Duration) -> Result<Self, GuestError> {
         let started = Instant::now();
-        let maps = data_dir.join("maps");
+        let dir = data_dir.join("maps");
         let err = |source| GuestError::Data {
-            path: maps.clone(),
+            path: dir.clone(),
             source,
         };
-        let mut entries: Vec<_> = std::fs::read_dir(&maps)
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
             .map_err(err)?
             .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "map"))
             .collect();
         entries.sort();
-        let mut tiles = 0u64;
+        let mut maps = Vec::new();
         let mut digest = 0xcbf2_9ce4_8422_2325u64;
         for path in &entries {
-            let text = std::fs::read(path).map_err(err)?;
-            for b in &text {
-                if *b == b'.' {
-                    tiles += 1;
-                }
-                digest = (digest ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+            let text = std::fs::read_to_string(path).map_err(err)?;
+            for b in text.bytes() {
+                digest = (digest ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Some(map) = Map::parse(&name, &text) {
+                maps.push(map);
             }
         }
+        if maps.is_empty() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no usable .map file",
+            )));
+        }
+        let tiles = maps.iter().map(Map::floor_tiles).sum();
         // Real servers build navigation meshes and warm caches here; we hash until the
         // configured start-up time has passed, so the saving a substrate brings is visible.
         while started.elapsed() < work {
@@ -56,7 +81,20 @@ impl World {
                 digest = digest.rotate_left(7).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ tiles;
             }
         }
-        Ok(Self { tiles, digest })
+        Ok(Self {
+            tiles,
+            digest,
+            maps,
+        })
+    }
+
+    /// The map `params` names, else one drawn with `seed`.
+    fn pick_map(&self, name: &str, seed: u64) -> Map {
+        self.maps
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or(&self.maps[(seed % self.maps.len() as u64) as usize])
+            .clone()
     }
 }
 
@@ -85,7 +123,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A game over, sent from a connection thread to the agent.
+/// A game over, sent from the game loop to the agent.
 #[derive(Debug)]
 pub struct GameOver {
     pub reason: String,
@@ -96,31 +134,115 @@ pub struct GameOver {
 #[derive(Debug)]
 pub struct Session {
     pub identity: Identity,
+    /// The session's ticket key (raw bytes; empty when hostd sent none: every ticket fails).
+    key: Vec<u8>,
     rng: Mutex<Rng>,
 }
 
 impl Session {
     pub fn new(identity: Identity) -> Self {
         let rng = Mutex::new(Rng::new(identity.rng_seed));
-        Self { identity, rng }
+        let key = hex::decode(&identity.ticket_key).unwrap_or_default();
+        Self { identity, key, rng }
     }
+
+    /// Checks a ticket for this session: signature, expiry, session and player.
+    pub fn check(&self, token: &str) -> Result<TicketClaims, (&'static str, String)> {
+        if self.key.is_empty() {
+            return Err((code::BAD_TICKET, "this game has no ticket key".into()));
+        }
+        let claims = ticket::verify(
+            token,
+            &self.key,
+            &self.identity.session_id,
+            now_ms() / 1000,
+        )
+        .map_err(|e| (e.code(), e.to_string()))?;
+        if !self.identity.players.contains(&claims.sub) {
+            return Err((
+                code::NOT_A_PLAYER,
+                format!("{} is not a player of this session", claims.sub),
+            ));
+        }
+        Ok(claims)
+    }
+}
+
+type ConnId = u64;
+
+/// What a connection's writer thread is given.
+enum Out {
+    Line(Vec<u8>),
+    /// Write what came before, then close the socket.
+    Close,
+}
+
+/// The sending half of a connection: bounded, so a client that stops reading costs snapshots
+/// (dropped when full: the next one supersedes them), never the game loop's time.
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    tx: SyncSender<Out>,
+    stream: Arc<TcpStream>,
+}
+
+impl Outbox {
+    fn send(&self, answer: &GameAnswer) {
+        let _ = self.tx.try_send(Out::Line(encode_line(answer)));
+    }
+    fn error(&self, code: &str, message: impl Into<String>) {
+        self.send(&GameAnswer::Error {
+            code: code.into(),
+            message: message.into(),
+        });
+    }
+    fn close(&self) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(Out::Close) {
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// What connections and the agent tell the game loop.
+pub(crate) enum Command {
+    /// Activation: build the arena and start ticking.
+    Start(Arc<Session>),
+    Join {
+        conn: ConnId,
+        claims: TicketClaims,
+        out: Outbox,
+    },
+    Input {
+        conn: ConnId,
+        seq: u32,
+        input: Input,
+    },
+    Surrender {
+        conn: ConnId,
+    },
+    Leave {
+        conn: ConnId,
+    },
+    Closed {
+        conn: ConnId,
+    },
 }
 
 /// Serves players on `listener`, forever. Started at boot, so that the thread already exists
 /// in the substrate; until `session` is set, a connection gets a `not_activated` error.
 /// The hello is written from the accepting thread (no thread start before the first answer).
-pub fn serve(
+pub(crate) fn serve(
     listener: TcpListener,
-    session: Arc<OnceLock<Session>>,
+    session: Arc<OnceLock<Arc<Session>>>,
     map_tiles: u64,
-    over: mpsc::Sender<GameOver>,
+    commands: Sender<Command>,
 ) {
+    let ids = AtomicU64::new(1);
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let _ = stream.set_nodelay(true);
         let Some(current) = session.get() else {
             let _ = stream.write_all(&encode_line(&GameAnswer::Error {
-                code: "not_activated".into(),
+                code: code::NOT_ACTIVATED.into(),
                 message: "this game server has no session yet".into(),
             }));
             continue;
@@ -143,52 +265,402 @@ pub fn serve(
         if stream.write_all(&encode_line(&hello)).is_err() {
             continue;
         }
-        let over = over.clone();
-        std::thread::spawn(move || {
-            let _ = connection(stream, &over);
+        let conn = ids.fetch_add(1, Ordering::Relaxed);
+        let current = current.clone();
+        let commands = commands.clone();
+        std::thread::spawn(move || connection(conn, stream, &current, &commands));
+    }
+}
+
+/// One player connection: a writer thread drains its outbox; this thread reads its lines.
+fn connection(conn: ConnId, stream: TcpStream, session: &Session, commands: &Sender<Command>) {
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let stream = Arc::new(stream);
+    let (tx, rx) = mpsc::sync_channel::<Out>(64);
+    let out = Outbox {
+        tx,
+        stream: stream.clone(),
+    };
+    let writer = std::thread::spawn(move || write_loop(write_half, &rx));
+    read_loop(conn, &stream, session, commands, &out);
+    let _ = commands.send(Command::Closed { conn });
+    drop(out);
+    let _ = writer.join();
+}
+
+fn write_loop(mut stream: TcpStream, rx: &Receiver<Out>) {
+    for out in rx {
+        match out {
+            Out::Line(line) => {
+                if stream.write_all(&line).is_err() {
+                    break;
+                }
+            }
+            Out::Close => break,
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn read_loop(
+    conn: ConnId,
+    mut stream: &TcpStream,
+    session: &Session,
+    commands: &Sender<Command>,
+    out: &Outbox,
+) {
+    let mut joined = false;
+    let mut lines = LineBuffer::default();
+    let mut chunk = vec![0u8; 8 * 1024];
+    let mut batch = Vec::new();
+    loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        lines.push(&chunk[..n], &mut batch);
+        for line in batch.drain(..) {
+            let line = match line {
+                Line::Complete(l) if l.iter().all(u8::is_ascii_whitespace) => continue,
+                Line::Complete(l) => l,
+                Line::TooLong => {
+                    out.error("line_too_long", format!("lines are limited to {MAX_LINE} bytes"));
+                    continue;
+                }
+            };
+            let request = match decode_line::<GameRequest>(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.error(e.code(), e.to_string());
+                    continue;
+                }
+            };
+            let command = match (joined, request) {
+                (_, GameRequest::Ping { nonce }) => {
+                    out.send(&GameAnswer::Pong {
+                        nonce,
+                        clock_ms: now_ms(),
+                    });
+                    continue;
+                }
+                (false, GameRequest::Join { ticket }) => match session.check(&ticket) {
+                    Ok(claims) => {
+                        joined = true;
+                        Command::Join {
+                            conn,
+                            claims,
+                            out: out.clone(),
+                        }
+                    }
+                    Err((code, message)) => {
+                        out.error(code, message);
+                        out.close();
+                        return;
+                    }
+                },
+                (false, _) => {
+                    out.error(code::JOIN_FIRST, "send join with your session ticket first");
+                    out.close();
+                    return;
+                }
+                (true, GameRequest::Join { .. }) => {
+                    out.error("already_joined", "this connection has joined already");
+                    continue;
+                }
+                (true, GameRequest::Input {
+                    seq,
+                    dx,
+                    dy,
+                    fire,
+                    aim,
+                }) => Command::Input {
+                    conn,
+                    seq,
+                    input: Input { dx, dy, fire, aim },
+                },
+                (true, GameRequest::Surrender) => Command::Surrender { conn },
+                (true, GameRequest::Leave) => Command::Leave { conn },
+            };
+            if commands.send(command).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A joined connection, as the game loop knows it.
+struct Conn {
+    player: PlayerId,
+    jti: String,
+    out: Outbox,
+    ack: u32,
+}
+
+/// The game loop. Started at boot; blocked until [`Command::Start`].
+pub(crate) fn run_loop(world: Arc<World>, commands: Receiver<Command>, over: Sender<GameOver>) {
+    let session = loop {
+        match commands.recv() {
+            Ok(Command::Start(session)) => break session,
+            // Connections cannot exist before activation; nothing else can arrive.
+            Ok(_) => continue,
+            Err(_) => return,
+        }
+    };
+    let identity = &session.identity;
+    let params = game_params(&identity.params);
+    let map = world.pick_map(&params.map, identity.rng_seed);
+    let mut game = Game {
+        arena: Arena::new(
+            params,
+            map,
+            &identity.players,
+            &identity.teams,
+            identity.rng_seed,
+        ),
+        session_id: identity.session_id.clone(),
+        conns: HashMap::new(),
+        started_ms: now_ms(),
+        over: Some(over),
+    };
+    let tick = Duration::from_millis(1000 / u64::from(game.arena.params.tick_hz));
+    let started = Instant::now();
+    let mut next = started + tick;
+    loop {
+        let wait = next.saturating_duration_since(Instant::now());
+        match commands.recv_timeout(wait) {
+            Ok(command) => game.handle(command),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if game.arena.outcome().is_none() {
+                    // Catch up on game time (a busy host delays ticks), at most 5 at once.
+                    let due = (started.elapsed().as_millis() / tick.as_millis()) as u64;
+                    let steps = due.saturating_sub(game.arena.tick).clamp(1, 5);
+                    for _ in 0..steps {
+                        game.arena.step(tick.as_millis() as u64);
+                    }
+                    game.broadcast();
+                }
+                next += tick;
+                let now = Instant::now();
+                if next < now {
+                    next = now + tick;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        game.finish_if_over();
+    }
+}
+
+/// The mode's `[params]`, with out-of-range values brought into range.
+pub fn game_params(value: &serde_json::Value) -> GameParams {
+    let mut p: GameParams = if value.is_null() {
+        GameParams::default()
+    } else {
+        serde_json::from_value(value.clone()).unwrap_or_else(|e| {
+            eprintln!("berth-guest: game params {value}: {e}; using the defaults");
+            GameParams::default()
+        })
+    };
+    p.tick_hz = p.tick_hz.clamp(1, 60);
+    p.score_limit = p.score_limit.max(1);
+    p.time_limit_s = p.time_limit_s.clamp(1, 24 * 3600);
+    p.abandon_after_s = p.abandon_after_s.max(1);
+    p
+}
+
+struct Game {
+    arena: Arena,
+    session_id: berth_protocol::SessionId,
+    conns: HashMap<ConnId, Conn>,
+    started_ms: u64,
+    /// Taken when the game over is reported (once).
+    over: Option<Sender<GameOver>>,
+}
+
+impl Game {
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Start(_) => {}
+            Command::Join { conn, claims, out } => self.join(conn, claims, out),
+            Command::Input { conn, seq, input } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.ack = c.ack.max(seq);
+                    self.arena.input(&c.player, input);
+                }
+            }
+            Command::Surrender { conn } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    self.arena.surrender(&c.player.clone());
+                }
+            }
+            Command::Leave { conn } => {
+                if let Some(c) = self.conns.remove(&conn) {
+                    c.out.close();
+                    self.arena.leave(&c.player);
+                }
+            }
+            Command::Closed { conn } => {
+                if let Some(c) = self.conns.remove(&conn) {
+                    self.arena.disconnect(&c.player);
+                }
+            }
+        }
+    }
+
+    fn join(&mut self, conn: ConnId, claims: TicketClaims, out: Outbox) {
+        let refuse = |code: &str, message: String| {
+            out.error(code, message);
+            out.close();
+        };
+        if self.arena.outcome().is_some() {
+            return refuse(code::GAME_OVER, "the game is over".into());
+        }
+        let player = claims.sub;
+        if self.arena.has_left(&player) {
+            return refuse(code::LEFT, format!("{player} left this game"));
+        }
+        if self.conns.values().any(|c| c.jti == claims.jti) {
+            return refuse(
+                code::TICKET_IN_USE,
+                "another live connection uses this ticket".into(),
+            );
+        }
+        let older: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.player == player)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in older {
+            if let Some(c) = self.conns.remove(&id) {
+                c.out
+                    .error(code::REPLACED, "a newer connection of this player took over");
+                c.out.close();
+            }
+        }
+        let rejoined = self.arena.connect(&player);
+        let welcome = Welcome {
+            session_id: self.session_id.clone(),
+            player: player.clone(),
+            team: self.arena.team_of(&player).unwrap_or(0),
+            teams: self.arena.teams().to_vec(),
+            tick_hz: self.arena.params.tick_hz,
+            score_limit: self.arena.params.score_limit,
+            ends_at_ms: now_ms() + self.arena.time_left_ms(),
+            rejoined,
+            map: self.arena.map.view(),
+        };
+        out.send(&GameAnswer::Welcome(welcome));
+        // The first state right away: a player waits no tick for it.
+        out.send(&GameAnswer::State(self.arena.snapshot(now_ms(), 0)));
+        self.conns.insert(
+            conn,
+            Conn {
+                player,
+                jti: claims.jti,
+                out,
+                ack: 0,
+            },
+        );
+    }
+
+    fn broadcast(&self) {
+        let clock = now_ms();
+        let mut snapshot = self.arena.snapshot(clock, 0);
+        for c in self.conns.values() {
+            snapshot.ack = c.ack;
+            c.out.send(&GameAnswer::State(snapshot.clone()));
+        }
+    }
+
+    fn finish_if_over(&mut self) {
+        let Some(outcome) = self.arena.outcome().cloned() else {
+            return;
+        };
+        let Some(over) = self.over.take() else {
+            return;
+        };
+        let ended = GameAnswer::Ended {
+            reason: outcome.reason.into(),
+            results: outcome.results.clone(),
+        };
+        for (_, c) in self.conns.drain() {
+            c.out.send(&ended);
+            c.out.close();
+        }
+        eprintln!(
+            "berth-guest: game over after {} ms: {}",
+            now_ms().saturating_sub(self.started_ms),
+            outcome.reason
+        );
+        // Players hear `ended` before hostd hears of the game's end (and ends the VM).
+        std::thread::sleep(Duration::from_millis(20));
+        let _ = over.send(GameOver {
+            reason: outcome.reason.into(),
+            results: serde_json::to_value(&outcome.results).unwrap_or_default(),
         });
     }
 }
 
-fn connection(stream: TcpStream, over: &mpsc::Sender<GameOver>) -> std::io::Result<()> {
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream).take(1 << 20);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            return Ok(());
-        }
-        let (answer, game_over) = match decode_line::<GameRequest>(&line) {
-            Ok(GameRequest::Ping { nonce }) => (
-                GameAnswer::Pong {
-                    nonce,
-                    clock_ms: now_ms(),
-                },
-                None,
-            ),
-            Ok(_) => (
-                GameAnswer::Error {
-                    code: "not_yet".into(),
-                    message: "the arena game is being built".into(),
-                },
-                None::<serde_json::Value>,
-            ),
-            Err(e) => (
-                GameAnswer::Error {
-                    code: e.code().into(),
-                    message: e.to_string(),
-                },
-                None,
-            ),
-        };
-        // Players hear the answer before hostd hears of the game's end (and ends the VM).
-        writer.write_all(&encode_line(&answer))?;
-        if let Some(results) = game_over {
-            let _ = over.send(GameOver {
-                reason: "game_over".into(),
-                results,
-            });
-        }
+/// Runs the game's code paths once on a throwaway arena, so that under TCG a restored clone
+/// finds them translated already (see `HostToGuest::Prewarm`).
+pub fn warm_up(world: &World) {
+    let (a, b) = (
+        PlayerId::new("warm-a").expect("literal id"),
+        PlayerId::new("warm-b").expect("literal id"),
+    );
+    let mut arena = Arena::new(
+        GameParams::default(),
+        world.maps[0].clone(),
+        &[a.clone(), b.clone()],
+        &[vec![a.clone()], vec![b.clone()]],
+        1,
+    );
+    arena.connect(&a);
+    arena.connect(&b);
+    arena.input(
+        &a,
+        Input {
+            dx: 1.0,
+            dy: 0.5,
+            fire: true,
+            aim: 0.3,
+        },
+    );
+    for _ in 0..5 {
+        arena.step(50);
+        let _ = encode_line(&GameAnswer::State(arena.snapshot(now_ms(), 1)));
+    }
+    let _ = encode_line(&GameAnswer::Welcome(Welcome {
+        session_id: berth_protocol::SessionId::new("warm").expect("literal id"),
+        player: a.clone(),
+        team: 0,
+        teams: arena.teams().to_vec(),
+        tick_hz: 20,
+        score_limit: 1,
+        ends_at_ms: 0,
+        rejoined: false,
+        map: arena.map.view(),
+    }));
+    arena.surrender(&b);
+    if let Some(o) = arena.outcome() {
+        let _ = serde_json::to_value(&o.results);
+    }
+    let _ = decode_line::<GameRequest>(br#"{"type":"input","seq":1,"dx":1,"dy":0,"fire":true,"aim":0}"#);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_brought_into_range() {
+        let p = game_params(&serde_json::json!({"tick_hz": 0, "score_limit": 0}));
+        assert_eq!((p.tick_hz, p.score_limit), (1, 1));
+        let p = game_params(&serde_json::json!({"tick_hz": "fast"}));
+        assert_eq!(p, GameParams::default());
+        assert_eq!(game_params(&serde_json::Value::Null), GameParams::default());
     }
 }

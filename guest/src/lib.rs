@@ -7,9 +7,11 @@
 //! hostname, RNG), starts serving players and answers `ready`.
 //!
 //! - [`agent`]: the hostd link (virtio-serial port) and identity handling.
-//! - [`game`]: the game server (start-up work and the TCP answer).
+//! - [`game`]: the game server: start-up work, connections, tickets, the game loop.
+//! - [`arena`]: the game's rules and state (pure, unit-tested).
 
 pub mod agent;
+pub mod arena;
 pub mod game;
 #[cfg(feature = "xen")]
 pub mod xen;

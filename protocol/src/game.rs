@@ -231,7 +231,11 @@ pub struct PlayerResult {
 pub mod reason {
     pub const SCORE_LIMIT: &str = "score_limit";
     pub const TIME_LIMIT: &str = "time_limit";
+    /// Every (connected) player of a team surrendered; the other side wins.
     pub const SURRENDER: &str = "surrender";
+    /// Every player of a team left for good (or stayed away past the rejoin grace).
+    pub const FORFEIT: &str = "forfeit";
+    /// No player connected for `abandon_after_s`, or every player left.
     pub const ABANDONED: &str = "abandoned";
 }
 

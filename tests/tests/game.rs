@@ -1,0 +1,363 @@
+//! The arena game in real VMs: players join with session tickets, play, and the game's end
+//! reaches hostd with results. Players here talk to the game port directly (as the gateway
+//! does), so these tests check the game's own ticket checks; `gateway.rs` checks the gateway's.
+
+use anyhow::{bail, Context, Result};
+use berth_hostd::pool::{ActivateRequest, PoolEvent, VmInfo};
+use berth_protocol::game::{GameAnswer, GameResults, Snapshot, Welcome};
+use berth_protocol::ticket::{TicketClaims, TICKET_AUDIENCE};
+use berth_protocol::{PlayerId, SessionId};
+use berth_server::auth::{Auth, AuthConfig};
+use berth_tests::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+const KEY: &str = "00112233445566778899aabbccddeeff";
+
+fn pid(s: &str) -> PlayerId {
+    PlayerId::new(s).expect("valid")
+}
+
+fn duel(session: &str, params: serde_json::Value) -> ActivateRequest {
+    ActivateRequest {
+        session_id: SessionId::new(session).expect("valid"),
+        image: "arena".into(),
+        players: vec![pid("alice"), pid("bob")],
+        teams: vec![vec![pid("alice")], vec![pid("bob")]],
+        params,
+        ticket_key: KEY.into(),
+    }
+}
+
+fn auth() -> Auth {
+    Auth::new(&AuthConfig {
+        secret: "test-secret-0123456789".into(),
+        ..AuthConfig::default()
+    })
+    .expect("valid auth config")
+}
+
+/// A ticket as the server mints it.
+fn ticket(key: &str, session: &str, player: &str) -> String {
+    auth()
+        .ticket(key, &SessionId::new(session).expect("id"), &pid(player), 60_000)
+        .expect("mint")
+        .0
+}
+
+/// A ticket with claims of the test's choosing (signed with `key`).
+fn custom_ticket(key: &str, kid: &str, claims: &TicketClaims) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(kid.into());
+    let key = hex_key(key);
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(&key),
+    )
+    .expect("encode")
+}
+
+fn hex_key(key: &str) -> Vec<u8> {
+    (0..key.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&key[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+fn claims(session: &str, player: &str, exp: u64) -> TicketClaims {
+    TicketClaims {
+        sub: pid(player),
+        sid: SessionId::new(session).expect("id"),
+        aud: TICKET_AUDIENCE.into(),
+        iss: "berth".into(),
+        exp,
+        iat: now_ms() / 1000,
+        jti: format!("custom-{player}-{exp}"),
+    }
+}
+
+/// A player's TCP connection to the game port.
+struct Player {
+    lines: Lines<BufReader<OwnedReadHalf>>,
+    wr: OwnedWriteHalf,
+}
+
+impl Player {
+    async fn connect(addr: SocketAddr) -> Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (rd, wr) = stream.into_split();
+        let mut p = Self {
+            lines: BufReader::new(rd).lines(),
+            wr,
+        };
+        match p.next().await? {
+            Some(GameAnswer::Hello { .. }) => Ok(p),
+            other => bail!("expected hello, got {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, line: &str) -> Result<()> {
+        self.wr.write_all(line.as_bytes()).await?;
+        self.wr.write_all(b"\n").await?;
+        Ok(())
+    }
+
+    /// The next answer; `None` once the game closed the connection.
+    async fn next(&mut self) -> Result<Option<GameAnswer>> {
+        let line = tokio::time::timeout(Duration::from_secs(15), self.lines.next_line())
+            .await
+            .context("no answer within 15 s")?;
+        match line {
+            Ok(Some(l)) => Ok(Some(serde_json::from_str(&l)?)),
+            Ok(None) | Err(_) => Ok(None),
+        }
+    }
+
+    async fn join(addr: SocketAddr, ticket: &str) -> Result<(Self, Welcome)> {
+        let mut p = Self::connect(addr).await?;
+        p.send(&format!(r#"{{"type":"join","ticket":"{ticket}"}}"#))
+            .await?;
+        match p.next().await? {
+            Some(GameAnswer::Welcome(w)) => Ok((p, w)),
+            other => bail!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Skips states until one matching `f`.
+    async fn state_until(&mut self, f: impl Fn(&Snapshot) -> bool) -> Result<Snapshot> {
+        loop {
+            match self.next().await? {
+                Some(GameAnswer::State(s)) if f(&s) => return Ok(s),
+                Some(GameAnswer::State(_)) | Some(GameAnswer::Pong { .. }) => continue,
+                other => bail!("expected a state, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until `ended` (skipping states), then expects the connection to close.
+    async fn ended(&mut self) -> Result<(String, GameResults)> {
+        loop {
+            match self.next().await? {
+                Some(GameAnswer::State(_)) | Some(GameAnswer::Pong { .. }) => continue,
+                Some(GameAnswer::Ended { reason, results }) => {
+                    if let Some(more) = self.next().await? {
+                        bail!("the game said more after ended: {more:?}");
+                    }
+                    return Ok((reason, results));
+                }
+                other => bail!("expected ended, got {other:?}"),
+            }
+        }
+    }
+
+    /// Expects an error with `code` and then the connection closed.
+    async fn refused(mut self, code: &str) -> Result<()> {
+        match self.next().await? {
+            Some(GameAnswer::Error { code: c, .. }) if c == code => {}
+            other => bail!("expected error {code}, got {other:?}"),
+        }
+        if let Some(more) = self.next().await? {
+            bail!("the connection stayed open after {code}: {more:?}");
+        }
+        Ok(())
+    }
+}
+
+async fn next_ended(
+    events: &mut tokio::sync::broadcast::Receiver<PoolEvent>,
+) -> Result<(SessionId, String, serde_json::Value)> {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match events.recv().await {
+                Ok(PoolEvent::Ended {
+                    session_id,
+                    reason,
+                    results,
+                    ..
+                }) => return Ok((session_id, reason, results)),
+                Ok(_) => continue,
+                Err(e) => bail!("event stream ended: {e}"),
+            }
+        }
+    })
+    .await
+    .context("no ended event within 30 s")?
+}
+
+async fn gone(sb: &Sandbox, vm: &VmInfo) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while sb.pool.status().vms.iter().any(|v| v.vm_id == vm.vm_id) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .context("the VM was not destroyed after the game")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duel_is_played_to_its_end_in_a_real_vm() -> Result<()> {
+    let sb = Sandbox::start("game-duel", 0).await?;
+    sb.pool
+        .wait_ready("arena", 0, Duration::from_secs(60))
+        .await?;
+    let mut events = sb.pool.subscribe();
+    let vm = sb
+        .pool
+        .activate(duel("duel-1", serde_json::json!({"score_limit": 3})))
+        .await?;
+    let (mut alice, welcome) = Player::join(vm.game_addr, &ticket(KEY, "duel-1", "alice")).await?;
+    assert_eq!(welcome.player.as_str(), "alice");
+    assert_eq!((welcome.team, welcome.tick_hz, welcome.score_limit), (0, 20, 3));
+    assert!(!welcome.rejoined);
+    assert_eq!(welcome.map.rows.len() as u32, welcome.map.height);
+    assert!(welcome.map.rows.iter().all(|r| r.len() as u32 == welcome.map.width));
+    let first = alice.state_until(|_| true).await?;
+    let me = first.players.iter().find(|p| p.id.as_str() == "alice");
+    let start_x = me.context("alice in the first state")?.x;
+
+    let (mut bob, welcome) = Player::join(vm.game_addr, &ticket(KEY, "duel-1", "bob")).await?;
+    assert_eq!(welcome.team, 1);
+    // Alice moves: the game applies her input (acked) and her position changes.
+    let dir = if start_x < welcome.map.width as f32 / 2.0 { 1.0 } else { -1.0 };
+    alice
+        .send(&format!(r#"{{"type":"input","seq":7,"dx":{dir},"dy":0}}"#))
+        .await?;
+    let moved = alice
+        .state_until(|s| {
+            s.ack == 7
+                && s.players
+                    .iter()
+                    .any(|p| p.id.as_str() == "alice" && (p.x - start_x).abs() > 0.2)
+        })
+        .await?;
+    assert_eq!(moved.players.len(), 2, "both players are in the world");
+    assert!(moved.tick > first.tick);
+    bob.send(r#"{"type":"ping","nonce":42}"#).await?;
+    loop {
+        match bob.next().await? {
+            Some(GameAnswer::Pong { nonce: 42, .. }) => break,
+            Some(GameAnswer::State(_)) => continue,
+            other => bail!("expected pong, got {other:?}"),
+        }
+    }
+    // Bob gives up: both hear the end, with alice's team the winner.
+    bob.send(r#"{"type":"surrender"}"#).await?;
+    let (reason, results) = alice.ended().await?;
+    assert_eq!((reason.as_str(), results.winner), ("surrender", Some(0)));
+    assert_eq!(bob.ended().await?.1, results);
+    assert_eq!(results.players.len(), 2);
+    assert!(results.players.iter().all(|p| p.joined));
+    // ...and hostd hears it from the agent, with the same results.
+    let (session, reason, reported) = next_ended(&mut events).await?;
+    assert_eq!((session.as_str(), reason.as_str()), ("duel-1", "surrender"));
+    assert_eq!(serde_json::from_value::<GameResults>(reported)?, results);
+    gone(&sb, &vm).await?;
+    sb.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_game_admits_only_valid_tickets() -> Result<()> {
+    let sb = Sandbox::start("game-tickets", 0).await?;
+    sb.pool
+        .wait_ready("arena", 0, Duration::from_secs(60))
+        .await?;
+    let vm = sb
+        .pool
+        .activate(duel("gate-1", serde_json::json!({})))
+        .await?;
+    let addr = vm.game_addr;
+    let later = now_ms() / 1000 + 60;
+    let refusals = [
+        // Forged: signed with another key.
+        (ticket("ffeeddccbbaa99887766554433221100", "gate-1", "alice"), "bad_ticket"),
+        // Expired.
+        (custom_ticket(KEY, "gate-1", &claims("gate-1", "alice", now_ms() / 1000 - 5)), "ticket_expired"),
+        // For another session (signed with this key, so only the binding is wrong).
+        (ticket(KEY, "gate-2", "alice"), "wrong_session"),
+        (custom_ticket(KEY, "gate-1", &claims("gate-2", "alice", later)), "wrong_session"),
+        // A player who is not in this session.
+        (ticket(KEY, "gate-1", "carol"), "not_a_player"),
+        ("not a ticket".to_owned(), "bad_ticket"),
+    ];
+    for (t, code) in &refusals {
+        let mut p = Player::connect(addr).await?;
+        p.send(&format!(r#"{{"type":"join","ticket":"{t}"}}"#)).await?;
+        p.refused(code).await.with_context(|| format!("case {code}"))?;
+    }
+    // Anything but join (or ping) first is refused.
+    let mut p = Player::connect(addr).await?;
+    p.send(r#"{"type":"ping","nonce":1}"#).await?;
+    assert!(matches!(p.next().await?, Some(GameAnswer::Pong { nonce: 1, .. })));
+    p.send(r#"{"type":"input","seq":1,"dx":1}"#).await?;
+    p.refused("join_first").await?;
+
+    // A ticket replayed while its connection is live is refused; a newer ticket of the same
+    // player takes over (the phone reconnected), and the older connection is told why.
+    let alice_ticket = ticket(KEY, "gate-1", "alice");
+    let (mut first, _) = Player::join(addr, &alice_ticket).await?;
+    let mut replay = Player::connect(addr).await?;
+    replay
+        .send(&format!(r#"{{"type":"join","ticket":"{alice_ticket}"}}"#))
+        .await?;
+    replay.refused("ticket_in_use").await?;
+    let (mut second, welcome) = Player::join(addr, &ticket(KEY, "gate-1", "alice")).await?;
+    assert!(welcome.rejoined, "alice keeps her place");
+    loop {
+        match first.next().await? {
+            Some(GameAnswer::State(_)) => continue,
+            Some(GameAnswer::Error { code, .. }) if code == "replaced" => break,
+            other => bail!("expected replaced, got {other:?}"),
+        }
+    }
+    assert!(first.next().await?.is_none(), "the replaced connection is closed");
+    // Garbage from a joined player gets a stable error, and the game goes on.
+    second.send("{not json").await?;
+    loop {
+        match second.next().await? {
+            Some(GameAnswer::State(_)) => continue,
+            Some(GameAnswer::Error { code, .. }) if code == "bad_json" => break,
+            other => bail!("expected bad_json, got {other:?}"),
+        }
+    }
+    second.state_until(|_| true).await?;
+    // Once the connection is gone, the same ticket may join again (a phone's reconnect).
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut again, welcome) = Player::join(addr, &alice_ticket).await?;
+    assert!(welcome.rejoined);
+    // Leaving for good: bob never came and alice leaves, so nobody is left.
+    again.send(r#"{"type":"leave"}"#).await?;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = again.next().await {}
+    })
+    .await?;
+    gone(&sb, &vm).await?;
+    sb.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_game_nobody_joins_ends_as_abandoned() -> Result<()> {
+    let sb = Sandbox::start("game-abandoned", 0).await?;
+    sb.pool
+        .wait_ready("arena", 0, Duration::from_secs(60))
+        .await?;
+    let mut events = sb.pool.subscribe();
+    let vm = sb
+        .pool
+        .activate(duel(
+            "empty-1",
+            serde_json::json!({"abandon_after_s": 2, "rejoin_grace_s": 60}),
+        ))
+        .await?;
+    let (session, reason, results) = next_ended(&mut events).await?;
+    assert_eq!((session.as_str(), reason.as_str()), ("empty-1", "abandoned"));
+    let results: GameResults = serde_json::from_value(results)?;
+    assert_eq!(results.winner, None);
+    assert!(results.players.iter().all(|p| !p.joined));
+    gone(&sb, &vm).await?;
+    sb.finish().await
+}
