@@ -151,13 +151,8 @@ impl Session {
         if self.key.is_empty() {
             return Err((code::BAD_TICKET, "this game has no ticket key".into()));
         }
-        let claims = ticket::verify(
-            token,
-            &self.key,
-            &self.identity.session_id,
-            now_ms() / 1000,
-        )
-        .map_err(|e| (e.code(), e.to_string()))?;
+        let claims = ticket::verify(token, &self.key, &self.identity.session_id, now_ms() / 1000)
+            .map_err(|e| (e.code(), e.to_string()))?;
         if !self.identity.players.contains(&claims.sub) {
             return Err((
                 code::NOT_A_PLAYER,
@@ -326,7 +321,10 @@ fn read_loop(
                 Line::Complete(l) if l.iter().all(u8::is_ascii_whitespace) => continue,
                 Line::Complete(l) => l,
                 Line::TooLong => {
-                    out.error("line_too_long", format!("lines are limited to {MAX_LINE} bytes"));
+                    out.error(
+                        "line_too_long",
+                        format!("lines are limited to {MAX_LINE} bytes"),
+                    );
                     continue;
                 }
             };
@@ -369,13 +367,16 @@ fn read_loop(
                     out.error("already_joined", "this connection has joined already");
                     continue;
                 }
-                (true, GameRequest::Input {
-                    seq,
-                    dx,
-                    dy,
-                    fire,
-                    aim,
-                }) => Command::Input {
+                (
+                    true,
+                    GameRequest::Input {
+                        seq,
+                        dx,
+                        dy,
+                        fire,
+                        aim,
+                    },
+                ) => Command::Input {
                     conn,
                     seq,
                     input: Input { dx, dy, fire, aim },
@@ -535,8 +536,10 @@ impl Game {
             .collect();
         for id in older {
             if let Some(c) = self.conns.remove(&id) {
-                c.out
-                    .error(code::REPLACED, "a newer connection of this player took over");
+                c.out.error(
+                    code::REPLACED,
+                    "a newer connection of this player took over",
+                );
                 c.out.close();
             }
         }
@@ -648,7 +651,115 @@ pub fn warm_up(world: &World) {
     if let Some(o) = arena.outcome() {
         let _ = serde_json::to_value(&o.results);
     }
-    let _ = decode_line::<GameRequest>(br#"{"type":"input","seq":1,"dx":1,"dy":0,"fire":true,"aim":0}"#);
+    let _ = decode_line::<GameRequest>(
+        br#"{"type":"input","seq":1,"dx":1,"dy":0,"fire":true,"aim":0}"#,
+    );
+    if let Err(e) = warm_up_connection(world) {
+        eprintln!("berth-guest: warm-up connection: {e}");
+    }
+}
+
+/// A whole player connection on a private loopback port, with a throwaway session: accept,
+/// hello, reader and writer threads, a real ticket check, join, welcome, states, input, ping
+/// and leave — the path every player takes right after activation.
+fn warm_up_connection(world: &World) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let player = PlayerId::new("warm-a").expect("literal id");
+    let session_id = berth_protocol::SessionId::new("warm").expect("literal id");
+    let key = {
+        let mut rng = Rng::new(now_ms());
+        format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+    };
+    let identity = Identity {
+        session_id: session_id.clone(),
+        vm_id: berth_protocol::VmId::new("warm").expect("literal id"),
+        hostname: "warm".into(),
+        players: vec![player.clone()],
+        teams: vec![],
+        ticket_key: key.clone(),
+        params: serde_json::Value::Null,
+        wall_clock_ms: now_ms(),
+        rng_seed: 1,
+    };
+    let ticket = ticket::mint(
+        &TicketClaims {
+            sub: player.clone(),
+            sid: session_id.clone(),
+            aud: ticket::TICKET_AUDIENCE.into(),
+            iss: "warm-up".into(),
+            exp: now_ms() / 1000 + 60,
+            iat: now_ms() / 1000,
+            jti: "warm".into(),
+        },
+        &hex::decode(&key).unwrap_or_default(),
+    );
+    let session = Arc::new(Session::new(identity));
+    let listener = TcpListener::bind(("127.0.0.1", 0))?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = mpsc::channel::<Command>();
+    let server = {
+        let session = session.clone();
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.set_nodelay(true);
+                let identity = &session.identity;
+                let _ = stream.write_all(&encode_line(&GameAnswer::Hello {
+                    session_id: identity.session_id.clone(),
+                    vm_id: identity.vm_id.clone(),
+                    hostname: identity.hostname.clone(),
+                    players: identity.players.clone(),
+                    clock_ms: now_ms(),
+                    rng_draw: 0,
+                    map_tiles: 0,
+                }));
+                connection(1, stream, &session, &tx);
+            }
+        })
+    };
+    let client = TcpStream::connect(addr)?;
+    client.set_nodelay(true)?;
+    client.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut lines = BufReader::new(client.try_clone()?).lines();
+    let mut writer = client;
+    writer.write_all(format!("{{\"type\":\"join\",\"ticket\":\"{ticket}\"}}\n").as_bytes())?;
+    let mut game = Game {
+        arena: Arena::new(
+            GameParams::default(),
+            world.maps[0].clone(),
+            std::slice::from_ref(&player),
+            &[],
+            1,
+        ),
+        session_id,
+        conns: HashMap::new(),
+        started_ms: now_ms(),
+        over: None,
+    };
+    let wait = Duration::from_secs(5);
+    // hello, then the join reaches the game loop: welcome and the first state.
+    let _ = lines.next();
+    if let Ok(command) = rx.recv_timeout(wait) {
+        game.handle(command);
+    }
+    for _ in 0..2 {
+        let _ = lines.next();
+    }
+    writer.write_all(b"{\"type\":\"input\",\"seq\":1,\"dx\":1,\"dy\":0,\"fire\":true,\"aim\":0}\n{\"type\":\"ping\",\"nonce\":1}\n{\"type\":\"leave\"}\n")?;
+    let _ = lines.next();
+    while let Ok(command) = rx.recv_timeout(wait) {
+        let closed = matches!(command, Command::Closed { .. });
+        game.handle(command);
+        if !game.conns.is_empty() {
+            game.arena.step(50);
+            game.broadcast();
+        }
+        if closed {
+            break;
+        }
+    }
+    drop(lines);
+    let _ = server.join();
+    Ok(())
 }
 
 #[cfg(test)]

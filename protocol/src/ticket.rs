@@ -87,6 +87,24 @@ pub fn session_of(token: &str) -> Result<SessionId, TicketError> {
     SessionId::new(kid).map_err(|_| TicketError::Malformed("the header's kid is not a session id"))
 }
 
+/// Signs `claims` as an HS256 JWT whose header names the session (`kid`). The server mints
+/// with `jsonwebtoken`; this one serves the guest's warm-up and tests, and the tests check the
+/// two agree.
+pub fn mint(claims: &TicketClaims, key: &[u8]) -> String {
+    use base64::Engine;
+    use hmac::{Mac, SimpleHmac};
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = serde_json::json!({"alg": "HS256", "typ": "JWT", "kid": claims.sid.as_str()});
+    let signed = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(&serde_json::to_vec(claims).expect("claims serialise"))
+    );
+    let mut mac = SimpleHmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(signed.as_bytes());
+    format!("{signed}.{}", b64(&mac.finalize().into_bytes()))
+}
+
 /// Verifies a session ticket: HS256 with `key` (the session's key, raw bytes), audience
 /// [`TICKET_AUDIENCE`], not expired at `now_s` (seconds since the epoch), and bound to
 /// `session`. Whether `sub` is one of the session's players is the caller's check.
@@ -144,7 +162,7 @@ mod tests {
 
     /// Test double of the server's minting (the server uses `jsonwebtoken`; the stack tests
     /// check the two agree).
-    fn mint(alg: &str, kid: &str, claims: serde_json::Value, key: &[u8]) -> String {
+    fn forge(alg: &str, kid: &str, claims: serde_json::Value, key: &[u8]) -> String {
         let head = enc(&serde_json::json!({"alg": alg, "typ": "JWT", "kid": kid}));
         let body = enc(&claims);
         let mut mac = SimpleHmac::<sha2::Sha256>::new_from_slice(key).expect("key");
@@ -163,8 +181,17 @@ mod tests {
     }
 
     #[test]
+    fn minted_tickets_verify() {
+        let claims: TicketClaims =
+            serde_json::from_value(claims("s1", TICKET_AUDIENCE, 200)).expect("claims");
+        let t = super::mint(&claims, KEY);
+        assert_eq!(verify(&t, KEY, &s1(), 100), Ok(claims));
+        assert_eq!(session_of(&t), Ok(s1()));
+    }
+
+    #[test]
     fn a_good_ticket_verifies() {
-        let t = mint("HS256", "s1", claims("s1", TICKET_AUDIENCE, 200), KEY);
+        let t = forge("HS256", "s1", claims("s1", TICKET_AUDIENCE, 200), KEY);
         assert_eq!(session_of(&t), Ok(s1()));
         let c = verify(&t, KEY, &s1(), 100).expect("valid");
         assert_eq!(c.sub.as_str(), "alice");
@@ -175,7 +202,7 @@ mod tests {
     fn bad_tickets_are_refused_with_their_code() {
         let cases = [
             (
-                mint(
+                forge(
                     "HS256",
                     "s1",
                     claims("s1", TICKET_AUDIENCE, 200),
@@ -184,23 +211,23 @@ mod tests {
                 "bad_ticket",
             ),
             (
-                mint("HS256", "s1", claims("s1", TICKET_AUDIENCE, 100), KEY),
+                forge("HS256", "s1", claims("s1", TICKET_AUDIENCE, 100), KEY),
                 "ticket_expired",
             ),
             (
-                mint("HS256", "s2", claims("s2", TICKET_AUDIENCE, 200), KEY),
+                forge("HS256", "s2", claims("s2", TICKET_AUDIENCE, 200), KEY),
                 "wrong_session",
             ),
             (
-                mint("HS256", "s1", claims("s2", TICKET_AUDIENCE, 200), KEY),
+                forge("HS256", "s1", claims("s2", TICKET_AUDIENCE, 200), KEY),
                 "wrong_session",
             ),
             (
-                mint("HS256", "s1", claims("s1", "berth", 200), KEY),
+                forge("HS256", "s1", claims("s1", "berth", 200), KEY),
                 "bad_ticket",
             ),
             (
-                mint("HS384", "s1", claims("s1", TICKET_AUDIENCE, 200), KEY),
+                forge("HS384", "s1", claims("s1", TICKET_AUDIENCE, 200), KEY),
                 "bad_ticket",
             ),
             ("garbage".to_owned(), "bad_ticket"),
