@@ -113,7 +113,13 @@ pub struct Input {
 impl Input {
     /// Clamps each axis to [-1, 1], normalises longer vectors, and drops non-finite values.
     pub fn sanitised(self) -> Self {
-        let f = |v: f32| if v.is_finite() { v.clamp(-1.0, 1.0) } else { 0.0 };
+        let f = |v: f32| {
+            if v.is_finite() {
+                v.clamp(-1.0, 1.0)
+            } else {
+                0.0
+            }
+        };
         let (mut dx, mut dy) = (f(self.dx), f(self.dy));
         let len = (dx * dx + dy * dy).sqrt();
         if len > 1.0 {
@@ -389,7 +395,9 @@ impl Arena {
                 self.spawn(i);
             }
             let p = &mut self.players[i];
-            if p.away_since_ms.is_some_and(|t| now.saturating_sub(t) >= grace) {
+            if p.away_since_ms
+                .is_some_and(|t| now.saturating_sub(t) >= grace)
+            {
                 p.left = true;
                 p.alive = false;
                 p.away_since_ms = None;
@@ -530,7 +538,8 @@ impl Arena {
     /// Sides still in the game: a team is out when all its players left, or when every one
     /// of its players still here (connected, or within the grace) surrendered.
     fn check_sides(&mut self) {
-        if self.outcome.is_some() {
+        // A session without players has no sides: only the abandon timer ends it.
+        if self.outcome.is_some() || self.players.is_empty() {
             return;
         }
         let teams = self.scores.len() as u32;
@@ -550,17 +559,15 @@ impl Arena {
         }
         match standing.as_slice() {
             [] => self.finish(reason::ABANDONED, None),
+            // Conceding hands the win to the other side, even one that has not come yet.
+            [team] if teams > 1 && surrendered => self.finish(reason::SURRENDER, Some(*team)),
             [team] if teams > 1 => {
-                // A side that never showed up wins nothing: the game was abandoned.
-                if !self.players.iter().any(|p| p.team == *team && p.joined) {
-                    return self.finish(reason::ABANDONED, None);
-                }
-                let why = if surrendered {
-                    reason::SURRENDER
+                // Everyone else left: a side that never showed up wins nothing.
+                if self.players.iter().any(|p| p.team == *team && p.joined) {
+                    self.finish(reason::FORFEIT, Some(*team));
                 } else {
-                    reason::FORFEIT
-                };
-                self.finish(why, Some(*team));
+                    self.finish(reason::ABANDONED, None);
+                }
             }
             _ => {}
         }
@@ -708,8 +715,16 @@ mod tests {
         a.connect(&id("alice"));
         a.connect(&id("bob"));
         let s = a.snapshot(0, 0);
-        assert!(s.players[0].x < 10.0, "team 0 spawns left: {:?}", s.players[0]);
-        assert!(s.players[1].x > 10.0, "team 1 spawns right: {:?}", s.players[1]);
+        assert!(
+            s.players[0].x < 10.0,
+            "team 0 spawns left: {:?}",
+            s.players[0]
+        );
+        assert!(
+            s.players[1].x > 10.0,
+            "team 1 spawns right: {:?}",
+            s.players[1]
+        );
         place(&mut a, "alice", 1.5, 3.5);
         a.input(
             &id("alice"),

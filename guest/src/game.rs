@@ -420,6 +420,7 @@ pub(crate) fn run_loop(world: Arc<World>, commands: Receiver<Command>, over: Sen
             &identity.teams,
             identity.rng_seed,
         ),
+        pending: Vec::new(),
         session_id: identity.session_id.clone(),
         conns: HashMap::new(),
         started_ms: now_ms(),
@@ -433,6 +434,9 @@ pub(crate) fn run_loop(world: Arc<World>, commands: Receiver<Command>, over: Sen
         match commands.recv_timeout(wait) {
             Ok(command) => game.handle(command),
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !game.pending.is_empty() {
+                    game.retry_pending();
+                }
                 if game.arena.outcome().is_none() {
                     // Catch up on game time (a busy host delays ticks), at most 5 at once.
                     let due = (started.elapsed().as_millis() / tick.as_millis()) as u64;
@@ -471,8 +475,21 @@ pub fn game_params(value: &serde_json::Value) -> GameParams {
     p
 }
 
+/// How long a join whose ticket a live connection holds waits for that connection to close
+/// before it is refused with `ticket_in_use`.
+const TICKET_RELEASE_WAIT: Duration = Duration::from_millis(500);
+
+/// A join waiting for its ticket to be released.
+struct PendingJoin {
+    conn: ConnId,
+    claims: TicketClaims,
+    out: Outbox,
+    until: Instant,
+}
+
 struct Game {
     arena: Arena,
+    pending: Vec<PendingJoin>,
     session_id: berth_protocol::SessionId,
     conns: HashMap<ConnId, Conn>,
     started_ms: u64,
@@ -503,9 +520,30 @@ impl Game {
                 }
             }
             Command::Closed { conn } => {
+                self.pending.retain(|p| p.conn != conn);
                 if let Some(c) = self.conns.remove(&conn) {
                     self.arena.disconnect(&c.player);
+                    self.retry_pending();
                 }
+            }
+        }
+    }
+
+    /// Admits waiting joins whose ticket is free now; refuses those that waited too long.
+    fn retry_pending(&mut self) {
+        let now = Instant::now();
+        for p in std::mem::take(&mut self.pending) {
+            let held = self.conns.values().any(|c| c.jti == p.claims.jti);
+            if !held {
+                self.join(p.conn, p.claims, p.out);
+            } else if now >= p.until {
+                p.out.error(
+                    code::TICKET_IN_USE,
+                    "another live connection uses this ticket",
+                );
+                p.out.close();
+            } else {
+                self.pending.push(p);
             }
         }
     }
@@ -522,11 +560,32 @@ impl Game {
         if self.arena.has_left(&player) {
             return refuse(code::LEFT, format!("{player} left this game"));
         }
-        if self.conns.values().any(|c| c.jti == claims.jti) {
+        // Connections' joins race each other through their reader threads: the newer
+        // connection (higher id) wins, whatever order the joins arrive in.
+        if self
+            .conns
+            .iter()
+            .any(|(id, c)| c.player == player && *id > conn)
+        {
             return refuse(
-                code::TICKET_IN_USE,
-                "another live connection uses this ticket".into(),
+                code::REPLACED,
+                "a newer connection of this player took over".into(),
             );
+        }
+        if self.conns.values().any(|c| c.jti == claims.jti) {
+            // The connection holding this ticket may be gone already with its close not yet
+            // read (a phone's quick reconnect): wait a moment for it before refusing.
+            let claims = TicketClaims {
+                sub: player,
+                ..claims
+            };
+            self.pending.push(PendingJoin {
+                conn,
+                claims,
+                out,
+                until: Instant::now() + TICKET_RELEASE_WAIT,
+            });
+            return;
         }
         let older: Vec<ConnId> = self
             .conns
@@ -730,6 +789,7 @@ fn warm_up_connection(world: &World) -> std::io::Result<()> {
             &[],
             1,
         ),
+        pending: Vec::new(),
         session_id,
         conns: HashMap::new(),
         started_ms: now_ms(),

@@ -15,10 +15,13 @@
 //! balloon_mib = 96               # optional: miniaturise before docking
 //! warm = 2                       # clones kept restored and paused
 //!
+//! [gateway]                      # the players' websocket (see `gateway`)
+//! listen = "0.0.0.0:7071"        # default 127.0.0.1:7071
+//!
 //! [server]                       # optional: without it hostd runs standalone
 //! url = "ws://127.0.0.1:7080/v1/hosts"
 //! token_file = "host-1.jwt"      # or `token = "…"`: this host's JWT (role `host`)
-//! gateway = "ws://203.0.113.7:7071"
+//! gateway = "ws://203.0.113.7:7071/v1/game"   # the gateway's URL as players reach it
 //! reconnect_max_s = 10
 //! ```
 
@@ -116,7 +119,27 @@ impl ImageConfig {
 }
 
 fn default_gateway() -> String {
-    "ws://127.0.0.1:7071".into()
+    "ws://127.0.0.1:7071/v1/game".into()
+}
+fn default_gateway_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7071))
+}
+
+/// The `[gateway]` table: where the players' websocket listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The gateway's listen address (players reach it as `[server] gateway` says).
+    #[serde(default = "default_gateway_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: default_gateway_listen(),
+        }
+    }
 }
 fn default_reconnect_max() -> u64 {
     10
@@ -263,6 +286,8 @@ pub struct HostdConfig {
     pub keep_substrates: bool,
     #[serde(default)]
     pub images: Vec<ImageConfig>,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
     /// The matchmaking server to register with; `None` runs standalone.
     #[serde(default)]
     pub server: Option<ServerConfig>,
@@ -347,6 +372,13 @@ impl HostdConfig {
         }
         if self.boot_timeout_s == 0 || self.ready_timeout_s == 0 || self.agent_silence_s == 0 {
             return invalid("timeouts".into(), "must be at least 1 second");
+        }
+        let (gateway, control) = (self.gateway.listen, self.control);
+        let same_ip = gateway.ip() == control.ip()
+            || gateway.ip().is_unspecified()
+            || control.ip().is_unspecified();
+        if gateway.port() != 0 && gateway.port() == control.port() && same_ip {
+            return invalid("gateway.listen".into(), "must not be the control address");
         }
         let mut names = std::collections::HashSet::new();
         for (i, image) in self.images.iter().enumerate() {
@@ -494,6 +526,30 @@ mod tests {
     }
 
     #[test]
+    fn gateway_table() {
+        assert_eq!(
+            HostdConfig::default().gateway.listen,
+            SocketAddr::from(([127, 0, 0, 1], 7071))
+        );
+        let c = HostdConfig::parse("[gateway]\nlisten = \"0.0.0.0:9000\"").expect("valid");
+        assert_eq!(c.gateway.listen, SocketAddr::from(([0, 0, 0, 0], 9000)));
+        assert!(err("[gateway]\nlisten = \"nowhere\"").contains("listen"));
+        assert!(err("[gateway]\nlisten = 7071").contains("listen"));
+        assert!(err("[gateway]\nport = 1").contains("unknown field"));
+        let clash = "control = \"127.0.0.1:7000\"\n[gateway]\nlisten = \"0.0.0.0:7000\"";
+        assert!(err(clash).contains("gateway.listen"));
+        HostdConfig::parse("control = \"127.0.0.1:0\"\n[gateway]\nlisten = \"127.0.0.1:0\"")
+            .expect("ephemeral ports never clash");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let c = HostdConfig::parse(include_str!("../../assets/hostd.example.toml"))
+            .expect("assets/hostd.example.toml parses");
+        assert_eq!(c.gateway.listen, default_gateway_listen());
+    }
+
+    #[test]
     fn server_table_takes_defaults() {
         let c = HostdConfig::parse(
             "[server]\nurl = \"ws://127.0.0.1:7080/v1/hosts\"\ntoken = \"a.b.c\"",
@@ -502,7 +558,7 @@ mod tests {
         let s = c.server.as_ref().expect("server");
         assert_eq!(
             (s.gateway.as_str(), s.reconnect_max_s),
-            ("ws://127.0.0.1:7071", 10)
+            ("ws://127.0.0.1:7071/v1/game", 10)
         );
         let link = c.server_link().expect("resolves").expect("configured");
         assert_eq!(link.host.as_str(), "host-1");

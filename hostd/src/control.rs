@@ -5,9 +5,11 @@
 //! | GET | `/v1/status` | | [`Status`] |
 //! | POST | `/v1/activate` | [`ActivateRequest`] | [`VmInfo`] (same session id → same VM) |
 //! | DELETE | `/v1/vms/{id}` | | 204; `id` is a VM id or a session id |
+//! | GET | `/v1/gateway` | | [`GatewayStats`] (404 `no_gateway` when none runs) |
 //!
 //! Errors are `{"code": "...", "message": "..."}` with a stable code and a 4xx/5xx status.
 
+use crate::gateway::{GatewayStats, Meter};
 use crate::pool::{ActivateRequest, Pool, PoolError, Status, VmInfo};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -36,6 +38,7 @@ impl From<PoolError> for Failure {
     fn from(e: PoolError) -> Self {
         let status = match e {
             PoolError::UnknownImage { .. } | PoolError::Unknown { .. } => StatusCode::NOT_FOUND,
+            PoolError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             PoolError::AtCapacity { .. }
             | PoolError::NotDocked { .. }
             | PoolError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -51,21 +54,46 @@ impl From<PoolError> for Failure {
     }
 }
 
-/// The router, separate from any socket so tests can drive it directly.
+/// The router without a gateway, separate from any socket so tests can drive it directly.
 pub fn app(pool: Pool) -> Router {
+    router(pool, None)
+}
+
+/// The router; `gateway` serves `/v1/gateway`.
+pub fn router(pool: Pool, gateway: Option<Meter>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/activate", post(activate))
         .route("/v1/vms/{id}", delete(destroy))
-        .with_state(pool)
+        .route("/v1/gateway", get(gateway_stats))
+        .with_state(Ctx { pool, gateway })
 }
 
-async fn status(State(pool): State<Pool>) -> Json<Status> {
+#[derive(Clone)]
+struct Ctx {
+    pool: Pool,
+    gateway: Option<Meter>,
+}
+
+async fn status(State(Ctx { pool, .. }): State<Ctx>) -> Json<Status> {
     Json(pool.status())
 }
 
+async fn gateway_stats(State(ctx): State<Ctx>) -> Result<Json<GatewayStats>, Failure> {
+    let gateway = ctx.gateway.ok_or_else(|| {
+        Failure(
+            StatusCode::NOT_FOUND,
+            ApiError {
+                code: "no_gateway".into(),
+                message: "no gateway runs in this process".into(),
+            },
+        )
+    })?;
+    Ok(Json(gateway.stats()))
+}
+
 async fn activate(
-    State(pool): State<Pool>,
+    State(Ctx { pool, .. }): State<Ctx>,
     body: Result<Json<ActivateRequest>, JsonRejection>,
 ) -> Result<Json<VmInfo>, Failure> {
     let Json(req) = body.map_err(|e| {
@@ -80,7 +108,10 @@ async fn activate(
     Ok(Json(pool.activate(req).await?))
 }
 
-async fn destroy(State(pool): State<Pool>, Path(id): Path<String>) -> Result<StatusCode, Failure> {
+async fn destroy(
+    State(Ctx { pool, .. }): State<Ctx>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Failure> {
     pool.destroy(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -165,6 +196,17 @@ impl Client {
         self.answer(r)
             .await?
             .ok_or_else(|| ClientError::Unexpected("empty answer".into()))
+    }
+
+    pub async fn gateway(&self) -> Result<GatewayStats, ClientError> {
+        let r = self
+            .http
+            .get(format!("{}/v1/gateway", self.base))
+            .send()
+            .await;
+        self.answer(r)
+            .await?
+            .ok_or_else(|| ClientError::Unexpected("empty gateway stats".into()))
     }
 
     pub async fn destroy(&self, id: &str) -> Result<(), ClientError> {

@@ -11,11 +11,14 @@
 //! - [`control`]: the operator's HTTP surface and its client (`berth-hostd status` etc.).
 //! - [`link`]: the one websocket to the matchmaking server: register, heartbeats, activate and
 //!   destroy on the server's behalf, pool events upstream, reconnect and reconcile.
+//! - [`gateway`]: the players' websocket: ticket check with the session's own key, then frames
+//!   proxied to and from the game server in the session's VM.
 
 pub mod accel;
 pub mod config;
 pub mod control;
 pub mod driver;
+pub mod gateway;
 pub mod image;
 pub mod link;
 pub mod pool;
@@ -52,8 +55,9 @@ pub async fn driver_for(config: &HostdConfig) -> anyhow::Result<Arc<dyn driver::
     Ok(Arc::new(driver))
 }
 
-/// Runs hostd until `shutdown` resolves: pool, control API and, with a `[server]` table, the
-/// link to the server; then closes the link and destroys what it owns.
+/// Runs hostd until `shutdown` resolves: pool, gateway, control API and, with a `[server]`
+/// table, the link to the server; then closes the link and the players' connections and
+/// destroys what it owns.
 pub async fn run(
     config: HostdConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -63,14 +67,28 @@ pub async fn run(
     let driver = driver_for(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.control).await?;
     tracing::info!(control = %listener.local_addr()?, "control API listening");
+    let gateway_listener = tokio::net::TcpListener::bind(config.gateway.listen)
+        .await
+        .map_err(|source| gateway::GatewayError::Bind {
+            addr: config.gateway.listen,
+            source,
+        })?;
     let pool = Pool::start(config, driver).await?;
+    let gateway = match gateway::serve(pool.clone(), gateway_listener) {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            pool.shutdown().await;
+            return Err(e.into());
+        }
+    };
     let (stop, _) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let link = server
         .map(|server| tokio::spawn(link::run(pool.clone(), server, stopped(stop.subscribe()))));
-    let serve = axum::serve(listener, control::app(pool.clone()))
+    let control = control::router(pool.clone(), Some(gateway.meter()));
+    let serve = axum::serve(listener, control)
         .with_graceful_shutdown(stopped(stop.subscribe()))
         .into_future();
     tokio::pin!(serve);
@@ -87,7 +105,8 @@ pub async fn run(
             tracing::error!(error = %e, "the server link task failed");
         }
     }
-    tracing::info!("shutting down: destroying VMs");
+    tracing::info!("shutting down: closing players' connections, destroying VMs");
+    gateway.shutdown().await;
     pool.shutdown().await;
     Ok(served?)
 }

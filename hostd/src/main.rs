@@ -29,12 +29,20 @@ enum Cmd {
         /// This host's credential, a JWT (overrides `[server] token` and `token_file`).
         #[arg(long, env = "BERTH_SERVER_TOKEN", hide_env_values = true)]
         server_token: Option<String>,
+        /// Where the players' gateway listens (overrides `[gateway] listen`).
+        #[arg(long, env = "BERTH_GATEWAY_LISTEN")]
+        gateway_listen: Option<SocketAddr>,
         /// Log as JSON lines.
         #[arg(long)]
         json_logs: bool,
     },
     /// Show a running hostd's pools and VMs.
     Status {
+        #[arg(long, env = "BERTH_HOSTD_CONTROL", default_value = "127.0.0.1:7070")]
+        control: SocketAddr,
+    },
+    /// Show a running hostd's gateway: connections, refusals, forwarded messages, overhead.
+    Gateway {
         #[arg(long, env = "BERTH_HOSTD_CONTROL", default_value = "127.0.0.1:7070")]
         control: SocketAddr,
     },
@@ -64,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
             config,
             server_url,
             server_token,
+            gateway_listen,
             json_logs,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -78,10 +87,19 @@ async fn main() -> anyhow::Result<()> {
             }
             let mut config = HostdConfig::load(&config)?;
             config.apply_server_flags(server_url, server_token)?;
+            if let Some(listen) = gateway_listen {
+                config.gateway.listen = listen;
+                config.validate()?;
+            }
             berth_hostd::run(config, shutdown_signal()).await
         }
         Cmd::Status { control } => {
             let s = Client::new(control).status().await?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
+        Cmd::Gateway { control } => {
+            let s = Client::new(control).gateway().await?;
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())
         }

@@ -1,6 +1,7 @@
 //! The substrate pool of one host: per image a docked substrate and `warm` paused clones; the
 //! active VMs; activation by session id; destroy; health; background refill; adoption of the
-//! VMs an earlier hostd left running.
+//! VMs an earlier hostd left running; and, for the gateway, each active session's [`Gate`]
+//! (game address, players and ticket key, kept in the VM's record so adopted VMs keep theirs).
 //!
 //! Ownership: the pool's [`State`] sits behind a std `Mutex` that is never held across an
 //! `.await`. Every active VM is owned by exactly one task ([`vm_task`]) that waits on its events
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify, OnceCell};
 
 /// What a caller asks for.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActivateRequest {
     pub session_id: SessionId,
@@ -34,9 +35,72 @@ pub struct ActivateRequest {
     pub teams: Vec<Vec<PlayerId>>,
     #[serde(default)]
     pub params: serde_json::Value,
-    /// hex; generated when empty.
+    /// The session's ticket key, hex (at most [`MAX_TICKET_KEY`] bytes); generated when empty.
     #[serde(default)]
     pub ticket_key: String,
+}
+
+impl std::fmt::Debug for ActivateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivateRequest")
+            .field("session_id", &self.session_id)
+            .field("image", &self.image)
+            .field("players", &self.players)
+            .field("teams", &self.teams)
+            .field("params", &self.params)
+            .field("ticket_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The longest ticket key an activation may carry (bytes).
+pub const MAX_TICKET_KEY: usize = 128;
+
+impl ActivateRequest {
+    /// The raw ticket key; `None` when `ticket_key` is not usable hex.
+    fn key(&self) -> Option<Vec<u8>> {
+        hex::decode(&self.ticket_key)
+            .ok()
+            .filter(|k| !k.is_empty() && k.len() <= MAX_TICKET_KEY)
+    }
+}
+
+/// What the gateway needs to let a player into an active session (see [`Pool::gate`]). It
+/// carries the session's key, so it is never serialised and its `Debug` hides the key.
+#[derive(Clone)]
+pub struct Gate {
+    pub vm_id: VmId,
+    /// Where the game server listens (from this host).
+    pub game_addr: SocketAddr,
+    /// The session's ticket key, raw bytes (the activation's `ticket_key`, hex-decoded).
+    pub key: Vec<u8>,
+    pub players: Vec<PlayerId>,
+    /// Turns `true` when the VM starts to go (game over, destroy, failure, shutdown); the
+    /// sender is dropped once it is gone.
+    pub ending: watch::Receiver<bool>,
+}
+
+impl Gate {
+    /// Resolves once the session's VM is ending or gone.
+    pub async fn ended(&mut self) {
+        let _ = self.ending.wait_for(|ending| *ending).await;
+    }
+
+    /// True once the session's VM is ending or gone.
+    pub fn is_ending(&self) -> bool {
+        *self.ending.borrow() || self.ending.has_changed().is_err()
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("vm_id", &self.vm_id)
+            .field("game_addr", &self.game_addr)
+            .field("key", &"<redacted>")
+            .field("players", &self.players)
+            .finish()
+    }
 }
 
 /// How a VM was activated.
@@ -78,6 +142,8 @@ pub enum PoolError {
     NotDocked { image: String, state: String },
     #[error("no VM or session {id:?} on this host")]
     Unknown { id: String },
+    #[error("bad activation request: {message}")]
+    BadRequest { message: String },
     #[error("activation failed: {code}: {message}")]
     Driver { code: String, message: String },
     #[error("hostd is shutting down")]
@@ -91,6 +157,7 @@ impl PoolError {
             PoolError::AtCapacity { .. } => "at_capacity",
             PoolError::NotDocked { .. } => "not_docked",
             PoolError::Unknown { .. } => "unknown_vm",
+            PoolError::BadRequest { .. } => "bad_request",
             PoolError::Driver { .. } => "activation_failed",
             PoolError::ShuttingDown => "shutting_down",
         }
@@ -206,6 +273,15 @@ enum VmCommand {
 struct Active {
     info: VmInfo,
     cmd: mpsc::Sender<VmCommand>,
+    keys: SessionKeys,
+    ending: watch::Receiver<bool>,
+}
+
+/// An active session's players and raw ticket key (empty for a VM adopted from a record
+/// that had none: nobody can join it through the gateway).
+struct SessionKeys {
+    key: Vec<u8>,
+    players: Vec<PlayerId>,
 }
 
 type SessionCell = Arc<OnceCell<Result<VmInfo, PoolError>>>;
@@ -390,7 +466,16 @@ impl Pool {
                         let cell: SessionCell =
                             Arc::new(OnceCell::new_with(Some(Ok(info.clone()))));
                         self.state().sessions.insert(session_id.clone(), cell);
-                        self.register(vm, info);
+                        let key = hex::decode(&record.ticket_key).unwrap_or_default();
+                        if key.is_empty() {
+                            tracing::warn!(vm_id = %record.vm_id, %session_id,
+                                "adopted VM has no ticket key on record; the gateway refuses its players");
+                        }
+                        let keys = SessionKeys {
+                            key,
+                            players: record.players.clone(),
+                        };
+                        self.register(vm, info, keys);
                     }
                     _ => {
                         tracing::info!(vm_id = %record.vm_id, "destroying a leftover VM with no session");
@@ -408,9 +493,16 @@ impl Pool {
 
     /// Activates a VM for `req.session_id`. The same session id twice returns the same VM
     /// (concurrent callers share one activation).
-    pub async fn activate(&self, req: ActivateRequest) -> Result<VmInfo, PoolError> {
+    pub async fn activate(&self, mut req: ActivateRequest) -> Result<VmInfo, PoolError> {
         if *self.inner.shutdown.borrow() {
             return Err(PoolError::ShuttingDown);
+        }
+        if req.ticket_key.is_empty() {
+            req.ticket_key = (0..4).map(|_| format!("{:016x}", random_u64())).collect();
+        } else if req.key().is_none() {
+            return Err(PoolError::BadRequest {
+                message: format!("ticket_key must be 1 to {MAX_TICKET_KEY} bytes of hex"),
+            });
         }
         let cell = self
             .state()
@@ -472,11 +564,7 @@ impl Pool {
             hostname: format!("berth-{}", vm_id.as_str().trim_start_matches("vm-")),
             players: req.players.clone(),
             teams: req.teams.clone(),
-            ticket_key: if req.ticket_key.is_empty() {
-                format!("{:016x}{:016x}", random_u64(), random_u64())
-            } else {
-                req.ticket_key.clone()
-            },
+            ticket_key: req.ticket_key.clone(),
             params: req.params.clone(),
             wall_clock_ms: 0,
             rng_seed: random_u64(),
@@ -590,21 +678,45 @@ impl Pool {
         };
         tracing::info!(vm_id = %info.vm_id, session_id = %info.session_id, ?path, activate_us = info.activate_us, "activated");
         self.state().activations += 1;
-        self.register(vm, info.clone());
+        let keys = SessionKeys {
+            // Checked in `activate`.
+            key: req.key().unwrap_or_default(),
+            players: req.players.clone(),
+        };
+        self.register(vm, info.clone(), keys);
         self.emit(PoolEvent::Activated { vm: info.clone() });
         info
     }
 
-    fn register(&self, vm: Box<dyn Vm>, info: VmInfo) {
+    fn register(&self, vm: Box<dyn Vm>, info: VmInfo, keys: SessionKeys) {
         let (tx, rx) = mpsc::channel(4);
+        let (ending_tx, ending) = watch::channel(false);
         self.state().active.insert(
             info.vm_id.clone(),
             Active {
                 info: info.clone(),
                 cmd: tx,
+                keys,
+                ending,
             },
         );
-        tokio::spawn(vm_task(self.clone(), vm, info, rx));
+        tokio::spawn(vm_task(self.clone(), vm, info, rx, ending_tx));
+    }
+
+    /// What the gateway needs to admit players to `session`: its active VM's game address,
+    /// ticket key and players. `None` when no active VM serves it, when it is ending, or when
+    /// it has no key (adopted from a record without one).
+    pub fn gate(&self, session: &SessionId) -> Option<Gate> {
+        let st = self.state();
+        let a = st.active.values().find(|a| &a.info.session_id == session)?;
+        let gate = Gate {
+            vm_id: a.info.vm_id.clone(),
+            game_addr: a.info.game_addr,
+            key: a.keys.key.clone(),
+            players: a.keys.players.clone(),
+            ending: a.ending.clone(),
+        };
+        (!gate.key.is_empty() && !gate.is_ending()).then_some(gate)
     }
 
     /// Destroys the VM with this id or session id and waits until it is gone.
@@ -753,6 +865,7 @@ async fn vm_task(
     mut vm: Box<dyn Vm>,
     info: VmInfo,
     mut cmd: mpsc::Receiver<VmCommand>,
+    ending: watch::Sender<bool>,
 ) {
     let silence = pool.inner.config.agent_silence();
     let mut reply = None;
@@ -763,6 +876,9 @@ async fn vm_task(
         }
         e = vm.event(silence) => Some(e),
     };
+    // Before anything goes: the gateway closes the session's players with `game_over`, not
+    // as if the game had just dropped them.
+    ending.send_replace(true);
     if matches!(event, Some(VmEvent::Ended { .. })) {
         // Let the last answers to players leave the VM before it goes.
         tokio::time::sleep(END_GRACE).await;
@@ -957,4 +1073,38 @@ async fn refill_once(pool: &Pool) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticket_keys_are_hex_and_stay_out_of_logs() {
+        let req = |key: &str| ActivateRequest {
+            session_id: SessionId::new("s1").expect("valid"),
+            image: "arena".into(),
+            players: vec![],
+            teams: vec![],
+            params: serde_json::Value::Null,
+            ticket_key: key.into(),
+        };
+        assert_eq!(req("00ff").key(), Some(vec![0, 255]));
+        for bad in ["", "0", "zz", "00 ff", &"00".repeat(MAX_TICKET_KEY + 1)] {
+            assert_eq!(req(bad).key(), None, "{bad:?}");
+        }
+        assert!(!format!("{:?}", req("c0ffee")).contains("c0ffee"));
+        let (tx, ending) = watch::channel(false);
+        let gate = Gate {
+            vm_id: VmId::new("vm-1").expect("valid"),
+            game_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            key: vec![0xc0, 0xff, 0xee],
+            players: vec![],
+            ending,
+        };
+        assert!(!format!("{gate:?}").contains("192"));
+        assert!(!gate.is_ending());
+        drop(tx);
+        assert!(gate.is_ending(), "a gone VM counts as ending");
+    }
 }

@@ -270,6 +270,8 @@ pub mod code {
     /// A frame that is not one text message on one line (binary, or a raw newline inside).
     pub const BAD_FRAME: &str = "bad_frame";
     pub const RATE_LIMITED: &str = "rate_limited";
+    /// The host is stopping (gateway).
+    pub const SHUTTING_DOWN: &str = "shutting_down";
 }
 
 #[cfg(test)]

@@ -6,17 +6,21 @@
 //! - [`game`]: what the game server in the VM answers on its TCP port.
 //! - [`play`]: player ↔ server messages on the `/v1/play` websocket.
 //! - [`host`]: hostd ↔ server messages on the `/v1/hosts` websocket.
-//! - [`ticket`]: the claims of a session ticket.
+//! - [`ticket`]: the claims of a session ticket, and its HS256 check.
+//! - [`close`]: websocket close codes, shared by every socket.
+//! - [`rate`]: the token bucket every socket limits its peer with.
 //!
 //! Every message carries no version field of its own; the agent announces
 //! [`guest::AGENT_PROTOCOL_VERSION`] in its `initialised` message and hostd refuses a guest that
 //! speaks another.
 
+pub mod close;
 pub mod game;
 pub mod guest;
 pub mod host;
 pub mod ids;
 pub mod play;
+pub mod rate;
 pub mod ticket;
 
 pub use ids::{HostId, IdError, PlayerId, SessionId, VmId};

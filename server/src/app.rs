@@ -11,7 +11,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::Store;
 use crate::wire::close;
-use crate::{admin, dispatch, hosts, matchmaker, play, sessions};
+use crate::{admin, dispatch, hosts, matchmaker, play, sessions, web};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -39,6 +39,7 @@ pub fn app(ctx: Ctx) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(admin::router())
+        .merge(web::router())
         .with_state(ctx)
 }
 

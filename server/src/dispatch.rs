@@ -98,7 +98,7 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
                 players.get(&player).filter(|c| c.id != conn).cloned()
             };
             if let Some(c) = old {
-                c.close(close::REPLACED, "replaced");
+                c.close(close::CONFLICT, "replaced");
             }
         }
     }

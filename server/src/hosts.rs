@@ -72,7 +72,7 @@ where
             tx,
         },
     ) {
-        old.close(close::REPLACED, "replaced");
+        old.close(close::CONFLICT, "replaced");
     }
     ctx.metrics.host_connections.inc();
     tracing::info!(host_id = %host, vms = record.vms.len(), "host registered");

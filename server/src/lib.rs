@@ -19,4 +19,5 @@ pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod util;
+pub mod web;
 pub mod wire;

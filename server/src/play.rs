@@ -64,7 +64,7 @@ where
         tx,
     };
     if let Some(old) = lock(&ctx.players).insert(player.clone(), conn) {
-        old.close(close::REPLACED, "replaced");
+        old.close(close::CONFLICT, "replaced");
     }
     ctx.metrics.player_connections.inc();
     if let Err(e) = ctx
@@ -93,7 +93,11 @@ where
         }
     }
 
-    let mut rate = RateLimit::new(ctx.config.limits.messages_per_s, ctx.config.limits.burst);
+    let mut rate = RateLimit::new(
+        ctx.config.limits.messages_per_s,
+        ctx.config.limits.burst,
+        Instant::now(),
+    );
     let mut strikes = 0;
     let mut last_strike = Instant::now();
     let idle = Duration::from_millis(t.idle_ms);

@@ -6,25 +6,11 @@ use axum::http::HeaderMap;
 use futures_util::{Sink, SinkExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Close codes this server uses (4000–4999 are the application's).
-pub mod close {
-    /// The peer broke the protocol (no hello, wrong version, wrong host id).
-    pub const PROTOCOL: u16 = 4400;
-    /// Authentication failed.
-    pub const AUTH: u16 = 4401;
-    /// Silent for too long (no hello in time, or no message within the idle timeout).
-    pub const TIMEOUT: u16 = 4408;
-    /// Another connection for the same player or host took over.
-    pub const REPLACED: u16 = 4409;
-    /// Too many messages.
-    pub const RATE_LIMITED: u16 = 4429;
-    /// The server is shutting down or at capacity; reconnect later.
-    pub const GOING_AWAY: u16 = 1001;
-    /// A message larger than the configured limit.
-    pub const TOO_BIG: u16 = 1009;
-}
+/// Close codes (shared with hostd's gateway).
+pub use berth_protocol::close;
+pub use berth_protocol::rate::RateLimit;
 
 /// Why a text frame is not a message; `code()` is sent to the peer.
 #[derive(Debug, thiserror::Error)]
@@ -98,39 +84,6 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
         .then(|| token.trim().to_owned())
 }
 
-/// A token bucket: `rate` messages per second, bursts up to `burst`.
-#[derive(Debug)]
-pub struct RateLimit {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl RateLimit {
-    pub fn new(rate: u32, burst: u32) -> Self {
-        RateLimit {
-            rate: rate as f64,
-            burst: burst as f64,
-            tokens: burst as f64,
-            at: Instant::now(),
-        }
-    }
-
-    /// Takes one token if there is one.
-    pub fn allow(&mut self, now: Instant) -> bool {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        self.at = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// Whether a websocket read error means the peer sent a message over the size limit.
 pub fn is_too_big(e: &axum::Error) -> bool {
     let s = e.to_string().to_ascii_lowercase();
@@ -153,15 +106,6 @@ mod tests {
             code(r#"{"type":"ping","nonce":1,"extra":2}"#),
             "bad_message"
         );
-    }
-
-    #[test]
-    fn rate_limit_refills() {
-        let t0 = Instant::now();
-        let mut r = RateLimit::new(10, 2);
-        assert!(r.allow(t0) && r.allow(t0));
-        assert!(!r.allow(t0));
-        assert!(r.allow(t0 + Duration::from_millis(150)));
     }
 
     #[test]

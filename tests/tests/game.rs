@@ -43,7 +43,12 @@ fn auth() -> Auth {
 /// A ticket as the server mints it.
 fn ticket(key: &str, session: &str, player: &str) -> String {
     auth()
-        .ticket(key, &SessionId::new(session).expect("id"), &pid(player), 60_000)
+        .ticket(
+            key,
+            &SessionId::new(session).expect("id"),
+            &pid(player),
+            60_000,
+        )
         .expect("mint")
         .0
 }
@@ -212,10 +217,17 @@ async fn a_duel_is_played_to_its_end_in_a_real_vm() -> Result<()> {
         .await?;
     let (mut alice, welcome) = Player::join(vm.game_addr, &ticket(KEY, "duel-1", "alice")).await?;
     assert_eq!(welcome.player.as_str(), "alice");
-    assert_eq!((welcome.team, welcome.tick_hz, welcome.score_limit), (0, 20, 3));
+    assert_eq!(
+        (welcome.team, welcome.tick_hz, welcome.score_limit),
+        (0, 20, 3)
+    );
     assert!(!welcome.rejoined);
     assert_eq!(welcome.map.rows.len() as u32, welcome.map.height);
-    assert!(welcome.map.rows.iter().all(|r| r.len() as u32 == welcome.map.width));
+    assert!(welcome
+        .map
+        .rows
+        .iter()
+        .all(|r| r.len() as u32 == welcome.map.width));
     let first = alice.state_until(|_| true).await?;
     let me = first.players.iter().find(|p| p.id.as_str() == "alice");
     let start_x = me.context("alice in the first state")?.x;
@@ -223,7 +235,11 @@ async fn a_duel_is_played_to_its_end_in_a_real_vm() -> Result<()> {
     let (mut bob, welcome) = Player::join(vm.game_addr, &ticket(KEY, "duel-1", "bob")).await?;
     assert_eq!(welcome.team, 1);
     // Alice moves: the game applies her input (acked) and her position changes.
-    let dir = if start_x < welcome.map.width as f32 / 2.0 { 1.0 } else { -1.0 };
+    let dir = if start_x < welcome.map.width as f32 / 2.0 {
+        1.0
+    } else {
+        -1.0
+    };
     alice
         .send(&format!(r#"{{"type":"input","seq":7,"dx":{dir},"dy":0}}"#))
         .await?;
@@ -274,25 +290,44 @@ async fn the_game_admits_only_valid_tickets() -> Result<()> {
     let later = now_ms() / 1000 + 60;
     let refusals = [
         // Forged: signed with another key.
-        (ticket("ffeeddccbbaa99887766554433221100", "gate-1", "alice"), "bad_ticket"),
+        (
+            ticket("ffeeddccbbaa99887766554433221100", "gate-1", "alice"),
+            "bad_ticket",
+        ),
         // Expired.
-        (custom_ticket(KEY, "gate-1", &claims("gate-1", "alice", now_ms() / 1000 - 5)), "ticket_expired"),
+        (
+            custom_ticket(
+                KEY,
+                "gate-1",
+                &claims("gate-1", "alice", now_ms() / 1000 - 5),
+            ),
+            "ticket_expired",
+        ),
         // For another session (signed with this key, so only the binding is wrong).
         (ticket(KEY, "gate-2", "alice"), "wrong_session"),
-        (custom_ticket(KEY, "gate-1", &claims("gate-2", "alice", later)), "wrong_session"),
+        (
+            custom_ticket(KEY, "gate-1", &claims("gate-2", "alice", later)),
+            "wrong_session",
+        ),
         // A player who is not in this session.
         (ticket(KEY, "gate-1", "carol"), "not_a_player"),
         ("not a ticket".to_owned(), "bad_ticket"),
     ];
     for (t, code) in &refusals {
         let mut p = Player::connect(addr).await?;
-        p.send(&format!(r#"{{"type":"join","ticket":"{t}"}}"#)).await?;
-        p.refused(code).await.with_context(|| format!("case {code}"))?;
+        p.send(&format!(r#"{{"type":"join","ticket":"{t}"}}"#))
+            .await?;
+        p.refused(code)
+            .await
+            .with_context(|| format!("case {code}"))?;
     }
     // Anything but join (or ping) first is refused.
     let mut p = Player::connect(addr).await?;
     p.send(r#"{"type":"ping","nonce":1}"#).await?;
-    assert!(matches!(p.next().await?, Some(GameAnswer::Pong { nonce: 1, .. })));
+    assert!(matches!(
+        p.next().await?,
+        Some(GameAnswer::Pong { nonce: 1, .. })
+    ));
     p.send(r#"{"type":"input","seq":1,"dx":1}"#).await?;
     p.refused("join_first").await?;
 
@@ -314,7 +349,10 @@ async fn the_game_admits_only_valid_tickets() -> Result<()> {
             other => bail!("expected replaced, got {other:?}"),
         }
     }
-    assert!(first.next().await?.is_none(), "the replaced connection is closed");
+    assert!(
+        first.next().await?.is_none(),
+        "the replaced connection is closed"
+    );
     // Garbage from a joined player gets a stable error, and the game goes on.
     second.send("{not json").await?;
     loop {
@@ -355,7 +393,10 @@ async fn a_game_nobody_joins_ends_as_abandoned() -> Result<()> {
         ))
         .await?;
     let (session, reason, results) = next_ended(&mut events).await?;
-    assert_eq!((session.as_str(), reason.as_str()), ("empty-1", "abandoned"));
+    assert_eq!(
+        (session.as_str(), reason.as_str()),
+        ("empty-1", "abandoned")
+    );
     let results: GameResults = serde_json::from_value(results)?;
     assert_eq!(results.winner, None);
     assert!(results.players.iter().all(|p| !p.joined));

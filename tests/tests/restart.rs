@@ -100,7 +100,8 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
         &config,
         format!(
             "host_id = \"restart\"\nstate_dir = \"{}\"\ncontrol = \"127.0.0.1:{port}\"\naccel = \"tcg\"\n\
-             [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = 1\n",
+             [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = 1\n\
+             [gateway]\nlisten = \"127.0.0.1:0\"\n",
             dir.display(),
             image_dir().display()
         ),
@@ -140,9 +141,11 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
         other => panic!("expected unknown_image, got {other:?}"),
     }
 
+    // A game nobody joins would end itself (abandoned) before the restart is over.
     let req = ActivateRequest {
         session_id: SessionId::new("kept")?,
         image: "arena".into(),
+        params: serde_json::json!({"abandon_after_s": 3600, "time_limit_s": 3600}),
         ..unknown
     };
     let vm = client.activate(&req).await?;

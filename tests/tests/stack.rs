@@ -6,7 +6,6 @@
 mod client;
 
 use anyhow::{bail, Context, Result};
-use berth_hostd::link::{ServerLink, Token};
 use berth_protocol::game::GameAnswer;
 use berth_protocol::play::ServerMessage;
 use berth_protocol::ticket::{TicketClaims, TICKET_AUDIENCE};
@@ -17,7 +16,7 @@ use berth_server::config::ServerConfig;
 use berth_server::model::{HostState, SessionState};
 use berth_server::store::redis::RedisStore;
 use berth_server::store::Store;
-use berth_tests::{game_hello, game_request, Sandbox};
+use berth_tests::{game_hello, game_surrender, Sandbox};
 use client::{admin_token, auth, config, queue, Client};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,22 +33,13 @@ fn link_as(
     host: &str,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let token = auth().mint(host, Role::Host, 3600).expect("mint");
-    let link = ServerLink {
-        url: format!("ws://{}/v1/hosts", server.addr),
-        host: HostId::new(host).expect("id"),
-        token: Token::Inline(token),
-        gateway: "ws://127.0.0.1:7071".into(),
-        reconnect_max: Duration::from_millis(500),
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(berth_hostd::link::run(
-        sandbox.pool.clone(),
-        link,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    (stop, task)
+    berth_tests::start_link(
+        &sandbox.pool,
+        server.addr,
+        host,
+        token,
+        "ws://127.0.0.1:7071/v1/game",
+    )
 }
 
 fn stack_config() -> ServerConfig {
@@ -161,7 +151,7 @@ async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()>
     let (sa, endpoint, ticket) = matched(&mut a).await?;
     let (sb, _, _) = matched(&mut b).await?;
     assert_eq!(sa, sb, "one session for both");
-    assert_eq!(endpoint, "ws://127.0.0.1:7071");
+    assert_eq!(endpoint, "ws://127.0.0.1:7071/v1/game");
 
     // The ticket is bound to this session and this player, signed with the session's key.
     let s = store.session(&sa).await?.context("session stored")?;
@@ -212,21 +202,28 @@ async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()>
     assert_eq!(again, sa);
     assert_ne!(ticket2, ticket);
 
-    // Game over inside the VM: both players hear it with the results; the VM is gone.
-    game_request(
-        vm.game_addr,
-        r#"{"type":"end","results":{"winner":"alice"}}"#,
-    )
-    .await?;
+    // Game over inside the VM: alice gives up (with her first ticket, still valid); both
+    // players hear it with the game's results; the VM is gone.
+    let bob_team = s
+        .teams
+        .iter()
+        .position(|t| t.iter().any(|p| p.as_str() == "bob"))
+        .context("bob has a team")? as u32;
+    let (reason, results) = game_surrender(vm.game_addr, &ticket).await?;
+    assert_eq!(
+        (reason.as_str(), results.winner),
+        ("surrender", Some(bob_team))
+    );
     for c in [&mut a, &mut b] {
         let (reason, results) = ended(c).await?;
-        assert_eq!(reason, "game_over");
-        assert_eq!(results["winner"], "alice");
+        assert_eq!(reason, "surrender");
+        assert_eq!(results["winner"], bob_team);
     }
     session_until(&store, &sa, SessionState::Ended).await?;
     no_vms_left(&sandbox).await?;
     let s = store.session(&sa).await?.context("kept with results")?;
-    assert_eq!(s.results["winner"], "alice");
+    assert_eq!(s.results["winner"], bob_team);
+    assert_eq!(s.results["players"].as_array().map(Vec::len), Some(2));
     let states: Vec<SessionState> = s.history.iter().map(|t| t.state).collect();
     assert_eq!(
         states,
@@ -248,7 +245,7 @@ async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()>
         r#"berth_activation_seconds_count{path="warm"} 1"#,
         r#"berth_time_to_match_seconds_count{mode="duel"} 1"#,
         r#"berth_queue_wait_seconds_count{mode="duel"} 2"#,
-        r#"berth_sessions_ended_total{reason="game_over"} 1"#,
+        r#"berth_sessions_ended_total{reason="surrender"} 1"#,
     ] {
         assert!(metrics.contains(want), "metrics lack {want:?}:\n{metrics}");
     }
@@ -371,7 +368,7 @@ async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
     assert_eq!(sa, sb);
     // A second connection for fay on the other replica takes over.
     let mut b2 = Client::player(&r1, "fay").await?;
-    let (sb2, _, _) = matched(&mut b2).await?;
+    let (sb2, _, fay_ticket) = matched(&mut b2).await?;
     assert_eq!(sb2, sa);
     b.until(
         Duration::from_secs(5),
@@ -386,9 +383,12 @@ async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
         .into_iter()
         .next()
         .context("a VM")?;
-    game_request(vm.game_addr, r#"{"type":"end","results":{"winner":"fay"}}"#).await?;
-    assert_eq!(ended(&mut a).await?.0, "game_over");
-    assert_eq!(ended(&mut b2).await?.1["winner"], "fay");
+    // fay gives up: erik's side wins, and both hear it across the replicas.
+    let (_, results) = game_surrender(vm.game_addr, &fay_ticket).await?;
+    let (reason, erik_results) = ended(&mut a).await?;
+    assert_eq!(reason, "surrender");
+    assert_eq!(ended(&mut b2).await?.1, erik_results);
+    assert_eq!(erik_results["winner"], serde_json::json!(results.winner));
     no_vms_left(&sandbox).await?;
 
     drop(stop);

@@ -17,8 +17,27 @@ fn request(session: &str) -> ActivateRequest {
             PlayerId::new("bob").expect("valid"),
         ],
         params: serde_json::json!({"score_limit": 5}),
-        ticket_key: String::new(),
+        ticket_key: KEY.into(),
     }
+}
+
+const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+/// A session ticket for `player`, minted the way the server does.
+fn ticket(session: &str, player: &str) -> String {
+    berth_server::auth::Auth::new(&berth_server::config::AuthConfig {
+        secret: "test-secret-0123456789".into(),
+        ..Default::default()
+    })
+    .expect("auth")
+    .ticket(
+        KEY,
+        &SessionId::new(session).expect("id"),
+        &PlayerId::new(player).expect("id"),
+        60_000,
+    )
+    .expect("mint")
+    .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,12 +157,9 @@ async fn game_over_is_reported_and_the_vm_returns_to_the_pool() -> Result<()> {
         .await?;
     let mut events = sb.pool.subscribe();
     let vm = sb.pool.activate(request("ends")).await?;
-    let answers = game_request(
-        vm.game_addr,
-        r#"{"type":"end","results":{"alice":3,"bob":1}}"#,
-    )
-    .await?;
-    assert!(matches!(answers[1], GameAnswer::Ended { .. }));
+    // A player gives up (the game checks the ticket with the key given at activation).
+    let (_, results) = game_surrender(vm.game_addr, &ticket("ends", "bob")).await?;
+    assert_eq!(results.winner, Some(0), "alice's side wins");
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match events.recv().await {
@@ -160,7 +176,7 @@ async fn game_over_is_reported_and_the_vm_returns_to_the_pool() -> Result<()> {
     .await?
     .expect("an ended event");
     assert_eq!(ended.0.as_str(), "ends");
-    assert_eq!(ended.1["alice"], 3);
+    assert_eq!(ended.1["winner"], 0);
     // Garbage from a player gets a stable error, not a dead game server.
     let other = sb.pool.activate(request("garbage")).await?;
     let answers = game_request(other.game_addr, "{not json").await?;

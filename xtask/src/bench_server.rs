@@ -80,7 +80,8 @@ pub struct ServerArgs {
 /// activation time for that VM.
 async fn warm_matches(matches: usize) -> Result<serde_json::Value> {
     eprintln!("bench: {matches} duel matches on real VMs with a warm host");
-    let stack = crate::demo::Stack::start(([127, 0, 0, 1], 0).into(), 1, "bench-server").await?;
+    let stack =
+        crate::demo::Stack::start(crate::demo::StackOptions::ephemeral(1, "bench-server")).await?;
     let result = warm_matches_on(&stack, matches).await;
     stack.shutdown().await;
     result
@@ -97,14 +98,8 @@ async fn warm_matches_on(stack: &crate::demo::Stack, matches: usize) -> Result<s
             crate::demo::queue_until_matched(&mut a),
             crate::demo::queue_until_matched(&mut b)
         );
-        let ((session, ms_a), (_, ms_b)) = (ra?, rb?);
-        let vm = stack
-            .pool
-            .status()
-            .vms
-            .into_iter()
-            .find(|v| v.session_id == session)
-            .context("the session's VM")?;
+        let ((session, ticket, ms_a), (_, _, ms_b)) = (ra?, rb?);
+        let vm = stack.vm_of(&session)?;
         *paths
             .entry(format!("{:?}", vm.path).to_lowercase())
             .or_default() += 1;
@@ -114,7 +109,7 @@ async fn warm_matches_on(stack: &crate::demo::Stack, matches: usize) -> Result<s
             server_share.record(((ms - act_ms).max(0.001) * 1000.0) as u64)?;
         }
         activation.record(vm.activate_us)?;
-        crate::demo::game_line(vm.game_addr, Some(r#"{"type":"end","results":{}}"#)).await?;
+        crate::demo::surrender(vm.game_addr, &ticket).await?;
         for ws in [&mut a, &mut b] {
             match crate::demo::next(ws).await? {
                 ServerMessage::SessionEnded { .. } => {}

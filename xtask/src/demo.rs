@@ -1,11 +1,13 @@
 //! `cargo xtask demo`: the main job on the embedded defaults. Builds the guest image, starts
-//! `berth-server` (memory store) and a hostd (qemu driver) linked to it over `/v1/hosts`, primes
-//! the substrate, then plays matches the way phones do: players open `/v1/play`, queue, are
-//! matched onto game VMs activated from the substrate, the games end with results, and every VM
-//! goes back to the pool. Everything is cleaned up at the end.
+//! `berth-server` (memory store), a hostd (qemu driver) with its gateway, linked to the server
+//! over `/v1/hosts`, primes the substrate, then runs a swarm of simulated phones (`berth-sim`):
+//! each queues, is matched onto a game VM activated from the substrate, connects through the
+//! gateway, plays the arena game to its end and hears the results. It prints the swarm's
+//! report, checks that every VM went back to the pool, and cleans everything up.
 
 use anyhow::{bail, Context, Result};
 use berth_hostd::config::ImageConfig;
+use berth_hostd::gateway::Gateway;
 use berth_hostd::link::{ServerLink, Token};
 use berth_hostd::{HostdConfig, Pool};
 use berth_protocol::play::{ClientMessage, ServerMessage};
@@ -14,36 +16,74 @@ use berth_server::app::Server;
 use berth_server::auth::Role;
 use berth_server::config::ServerConfig;
 use futures_util::{SinkExt, StreamExt};
-use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Matches to play (two players each, all queueing at once).
-    #[arg(long, default_value_t = 4)]
-    pub matches: usize,
+    /// Simulated players in the swarm (they play match after match until the time is up).
+    #[arg(long, default_value_t = 40)]
+    pub players: u32,
+    /// How long players keep starting matches (e.g. 60s, 2m).
+    #[arg(long, default_value = "60s", value_parser = berth_sim::config::parse_duration)]
+    pub duration: Duration,
+    /// The game mode they queue for (assets/modes/*.toml).
+    #[arg(long, default_value = "sprint")]
+    pub mode: String,
     /// Warm clones kept per image.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     pub warm: u32,
     /// Where the server listens (a free port is taken if this one is busy).
     #[arg(long, default_value = "127.0.0.1:7080")]
-    pub listen: std::net::SocketAddr,
+    pub listen: SocketAddr,
+    /// Where the host gateway listens (a free port is taken if this one is busy).
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    pub gateway: SocketAddr,
+    /// After the report, keep everything running (play at /play) until Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
 }
 
-/// server (memory store) + hostd pool (qemu driver) + the link between them, in this process.
+/// server (memory store) + hostd pool (qemu driver) + its gateway + the link, in this process.
 pub(crate) struct Stack {
     pub server: Server,
     pub pool: Pool,
+    pub gateway: Gateway,
     stop: tokio::sync::oneshot::Sender<()>,
     link: tokio::task::JoinHandle<()>,
+}
+
+/// What a [`Stack`] is started with.
+#[derive(Debug, Clone)]
+pub(crate) struct StackOptions {
+    pub listen: SocketAddr,
+    pub gateway: SocketAddr,
+    pub warm: u32,
+    pub max_vms: u32,
+    /// Names the state folder in /dev/shm.
+    pub name: String,
+}
+
+impl StackOptions {
+    /// Free ports, `warm` clones: what the benchmarks use.
+    pub fn ephemeral(warm: u32, name: &str) -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 0).into(),
+            gateway: ([127, 0, 0, 1], 0).into(),
+            warm,
+            max_vms: 64,
+            name: name.into(),
+        }
+    }
 }
 
 impl Stack {
     /// Builds the image if needed and starts everything; returns once the substrate is docked
     /// with `warm` clones and the server knows it.
-    pub async fn start(listen: std::net::SocketAddr, warm: u32, name: &str) -> Result<Stack> {
+    pub async fn start(o: StackOptions) -> Result<Stack> {
         crate::sys::ensure(&[crate::sys::QEMU, crate::sys::QEMU_UTILS, crate::sys::E2FS])?;
         let manifest = crate::image::build()?;
         println!(
@@ -52,7 +92,7 @@ impl Stack {
             manifest.kernel_package
         );
         let mut sc = ServerConfig {
-            listen,
+            listen: o.listen,
             modes_dir: crate::image::root().join("assets/modes"),
             ..ServerConfig::default()
         };
@@ -71,23 +111,31 @@ impl Stack {
         );
         let mut config = HostdConfig {
             host_id: "demo-host".into(),
-            state_dir: format!("/dev/shm/berth-{name}-{}", std::process::id()).into(),
+            state_dir: format!("/dev/shm/berth-{}-{}", o.name, std::process::id()).into(),
+            max_vms: o.max_vms,
             ..HostdConfig::default()
         };
         config
             .images
-            .push(ImageConfig::new("arena", crate::image::image_dir(), warm));
+            .push(ImageConfig::new("arena", crate::image::image_dir(), o.warm));
         let driver = berth_hostd::driver_for(&config).await?;
         println!(
-            "hostd demo-host: driver qemu, accelerator {}",
-            driver.accel()
+            "hostd demo-host: driver qemu, accelerator {}, at most {} VMs",
+            driver.accel(),
+            o.max_vms
         );
         let pool = Pool::start(config, driver).await?;
+        let gateway = match berth_hostd::gateway::start(pool.clone(), o.gateway).await {
+            Ok(g) => g,
+            Err(_) => berth_hostd::gateway::start(pool.clone(), ([127, 0, 0, 1], 0).into()).await?,
+        };
+        let gateway_url = format!("ws://{}/v1/game", gateway.addr);
+        println!("gateway {gateway_url}");
         let link = ServerLink {
             url: format!("ws://{}/v1/hosts", server.addr),
             host: HostId::new("demo-host")?,
-            token: Token::Inline(server.ctx.auth.mint("demo-host", Role::Host, 3600)?),
-            gateway: "ws://127.0.0.1:7071".into(),
+            token: Token::Inline(server.ctx.auth.mint("demo-host", Role::Host, 24 * 3600)?),
+            gateway: gateway_url,
             reconnect_max: Duration::from_secs(1),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -97,12 +145,13 @@ impl Stack {
         let stack = Stack {
             server,
             pool,
+            gateway,
             stop,
             link,
         };
         let t = Instant::now();
         println!("priming the substrate (cold boot of the game VM, once)...");
-        if let Err(e) = stack.ready(warm).await {
+        if let Err(e) = stack.ready(o.warm).await {
             stack.shutdown().await;
             return Err(e);
         }
@@ -115,6 +164,16 @@ impl Stack {
             t.elapsed().as_secs_f64()
         );
         Ok(stack)
+    }
+
+    /// The VM serving `session`.
+    pub fn vm_of(&self, session: &SessionId) -> Result<berth_hostd::pool::VmInfo> {
+        self.pool
+            .status()
+            .vms
+            .into_iter()
+            .find(|v| &v.session_id == session)
+            .context("no VM for the session")
     }
 
     /// Waits until `warm` clones wait and the server has heard so from hostd.
@@ -143,6 +202,7 @@ impl Stack {
     pub async fn shutdown(self) {
         drop(self.stop);
         let _ = self.link.await;
+        self.gateway.shutdown().await;
         self.server.shutdown().await;
         self.pool.shutdown().await;
         println!("server stopped, pool shut down: VMs destroyed, substrate removed");
@@ -150,19 +210,42 @@ impl Stack {
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
-    let stack = Stack::start(args.listen, args.warm, "demo").await?;
+    let stack = Stack::start(StackOptions {
+        listen: args.listen,
+        gateway: args.gateway,
+        warm: args.warm,
+        max_vms: 64,
+        name: "demo".into(),
+    })
+    .await?;
     let result = demo(&stack, &args).await;
+    if result.is_ok() && args.keep {
+        println!(
+            "\nstill running: play at http://{}/play — Ctrl-C stops everything",
+            stack.server.addr
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
     stack.shutdown().await;
     result
 }
 
-/// Sends `queue` for `duel` and waits for `matched`: the session and the milliseconds it took.
+/// Sends `queue` for `duel` and waits for `matched`: the session, the player's ticket and the
+/// milliseconds it took.
 pub(crate) async fn queue_until_matched(
     ws: &mut crate::bench_server::Ws,
-) -> Result<(SessionId, f64)> {
+) -> Result<(SessionId, String, f64)> {
+    queue_until_matched_in(ws, "duel").await
+}
+
+/// [`queue_until_matched`] for `mode`.
+pub(crate) async fn queue_until_matched_in(
+    ws: &mut crate::bench_server::Ws,
+    mode: &str,
+) -> Result<(SessionId, String, f64)> {
     let t = Instant::now();
     let queue = ClientMessage::Queue {
-        mode: "duel".into(),
+        mode: mode.into(),
         region: "local".into(),
         party: None,
         skill: None,
@@ -171,9 +254,9 @@ pub(crate) async fn queue_until_matched(
         .await?;
     loop {
         match next(ws).await? {
-            ServerMessage::Matched { session, .. } => {
-                return Ok((session, t.elapsed().as_secs_f64() * 1000.0))
-            }
+            ServerMessage::Matched {
+                session, ticket, ..
+            } => return Ok((session, ticket, t.elapsed().as_secs_f64() * 1000.0)),
             ServerMessage::QueueStatus { .. } => continue,
             other => bail!("expected matched, got {other:?}"),
         }
@@ -181,85 +264,98 @@ pub(crate) async fn queue_until_matched(
 }
 
 async fn demo(stack: &Stack, args: &DemoArgs) -> Result<()> {
-    let (server, pool) = (&stack.server, &stack.pool);
-    let mut players = Vec::new();
-    for i in 0..2 * args.matches {
-        let name = format!("player-{}", i + 1);
-        players.push((name.clone(), stack.player(&name).await?));
-    }
+    let base = format!("http://{}", stack.server.addr);
+    println!("\n  play in a browser:  {base}/play   (phone or desktop; sign in with any name)");
     println!(
-        "\n{} players connected to /v1/play; all queue for `duel` at once",
-        players.len()
+        "  admin API:          {base}/v1/admin/sessions   (token: berth-server token --admin)"
     );
-    let mut plays = Vec::new();
-    for (name, mut ws) in players {
-        plays.push(tokio::spawn(async move {
-            let (session, ms) = queue_until_matched(&mut ws)
-                .await
-                .with_context(|| name.clone())?;
-            anyhow::Ok((name, ws, session, ms))
-        }));
-    }
-    let mut by_session: BTreeMap<SessionId, Vec<(String, f64)>> = BTreeMap::new();
-    let mut sockets = Vec::new();
-    for p in plays {
-        let (name, ws, session, ms) = p.await??;
-        by_session
-            .entry(session)
-            .or_default()
-            .push((name.clone(), ms));
-        sockets.push((name, ws));
-    }
+    println!("  metrics:            {base}/metrics");
     println!(
-        "\n{:<26} {:<22} {:<10} {:>16}  game answer from the VM",
-        "session", "players", "path", "queue→matched ms"
+        "  hostd gateway:      ws://{}/v1/game\n",
+        stack.gateway.addr
     );
-    let vms = pool.status().vms;
-    for (session, ps) in &by_session {
-        let vm = vms
-            .iter()
-            .find(|v| &v.session_id == session)
-            .context("a VM for every session")?;
-        let names: Vec<&str> = ps.iter().map(|(n, _)| n.as_str()).collect();
-        let slowest = ps.iter().map(|(_, ms)| *ms).fold(0.0, f64::max);
-        let hello = game_line(vm.game_addr, None).await?;
-        println!(
-            "{:<26} {:<22} {:<10} {:>16.1}  {}…",
-            session.as_str(),
-            names.join(","),
-            format!("{:?}", vm.path).to_lowercase(),
-            slowest,
-            hello.chars().take(60).collect::<String>()
-        );
-        // The game ends inside the VM; the first player wins.
-        let end = format!(r#"{{"type":"end","results":{{"winner":"{}"}}}}"#, names[0]);
-        game_line(vm.game_addr, Some(&end)).await?;
-    }
-    println!();
-    for (name, mut ws) in sockets {
-        match next(&mut ws).await? {
-            ServerMessage::SessionEnded {
-                session,
-                reason,
-                results,
-            } => println!("{name:<10} told: session {session} ended ({reason}), results {results}"),
-            other => bail!("{name}: expected session_ended, got {other:?}"),
-        }
-    }
-    for _ in 0..100 {
-        if pool.status().vms.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let st = pool.status();
+    let config = berth_sim::SwarmConfig {
+        server: base.clone(),
+        arrivals: berth_sim::Arrivals::Fixed {
+            players: args.players,
+            ramp: Duration::from_secs(5).min(args.duration),
+        },
+        duration: args.duration,
+        modes: vec![berth_sim::Weighted::new(args.mode.clone(), 1.0)],
+        matches: berth_sim::Matches::UntilEnd,
+        name_prefix: "demo".into(),
+        ..berth_sim::SwarmConfig::default()
+    };
     println!(
-        "\nafter the matches: {} VMs running, {} warm clones waiting; {} sessions recorded",
-        st.vms.len(),
-        st.images[0].warm,
-        server.ctx.store.sessions(None).await?.len()
+        "swarm: {} players, mode {}, match after match for {:?}",
+        args.players, args.mode, args.duration
     );
+    let progress = berth_sim::Progress::new();
+    let ticker = tokio::spawn(show_progress(progress.clone(), stack.pool.clone()));
+    let report = berth_sim::run(config, Some(progress)).await;
+    ticker.abort();
+    let report = report?;
+    println!("\n{}", report.table());
+    let dir = crate::image::root().join("target/demo");
+    std::fs::create_dir_all(&dir)?;
+    let json: PathBuf = dir.join("report.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)?;
+    let png = dir.join("latency.png");
+    match berth_sim::write_png(&report, &png) {
+        Ok(()) => println!("report: {} and {}", json.display(), png.display()),
+        Err(e) => println!("report: {} (no chart: {e})", json.display()),
+    }
+    pool_back(stack, args.warm).await?;
+    if report.failed > 0 {
+        bail!("{} matches failed: {:?}", report.failed, report.failures);
+    }
     Ok(())
+}
+
+/// A status line every few seconds while the swarm runs.
+async fn show_progress(progress: berth_sim::Progress, pool: Pool) {
+    let t = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let p = progress.snapshot();
+        let st = pool.status();
+        let warm: u32 = st.images.iter().map(|i| i.warm).sum();
+        println!(
+            "{:>5.0} s  players {:>3}  queued {:>3}  playing {:>3}  finished {:>4}  failed {:>2}   VMs running {:>2}, warm {:>2}",
+            t.elapsed().as_secs_f64(),
+            p.arrived,
+            p.queued,
+            p.playing,
+            p.finished,
+            p.failed,
+            st.vms.len(),
+            warm
+        );
+    }
+}
+
+/// Waits until every session's VM is gone and the warm tier is full again, then says so.
+pub(crate) async fn pool_back(stack: &Stack, warm: u32) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let st = stack.pool.status();
+        let img = &st.images[0];
+        if st.vms.is_empty() && img.warm >= warm {
+            println!(
+                "pool: every VM went back: 0 running, {} warm clones waiting, substrate docked",
+                img.warm
+            );
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the pool did not settle: {} VMs still running, {} warm",
+                st.vms.len(),
+                img.warm
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 pub(crate) async fn next(ws: &mut crate::bench_server::Ws) -> Result<ServerMessage> {
@@ -274,15 +370,28 @@ pub(crate) async fn next(ws: &mut crate::bench_server::Ws) -> Result<ServerMessa
     }
 }
 
-/// Reads the game's hello line and, with `request`, sends it and reads the answer.
-pub(crate) async fn game_line(addr: std::net::SocketAddr, request: Option<&str>) -> Result<String> {
+/// Joins the game at `addr` directly (as the gateway would) with `ticket` and surrenders, so
+/// the game ends now with results. Returns the game's end reason.
+pub(crate) async fn surrender(addr: SocketAddr, ticket: &str) -> Result<String> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(rd).lines();
-    let hello = lines.next_line().await?.context("the game closed")?;
-    let Some(req) = request else {
-        return Ok(hello);
-    };
-    wr.write_all(format!("{req}\n").as_bytes()).await?;
-    lines.next_line().await?.context("the game closed")
+    let join =
+        format!("{{\"type\":\"join\",\"ticket\":\"{ticket}\"}}\n{{\"type\":\"surrender\"}}\n");
+    wr.write_all(join.as_bytes()).await?;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await? {
+            match serde_json::from_str::<berth_protocol::game::GameAnswer>(&line)? {
+                berth_protocol::game::GameAnswer::Ended { reason, .. } => return Ok(reason),
+                berth_protocol::game::GameAnswer::Error { code, message } => {
+                    bail!("the game refused: {code}: {message}")
+                }
+                _ => continue,
+            }
+        }
+        bail!("the game closed without ended")
+    })
+    .await
+    .context("no ended within 20 s")?
 }

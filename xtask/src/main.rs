@@ -1,5 +1,6 @@
 //! `cargo xtask`: build the guest image, run the demo, run all tests, run benchmarks.
 mod bench;
+mod bench_e2e;
 mod bench_server;
 mod cpio;
 mod demo;
@@ -22,7 +23,7 @@ struct Cli {
 enum Cmd {
     /// Build (or reuse) the guest image under target/image.
     Image,
-    /// The main job: prime a substrate and activate game VMs from it, printing what happens.
+    /// The main job: the whole stack with real game VMs, and a swarm of simulated phones playing.
     Demo(demo::DemoArgs),
     /// Install what is missing, build the image and run every test.
     Test {
@@ -43,6 +44,8 @@ enum BenchCmd {
     Activation(bench::ActivationArgs),
     /// The matchmaking server: idle player sockets per process, matchmaking throughput.
     Server(bench_server::ServerArgs),
+    /// The whole path under a swarm: queue → first game state, gateway overhead.
+    E2e(bench_e2e::E2eArgs),
 }
 
 fn main() -> Result<()> {
@@ -73,6 +76,12 @@ fn main() -> Result<()> {
             sys::ensure(&[sys::REDIS])?;
             init_logs();
             rt()?.block_on(bench_server::run(args))?;
+        }
+        Cmd::Bench {
+            which: BenchCmd::E2e(args),
+        } => {
+            init_logs();
+            rt()?.block_on(bench_e2e::run(args))?;
         }
     }
     Ok(())

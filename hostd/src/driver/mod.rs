@@ -15,7 +15,7 @@ use crate::image::Image;
 use crate::substrate::{Fingerprint, Substrate, SubstrateError};
 use async_trait::async_trait;
 use berth_protocol::guest::Identity;
-use berth_protocol::{SessionId, VmId};
+use berth_protocol::{PlayerId, SessionId, VmId};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -63,8 +63,10 @@ pub enum VmEvent {
     Silent { for_ms: u64 },
 }
 
-/// What hostd writes next to each VM so that a restarted hostd can find it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What hostd writes next to each VM so that a restarted hostd can find it (and still gate
+/// its players: the session's players and ticket key are kept too). The VM folder is mode
+/// 0700, so the key is as private as the QMP socket next to it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmRecord {
     pub vm_id: VmId,
@@ -74,6 +76,29 @@ pub struct VmRecord {
     pub game_port: u16,
     pub session_id: Option<SessionId>,
     pub created_ms: u64,
+    /// The session's players (empty before activation, and in records of older hostds).
+    #[serde(default)]
+    pub players: Vec<PlayerId>,
+    /// The session's ticket key, hex (empty before activation, and in records of older
+    /// hostds: the gateway then refuses the session's players).
+    #[serde(default)]
+    pub ticket_key: String,
+}
+
+impl std::fmt::Debug for VmRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmRecord")
+            .field("vm_id", &self.vm_id)
+            .field("image", &self.image)
+            .field("driver", &self.driver)
+            .field("pid", &self.pid)
+            .field("game_port", &self.game_port)
+            .field("session_id", &self.session_id)
+            .field("created_ms", &self.created_ms)
+            .field("players", &self.players)
+            .field("ticket_key", &"<redacted>")
+            .finish()
+    }
 }
 
 impl VmRecord {
@@ -216,4 +241,31 @@ pub trait Vm: Send {
     async fn event(&mut self, silence: Duration) -> VmEvent;
     /// Stops the VM and removes everything it had: process, sockets, overlay, folder.
     async fn destroy(self: Box<Self>);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_older_hostds_still_load_and_keys_stay_out_of_logs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A record as an earlier hostd wrote it: no players, no ticket key.
+        std::fs::write(
+            VmRecord::path(dir.path()),
+            r#"{"vm_id":"vm-1","image":"arena","driver":"qemu","pid":7,"game_port":4000,
+                "session_id":"s1","created_ms":1}"#,
+        )
+        .expect("write");
+        let old = VmRecord::load(dir.path()).expect("an old record loads");
+        assert!(old.players.is_empty() && old.ticket_key.is_empty());
+        let new = VmRecord {
+            players: vec![PlayerId::new("alice").expect("valid")],
+            ticket_key: "00ff".repeat(8),
+            ..old
+        };
+        new.save(dir.path()).expect("save");
+        assert_eq!(VmRecord::load(dir.path()), Some(new.clone()));
+        assert!(!format!("{new:?}").contains("00ff"), "the key is redacted");
+    }
 }

@@ -532,6 +532,8 @@ impl VmDriver for QemuDriver {
         );
         vm.image = record.image.clone();
         vm.session = record.session_id.clone();
+        vm.players = record.players.clone();
+        vm.ticket_key = record.ticket_key.clone();
         vm.activated = record.session_id.is_some();
         vm.created_ms = record.created_ms;
         vm.connect(Instant::now() + Duration::from_secs(5)).await?;
@@ -631,6 +633,9 @@ pub struct QemuVm {
     last_heard: Instant,
     image: String,
     session: Option<berth_protocol::SessionId>,
+    /// The session's players and ticket key (hex), kept in `vm.json` for the gateway.
+    players: Vec<berth_protocol::PlayerId>,
+    ticket_key: String,
     created_ms: u64,
     exit_status: Option<String>,
 }
@@ -660,6 +665,8 @@ impl QemuVm {
             last_heard: Instant::now(),
             image: String::new(),
             session: None,
+            players: Vec::new(),
+            ticket_key: String::new(),
             created_ms: now_ms(),
             exit_status: None,
         }
@@ -757,6 +764,8 @@ impl QemuVm {
             game_port: self.game_port,
             session_id: self.session.clone(),
             created_ms: self.created_ms,
+            players: self.players.clone(),
+            ticket_key: self.ticket_key.clone(),
         }
         .save(&self.dir)
         .map_err(io_err("writing vm.json"))
@@ -963,6 +972,7 @@ impl Vm for QemuVm {
         let resumed_us = t0.elapsed().as_micros() as u64;
         identity.wall_clock_ms = now_ms();
         let session_id = identity.session_id.clone();
+        let gate = (identity.players.clone(), identity.ticket_key.clone());
         self.send(&HostToGuest::Identity(identity)).await?;
         let wrote_us = t0.elapsed().as_micros() as u64;
         let (guest_clock_ms, apply_us) = self
@@ -985,6 +995,7 @@ impl Vm for QemuVm {
         self.activated = true;
         self.last_heard = Instant::now();
         self.session = Some(session_id.clone());
+        (self.players, self.ticket_key) = gate;
         let image = self.image.clone();
         self.save_record(&image)?;
         if let Some((_, full)) = self.balloon_mib {

@@ -672,6 +672,8 @@ mod live {
                 last_heard: Instant::now(),
                 image: String::new(),
                 session: None,
+                players: Vec::new(),
+                ticket_key: String::new(),
                 created_ms: now_ms(),
             }
         }
@@ -864,6 +866,8 @@ mod live {
             vm.paused = info.state.paused;
             vm.activated = record.session_id.is_some();
             vm.session = record.session_id.clone();
+            vm.players = record.players.clone();
+            vm.ticket_key = record.ticket_key.clone();
             vm.image = record.image.clone();
             vm.created_ms = record.created_ms;
             vm.addr = published_addr(&self.store, info.domid).await;
@@ -890,6 +894,9 @@ mod live {
         last_heard: Instant,
         image: String,
         session: Option<berth_protocol::SessionId>,
+        /// The session's players and ticket key (hex), kept in `vm.json` for the gateway.
+        players: Vec<berth_protocol::PlayerId>,
+        ticket_key: String,
         created_ms: u64,
     }
 
@@ -908,6 +915,8 @@ mod live {
                 game_port: GAME_PORT,
                 session_id: self.session.clone(),
                 created_ms: self.created_ms,
+                players: self.players.clone(),
+                ticket_key: self.ticket_key.clone(),
             }
             .save(&self.dir)
             .map_err(io_err("writing vm.json"))
@@ -964,6 +973,7 @@ mod live {
             let keys = self.keys();
             identity.wall_clock_ms = now_ms();
             let session_id = identity.session_id.clone();
+            let gate = (identity.players.clone(), identity.ticket_key.clone());
             let value =
                 identity_value(&identity, &keys.identity()).map_err(|e| DriverError::Io {
                     what: e.to_string(),
@@ -1002,6 +1012,7 @@ mod live {
             self.activated = true;
             self.last_heard = Instant::now();
             self.session = Some(session_id.clone());
+            (self.players, self.ticket_key) = gate;
             let image = self.image.clone();
             self.save_record(&image)?;
             if let Some(full) = self.balloon_mib {

@@ -1,0 +1,1338 @@
+//! One simulated player: gets a dev token, keeps `/v1/play` open, and for each match queues,
+//! waits for `matched`, joins the game through the host gateway, plays (inputs at the game's
+//! tick rate, a `ping` every second) until it holds results, then thinks and goes again.
+//! Mobile faults are injected here: a dropped game socket, the app going to the background,
+//! a slow link. Everything a bot measures goes into its own [`Tally`].
+//!
+//! The bot owns its sockets; one `select!` loop per match reads both and fires timers, so
+//! there is no shared state between a bot's parts.
+
+use crate::config::{pick, Matches, SwarmConfig};
+use crate::link::{Incoming, Link, SlowLink};
+use crate::progress::{Progress, Stage};
+use crate::report::{Metric, Tally};
+use crate::steer::{self, Grid};
+use berth_protocol::game::{GameAnswer, GameRequest, GameResults, PlayerView};
+use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage, PLAY_PROTOCOL_VERSION};
+use berth_protocol::SessionId;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// After one side (game or server) reported the end, how long to wait for the other.
+const RESULTS_WAIT: Duration = Duration::from_secs(5);
+/// The gateway's error when hostd stops (not in `berth_protocol::game::code`).
+const SHUTTING_DOWN: &str = "shutting_down";
+/// A match is given up this long after the server's session deadline.
+const DEADLINE_SLACK: Duration = Duration::from_secs(15);
+/// Attempts at (re)opening the game socket within one match before giving up.
+const MAX_GAME_ATTEMPTS: u32 = 6;
+/// Attempts at (re)opening `/v1/play` in a row before giving up.
+const MAX_PLAY_ATTEMPTS: u32 = 5;
+/// How long `in_session` and other transient queue refusals are retried.
+const REQUEUE_FOR: Duration = Duration::from_secs(20);
+/// Game pings are sent this often.
+const GAME_PING_EVERY: Duration = Duration::from_secs(1);
+/// How long to wait for a fresh ticket after the gateway said `ticket_expired`.
+const TICKET_WAIT: Duration = Duration::from_secs(10);
+/// `session_ended` reasons that mean the match did not end as a game.
+const BAD_END_REASONS: [&str; 6] = [
+    "admin",
+    "deadline",
+    "vm_failed",
+    "vm_lost",
+    "host_lost",
+    "placement_failed",
+];
+
+/// Why a match attempt failed. [`Failure::code`] is the stable label in the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// `POST /v1/dev/token` failed: the error code the server gave, an HTTP status, or
+    /// `unreachable`.
+    DevToken(String),
+    /// `/v1/play` could not be opened (after retries).
+    PlayUnreachable(String),
+    /// The server refused `hello` (a token error code).
+    HelloRefused(String),
+    /// The server refused `queue` with this error code.
+    QueueRefused(String),
+    /// No `matched` within the configured queue timeout, or the server's `max_wait`.
+    QueueTimeout,
+    /// Dequeued for another reason (`away`, `mode_removed`, a `cancel` the bot did not send).
+    Dequeued(String),
+    /// `session_ended` with `placement_failed`: no host could run the match.
+    PlacementFailed,
+    /// The session ended with a reason that is not a game's end (`vm_failed`, `host_lost`, …).
+    SessionEnded(String),
+    /// The gateway could not be reached (after retries).
+    GatewayUnreachable,
+    /// The gateway or the game refused the `join` with this code.
+    GatewayRefused(String),
+    /// The game sent this error during the match.
+    GameError(String),
+    /// Another connection of this player took over (`replaced`).
+    Replaced,
+    /// A socket kept dropping and could not be reopened within the match.
+    Disconnected,
+    /// The match ended without results from either side.
+    NoResults,
+    /// The game's `ended` and the server's `session_ended` named different winners.
+    ResultsMismatch,
+    /// Still in the match well after the session's deadline.
+    SessionTimeout,
+    /// Cut off by the end of the run's drain time.
+    DrainTimeout,
+}
+
+impl Failure {
+    /// The stable code: `placement_failed`, `queue_timeout`, `gateway_refused:<code>`, …
+    pub fn code(&self) -> String {
+        match self {
+            Failure::DevToken(c) => format!("dev_token:{}", label(c)),
+            Failure::PlayUnreachable(c) => format!("play_unreachable:{}", label(c)),
+            Failure::HelloRefused(c) => format!("hello_refused:{}", label(c)),
+            Failure::QueueRefused(c) => format!("queue_refused:{}", label(c)),
+            Failure::QueueTimeout => "queue_timeout".into(),
+            Failure::Dequeued(r) => format!("dequeued:{}", label(r)),
+            Failure::PlacementFailed => "placement_failed".into(),
+            Failure::SessionEnded(r) => format!("session_ended:{}", label(r)),
+            Failure::GatewayUnreachable => "gateway_unreachable".into(),
+            Failure::GatewayRefused(c) => format!("gateway_refused:{}", label(c)),
+            Failure::GameError(c) => format!("game_error:{}", label(c)),
+            Failure::Replaced => "replaced".into(),
+            Failure::Disconnected => "disconnected".into(),
+            Failure::NoResults => "no_results".into(),
+            Failure::ResultsMismatch => "results_mismatch".into(),
+            Failure::SessionTimeout => "session_timeout".into(),
+            Failure::DrainTimeout => "drain_timeout".into(),
+        }
+    }
+
+    /// Failures after which this bot stops: retrying would fail the same way.
+    fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Failure::DevToken(_) | Failure::HelloRefused(_) | Failure::Replaced
+        )
+    }
+}
+
+/// A code from the wire, kept to a short label of `[a-z0-9_]` so reports stay tidy.
+fn label(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .take(40)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s
+    }
+}
+
+/// Whether a `session_ended` reason is a game's end (anything not known to be bad: the game
+/// may report its own reasons, and clients treat unknown ones like `game_over`).
+pub(crate) fn is_good_end(reason: &str) -> bool {
+    !BAD_END_REASONS.contains(&reason)
+}
+
+/// The winners the two sides named agree: true when the server's results carry no `winner`
+/// field to compare (then nothing is compared).
+pub(crate) fn winners_agree(game: &GameResults, server: &serde_json::Value) -> Option<bool> {
+    let w = server.get("winner")?;
+    Some(w.as_u64() == game.winner.map(u64::from) && (w.is_null() || w.is_u64()))
+}
+
+/// What every bot of a run shares.
+pub(crate) struct Shared {
+    pub config: SwarmConfig,
+    pub play_url: String,
+    pub token_url: String,
+    pub http: reqwest::Client,
+    pub progress: Progress,
+    /// Cloned into every socket's writer task; the run waits until all are dropped.
+    pub alive: mpsc::Sender<()>,
+    /// No match starts after this.
+    pub end: Instant,
+    /// Everything stops here.
+    pub hard_end: Instant,
+}
+
+/// Who a bot is.
+#[derive(Debug, Clone)]
+pub(crate) struct BotPlan {
+    pub name: String,
+    /// The party (index, size) when it has more than one member.
+    pub party: Option<(u64, u32)>,
+    pub skill: f64,
+    pub seed: u64,
+}
+
+/// `/v1/play`, open.
+struct Play {
+    link: Link,
+    ping_every: Duration,
+    next_ping: Instant,
+    nonce: u64,
+}
+
+/// The game socket of the current match.
+struct Game {
+    link: Link,
+    me: String,
+    grid: Option<Grid>,
+    players: Vec<PlayerView>,
+    welcomed: bool,
+    seq: u32,
+    heading: f32,
+    input_every: Duration,
+    next_input: Instant,
+    next_ping: Instant,
+    ping: Option<(u64, Instant)>,
+    nonce: u64,
+}
+
+/// What `matched` said (the latest one: tickets are renewed).
+struct Matched {
+    session: SessionId,
+    endpoint: String,
+    ticket: String,
+    ticket_expires: Instant,
+    deadline: Instant,
+}
+
+/// Everything about the match under way.
+struct Match {
+    t_queue: Instant,
+    matched: Option<Matched>,
+    t_matched: Option<Instant>,
+    t_first_state: Option<Instant>,
+    t_end: Option<Instant>,
+    game: Option<Game>,
+    /// The game said it is over (`ended`, or `game_over`): never reconnect.
+    game_done: bool,
+    game_results: Option<(String, GameResults)>,
+    play_end: Option<(String, serde_json::Value)>,
+    /// A refusal from the gateway to report if no results come.
+    game_refusal: Option<String>,
+    end_wait: Option<Instant>,
+    queue_msg: String,
+    requeue_at: Option<Instant>,
+    /// The server holds a ticket for this queue (`queue_status` or `already_queued` seen).
+    queued: bool,
+    /// The first transient refusal of `queue` (retried until `REQUEUE_FOR` after it).
+    requeue_since: Option<Instant>,
+    cancel_sent: bool,
+    cancel_until: Option<Instant>,
+    game_connect_at: Option<Instant>,
+    /// Failed or refused game connections since the last `welcome`.
+    game_attempts: u32,
+    /// Game sockets opened in this match (the second and later are reconnects).
+    game_opens: u32,
+    awaiting_ticket: Option<Instant>,
+    play_reconnect_at: Option<Instant>,
+    play_attempts: u32,
+    plan_drop: bool,
+    plan_background: bool,
+    drop_at: Option<Instant>,
+    background_at: Option<Instant>,
+    background_until: Option<Instant>,
+}
+
+/// How a match attempt ended.
+enum Outcome {
+    Finished(String),
+    Failed(Failure),
+    Cancelled,
+}
+
+enum Event {
+    Play(Incoming),
+    Game(Incoming),
+    Tick,
+}
+
+pub(crate) struct Bot {
+    shared: Arc<Shared>,
+    plan: BotPlan,
+    rng: fastrand::Rng,
+    slow: Arc<SlowLink>,
+    token: Option<String>,
+    play: Option<Play>,
+    /// The session of the last match, whose late messages are ignored.
+    last_session: Option<SessionId>,
+    stage: Stage,
+    in_match: bool,
+    tally: Tally,
+    links_opened: u64,
+}
+
+/// Runs one bot to its end (bounded by the run's hard end) and returns what it counted.
+pub(crate) async fn run_bot(shared: Arc<Shared>, plan: BotPlan) -> Tally {
+    let hard_end = shared.hard_end;
+    let mut bot = Bot {
+        rng: fastrand::Rng::with_seed(plan.seed),
+        shared,
+        plan,
+        slow: Arc::new(SlowLink::default()),
+        token: None,
+        play: None,
+        last_session: None,
+        stage: Stage::Idle,
+        in_match: false,
+        tally: Tally::default(),
+        links_opened: 0,
+    };
+    if tokio::time::timeout_at(hard_end, bot.run()).await.is_err() && bot.in_match {
+        bot.outcome(Outcome::Failed(Failure::DrainTimeout));
+    }
+    bot.set_stage(Stage::Idle);
+    // Dropping the play link closes it politely.
+    bot.play = None;
+    bot.shared.progress.done();
+    bot.tally
+}
+
+impl Bot {
+    async fn run(&mut self) {
+        let shared = self.shared.clone();
+        let cfg = &shared.config;
+        let mut k: u32 = 0;
+        loop {
+            if let Matches::Count(n) = cfg.matches {
+                if k >= n {
+                    return;
+                }
+            }
+            if Instant::now() >= self.shared.end {
+                return;
+            }
+            let outcome = self.play_match(k).await;
+            k += 1;
+            let pause = match &outcome {
+                Outcome::Failed(f) if f.is_fatal() => {
+                    self.outcome(outcome);
+                    return;
+                }
+                // Never hammer a failing server: at least a second between attempts.
+                Outcome::Failed(_) => cfg.think.draw(&mut self.rng).max(Duration::from_secs(1)),
+                _ => cfg.think.draw(&mut self.rng),
+            };
+            self.outcome(outcome);
+            let more = match cfg.matches {
+                Matches::Count(n) => k < n,
+                Matches::UntilEnd => true,
+            };
+            if more {
+                self.idle_until((Instant::now() + pause).min(self.shared.end))
+                    .await;
+            }
+        }
+    }
+
+    /// Books a match's end: counters, progress, stage.
+    fn outcome(&mut self, o: Outcome) {
+        self.in_match = false;
+        self.set_stage(Stage::Idle);
+        self.slow.set(None);
+        let p = &self.shared.progress;
+        match o {
+            Outcome::Finished(reason) => {
+                self.tally.matches.finished += 1;
+                *self.tally.end_reasons.entry(label(&reason)).or_default() += 1;
+                p.outcome(true, false, false);
+            }
+            Outcome::Failed(f) => {
+                tracing::debug!(player = %self.plan.name, code = %f.code(), "match failed");
+                self.tally.fail(&f.code());
+                p.outcome(false, true, false);
+            }
+            Outcome::Cancelled => {
+                self.tally.matches.cancelled += 1;
+                p.outcome(false, false, true);
+            }
+        }
+    }
+
+    fn set_stage(&mut self, s: Stage) {
+        if self.stage != s {
+            self.shared.progress.stage(self.stage, s);
+            self.stage = s;
+        }
+    }
+
+    /// Waits until `until` between matches, keeping `/v1/play` alive (pings) and drained.
+    async fn idle_until(&mut self, until: Instant) {
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            self.play_ping(now).await;
+            let wake = self.play.as_ref().map_or(until, |p| p.next_ping.min(until));
+            let item = match self.play.as_mut() {
+                Some(p) => tokio::select! {
+                    item = p.link.recv() => Some(item),
+                    _ = tokio::time::sleep_until(wake) => None,
+                },
+                None => {
+                    tokio::time::sleep_until(until).await;
+                    None
+                }
+            };
+            if let Some(Incoming::Closed { .. }) = item {
+                self.play = None;
+            }
+        }
+    }
+
+    async fn dev_token(&mut self) -> Result<String, Failure> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        let resp = self
+            .shared
+            .http
+            .post(&self.shared.token_url)
+            .json(&serde_json::json!({ "player": self.plan.name }))
+            .send()
+            .await
+            .map_err(|_| Failure::DevToken("unreachable".into()))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|_| Failure::DevToken(format!("http_{}", status.as_u16())))?;
+        match body.get("token").and_then(|t| t.as_str()) {
+            Some(t) if status.is_success() => {
+                self.token = Some(t.to_owned());
+                Ok(t.to_owned())
+            }
+            _ => Err(Failure::DevToken(
+                body.get("code")
+                    .and_then(|c| c.as_str())
+                    .map_or_else(|| format!("http_{}", status.as_u16()), str::to_owned),
+            )),
+        }
+    }
+
+    fn seed(&mut self) -> u64 {
+        self.links_opened += 1;
+        self.plan.seed ^ self.links_opened.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Opens `/v1/play` and says hello; returns after `welcome`.
+    async fn connect_play(&mut self) -> Result<(), Failure> {
+        let token = self.dev_token().await?;
+        let seed = self.seed();
+        let mut link = Link::connect(
+            &self.shared.play_url,
+            self.slow.clone(),
+            seed,
+            self.shared.alive.clone(),
+        )
+        .await
+        .map_err(|e| {
+            Failure::PlayUnreachable(match e {
+                crate::link::LinkError::Http(s) => format!("http_{s}"),
+                crate::link::LinkError::Timeout(_) => "timeout".into(),
+                crate::link::LinkError::Connect(_) => "refused".into(),
+            })
+        })?;
+        let hello = ClientMessage::Hello {
+            v: PLAY_PROTOCOL_VERSION,
+            token: Some(token),
+        };
+        if !link.send(to_json(&hello)).await {
+            return Err(Failure::PlayUnreachable("closed".into()));
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(10), link.recv()).await;
+        let ping_ms = match answer {
+            Ok(Incoming::Text(t)) => match serde_json::from_str::<ServerMessage>(&t) {
+                Ok(ServerMessage::Welcome {
+                    ping_interval_ms, ..
+                }) => ping_interval_ms,
+                Ok(ServerMessage::Error { code, .. }) => return Err(Failure::HelloRefused(code)),
+                _ => return Err(Failure::PlayUnreachable("no_welcome".into())),
+            },
+            Ok(Incoming::Closed { .. }) => return Err(Failure::PlayUnreachable("closed".into())),
+            Err(_) => return Err(Failure::PlayUnreachable("timeout".into())),
+        };
+        let ping_every = Duration::from_millis(ping_ms.clamp(1000, 20_000));
+        self.play = Some(Play {
+            link,
+            ping_every,
+            next_ping: Instant::now() + ping_every,
+            nonce: 0,
+        });
+        Ok(())
+    }
+
+    /// Makes sure `/v1/play` is open, retrying with backoff.
+    async fn ensure_play(&mut self) -> Result<(), Failure> {
+        let mut attempt = 0;
+        while self.play.is_none() {
+            match self.connect_play().await {
+                Ok(()) => return Ok(()),
+                Err(f) if f.is_fatal() => return Err(f),
+                Err(f) => {
+                    attempt += 1;
+                    if attempt >= MAX_PLAY_ATTEMPTS {
+                        return Err(f);
+                    }
+                    tokio::time::sleep(backoff(attempt, &mut self.rng)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn play_send(&mut self, m: &ClientMessage) {
+        if let Some(p) = self.play.as_mut() {
+            if !p.link.send(to_json(m)).await {
+                self.play = None;
+            }
+        }
+    }
+
+    async fn play_ping(&mut self, now: Instant) {
+        let Some(p) = self.play.as_mut() else { return };
+        if now < p.next_ping {
+            return;
+        }
+        p.nonce += 1;
+        p.next_ping = now + p.ping_every;
+        let ping = ClientMessage::Ping { nonce: p.nonce };
+        self.play_send(&ping).await;
+    }
+
+    /// One match attempt, from `queue` to results (or a failure).
+    async fn play_match(&mut self, k: u32) -> Outcome {
+        let shared = self.shared.clone();
+        let cfg = &shared.config;
+        self.in_match = true;
+        self.tally.matches.attempted += 1;
+        // Party members draw the mode from the party's own seed, so they agree on it.
+        let mode = match self.plan.party {
+            Some((party, _)) => {
+                let mut r = fastrand::Rng::with_seed(
+                    cfg.seed ^ party.wrapping_mul(0x9e37_79b9) ^ (u64::from(k) << 40),
+                );
+                pick(&cfg.modes, &mut r).clone()
+            }
+            None => pick(&cfg.modes, &mut self.rng).clone(),
+        };
+        let party = self.plan.party.map(|(p, size)| PartySpec {
+            id: format!("{}-p{p}-{k}", cfg.name_prefix),
+            size,
+        });
+        let faults = &cfg.faults;
+        let slow = self.rng.f64() < faults.slow_link;
+        let plan_drop = self.rng.f64() < faults.drop_game;
+        let plan_background = self.rng.f64() < faults.background;
+        if slow {
+            self.tally.faults.slow_link += 1;
+            self.slow.set(Some(faults.slow_delay));
+        }
+        if let Err(f) = self.ensure_play().await {
+            return Outcome::Failed(f);
+        }
+        let queue = ClientMessage::Queue {
+            mode,
+            region: cfg.region.clone(),
+            party,
+            skill: Some(self.plan.skill),
+        };
+        let mut m = Match {
+            t_queue: Instant::now(),
+            matched: None,
+            t_matched: None,
+            t_first_state: None,
+            t_end: None,
+            game: None,
+            game_done: false,
+            game_results: None,
+            play_end: None,
+            game_refusal: None,
+            end_wait: None,
+            queue_msg: to_json(&queue),
+            requeue_at: None,
+            queued: false,
+            requeue_since: None,
+            cancel_sent: false,
+            cancel_until: None,
+            game_connect_at: None,
+            game_attempts: 0,
+            game_opens: 0,
+            awaiting_ticket: None,
+            play_reconnect_at: None,
+            play_attempts: 0,
+            plan_drop,
+            plan_background,
+            drop_at: None,
+            background_at: None,
+            background_until: None,
+        };
+        self.send_queue(&m).await;
+        self.set_stage(Stage::Queued);
+        let outcome = self.match_loop(&mut m).await;
+        if let Some(mm) = &m.matched {
+            self.last_session = Some(mm.session.clone());
+        }
+        outcome
+    }
+
+    async fn send_queue(&mut self, m: &Match) {
+        if let Some(p) = self.play.as_mut() {
+            if !p.link.send(m.queue_msg.clone()).await {
+                self.play = None;
+            }
+        }
+    }
+
+    async fn match_loop(&mut self, m: &mut Match) -> Outcome {
+        loop {
+            let now = Instant::now();
+            if let Some(o) = self.on_timers(m, now).await {
+                return o;
+            }
+            let wake = self.next_wake(m, now);
+            let background = m.background_until.is_some();
+            let event = {
+                let play = self
+                    .play
+                    .as_mut()
+                    .filter(|_| !background)
+                    .map(|p| &mut p.link);
+                let game = m.game.as_mut().filter(|_| !background).map(|g| &mut g.link);
+                tokio::select! {
+                    item = recv(play) => Event::Play(item),
+                    item = recv(game) => Event::Game(item),
+                    _ = tokio::time::sleep_until(wake) => Event::Tick,
+                }
+            };
+            let done = match event {
+                Event::Play(item) => self.on_play(m, item).await,
+                Event::Game(item) => self.on_game(m, item).await,
+                Event::Tick => None,
+            };
+            if let Some(o) = done {
+                return o;
+            }
+        }
+    }
+
+    /// The earliest moment a timer of this match is due (at most a second away).
+    fn next_wake(&self, m: &Match, now: Instant) -> Instant {
+        let cfg = &self.shared.config;
+        let mut t = now + Duration::from_secs(1);
+        let mut at = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = t.min(x);
+            }
+        };
+        at(m.end_wait);
+        at(m.requeue_at);
+        at(m.cancel_until);
+        at(m.awaiting_ticket);
+        at(m.background_until);
+        if m.matched.is_none() {
+            at(Some(m.t_queue + cfg.queue_timeout));
+            if !m.cancel_sent {
+                at(Some(self.shared.end));
+            }
+        }
+        if m.background_until.is_none() {
+            at(m.play_reconnect_at);
+            at(m.game_connect_at);
+            at(m.drop_at);
+            at(m.background_at);
+            at(self.play.as_ref().map(|p| p.next_ping));
+            if let Some(g) = m.game.as_ref().filter(|g| g.welcomed) {
+                at(Some(g.next_input));
+                at(Some(g.next_ping));
+            }
+        }
+        t.max(now)
+    }
+
+    async fn on_timers(&mut self, m: &mut Match, now: Instant) -> Option<Outcome> {
+        let shared = self.shared.clone();
+        let cfg = &shared.config;
+        if m.end_wait.is_some_and(|t| now >= t) {
+            return Some(self.conclude(m));
+        }
+        match &m.matched {
+            None => {
+                if m.cancel_until.is_some_and(|t| now >= t) {
+                    return Some(Outcome::Cancelled);
+                }
+                if now >= m.t_queue + cfg.queue_timeout {
+                    self.play_send(&ClientMessage::Cancel {}).await;
+                    return Some(Outcome::Failed(Failure::QueueTimeout));
+                }
+                if now >= self.shared.end && !m.cancel_sent {
+                    // The run is over: leave the queue (a match may still form meanwhile).
+                    m.cancel_sent = true;
+                    m.cancel_until = Some(now + Duration::from_secs(5));
+                    m.requeue_at = None;
+                    self.play_send(&ClientMessage::Cancel {}).await;
+                }
+            }
+            Some(mm) => {
+                if now >= mm.deadline + DEADLINE_SLACK {
+                    return Some(Outcome::Failed(Failure::SessionTimeout));
+                }
+            }
+        }
+        if m.awaiting_ticket.is_some_and(|t| now >= t) {
+            return Some(Outcome::Failed(Failure::GatewayRefused(
+                berth_protocol::game::code::TICKET_EXPIRED.into(),
+            )));
+        }
+        if m.requeue_at.is_some_and(|t| now >= t) && !m.cancel_sent {
+            m.requeue_at = None;
+            self.send_queue(m).await;
+        }
+
+        // The app in the background: no reading, no sending, no reconnecting.
+        if let Some(until) = m.background_until {
+            if now < until {
+                return None;
+            }
+            m.background_until = None;
+            let killed = self.rng.f64() < cfg.faults.background_kill;
+            tracing::debug!(player = %self.plan.name, killed, "fault: back from the background");
+            if killed {
+                // The OS killed the sockets meanwhile: reopen /v1/play first (its `matched`
+                // carries a fresh ticket), then the game; the old ticket is the fallback.
+                self.tally.faults.background_killed += 1;
+                if let Some(p) = self.play.take() {
+                    p.link.kill();
+                }
+                if let Some(g) = m.game.take() {
+                    g.link.kill();
+                }
+                m.play_reconnect_at = Some(now);
+                if !m.game_done && m.matched.is_some() {
+                    m.game_connect_at = Some(now + Duration::from_secs(3));
+                }
+            }
+        }
+        if m.background_at.is_some_and(|t| now >= t) {
+            m.background_at = None;
+            tracing::debug!(player = %self.plan.name, "fault: to the background");
+            self.tally.faults.background += 1;
+            m.background_until = Some(now + cfg.faults.background_for.draw(&mut self.rng));
+            return None;
+        }
+
+        if m.play_reconnect_at.is_some_and(|t| now >= t)
+            || (self.play.is_none() && m.play_reconnect_at.is_none())
+        {
+            m.play_reconnect_at = None;
+            if let Some(p) = self.play.take() {
+                drop(p); // closed politely first, as the protocol asks
+            }
+            match self.connect_play().await {
+                Ok(()) => {
+                    tracing::debug!(player = %self.plan.name, "play socket reopened");
+                    self.tally.reconnects.play += 1;
+                    m.play_attempts = 0;
+                    if m.matched.is_none() && !m.cancel_sent {
+                        // The server resumes a queued ticket (`already_queued` then) or has
+                        // dropped it: queue again either way.
+                        self.send_queue(m).await;
+                    }
+                }
+                Err(f) if f.is_fatal() => return Some(Outcome::Failed(f)),
+                Err(_) => {
+                    m.play_attempts += 1;
+                    if m.play_attempts >= MAX_PLAY_ATTEMPTS {
+                        if m.game_results.is_some() {
+                            return Some(self.conclude(m));
+                        }
+                        if m.game.is_none() {
+                            return Some(Outcome::Failed(Failure::Disconnected));
+                        }
+                        // Still playing: the game socket can carry the match to its end.
+                    }
+                    m.play_reconnect_at = Some(now + backoff(m.play_attempts, &mut self.rng));
+                }
+            }
+        }
+
+        if m.game_connect_at.is_some_and(|t| now >= t) {
+            m.game_connect_at = None;
+            if m.game.is_none() && !m.game_done {
+                if let Some(o) = self.connect_game(m).await {
+                    return Some(o);
+                }
+            }
+        }
+
+        if m.drop_at.is_some_and(|t| now >= t) {
+            m.drop_at = None;
+            match m.game.take() {
+                Some(g) => {
+                    tracing::debug!(player = %self.plan.name, "fault: game socket dropped");
+                    self.tally.faults.drop_game += 1;
+                    g.link.kill();
+                    m.game_connect_at = Some(now + cfg.faults.drop_pause.draw(&mut self.rng));
+                }
+                // Not connected right now (reconnecting): drop it once it is back.
+                None if !m.game_done => m.drop_at = Some(now + Duration::from_millis(500)),
+                None => {}
+            }
+        }
+
+        self.play_ping(now).await;
+        if let Some(g) = m.game.as_mut().filter(|g| g.welcomed) {
+            if now >= g.next_input {
+                let turn = self.rng.f32() * 2.0 - 1.0;
+                let c = match &g.grid {
+                    Some(grid) => steer::decide(grid, &g.me, &g.players, g.heading, turn),
+                    None => steer::Controls {
+                        dx: 0.0,
+                        dy: 0.0,
+                        fire: false,
+                        aim: 0.0,
+                        heading: g.heading,
+                    },
+                };
+                g.heading = c.heading;
+                g.seq += 1;
+                let input = GameRequest::Input {
+                    seq: g.seq,
+                    dx: c.dx,
+                    dy: c.dy,
+                    fire: c.fire,
+                    aim: c.aim,
+                };
+                g.next_input += g.input_every;
+                if g.next_input < now {
+                    g.next_input = now + g.input_every;
+                }
+                g.link.send(to_json(&input)).await;
+            }
+            if now >= g.next_ping {
+                g.nonce += 1;
+                g.ping = Some((g.nonce, now));
+                g.next_ping = now + GAME_PING_EVERY;
+                g.link
+                    .send(to_json(&GameRequest::Ping { nonce: g.nonce }))
+                    .await;
+            }
+        }
+        None
+    }
+
+    /// Opens the game socket with the latest ticket and sends `join`.
+    async fn connect_game(&mut self, m: &mut Match) -> Option<Outcome> {
+        let mm = m.matched.as_ref()?;
+        let now = Instant::now();
+        if m.game_opens > 0
+            && m.awaiting_ticket.is_none()
+            && now + Duration::from_secs(1) >= mm.ticket_expires
+        {
+            // Reconnecting with a ticket that has (nearly) expired: renew it through
+            // `/v1/play` first (its `matched` carries a fresh one).
+            m.awaiting_ticket = Some(now + TICKET_WAIT);
+            m.play_reconnect_at = Some(now);
+            return None;
+        }
+        m.game_attempts += 1;
+        let seed = self.seed();
+        match Link::connect(
+            &mm.endpoint,
+            self.slow.clone(),
+            seed,
+            self.shared.alive.clone(),
+        )
+        .await
+        {
+            Ok(mut link) => {
+                tracing::debug!(player = %self.plan.name, session = %mm.session, opens = m.game_opens, "game socket open");
+                m.game_opens += 1;
+                if m.game_opens > 1 {
+                    self.tally.reconnects.game += 1;
+                }
+                let join = GameRequest::Join {
+                    ticket: mm.ticket.clone(),
+                };
+                link.send(to_json(&join)).await;
+                let now = Instant::now();
+                m.game = Some(Game {
+                    link,
+                    me: self.plan.name.clone(),
+                    grid: None,
+                    players: Vec::new(),
+                    welcomed: false,
+                    seq: 0,
+                    heading: self.rng.f32() * std::f32::consts::TAU,
+                    input_every: Duration::from_millis(50),
+                    next_input: now,
+                    next_ping: now,
+                    ping: None,
+                    nonce: 0,
+                });
+                None
+            }
+            Err(e) => {
+                tracing::debug!(player = %self.plan.name, error = %e, "gateway connect failed");
+                if m.game_attempts >= MAX_GAME_ATTEMPTS {
+                    return Some(self.conclude_or(m, Failure::GatewayUnreachable));
+                }
+                m.game_connect_at = Some(Instant::now() + backoff(m.game_attempts, &mut self.rng));
+                None
+            }
+        }
+    }
+
+    async fn on_play(&mut self, m: &mut Match, item: Incoming) -> Option<Outcome> {
+        let now = Instant::now();
+        let text = match item {
+            Incoming::Text(t) => t,
+            Incoming::Closed { code, reason } => {
+                self.play = None;
+                tracing::debug!(player = %self.plan.name, ?code, %reason, "play socket closed");
+                match code {
+                    Some(4409) => return Some(Outcome::Failed(Failure::Replaced)),
+                    Some(4401) => return Some(Outcome::Failed(Failure::HelloRefused(reason))),
+                    _ => {}
+                }
+                if m.game_results.is_some() {
+                    // The game already gave results; the server's copy is not worth waiting for.
+                    return Some(self.conclude(m));
+                }
+                m.play_attempts += 1;
+                m.play_reconnect_at = Some(now + backoff(m.play_attempts, &mut self.rng));
+                return None;
+            }
+        };
+        let Ok(msg) = serde_json::from_str::<ServerMessage>(&text) else {
+            tracing::debug!(player = %self.plan.name, %text, "unknown play message");
+            return None;
+        };
+        match msg {
+            ServerMessage::Matched {
+                session,
+                endpoint,
+                ticket,
+                ticket_expires_ms,
+                deadline_ms,
+                ..
+            } => {
+                if self.last_session.as_ref() == Some(&session) {
+                    return None;
+                }
+                if let Some(mm) = &m.matched {
+                    if mm.session != session {
+                        tracing::debug!(player = %self.plan.name, %session, "matched for another session");
+                        return None;
+                    }
+                }
+                if m.matched.is_none() {
+                    self.tally
+                        .histograms
+                        .record(Metric::TimeToMatch, now - m.t_queue);
+                    self.tally.matches.matched += 1;
+                    self.tally.sessions.insert(session.clone());
+                    self.set_stage(Stage::Playing);
+                    m.t_matched = Some(now);
+                    m.cancel_until = None;
+                    m.requeue_at = None;
+                    m.game_connect_at = Some(now);
+                }
+                m.matched = Some(Matched {
+                    session,
+                    endpoint,
+                    ticket,
+                    ticket_expires: at_epoch_ms(ticket_expires_ms, now),
+                    deadline: at_epoch_ms(deadline_ms, now),
+                });
+                if m.awaiting_ticket.take().is_some() || (m.game.is_none() && !m.game_done) {
+                    m.game_connect_at = Some(now);
+                }
+            }
+            ServerMessage::SessionEnded {
+                session,
+                reason,
+                results,
+            } => {
+                if self.last_session.as_ref() == Some(&session) {
+                    return None;
+                }
+                match &m.matched {
+                    None if reason == "placement_failed" => {
+                        return Some(Outcome::Failed(Failure::PlacementFailed))
+                    }
+                    None => return Some(Outcome::Failed(Failure::SessionEnded(reason))),
+                    Some(mm) if mm.session != session => return None,
+                    Some(_) => {}
+                }
+                m.t_end.get_or_insert(now);
+                m.play_end = Some((reason, results));
+                if m.game_results.is_some() || m.game.is_none() {
+                    return Some(self.conclude(m));
+                }
+                m.end_wait.get_or_insert(now + RESULTS_WAIT);
+            }
+            ServerMessage::Dequeued { reason, .. } => {
+                if m.matched.is_some() {
+                    return None;
+                }
+                return Some(match reason.as_str() {
+                    "cancelled" if m.cancel_sent => Outcome::Cancelled,
+                    "max_wait" => Outcome::Failed(Failure::QueueTimeout),
+                    _ => Outcome::Failed(Failure::Dequeued(reason)),
+                });
+            }
+            ServerMessage::Error { code, .. } => {
+                if code == "replaced" {
+                    return Some(Outcome::Failed(Failure::Replaced));
+                }
+                if m.matched.is_some() {
+                    return None;
+                }
+                match code.as_str() {
+                    "already_queued" => m.queued = true,
+                    // Never queued (the queue was still being refused): nothing to cancel.
+                    "not_queued" if m.cancel_sent && !m.queued => return Some(Outcome::Cancelled),
+                    // Cancel came too late: the match is being placed; wait for its news
+                    // (placement ends in `matched` or `placement_failed` well within this).
+                    "not_queued" if m.cancel_sent => {
+                        m.cancel_until = Some(now + Duration::from_secs(30))
+                    }
+                    // `in_session`: the last match's VM is still going away, or (after a
+                    // reconnect) this match is being placed; either way it settles soon.
+                    "in_session" | "rate_limited" | "store_unavailable" | "store_corrupt"
+                        if now < *m.requeue_since.get_or_insert(now) + REQUEUE_FOR =>
+                    {
+                        m.requeue_at = Some(now + Duration::from_secs(1));
+                    }
+                    _ => return Some(Outcome::Failed(Failure::QueueRefused(code))),
+                }
+            }
+            ServerMessage::QueueStatus { .. } => m.queued = true,
+            ServerMessage::Welcome { .. } | ServerMessage::Pong { .. } => {}
+        }
+        None
+    }
+
+    async fn on_game(&mut self, m: &mut Match, item: Incoming) -> Option<Outcome> {
+        let now = Instant::now();
+        let text = match item {
+            Incoming::Text(t) => t,
+            Incoming::Closed { code, reason } => {
+                m.game = None;
+                tracing::debug!(player = %self.plan.name, ?code, %reason, "game socket closed");
+                if m.game_done || m.game_results.is_some() {
+                    if m.end_wait.is_none() {
+                        m.end_wait = Some(now + RESULTS_WAIT);
+                    }
+                    return None;
+                }
+                if m.play_end.is_some() {
+                    return Some(self.conclude(m));
+                }
+                if m.game_attempts >= MAX_GAME_ATTEMPTS {
+                    return Some(self.conclude_or(m, Failure::Disconnected));
+                }
+                if m.game_connect_at.is_none() && m.awaiting_ticket.is_none() {
+                    m.game_connect_at = Some(now + backoff(m.game_attempts, &mut self.rng));
+                }
+                return None;
+            }
+        };
+        let Ok(answer) = serde_json::from_str::<GameAnswer>(&text) else {
+            tracing::debug!(player = %self.plan.name, text = %text.chars().take(200).collect::<String>(), "unknown game message");
+            return None;
+        };
+        let g = m.game.as_mut()?;
+        match answer {
+            GameAnswer::Hello { .. } => {}
+            GameAnswer::Welcome(w) => {
+                g.welcomed = true;
+                g.me = w.player.as_str().to_owned();
+                g.grid = Some(Grid::from_map(&w.map));
+                g.input_every = Duration::from_secs_f64(1.0 / f64::from(w.tick_hz.clamp(1, 120)));
+                g.next_input = now;
+                g.next_ping = now;
+                if w.rejoined {
+                    self.tally.reconnects.rejoined += 1;
+                }
+                m.game_attempts = 0;
+                m.game_refusal = None;
+            }
+            GameAnswer::State(s) => {
+                g.players = s.players;
+                if m.t_first_state.is_none() {
+                    m.t_first_state = Some(now);
+                    self.tally.matches.played += 1;
+                    let h = &mut self.tally.histograms;
+                    h.record(Metric::TimeToPlay, now - m.t_queue);
+                    if let Some(t) = m.t_matched {
+                        h.record(Metric::TimeToFirstState, now - t);
+                    }
+                    // Faults strike somewhere in the first 60 % of the game.
+                    let window = Duration::from_millis(s.time_left_ms)
+                        .mul_f64(0.6)
+                        .max(Duration::from_secs(1));
+                    if m.plan_drop {
+                        m.drop_at = Some(now + window.mul_f64(0.2 + 0.8 * self.rng.f64()));
+                    }
+                    if m.plan_background {
+                        m.background_at = Some(now + window.mul_f64(0.2 + 0.8 * self.rng.f64()));
+                    }
+                }
+            }
+            GameAnswer::Pong { nonce, .. } => {
+                if let Some((n, sent)) = g.ping {
+                    if n == nonce {
+                        g.ping = None;
+                        self.tally.histograms.record(Metric::GameRtt, now - sent);
+                    }
+                }
+            }
+            GameAnswer::Ended { reason, results } => {
+                m.game_done = true;
+                m.t_end.get_or_insert(now);
+                m.game_results = Some((reason, results));
+                if m.play_end.is_some() {
+                    return Some(self.conclude(m));
+                }
+                m.end_wait.get_or_insert(now + RESULTS_WAIT);
+            }
+            GameAnswer::Error { code, .. } => {
+                return self.on_game_error(m, code, now);
+            }
+        }
+        None
+    }
+
+    fn on_game_error(&mut self, m: &mut Match, code: String, now: Instant) -> Option<Outcome> {
+        use berth_protocol::game::code as c;
+        let welcomed = m.game.as_ref().is_some_and(|g| g.welcomed);
+        tracing::debug!(player = %self.plan.name, %code, welcomed, "game error");
+        if code == c::GAME_OVER
+            || code == SHUTTING_DOWN
+            || (!welcomed && code == c::UNKNOWN_SESSION)
+        {
+            // The game is over (or its VM or host is going): the server's `session_ended`
+            // tells how it ended.
+            m.game_done = true;
+            m.game = None;
+            // A player who never got into the game was refused; one who played and came back
+            // too late simply missed the end (`no_results` unless the server tells it).
+            if code != c::GAME_OVER && m.t_first_state.is_none() {
+                m.game_refusal = Some(code);
+            }
+            if m.play_end.is_some() {
+                return Some(self.conclude(m));
+            }
+            m.end_wait.get_or_insert(now + RESULTS_WAIT);
+            return None;
+        }
+        if welcomed {
+            return match code.as_str() {
+                c::RATE_LIMITED => None,
+                // This player joined from elsewhere: do not fight over the seat.
+                c::REPLACED => Some(Outcome::Failed(Failure::Replaced)),
+                _ => Some(Outcome::Failed(Failure::GameError(code))),
+            };
+        }
+        // The join was refused.
+        m.game = None;
+        match code.as_str() {
+            c::TICKET_EXPIRED => {
+                if m.awaiting_ticket.is_some() || m.game_attempts >= MAX_GAME_ATTEMPTS {
+                    return Some(Outcome::Failed(Failure::GatewayRefused(code)));
+                }
+                // A fresh ticket comes with the `matched` that follows a new `/v1/play`.
+                m.awaiting_ticket = Some(now + TICKET_WAIT);
+                m.play_reconnect_at = Some(now);
+                None
+            }
+            c::TICKET_IN_USE | c::GAME_UNREACHABLE | c::NOT_ACTIVATED | c::RATE_LIMITED
+                if m.game_attempts < MAX_GAME_ATTEMPTS =>
+            {
+                m.game_connect_at = Some(now + backoff(m.game_attempts, &mut self.rng));
+                None
+            }
+            _ => Some(Outcome::Failed(Failure::GatewayRefused(code))),
+        }
+    }
+
+    /// Ends the match with the results held; `otherwise` when there are none.
+    fn conclude_or(&mut self, m: &mut Match, otherwise: Failure) -> Outcome {
+        if m.game_results.is_none() && m.play_end.is_none() {
+            return Outcome::Failed(otherwise);
+        }
+        self.conclude(m)
+    }
+
+    /// Ends the match with what the two sides said.
+    fn conclude(&mut self, m: &mut Match) -> Outcome {
+        // Close the game socket now, politely.
+        m.game = None;
+        if let (Some(first), Some(end)) = (m.t_first_state, m.t_end) {
+            self.tally.histograms.record(Metric::Session, end - first);
+        }
+        match (&m.game_results, &m.play_end) {
+            (Some((reason, game)), Some((_, server))) => {
+                match winners_agree(game, server) {
+                    Some(false) => return Outcome::Failed(Failure::ResultsMismatch),
+                    Some(true) => self.tally.matches.results_compared += 1,
+                    None => {}
+                }
+                Outcome::Finished(reason.clone())
+            }
+            (Some((reason, _)), None) => Outcome::Finished(reason.clone()),
+            (None, Some((reason, results))) => {
+                if reason == "placement_failed" {
+                    Outcome::Failed(Failure::PlacementFailed)
+                } else if !is_good_end(reason) {
+                    Outcome::Failed(Failure::SessionEnded(reason.clone()))
+                } else if results.is_null() {
+                    Outcome::Failed(Failure::NoResults)
+                } else {
+                    Outcome::Finished(reason.clone())
+                }
+            }
+            (None, None) => Outcome::Failed(match m.game_refusal.take() {
+                Some(code) => Failure::GatewayRefused(code),
+                None => Failure::NoResults,
+            }),
+        }
+    }
+}
+
+/// The next item of `link`; never, without one (or while the app is in the background).
+async fn recv(link: Option<&mut Link>) -> Incoming {
+    match link {
+        Some(l) => l.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// 250 ms doubling per attempt up to 4 s, ±20 % jitter.
+fn backoff(attempt: u32, rng: &mut fastrand::Rng) -> Duration {
+    let base = 250u64.saturating_mul(1 << attempt.saturating_sub(1).min(4));
+    let jitter = 0.8 + 0.4 * rng.f64();
+    Duration::from_millis(base.min(4000)).mul_f64(jitter)
+}
+
+/// The local instant of a server time in ms since the epoch.
+fn at_epoch_ms(ms: u64, now: Instant) -> Instant {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if ms >= wall {
+        now + Duration::from_millis(ms - wall)
+    } else {
+        now.checked_sub(Duration::from_millis(wall - ms))
+            .unwrap_or(now)
+    }
+}
+
+fn to_json<T: serde::Serialize>(m: &T) -> String {
+    serde_json::to_string(m).expect("protocol messages always serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_protocol::game::PlayerResult;
+
+    #[test]
+    fn failure_codes_are_stable_labels() {
+        assert_eq!(Failure::PlacementFailed.code(), "placement_failed");
+        assert_eq!(Failure::QueueTimeout.code(), "queue_timeout");
+        assert_eq!(
+            Failure::GatewayRefused("ticket_expired".into()).code(),
+            "gateway_refused:ticket_expired"
+        );
+        assert_eq!(
+            Failure::GameError("Weird Code!".into()).code(),
+            "game_error:weird_code_"
+        );
+        assert_eq!(
+            Failure::SessionEnded("vm_failed".into()).code(),
+            "session_ended:vm_failed"
+        );
+        assert_eq!(Failure::DevToken(String::new()).code(), "dev_token:unknown");
+        assert!(Failure::Replaced.is_fatal() && !Failure::Disconnected.is_fatal());
+    }
+
+    #[test]
+    fn end_reasons_and_winner_checks() {
+        for r in [
+            "game_over",
+            "score_limit",
+            "time_limit",
+            "surrender",
+            "abandoned",
+            "new_thing",
+        ] {
+            assert!(is_good_end(r), "{r}");
+        }
+        for r in BAD_END_REASONS {
+            assert!(!is_good_end(r), "{r}");
+        }
+        let results = GameResults {
+            winner: Some(1),
+            scores: vec![2, 5],
+            players: vec![PlayerResult {
+                id: berth_protocol::PlayerId::new("a").expect("id"),
+                team: 0,
+                kills: 2,
+                deaths: 5,
+                joined: true,
+                left: false,
+            }],
+            map: "m".into(),
+            duration_ms: 1000,
+            ticks: 20,
+        };
+        let server = serde_json::to_value(&results).expect("json");
+        assert_eq!(winners_agree(&results, &server), Some(true));
+        assert_eq!(
+            winners_agree(&results, &serde_json::json!({"winner": 0})),
+            Some(false)
+        );
+        assert_eq!(
+            winners_agree(&results, &serde_json::json!({"winner": null})),
+            Some(false)
+        );
+        assert_eq!(winners_agree(&results, &serde_json::json!({})), None);
+        assert_eq!(winners_agree(&results, &serde_json::Value::Null), None);
+        let draw = GameResults {
+            winner: None,
+            ..results
+        };
+        assert_eq!(
+            winners_agree(&draw, &serde_json::json!({"winner": null})),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let b1 = backoff(1, &mut rng);
+        assert!(b1 >= Duration::from_millis(200) && b1 <= Duration::from_millis(300));
+        let b3 = backoff(3, &mut rng);
+        assert!(b3 >= Duration::from_millis(800) && b3 <= Duration::from_millis(1200));
+        assert!(backoff(30, &mut rng) <= Duration::from_millis(4800));
+    }
+}

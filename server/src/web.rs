@@ -1,0 +1,55 @@
+//! The reference web client (`assets/web-client/`), served at `/play`: a page for phones and
+//! desktops that signs in with a dev token, queues on `/v1/play` and plays through the host
+//! gateway. The three files are compiled into the binary, so the server stays one file to ship.
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+const INDEX_HTML: &str = include_str!("../../assets/web-client/index.html");
+const APP_JS: &str = include_str!("../../assets/web-client/app.js");
+const STYLE_CSS: &str = include_str!("../../assets/web-client/style.css");
+
+/// The page talks to this origin (`/v1/dev/token`, `/v1/play`) and to game gateways on any
+/// host (`matched.endpoint`), loads nothing else and may not be framed.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self' ws: wss:; base-uri 'none'; form-action 'self'; \
+                   frame-ancestors 'none'";
+
+/// `/play` (and `/play/`), `/play/app.js`, `/play/style.css`.
+pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route("/play", get(index))
+        .route("/play/", get(index))
+        .route(
+            "/play/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/play/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
+        )
+}
+
+async fn index() -> Response {
+    let mut r = asset("text/html; charset=utf-8", INDEX_HTML);
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(CSP),
+    );
+    r
+}
+
+/// Revalidated on every load (`no-cache`), so a redeployed server never runs a stale page.
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}

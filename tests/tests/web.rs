@@ -1,0 +1,927 @@
+//! The web client (`/play`) in real headless Chromium at phone size, driven over WebDriver
+//! (Debian's `chromedriver`, started on a free port by the test and stopped at its end).
+//!
+//! - Against a real server without a host: sign in, queue, the live wait counter and the
+//!   server's `queue_status`, the play socket dropping and resuming the same queue ticket when
+//!   the server comes back, cancel.
+//! - The whole stack: server + hostd's pool of real VMs, its link and its player gateway. The
+//!   page queues for `sprint`, this test plays the opponent over real websockets (protocol
+//!   types, dev token, `/v1/play`, the gateway), moves the page's player with a touch drag on
+//!   the virtual joystick, surrenders; the page shows the game, then the results, then queues
+//!   again.
+//!
+//! Screenshots go to `target/screenshots/play-*.png`.
+
+#[path = "../../server/tests/common/mod.rs"]
+mod client;
+
+use anyhow::{bail, Context, Result};
+use berth_hostd::gateway::Gateway;
+use berth_protocol::game::{GameAnswer, GameRequest, GameResults};
+use berth_protocol::play::{ClientMessage, ServerMessage, PLAY_PROTOCOL_VERSION};
+use berth_protocol::{HostId, PlayerId};
+use berth_server::app::Server;
+use berth_server::auth::Role;
+use berth_server::config::ServerConfig;
+use berth_server::model::{Binding, HostState};
+use berth_tests::Sandbox;
+use fantoccini::actions::{
+    Actions, InputSource, KeyAction, KeyActions, MouseActions, PointerAction, TouchActions,
+    MOUSE_BUTTON_LEFT,
+};
+use fantoccini::elements::Element;
+use fantoccini::Locator;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn web_config() -> ServerConfig {
+    let mut c = client::config();
+    c.auth.dev_tokens = true;
+    c.timeouts.host_heartbeat_ms = 500;
+    c.timeouts.host_lost_ms = 2000;
+    c
+}
+
+fn screenshots_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots")
+}
+
+/// A free loopback port (bound and released: chromedriver takes it a moment later).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// What the page runs on: a phone (touch, emulated by Chromium) or a desktop window (mouse
+/// and keyboard).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Device {
+    Phone { width: u32, height: u32 },
+    Desktop { width: u32, height: u32 },
+}
+
+/// Headless Chromium with a phone's viewport or a desktop window, through a chromedriver this test owns. Its
+/// profile folder is fresh; `finish` checks that no process naming it is left, and `Drop`
+/// kills whatever is (a failing test leaks nothing either).
+struct Browser {
+    client: Option<fantoccini::Client>,
+    driver: tokio::process::Child,
+    profile: PathBuf,
+}
+
+impl Browser {
+    async fn start(name: &str, device: Device) -> Result<Browser> {
+        for bin in [CHROMEDRIVER, CHROMIUM] {
+            if !Path::new(bin).exists() {
+                bail!("{bin} is missing: apt-get install chromium chromium-driver (cargo xtask test does)");
+            }
+        }
+        let profile =
+            std::env::temp_dir().join(format!("berth-chromium-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&profile);
+        std::fs::create_dir_all(&profile)?;
+        let port = free_port()?;
+        let driver = tokio::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting chromedriver")?;
+        let mut browser = Browser {
+            client: None,
+            driver,
+            profile,
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let t0 = Instant::now();
+        loop {
+            let ready = reqwest::get(format!("{url}/status"))
+                .await
+                .ok()
+                .filter(|r| r.status().is_success());
+            if let Some(r) = ready {
+                if r.json::<Value>().await?["value"]["ready"] == true {
+                    break;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("chromedriver did not come up on port {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut args = vec![
+            "--headless".to_owned(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-quic".into(),
+            "--no-first-run".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--disable-dev-shm-usage".into(),
+            "--disable-crash-reporter".into(),
+            "--disable-breakpad".into(),
+            format!("--user-data-dir={}", browser.profile.display()),
+        ];
+        let mut options = json!({ "binary": CHROMIUM });
+        match device {
+            Device::Phone { width, height } => {
+                options["mobileEmulation"] = json!({
+                    "deviceMetrics": { "width": width, "height": height, "pixelRatio": 2.0, "touch": true, "mobile": true },
+                    "userAgent": "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Mobile Safari/537.36",
+                });
+            }
+            Device::Desktop { width, height } => {
+                args.push(format!("--window-size={width},{height}"))
+            }
+        }
+        options["args"] = json!(args);
+        let caps = json!({ "browserName": "chrome", "goog:chromeOptions": options });
+        let caps = caps.as_object().cloned().context("capabilities")?;
+        let client = fantoccini::ClientBuilder::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+        )
+        .capabilities(caps)
+        .connect(&url)
+        .await
+        .context("opening a Chromium session")?;
+        browser.client = Some(client);
+        Ok(browser)
+    }
+
+    fn c(&self) -> &fantoccini::Client {
+        self.client.as_ref().expect("open until finish")
+    }
+
+    async fn goto(&self, url: &str) -> Result<()> {
+        Ok(self.c().goto(url).await?)
+    }
+
+    async fn el(&self, testid: &str) -> Result<Element> {
+        self.c()
+            .find(Locator::Css(&format!("[data-testid=\"{testid}\"]")))
+            .await
+            .with_context(|| format!("no element {testid}"))
+    }
+
+    async fn click(&self, testid: &str) -> Result<()> {
+        Ok(self.el(testid).await?.click().await?)
+    }
+
+    async fn text(&self, testid: &str) -> Result<String> {
+        Ok(self.el(testid).await?.text().await?)
+    }
+
+    async fn js(&self, script: &str) -> Result<Value> {
+        Ok(self.c().execute(script, vec![]).await?)
+    }
+
+    /// The screen the page shows (`document.body.dataset.screen`).
+    async fn screen(&self) -> Result<String> {
+        Ok(self
+            .js("return document.body.dataset.screen || ''")
+            .await?
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// What is wrong on the page, for failure messages.
+    async fn context(&self) -> String {
+        self.js(
+            "return 'screen=' + document.body.dataset.screen \
+             + ' error=' + (document.querySelector('[data-testid=error]').hidden ? '-' : document.querySelector('[data-testid=error-text]').textContent) \
+             + ' net=' + document.getElementById('net-text').textContent",
+        )
+        .await
+        .map(|v| v.as_str().unwrap_or_default().to_owned())
+        .unwrap_or_else(|e| format!("(page unreadable: {e})"))
+    }
+
+    /// Waits until the JavaScript expression `cond` is true.
+    async fn until(&self, what: &str, within: Duration, cond: &str) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            if self.js(&format!("return !!({cond})")).await? == Value::Bool(true) {
+                return Ok(());
+            }
+            if t0.elapsed() > within {
+                bail!("{what}: not within {within:?} ({})", self.context().await);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for `screen`, and checks that it is the one displayed and fits the viewport.
+    async fn until_screen(&self, screen: &str, within: Duration) -> Result<()> {
+        self.until(
+            &format!("screen {screen}"),
+            within,
+            &format!("document.body.dataset.screen === '{screen}'"),
+        )
+        .await?;
+        assert!(
+            self.el(&format!("screen-{screen}"))
+                .await?
+                .is_displayed()
+                .await?
+        );
+        self.fits().await
+    }
+
+    /// Nothing wider than the viewport (no sideways scrolling on a phone).
+    async fn fits(&self) -> Result<()> {
+        let v = self
+            .js("return [document.documentElement.scrollWidth, window.innerWidth]")
+            .await?;
+        let (content, viewport) = (v[0].as_u64(), v[1].as_u64());
+        if content > viewport {
+            bail!(
+                "the page is wider than the viewport: {content:?} > {viewport:?} on {}",
+                self.screen().await?
+            );
+        }
+        Ok(())
+    }
+
+    async fn shot(&self, name: &str) -> Result<()> {
+        let png = self.c().screenshot().await?;
+        std::fs::create_dir_all(screenshots_dir())?;
+        std::fs::write(screenshots_dir().join(format!("{name}.png")), png)?;
+        Ok(())
+    }
+
+    /// Ends the browser session and chromedriver; fails if any process naming the profile
+    /// folder is left, then removes it.
+    async fn finish(mut self) -> Result<()> {
+        let spawned = self.driver.id().map(descendants).unwrap_or_default();
+        if let Some(c) = self.client.take() {
+            c.close().await.context("closing the browser session")?;
+        }
+        self.driver.kill().await?;
+        let t0 = Instant::now();
+        loop {
+            let mut left = berth_hostd::util::processes_naming(&self.profile);
+            left.extend(spawned.iter().filter(|p| berth_hostd::util::pid_alive(**p)));
+            if left.is_empty() {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("browser processes left: {left:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        std::fs::remove_dir_all(&self.profile)?;
+        Ok(())
+    }
+}
+
+/// Every process below `pid` (chromedriver → Chromium → its zygotes, renderers, helpers).
+fn descendants(pid: u32) -> Vec<u32> {
+    let parent_of = |p: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // `pid (comm) state ppid ...`; comm may hold spaces, so split after the last ')'.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let all: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(all.iter().filter(|p| parent_of(**p) == Some(parent)));
+        i += 1;
+    }
+    out
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.start_kill();
+        berth_hostd::util::kill_processes_naming(&self.profile);
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// Signs in on the page as `name` (the page remembers the name).
+async fn sign_in(b: &Browser, name: &str) -> Result<()> {
+    b.until_screen("signin", Duration::from_secs(10)).await?;
+    let input = b.el("name").await?;
+    input.clear().await?;
+    input.send_keys(name).await?;
+    b.click("signin").await?;
+    b.until_screen("modes", Duration::from_secs(10)).await?;
+    assert_eq!(b.text("who").await?, format!("Signed in as {name}"));
+    Ok(())
+}
+
+/// The wait counter's seconds (`m:ss`).
+async fn waited_s(b: &Browser) -> Result<u64> {
+    let t = b.text("wait").await?;
+    let (m, s) = t.split_once(':').with_context(|| format!("wait {t:?}"))?;
+    Ok(m.parse::<u64>()? * 60 + s.parse::<u64>()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_signs_in_queues_resumes_after_a_drop_and_cancels() -> Result<()> {
+    berth_tests::init_logs();
+    let server = Server::start(web_config()).await?;
+    let addr = server.addr;
+    let store = server.ctx.store.clone();
+    // The smallest phone the page is made for.
+    let b = Browser::start(
+        "queue",
+        Device::Phone {
+            width: 360,
+            height: 640,
+        },
+    )
+    .await?;
+    b.goto(&format!("http://{addr}/play")).await?;
+    b.until_screen("signin", Duration::from_secs(10)).await?;
+    let viewport = b
+        .js("return [window.innerWidth, window.innerHeight]")
+        .await?;
+    assert_eq!(viewport, json!([360, 640]), "mobile emulation");
+    b.shot("play-signin").await?;
+
+    // A name the server would refuse is refused plainly.
+    b.el("name").await?.send_keys("no spaces").await?;
+    b.click("signin").await?;
+    b.until(
+        "the error banner",
+        Duration::from_secs(5),
+        "!document.querySelector('[data-testid=error]').hidden",
+    )
+    .await?;
+    assert!(b.text("error-text").await?.contains("bad_player"));
+    b.click("error-close").await?;
+
+    sign_in(&b, "web-alice").await?;
+    assert_eq!(
+        b.js("return localStorage.getItem('berth.player')").await?,
+        "web-alice"
+    );
+    b.shot("play-modes").await?;
+
+    // Queue: the page counts the wait and shows the server's queue_status.
+    b.click("mode-sprint").await?;
+    b.until_screen("queue", Duration::from_secs(5)).await?;
+    b.until(
+        "queue_status",
+        Duration::from_secs(5),
+        "document.querySelector('[data-testid=queue-status]').textContent.includes('1 player queued for sprint')",
+    )
+    .await?;
+    b.until(
+        "the wait counter",
+        Duration::from_secs(5),
+        "document.querySelector('[data-testid=wait]').textContent >= '0:02'",
+    )
+    .await?;
+    let alice = PlayerId::new("web-alice")?;
+    let Some(Binding::Queued { ticket, pool }) = store.binding(&alice).await? else {
+        bail!(
+            "web-alice is not queued: {:?}",
+            store.binding(&alice).await?
+        );
+    };
+    assert_eq!(
+        (pool.mode.as_str(), pool.region.as_str()),
+        ("sprint", "local")
+    );
+    b.shot("play-queue").await?;
+
+    // The server goes away and comes back on the same address and store: the page reconnects,
+    // says hello, and is told it is still queued, its wait still counting.
+    let before = waited_s(&b).await?;
+    server.shutdown().await;
+    b.until(
+        "the reconnecting banner",
+        Duration::from_secs(5),
+        "!document.querySelector('[data-testid=net-status]').hidden",
+    )
+    .await?;
+    b.shot("play-reconnecting").await?;
+    let mut cfg = web_config();
+    cfg.listen = addr;
+    let server = Server::start_with(cfg, store.clone()).await?;
+    b.until(
+        "the reconnect",
+        Duration::from_secs(15),
+        "document.querySelector('[data-testid=net-status]').hidden",
+    )
+    .await?;
+    b.until_screen("queue", Duration::from_secs(1)).await?;
+    b.until(
+        "queue_status after the resume",
+        Duration::from_secs(8),
+        "document.querySelector('[data-testid=queue-status]').textContent.includes('queued for sprint')",
+    )
+    .await?;
+    let after = waited_s(&b).await?;
+    assert!(
+        after >= before,
+        "the wait went on: {before} s, then {after} s"
+    );
+    assert!(
+        matches!(store.binding(&alice).await?, Some(Binding::Queued { ticket: t, .. }) if t == ticket),
+        "the same queue ticket was resumed"
+    );
+
+    // Cancel: back to the modes, out of the queue.
+    b.click("cancel").await?;
+    b.until_screen("modes", Duration::from_secs(5)).await?;
+    let t0 = Instant::now();
+    while store.binding(&alice).await?.is_some() {
+        if t0.elapsed() > Duration::from_secs(5) {
+            bail!("still bound: {:?}", store.binding(&alice).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    b.finish().await?;
+    server.shutdown().await;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------- the whole stack
+
+/// Starts hostd's player gateway for `sandbox`'s pool on a free loopback port; returns it and
+/// the URL players reach it at (`ws://ADDR/v1/game`, what the link advertises).
+async fn start_gateway(sandbox: &Sandbox) -> Result<(String, Gateway)> {
+    let gw = berth_hostd::gateway::start(sandbox.pool.clone(), ([127, 0, 0, 1], 0).into()).await?;
+    Ok((
+        format!("ws://{}{}", gw.addr, berth_hostd::gateway::PATH),
+        gw,
+    ))
+}
+
+/// A hostd link to `server` for `sandbox`'s pool advertising `gateway`; stopped by dropping
+/// the returned sender.
+fn link(
+    sandbox: &Sandbox,
+    server: &Server,
+    gateway: &str,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let token = client::auth()
+        .mint("web-host", Role::Host, 3600)
+        .expect("mint");
+    berth_tests::start_link(&sandbox.pool, server.addr, "web-host", token, gateway)
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn send(ws: &mut Ws, text: String) -> Result<()> {
+    ws.send(Message::Text(text.into())).await?;
+    Ok(())
+}
+
+async fn recv_text(ws: &mut Ws, within: Duration) -> Result<String> {
+    loop {
+        match tokio::time::timeout(within, ws.next())
+            .await
+            .context("silence")?
+            .context("socket ended")??
+        {
+            Message::Text(t) => return Ok(t.to_string()),
+            Message::Close(f) => bail!("closed: {f:?}"),
+            _ => continue,
+        }
+    }
+}
+
+async fn recv_play(ws: &mut Ws, within: Duration) -> Result<ServerMessage> {
+    let t = recv_text(ws, within).await?;
+    serde_json::from_str(&t).with_context(|| t.clone())
+}
+
+async fn recv_game(ws: &mut Ws, within: Duration) -> Result<GameAnswer> {
+    let t = recv_text(ws, within).await?;
+    serde_json::from_str(&t).with_context(|| t.clone())
+}
+
+/// How the match ended for the opponent: the game's `ended`, then the server's `session_ended`.
+#[derive(Debug)]
+struct OpponentEnd {
+    game_reason: String,
+    results: GameResults,
+    session_reason: String,
+    session_results: Value,
+}
+
+/// The page's opponent, as a real client: a dev token, `/v1/play`, queue `sprint`; on
+/// `matched` joins through the gateway, moves around until told to surrender, then hears the
+/// end on both sockets.
+async fn opponent(
+    server: SocketAddr,
+    name: &str,
+    surrender: oneshot::Receiver<()>,
+) -> Result<OpponentEnd> {
+    let token: Value = reqwest::Client::new()
+        .post(format!("http://{server}/v1/dev/token"))
+        .json(&json!({ "player": name }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = token["token"].as_str().context("a dev token")?.to_owned();
+    let (mut play, _) = tokio_tungstenite::connect_async(format!("ws://{server}/v1/play")).await?;
+    send(
+        &mut play,
+        serde_json::to_string(&ClientMessage::Hello {
+            v: PLAY_PROTOCOL_VERSION,
+            token: Some(token),
+        })?,
+    )
+    .await?;
+    let welcome = recv_play(&mut play, Duration::from_secs(5)).await?;
+    assert!(
+        matches!(welcome, ServerMessage::Welcome { .. }),
+        "{welcome:?}"
+    );
+    send(
+        &mut play,
+        serde_json::to_string(&client::queue("sprint", "local"))?,
+    )
+    .await?;
+    let (endpoint, ticket) = loop {
+        match recv_play(&mut play, Duration::from_secs(90)).await? {
+            ServerMessage::QueueStatus { .. } => continue,
+            ServerMessage::Matched {
+                endpoint, ticket, ..
+            } => break (endpoint, ticket),
+            other => bail!("opponent: expected matched, got {other:?}"),
+        }
+    };
+
+    let (mut game, _) = tokio_tungstenite::connect_async(&endpoint)
+        .await
+        .with_context(|| format!("opponent: connecting to the gateway at {endpoint}"))?;
+    send(
+        &mut game,
+        serde_json::to_string(&GameRequest::Join { ticket })?,
+    )
+    .await?;
+    loop {
+        match recv_game(&mut game, Duration::from_secs(10)).await? {
+            GameAnswer::Hello { .. } => continue,
+            GameAnswer::Welcome(_) => break,
+            other => bail!("opponent: expected welcome, got {other:?}"),
+        }
+    }
+    let mut surrender = Some(surrender);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut seq = 0u32;
+    let deadline = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(deadline);
+    let (game_reason, results) = loop {
+        tokio::select! {
+            m = recv_game(&mut game, Duration::from_secs(10)) => match m? {
+                GameAnswer::Ended { reason, results } => break (reason, results),
+                GameAnswer::Error { code, message } => bail!("opponent: game error {code}: {message}"),
+                _ => continue,
+            },
+            _ = tick.tick() => {
+                // Walk in a slow circle, never firing: the page's player stays alive.
+                seq += 1;
+                let a = f32::from(u16::try_from(seq % 32).unwrap_or(0)) / 32.0 * std::f32::consts::TAU;
+                send(&mut game, serde_json::to_string(&GameRequest::Input { seq, dx: a.cos(), dy: a.sin(), fire: false, aim: a })?).await?;
+            }
+            r = async { surrender.as_mut().expect("guarded").await }, if surrender.is_some() => {
+                surrender = None;
+                if r.is_ok() {
+                    send(&mut game, serde_json::to_string(&GameRequest::Surrender)?).await?;
+                }
+            }
+            () = &mut deadline => bail!("opponent: the game did not end within 60 s"),
+        }
+    };
+    let (session_reason, session_results) = loop {
+        match recv_play(&mut play, Duration::from_secs(30)).await? {
+            ServerMessage::SessionEnded {
+                reason, results, ..
+            } => break (reason, results),
+            _ => continue,
+        }
+    };
+    Ok(OpponentEnd {
+        game_reason,
+        results,
+        session_reason,
+        session_results,
+    })
+}
+
+/// The page's own player's position (`data-me` on the canvas, in tiles).
+async fn me(b: &Browser) -> Result<(f64, f64)> {
+    let v = b
+        .js("return document.querySelector('[data-testid=canvas]').dataset.me || ''")
+        .await?;
+    let s = v.as_str().unwrap_or_default();
+    let (x, y) = s.split_once(',').with_context(|| format!("me {s:?}"))?;
+    Ok((x.parse()?, y.parse()?))
+}
+
+/// Performs `actions` and tells whether the page's own player moved by half a tile or more.
+async fn moves(b: &Browser, actions: Actions) -> Result<bool> {
+    let start = me(b).await?;
+    b.c().perform_actions(actions).await?;
+    b.c().release_actions().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let end = me(b).await?;
+    Ok((end.0 - start.0).abs() + (end.1 - start.1).abs() > 0.5)
+}
+
+/// Drags the virtual joystick (left half of the canvas) with one finger until the page's own
+/// player has moved; tries the four directions (a wall may block one).
+async fn touch_move(b: &Browser) -> Result<()> {
+    let (cx, cy, cw, ch) = b.el("canvas").await?.rectangle().await?;
+    let (x0, y0) = (cx + cw * 0.2, cy + ch * 0.6);
+    for (dx, dy) in [(40.0, 0.0), (-40.0, 0.0), (0.0, 40.0), (0.0, -40.0)] {
+        let finger = TouchActions::new("left-thumb".into())
+            .then(PointerAction::MoveTo {
+                duration: None,
+                x: x0,
+                y: y0,
+            })
+            .then(PointerAction::Down {
+                button: MOUSE_BUTTON_LEFT,
+            })
+            .then(PointerAction::MoveBy {
+                duration: Some(Duration::from_millis(150)),
+                x: dx,
+                y: dy,
+            })
+            .pause(Duration::from_millis(700))
+            .then(PointerAction::Up {
+                button: MOUSE_BUTTON_LEFT,
+            });
+        if moves(b, finger.into()).await? {
+            return Ok(());
+        }
+    }
+    bail!(
+        "the joystick did not move the player ({})",
+        b.context().await
+    )
+}
+
+/// Holds a movement key (WASD) until the page's own player has moved.
+async fn key_move(b: &Browser) -> Result<()> {
+    for key in ['d', 'a', 's', 'w'] {
+        let hold = KeyActions::new("keyboard".into())
+            .then(KeyAction::Down { value: key })
+            .pause(Duration::from_millis(600))
+            .then(KeyAction::Up { value: key });
+        if moves(b, hold.into()).await? {
+            return Ok(());
+        }
+    }
+    bail!("the keys did not move the player ({})", b.context().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_plays_a_match_against_a_websocket_opponent() -> Result<()> {
+    play_a_match(Device::Phone {
+        width: 390,
+        height: 844,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desktop_plays_with_keyboard_and_mouse_and_surrenders() -> Result<()> {
+    play_a_match(Device::Desktop {
+        width: 1280,
+        height: 800,
+    })
+    .await
+}
+
+/// Holds the mouse button on the canvas (fire toward the pointer) until the page's team has
+/// shots in flight; aims at the four sides of the field in turn (a wall may be in the way).
+async fn mouse_fire(b: &Browser) -> Result<()> {
+    let canvas = b.el("canvas").await?;
+    let (_, _, w, h) = canvas.rectangle().await?;
+    for (x, y) in [
+        (w * 0.45, 0.0),
+        (-w * 0.45, 0.0),
+        (0.0, h * 0.45),
+        (0.0, -h * 0.45),
+    ] {
+        let mouse = MouseActions::new("mouse".into())
+            .then(PointerAction::MoveToElement {
+                element: canvas.clone(),
+                duration: None,
+                x,
+                y,
+            })
+            .then(PointerAction::Down {
+                button: MOUSE_BUTTON_LEFT,
+            })
+            .pause(Duration::from_millis(600))
+            .then(PointerAction::Up {
+                button: MOUSE_BUTTON_LEFT,
+            });
+        b.c().perform_actions(mouse).await?;
+        b.c().release_actions().await?;
+        let shots = b
+            .js("return Number(document.querySelector('[data-testid=canvas]').dataset.shots || 0)")
+            .await?;
+        if shots.as_u64().unwrap_or(0) > 0 {
+            return Ok(());
+        }
+    }
+    bail!("clicking did not fire ({})", b.context().await)
+}
+
+/// The whole stack: the page (as web-alice) queues for sprint, this test's opponent (web-bob)
+/// joins it; the page plays — by touch on a phone, by keys and mouse on a desktop — survives a
+/// dropped game socket, and the match ends by surrender: bob's on a phone (the page wins),
+/// the page's own on a desktop (the page loses). Then "Play again".
+async fn play_a_match(device: Device) -> Result<()> {
+    let phone = matches!(device, Device::Phone { .. });
+    let (tag, shot) = if phone {
+        ("web-phone", "play")
+    } else {
+        ("web-desktop", "play-desktop")
+    };
+    let sandbox = Sandbox::start(tag, 1).await?;
+    let (gateway_url, gateway) = start_gateway(&sandbox).await?;
+    let server = Server::start(web_config()).await?;
+    let store = server.ctx.store.clone();
+    let (stop, task) = link(&sandbox, &server, &gateway_url);
+    let host = HostId::new("web-host")?;
+    let t0 = Instant::now();
+    while !store.host(&host).await?.is_some_and(|h| {
+        h.state == HostState::Up && h.images.iter().any(|i| i.docked && i.warm >= 1)
+    }) {
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the host never came up with a warm VM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let b = Browser::start(tag, device).await?;
+    b.goto(&format!("http://{}/play", server.addr)).await?;
+    sign_in(&b, "web-alice").await?;
+    b.click("mode-sprint").await?;
+    b.until_screen("queue", Duration::from_secs(5)).await?;
+    b.until(
+        "queue_status",
+        Duration::from_secs(5),
+        "document.querySelector('[data-testid=queue-status]').textContent.includes('queued for sprint')",
+    )
+    .await?;
+    b.shot(&format!("{shot}-match-queue")).await?;
+
+    // The opponent queues: a match, a VM, and both play through the gateway.
+    let (surrender, surrendered) = oneshot::channel();
+    let bob = tokio::spawn(opponent(server.addr, "web-bob", surrendered));
+    b.until_screen("playing", Duration::from_secs(60)).await?;
+    b.until(
+        "snapshots of both players",
+        Duration::from_secs(10),
+        "(() => { const c = document.querySelector('[data-testid=canvas]'); \
+         return Number(c.dataset.tick) > 0 && c.dataset.players === '2' && !!c.dataset.me; })()",
+    )
+    .await?;
+    let score = b.text("score").await?;
+    assert!(score.contains("You 0"), "{score}");
+    assert_ne!(b.text("time-left").await?, "–:––");
+    if phone {
+        touch_move(&b).await?;
+    } else {
+        key_move(&b).await?;
+        mouse_fire(&b).await?;
+    }
+    b.shot(&format!("{shot}-game")).await?;
+    // The game socket drops: the page joins again with the same ticket and plays on.
+    let tick = b
+        .js("return Number(document.querySelector('[data-testid=canvas]').dataset.tick)")
+        .await?;
+    b.js("berthDebug.dropGame()").await?;
+    b.until(
+        "the rejoin",
+        Duration::from_secs(10),
+        &format!(
+            "(() => {{ const c = document.querySelector('[data-testid=canvas]'); \
+             return c.dataset.joins === '2' && Number(c.dataset.tick) > {tick}; }})()"
+        ),
+    )
+    .await?;
+    // Surrender asks first: "Keep playing" keeps playing.
+    b.click("surrender").await?;
+    b.until(
+        "the surrender dialog",
+        Duration::from_secs(2),
+        "document.querySelector('[data-testid=surrender-dialog]').open",
+    )
+    .await?;
+    if phone {
+        b.click("surrender-no").await?;
+        b.until(
+            "the dialog closed",
+            Duration::from_secs(2),
+            "!document.querySelector('[data-testid=surrender-dialog]').open",
+        )
+        .await?;
+        assert_eq!(b.screen().await?, "playing");
+        // The opponent gives up.
+        let _ = surrender.send(());
+    } else {
+        // The page gives up (the opponent plays on until the end).
+        drop(surrender);
+        b.click("surrender-yes").await?;
+    }
+
+    // The page shows who won, the teams and the reason.
+    b.until_screen("results", Duration::from_secs(20)).await?;
+    let (outcome, winner, reason) = if phone {
+        ("You win!", "web-alice", "The other side surrendered")
+    } else {
+        ("You lose", "web-bob", "Your team surrendered")
+    };
+    assert_eq!(b.text("outcome").await?, outcome);
+    let text = b.text("winner").await?;
+    assert!(text.contains(winner), "{text}");
+    assert!(b.text("your-team").await?.contains("web-alice"));
+    let text = b.text("reason").await?;
+    assert!(
+        text.contains(reason) && text.contains("(surrender)"),
+        "{text}"
+    );
+    let table = b.text("results-table").await?;
+    assert!(
+        table.contains("web-alice") && table.contains("web-bob"),
+        "{table}"
+    );
+    b.shot(&format!("{shot}-results")).await?;
+    let end = bob.await??;
+    assert_eq!(end.game_reason, "surrender", "{end:?}");
+    let team_of = |name: &str| {
+        end.results
+            .players
+            .iter()
+            .find(|p| p.id.as_str() == name)
+            .map(|p| p.team)
+    };
+    assert_eq!(end.results.winner, team_of(winner), "{end:?}");
+    assert!(!end.session_reason.is_empty(), "{end:?}");
+    assert_eq!(
+        end.session_results["winner"],
+        json!(team_of(winner)),
+        "the server hands the game's results on: {end:?}"
+    );
+
+    // Play again: back in the queue (after the server has wound the session down).
+    b.click("play-again").await?;
+    b.until(
+        "the queue or the modes",
+        Duration::from_secs(5),
+        "['queue', 'modes'].includes(document.body.dataset.screen)",
+    )
+    .await?;
+    if b.screen().await? == "queue" {
+        b.until(
+            "queued again",
+            Duration::from_secs(20),
+            "document.querySelector('[data-testid=queue-status]').textContent.includes('queued for sprint')",
+        )
+        .await?;
+        b.shot(&format!("{shot}-again")).await?;
+        b.click("cancel").await?;
+        b.until_screen("modes", Duration::from_secs(5)).await?;
+    }
+
+    b.finish().await?;
+    drop(stop);
+    task.await?;
+    server.shutdown().await;
+    gateway.shutdown().await;
+    sandbox.finish().await
+}

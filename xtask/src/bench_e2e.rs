@@ -1,0 +1,220 @@
+//! `cargo xtask bench e2e`: the whole path from a phone to a game VM, under a swarm.
+//!
+//! Starts the demo's stack (server with the memory store, hostd with real VMs and its gateway),
+//! lets `berth-sim` bring players in evenly over the run (each plays one match), and measures:
+//! - time to match (queue → matched) and time to play (queue → first game state from the VM),
+//!   from the swarm's HDR histograms;
+//! - the gateway's overhead, two ways: a probe player in a real session pings the game through
+//!   the gateway and directly (the VM's forwarded port, as the gateway itself reaches it),
+//!   alternately, and the paired difference is the overhead; and the gateway's own forwarding
+//!   time per message (`GET /v1/gateway` figures).
+//!
+//! Writes `target/bench/e2e.json`.
+
+use crate::demo::{Stack, StackOptions};
+use anyhow::{bail, Context, Result};
+use berth_protocol::game::GameAnswer;
+use berth_protocol::play::ServerMessage;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct E2eArgs {
+    /// Simulated players, arriving evenly over `duration`, one match each.
+    #[arg(long, default_value_t = 200)]
+    pub players: u32,
+    #[arg(long, default_value = "60s", value_parser = berth_sim::config::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "sprint")]
+    pub mode: String,
+    /// Warm clones kept per image.
+    #[arg(long, default_value_t = 6)]
+    pub warm: u32,
+    /// Ping pairs (gateway, direct) the overhead probe sends.
+    #[arg(long, default_value_t = 200)]
+    pub pings: u32,
+}
+
+pub async fn run(args: E2eArgs) -> Result<()> {
+    let stack = Stack::start(StackOptions::ephemeral(args.warm, "bench-e2e")).await?;
+    let result = measure(&stack, &args).await;
+    stack.shutdown().await;
+    let report = result?;
+    let dir = crate::image::root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("e2e.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    println!("bench: wrote {}", path.display());
+    Ok(())
+}
+
+async fn measure(stack: &Stack, args: &E2eArgs) -> Result<serde_json::Value> {
+    let base = format!("http://{}", stack.server.addr);
+    let config = berth_sim::SwarmConfig {
+        server: base,
+        arrivals: berth_sim::Arrivals::Fixed {
+            players: args.players,
+            ramp: args.duration,
+        },
+        duration: args.duration + Duration::from_secs(5),
+        modes: vec![berth_sim::Weighted::new(args.mode.clone(), 1.0)],
+        matches: berth_sim::Matches::Count(1),
+        name_prefix: "e2e".into(),
+        ..berth_sim::SwarmConfig::default()
+    };
+    println!(
+        "bench e2e: {} players over {:?} (mode {}), one match each; warm tier {}",
+        args.players, args.duration, args.mode, args.warm
+    );
+    let progress = berth_sim::Progress::new();
+    let swarm = tokio::spawn(berth_sim::run(config, Some(progress.clone())));
+    // The probe plays while the swarm is in full swing.
+    tokio::time::sleep(args.duration / 3).await;
+    let probe = probe(stack, &args.mode, args.pings).await;
+    let report = swarm.await??;
+    let probe = probe.context("the gateway overhead probe")?;
+    let gw = stack.gateway.stats();
+    crate::demo::pool_back(stack, args.warm).await?;
+    let l = &report.latency;
+    let pct = |p: &berth_sim::Percentiles| json!({"p50": p.p50, "p90": p.p90, "p99": p.p99, "max": p.max, "count": p.count});
+    let overhead_p50 = ms(probe.diff.value_at_quantile(0.5));
+    let meets = l.time_to_play_ms.p50 <= 300.0
+        && l.time_to_play_ms.p99 <= 800.0
+        && report.failed == 0
+        && overhead_p50 <= 1.0;
+    Ok(json!({
+        "players": report.players,
+        "sessions": report.sessions,
+        "failed": report.failed,
+        "failures": report.failures,
+        "matches": report.matches,
+        "end_reasons": report.end_reasons,
+        "time_to_play_ms": pct(&l.time_to_play_ms),
+        "time_to_match_ms": pct(&l.time_to_match_ms),
+        "time_to_first_state_ms": pct(&l.time_to_first_state_ms),
+        "session_ms": pct(&l.session_ms),
+        "game_rtt_ms": pct(&l.game_rtt_ms),
+        "gateway_overhead_ms": {
+            "method": "a probe player in a live session pings the game through the gateway and directly (the VM's forwarded port), alternately; overhead = gateway RTT - direct RTT of each pair",
+            "p50": overhead_p50,
+            "p99": ms(probe.diff.value_at_quantile(0.99)),
+            "pairs": probe.diff.len(),
+            "rtt_via_gateway_ms": {"p50": ms(probe.via_gateway.value_at_quantile(0.5)), "p99": ms(probe.via_gateway.value_at_quantile(0.99))},
+            "rtt_direct_ms": {"p50": ms(probe.direct.value_at_quantile(0.5)), "p99": ms(probe.direct.value_at_quantile(0.99))},
+        },
+        "gateway_forwarding_us": gw.overhead_us,
+        "gateway_connections": gw.connections,
+        "accel": stack.pool.driver().accel().as_str(),
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "targets": {"time_to_play_p50_ms": 300, "time_to_play_p99_ms": 800, "failed": 0, "gateway_overhead_p50_ms": 1.0},
+        "meets_targets": meets,
+    }))
+}
+
+fn ms(us: u64) -> f64 {
+    (us as f64 / 1000.0 * 1000.0).round() / 1000.0
+}
+
+struct Probe {
+    via_gateway: Histogram<u64>,
+    direct: Histogram<u64>,
+    diff: Histogram<u64>,
+}
+
+/// One player in a real session: pings through the gateway and directly, alternately.
+async fn probe(stack: &Stack, mode: &str, pings: u32) -> Result<Probe> {
+    let url = format!("ws://{}/v1/play", stack.server.addr);
+    let token = stack
+        .server
+        .ctx
+        .auth
+        .mint("e2e-probe", berth_server::auth::Role::Player, 3600)?;
+    let mut play = crate::bench_server::idle_player(&url, token).await?;
+    let (session, ticket, _) = crate::demo::queue_until_matched_in(&mut play, mode).await?;
+    let vm = stack.vm_of(&session)?;
+    let gw_url = format!("ws://{}/v1/game", stack.gateway.addr);
+    let (mut gw, _) = tokio_tungstenite::connect_async_with_config(&gw_url, None, true).await?;
+    let join = format!(r#"{{"type":"join","ticket":"{ticket}"}}"#);
+    gw.send(Message::Text(join.into())).await?;
+    let direct = tokio::net::TcpStream::connect(vm.game_addr).await?;
+    direct.set_nodelay(true)?;
+    let (rd, mut wr) = direct.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    lines.next_line().await?.context("no hello from the game")?;
+    let mut p = Probe {
+        via_gateway: Histogram::new(3)?,
+        direct: Histogram::new(3)?,
+        diff: Histogram::new(3)?,
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for nonce in 1..=u64::from(pings) {
+        if Instant::now() > deadline {
+            break;
+        }
+        let ping = format!(r#"{{"type":"ping","nonce":{nonce}}}"#);
+        let t = Instant::now();
+        gw.send(Message::Text(ping.clone().into())).await?;
+        let ended = loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), gw.next())
+                .await
+                .context("no pong through the gateway in 5 s")?;
+            let Some(Ok(Message::Text(text))) = m else {
+                break true;
+            };
+            match serde_json::from_str::<GameAnswer>(&text)? {
+                GameAnswer::Pong { nonce: n, .. } if n == nonce => break false,
+                GameAnswer::Ended { .. } => break true,
+                _ => continue,
+            }
+        };
+        if ended {
+            break;
+        }
+        let via_gateway = t.elapsed();
+        let t = Instant::now();
+        wr.write_all(format!("{ping}\n").as_bytes()).await?;
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+                .await
+                .context("no direct pong in 5 s")??
+                .context("the game closed the direct connection")?;
+            if matches!(serde_json::from_str(&line)?, GameAnswer::Pong { nonce: n, .. } if n == nonce)
+            {
+                break;
+            }
+        }
+        let direct = t.elapsed();
+        let us = |d: Duration| (d.as_micros() as u64).max(1);
+        p.via_gateway.record(us(via_gateway))?;
+        p.direct.record(us(direct))?;
+        p.diff.record(us(via_gateway.saturating_sub(direct)))?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if p.diff.is_empty() {
+        bail!("the probe's game ended before a single ping pair");
+    }
+    // Leave the game and the queue side clean: surrender so the opponent gets results.
+    let _ = gw
+        .send(Message::Text(r#"{"type":"surrender"}"#.into()))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = gw.next().await {}
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match crate::demo::next(&mut play).await {
+                Ok(ServerMessage::SessionEnded { .. }) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    Ok(p)
+}
