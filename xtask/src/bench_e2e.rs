@@ -29,10 +29,11 @@ pub struct E2eArgs {
     pub players: u32,
     #[arg(long, default_value = "60s", value_parser = berth_sim::config::parse_duration)]
     pub duration: Duration,
-    #[arg(long, default_value = "sprint")]
+    /// The mode (blitz: 8 s duels, so that 200 players over 60 s fit a 2-core TCG host).
+    #[arg(long, default_value = "blitz")]
     pub mode: String,
     /// Warm clones kept per image.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     pub warm: u32,
     /// Ping pairs (gateway, direct) the overhead probe sends.
     #[arg(long, default_value_t = 200)]
