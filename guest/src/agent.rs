@@ -126,14 +126,16 @@ impl Agent {
     fn start_threads(&mut self) {
         let (over_tx, over_rx) = mpsc::channel::<GameOver>();
         let (game_tx, game_rx) = mpsc::channel::<Command>();
+        let inputs = game::Inputs::default();
         if let Some(listener) = self.listener.take() {
             let session = self.session.clone();
             let tiles = self.world.tiles;
             let commands = game_tx.clone();
-            std::thread::spawn(move || game::serve(listener, session, tiles, commands));
+            let inputs = inputs.clone();
+            std::thread::spawn(move || game::serve(listener, session, tiles, commands, inputs));
         }
         let world = self.world.clone();
-        std::thread::spawn(move || game::run_loop(world, game_rx, over_tx));
+        std::thread::spawn(move || game::run_loop(world, game_rx, inputs, over_tx));
         self.game = Some(game_tx);
         let (activated_tx, activated_rx) = mpsc::channel::<SessionId>();
         self.activated = Some(activated_tx);

@@ -197,6 +197,12 @@ impl Outbox {
     }
 }
 
+/// Each connection's latest input (`seq`, controls), read by the game loop at every tick.
+/// Inputs come at the client's rate (20 Hz per player): a mailbox instead of a message saves
+/// waking the game loop for each (a thread switch costs much under TCG), and only the latest
+/// input matters anyway.
+pub(crate) type Inputs = Arc<Mutex<HashMap<ConnId, (u32, Input)>>>;
+
 /// What connections and the agent tell the game loop.
 pub(crate) enum Command {
     /// Activation: build the arena and start ticking.
@@ -205,11 +211,6 @@ pub(crate) enum Command {
         conn: ConnId,
         claims: TicketClaims,
         out: Outbox,
-    },
-    Input {
-        conn: ConnId,
-        seq: u32,
-        input: Input,
     },
     Surrender {
         conn: ConnId,
@@ -230,6 +231,7 @@ pub(crate) fn serve(
     session: Arc<OnceLock<Arc<Session>>>,
     map_tiles: u64,
     commands: Sender<Command>,
+    inputs: Inputs,
 ) {
     let ids = AtomicU64::new(1);
     for stream in listener.incoming() {
@@ -263,12 +265,19 @@ pub(crate) fn serve(
         let conn = ids.fetch_add(1, Ordering::Relaxed);
         let current = current.clone();
         let commands = commands.clone();
-        std::thread::spawn(move || connection(conn, stream, &current, &commands));
+        let inputs = inputs.clone();
+        std::thread::spawn(move || connection(conn, stream, &current, &commands, &inputs));
     }
 }
 
 /// One player connection: a writer thread drains its outbox; this thread reads its lines.
-fn connection(conn: ConnId, stream: TcpStream, session: &Session, commands: &Sender<Command>) {
+fn connection(
+    conn: ConnId,
+    stream: TcpStream,
+    session: &Session,
+    commands: &Sender<Command>,
+    inputs: &Inputs,
+) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
@@ -279,7 +288,7 @@ fn connection(conn: ConnId, stream: TcpStream, session: &Session, commands: &Sen
         stream: stream.clone(),
     };
     let writer = std::thread::spawn(move || write_loop(write_half, &rx));
-    read_loop(conn, &stream, session, commands, &out);
+    read_loop(conn, &stream, session, commands, inputs, &out);
     let _ = commands.send(Command::Closed { conn });
     drop(out);
     let _ = writer.join();
@@ -304,6 +313,7 @@ fn read_loop(
     mut stream: &TcpStream,
     session: &Session,
     commands: &Sender<Command>,
+    inputs: &Inputs,
     out: &Outbox,
 ) {
     let mut joined = false;
@@ -376,11 +386,14 @@ fn read_loop(
                         fire,
                         aim,
                     },
-                ) => Command::Input {
-                    conn,
-                    seq,
-                    input: Input { dx, dy, fire, aim },
-                },
+                ) => {
+                    let mut inputs = inputs.lock().unwrap_or_else(|p| p.into_inner());
+                    let slot = inputs.entry(conn).or_insert((0, Input::default()));
+                    if seq >= slot.0 {
+                        *slot = (seq, Input { dx, dy, fire, aim });
+                    }
+                    continue;
+                }
                 (true, GameRequest::Surrender) => Command::Surrender { conn },
                 (true, GameRequest::Leave) => Command::Leave { conn },
             };
@@ -400,7 +413,12 @@ struct Conn {
 }
 
 /// The game loop. Started at boot; blocked until [`Command::Start`].
-pub(crate) fn run_loop(world: Arc<World>, commands: Receiver<Command>, over: Sender<GameOver>) {
+pub(crate) fn run_loop(
+    world: Arc<World>,
+    commands: Receiver<Command>,
+    inputs: Inputs,
+    over: Sender<GameOver>,
+) {
     let session = loop {
         match commands.recv() {
             Ok(Command::Start(session)) => break session,
@@ -420,6 +438,7 @@ pub(crate) fn run_loop(world: Arc<World>, commands: Receiver<Command>, over: Sen
             &identity.teams,
             identity.rng_seed,
         ),
+        inputs,
         pending: Vec::new(),
         session_id: identity.session_id.clone(),
         conns: HashMap::new(),
@@ -438,6 +457,7 @@ pub(crate) fn run_loop(world: Arc<World>, commands: Receiver<Command>, over: Sen
                     game.retry_pending();
                 }
                 if game.arena.outcome().is_none() {
+                    game.apply_inputs();
                     // Catch up on game time (a busy host delays ticks), at most 5 at once.
                     let due = (started.elapsed().as_millis() / tick.as_millis()) as u64;
                     let steps = due.saturating_sub(game.arena.tick).clamp(1, 5);
@@ -489,6 +509,7 @@ struct PendingJoin {
 
 struct Game {
     arena: Arena,
+    inputs: Inputs,
     pending: Vec<PendingJoin>,
     session_id: berth_protocol::SessionId,
     conns: HashMap<ConnId, Conn>,
@@ -502,12 +523,6 @@ impl Game {
         match command {
             Command::Start(_) => {}
             Command::Join { conn, claims, out } => self.join(conn, claims, out),
-            Command::Input { conn, seq, input } => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.ack = c.ack.max(seq);
-                    self.arena.input(&c.player, input);
-                }
-            }
             Command::Surrender { conn } => {
                 if let Some(c) = self.conns.get(&conn) {
                     self.arena.surrender(&c.player.clone());
@@ -520,6 +535,10 @@ impl Game {
                 }
             }
             Command::Closed { conn } => {
+                self.inputs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&conn);
                 self.pending.retain(|p| p.conn != conn);
                 if let Some(c) = self.conns.remove(&conn) {
                     self.arena.disconnect(&c.player);
@@ -626,6 +645,19 @@ impl Game {
                 ack: 0,
             },
         );
+    }
+
+    /// Applies the latest input of every joined connection.
+    fn apply_inputs(&mut self) {
+        let latest = std::mem::take(&mut *self.inputs.lock().unwrap_or_else(|p| p.into_inner()));
+        for (conn, (seq, input)) in latest {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                if seq >= c.ack {
+                    c.ack = seq;
+                    self.arena.input(&c.player, input);
+                }
+            }
+        }
     }
 
     fn broadcast(&self) {
@@ -756,8 +788,10 @@ fn warm_up_connection(world: &World) -> std::io::Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", 0))?;
     let addr = listener.local_addr()?;
     let (tx, rx) = mpsc::channel::<Command>();
+    let inputs = Inputs::default();
     let server = {
         let session = session.clone();
+        let inputs = inputs.clone();
         std::thread::spawn(move || {
             if let Ok((mut stream, _)) = listener.accept() {
                 let _ = stream.set_nodelay(true);
@@ -771,7 +805,7 @@ fn warm_up_connection(world: &World) -> std::io::Result<()> {
                     rng_draw: 0,
                     map_tiles: 0,
                 }));
-                connection(1, stream, &session, &tx);
+                connection(1, stream, &session, &tx, &inputs);
             }
         })
     };
@@ -789,6 +823,7 @@ fn warm_up_connection(world: &World) -> std::io::Result<()> {
             &[],
             1,
         ),
+        inputs,
         pending: Vec::new(),
         session_id,
         conns: HashMap::new(),
@@ -810,6 +845,7 @@ fn warm_up_connection(world: &World) -> std::io::Result<()> {
         let closed = matches!(command, Command::Closed { .. });
         game.handle(command);
         if !game.conns.is_empty() {
+            game.apply_inputs();
             game.arena.step(50);
             game.broadcast();
         }
