@@ -72,6 +72,7 @@ async fn measure(stack: &Stack, args: &E2eArgs) -> Result<serde_json::Value> {
         "bench e2e: {} players over {:?} (mode {}), one match each; warm tier {}",
         args.players, args.duration, args.mode, args.warm
     );
+    let cpu0 = cpu_seconds();
     let progress = berth_sim::Progress::new();
     let swarm = tokio::spawn(berth_sim::run(config, Some(progress.clone())));
     // The probe plays while the swarm is in full swing.
@@ -81,6 +82,7 @@ async fn measure(stack: &Stack, args: &E2eArgs) -> Result<serde_json::Value> {
     let probe = probe.context("the gateway overhead probe")?;
     let gw = stack.gateway.stats();
     crate::demo::pool_back(stack, args.warm).await?;
+    let cpu1 = cpu_seconds();
     let l = &report.latency;
     let pct = |p: &berth_sim::Percentiles| json!({"p50": p.p50, "p90": p.p90, "p99": p.p99, "max": p.max, "count": p.count});
     let overhead_p50 = ms(probe.diff.value_at_quantile(0.5));
@@ -110,12 +112,36 @@ async fn measure(stack: &Stack, args: &E2eArgs) -> Result<serde_json::Value> {
         },
         "gateway_forwarding_us": gw.overhead_us,
         "gateway_connections": gw.connections,
+        "cpu_seconds": {
+            "what": "CPU time over the run: this process (server, hostd, gateway, the swarm's bots) and the VMs (QEMU processes, counted once reaped)",
+            "this_process": round2(cpu1.0 - cpu0.0),
+            "vms": round2(cpu1.1 - cpu0.1),
+        },
         "accel": stack.pool.driver().accel().as_str(),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "build": if cfg!(debug_assertions) { "debug" } else { "release" },
         "targets": {"time_to_play_p50_ms": 300, "time_to_play_p99_ms": 800, "failed": 0, "gateway_overhead_p50_ms": 1.0},
         "meets_targets": meets,
     }))
+}
+
+/// (this process, reaped children) CPU seconds, user + system.
+fn cpu_seconds() -> (f64, f64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let secs = |who| {
+        getrusage(who)
+            .map(|u| {
+                let t =
+                    |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+                t(u.user_time()) + t(u.system_time())
+            })
+            .unwrap_or(0.0)
+    };
+    (secs(UsageWho::RUSAGE_SELF), secs(UsageWho::RUSAGE_CHILDREN))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 fn ms(us: u64) -> f64 {
