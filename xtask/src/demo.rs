@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Simulated players in the swarm (they play match after match until the time is up).
+    /// Simulated players in the swarm, arriving evenly over `duration`, one match each.
     #[arg(long, default_value_t = 40)]
     pub players: u32,
     /// How long players keep starting matches (e.g. 60s, 2m).
@@ -276,19 +276,22 @@ async fn demo(stack: &Stack, args: &DemoArgs) -> Result<()> {
     );
     let config = berth_sim::SwarmConfig {
         server: base.clone(),
+        // Phones come in evenly over the run and play one match each: on a 2-core TCG host
+        // a game VM with two players costs ~10 % of a core, so this keeps the host busy but
+        // not saturated (`--players` and `--duration` change the pace).
         arrivals: berth_sim::Arrivals::Fixed {
             players: args.players,
-            ramp: Duration::from_secs(5).min(args.duration),
+            ramp: args.duration,
         },
-        duration: args.duration,
+        duration: args.duration + Duration::from_secs(5),
         modes: vec![berth_sim::Weighted::new(args.mode.clone(), 1.0)],
-        matches: berth_sim::Matches::UntilEnd,
+        matches: berth_sim::Matches::Count(1),
         name_prefix: "demo".into(),
         ..berth_sim::SwarmConfig::default()
     };
     println!(
-        "swarm: {} players, mode {}, match after match for {:?}",
-        args.players, args.mode, args.duration
+        "swarm: {} players arriving over {:?}, mode {}, one match each",
+        args.players, args.duration, args.mode
     );
     let progress = berth_sim::Progress::new();
     let ticker = tokio::spawn(show_progress(progress.clone(), stack.pool.clone()));
