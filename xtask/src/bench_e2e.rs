@@ -83,6 +83,12 @@ async fn measure(stack: &Stack, args: &E2eArgs) -> Result<serde_json::Value> {
     let gw = stack.gateway.stats();
     crate::demo::pool_back(stack, args.warm).await?;
     let cpu1 = cpu_seconds();
+    let modes = berth_server::modes::Modes::load(&crate::image::root().join("assets/modes"))?;
+    let params = modes
+        .0
+        .get(&args.mode)
+        .map(|m| m.params_json())
+        .unwrap_or_default();
     let l = &report.latency;
     let pct = |p: &berth_sim::Percentiles| json!({"p50": p.p50, "p90": p.p90, "p99": p.p99, "max": p.max, "count": p.count});
     let overhead_p50 = ms(probe.diff.value_at_quantile(0.5));
@@ -91,6 +97,7 @@ async fn measure(stack: &Stack, args: &E2eArgs) -> Result<serde_json::Value> {
         && report.failed == 0
         && overhead_p50 <= 1.0;
     Ok(json!({
+        "mode": {"name": args.mode, "params": params},
         "players": report.players,
         "sessions": report.sessions,
         "failed": report.failed,

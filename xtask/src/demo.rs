@@ -84,7 +84,12 @@ impl Stack {
     /// Builds the image if needed and starts everything; returns once the substrate is docked
     /// with `warm` clones and the server knows it.
     pub async fn start(o: StackOptions) -> Result<Stack> {
-        crate::sys::ensure(&[crate::sys::QEMU, crate::sys::QEMU_UTILS, crate::sys::E2FS])?;
+        crate::sys::ensure(&[
+            crate::sys::QEMU,
+            crate::sys::QEMU_UTILS,
+            crate::sys::E2FS,
+            crate::sys::FONTS,
+        ])?;
         let manifest = crate::image::build()?;
         println!(
             "image {} ({})",
