@@ -76,10 +76,19 @@ pub fn ensure(needs: &[Need]) -> Result<()> {
         }
         eprintln!("xtask: installing {}", missing.join(" "));
         apt_update_once()?;
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing))?;
+        let install = || {
+            run(Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing))
+        };
+        if install().is_err() {
+            // Package lists older than the archive (a security update replaced a version):
+            // refresh them once and try again.
+            eprintln!("xtask: install failed; refreshing the package lists and retrying");
+            run(Command::new("apt-get").arg("update"))?;
+            install()?;
+        }
     }
     bail!("packages still missing after installing them: check apt's output above")
 }
