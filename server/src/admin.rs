@@ -2,15 +2,15 @@
 //! session, drain or undrain a host. Described in `docs/openapi.json`, which a test keeps in
 //! step with [`routes`].
 
-use crate::auth::Role;
-use crate::model::{HostState, SessionState, Transition};
+use crate::auth::{Claims, Role};
+use crate::model::{HostRecord, HostState, SessionState, Transition};
 use crate::sessions;
 use crate::state::Ctx;
 use crate::util::now_ms;
 use crate::wire;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
@@ -61,23 +61,26 @@ impl FromRequestParts<Ctx> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, ctx: &Ctx) -> Result<Self, ApiError> {
-        let token = wire::bearer(&parts.headers).unwrap_or_default();
-        match ctx.auth.verify(&token, Role::Admin) {
-            Ok(c) => Ok(Admin(c.sub)),
-            Err(e) => {
-                ctx.metrics.refuse(e.code());
-                let status = if e.code() == "wrong_role" {
-                    StatusCode::FORBIDDEN
-                } else {
-                    StatusCode::UNAUTHORIZED
-                };
-                Err(ApiError(status, e.code(), e.to_string()))
-            }
-        }
+        verify_admin(ctx, &parts.headers).map(|c| Admin(c.sub))
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Checks the request's admin-role bearer token: 401 without a valid token, 403 with another
+/// role's. The claims tell how long the token is good for (the event feed ends there).
+pub fn verify_admin(ctx: &Ctx, headers: &HeaderMap) -> Result<Claims, ApiError> {
+    let token = wire::bearer(headers).unwrap_or_default();
+    ctx.auth.verify(&token, Role::Admin).map_err(|e| {
+        ctx.metrics.refuse(e.code());
+        let status = if e.code() == "wrong_role" {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        ApiError(status, e.code(), e.to_string())
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostView {
     pub id: HostId,
     /// `up`, `disconnected`, `lost`.
@@ -94,7 +97,7 @@ pub struct HostView {
     pub last_seen_ms: u64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolView {
     pub image: String,
     /// Hosts up and not draining that offer the image.
@@ -205,27 +208,28 @@ pub fn router() -> Router<Ctx> {
         .fold(Router::new(), |r, (_, path, h)| r.route(path, h))
 }
 
+impl From<HostRecord> for HostView {
+    fn from(h: HostRecord) -> Self {
+        HostView {
+            running: h.running(),
+            id: h.id,
+            state: h.state,
+            draining: h.draining,
+            accel: h.accel,
+            driver: h.driver,
+            gateway: h.gateway,
+            max_vms: h.max_vms,
+            images: h.images,
+            replica: h.replica,
+            connected_ms: h.connected_ms,
+            last_seen_ms: h.last_seen_ms,
+        }
+    }
+}
+
 async fn hosts(_: Admin, State(ctx): State<Ctx>) -> Result<Json<Vec<HostView>>, ApiError> {
     let hosts = ctx.store.hosts().await?;
-    Ok(Json(
-        hosts
-            .into_iter()
-            .map(|h| HostView {
-                running: h.running(),
-                id: h.id,
-                state: h.state,
-                draining: h.draining,
-                accel: h.accel,
-                driver: h.driver,
-                gateway: h.gateway,
-                max_vms: h.max_vms,
-                images: h.images,
-                replica: h.replica,
-                connected_ms: h.connected_ms,
-                last_seen_ms: h.last_seen_ms,
-            })
-            .collect(),
-    ))
+    Ok(Json(hosts.into_iter().map(HostView::from).collect()))
 }
 
 fn host_id(id: String) -> Result<HostId, ApiError> {
@@ -247,6 +251,7 @@ async fn set_drain(
         ));
     }
     tracing::info!(host_id = %id, admin = who, draining, "host drain changed");
+    ctx.dashboard.hosts_changed();
     Ok(Json(
         serde_json::json!({ "host": id, "draining": draining }),
     ))
@@ -269,8 +274,13 @@ async fn undrain(
 }
 
 async fn pools(_: Admin, State(ctx): State<Ctx>) -> Result<Json<Vec<PoolView>>, ApiError> {
+    Ok(Json(pool_views(&ctx.store.hosts().await?)))
+}
+
+/// Capacity per image across `hosts`, by image name.
+pub fn pool_views(hosts: &[HostRecord]) -> Vec<PoolView> {
     let mut by: BTreeMap<String, PoolView> = BTreeMap::new();
-    for h in ctx.store.hosts().await? {
+    for h in hosts {
         for i in &h.images {
             let p = by.entry(i.name.clone()).or_insert_with(|| PoolView {
                 image: i.name.clone(),
@@ -287,7 +297,7 @@ async fn pools(_: Admin, State(ctx): State<Ctx>) -> Result<Json<Vec<PoolView>>, 
             }
         }
     }
-    Ok(Json(by.into_values().collect()))
+    by.into_values().collect()
 }
 
 async fn list_sessions(

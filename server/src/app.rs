@@ -1,5 +1,6 @@
 //! Wiring: the router (`app`), and a running server (`Server::start`) with its background
-//! tasks — the event dispatcher, the matchmaker and the sweeper — stopped on shutdown.
+//! tasks — the event dispatcher, the matchmaker, the sweeper and the dashboard's hub — stopped
+//! on shutdown.
 
 use crate::auth::{Auth, Role};
 use crate::config::ServerConfig;
@@ -11,7 +12,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::Store;
 use crate::wire::close;
-use crate::{admin, dispatch, hosts, matchmaker, play, sessions, web};
+use crate::{admin, dashboard, dispatch, hosts, matchmaker, play, sessions, web};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -39,6 +40,7 @@ pub fn app(ctx: Ctx) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(admin::router())
+        .merge(dashboard::router())
         .merge(web::router())
         .with_state(ctx)
 }
@@ -102,6 +104,7 @@ impl Server {
             hosts: Default::default(),
             activations: Default::default(),
             matcher: matcher_tx,
+            dashboard: Default::default(),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = app(ctx.clone());
@@ -109,6 +112,7 @@ impl Server {
             tokio::spawn(dispatch::run(ctx.clone())),
             tokio::spawn(matchmaker::run(ctx.clone(), matcher_rx)),
             tokio::spawn(sessions::run_sweeper(ctx.clone(), SWEEP_EVERY)),
+            tokio::spawn(dashboard::run(ctx.clone())),
             tokio::spawn(async move {
                 use axum::serve::ListenerExt;
                 // Small messages both ways: no Nagle delay (it costs ~40 ms with delayed ACKs).
@@ -137,6 +141,8 @@ impl Server {
     /// Closes every socket (players are told to reconnect), stops the tasks. State stays in
     /// the store: with Redis, another replica carries on.
     pub async fn shutdown(mut self) {
+        // Dashboard feeds end with `bye` (the page reconnects by itself).
+        self.ctx.dashboard.close("shutting_down");
         let players: Vec<_> = lock(&self.ctx.players).values().cloned().collect();
         for p in players {
             p.close(close::GOING_AWAY, "shutting_down");
@@ -177,9 +183,12 @@ async fn readyz(State(ctx): State<Ctx>) -> Response {
 #[derive(Debug, serde::Deserialize)]
 struct TokenRequest {
     player: String,
+    /// `player` (the default) or `admin` (for the dashboard's sign-in).
+    #[serde(default)]
+    role: Option<String>,
 }
 
-/// Development only (`auth.dev_tokens`): a player token for any name.
+/// Development only (`auth.dev_tokens`): a player token for any name, or an admin token.
 async fn dev_token(
     State(ctx): State<Ctx>,
     body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
@@ -204,10 +213,30 @@ async fn dev_token(
     if let Err(e) = berth_protocol::PlayerId::new(req.player.clone()) {
         return refuse(StatusCode::BAD_REQUEST, "bad_player", e.to_string());
     }
-    match ctx.auth.mint(&req.player, Role::Player, 24 * 3600) {
-        Ok(token) => {
-            Json(serde_json::json!({ "player": req.player, "token": token })).into_response()
+    let role = match req.role.as_deref() {
+        None | Some("player") => Role::Player,
+        Some("admin") => Role::Admin,
+        Some(other) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_role",
+                format!("role {other:?}: dev tokens are for `player` or `admin`"),
+            )
         }
+    };
+    if role == Role::Admin {
+        tracing::warn!(
+            admin = req.player,
+            "development mode: minted an admin token"
+        );
+    }
+    match ctx.auth.mint(&req.player, role, 24 * 3600) {
+        Ok(token) => Json(serde_json::json!({
+            "player": req.player,
+            "token": token,
+            "role": role.as_str(),
+        }))
+        .into_response(),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.code(), e.to_string()),
     }
 }

@@ -2,11 +2,13 @@
 //!
 //! - [`model`]: tickets, sessions, hosts, bindings, cross-replica events.
 //! - [`store`]: the [`store::Store`] trait and its `memory` and `redis` backends.
+//! - [`admin`] and [`dashboard`]: the operators' API, and their page (`/admin`) with its live feed.
 
 pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod dashboard;
 pub mod dispatch;
 pub mod hosts;
 pub mod matching;

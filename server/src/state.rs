@@ -68,6 +68,8 @@ pub struct Shared {
     pub activations: Mutex<HashMap<SessionId, Instant>>,
     /// Pools this replica's matcher should look at now.
     pub matcher: mpsc::UnboundedSender<PoolKey>,
+    /// What the admin dashboard's live feed shows, and its watchers.
+    pub dashboard: crate::dashboard::Hub,
 }
 
 impl std::fmt::Debug for Shared {

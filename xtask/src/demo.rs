@@ -271,9 +271,7 @@ pub(crate) async fn queue_until_matched_in(
 async fn demo(stack: &Stack, args: &DemoArgs) -> Result<()> {
     let base = format!("http://{}", stack.server.addr);
     println!("\n  play in a browser:  {base}/play   (phone or desktop; sign in with any name)");
-    println!(
-        "  admin API:          {base}/v1/admin/sessions   (token: berth-server token --admin)"
-    );
+    println!("  admin dashboard:    {base}/admin   (dev mode: sign in with any name)");
     println!("  metrics:            {base}/metrics");
     println!(
         "  hostd gateway:      ws://{}/v1/game\n",
