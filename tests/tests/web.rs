@@ -24,24 +24,18 @@ use berth_server::app::Server;
 use berth_server::auth::Role;
 use berth_server::config::ServerConfig;
 use berth_server::model::{Binding, HostState};
+use berth_tests::browser::{self, Device};
 use berth_tests::Sandbox;
 use fantoccini::actions::{
     Actions, InputSource, KeyAction, KeyActions, MouseActions, PointerAction, TouchActions,
     MOUSE_BUTTON_LEFT,
 };
-use fantoccini::elements::Element;
-use fantoccini::Locator;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
-
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-const CHROMIUM: &str = "/usr/bin/chromium";
 
 fn web_config() -> ServerConfig {
     let mut c = client::config();
@@ -51,177 +45,30 @@ fn web_config() -> ServerConfig {
     c
 }
 
-fn screenshots_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots")
+/// The shared headless Chromium (`berth_tests::browser`), with what this page's tests ask of
+/// it: which screen the page shows, and what is wrong when a wait fails.
+struct Browser(browser::Browser);
+
+impl std::ops::Deref for Browser {
+    type Target = browser::Browser;
+    fn deref(&self) -> &browser::Browser {
+        &self.0
+    }
 }
 
-/// A free loopback port (bound and released: chromedriver takes it a moment later).
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// What the page runs on: a phone (touch, emulated by Chromium) or a desktop window (mouse
-/// and keyboard).
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Device {
-    Phone { width: u32, height: u32 },
-    Desktop { width: u32, height: u32 },
-}
-
-/// Headless Chromium with a phone's viewport or a desktop window, through a chromedriver this test owns. Its
-/// profile folder is fresh; `finish` checks that no process naming it is left, and `Drop`
-/// kills whatever is (a failing test leaks nothing either).
-struct Browser {
-    client: Option<fantoccini::Client>,
-    driver: tokio::process::Child,
-    profile: PathBuf,
-}
+/// What the page shows, for failure messages (a JavaScript expression).
+const PAGE_CONTEXT: &str = "'screen=' + document.body.dataset.screen \
+     + ' error=' + (document.querySelector('[data-testid=error]').hidden ? '-' : document.querySelector('[data-testid=error-text]').textContent) \
+     + ' net=' + document.getElementById('net-text').textContent";
 
 impl Browser {
     async fn start(name: &str, device: Device) -> Result<Browser> {
-        for bin in [CHROMEDRIVER, CHROMIUM] {
-            if !Path::new(bin).exists() {
-                bail!("{bin} is missing: apt-get install chromium chromium-driver (cargo xtask test does)");
-            }
-        }
-        let profile =
-            std::env::temp_dir().join(format!("berth-chromium-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&profile);
-        std::fs::create_dir_all(&profile)?;
-        let port = free_port()?;
-        let driver = tokio::process::Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting chromedriver")?;
-        let mut browser = Browser {
-            client: None,
-            driver,
-            profile,
-        };
-        let url = format!("http://127.0.0.1:{port}");
-        let t0 = Instant::now();
-        loop {
-            let ready = reqwest::get(format!("{url}/status"))
-                .await
-                .ok()
-                .filter(|r| r.status().is_success());
-            if let Some(r) = ready {
-                if r.json::<Value>().await?["value"]["ready"] == true {
-                    break;
-                }
-            }
-            if t0.elapsed() > Duration::from_secs(20) {
-                bail!("chromedriver did not come up on port {port}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let mut args = vec![
-            "--headless".to_owned(),
-            "--no-sandbox".into(),
-            "--disable-gpu".into(),
-            "--disable-quic".into(),
-            "--no-first-run".into(),
-            "--disable-background-networking".into(),
-            "--disable-component-update".into(),
-            "--disable-sync".into(),
-            "--disable-dev-shm-usage".into(),
-            "--disable-crash-reporter".into(),
-            "--disable-breakpad".into(),
-            format!("--user-data-dir={}", browser.profile.display()),
-        ];
-        let mut options = json!({ "binary": CHROMIUM });
-        match device {
-            Device::Phone { width, height } => {
-                options["mobileEmulation"] = json!({
-                    "deviceMetrics": { "width": width, "height": height, "pixelRatio": 2.0, "touch": true, "mobile": true },
-                    "userAgent": "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Mobile Safari/537.36",
-                });
-            }
-            Device::Desktop { width, height } => {
-                args.push(format!("--window-size={width},{height}"))
-            }
-        }
-        options["args"] = json!(args);
-        let caps = json!({ "browserName": "chrome", "goog:chromeOptions": options });
-        let caps = caps.as_object().cloned().context("capabilities")?;
-        let client = fantoccini::ClientBuilder::new(
-            hyper_util::client::legacy::connect::HttpConnector::new(),
-        )
-        .capabilities(caps)
-        .connect(&url)
-        .await
-        .context("opening a Chromium session")?;
-        browser.client = Some(client);
-        Ok(browser)
-    }
-
-    fn c(&self) -> &fantoccini::Client {
-        self.client.as_ref().expect("open until finish")
-    }
-
-    async fn goto(&self, url: &str) -> Result<()> {
-        Ok(self.c().goto(url).await?)
-    }
-
-    async fn el(&self, testid: &str) -> Result<Element> {
-        self.c()
-            .find(Locator::Css(&format!("[data-testid=\"{testid}\"]")))
-            .await
-            .with_context(|| format!("no element {testid}"))
-    }
-
-    async fn click(&self, testid: &str) -> Result<()> {
-        Ok(self.el(testid).await?.click().await?)
-    }
-
-    async fn text(&self, testid: &str) -> Result<String> {
-        Ok(self.el(testid).await?.text().await?)
-    }
-
-    async fn js(&self, script: &str) -> Result<Value> {
-        Ok(self.c().execute(script, vec![]).await?)
-    }
-
-    /// The screen the page shows (`document.body.dataset.screen`).
-    async fn screen(&self) -> Result<String> {
-        Ok(self
-            .js("return document.body.dataset.screen || ''")
-            .await?
-            .as_str()
-            .unwrap_or_default()
-            .to_owned())
-    }
-
-    /// What is wrong on the page, for failure messages.
-    async fn context(&self) -> String {
-        self.js(
-            "return 'screen=' + document.body.dataset.screen \
-             + ' error=' + (document.querySelector('[data-testid=error]').hidden ? '-' : document.querySelector('[data-testid=error-text]').textContent) \
-             + ' net=' + document.getElementById('net-text').textContent",
-        )
-        .await
-        .map(|v| v.as_str().unwrap_or_default().to_owned())
-        .unwrap_or_else(|e| format!("(page unreadable: {e})"))
+        Ok(Browser(browser::Browser::start(name, device).await?))
     }
 
     /// Waits until the JavaScript expression `cond` is true.
     async fn until(&self, what: &str, within: Duration, cond: &str) -> Result<()> {
-        let t0 = Instant::now();
-        loop {
-            if self.js(&format!("return !!({cond})")).await? == Value::Bool(true) {
-                return Ok(());
-            }
-            if t0.elapsed() > within {
-                bail!("{what}: not within {within:?} ({})", self.context().await);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.0.until(what, within, cond, PAGE_CONTEXT).await
     }
 
     /// Waits for `screen`, and checks that it is the one displayed and fits the viewport.
@@ -241,87 +88,26 @@ impl Browser {
         self.fits().await
     }
 
-    /// Nothing wider than the viewport (no sideways scrolling on a phone).
-    async fn fits(&self) -> Result<()> {
-        let v = self
-            .js("return [document.documentElement.scrollWidth, window.innerWidth]")
-            .await?;
-        let (content, viewport) = (v[0].as_u64(), v[1].as_u64());
-        if content > viewport {
-            bail!(
-                "the page is wider than the viewport: {content:?} > {viewport:?} on {}",
-                self.screen().await?
-            );
-        }
-        Ok(())
+    /// The screen the page shows (`document.body.dataset.screen`).
+    async fn screen(&self) -> Result<String> {
+        Ok(self
+            .js("return document.body.dataset.screen || ''")
+            .await?
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
     }
 
-    async fn shot(&self, name: &str) -> Result<()> {
-        let png = self.c().screenshot().await?;
-        std::fs::create_dir_all(screenshots_dir())?;
-        std::fs::write(screenshots_dir().join(format!("{name}.png")), png)?;
-        Ok(())
+    /// What is wrong on the page, for failure messages.
+    async fn context(&self) -> String {
+        self.js(&format!("return {PAGE_CONTEXT}"))
+            .await
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .unwrap_or_else(|e| format!("(page unreadable: {e})"))
     }
 
-    /// Ends the browser session and chromedriver; fails if any process naming the profile
-    /// folder is left, then removes it.
-    async fn finish(mut self) -> Result<()> {
-        let spawned = self.driver.id().map(descendants).unwrap_or_default();
-        if let Some(c) = self.client.take() {
-            c.close().await.context("closing the browser session")?;
-        }
-        self.driver.kill().await?;
-        let t0 = Instant::now();
-        loop {
-            let mut left = berth_hostd::util::processes_naming(&self.profile);
-            left.extend(spawned.iter().filter(|p| berth_hostd::util::pid_alive(**p)));
-            if left.is_empty() {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!("browser processes left: {left:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        std::fs::remove_dir_all(&self.profile)?;
-        Ok(())
-    }
-}
-
-/// Every process below `pid` (chromedriver → Chromium → its zygotes, renderers, helpers).
-fn descendants(pid: u32) -> Vec<u32> {
-    let parent_of = |p: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        // `pid (comm) state ppid ...`; comm may hold spaces, so split after the last ')'.
-        stat.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    let all: Vec<u32> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() {
-        let parent = out[i];
-        out.extend(all.iter().filter(|p| parent_of(**p) == Some(parent)));
-        i += 1;
-    }
-    out
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.start_kill();
-        berth_hostd::util::kill_processes_naming(&self.profile);
-        let _ = std::fs::remove_dir_all(&self.profile);
+    async fn finish(self) -> Result<()> {
+        self.0.finish().await
     }
 }
 
