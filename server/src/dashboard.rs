@@ -459,6 +459,8 @@ pub struct Hub {
     closed: watch::Sender<bool>,
     /// An admin changed a host here: re-read hosts now rather than at the next tick.
     hosts_nudge: Notify,
+    /// A feed is opening: a mirror left stale while nobody watched must be read again.
+    wanted: Notify,
 }
 
 impl std::fmt::Debug for Hub {
@@ -477,6 +479,7 @@ impl Default for Hub {
             ready: watch::channel(false).0,
             closed: watch::channel(false).0,
             hosts_nudge: Notify::new(),
+            wanted: Notify::new(),
         }
     }
 }
@@ -528,7 +531,7 @@ pub async fn run(ctx: Ctx) {
     for t in [&mut flush, &mut tick, &mut series, &mut resync_at] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
-    let mut lagged = false;
+    let (mut lagged, mut stale) = (false, false);
     let (mut last_hosts, mut last_queues) = (None, None);
     loop {
         tokio::select! {
@@ -544,7 +547,13 @@ pub async fn run(ctx: Ctx) {
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = flush.tick() => {
-                if !dirty.is_empty() {
+                if hub.watchers() == 0 && !dirty.is_empty() {
+                    // Nobody watches: no store reads on the sessions' hot path. The mirror is
+                    // stale until the next feed opens and it is read again whole.
+                    dirty.clear();
+                    stale = true;
+                    hub.ready.send_replace(false);
+                } else if !dirty.is_empty() {
                     let ids: Vec<SessionId> = dirty.drain().collect();
                     if let Err(e) = refresh(&ctx, ids.clone()).await {
                         tracing::warn!(error = %e, "dashboard: reading sessions");
@@ -552,8 +561,20 @@ pub async fn run(ctx: Ctx) {
                     }
                 }
             }
+            () = hub.wanted.notified() => {
+                if stale {
+                    match reset(&ctx).await {
+                        Ok(()) => {
+                            stale = false;
+                            lagged = false;
+                            hub.ready.send_replace(true);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "dashboard: reading sessions"),
+                    }
+                }
+            }
             _ = resync_at.tick() => {
-                if lagged || hub.watchers() > 0 {
+                if !stale && (lagged || hub.watchers() > 0) {
                     match resync(&ctx).await {
                         Ok(()) => lagged = false,
                         Err(e) => tracing::warn!(error = %e, "dashboard: resync"),
@@ -561,8 +582,11 @@ pub async fn run(ctx: Ctx) {
                 }
             }
             _ = series.tick() => {
-                let point = lock(&hub.mirror).count(now_ms());
-                hub.send(&FeedMessage::Series { point });
+                // A stale mirror counts nothing true: the series has a gap instead.
+                if !stale {
+                    let point = lock(&hub.mirror).count(now_ms());
+                    hub.send(&FeedMessage::Series { point });
+                }
             }
             _ = tick.tick() => {
                 if hub.watchers() > 0 {
@@ -821,7 +845,9 @@ async fn events(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, 
             format!("at most {MAX_WATCHERS} feeds per replica; retry later"),
         ));
     }
-    // Wait (briefly) for the mirror to hold the store's sessions: a replica just started.
+    // Wait (briefly) for the mirror to hold the store's sessions: a replica just started, or
+    // nobody watched for a while and the mirror is read again.
+    hub.wanted.notify_one();
     let mut ready = hub.ready.subscribe();
     let ready = tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|r| *r))
         .await

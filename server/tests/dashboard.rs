@@ -479,3 +479,33 @@ async fn a_feed_follows_sessions_made_on_another_replica() -> Result<()> {
     r2.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_opened_after_unwatched_changes_sees_them() -> Result<()> {
+    // Nobody watches while a session forms and fails: the dashboard skips its store reads
+    // then, and reads the store again when a feed opens.
+    let s = Server::start(short_placing()).await?;
+    let mut ana = Client::player(&s, "ana").await?;
+    let mut ben = Client::player(&s, "ben").await?;
+    ana.send(&queue("duel", "eu")).await?;
+    ben.send(&queue("duel", "eu")).await?;
+    ana.until(Duration::from_secs(10), |m| {
+        matches!(m, ServerMessage::SessionEnded { .. })
+    })
+    .await?;
+    // Give the dashboard a flush or two to notice nobody is watching.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut feed = Feed::open(&s, &admin_token()).await?;
+    let (event, snap) = feed
+        .next(Duration::from_secs(5))
+        .await?
+        .context("no snapshot")?;
+    assert_eq!(event, "snapshot");
+    let rows = snap["sessions"].as_array().context("sessions")?;
+    assert_eq!(rows.len(), 1, "{snap}");
+    assert_eq!(rows[0]["state"], "ended", "{snap}");
+    assert_eq!(rows[0]["end_reason"], "placement_failed", "{snap}");
+    drop(ben);
+    s.shutdown().await;
+    Ok(())
+}
