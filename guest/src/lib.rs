@@ -62,12 +62,20 @@ pub enum GuestError {
     Bind(#[source] std::io::Error),
 }
 
+/// Binds the game port on every address, IPv6 and IPv4 (one dual-stack socket; hostd's xen
+/// driver reaches the guest by IPv6 link-local), or IPv4 only when the kernel has no IPv6.
+pub fn bind_game_port() -> Result<std::net::TcpListener, GuestError> {
+    let port = berth_protocol::guest::GAME_PORT;
+    std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port))
+        .or_else(|_| std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)))
+        .map_err(GuestError::Bind)
+}
+
 /// Boots the game and serves hostd until the VM is destroyed.
 pub fn run(config: Config) -> Result<(), GuestError> {
     let started = std::time::Instant::now();
     let world = game::World::load(&config.data_dir, config.init_work)?;
-    let listener = std::net::TcpListener::bind(("0.0.0.0", berth_protocol::guest::GAME_PORT))
-        .map_err(GuestError::Bind)?;
+    let listener = bind_game_port()?;
     let port = agent::open_port(&config.sysfs_ports)?;
     agent::Agent::new(port, world, listener, started).serve()
 }

@@ -31,7 +31,7 @@
 //! kernel has Xen guest support built in).
 
 use crate::{agent, game, Config, GuestError};
-use berth_protocol::guest::{decode_line, encode_line, GuestToHost, Line, LineBuffer, GAME_PORT};
+use berth_protocol::guest::{decode_line, encode_line, GuestToHost, Line, LineBuffer};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
@@ -278,7 +278,7 @@ pub fn open_port() -> Result<File, GuestError> {
 pub fn run(config: Config) -> Result<(), GuestError> {
     let started = Instant::now();
     let world = game::World::load(&config.data_dir, config.init_work)?;
-    let listener = std::net::TcpListener::bind(("0.0.0.0", GAME_PORT)).map_err(GuestError::Bind)?;
+    let listener = crate::bind_game_port()?;
     let port = open_port()?;
     agent::Agent::new(port, world, listener, started).serve()
 }
@@ -286,7 +286,7 @@ pub fn run(config: Config) -> Result<(), GuestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_protocol::guest::{HostToGuest, Identity, AGENT_PROTOCOL_VERSION};
+    use berth_protocol::guest::{HostToGuest, Identity, AGENT_PROTOCOL_VERSION, GAME_PORT};
     use berth_protocol::{SessionId, VmId};
     use std::collections::BTreeMap;
     use std::sync::Mutex;

@@ -42,6 +42,18 @@ pub enum AccelChoice {
     Kvm,
 }
 
+/// Which hypervisor backend hostd drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverChoice {
+    /// QEMU processes on this host (`accel` picks KVM or TCG).
+    #[default]
+    Qemu,
+    /// Xen domains through `xl` and XenStore; hostd must run in dom0 and be built with the
+    /// `xen` cargo feature.
+    Xen,
+}
+
 fn default_state_dir() -> PathBuf {
     "/dev/shm/berth".into()
 }
@@ -267,6 +279,8 @@ pub struct HostdConfig {
     #[serde(default = "default_control")]
     pub control: SocketAddr,
     #[serde(default)]
+    pub driver: DriverChoice,
+    #[serde(default)]
     pub accel: AccelChoice,
     #[serde(default = "default_qemu")]
     pub qemu: PathBuf,
@@ -481,6 +495,13 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = HostdConfig::default();
+        assert_eq!(c.driver, DriverChoice::Qemu);
+        assert_eq!(
+            HostdConfig::parse("driver = \"xen\"")
+                .map(|c| c.driver)
+                .ok(),
+            Some(DriverChoice::Xen)
+        );
         assert_eq!(c.state_dir, PathBuf::from("/dev/shm/berth"));
         assert_eq!(c.accel, AccelChoice::Auto);
     }
@@ -514,6 +535,7 @@ mod tests {
     fn bad_files_name_the_key() {
         assert!(err("surprise = 1").contains("unknown field"));
         assert!(err("accel = \"warp\"").contains("unknown variant"));
+        assert!(err("driver = \"vmware\"").contains("unknown variant"));
         assert!(err("max_vms = 0").contains("max_vms"));
         let img = |extra: &str| format!("[[images]]\nname = \"a\"\ndir = \"d\"\n{extra}");
         assert!(err(&img("memory_mib = 8")).contains("images[0].memory_mib"));

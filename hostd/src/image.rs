@@ -15,6 +15,8 @@ pub struct Manifest {
     pub input_digest: String,
     pub kernel: String,
     pub initrd: String,
+    /// The game's data disk; empty when the game data is inside the initramfs (Xen images:
+    /// the xen driver attaches no disk, see `driver::xen`).
     pub disk: String,
     pub kernel_package: String,
     /// Kernel command line; hostd appends what depends on the host (`tsc_early_khz`).
@@ -70,7 +72,8 @@ impl Image {
             dir: dir.to_path_buf(),
             manifest,
         };
-        for p in [image.kernel(), image.initrd(), image.disk()] {
+        let disk = (!image.manifest.disk.is_empty()).then(|| image.disk());
+        for p in [image.kernel(), image.initrd()].into_iter().chain(disk) {
             if !p.exists() {
                 return Err(ImageError::Missing(p));
             }

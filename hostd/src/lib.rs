@@ -11,6 +11,8 @@
 //! - [`control`]: the operator's HTTP surface and its client (`berth-hostd status` etc.).
 //! - [`link`]: the one websocket to the matchmaking server: register, heartbeats, activate and
 //!   destroy on the server's behalf, pool events upstream, reconnect and reconcile.
+//! - [`selftest`]: `berth-hostd selftest`, prime → activate → destroy on this host with its
+//!   configured driver, checking every game answers as its own session and nothing is left.
 //! - [`gateway`]: the players' websocket: ticket check with the session's own key, then frames
 //!   proxied to and from the game server in the session's VM.
 
@@ -22,6 +24,7 @@ pub mod gateway;
 pub mod image;
 pub mod link;
 pub mod pool;
+pub mod selftest;
 pub mod substrate;
 pub mod util;
 
@@ -31,8 +34,12 @@ pub use pool::Pool;
 use std::future::IntoFuture;
 use std::sync::Arc;
 
-/// Picks the driver this host can run (see [`accel`]).
+/// Builds the configured driver: Xen (`driver = "xen"`), or QEMU with the accelerator this
+/// host can run (see [`accel`]).
 pub async fn driver_for(config: &HostdConfig) -> anyhow::Result<Arc<dyn driver::VmDriver>> {
+    if config.driver == config::DriverChoice::Xen {
+        return xen_driver().await;
+    }
     let first = config
         .images
         .first()
@@ -53,6 +60,21 @@ pub async fn driver_for(config: &HostdConfig) -> anyhow::Result<Arc<dyn driver::
         "driver ready"
     );
     Ok(Arc::new(driver))
+}
+
+#[cfg(feature = "xen")]
+async fn xen_driver() -> anyhow::Result<Arc<dyn driver::VmDriver>> {
+    let driver = driver::xen::XenDriver::new().await?;
+    tracing::info!(xen = driver.version(), "driver ready");
+    Ok(Arc::new(driver))
+}
+
+#[cfg(not(feature = "xen"))]
+async fn xen_driver() -> anyhow::Result<Arc<dyn driver::VmDriver>> {
+    anyhow::bail!(
+        "config: driver: \"xen\" needs a berth-hostd built with the `xen` cargo feature \
+         (cargo build -p berth-hostd --features xen)"
+    )
 }
 
 /// Runs hostd until `shutdown` resolves: pool, gateway, control API and, with a `[server]`

@@ -57,6 +57,25 @@ enum Cmd {
         #[arg(long = "player")]
         players: Vec<String>,
     },
+    /// Check this host end to end with its configured driver: prime the first image, activate
+    /// sessions through the pool, read each game's hello, destroy, look for leftovers. Prints
+    /// (or writes) a JSON report; exits 1 when a check failed.
+    Selftest {
+        #[arg(long, env = "BERTH_HOSTD_CONFIG")]
+        config: PathBuf,
+        /// Sessions to activate through the pool.
+        #[arg(long, default_value_t = 3)]
+        sessions: usize,
+        /// Also time this many driver-level activations per path (substrate, warm).
+        #[arg(long, default_value_t = 0)]
+        runs: usize,
+        /// And this many cold boots (with --runs).
+        #[arg(long, default_value_t = 0)]
+        cold_runs: usize,
+        /// Write the report here instead of stdout.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Destroy a VM by VM id or session id.
     Destroy {
         #[arg(long, env = "BERTH_HOSTD_CONTROL", default_value = "127.0.0.1:7070")]
@@ -92,6 +111,49 @@ async fn main() -> anyhow::Result<()> {
                 config.validate()?;
             }
             berth_hostd::run(config, shutdown_signal()).await
+        }
+        Cmd::Selftest {
+            config,
+            sessions,
+            runs,
+            cold_runs,
+            json,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let config = HostdConfig::load(&config)?;
+            let driver = berth_hostd::driver_for(&config).await?;
+            let opts = berth_hostd::selftest::Options {
+                sessions,
+                runs,
+                cold_runs,
+            };
+            let report = berth_hostd::selftest::run(config, driver, &opts).await;
+            let text = serde_json::to_string_pretty(&report)?;
+            match json {
+                Some(path) => std::fs::write(&path, text + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{text}"),
+            }
+            if !report.ok {
+                let failed: Vec<String> =
+                    report
+                        .errors
+                        .iter()
+                        .cloned()
+                        .chain(report.sessions.iter().filter_map(|s| {
+                            s.error.as_ref().map(|e| format!("{}: {e}", s.session_id))
+                        }))
+                        .chain(report.leftovers.iter().map(|l| format!("left behind: {l}")))
+                        .collect();
+                anyhow::bail!("selftest failed: {}", failed.join("; "));
+            }
+            Ok(())
         }
         Cmd::Status { control } => {
             let s = Client::new(control).status().await?;

@@ -57,6 +57,7 @@ pub fn config(state_dir: &Path, images: Vec<ImageConfig>) -> HostdConfig {
         host_id: "test-host".into(),
         state_dir: state_dir.to_path_buf(),
         control: SocketAddr::from(([127, 0, 0, 1], 0)),
+        driver: Default::default(),
         accel: AccelChoice::Tcg,
         qemu: "qemu-system-x86_64".into(),
         max_vms: 64,

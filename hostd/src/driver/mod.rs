@@ -213,6 +213,14 @@ pub trait VmDriver: Send + Sync + 'static {
     ) -> Result<Box<dyn Vm>, DriverError>;
     /// Re-attaches to a VM described by `record` in `vm_dir`, left by an earlier hostd.
     async fn adopt(&self, record: &VmRecord, vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError>;
+    /// VMs of this driver still alive on the host, described for a person (the selftest's
+    /// "nothing left" check). By default: processes whose command line names `state_dir`.
+    async fn leftovers(&self, state_dir: &Path) -> Vec<String> {
+        crate::util::processes_naming(state_dir)
+            .into_iter()
+            .map(|pid| format!("process {pid}: {}", crate::util::pid_cmdline(pid).join(" ")))
+            .collect()
+    }
 }
 
 /// A VM with one owner.

@@ -314,6 +314,11 @@ impl QemuDriver {
     }
 
     fn write_blank_overlay(spec: &VmSpec, path: &Path) -> Result<(), DriverError> {
+        if spec.image.manifest.disk.is_empty() {
+            return Err(DriverError::Unsupported(
+                "an image without a data disk (a Xen image) under the qemu driver",
+            ));
+        }
         let status = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
             .arg(spec.image.disk())

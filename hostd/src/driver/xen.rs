@@ -45,9 +45,10 @@
 //! hardware virtualisation. `-e` keeps `xl` from leaving a monitor process per
 //! domain; a crashed domain therefore stays in `xl list` as crashed until hostd destroys it.
 
+use berth_protocol::guest::GAME_PORT;
 use berth_protocol::guest::{encode_line, HostToGuest, Identity};
 use berth_protocol::VmId;
-use std::net::IpAddr;
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::Path;
 
 /// Bumped whenever the domain config below changes: old substrates are then re-primed.
@@ -87,9 +88,52 @@ impl AgentKeys {
     }
 }
 
-/// Where a guest agent publishes its first IPv4 address (the convention Xen guest tools use).
-pub fn guest_ip_key(domid: u32) -> String {
-    format!("/local/domain/{domid}/attr/vif/0/ipv4/0")
+/// The MAC address of every game VM's one vif. All clones of a substrate share it (they are the
+/// same guest), and that is fine: each clone sits alone on its own vif in dom0.
+pub const GUEST_MAC: [u8; 6] = [0x00, 0x16, 0x3e, 0x42, 0x00, 0x01];
+
+/// The libxl hotplug script of the vif (`/etc/xen/scripts/vif-berth`, shipped in
+/// `assets/xen/vif-berth`): brings the backend interface up, nothing else.
+pub const VIF_SCRIPT: &str = "vif-berth";
+
+/// The guest's IPv6 link-local address (EUI-64 from its MAC): how dom0 reaches a game VM, on
+/// the scope of that VM's vif. It needs no addressing at activation: the guest keeps the address
+/// it had when it was docked, and each restored clone gets a vif of its own.
+pub fn guest_link_local(mac: [u8; 6]) -> Ipv6Addr {
+    let [a, b, c, d, e, f] = mac;
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([a ^ 0x02, b]),
+        u16::from_be_bytes([c, 0xff]),
+        u16::from_be_bytes([0xfe, d]),
+        u16::from_be_bytes([e, f]),
+    )
+}
+
+/// The backend interface of a domain's first vif in dom0 (Linux netback's naming).
+pub fn vif_name(domid: u32) -> String {
+    format!("vif{domid}.0")
+}
+
+/// Where a domain's game port is reachable from dom0: the guest's link-local address, scoped
+/// to the vif with interface index `ifindex`.
+pub fn game_addr_on(ifindex: u32) -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(
+        guest_link_local(GUEST_MAC),
+        GAME_PORT,
+        0,
+        ifindex,
+    ))
+}
+
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The domain name hostd gives a VM: `berth-<vm id>`.
@@ -159,7 +203,8 @@ pub fn xenstore_chmod(path: &str, domid: u32) -> Vec<String> {
 
 /// The `xl` domain config for priming an image (and, with another name, for restoring it).
 ///
-/// PVH, no disk and no network: see the module docs.
+/// PVH, one vif (routed by [`VIF_SCRIPT`], reached by link-local) and no disk: see the module
+/// docs.
 pub fn domain_config(
     name: &str,
     kernel: &Path,
@@ -169,10 +214,11 @@ pub fn domain_config(
     cmdline: &str,
 ) -> String {
     format!(
-        "name = \"{name}\"\ntype = \"pvh\"\nkernel = \"{}\"\nramdisk = \"{}\"\nmemory = {memory_mib}\nmaxmem = {memory_mib}\nvcpus = {vcpus}\nextra = \"{}\"\non_crash = \"destroy\"\n",
+        "name = \"{name}\"\ntype = \"pvh\"\nkernel = \"{}\"\nramdisk = \"{}\"\nmemory = {memory_mib}\nmaxmem = {memory_mib}\nvcpus = {vcpus}\nextra = \"{}\"\nvif = [ \"mac={},script={VIF_SCRIPT}\" ]\non_crash = \"destroy\"\n",
         kernel.display(),
         initrd.display(),
-        cmdline.replace('"', "")
+        cmdline.replace('"', ""),
+        mac_string(GUEST_MAC),
     )
 }
 
@@ -277,11 +323,6 @@ pub fn parse_xl_list(stdout: &str) -> Vec<DomainInfo> {
         .collect()
 }
 
-/// Reads a guest-published IP address value.
-pub fn parse_guest_ip(value: &str) -> Option<IpAddr> {
-    value.trim().parse().ok()
-}
-
 /// An identity that does not fit in one XenStore value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the identity is {bytes} bytes; a XenStore value at {path} holds at most {max}")]
@@ -325,11 +366,8 @@ mod live {
     use crate::substrate::{self, Fingerprint, Header, Machine, Substrate};
     use crate::util::now_ms;
     use async_trait::async_trait;
-    use berth_protocol::guest::{
-        decode_line, GuestToHost, LineError, AGENT_PROTOCOL_VERSION, GAME_PORT,
-    };
+    use berth_protocol::guest::{decode_line, GuestToHost, LineError, AGENT_PROTOCOL_VERSION};
     use futures::{Stream, StreamExt};
-    use std::net::{Ipv4Addr, SocketAddr};
     use std::os::unix::fs::DirBuilderExt;
     use std::path::PathBuf;
     use std::pin::Pin;
@@ -438,12 +476,19 @@ mod live {
         }
     }
 
-    /// The address the guest published in XenStore, if any.
-    async fn published_addr(store: &Store, domid: u32) -> Option<IpAddr> {
-        match store.read(&guest_ip_key(domid)).await {
-            Ok(Some(v)) => parse_guest_ip(&v),
-            _ => None,
-        }
+    /// Where dom0 reaches the game port of domain `domid`: on its vif, which the hotplug
+    /// script has brought up by the time `xl create`/`xl restore` returns.
+    fn vif_game_addr(domid: u32) -> Result<SocketAddr, DriverError> {
+        let vif = vif_name(domid);
+        let path = format!("/sys/class/net/{vif}/ifindex");
+        let text = std::fs::read_to_string(&path).map_err(io_err(format!(
+            "reading {path}: domain {domid} has no vif in dom0 (is {VIF_SCRIPT} in /etc/xen/scripts?)"
+        )))?;
+        let ifindex = text.trim().parse().map_err(|_| DriverError::Io {
+            what: format!("{path} holds {text:?}, not an interface index"),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        })?;
+        Ok(game_addr_on(ifindex))
     }
 
     /// Best effort: a domain that may or may not exist is destroyed.
@@ -666,7 +711,7 @@ mod live {
                 paused: false,
                 activated: false,
                 balloon_mib: None,
-                addr: None,
+                game_addr: game_addr_on(0),
                 event_watch: None,
                 last_event: None,
                 last_heard: Instant::now(),
@@ -804,11 +849,11 @@ mod live {
                 // The domid changes on every restore: look it up, never reuse the template's.
                 let domid = domid_of(&name).await?;
                 self.publish_subtree(domid).await?;
-                Ok::<_, DriverError>(domid)
+                Ok::<_, DriverError>((domid, vif_game_addr(domid)?))
             }
             .await;
-            let domid = match restored {
-                Ok(domid) => domid,
+            let (domid, game_addr) = match restored {
+                Ok(found) => found,
                 Err(e) => {
                     destroy_domain(&name).await;
                     let _ = std::fs::remove_dir_all(vm_dir);
@@ -816,6 +861,7 @@ mod live {
                 }
             };
             let mut vm = self.new_vm(vm_id, vm_dir, name, domid);
+            vm.game_addr = game_addr;
             vm.paused = true;
             vm.balloon_mib = spec.config.balloon_mib.map(|_| spec.config.memory_mib);
             if let Err(e) = vm.save_record(&spec.config.name) {
@@ -834,19 +880,37 @@ mod live {
         ) -> Result<Box<dyn Vm>, DriverError> {
             mkdir_private(vm_dir)?;
             let name = domain_name(&vm_id);
-            let domid = match self.boot(spec, &name, vm_dir, boot_timeout).await {
-                Ok(domid) => domid,
+            let booted = match self.boot(spec, &name, vm_dir, boot_timeout).await {
+                Ok(domid) => vif_game_addr(domid).map(|addr| (domid, addr)),
+                Err(e) => Err(e),
+            };
+            let (domid, game_addr) = match booted {
+                Ok(found) => found,
                 Err(e) => {
+                    destroy_domain(&name).await;
                     let _ = std::fs::remove_dir_all(vm_dir);
                     return Err(e);
                 }
             };
             let mut vm = self.new_vm(vm_id, vm_dir, name, domid);
+            vm.game_addr = game_addr;
             if let Err(e) = vm.save_record(&spec.config.name) {
                 Box::new(vm).destroy_in_place().await;
                 return Err(e);
             }
             Ok(Box::new(vm))
+        }
+
+        /// Every domain but dom0 in `xl list` (a dom0 that runs hostd runs nothing else).
+        async fn leftovers(&self, _state_dir: &Path) -> Vec<String> {
+            match run(&argv(["xl", "list"]), XL_QUICK).await {
+                Ok(out) => parse_xl_list(&out)
+                    .into_iter()
+                    .filter(|d| d.domid != 0)
+                    .map(|d| format!("domain {} (domid {})", d.name, d.domid))
+                    .collect(),
+                Err(e) => vec![format!("`xl list` failed: {e}")],
+            }
         }
 
         async fn adopt(
@@ -870,7 +934,7 @@ mod live {
             vm.ticket_key = record.ticket_key.clone();
             vm.image = record.image.clone();
             vm.created_ms = record.created_ms;
-            vm.addr = published_addr(&self.store, info.domid).await;
+            vm.game_addr = vif_game_addr(info.domid)?;
             Ok(Box::new(vm))
         }
     }
@@ -887,8 +951,8 @@ mod live {
         activated: bool,
         /// Full memory to balloon back up to after activation, if the substrate was shrunk.
         balloon_mib: Option<u32>,
-        /// The address the guest published in XenStore, if any.
-        addr: Option<IpAddr>,
+        /// The guest's link-local game port on this domain's vif.
+        game_addr: SocketAddr,
         event_watch: Option<WatchStream>,
         last_event: Option<String>,
         last_heard: Instant,
@@ -947,12 +1011,9 @@ mod live {
             &self.id
         }
 
-        /// Not reachable yet: networking is out of scope under Xen (see the module docs).
+        /// The guest's IPv6 link-local address on this domain's vif (dom0 only).
         fn game_addr(&self) -> SocketAddr {
-            SocketAddr::new(
-                self.addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-                GAME_PORT,
-            )
+            self.game_addr
         }
 
         /// The domid (it changes on every restore).
@@ -1020,7 +1081,6 @@ mod live {
                     tracing::warn!(vm_id = %self.id, error = %e, "could not balloon back up");
                 }
             }
-            self.addr = published_addr(&self.store, self.domid).await;
             Ok(Ready {
                 session_id,
                 guest_clock_ms: clock_ms,
@@ -1093,7 +1153,6 @@ mod tests {
         assert_eq!(k.ready(), "/local/domain/7/data/berth/ready");
         assert_eq!(k.event(), "/local/domain/7/data/berth/event");
         assert_ne!(AgentKeys::for_domid(8).identity(), k.identity());
-        assert_eq!(guest_ip_key(7), "/local/domain/7/attr/vif/0/ipv4/0");
     }
 
     #[test]
@@ -1230,13 +1289,20 @@ mod tests {
     }
 
     #[test]
-    fn guest_ips_are_parsed() {
+    fn game_vms_are_reached_by_link_local_on_their_vif() {
         assert_eq!(
-            parse_guest_ip("10.0.0.5\n"),
-            Some(IpAddr::from([10, 0, 0, 5]))
+            guest_link_local([0x00, 0x16, 0x3e, 0x00, 0x00, 0x01]),
+            "fe80::216:3eff:fe00:1".parse::<Ipv6Addr>().expect("valid")
         );
-        assert_eq!(parse_guest_ip(""), None);
-        assert_eq!(parse_guest_ip("not an ip"), None);
+        assert_eq!(vif_name(12), "vif12.0");
+        let addr = game_addr_on(9);
+        assert_eq!(addr.to_string(), "[fe80::216:3eff:fe42:1%9]:7000");
+        assert_eq!(addr.to_string().parse::<SocketAddr>().ok(), Some(addr));
+        let c = domain_config("d", Path::new("/k"), Path::new("/i"), 128, 1, "x");
+        assert!(
+            c.contains("vif = [ \"mac=00:16:3e:42:00:01,script=vif-berth\" ]"),
+            "{c}"
+        );
     }
 
     fn identity(players: usize) -> Identity {
