@@ -1,8 +1,9 @@
 //! The agent's link to hostd over XenStore, for the Xen driver (the `xen` cargo feature).
 //!
-//! **Untested on real Xen**: there is none on these machines. The unit tests cover the routing
-//! of agent messages to keys, the encoding of values and the two bridge loops against an
-//! in-memory XenStore; the xenbus connection itself has never run.
+//! Runs for real in the nested-Xen tier of `cargo xtask test` (a PV guest under Xen 4.17 in
+//! QEMU TCG, hostd's xen driver in dom0); the unit tests below cover the routing of agent
+//! messages to keys, the encoding of values and the two bridge loops against an in-memory
+//! XenStore.
 //!
 //! Under Xen there is no virtio-serial port. hostd and the agent meet in keys under the
 //! domain's own XenStore directory, which the agent names by *relative* paths: xenbus resolves
@@ -24,11 +25,10 @@
 //! watches, so the identity key is polled every [`IDENTITY_POLL`]; after the identity has been
 //! delivered that thread ends, so an activated VM polls nothing.
 //!
-//! [`run`] is the Xen counterpart of [`crate::run`]. `main.rs` does not call it yet: a binary
-//! built with the feature should take it when [`selected`] (hostd's Xen driver puts
-//! `BERTH_TRANSPORT=xen` on the kernel command line, which the kernel hands to `/init` as an
-//! environment variable). The guest kernel needs `/dev/xen/xenbus` (devtmpfs creates it when the
-//! kernel has Xen guest support built in).
+//! [`run`] is the Xen counterpart of [`crate::run`]; `main.rs` takes it when [`selected`]
+//! (hostd's Xen driver puts `BERTH_TRANSPORT=xen` on the kernel command line, which the kernel
+//! hands to `/init` as an environment variable). The guest kernel needs `/dev/xen/xenbus`
+//! (devtmpfs creates it when the kernel has Xen guest support built in, as Debian's do).
 
 use crate::{agent, game, Config, GuestError};
 use berth_protocol::guest::{decode_line, encode_line, GuestToHost, Line, LineBuffer};

@@ -60,6 +60,8 @@ pub struct Report {
     pub sessions: Vec<SessionCheck>,
     /// VMs the driver still sees and files still in the state folder after shutdown.
     pub leftovers: Vec<String>,
+    /// VM failures the pool recorded during the run (a VM that died after activation).
+    pub failures: Vec<crate::pool::Failure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bench: Option<Timings>,
     pub total_ms: f64,
@@ -164,6 +166,7 @@ pub async fn run(config: HostdConfig, driver: Arc<dyn VmDriver>, opts: &Options)
     report.leftovers = driver.leftovers(&state_dir).await;
     report.leftovers.extend(files_under(&state_dir));
     report.ok = report.errors.is_empty()
+        && report.failures.is_empty()
         && report.leftovers.is_empty()
         && report.prime.is_some()
         && report.sessions.len() == opts.sessions
@@ -226,6 +229,13 @@ async fn cycle(
             active.push(check.vm_id.clone());
             report.sessions.push(check);
         }
+        for vm in active {
+            if let Err(e) = pool.destroy(vm.as_str()).await {
+                report
+                    .errors
+                    .push(format!("destroying {vm}: {e}: it was gone before the end"));
+            }
+        }
         if opts.runs > 0 {
             let sub = Substrate::open(
                 &state_dir.join("substrates").join(&ic.name),
@@ -234,12 +244,10 @@ async fn cycle(
             let dir = state_dir.join("selftest");
             report.bench = Some(bench(&*driver, &spec, &sub, &dir, opts, boot_timeout).await?);
         }
-        for vm in active {
-            pool.destroy(vm.as_str()).await?;
-        }
         anyhow::Ok(())
     }
     .await;
+    report.failures = pool.status().failures;
     pool.shutdown().await;
     result
 }

@@ -2,35 +2,47 @@
 //! side by side in one run on the same image, each timed until a TCP client gets the game's
 //! answer from inside the VM. Also concurrent activations, per-VM PSS and idle CPU, substrate
 //! size, time to prime, and many VMs at once. Writes `target/bench/activation.json`.
+//!
+//! With `--driver xen` the same kinds are timed by hostd's Xen driver inside a nested Xen dom0
+//! (see `xen.rs`), written to `target/bench/activation-xen.json`.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use berth_hostd::config::{AccelChoice, ImageConfig};
 use berth_hostd::driver::qemu::QemuDriver;
 use berth_hostd::driver::{Vm, VmDriver, VmSpec};
 use berth_hostd::image::Image;
 use berth_hostd::substrate::Substrate;
-use berth_hostd::util::{disk_usage, pss_kib, random_u64};
+use berth_hostd::util::{disk_usage, pss_kib};
 use berth_protocol::guest::Identity;
-use berth_protocol::{SessionId, VmId};
+use berth_protocol::VmId;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncBufReadExt;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ActivationArgs {
-    /// Timed runs per activation kind.
-    #[arg(long, default_value_t = 10)]
-    pub runs: usize,
-    /// Cold boots to time (each takes seconds under TCG).
-    #[arg(long, default_value_t = 3)]
-    pub cold_runs: usize,
+    /// The VM driver: qemu on this host, or xen in a nested Xen (QEMU TCG) dom0, where --many
+    /// and --accel do not apply.
+    #[arg(long, value_enum, default_value = "qemu")]
+    pub driver: DriverArg,
+    /// Timed runs per activation kind [default: 10 with qemu, 5 with xen].
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Cold boots to time (each takes seconds under TCG) [default: 3 with qemu, 2 with xen].
+    #[arg(long)]
+    pub cold_runs: Option<usize>,
     /// VMs to run at once in the capacity check (0 skips it).
     #[arg(long, default_value_t = 64)]
     pub many: usize,
     /// Accelerator: auto probes KVM with a real boot first.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverArg {
+    Qemu,
+    Xen,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -40,7 +52,7 @@ pub enum AccelArg {
     Kvm,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -48,7 +60,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn summary(mut v: Vec<f64>) -> serde_json::Value {
+pub(crate) fn summary(mut v: Vec<f64>) -> serde_json::Value {
     v.sort_by(|a, b| a.total_cmp(b));
     json!({
         "p50": round(percentile(&v, 50.0)),
@@ -70,28 +82,13 @@ struct Bench {
 }
 
 fn identity(vm_id: &VmId, n: u64) -> Identity {
-    Identity {
-        teams: vec![],
-        session_id: SessionId::new(format!("bench-{n}")).expect("valid id"),
-        vm_id: vm_id.clone(),
-        hostname: format!("bench-{n}"),
-        players: vec![],
-        ticket_key: String::new(),
-        params: serde_json::Value::Null,
-        wall_clock_ms: 0,
-        rng_seed: random_u64(),
-    }
+    berth_hostd::selftest::bench_identity(vm_id, n as usize)
 }
 
-/// Connects to the game port and waits for its first line.
+/// Connects to the game port and waits for its `hello` (the selftest's check, which retries the
+/// connect while the guest's network comes up).
 async fn game_answer(addr: std::net::SocketAddr) -> Result<()> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let mut lines = tokio::io::BufReader::new(stream).lines();
-    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .context("no game answer in 20 s")??
-        .context("game port closed")?;
-    anyhow::ensure!(line.contains("\"hello\""), "unexpected game answer {line}");
+    berth_hostd::selftest::game_hello(addr, Duration::from_secs(20)).await?;
     Ok(())
 }
 
@@ -219,6 +216,8 @@ pub async fn activation(args: ActivationArgs) -> Result<()> {
 }
 
 async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_json::Value> {
+    let runs = args.runs.unwrap_or(10);
+    let cold_runs = args.cold_runs.unwrap_or(3);
     let cfg = |name: &str, cow: bool| ImageConfig {
         name: name.into(),
         dir: image.dir.clone(),
@@ -281,19 +280,19 @@ async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_js
     );
 
     let mut cold = Vec::new();
-    for i in 0..args.cold_runs {
+    for i in 0..cold_runs {
         cold.push(b.cold(&cow_spec).await?);
         eprintln!(
             "bench: cold boot {}/{}: {:.0} ms",
             i + 1,
-            args.cold_runs,
+            cold_runs,
             cold[i]
         );
     }
     let mut full = Vec::new();
     let mut cow = Vec::new();
     let mut warm = Vec::new();
-    for _ in 0..args.runs {
+    for _ in 0..runs {
         let (ms, vm) = b.activation(&full_spec, &full_sub, None).await?;
         full.push(ms);
         vm.destroy().await;
@@ -371,7 +370,7 @@ async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_js
         "qemu": b.driver.version(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "guest_memory_mib": 128,
-        "runs": args.runs,
+        "runs": runs,
         "cold_boot_ms": summary(cold.clone()),
         "substrate_ms": summary(full.clone()),
         "cow_ms": summary(cow.clone()),

@@ -1,15 +1,21 @@
 //! A minimal `newc` cpio writer: what the kernel unpacks as an initramfs.
+//!
+//! Every entry's parent folders are written before it, once each, so callers name only the
+//! folders that stay empty.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 
 #[derive(Debug, Default)]
 pub struct Cpio {
     out: Vec<u8>,
     ino: u32,
+    dirs: BTreeSet<String>,
 }
 
 impl Cpio {
     fn header(&mut self, name: &str, mode: u32, size: usize, rdev: (u32, u32)) {
+        self.parents(name);
         self.ino += 1;
         let namesize = name.len() + 1;
         let fields = [
@@ -42,14 +48,45 @@ impl Cpio {
         }
     }
 
+    /// A folder (and its parents); asking again is a no-op.
     pub fn dir(&mut self, name: &str) {
-        self.header(name, 0o040755, 0, (0, 0));
+        if !self.dirs.contains(name) {
+            self.header(name, 0o040755, 0, (0, 0));
+            self.dirs.insert(name.to_string());
+        }
+    }
+
+    /// Every parent folder of `name`, outermost first.
+    fn parents(&mut self, name: &str) {
+        let mut end = 0;
+        while let Some(i) = name[end..].find('/') {
+            end += i;
+            self.dir(&name[..end]);
+            end += 1;
+        }
     }
 
     pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
         self.header(name, 0o100000 | mode, data.len(), (0, 0));
         self.out.extend_from_slice(data);
         self.pad();
+    }
+
+    /// A symbolic link: its target is the entry's data.
+    pub fn symlink(&mut self, name: &str, target: &str) {
+        self.header(name, 0o120777, target.len(), (0, 0));
+        self.out.extend_from_slice(target.as_bytes());
+        self.pad();
+    }
+
+    /// The folders of an initramfs and the two device nodes its `/init` needs before it can
+    /// mount devtmpfs (`/dev/console`, `/dev/null`).
+    pub fn skeleton(&mut self, dirs: &[&str]) {
+        for d in dirs {
+            self.dir(d);
+        }
+        self.char_dev("dev/console", 5, 1);
+        self.char_dev("dev/null", 1, 3);
     }
 
     pub fn char_dev(&mut self, name: &str, major: u32, minor: u32) {
@@ -75,5 +112,44 @@ mod tests {
         assert_eq!(out.len() % 4, 0);
         assert!(out.starts_with(b"070701"));
         assert!(out.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+
+    /// Names of the entries, in order, read back from the archive.
+    fn names(out: &[u8]) -> Vec<(u32, String)> {
+        let mut names = Vec::new();
+        let mut at = 0;
+        let field = |at: usize, i: usize| {
+            let s = std::str::from_utf8(&out[at + 6 + i * 8..at + 14 + i * 8]).expect("hex");
+            u32::from_str_radix(s, 16).expect("hex") as usize
+        };
+        loop {
+            let (mode, size, namesize) = (field(at, 1), field(at, 6), field(at, 11));
+            let name = String::from_utf8_lossy(&out[at + 110..at + 110 + namesize - 1]).into();
+            if name == "TRAILER!!!" {
+                return names;
+            }
+            names.push((mode as u32, name));
+            at = (at + 110 + namesize).next_multiple_of(4);
+            at = (at + size).next_multiple_of(4);
+        }
+    }
+
+    #[test]
+    fn directories_once_parents_first_and_symlinks() {
+        let mut c = Cpio::default();
+        c.dir("usr");
+        c.symlink("usr/lib/x/libfoo.so.1", "libfoo.so.1.0");
+        c.dir("usr/lib");
+        c.file("usr/lib/x/libfoo.so.1.0", 0o644, b"elf");
+        let got = names(&c.finish());
+        let want = [
+            (0o040755, "usr"),
+            (0o040755, "usr/lib"),
+            (0o040755, "usr/lib/x"),
+            (0o120777, "usr/lib/x/libfoo.so.1"),
+            (0o100644, "usr/lib/x/libfoo.so.1.0"),
+        ];
+        let got: Vec<(u32, &str)> = got.iter().map(|(m, n)| (*m, n.as_str())).collect();
+        assert_eq!(got, want);
     }
 }

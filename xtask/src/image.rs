@@ -28,7 +28,7 @@ pub fn image_dir() -> PathBuf {
     root().join("target/image")
 }
 
-fn sha_files(h: &mut Sha256, paths: &[PathBuf]) -> Result<()> {
+pub(crate) fn sha_files(h: &mut Sha256, paths: &[PathBuf]) -> Result<()> {
     for p in paths {
         h.update(p.to_string_lossy().as_bytes());
         h.update(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
@@ -36,7 +36,8 @@ fn sha_files(h: &mut Sha256, paths: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+/// Every file under `dir` (following no symlinks into directories), sorted.
+pub(crate) fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let p = e?.path();
@@ -50,13 +51,23 @@ fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Builds the static guest binary; returns its path.
-fn build_guest() -> Result<PathBuf> {
+/// A .deb's file name (name, version, architecture): what an input digest records of a package.
+pub(crate) fn deb_name(deb: &Path) -> String {
+    deb.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Builds the static guest binary; returns its path. One binary serves the QEMU image and the
+/// Xen image (`cargo xtask xen-image`): the `xen` feature only adds the XenStore transport, which
+/// the agent picks at run time.
+pub(crate) fn build_guest() -> Result<PathBuf> {
     let target_dir = root().join("target/guest");
     sys::run(
         Command::new(env!("CARGO"))
             .current_dir(root())
             .args(["build", "--release", "--quiet", "-p", "berth-guest"])
+            .args(["--features", "xen"])
             .args(["--target", "x86_64-unknown-linux-gnu"])
             .arg("--target-dir")
             .arg(&target_dir)
@@ -69,7 +80,7 @@ fn build_guest() -> Result<PathBuf> {
 }
 
 /// Reads `depends=` from a kernel module's `.modinfo` section.
-fn module_depends(ko: &[u8]) -> Vec<String> {
+pub(crate) fn module_depends(ko: &[u8]) -> Vec<String> {
     let key = b"depends=";
     ko.windows(key.len())
         .position(|w| w == key)
@@ -86,7 +97,10 @@ fn module_depends(ko: &[u8]) -> Vec<String> {
 }
 
 /// Module load order for `wanted`, dependencies first.
-fn module_order(modules: &BTreeMap<String, PathBuf>, wanted: &[String]) -> Result<Vec<String>> {
+pub(crate) fn module_order(
+    modules: &BTreeMap<String, PathBuf>,
+    wanted: &[String],
+) -> Result<Vec<String>> {
     fn visit(
         name: &str,
         modules: &BTreeMap<String, PathBuf>,
@@ -115,6 +129,114 @@ fn module_order(modules: &BTreeMap<String, PathBuf>, wanted: &[String]) -> Resul
     Ok(out)
 }
 
+/// The kernel modules of an extracted kernel package, by name.
+pub(crate) fn kernel_modules(kernel_root: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    let mut modules = BTreeMap::new();
+    for p in files_under(&kernel_root.join("lib/modules"))? {
+        if let Some(name) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+        {
+            modules.insert(name.to_string(), p.clone());
+        }
+    }
+    Ok(modules)
+}
+
+/// A list file of module names: one a line, `#` comments.
+pub(crate) fn module_list(path: &Path) -> Result<Vec<String>> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
+}
+
+/// The compressed kernel (`boot/vmlinuz-*`) of an extracted kernel package.
+pub(crate) fn find_vmlinuz(kernel_root: &Path) -> Result<PathBuf> {
+    std::fs::read_dir(kernel_root.join("boot"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .context("kernel package has no vmlinuz")
+}
+
+/// Adds `/lib/modules/<name>.ko` for `wanted` and their dependencies, and `/lib/modules/order`
+/// (dependencies first) for the init script to `insmod` in that order.
+pub(crate) fn add_modules(cpio: &mut Cpio, kernel_root: &Path, wanted: &[String]) -> Result<()> {
+    let modules = kernel_modules(kernel_root)?;
+    let order = module_order(&modules, wanted)?;
+    cpio.dir("lib/modules");
+    for m in &order {
+        cpio.file(
+            &format!("lib/modules/{m}.ko"),
+            0o644,
+            &std::fs::read(&modules[m])?,
+        );
+    }
+    cpio.file(
+        "lib/modules/order",
+        0o644,
+        (order.join("\n") + "\n").as_bytes(),
+    );
+    Ok(())
+}
+
+/// What goes into a guest's initramfs.
+pub(crate) struct GuestInitrd<'a> {
+    pub init: &'a Path,
+    pub busybox: &'a Path,
+    pub guest: &'a Path,
+    /// An extracted kernel package, and the list of modules to load from it.
+    pub kernel_root: &'a Path,
+    pub modules_list: &'a Path,
+    /// Files copied under `/data`, for an image without a data disk (Xen); `None` leaves `/data`
+    /// empty for the data disk to be mounted on.
+    pub data: Option<&'a Path>,
+}
+
+impl GuestInitrd<'_> {
+    /// The initramfs: busybox, `/init`, the agent, the modules, the game's data if asked.
+    pub fn build(&self) -> Result<Vec<u8>> {
+        let mut cpio = Cpio::default();
+        cpio.skeleton(&[
+            "bin",
+            "dev",
+            "proc",
+            "sys",
+            "data",
+            "tmp",
+            "etc",
+            "lib",
+            "lib/modules",
+        ]);
+        cpio.file("init", 0o755, &std::fs::read(self.init)?);
+        cpio.file("bin/busybox", 0o755, &std::fs::read(self.busybox)?);
+        cpio.file("bin/berth-guest", 0o755, &std::fs::read(self.guest)?);
+        add_modules(
+            &mut cpio,
+            self.kernel_root,
+            &module_list(self.modules_list)?,
+        )?;
+        if let Some(data) = self.data {
+            for f in files_under(data)? {
+                let rel = f
+                    .strip_prefix(data)
+                    .expect("files_under stays under its root");
+                let name = format!("data/{}", rel.display());
+                cpio.file(&name, 0o644, &std::fs::read(&f)?);
+            }
+        }
+        Ok(cpio.finish())
+    }
+}
+
 pub fn build() -> Result<Manifest> {
     sys::ensure(&[sys::E2FS])?;
     let dir = image_dir();
@@ -129,18 +251,8 @@ pub fn build() -> Result<Manifest> {
     let game_files = files_under(&assets.join("game"))?;
 
     let mut h = Sha256::new();
-    h.update(
-        kernel_deb
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    );
-    h.update(
-        busybox_deb
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    );
+    h.update(deb_name(&kernel_deb));
+    h.update(deb_name(&busybox_deb));
     sha_files(&mut h, &[guest.clone(), init.clone(), modules_list.clone()])?;
     sha_files(&mut h, &game_files)?;
     let input_digest = hex::encode(h.finalize());
@@ -162,74 +274,16 @@ pub fn build() -> Result<Manifest> {
     for deb in [&kernel_deb, &busybox_deb] {
         sys::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&work))?;
     }
-    // The kernel.
-    let boot = work.join("boot");
-    let vmlinuz = std::fs::read_dir(&boot)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .context("kernel package has no vmlinuz")?;
-    std::fs::copy(&vmlinuz, dir.join("vmlinuz"))?;
-
-    // Modules, by name.
-    let mut modules = BTreeMap::new();
-    for p in files_under(&work.join("lib/modules"))? {
-        if let Some(name) = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".ko"))
-        {
-            modules.insert(name.to_string(), p.clone());
-        }
-    }
-    let wanted: Vec<String> = std::fs::read_to_string(&modules_list)?
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect();
-    let order = module_order(&modules, &wanted)?;
-
-    // The initramfs.
-    let mut cpio = Cpio::default();
-    for d in [
-        "bin",
-        "dev",
-        "proc",
-        "sys",
-        "data",
-        "tmp",
-        "etc",
-        "lib",
-        "lib/modules",
-    ] {
-        cpio.dir(d);
-    }
-    cpio.char_dev("dev/console", 5, 1);
-    cpio.char_dev("dev/null", 1, 3);
-    cpio.file("init", 0o755, &std::fs::read(&init)?);
-    cpio.file(
-        "bin/busybox",
-        0o755,
-        &std::fs::read(work.join("bin/busybox"))?,
-    );
-    cpio.file("bin/berth-guest", 0o755, &std::fs::read(&guest)?);
-    for m in &order {
-        cpio.file(
-            &format!("lib/modules/{m}.ko"),
-            0o644,
-            &std::fs::read(&modules[m])?,
-        );
-    }
-    cpio.file(
-        "lib/modules/order",
-        0o644,
-        (order.join("\n") + "\n").as_bytes(),
-    );
-    std::fs::write(dir.join("initrd.cpio"), cpio.finish())?;
+    std::fs::copy(find_vmlinuz(&work)?, dir.join("vmlinuz"))?;
+    let initrd = GuestInitrd {
+        init: &init,
+        busybox: &work.join("bin/busybox"),
+        guest: &guest,
+        kernel_root: &work,
+        modules_list: &modules_list,
+        data: None,
+    };
+    std::fs::write(dir.join("initrd.cpio"), initrd.build()?)?;
 
     // The data disk: ext4 holding the game's assets.
     let disk = dir.join("data.raw");

@@ -1,4 +1,5 @@
-//! `cargo xtask`: build the guest image, run the demo, run all tests, run benchmarks.
+//! `cargo xtask`: build the guest image (and the nested-Xen artefacts), run the demo, run all
+//! tests, run benchmarks.
 mod bench;
 mod bench_e2e;
 mod bench_server;
@@ -8,6 +9,7 @@ mod image;
 mod redis;
 mod sys;
 mod test;
+mod xen;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -23,9 +25,16 @@ struct Cli {
 enum Cmd {
     /// Build (or reuse) the guest image under target/image.
     Image,
+    /// Build (or reuse) the nested-Xen artefacts under target/xen: the hypervisor, dom0's kernel
+    /// and initramfs (Xen's toolstack, berth-hostd, the Xen guest image).
+    XenImage {
+        /// Then boot it in QEMU and check a selftest, as the Xen tier of `cargo xtask test` does.
+        #[arg(long)]
+        selftest: bool,
+    },
     /// The main job: the whole stack with real game VMs, and a swarm of simulated phones playing.
     Demo(demo::DemoArgs),
-    /// Install what is missing, build the image and run every test.
+    /// Install what is missing, build the image and run every test, then the nested-Xen tier.
     Test {
         /// Extra arguments for the test runner (e.g. a filter).
         #[arg(trailing_var_arg = true)]
@@ -40,7 +49,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Cold boot vs substrate vs copy-on-write vs warm activation, and capacity.
+    /// Cold boot vs substrate vs copy-on-write vs warm activation, and capacity (--driver xen:
+    /// inside a nested Xen).
     Activation(bench::ActivationArgs),
     /// The matchmaking server: idle player sockets per process, matchmaking throughput.
     Server(bench_server::ServerArgs),
@@ -58,11 +68,21 @@ fn main() -> Result<()> {
         Cmd::Image => {
             image::build()?;
         }
+        Cmd::XenImage { selftest: false } => {
+            xen::build()?;
+        }
+        Cmd::XenImage { selftest: true } => xen::selftest()?,
         Cmd::Demo(args) => {
             init_logs();
             rt()?.block_on(demo::run(args))?;
         }
         Cmd::Test { extra } => test::run(&extra)?,
+        Cmd::Bench {
+            which: BenchCmd::Activation(args),
+        } if args.driver == bench::DriverArg::Xen => {
+            sys::ensure(&[sys::QEMU])?;
+            xen::bench(args.runs.unwrap_or(5), args.cold_runs.unwrap_or(2))?;
+        }
         Cmd::Bench {
             which: BenchCmd::Activation(args),
         } => {

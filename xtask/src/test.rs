@@ -3,13 +3,26 @@
 //! Installs what is missing (as root, with apt-get), builds the guest image, builds the
 //! workspace once (debug), starts a private Redis for the store tests (`BERTH_TEST_REDIS`), runs
 //! the whole suite with nextest (VM tests at most two at a time, see `.config/nextest.toml`),
-//! stops that Redis, then checks that no test left a QEMU process or a `/dev/shm` folder behind.
+//! stops that Redis, then runs the nested-Xen tier (`xen.rs`: Xen and a Berth dom0 inside QEMU;
+//! skipped, and said so, where its packages cannot be downloaded or `BERTH_XEN_TIER=0`), then
+//! checks that no test left a QEMU process or a `/dev/shm` folder behind.
 
-use crate::{image, sys};
+use crate::{image, sys, xen};
 use anyhow::{bail, Result};
 use std::process::Command;
 
 pub const FEATURES: &str = "berth-hostd/xen,berth-guest/xen";
+
+/// Builds every binary of the workspace (debug) with the features the tests use. The Xen tier's
+/// dom0 takes `target/debug/berth-hostd` from this same build, so `cargo xtask test` compiles
+/// once.
+pub fn build_workspace() -> Result<()> {
+    sys::run(
+        Command::new(env!("CARGO"))
+            .current_dir(image::root())
+            .args(["build", "--workspace", "--bins", "--features", FEATURES]),
+    )
+}
 
 pub fn run(extra: &[String]) -> Result<()> {
     sys::ensure(&[
@@ -24,13 +37,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     image::build()?;
     let root = image::root();
     let cargo = env!("CARGO");
-    sys::run(Command::new(cargo).current_dir(&root).args([
-        "build",
-        "--workspace",
-        "--bins",
-        "--features",
-        FEATURES,
-    ]))?;
+    build_workspace()?;
     let _ = std::fs::remove_dir_all("/dev/shm/berth-test-cache");
     let redis = crate::redis::RedisServer::start()?;
     eprintln!("xtask: test redis at {}", redis.url);
@@ -72,16 +79,59 @@ pub fn run(extra: &[String]) -> Result<()> {
     };
     drop(redis);
     let _ = std::fs::remove_dir_all("/dev/shm/berth-test-cache");
+    let xen = xen_tier();
     let leaks = leftovers();
-    result?;
-    if !leaks.is_empty() {
-        bail!("tests left things behind: {leaks:?}");
+    match (result, xen) {
+        (Err(tests), Err(xen)) => bail!("{tests:#}; and the Xen tier failed: {xen:#}"),
+        (Err(tests), Ok(_)) => return Err(tests),
+        (Ok(()), Err(xen)) => bail!("Xen tier failed: {xen:#}"),
+        (Ok(()), Ok(xen)) => {
+            if !leaks.is_empty() {
+                bail!("tests left things behind: {leaks:?}");
+            }
+            match xen {
+                XenTier::Passed => eprintln!(
+                    "xtask: all tests passed, the Xen tier too; nothing left in /dev/shm, no QEMU \
+                     process left"
+                ),
+                XenTier::Skipped(why) => eprintln!(
+                    "xtask: all tests passed; Xen tier SKIPPED ({why}); nothing left in /dev/shm, \
+                     no QEMU process left"
+                ),
+            }
+        }
     }
-    eprintln!("xtask: all tests passed; nothing left in /dev/shm, no QEMU process left");
     Ok(())
 }
 
-/// Test folders in /dev/shm and QEMU processes that a test run left.
+/// How the nested-Xen tier went, when it did not fail.
+enum XenTier {
+    Passed,
+    /// It could not run here (packages not downloadable, no QEMU, `BERTH_XEN_TIER=0`): never
+    /// to be read as a pass.
+    Skipped(String),
+}
+
+fn xen_tier() -> Result<XenTier> {
+    let skip = |why: String| {
+        eprintln!("xtask: Xen tier SKIPPED: {why}");
+        Ok(XenTier::Skipped(why))
+    };
+    if std::env::var("BERTH_XEN_TIER").is_ok_and(|v| v == "0") {
+        return skip("BERTH_XEN_TIER=0".into());
+    }
+    eprintln!("xtask: Xen tier: Xen 4.17 and a Berth dom0 nested in QEMU (TCG)");
+    match xen::selftest() {
+        Ok(()) => Ok(XenTier::Passed),
+        Err(e) => match xen::unavailable_reason(&e) {
+            Some(why) => skip(why.to_string()),
+            None => Err(e),
+        },
+    }
+}
+
+/// Test folders in /dev/shm and QEMU processes that a test run left: the VM tests' (named after
+/// their `berth-test-` folders) and the Xen tier's (booting from `target/xen/`).
 fn leftovers() -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir("/dev/shm")
         .map(|d| {
@@ -91,11 +141,11 @@ fn leftovers() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default();
-    if let Ok(o) = Command::new("pgrep").args(["-af", "berth-test-"]).output() {
+    if let Ok(o) = Command::new("pgrep").args(["-af", "qemu-system"]).output() {
         out.extend(
             String::from_utf8_lossy(&o.stdout)
                 .lines()
-                .filter(|l| l.contains("qemu-system"))
+                .filter(|l| l.contains("berth-test-") || l.contains("target/xen/"))
                 .map(|l| format!("process {l}")),
         );
     }

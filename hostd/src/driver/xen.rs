@@ -1,30 +1,31 @@
 //! The Xen driver, as in the paper: `xl save`/`xl restore` substrates and identity through
 //! XenStore.
 //!
-//! **UNTESTED ON REAL XEN.** These machines have no Xen, and no test here starts a domain.
-//! What the unit tests below cover is everything that can be checked without one: every `xl`
-//! argument vector, every XenStore path, the parsing of `xl domid`, `xl list` and `xl info`
-//! output, and how identity and agent messages are encoded into XenStore values. The driver
-//! itself (`XenDriver`, `XenVm`) is behind the `xen` cargo feature; it builds and passes
-//! clippy, nothing more. Before it can be trusted it needs:
-//! - **a nested-Xen test tier**: Xen + dom0 booted inside QEMU TCG as DESIGN.md's field notes
-//!   describe (stock bookworm packages unpacked with `dpkg-deb -x`), hostd run in dom0 against a
-//!   real `xl` and `xenstored`, and a PVH guest image whose `/init` starts the agent with
-//!   `berth_guest::xen` (the `xen` feature of `berth-guest`);
-//! - **networking**: a `vif` on a bridge in dom0 and the guest re-addressed on activation. Out
-//!   of scope here, so `XenVm::game_addr` is not a loopback
-//!   `hostfwd` as under QEMU: it is the address the guest published in XenStore
-//!   (`attr/vif/0/ipv4/0`) if there is one, else `0.0.0.0:7000`, which no one can connect to;
-//! - **disks**: a blkback `disk = [...]` for the image's data disk (with a copy-on-write
-//!   backend per clone). The domain config below has none, so a guest under this driver must
-//!   carry its game data in its initramfs.
+//! **Tested on a real Xen, nested in QEMU TCG** (`cargo xtask test` runs the tier; see
+//! `docs/operations.md`, "Xen"): Xen 4.17 and dom0 from stock Debian packages, hostd built
+//! with the `xen` feature running in dom0 against the real `xl`, `xenstored` and netback, and
+//! `berth-hostd selftest` driving this driver through the pool: prime, three activations (each
+//! with its own identity, each game answering from dom0 as its own session), destroy, nothing
+//! left in `xl list` or in the state folder. The guest is a **PV** domain (a PVH one needs
+//! the nested SVM that QEMU's TCG emulates, and was far slower and unstable there).
+//!
+//! What this driver does not do, and a bare-metal Xen host would still need:
+//! - **networking beyond dom0**: each domain has one vif, brought up by the `vif-berth`
+//!   hotplug script (no bridge, no addresses); dom0 reaches the game by the guest's IPv6
+//!   link-local address scoped to that vif ([`game_addr_on`]), so hostd's gateway in dom0 can
+//!   proxy players to it. Players coming straight to a VM need a bridge or routing and a
+//!   per-clone address, set at activation.
+//! - **disks**: the domain config has no `disk = [...]`: the guest carries its game data in its
+//!   initramfs. A data disk needs blkback and a copy-on-write backend per clone.
+//! - **copy-on-write memory**: every `xl restore` copies the whole saved RAM into the new
+//!   domain; there is no equivalent of the QEMU driver's shared RAM file.
 //!
 //! Commands run through `tokio::process::Command` with argument vectors, never a shell; the
 //! helpers here build them. `xenstore-chmod` (from `xenstore-utils`) must be on `PATH` in dom0:
 //! `xenstore-rs` has no call to set permissions.
 //!
 //! ```text
-//! prime     xl create -e <dir>/domain.cfg          cold boot of the image (PVH)
+//! prime     xl create -e <dir>/domain.cfg          cold boot of the image (PV)
 //!           wait /local/domain/<domid>/data/berth/initialised
 //!           xl mem-set <name> <balloon>m           miniaturisation (if configured)
 //!           xl save <name> <dir>/state             the domain is gone after this
@@ -40,9 +41,9 @@
 //! ```
 //!
 //! Keys are watched (XenStore watch) and re-read on a short poll as well, so a lost watch
-//! event costs latency, not correctness. [`Vm::prewarm`](crate::driver::Vm::prewarm) keeps
-//! the trait's no-op: warming up translated code is a TCG concern, and Xen runs guests on
-//! hardware virtualisation. `-e` keeps `xl` from leaving a monitor process per
+//! event costs latency, not correctness. A failing `xl list` (the tool, not the domain) is
+//! logged and asked again; only `xl` saying the domain does not exist ends a VM. [`Vm::prewarm`](crate::driver::Vm::prewarm) keeps
+//! the trait's no-op: warming up translated code is a TCG concern of the QEMU driver. `-e` keeps `xl` from leaving a monitor process per
 //! domain; a crashed domain therefore stays in `xl list` as crashed until hostd destroys it.
 
 use berth_protocol::guest::GAME_PORT;
@@ -52,7 +53,7 @@ use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::Path;
 
 /// Bumped whenever the domain config below changes: old substrates are then re-primed.
-pub const DEVICE_MODEL: &str = "xen-pvh-1";
+pub const DEVICE_MODEL: &str = "xen-pv-1";
 
 /// The largest XenStore request payload (`XENSTORE_PAYLOAD_MAX`): a write carries the path, a
 /// NUL and the value in one payload of at most this many bytes.
@@ -203,7 +204,7 @@ pub fn xenstore_chmod(path: &str, domid: u32) -> Vec<String> {
 
 /// The `xl` domain config for priming an image (and, with another name, for restoring it).
 ///
-/// PVH, one vif (routed by [`VIF_SCRIPT`], reached by link-local) and no disk: see the module
+/// PV, one vif (routed by [`VIF_SCRIPT`], reached by link-local) and no disk: see the module
 /// docs.
 pub fn domain_config(
     name: &str,
@@ -214,7 +215,7 @@ pub fn domain_config(
     cmdline: &str,
 ) -> String {
     format!(
-        "name = \"{name}\"\ntype = \"pvh\"\nkernel = \"{}\"\nramdisk = \"{}\"\nmemory = {memory_mib}\nmaxmem = {memory_mib}\nvcpus = {vcpus}\nextra = \"{}\"\nvif = [ \"mac={},script={VIF_SCRIPT}\" ]\non_crash = \"destroy\"\n",
+        "name = \"{name}\"\ntype = \"pv\"\nkernel = \"{}\"\nramdisk = \"{}\"\nmemory = {memory_mib}\nmaxmem = {memory_mib}\nvcpus = {vcpus}\nextra = \"{}\"\nvif = [ \"mac={},script={VIF_SCRIPT}\" ]\non_crash = \"destroy\"\n",
         kernel.display(),
         initrd.display(),
         cmdline.replace('"', ""),
@@ -222,7 +223,7 @@ pub fn domain_config(
     )
 }
 
-/// The guest kernel command line under Xen: the image's, the configured extra, the PVH console
+/// The guest kernel command line under Xen: the image's, the configured extra, the Xen console
 /// and the agent transport. Like `BERTH_INIT_MS`, `BERTH_TRANSPORT=xen` has no dot, so the
 /// kernel hands it to `/init` (and so to the agent) as an environment variable.
 pub fn guest_cmdline(image_cmdline: &str, extra: Option<&str>) -> String {
@@ -411,8 +412,20 @@ mod live {
         }
     }
 
-    /// Runs one argument vector (no shell) within `limit`; its stdout on success.
+    /// One toolstack command at a time. In the nested-Xen tier, `xl` processes running side
+    /// by side (a liveness `xl list` during an `xl restore`) crashed one another's memory; on
+    /// any host, libxl serialises domain creation anyway.
+    static TOOLSTACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Runs one argument vector (no shell) within `limit`, after any command already running;
+    /// its stdout on success.
     async fn run(argv: &[String], limit: Duration) -> Result<String, DriverError> {
+        let _turn = TOOLSTACK.lock().await;
+        run_now(argv, limit).await
+    }
+
+    /// [`run`] for callers that hold the toolstack's turn.
+    async fn run_now(argv: &[String], limit: Duration) -> Result<String, DriverError> {
         let Some((prog, args)) = argv.split_first() else {
             return Err(DriverError::Io {
                 what: "running an empty command".into(),
@@ -440,7 +453,7 @@ mod live {
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             return Err(DriverError::Io {
-                what: format!("`{shown}` failed: {}", stderr.trim()),
+                what: format!("`{shown}` failed ({}): {}", out.status, stderr.trim()),
                 source: std::io::Error::other(out.status.to_string()),
             });
         }
@@ -456,11 +469,22 @@ mod live {
         })
     }
 
-    /// The `xl list` row of a domain, or why it is not there.
+    /// The `xl list` row of a domain: [`DriverError::Exited`] when `xl` says there is no such
+    /// domain, another error when `xl` itself failed (then nobody knows; callers ask again).
     async fn domain_info(name: &str) -> Result<DomainInfo, DriverError> {
-        let out = run(&xl_list(name), XL_QUICK)
+        let _turn = TOOLSTACK.lock().await;
+        domain_info_now(name).await
+    }
+
+    async fn domain_info_now(name: &str) -> Result<DomainInfo, DriverError> {
+        let out = run_now(&xl_list(name), XL_QUICK)
             .await
-            .map_err(|e| DriverError::Exited(format!("domain {name} is gone: {e}")))?;
+            .map_err(|e| match e {
+                DriverError::Io { ref what, .. } if what.contains("invalid domain identifier") => {
+                    DriverError::Exited(format!("domain {name} is gone"))
+                }
+                other => other,
+            })?;
         parse_xl_list(&out)
             .into_iter()
             .find(|d| d.name == name)
@@ -469,11 +493,23 @@ mod live {
 
     /// `Ok` while the domain exists and has not crashed or shut down.
     async fn domain_alive(name: &str) -> Result<DomainInfo, DriverError> {
-        let info = domain_info(name).await?;
+        alive(domain_info(name).await?, name)
+    }
+
+    fn alive(info: DomainInfo, name: &str) -> Result<DomainInfo, DriverError> {
         match info.state.ended() {
             Some(why) => Err(DriverError::Exited(format!("{why} ({name})"))),
             None => Ok(info),
         }
+    }
+
+    /// The periodic liveness check: [`domain_alive`] when the toolstack is idle; while another
+    /// command runs it is skipped (`Ok`): the next check comes a second later.
+    async fn domain_check(name: &str) -> Result<(), DriverError> {
+        let Ok(_turn) = TOOLSTACK.try_lock() else {
+            return Ok(());
+        };
+        alive(domain_info_now(name).await?, name).map(drop)
     }
 
     /// Where dom0 reaches the game port of domain `domid`: on its vif, which the hotplug
@@ -580,7 +616,11 @@ mod live {
                 }
             }
             if checked.elapsed() >= DOMAIN_CHECK {
-                domain_alive(name).await?;
+                match domain_check(name).await {
+                    Err(e @ DriverError::Exited(_)) => return Err(e),
+                    Err(e) => tracing::warn!(domain = name, error = %e, "checking the domain"),
+                    Ok(_) => {}
+                }
                 checked = Instant::now();
             }
             wait_change(&mut watch, KEY_POLL).await;
@@ -1097,13 +1137,13 @@ mod live {
             let mut checked: Option<Instant> = None;
             loop {
                 if checked.is_none_or(|t| t.elapsed() >= DOMAIN_CHECK) {
-                    if let Err(e) = domain_alive(&self.name).await {
-                        return VmEvent::Exited {
-                            status: match e {
-                                DriverError::Exited(status) => status,
-                                other => other.to_string(),
-                            },
-                        };
+                    match domain_check(&self.name).await {
+                        Err(DriverError::Exited(status)) => return VmEvent::Exited { status },
+                        // `xl` itself failed: the domain may well be fine; ask again later.
+                        Err(e) => {
+                            tracing::warn!(vm_id = %self.id, error = %e, "checking the domain")
+                        }
+                        Ok(_) => {}
                     }
                     checked = Some(Instant::now());
                 }
@@ -1216,7 +1256,7 @@ mod tests {
         assert!(c.contains("extra = \"a=b c\""));
         assert!(c.contains("memory = 128"));
         assert!(c.contains("maxmem = 128"));
-        assert!(c.contains("type = \"pvh\""));
+        assert!(c.contains("type = \"pv\""));
         assert!(c.contains("name = \"d\""));
     }
 
