@@ -9,7 +9,7 @@
 //!       /init          assets/xen/dom0-init: xenstored, xenconsoled, then
 //!       berth-hostd selftest --config /berth/hostd.toml (driver xen), JSON between
 //!                      BERTH-RESULT-BEGIN / BERTH-RESULT-END, then BERTH-EXIT <rc>
-//!       └─ game VMs    PVH domUs from /berth/image (cloud kernel; initrd holds /data)
+//!       └─ game VMs    PV domUs from /berth/image (cloud kernel; initrd holds /data)
 //! ```
 //!
 //! Everything comes from Debian packages (downloaded to `target/debs`, unpacked, never
@@ -828,6 +828,10 @@ pub fn selftest() -> Result<()> {
         activations.join(", "),
         total.as_secs_f64()
     );
+    for r in v["retried"].as_array().into_iter().flatten() {
+        let first = r.as_str().unwrap_or("?").lines().next().unwrap_or("?");
+        eprintln!("xtask: Xen tier: retried inside the run (nested emulation faults): {first}");
+    }
     Ok(())
 }
 
@@ -911,6 +915,7 @@ fn bench_report(v: &Value, runs: usize, wall: Duration, image_digest: &str) -> R
         ),
         "many_vms": null,
         "nested_run_s": crate::bench::round(wall.as_secs_f64()),
+        "retried": v["retried"].clone(),
         "image_digest": image_digest,
     }))
 }
