@@ -23,6 +23,22 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+/// The real `berth-hostd` binary next to the test binaries (`cargo xtask test` builds it).
+pub fn hostd_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join("berth-hostd");
+    assert!(
+        bin.exists(),
+        "{} missing: cargo xtask test builds the binaries first",
+        bin.display()
+    );
+    bin
+}
+
 /// The guest image `cargo xtask image` builds.
 pub fn image_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image")

@@ -12,21 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-fn hostd_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join("berth-hostd");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo xtask test builds the binaries first",
-        bin.display()
-    );
-    bin
-}
-
 /// A running `berth-hostd`; killed and reaped if the test ends early.
 struct Hostd(Child);
 
