@@ -528,9 +528,26 @@ mod live {
     }
 
     /// Best effort: a domain that may or may not exist is destroyed.
+    /// A failing `xl` (not a missing domain) is asked again, a few times.
+    const XL_ATTEMPTS: u32 = 3;
+
+    /// True when `xl` failed because the domain does not exist.
+    fn no_such_domain(e: &DriverError) -> bool {
+        matches!(e, DriverError::Io { what, .. } if what.contains("invalid domain identifier"))
+    }
+
+    /// Best effort: a domain that may or may not exist is destroyed (a crashed `xl` is run
+    /// again, so one fault does not leave a domain behind).
     async fn destroy_domain(name: &str) {
-        if let Err(e) = run(&xl_destroy(name), XL_QUICK).await {
-            tracing::debug!(domain = name, error = %e, "xl destroy");
+        for attempt in 1..=XL_ATTEMPTS {
+            match run(&xl_destroy(name), XL_QUICK).await {
+                Ok(_) => return,
+                Err(e) if no_such_domain(&e) => return,
+                Err(e) => {
+                    tracing::warn!(domain = name, attempt, error = %e, "xl destroy failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         }
     }
 
@@ -943,14 +960,20 @@ mod live {
 
         /// Every domain but dom0 in `xl list` (a dom0 that runs hostd runs nothing else).
         async fn leftovers(&self, _state_dir: &Path) -> Vec<String> {
-            match run(&argv(["xl", "list"]), XL_QUICK).await {
-                Ok(out) => parse_xl_list(&out)
-                    .into_iter()
-                    .filter(|d| d.domid != 0)
-                    .map(|d| format!("domain {} (domid {})", d.name, d.domid))
-                    .collect(),
-                Err(e) => vec![format!("`xl list` failed: {e}")],
+            let mut failed = String::new();
+            for _ in 0..XL_ATTEMPTS {
+                match run(&argv(["xl", "list"]), XL_QUICK).await {
+                    Ok(out) => {
+                        return parse_xl_list(&out)
+                            .into_iter()
+                            .filter(|d| d.domid != 0)
+                            .map(|d| format!("domain {} (domid {})", d.name, d.domid))
+                            .collect()
+                    }
+                    Err(e) => failed = e.to_string(),
+                }
             }
+            vec![format!("`xl list` failed: {failed}")]
         }
 
         async fn adopt(
