@@ -273,6 +273,12 @@ async fn cycle(
                     if check.domid != 0 {
                         let _ = pool.destroy(check.vm_id.as_str()).await;
                     }
+                    // A failed restore makes the pool prime the substrate again: wait for it.
+                    if let Err(e) = pool.wait_ready(&ic.name, 0, boot_timeout * 2).await {
+                        report
+                            .retried
+                            .push(format!("waiting for the substrate: {e}"));
+                    }
                 }
             }
             if live.len() == opts.sessions {

@@ -452,9 +452,15 @@ mod live {
             })?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
+            // A tool killed by a signal crashed; `Interrupted` marks it (see `tool_crashed`).
+            let kind = if std::os::unix::process::ExitStatusExt::signal(&out.status).is_some() {
+                std::io::ErrorKind::Interrupted
+            } else {
+                std::io::ErrorKind::Other
+            };
             return Err(DriverError::Io {
                 what: format!("`{shown}` failed ({}): {}", out.status, stderr.trim()),
-                source: std::io::Error::other(out.status.to_string()),
+                source: std::io::Error::new(kind, out.status.to_string()),
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -530,6 +536,12 @@ mod live {
     /// Best effort: a domain that may or may not exist is destroyed.
     /// A failing `xl` (not a missing domain) is asked again, a few times.
     const XL_ATTEMPTS: u32 = 3;
+
+    /// True when the tool itself crashed (killed by a signal), which says nothing about the
+    /// domain or the substrate.
+    fn tool_crashed(e: &DriverError) -> bool {
+        matches!(e, DriverError::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted)
+    }
 
     /// True when `xl` failed because the domain does not exist.
     fn no_such_domain(e: &DriverError) -> bool {
@@ -900,9 +912,19 @@ mod live {
             let name = domain_name(&vm_id);
             let restored = async {
                 let config = Self::write_config(spec, &name, vm_dir)?;
-                run(&xl_restore(&config, &substrate.state()), XL_SLOW)
-                    .await
-                    .map_err(|e| DriverError::Restore(e.to_string()))?;
+                // A crashed `xl restore` is no verdict on the substrate: clean up, try again.
+                let mut attempt = 1;
+                loop {
+                    match run(&xl_restore(&config, &substrate.state()), XL_SLOW).await {
+                        Ok(_) => break,
+                        Err(e) if tool_crashed(&e) && attempt < XL_ATTEMPTS => {
+                            tracing::warn!(domain = %name, attempt, error = %e, "xl restore crashed; again");
+                            destroy_domain(&name).await;
+                            attempt += 1;
+                        }
+                        Err(e) => return Err(DriverError::Restore(e.to_string())),
+                    }
+                }
                 // The domid changes on every restore: look it up, never reuse the template's.
                 let domid = domid_of(&name).await?;
                 self.publish_subtree(domid).await?;
