@@ -461,7 +461,9 @@ impl Bot {
                 Ok(ServerMessage::Welcome {
                     ping_interval_ms, ..
                 }) => ping_interval_ms,
-                Ok(ServerMessage::Error { code, .. }) => return Err(Failure::HelloRefused(code)),
+                Ok(ServerMessage::Error { code, .. }) => {
+                    return Err(Failure::HelloRefused(code.to_string()))
+                }
                 _ => return Err(Failure::PlayUnreachable("no_welcome".into())),
             },
             Ok(Incoming::Closed { .. }) => return Err(Failure::PlayUnreachable("closed".into())),
@@ -976,12 +978,14 @@ impl Bot {
                     None if reason == "placement_failed" => {
                         return Some(Outcome::Failed(Failure::PlacementFailed))
                     }
-                    None => return Some(Outcome::Failed(Failure::SessionEnded(reason))),
+                    None => {
+                        return Some(Outcome::Failed(Failure::SessionEnded(reason.to_string())))
+                    }
                     Some(mm) if mm.session != session => return None,
                     Some(_) => {}
                 }
                 m.t_end.get_or_insert(now);
-                m.play_end = Some((reason, results));
+                m.play_end = Some((reason.to_string(), results));
                 if m.game_results.is_some() || m.game.is_none() {
                     return Some(self.conclude(m));
                 }
@@ -994,7 +998,7 @@ impl Bot {
                 return Some(match reason.as_str() {
                     "cancelled" if m.cancel_sent => Outcome::Cancelled,
                     "max_wait" => Outcome::Failed(Failure::QueueTimeout),
-                    _ => Outcome::Failed(Failure::Dequeued(reason)),
+                    _ => Outcome::Failed(Failure::Dequeued(reason.to_string())),
                 });
             }
             ServerMessage::Error { code, .. } => {
@@ -1020,7 +1024,7 @@ impl Bot {
                     {
                         m.requeue_at = Some(now + Duration::from_secs(1));
                     }
-                    _ => return Some(Outcome::Failed(Failure::QueueRefused(code))),
+                    _ => return Some(Outcome::Failed(Failure::QueueRefused(code.to_string()))),
                 }
             }
             ServerMessage::QueueStatus { .. } => m.queued = true,

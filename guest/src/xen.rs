@@ -10,12 +10,8 @@
 //! them against `/local/domain/<domid>/`, so they follow the domain across `xl save`/`xl
 //! restore`, which gives it a new domid.
 //!
-//! ```text
-//! data/berth/identity      hostd → agent  one identity JSON line (written before unpause)
-//! data/berth/initialised   agent → hostd  at boot: the substrate may be docked
-//! data/berth/ready         agent → hostd  `ready`, or the `error` refusing the identity
-//! data/berth/event         agent → hostd  heartbeats, then `ended` (never overwritten)
-//! ```
+//! The keys, their limits and the encoding of a value are [`berth_protocol::xenstore`]'s,
+//! shared with hostd's Xen driver.
 //!
 //! The agent itself ([`crate::agent::Agent`]) is unchanged: [`open_port`] hands it one end of
 //! a socket pair as its "port", and two threads bridge the other end to XenStore — one polls
@@ -31,7 +27,8 @@
 //! (devtmpfs creates it when the kernel has Xen guest support built in, as Debian's do).
 
 use crate::{agent, game, Config, GuestError};
-use berth_protocol::guest::{decode_line, encode_line, GuestToHost, Line, LineBuffer};
+use berth_protocol::guest::{decode_line, GuestToHost, Line, LineBuffer};
+use berth_protocol::xenstore::{value_line, value_of};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
@@ -39,17 +36,9 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use xenstore_rs::Xs;
 
-/// hostd → agent: the identity line.
-pub const IDENTITY_KEY: &str = "data/berth/identity";
-/// agent → hostd: `initialised`.
-pub const INITIALISED_KEY: &str = "data/berth/initialised";
-/// agent → hostd: `ready`, or the `error` refusing an identity.
-pub const READY_KEY: &str = "data/berth/ready";
-/// agent → hostd: heartbeats and `ended`.
-pub const EVENT_KEY: &str = "data/berth/event";
-
-/// The largest XenStore request payload: path, NUL and value together.
-pub const XENSTORE_PAYLOAD_MAX: usize = 4096;
+pub use berth_protocol::xenstore::{
+    key_for, max_value_len, EVENT_KEY, IDENTITY_KEY, INITIALISED_KEY, PAYLOAD_MAX, READY_KEY,
+};
 
 /// How often the identity key is read while waiting for activation.
 pub const IDENTITY_POLL: Duration = Duration::from_millis(10);
@@ -63,37 +52,13 @@ pub fn selected() -> bool {
     std::env::var("BERTH_TRANSPORT").is_ok_and(|v| v == "xen")
 }
 
-/// The key an agent message goes to.
-pub fn key_for(msg: &GuestToHost) -> &'static str {
-    match msg {
-        GuestToHost::Initialised { .. } => INITIALISED_KEY,
-        // `prewarmed` answers a request as `ready` does; hostd's Xen driver never sends
-        // `prewarm` (a TCG concern), so it only lands here if a future hostd does.
-        GuestToHost::Ready { .. } | GuestToHost::Error { .. } | GuestToHost::Prewarmed => READY_KEY,
-        GuestToHost::Heartbeat { .. } | GuestToHost::Ended { .. } => EVENT_KEY,
-    }
-}
-
-/// The most bytes a value written at `key` may have.
-pub fn max_value_len(key: &str) -> usize {
-    XENSTORE_PAYLOAD_MAX.saturating_sub(key.len() + 1)
-}
-
-fn line_value(msg: &GuestToHost) -> String {
-    let mut line = encode_line(msg);
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    }
-    String::from_utf8_lossy(&line).into_owned()
-}
-
 /// Encodes `msg` as the value of `key` (its JSON line without the newline), within XenStore's
 /// limit: an `ended` whose results do not fit keeps its reason and says how many bytes of
 /// results were dropped; an `error` whose message does not fit is cut short. Other messages
 /// are small by construction.
 pub fn fit_value(msg: &GuestToHost, key: &str) -> String {
     let max = max_value_len(key);
-    let value = line_value(msg);
+    let value = value_of(msg);
     if value.len() <= max {
         return value;
     }
@@ -102,7 +67,7 @@ pub fn fit_value(msg: &GuestToHost, key: &str) -> String {
             session_id,
             reason,
             results,
-        } => line_value(&GuestToHost::Ended {
+        } => value_of(&GuestToHost::Ended {
             session_id: session_id.clone(),
             reason: reason.chars().take(256).collect(),
             results: serde_json::json!({ "truncated_bytes": results.to_string().len() }),
@@ -110,7 +75,7 @@ pub fn fit_value(msg: &GuestToHost, key: &str) -> String {
         GuestToHost::Error { code, message } => {
             let mut message = message.clone();
             while !message.is_empty()
-                && line_value(&GuestToHost::Error {
+                && value_of(&GuestToHost::Error {
                     code: code.clone(),
                     message: message.clone(),
                 })
@@ -124,7 +89,7 @@ pub fn fit_value(msg: &GuestToHost, key: &str) -> String {
                 }
                 message.truncate(at);
             }
-            line_value(&GuestToHost::Error {
+            value_of(&GuestToHost::Error {
                 code: code.clone(),
                 message,
             })
@@ -162,21 +127,10 @@ impl Router {
     }
 }
 
-/// The identity key's value as a line for the agent; `None` while it holds nothing.
-pub fn identity_line(value: &str) -> Option<Vec<u8>> {
-    let value = value.trim_end_matches(['\n', '\r']);
-    if value.trim().is_empty() {
-        return None;
-    }
-    let mut line = value.as_bytes().to_vec();
-    line.push(b'\n');
-    Some(line)
-}
-
 /// Reads the identity key once: `Ok(None)` while it is absent or empty.
 pub fn read_identity<X: Xs>(xs: &X) -> io::Result<Option<Vec<u8>>> {
     match xs.read(IDENTITY_KEY) {
-        Ok(value) => Ok(identity_line(&value)),
+        Ok(value) => Ok(value_line(&value)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -286,7 +240,9 @@ pub fn run(config: Config) -> Result<(), GuestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_protocol::guest::{HostToGuest, Identity, AGENT_PROTOCOL_VERSION, GAME_PORT};
+    use berth_protocol::guest::{
+        encode_line, HostToGuest, Identity, AGENT_PROTOCOL_VERSION, GAME_PORT,
+    };
     use berth_protocol::{SessionId, VmId};
     use std::collections::BTreeMap;
     use std::sync::Mutex;
@@ -319,7 +275,7 @@ mod tests {
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "XS interface error ENOENT"))
         }
         fn write(&self, path: &str, data: &str) -> io::Result<()> {
-            if path.len() + 1 + data.len() > XENSTORE_PAYLOAD_MAX {
+            if path.len() + 1 + data.len() > PAYLOAD_MAX {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "payload too large",
@@ -436,14 +392,14 @@ mod tests {
 
     #[test]
     fn identity_values_become_one_line() {
-        assert_eq!(identity_line(""), None);
-        assert_eq!(identity_line("  \n"), None);
+        assert_eq!(value_line(""), None);
+        assert_eq!(value_line("  \n"), None);
         assert_eq!(
-            identity_line("{\"a\":1}").as_deref(),
+            value_line("{\"a\":1}").as_deref(),
             Some(&b"{\"a\":1}\n"[..])
         );
         assert_eq!(
-            identity_line("{\"a\":1}\n").as_deref(),
+            value_line("{\"a\":1}\n").as_deref(),
             Some(&b"{\"a\":1}\n"[..])
         );
     }

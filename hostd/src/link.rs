@@ -243,11 +243,11 @@ pub fn register(link: &ServerLink, status: &Status, images: &[ImageConfig]) -> H
     }
 }
 
-fn path_name(path: ActivationPath) -> &'static str {
+fn wire_path(path: ActivationPath) -> berth_protocol::ActivationPath {
     match path {
-        ActivationPath::Warm => "warm",
-        ActivationPath::Substrate => "substrate",
-        ActivationPath::Adopted => "adopted",
+        ActivationPath::Warm => berth_protocol::ActivationPath::Warm,
+        ActivationPath::Substrate => berth_protocol::ActivationPath::Substrate,
+        ActivationPath::Adopted => berth_protocol::ActivationPath::Adopted,
     }
 }
 
@@ -257,7 +257,7 @@ pub fn activate_answer(session: SessionId, result: &Result<VmInfo, PoolError>) -
         Ok(vm) => HostMessage::Activated {
             session,
             vm: vm.vm_id.clone(),
-            path: path_name(vm.path).into(),
+            path: wire_path(vm.path),
             activate_us: vm.activate_us,
         },
         Err(e) => HostMessage::ActivateFailed {
@@ -673,7 +673,10 @@ async fn welcome(ws: &mut Socket) -> Result<Duration, LinkError> {
                     );
                 }
                 Ok(ServerToHost::Error { code, message }) => {
-                    return Err(LinkError::Rejected { code, message })
+                    return Err(LinkError::Rejected {
+                        code: code.to_string(),
+                        message,
+                    })
                 }
                 Ok(other) => tracing::warn!(?other, "ignoring a server message before welcome"),
                 Err(e) => tracing::warn!(
@@ -1151,7 +1154,7 @@ mod tests {
             HostMessage::Activated {
                 session: session("s1"),
                 vm: vm_id("vm-1"),
-                path: "substrate".into(),
+                path: berth_protocol::ActivationPath::Substrate,
                 activate_us: 1234,
             }
         );
@@ -1223,7 +1226,7 @@ mod tests {
             HostMessage::Activated {
                 session: session("s1"),
                 vm: vm_id("vm-s1"),
-                path: "substrate".into(),
+                path: berth_protocol::ActivationPath::Substrate,
                 activate_us: 1234,
             }
         );

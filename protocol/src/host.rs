@@ -13,6 +13,7 @@
 //! ```
 //! hostd authenticates with a bearer JWT whose `role` is `host` and whose `sub` is its host id.
 
+use crate::codes::{ActivationPath, ErrorCode};
 use crate::ids::{HostId, PlayerId, SessionId, VmId};
 use serde::{Deserialize, Serialize};
 
@@ -64,18 +65,20 @@ pub enum HostMessage {
         session: SessionId,
         vm: VmId,
         /// `warm`, `substrate`, `cold`, or `adopted` (a VM an earlier hostd left running).
-        path: String,
+        path: ActivationPath,
         activate_us: u64,
     },
     ActivateFailed {
         session: SessionId,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     /// The game in the VM reported game over; hostd destroys the VM next.
     Ended {
         session: SessionId,
         vm: VmId,
+        /// The game's own reason, as it said it (empty: it named none, which is `game_over`);
+        /// see [`crate::EndReason::from_game`].
         reason: String,
         #[serde(default)]
         results: serde_json::Value,
@@ -120,7 +123,7 @@ pub enum ServerToHost {
         session: SessionId,
     },
     Error {
-        code: String,
+        code: ErrorCode,
         message: String,
     },
 }

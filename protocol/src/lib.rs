@@ -9,12 +9,18 @@
 //! - [`ticket`]: the claims of a session ticket, and its HS256 check.
 //! - [`close`]: websocket close codes, shared by every socket.
 //! - [`rate`]: the token bucket every socket limits its peer with.
+//! - [`codes`]: the typed vocabularies messages carry as strings (error codes, end reasons,
+//!   activation paths, substrate states).
+//! - [`api`]: the error body of the HTTP APIs (admin, hostd control).
+//! - [`xenstore`]: the XenStore key layout hostd's Xen driver and a Xen guest's agent share.
 //!
 //! Every message carries no version field of its own; the agent announces
 //! [`guest::AGENT_PROTOCOL_VERSION`] in its `initialised` message and hostd refuses a guest that
 //! speaks another.
 
+pub mod api;
 pub mod close;
+pub mod codes;
 pub mod game;
 pub mod guest;
 pub mod host;
@@ -22,7 +28,9 @@ pub mod ids;
 pub mod play;
 pub mod rate;
 pub mod ticket;
+pub mod xenstore;
 
+pub use codes::{ActivationPath, DequeueReason, EndReason, ErrorCode, SubstrateState};
 pub use ids::{HostId, IdError, PlayerId, SessionId, VmId};
 
 /// Milliseconds since the Unix epoch: the time base of every timestamp on the wire.

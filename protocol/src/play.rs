@@ -11,6 +11,7 @@
 //! ```
 //! The full page for client authors is `docs/protocol.md`.
 
+use crate::codes::{DequeueReason, EndReason, ErrorCode};
 use crate::ids::{PlayerId, SessionId};
 use serde::{Deserialize, Serialize};
 
@@ -80,7 +81,7 @@ pub enum ServerMessage {
     /// The player left the queue: `reason` is `cancelled`, `max_wait`, `away` or `mode_removed`.
     Dequeued {
         ticket: String,
-        reason: String,
+        reason: DequeueReason,
     },
     /// A game server VM is running for this player: connect to `endpoint` with `ticket`.
     Matched {
@@ -98,14 +99,14 @@ pub enum ServerMessage {
     },
     SessionEnded {
         session: SessionId,
-        /// `game_over`, `abandoned`, `admin`, `vm_failed`, `host_lost`, `deadline`,
-        /// `placement_failed`, `vm_lost`.
-        reason: String,
+        /// Berth's own reasons (`admin`, `vm_failed`, `host_lost`, `deadline`,
+        /// `placement_failed`, `vm_lost`, `game_over`) or the game's (`score_limit`, …).
+        reason: EndReason,
         #[serde(default)]
         results: serde_json::Value,
     },
     Error {
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     Pong {
@@ -115,9 +116,9 @@ pub enum ServerMessage {
 }
 
 impl ServerMessage {
-    pub fn error(code: &str, message: impl Into<String>) -> Self {
+    pub fn error(code: impl Into<ErrorCode>, message: impl Into<String>) -> Self {
         ServerMessage::Error {
-            code: code.to_owned(),
+            code: code.into(),
             message: message.into(),
         }
     }

@@ -40,7 +40,10 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
             reason,
         } => {
             if let Some(c) = ctx.player(&player) {
-                c.send(ServerMessage::Dequeued { ticket, reason });
+                c.send(ServerMessage::Dequeued {
+                    ticket,
+                    reason: reason.into(),
+                });
             }
         }
         Event::Session { session, state } => {

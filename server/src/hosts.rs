@@ -40,7 +40,7 @@ fn refuse(ctx: &Ctx, status: StatusCode, code: &str, message: String) -> Respons
     (
         status,
         axum::Json(ServerToHost::Error {
-            code: code.to_owned(),
+            code: code.into(),
             message,
         }),
     )
@@ -49,7 +49,7 @@ fn refuse(ctx: &Ctx, status: StatusCode, code: &str, message: String) -> Respons
 
 fn error(code: &str, message: impl Into<String>) -> ServerToHost {
     ServerToHost::Error {
-        code: code.to_owned(),
+        code: code.into(),
         message: message.into(),
     }
 }
@@ -349,7 +349,7 @@ async fn handle(
     record.last_seen_ms = now_ms();
     let r = match m {
         HostMessage::Activated { vm, path, .. } => {
-            sessions::activated(ctx, host, &session, &vm, &path)
+            sessions::activated(ctx, host, &session, &vm, path.as_str())
                 .await
                 .map(|_| ())
         }

@@ -481,7 +481,7 @@ pub fn session_message(
 fn ended_message(s: &Session) -> ServerMessage {
     ServerMessage::SessionEnded {
         session: s.id.clone(),
-        reason: s.end_reason.clone().unwrap_or_else(|| "ended".into()),
+        reason: s.end_reason.as_deref().unwrap_or("ended").into(),
         results: s.results.clone(),
     }
 }

@@ -246,7 +246,7 @@ async fn match_two(
             .await?;
         let this = match m {
             ServerMessage::Matched { session, .. } => Ok(session),
-            ServerMessage::SessionEnded { reason, .. } => Err(reason),
+            ServerMessage::SessionEnded { reason, .. } => Err(reason.to_string()),
             _ => unreachable!("filtered above"),
         };
         if let Some(o) = &outcome {

@@ -118,7 +118,7 @@ async fn ended(c: &mut Client) -> Result<(String, serde_json::Value)> {
     {
         ServerMessage::SessionEnded {
             reason, results, ..
-        } => Ok((reason, results)),
+        } => Ok((reason.to_string(), results)),
         other => bail!("expected session_ended, got {other:?}"),
     }
 }

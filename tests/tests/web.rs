@@ -417,7 +417,7 @@ async fn opponent(
     Ok(OpponentEnd {
         game_reason,
         results,
-        session_reason,
+        session_reason: session_reason.to_string(),
         session_results,
     })
 }

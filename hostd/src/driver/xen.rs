@@ -47,7 +47,8 @@
 //! domain; a crashed domain therefore stays in `xl list` as crashed until hostd destroys it.
 
 use berth_protocol::guest::GAME_PORT;
-use berth_protocol::guest::{encode_line, HostToGuest, Identity};
+use berth_protocol::guest::{HostToGuest, Identity};
+use berth_protocol::xenstore;
 use berth_protocol::VmId;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::Path;
@@ -55,37 +56,35 @@ use std::path::Path;
 /// Bumped whenever the domain config below changes: old substrates are then re-primed.
 pub const DEVICE_MODEL: &str = "xen-pv-1";
 
-/// The largest XenStore request payload (`XENSTORE_PAYLOAD_MAX`): a write carries the path, a
-/// NUL and the value in one payload of at most this many bytes.
-pub const XENSTORE_PAYLOAD_MAX: usize = 4096;
-
-/// XenStore paths of one domain's agent keys.
+/// XenStore paths of one domain's agent keys (the layout is [`berth_protocol::xenstore`]'s).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentKeys {
+    pub domid: u32,
     pub base: String,
 }
 
 impl AgentKeys {
     pub fn for_domid(domid: u32) -> Self {
         Self {
-            base: format!("/local/domain/{domid}/data/berth"),
+            domid,
+            base: xenstore::domain_path(domid, xenstore::DIR),
         }
     }
     /// hostd → agent: the identity JSON line.
     pub fn identity(&self) -> String {
-        format!("{}/identity", self.base)
+        xenstore::domain_path(self.domid, xenstore::IDENTITY_KEY)
     }
     /// agent → hostd: the `initialised` message.
     pub fn initialised(&self) -> String {
-        format!("{}/initialised", self.base)
+        xenstore::domain_path(self.domid, xenstore::INITIALISED_KEY)
     }
     /// agent → hostd: the `ready` message (or the agent's `error` refusing the identity).
     pub fn ready(&self) -> String {
-        format!("{}/ready", self.base)
+        xenstore::domain_path(self.domid, xenstore::READY_KEY)
     }
     /// agent → hostd: heartbeats and `ended`.
     pub fn event(&self) -> String {
-        format!("{}/event", self.base)
+        xenstore::domain_path(self.domid, xenstore::EVENT_KEY)
     }
 }
 
@@ -324,36 +323,12 @@ pub fn parse_xl_list(stdout: &str) -> Vec<DomainInfo> {
         .collect()
 }
 
-/// An identity that does not fit in one XenStore value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the identity is {bytes} bytes; a XenStore value at {path} holds at most {max}")]
-pub struct ValueTooLarge {
-    pub path: String,
-    pub bytes: usize,
-    pub max: usize,
-}
-
-/// The most bytes a value written at `path` may have.
-pub fn max_value_len(path: &str) -> usize {
-    XENSTORE_PAYLOAD_MAX.saturating_sub(path.len() + 1)
-}
+pub use berth_protocol::xenstore::{max_value_len, ValueTooLarge, PAYLOAD_MAX};
 
 /// Encodes `identity` as the value of the identity key at `path`: the protocol's JSON line
 /// without its newline (the agent decodes it with `decode_line`, which takes either).
 pub fn identity_value(identity: &Identity, path: &str) -> Result<String, ValueTooLarge> {
-    let mut line = encode_line(&HostToGuest::Identity(identity.clone()));
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    }
-    let max = max_value_len(path);
-    if line.len() > max {
-        return Err(ValueTooLarge {
-            path: path.to_string(),
-            bytes: line.len(),
-            max,
-        });
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
+    xenstore::checked_value(&HostToGuest::Identity(identity.clone()), path)
 }
 
 #[cfg(feature = "xen")]
@@ -1419,7 +1394,7 @@ mod tests {
     fn identity_that_does_not_fit_is_refused() {
         let path = AgentKeys::for_domid(3).identity();
         let e = identity_value(&identity(400), &path).expect_err("too large");
-        assert_eq!(e.max, XENSTORE_PAYLOAD_MAX - path.len() - 1);
+        assert_eq!(e.max, PAYLOAD_MAX - path.len() - 1);
         assert!(e.bytes > e.max);
         assert!(e.to_string().contains("at most"), "{e}");
     }
