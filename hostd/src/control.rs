@@ -17,14 +17,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
-/// An error answer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ApiError {
-    pub code: String,
-    pub message: String,
-}
+/// An error answer: the one body of Berth's HTTP APIs.
+pub use berth_protocol::api::ErrorBody as ApiError;
 
 struct Failure(StatusCode, ApiError);
 

@@ -210,6 +210,7 @@ vocabulary!(open
         UnknownHost = "unknown_host",
         NotLive = "not_live",
         DevTokensDisabled = "dev_tokens_disabled",
+        NoGateway = "no_gateway",
         BadPlayer = "bad_player",
         BadRole = "bad_role",
         CannotMint = "cannot_mint",

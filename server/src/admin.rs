@@ -23,22 +23,11 @@ use std::collections::BTreeMap;
 #[derive(Debug)]
 pub struct ApiError(pub StatusCode, pub &'static str, pub String);
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
-}
+pub use berth_protocol::api::ErrorBody;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.0,
-            Json(ErrorBody {
-                code: self.1.to_owned(),
-                message: self.2,
-            }),
-        )
-            .into_response()
+        (self.0, Json(ErrorBody::new(self.1, self.2))).into_response()
     }
 }
 
