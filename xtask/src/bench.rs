@@ -8,7 +8,7 @@
 
 use anyhow::Result;
 use berth_hostd::config::{AccelChoice, ImageConfig};
-use berth_hostd::driver::qemu::QemuDriver;
+use berth_hostd::driver::qemu::{Accel, QemuDriver};
 use berth_hostd::driver::{Vm, VmDriver, VmSpec};
 use berth_hostd::image::Image;
 use berth_hostd::substrate::Substrate;
@@ -215,41 +215,60 @@ pub async fn activation(args: ActivationArgs) -> Result<()> {
     Ok(())
 }
 
+/// The two substrate kinds of the bench, primed: copy-on-write and full copy.
+struct Primed {
+    cow_spec: VmSpec,
+    full_spec: VmSpec,
+    cow_sub: Substrate,
+    full_sub: Substrate,
+    prime_ms: f64,
+    substrate_mib: f64,
+    full_substrate_mib: f64,
+}
+
+/// Time per activation kind, ms.
+#[derive(Default)]
+struct Sequential {
+    cold: Vec<f64>,
+    full: Vec<f64>,
+    cow: Vec<f64>,
+    warm: Vec<f64>,
+}
+
+/// Concurrent activations and what 16 idle clones cost.
+struct Concurrency {
+    c4_ms: f64,
+    c16_ms: f64,
+    pss_mean_mib: f64,
+    idle_cpu_pct: f64,
+}
+
+/// How many VMs ran at once.
+#[derive(Default)]
+struct Many {
+    ok: usize,
+    failed: usize,
+    ms: f64,
+}
+
 async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_json::Value> {
     let runs = args.runs.unwrap_or(10);
     let cold_runs = args.cold_runs.unwrap_or(3);
-    let cfg = |name: &str, cow: bool| ImageConfig {
-        name: name.into(),
-        dir: image.dir.clone(),
-        memory_mib: 128,
-        vcpus: 1,
-        balloon_mib: None,
-        warm: 0,
-        cow,
-        cmdline: None,
-    };
-    let cow_spec = VmSpec {
+    let cfg = |name: &str, cow: bool| VmSpec {
         image: image.clone(),
-        config: cfg("cow", true),
+        config: ImageConfig {
+            name: name.into(),
+            dir: image.dir.clone(),
+            memory_mib: 128,
+            vcpus: 1,
+            balloon_mib: None,
+            warm: 0,
+            cow,
+            cmdline: None,
+        },
     };
-    let full_spec = VmSpec {
-        image: image.clone(),
-        config: cfg("full", false),
-    };
-    let choice = match args.accel {
-        AccelArg::Auto => AccelChoice::Auto,
-        AccelArg::Tcg => AccelChoice::Tcg,
-        AccelArg::Kvm => AccelChoice::Kvm,
-    };
-    eprintln!("bench: choosing the accelerator ({choice:?})");
-    let accel = berth_hostd::accel::choose(
-        choice,
-        Path::new("qemu-system-x86_64"),
-        Some((&image, &cow_spec.config)),
-        dir,
-        Duration::from_secs(15),
-    )
-    .await;
+    let (cow_spec, full_spec) = (cfg("cow", true), cfg("full", false));
+    let accel = choose_accel(args.accel, &image, &cow_spec, dir).await;
     let driver = QemuDriver::new("qemu-system-x86_64".into(), accel).await?;
     eprintln!("bench: accel {}, QEMU {}", accel.as_str(), driver.version());
     let mut b = Bench {
@@ -257,138 +276,198 @@ async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_js
         dir: dir.to_path_buf(),
         n: 0,
     };
+    let primed = b.prime(cow_spec, full_spec).await?;
+    let seq = b.sequential(&primed, runs, cold_runs).await?;
+    let conc = b.concurrency(&primed).await?;
+    let many = b.many(&primed, args.many).await;
+    let report = report(args, &b, accel, &primed, &seq, &conc, &many);
+    print_table(&report);
+    Ok(report)
+}
 
-    // Priming (the template boot) for both substrate kinds.
-    let cow_dir = dir.join("substrates/cow");
-    let full_dir = dir.join("substrates/full");
-    let t = Instant::now();
-    let prime = b
-        .driver
-        .prime(&cow_spec, &cow_dir, Duration::from_secs(120))
-        .await?;
-    let prime_ms = t.elapsed().as_secs_f64() * 1000.0;
-    b.driver
-        .prime(&full_spec, &full_dir, Duration::from_secs(120))
-        .await?;
-    let cow_sub = Substrate::open(&cow_dir, &b.driver.fingerprint(&cow_spec))?;
-    let full_sub = Substrate::open(&full_dir, &b.driver.fingerprint(&full_spec))?;
-    let substrate_mib = disk_usage(&cow_dir) as f64 / 1048576.0;
-    let full_substrate_mib = disk_usage(&full_dir) as f64 / 1048576.0;
-    eprintln!(
-        "bench: primed in {prime_ms:.0} ms (boot {} ms, dock {} ms)",
-        prime.boot_ms, prime.dock_ms
-    );
+async fn choose_accel(arg: AccelArg, image: &Image, spec: &VmSpec, dir: &Path) -> Accel {
+    let choice = match arg {
+        AccelArg::Auto => AccelChoice::Auto,
+        AccelArg::Tcg => AccelChoice::Tcg,
+        AccelArg::Kvm => AccelChoice::Kvm,
+    };
+    eprintln!("bench: choosing the accelerator ({choice:?})");
+    berth_hostd::accel::choose(
+        choice,
+        Path::new("qemu-system-x86_64"),
+        Some((image, &spec.config)),
+        dir,
+        Duration::from_secs(15),
+    )
+    .await
+}
 
-    let mut cold = Vec::new();
-    for i in 0..cold_runs {
-        cold.push(b.cold(&cow_spec).await?);
-        eprintln!(
-            "bench: cold boot {}/{}: {:.0} ms",
-            i + 1,
-            cold_runs,
-            cold[i]
-        );
-    }
-    let mut full = Vec::new();
-    let mut cow = Vec::new();
-    let mut warm = Vec::new();
-    for _ in 0..runs {
-        let (ms, vm) = b.activation(&full_spec, &full_sub, None).await?;
-        full.push(ms);
-        vm.destroy().await;
-        let (ms, vm) = b.activation(&cow_spec, &cow_sub, None).await?;
-        cow.push(ms);
-        vm.destroy().await;
-        // The warm tier as the pool keeps it: restored, pre-warmed, paused.
-        let mut paused = b.restore(&cow_spec, &cow_sub).await?;
-        paused.prewarm(Duration::from_secs(30)).await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let (ms, vm) = b.activation(&cow_spec, &cow_sub, Some(paused)).await?;
-        warm.push(ms);
-        vm.destroy().await;
-    }
-    eprintln!("bench: sequential activations done");
-    let (c4, vms) = b.concurrent(&cow_spec, &cow_sub, 4).await?;
-    destroy_all(vms).await;
-    let (c16, vms) = b.concurrent(&cow_spec, &cow_sub, 16).await?;
-    // Idle cost of the 16: PSS and CPU over a few seconds.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let pss: Vec<f64> = vms
-        .iter()
-        .filter_map(|v| pss_kib(v.pid()))
-        .map(|k| k as f64 / 1024.0)
-        .collect();
-    let pss_mean = pss.iter().sum::<f64>() / pss.len().max(1) as f64;
-    let ticks0: u64 = vms.iter().map(|v| cpu_ticks(v.pid())).sum();
-    let window = Duration::from_secs(5);
-    tokio::time::sleep(window).await;
-    let ticks1: u64 = vms.iter().map(|v| cpu_ticks(v.pid())).sum();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    let idle_cpu_pct =
-        (ticks1 - ticks0) as f64 / hz / window.as_secs_f64() * 100.0 / vms.len() as f64;
-    destroy_all(vms).await;
-    eprintln!("bench: concurrency done");
-
-    // Many at once: activate in waves of 8 until `many` run, then check each answers.
-    let mut many_ok = 0usize;
-    let mut many_failed = 0usize;
-    let mut many_ms = 0.0;
-    if args.many > 0 {
-        let t = Instant::now();
-        let mut all = Vec::new();
-        while all.len() + many_failed < args.many {
-            let k = 8.min(args.many - all.len() - many_failed);
-            match b.concurrent(&cow_spec, &cow_sub, k).await {
-                Ok((_, vms)) => all.extend(vms),
-                Err(e) => {
-                    eprintln!("bench: wave failed: {e:#}");
-                    many_failed += k;
-                }
-            }
-        }
-        many_ms = t.elapsed().as_secs_f64() * 1000.0;
-        for vm in &all {
-            match game_answer(vm.game_addr()).await {
-                Ok(()) => many_ok += 1,
-                Err(_) => many_failed += 1,
-            }
-        }
-        destroy_all(all).await;
-        eprintln!("bench: {many_ok} VMs ran at once, {many_failed} failed");
-    }
-
+fn report(
+    args: &ActivationArgs,
+    b: &Bench,
+    accel: Accel,
+    primed: &Primed,
+    seq: &Sequential,
+    conc: &Concurrency,
+    many: &Many,
+) -> serde_json::Value {
     let p50 = |v: &Vec<f64>| {
         let mut s = v.clone();
         s.sort_by(|a, b| a.total_cmp(b));
         percentile(&s, 50.0)
     };
-    let report = json!({
+    json!({
         "accel": accel.as_str(),
         "qemu": b.driver.version(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "guest_memory_mib": 128,
-        "runs": runs,
-        "cold_boot_ms": summary(cold.clone()),
-        "substrate_ms": summary(full.clone()),
-        "cow_ms": summary(cow.clone()),
-        "warm_ms": summary(warm.clone()),
-        "cold_over_substrate": round(p50(&cold) / p50(&full)),
-        "cold_over_cow": round(p50(&cold) / p50(&cow)),
-        "concurrent4_all_ready_ms": round(c4),
-        "concurrent16_all_ready_ms": round(c16),
-        "pss_mib_per_cow_vm": round(pss_mean),
-        "idle_cpu_pct_per_vm": round(idle_cpu_pct),
-        "substrate_mib": round(substrate_mib),
-        "full_substrate_mib": round(full_substrate_mib),
-        "substrate_state_kib": round(cow_sub.header.state_bytes as f64 / 1024.0),
-        "prime_ms": round(prime_ms),
-        "many_vms": {"target": args.many, "answered": many_ok, "failed": many_failed, "ms": round(many_ms)},
-    });
-    print_table(&report);
-    Ok(report)
+        "runs": seq.full.len(),
+        "cold_boot_ms": summary(seq.cold.clone()),
+        "substrate_ms": summary(seq.full.clone()),
+        "cow_ms": summary(seq.cow.clone()),
+        "warm_ms": summary(seq.warm.clone()),
+        "cold_over_substrate": round(p50(&seq.cold) / p50(&seq.full)),
+        "cold_over_cow": round(p50(&seq.cold) / p50(&seq.cow)),
+        "concurrent4_all_ready_ms": round(conc.c4_ms),
+        "concurrent16_all_ready_ms": round(conc.c16_ms),
+        "pss_mib_per_cow_vm": round(conc.pss_mean_mib),
+        "idle_cpu_pct_per_vm": round(conc.idle_cpu_pct),
+        "substrate_mib": round(primed.substrate_mib),
+        "full_substrate_mib": round(primed.full_substrate_mib),
+        "substrate_state_kib": round(primed.cow_sub.header.state_bytes as f64 / 1024.0),
+        "prime_ms": round(primed.prime_ms),
+        "many_vms": {"target": args.many, "answered": many.ok, "failed": many.failed, "ms": round(many.ms)},
+    })
+}
+
+impl Bench {
+    /// Priming (the template boot) for both substrate kinds.
+    async fn prime(&mut self, cow_spec: VmSpec, full_spec: VmSpec) -> Result<Primed> {
+        let cow_dir = self.dir.join("substrates/cow");
+        let full_dir = self.dir.join("substrates/full");
+        let t = Instant::now();
+        let prime = self
+            .driver
+            .prime(&cow_spec, &cow_dir, Duration::from_secs(120))
+            .await?;
+        let prime_ms = t.elapsed().as_secs_f64() * 1000.0;
+        self.driver
+            .prime(&full_spec, &full_dir, Duration::from_secs(120))
+            .await?;
+        eprintln!(
+            "bench: primed in {prime_ms:.0} ms (boot {} ms, dock {} ms)",
+            prime.boot_ms, prime.dock_ms
+        );
+        Ok(Primed {
+            cow_sub: Substrate::open(&cow_dir, &self.driver.fingerprint(&cow_spec))?,
+            full_sub: Substrate::open(&full_dir, &self.driver.fingerprint(&full_spec))?,
+            cow_spec,
+            full_spec,
+            prime_ms,
+            substrate_mib: disk_usage(&cow_dir) as f64 / 1048576.0,
+            full_substrate_mib: disk_usage(&full_dir) as f64 / 1048576.0,
+        })
+    }
+
+    /// Cold boots, then `runs` rounds of full-copy, copy-on-write and warm activations.
+    async fn sequential(
+        &mut self,
+        p: &Primed,
+        runs: usize,
+        cold_runs: usize,
+    ) -> Result<Sequential> {
+        let mut t = Sequential::default();
+        for i in 0..cold_runs {
+            t.cold.push(self.cold(&p.cow_spec).await?);
+            eprintln!(
+                "bench: cold boot {}/{}: {:.0} ms",
+                i + 1,
+                cold_runs,
+                t.cold[i]
+            );
+        }
+        for _ in 0..runs {
+            let (ms, vm) = self.activation(&p.full_spec, &p.full_sub, None).await?;
+            t.full.push(ms);
+            vm.destroy().await;
+            let (ms, vm) = self.activation(&p.cow_spec, &p.cow_sub, None).await?;
+            t.cow.push(ms);
+            vm.destroy().await;
+            // The warm tier as the pool keeps it: restored, pre-warmed, paused.
+            let mut paused = self.restore(&p.cow_spec, &p.cow_sub).await?;
+            paused.prewarm(Duration::from_secs(30)).await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (ms, vm) = self
+                .activation(&p.cow_spec, &p.cow_sub, Some(paused))
+                .await?;
+            t.warm.push(ms);
+            vm.destroy().await;
+        }
+        eprintln!("bench: sequential activations done");
+        Ok(t)
+    }
+
+    /// 4 and 16 at once, then the idle cost of the 16: PSS and CPU over a few seconds.
+    async fn concurrency(&mut self, p: &Primed) -> Result<Concurrency> {
+        let (c4_ms, vms) = self.concurrent(&p.cow_spec, &p.cow_sub, 4).await?;
+        destroy_all(vms).await;
+        let (c16_ms, vms) = self.concurrent(&p.cow_spec, &p.cow_sub, 16).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let pss: Vec<f64> = vms
+            .iter()
+            .filter_map(|v| pss_kib(v.pid()))
+            .map(|k| k as f64 / 1024.0)
+            .collect();
+        let pss_mean_mib = pss.iter().sum::<f64>() / pss.len().max(1) as f64;
+        let ticks0: u64 = vms.iter().map(|v| cpu_ticks(v.pid())).sum();
+        let window = Duration::from_secs(5);
+        tokio::time::sleep(window).await;
+        let ticks1: u64 = vms.iter().map(|v| cpu_ticks(v.pid())).sum();
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let idle_cpu_pct =
+            (ticks1 - ticks0) as f64 / hz / window.as_secs_f64() * 100.0 / vms.len() as f64;
+        destroy_all(vms).await;
+        eprintln!("bench: concurrency done");
+        Ok(Concurrency {
+            c4_ms,
+            c16_ms,
+            pss_mean_mib,
+            idle_cpu_pct,
+        })
+    }
+
+    /// Many at once: activate in waves of 8 until `many` run, then check each answers.
+    async fn many(&mut self, p: &Primed, many: usize) -> Many {
+        let mut m = Many::default();
+        if many == 0 {
+            return m;
+        }
+        let t = Instant::now();
+        let mut all = Vec::new();
+        while all.len() + m.failed < many {
+            let k = 8.min(many - all.len() - m.failed);
+            match self.concurrent(&p.cow_spec, &p.cow_sub, k).await {
+                Ok((_, vms)) => all.extend(vms),
+                Err(e) => {
+                    eprintln!("bench: wave failed: {e:#}");
+                    m.failed += k;
+                }
+            }
+        }
+        m.ms = t.elapsed().as_secs_f64() * 1000.0;
+        for vm in &all {
+            match game_answer(vm.game_addr()).await {
+                Ok(()) => m.ok += 1,
+                Err(_) => m.failed += 1,
+            }
+        }
+        destroy_all(all).await;
+        eprintln!("bench: {} VMs ran at once, {} failed", m.ok, m.failed);
+        m
+    }
 }
 
 fn print_table(r: &serde_json::Value) {

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_e2e;
 mod bench_server;
+mod build;
 mod cpio;
 mod demo;
 mod image;

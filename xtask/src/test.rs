@@ -7,22 +7,10 @@
 //! skipped, and said so, where its packages cannot be downloaded or `BERTH_XEN_TIER=0`), then
 //! checks that no test left a QEMU process or a `/dev/shm` folder behind.
 
+use crate::build::{build_workspace, FEATURES};
 use crate::{image, sys, xen};
 use anyhow::{bail, Result};
 use std::process::Command;
-
-pub const FEATURES: &str = "berth-hostd/xen,berth-guest/xen";
-
-/// Builds every binary of the workspace (debug) with the features the tests use. The Xen tier's
-/// dom0 takes `target/debug/berth-hostd` from this same build, so `cargo xtask test` compiles
-/// once.
-pub fn build_workspace() -> Result<()> {
-    sys::run(
-        Command::new(env!("CARGO"))
-            .current_dir(image::root())
-            .args(["build", "--workspace", "--bins", "--features", FEATURES]),
-    )
-}
 
 pub fn run(extra: &[String]) -> Result<()> {
     sys::ensure(&[

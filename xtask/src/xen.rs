@@ -149,114 +149,164 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Builds (or reuses) `target/xen/`: `xen`, `vmlinuz-dom0`, `dom0.cpio.gz`, `inputs.json`.
-/// Rebuilt only when an input changes: the packages, `assets/xen`, `assets/game`, the hostd and
-/// guest binaries.
-pub fn build() -> Result<Artefacts> {
-    let root = image::root();
-    let dir = xen_dir();
-    let debs_dir = root.join("target/debs");
-    let dom0_kernel_pkg =
-        sys::resolve_meta(DOM0_KERNEL_META, "linux-image-").map_err(unavailable)?;
-    let guest_kernel_pkg =
-        sys::resolve_meta(image::KERNEL_META, "linux-image-").map_err(unavailable)?;
-    let mut debs = BTreeMap::new();
-    for p in XEN_PACKAGES.iter().copied().chain([
-        dom0_kernel_pkg.as_str(),
-        guest_kernel_pkg.as_str(),
-        "busybox-static",
-    ]) {
-        debs.insert(p, sys::download_deb(p, &debs_dir).map_err(unavailable)?);
-    }
-    crate::test::build_workspace()?;
-    let hostd = root.join("target/debug/berth-hostd");
-    let guest = image::build_guest()?;
-    let assets = root.join("assets");
+/// The Debian packages the artefacts are made of, downloaded to `target/debs`.
+struct Debs {
+    dom0_kernel_pkg: String,
+    guest_kernel_pkg: String,
+    files: BTreeMap<String, PathBuf>,
+}
 
+impl Debs {
+    fn download() -> Result<Debs> {
+        let debs_dir = image::root().join("target/debs");
+        let dom0_kernel_pkg =
+            sys::resolve_meta(DOM0_KERNEL_META, "linux-image-").map_err(unavailable)?;
+        let guest_kernel_pkg =
+            sys::resolve_meta(image::KERNEL_META, "linux-image-").map_err(unavailable)?;
+        let mut files = BTreeMap::new();
+        for p in XEN_PACKAGES.iter().copied().chain([
+            dom0_kernel_pkg.as_str(),
+            guest_kernel_pkg.as_str(),
+            "busybox-static",
+        ]) {
+            files.insert(
+                p.to_owned(),
+                sys::download_deb(p, &debs_dir).map_err(unavailable)?,
+            );
+        }
+        Ok(Debs {
+            dom0_kernel_pkg,
+            guest_kernel_pkg,
+            files,
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.files.values().map(|d| image::deb_name(d)).collect()
+    }
+}
+
+/// The digest of everything the artefacts are built from.
+fn input_digest(debs: &Debs, hostd: &Path, guest: &Path) -> Result<String> {
+    let assets = image::root().join("assets");
     let mut h = Sha256::new();
     h.update(RECIPE.to_le_bytes());
-    let deb_names: Vec<String> = debs.values().map(|d| image::deb_name(d)).collect();
-    for n in &deb_names {
+    for n in &debs.names() {
         h.update(n);
     }
     image::sha_files(&mut h, &image::files_under(&assets.join("xen"))?)?;
     image::sha_files(&mut h, &image::files_under(&assets.join("game"))?)?;
-    image::sha_files(&mut h, &[hostd.clone(), guest.clone()])?;
-    let input_digest = hex::encode(h.finalize());
+    image::sha_files(&mut h, &[hostd.to_path_buf(), guest.to_path_buf()])?;
+    Ok(hex::encode(h.finalize()))
+}
 
-    let inputs_path = dir.join("inputs.json");
-    if let Some(old) = std::fs::read(&inputs_path)
+/// The artefacts already in `dir`, if they were built from `input_digest` and are complete.
+fn up_to_date(dir: &Path, input_digest: &str) -> Option<Artefacts> {
+    let old = std::fs::read(dir.join("inputs.json"))
         .ok()
-        .and_then(|b| serde_json::from_slice::<Inputs>(&b).ok())
-    {
-        let art = artefacts(&dir, old.image_digest);
-        let complete = [&art.xen, &art.dom0_kernel, &art.dom0_initrd]
-            .iter()
-            .all(|p| p.exists());
-        if old.input_digest == input_digest && complete {
-            eprintln!("xtask: Xen artefacts up to date ({})", &input_digest[..12]);
-            return Ok(art);
-        }
+        .and_then(|b| serde_json::from_slice::<Inputs>(&b).ok())?;
+    let art = artefacts(dir, old.image_digest);
+    let complete = [&art.xen, &art.dom0_kernel, &art.dom0_initrd]
+        .iter()
+        .all(|p| p.exists());
+    (old.input_digest == input_digest && complete).then_some(art)
+}
+
+/// The packages unpacked under `target/xen-work`.
+struct Unpacked {
+    xen_root: PathBuf,
+    dom0_kernel: PathBuf,
+    guest_kernel: PathBuf,
+    busybox: PathBuf,
+}
+
+impl Unpacked {
+    fn new(debs: &Debs, work: &Path) -> Result<Unpacked> {
+        let unpacked = |name: &str, packages: &[&str]| -> Result<PathBuf> {
+            let to = work.join(name);
+            std::fs::create_dir_all(&to)?;
+            for p in packages {
+                sys::run(
+                    Command::new("dpkg-deb")
+                        .arg("-x")
+                        .arg(&debs.files[*p])
+                        .arg(&to),
+                )?;
+            }
+            Ok(to)
+        };
+        Ok(Unpacked {
+            xen_root: unpacked("xen", XEN_PACKAGES)?,
+            dom0_kernel: unpacked("dom0-kernel", &[debs.dom0_kernel_pkg.as_str()])?,
+            guest_kernel: unpacked("guest-kernel", &[debs.guest_kernel_pkg.as_str()])?,
+            busybox: unpacked("busybox", &["busybox-static"])?.join("bin/busybox"),
+        })
     }
-    let t0 = Instant::now();
-    eprintln!("xtask: building the nested-Xen artefacts ({dom0_kernel_pkg} dom0, Xen 4.17)");
-    let work = root.join("target/xen-work");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&dir)?;
-    let unpacked = |name: &str, packages: &[&str]| -> Result<PathBuf> {
-        let to = work.join(name);
-        std::fs::create_dir_all(&to)?;
-        for p in packages {
-            sys::run(Command::new("dpkg-deb").arg("-x").arg(&debs[p]).arg(&to))?;
-        }
-        Ok(to)
-    };
-    let xen_root = unpacked("xen", XEN_PACKAGES)?;
-    let dom0_kernel = unpacked("dom0-kernel", &[dom0_kernel_pkg.as_str()])?;
-    let guest_kernel = unpacked("guest-kernel", &[guest_kernel_pkg.as_str()])?;
-    let busybox = unpacked("busybox", &["busybox-static"])?.join("bin/busybox");
 
-    // The hypervisor, unzipped.
-    let mut xen = Vec::new();
-    let gz = xen_root.join(HYPERVISOR_GZ);
-    flate2::read::GzDecoder::new(
-        std::fs::File::open(&gz).with_context(|| format!("opening {}", gz.display()))?,
-    )
-    .read_to_end(&mut xen)
-    .with_context(|| format!("unzipping {}", gz.display()))?;
-
-    // The game VMs' image: the cloud kernel, an initramfs with the game's data (no data disk).
-    let vmlinuz = std::fs::read(image::find_vmlinuz(&guest_kernel)?)?;
-    let initrd = image::GuestInitrd {
-        init: &assets.join("xen/guest-init"),
-        busybox: &busybox,
-        guest: &guest,
-        kernel_root: &guest_kernel,
-        modules_list: &assets.join("xen/guest-modules"),
-        data: Some(&assets.join("game")),
+    /// The hypervisor, unzipped.
+    fn hypervisor(&self) -> Result<Vec<u8>> {
+        let mut xen = Vec::new();
+        let gz = self.xen_root.join(HYPERVISOR_GZ);
+        flate2::read::GzDecoder::new(
+            std::fs::File::open(&gz).with_context(|| format!("opening {}", gz.display()))?,
+        )
+        .read_to_end(&mut xen)
+        .with_context(|| format!("unzipping {}", gz.display()))?;
+        Ok(xen)
     }
-    .build()?;
-    let mut h = Sha256::new();
-    h.update(&vmlinuz);
-    h.update(&initrd);
-    let manifest = Manifest {
-        format: 1,
-        digest: hex::encode(h.finalize()),
-        input_digest: input_digest.clone(),
-        kernel: "vmlinuz".into(),
-        initrd: "initrd.cpio".into(),
-        disk: String::new(),
-        kernel_package: guest_kernel_pkg.clone(),
-        cmdline: GUEST_CMDLINE.into(),
-    };
+}
 
-    // dom0's initramfs.
+/// The game VMs' image: the cloud kernel, an initramfs with the game's data (no data disk).
+struct GuestImage {
+    vmlinuz: Vec<u8>,
+    initrd: Vec<u8>,
+    manifest: Manifest,
+}
+
+impl GuestImage {
+    fn build(u: &Unpacked, guest: &Path, debs: &Debs, input_digest: &str) -> Result<Self> {
+        let assets = image::root().join("assets");
+        let vmlinuz = std::fs::read(image::find_vmlinuz(&u.guest_kernel)?)?;
+        let initrd = image::GuestInitrd {
+            init: &assets.join("xen/guest-init"),
+            busybox: &u.busybox,
+            guest,
+            kernel_root: &u.guest_kernel,
+            modules_list: &assets.join("xen/guest-modules"),
+            data: Some(&assets.join("game")),
+        }
+        .build()?;
+        let mut h = Sha256::new();
+        h.update(&vmlinuz);
+        h.update(&initrd);
+        let manifest = Manifest {
+            format: 1,
+            digest: hex::encode(h.finalize()),
+            input_digest: input_digest.to_owned(),
+            kernel: "vmlinuz".into(),
+            initrd: "initrd.cpio".into(),
+            disk: String::new(),
+            kernel_package: debs.guest_kernel_pkg.clone(),
+            cmdline: GUEST_CMDLINE.into(),
+        };
+        Ok(GuestImage {
+            vmlinuz,
+            initrd,
+            manifest,
+        })
+    }
+}
+
+/// dom0's initramfs (uncompressed cpio): busybox, the Xen tree and the libraries its binaries
+/// and hostd need, the modules, hostd with its config, and the game VMs' image.
+fn dom0_cpio(u: &Unpacked, hostd: &Path, image: &GuestImage, work: &Path) -> Result<Vec<u8>> {
+    let assets = image::root().join("assets");
     let stripped_hostd = work.join("berth-hostd");
     sys::run(
         Command::new("strip")
             .arg("-o")
             .arg(&stripped_hostd)
-            .arg(&hostd),
+            .arg(hostd),
     )?;
     let mut cpio = Cpio::default();
     cpio.skeleton(&[
@@ -276,59 +326,85 @@ pub fn build() -> Result<Artefacts> {
         "berth/image",
     ]);
     cpio.file("init", 0o755, &std::fs::read(assets.join("xen/dom0-init"))?);
-    cpio.file("bin/busybox", 0o755, &std::fs::read(&busybox)?);
+    cpio.file("bin/busybox", 0o755, &std::fs::read(&u.busybox)?);
     for t in XEN_TREE {
-        add_tree(&mut cpio, &xen_root, Path::new(t))?;
+        add_tree(&mut cpio, &u.xen_root, Path::new(t))?;
     }
-    let mut elves = elf_files(&xen_root, &[XEN_BIN, "usr/bin", "usr/sbin"])?;
+    let mut elves = elf_files(&u.xen_root, &[XEN_BIN, "usr/bin", "usr/sbin"])?;
     elves.push(stripped_hostd.clone());
-    for (name, host_file) in libraries(&elves, &xen_root)? {
+    for (name, host_file) in libraries(&elves, &u.xen_root)? {
         cpio.file(&name, 0o755, &std::fs::read(&host_file)?);
     }
     cpio.file("bin/berth-hostd", 0o755, &std::fs::read(&stripped_hostd)?);
     image::add_modules(
         &mut cpio,
-        &dom0_kernel,
+        &u.dom0_kernel,
         &image::module_list(&assets.join("xen/dom0-modules"))?,
     )?;
-    cpio.file(
-        "etc/xen/scripts/vif-berth",
-        0o755,
-        &std::fs::read(assets.join("xen/vif-berth"))?,
-    );
-    cpio.file(
-        "berth/hostd.toml",
-        0o644,
-        &std::fs::read(assets.join("xen/hostd.toml"))?,
-    );
-    cpio.file("berth/image/vmlinuz", 0o644, &vmlinuz);
-    cpio.file("berth/image/initrd.cpio", 0o644, &initrd);
+    for (name, mode, from) in [
+        ("etc/xen/scripts/vif-berth", 0o755, "xen/vif-berth"),
+        ("berth/hostd.toml", 0o644, "xen/hostd.toml"),
+    ] {
+        cpio.file(name, mode, &std::fs::read(assets.join(from))?);
+    }
+    cpio.file("berth/image/vmlinuz", 0o644, &image.vmlinuz);
+    cpio.file("berth/image/initrd.cpio", 0o644, &image.initrd);
     cpio.file(
         "berth/image/manifest.json",
         0o644,
-        &serde_json::to_vec_pretty(&manifest)?,
+        &serde_json::to_vec_pretty(&image.manifest)?,
     );
-    let cpio = cpio.finish();
+    Ok(cpio.finish())
+}
+
+/// Builds (or reuses) `target/xen/`: `xen`, `vmlinuz-dom0`, `dom0.cpio.gz`, `inputs.json`.
+/// Rebuilt only when an input changes: the packages, `assets/xen`, `assets/game`, the hostd and
+/// guest binaries.
+pub fn build() -> Result<Artefacts> {
+    let root = image::root();
+    let dir = xen_dir();
+    let debs = Debs::download()?;
+    crate::build::build_workspace()?;
+    let hostd = root.join("target/debug/berth-hostd");
+    let guest = image::build_guest()?;
+    let input_digest = input_digest(&debs, &hostd, &guest)?;
+    if let Some(art) = up_to_date(&dir, &input_digest) {
+        eprintln!("xtask: Xen artefacts up to date ({})", &input_digest[..12]);
+        return Ok(art);
+    }
+    let t0 = Instant::now();
+    eprintln!(
+        "xtask: building the nested-Xen artefacts ({} dom0, Xen 4.17)",
+        debs.dom0_kernel_pkg
+    );
+    let work = root.join("target/xen-work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&dir)?;
+    let unpacked = Unpacked::new(&debs, &work)?;
+    let xen = unpacked.hypervisor()?;
+    let image = GuestImage::build(&unpacked, &guest, &debs, &input_digest)?;
+    let cpio = dom0_cpio(&unpacked, &hostd, &image, &work)?;
     // gzip at level 1: the kernel unpacks it in a fraction of the time a tighter level saves.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&cpio)?;
     let dom0_initrd = gz.finish()?;
 
-    let art = artefacts(&dir, manifest.digest.clone());
+    let art = artefacts(&dir, image.manifest.digest.clone());
     // inputs.json last: it is what says the others are complete.
+    let inputs_path = dir.join("inputs.json");
     let _ = std::fs::remove_file(&inputs_path);
     write_atomic(&art.xen, &xen)?;
     write_atomic(
         &art.dom0_kernel,
-        &std::fs::read(image::find_vmlinuz(&dom0_kernel)?)?,
+        &std::fs::read(image::find_vmlinuz(&unpacked.dom0_kernel)?)?,
     )?;
     write_atomic(&art.dom0_initrd, &dom0_initrd)?;
     let inputs = Inputs {
         input_digest,
-        image_digest: manifest.digest.clone(),
-        dom0_kernel_package: dom0_kernel_pkg,
-        guest_kernel_package: guest_kernel_pkg,
-        debs: deb_names,
+        image_digest: image.manifest.digest.clone(),
+        debs: debs.names(),
+        dom0_kernel_package: debs.dom0_kernel_pkg,
+        guest_kernel_package: debs.guest_kernel_pkg,
     };
     write_atomic(&inputs_path, &serde_json::to_vec_pretty(&inputs)?)?;
     let _ = std::fs::remove_dir_all(&work);
@@ -341,7 +417,7 @@ pub fn build() -> Result<Artefacts> {
         mib(xen.len()),
         mib(dom0_initrd.len()),
         mib(cpio.len()),
-        &manifest.digest[..12],
+        &image.manifest.digest[..12],
     );
     Ok(art)
 }
