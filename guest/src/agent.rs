@@ -312,9 +312,9 @@ mod tests {
 
     #[test]
     fn rng_depends_on_seed() {
-        let a = game::Rng::new(1).next_u64();
-        let b = game::Rng::new(2).next_u64();
+        let a = crate::arena::Rng::new(1).next_u64();
+        let b = crate::arena::Rng::new(2).next_u64();
         assert_ne!(a, b);
-        assert_eq!(a, game::Rng::new(1).next_u64());
+        assert_eq!(a, crate::arena::Rng::new(1).next_u64());
     }
 }

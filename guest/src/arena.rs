@@ -8,13 +8,30 @@
 //! limit, when a side surrenders or forfeits (every player gone past the rejoin grace), or as
 //! abandoned when nobody is connected for long enough.
 
-use crate::game::Rng;
 use berth_protocol::game::{
     reason, GameParams, GameResults, MapView, PlayerResult, PlayerView, ShotView, Snapshot,
     FIRE_COOLDOWN_MS, MAX_HP, PLAYER_RADIUS, PLAYER_SPEED, RESPAWN_MS, SHOT_DAMAGE, SHOT_LIFE_MS,
     SHOT_SPEED,
 };
 use berth_protocol::PlayerId;
+
+/// xorshift64*: small, seeded from the identity.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x2545_f491_4f6c_dd1d | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
 
 /// A tile map: `walls[y][x]`.
 #[derive(Debug, Clone)]

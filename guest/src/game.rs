@@ -11,7 +11,7 @@
 //! Start-up — reading and indexing the maps on the VM's disk — is exactly the work a substrate
 //! saves.
 
-use crate::arena::{Arena, Input, Map};
+use crate::arena::{Arena, Input, Map, Rng};
 use crate::GuestError;
 use berth_protocol::game::{code, GameAnswer, GameParams, GameRequest, Welcome};
 use berth_protocol::guest::{decode_line, encode_line, Identity, Line, LineBuffer, MAX_LINE};
@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// What the game loaded at start-up.
 #[derive(Debug)]
@@ -98,30 +98,7 @@ impl World {
     }
 }
 
-/// xorshift64*: small, seeded from the identity.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x2545_f491_4f6c_dd1d | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use berth_protocol::now_ms;
 
 /// A game over, sent from the game loop to the agent.
 #[derive(Debug)]
@@ -750,12 +727,8 @@ pub fn warm_up(world: &World) {
     }
 }
 
-/// A whole player connection on a private loopback port, with a throwaway session: accept,
-/// hello, reader and writer threads, a real ticket check, join, welcome, states, input, ping
-/// and leave — the path every player takes right after activation.
-fn warm_up_connection(world: &World) -> std::io::Result<()> {
-    use std::io::{BufRead, BufReader};
-    let player = PlayerId::new("warm-a").expect("literal id");
+/// A throwaway session for the warm-up, with one player and a ticket for it.
+fn warm_session(player: &PlayerId) -> (Arc<Session>, String) {
     let session_id = berth_protocol::SessionId::new("warm").expect("literal id");
     let key = {
         let mut rng = Rng::new(now_ms());
@@ -775,7 +748,7 @@ fn warm_up_connection(world: &World) -> std::io::Result<()> {
     let ticket = ticket::mint(
         &TicketClaims {
             sub: player.clone(),
-            sid: session_id.clone(),
+            sid: session_id,
             aud: ticket::TICKET_AUDIENCE.into(),
             iss: "warm-up".into(),
             exp: now_ms() / 1000 + 60,
@@ -784,37 +757,52 @@ fn warm_up_connection(world: &World) -> std::io::Result<()> {
         },
         &hex::decode(&key).unwrap_or_default(),
     );
-    let session = Arc::new(Session::new(identity));
+    (Arc::new(Session::new(identity)), ticket)
+}
+
+/// Accepts one connection on `listener` and serves it as the game port does.
+fn serve_one(
+    listener: TcpListener,
+    session: Arc<Session>,
+    tx: Sender<Command>,
+    inputs: Inputs,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let _ = stream.set_nodelay(true);
+            let identity = &session.identity;
+            let _ = stream.write_all(&encode_line(&GameAnswer::Hello {
+                session_id: identity.session_id.clone(),
+                vm_id: identity.vm_id.clone(),
+                hostname: identity.hostname.clone(),
+                players: identity.players.clone(),
+                clock_ms: now_ms(),
+                rng_draw: 0,
+                map_tiles: 0,
+            }));
+            connection(1, stream, &session, &tx, &inputs);
+        }
+    })
+}
+
+/// A whole player connection on a private loopback port, with a throwaway session: accept,
+/// hello, reader and writer threads, a real ticket check, join, welcome, states, input, ping
+/// and leave — the path every player takes right after activation.
+fn warm_up_connection(world: &World) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let player = PlayerId::new("warm-a").expect("literal id");
+    let (session, ticket) = warm_session(&player);
     let listener = TcpListener::bind(("127.0.0.1", 0))?;
     let addr = listener.local_addr()?;
     let (tx, rx) = mpsc::channel::<Command>();
     let inputs = Inputs::default();
-    let server = {
-        let session = session.clone();
-        let inputs = inputs.clone();
-        std::thread::spawn(move || {
-            if let Ok((mut stream, _)) = listener.accept() {
-                let _ = stream.set_nodelay(true);
-                let identity = &session.identity;
-                let _ = stream.write_all(&encode_line(&GameAnswer::Hello {
-                    session_id: identity.session_id.clone(),
-                    vm_id: identity.vm_id.clone(),
-                    hostname: identity.hostname.clone(),
-                    players: identity.players.clone(),
-                    clock_ms: now_ms(),
-                    rng_draw: 0,
-                    map_tiles: 0,
-                }));
-                connection(1, stream, &session, &tx, &inputs);
-            }
-        })
-    };
+    let server = serve_one(listener, session.clone(), tx, inputs.clone());
     let client = TcpStream::connect(addr)?;
     client.set_nodelay(true)?;
     client.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut lines = BufReader::new(client.try_clone()?).lines();
     let mut writer = client;
-    writer.write_all(format!("{{\"type\":\"join\",\"ticket\":\"{ticket}\"}}\n").as_bytes())?;
+    writer.write_all(&encode_line(&GameRequest::Join { ticket }))?;
     let mut game = Game {
         arena: Arena::new(
             GameParams::default(),
@@ -825,7 +813,7 @@ fn warm_up_connection(world: &World) -> std::io::Result<()> {
         ),
         inputs,
         pending: Vec::new(),
-        session_id,
+        session_id: session.identity.session_id.clone(),
         conns: HashMap::new(),
         started_ms: now_ms(),
         over: None,
@@ -839,7 +827,22 @@ fn warm_up_connection(world: &World) -> std::io::Result<()> {
     for _ in 0..2 {
         let _ = lines.next();
     }
-    writer.write_all(b"{\"type\":\"input\",\"seq\":1,\"dx\":1,\"dy\":0,\"fire\":true,\"aim\":0}\n{\"type\":\"ping\",\"nonce\":1}\n{\"type\":\"leave\"}\n")?;
+    // One write, as a client that sends quickly would: input, ping and leave.
+    let burst: Vec<u8> = [
+        GameRequest::Input {
+            seq: 1,
+            dx: 1.0,
+            dy: 0.0,
+            fire: true,
+            aim: 0.0,
+        },
+        GameRequest::Ping { nonce: 1 },
+        GameRequest::Leave,
+    ]
+    .iter()
+    .flat_map(encode_line)
+    .collect();
+    writer.write_all(&burst)?;
     let _ = lines.next();
     while let Ok(command) = rx.recv_timeout(wait) {
         let closed = matches!(command, Command::Closed { .. });
