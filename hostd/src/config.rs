@@ -25,6 +25,7 @@
 //! reconnect_max_s = 10
 //! ```
 
+use crate::token::{is_token, Token};
 use berth_protocol::guest::MAX_LINE;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -222,8 +223,7 @@ impl ServerConfig {
 
     /// The runtime settings of the link: reads `token_file` (so a missing or empty file fails
     /// start-up) and insists on a token.
-    pub fn resolve(&self, host_id: &str) -> Result<crate::link::ServerLink, ConfigError> {
-        use crate::link::{ServerLink, Token};
+    pub fn resolve(&self, host_id: &str) -> Result<ServerLink, ConfigError> {
         self.validate()?;
         let token = match (&self.token, &self.token_file) {
             (Some(t), _) => Token::Inline(t.clone()),
@@ -263,9 +263,18 @@ fn is_uri(s: &str) -> bool {
         .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
 }
 
-/// What may go into an `Authorization: Bearer` header: a JWT is base64url and dots.
-pub(crate) fn is_token(t: &str) -> bool {
-    !t.is_empty() && t.len() <= 8192 && t.bytes().all(|b| b.is_ascii_graphic())
+/// The link's runtime settings, validated from the `[server]` table
+/// ([`ServerConfig::resolve`]).
+#[derive(Debug, Clone)]
+pub struct ServerLink {
+    /// `ws://…/v1/hosts`.
+    pub url: String,
+    pub host: berth_protocol::HostId,
+    pub token: Token,
+    /// Where players reach this host's gateway, advertised in `register`.
+    pub gateway: String,
+    /// Cap of the reconnect backoff.
+    pub reconnect_max: Duration,
 }
 
 /// The whole file.
@@ -467,7 +476,7 @@ impl HostdConfig {
     }
 
     /// The link's runtime settings if a server is configured (see [`ServerConfig::resolve`]).
-    pub fn server_link(&self) -> Result<Option<crate::link::ServerLink>, ConfigError> {
+    pub fn server_link(&self) -> Result<Option<ServerLink>, ConfigError> {
         self.server
             .as_ref()
             .map(|s| s.resolve(&self.host_id))

@@ -9,6 +9,7 @@
 //! - [`pool`]: per host, per image: the docked substrate, warm clones, running VMs; activation
 //!   by session id (idempotent), destroy, health, refill, adoption after a restart.
 //! - [`control`]: the operator's HTTP surface and its client (`berth-hostd status` etc.).
+//! - [`token`]: this host's credential towards the server, read again on every connect.
 //! - [`link`]: the one websocket to the matchmaking server: register, heartbeats, activate and
 //!   destroy on the server's behalf, pool events upstream, reconnect and reconcile.
 //! - [`selftest`]: `berth-hostd selftest`, prime → activate → destroy on this host with its
@@ -26,6 +27,7 @@ pub mod link;
 pub mod pool;
 pub mod selftest;
 pub mod substrate;
+pub mod token;
 pub mod util;
 
 pub use config::HostdConfig;

@@ -29,14 +29,16 @@
 //! `welcome`, so the server may see an `activated` for a VM the `register` already listed.
 
 use crate::config::ImageConfig;
+pub use crate::config::ServerLink;
 use crate::pool::{ActivateRequest, ActivationPath, Pool, PoolError, PoolEvent, Status, VmInfo};
+pub use crate::token::Token;
+use crate::token::TokenError;
 use berth_protocol::host::HOST_PROTOCOL_VERSION;
 use berth_protocol::host::{HostMessage, HostVm, ImageCapacity, ServerToHost};
-use berth_protocol::{HostId, SessionId, VmId};
+use berth_protocol::{SessionId, VmId};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
@@ -62,68 +64,11 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
 const HEARTBEAT_MAX: Duration = Duration::from_secs(60);
 
-/// Where this host's credential comes from.
-#[derive(Clone, PartialEq)]
-pub enum Token {
-    Inline(String),
-    /// Read again on every connect, so a renewed token needs no restart.
-    File(PathBuf),
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Token::Inline(_) => f.write_str("Inline(<redacted>)"),
-            Token::File(path) => f.debug_tuple("File").field(path).finish(),
-        }
-    }
-}
-
-impl Token {
-    /// The token itself (a file's content without surrounding whitespace).
-    pub fn read(&self) -> Result<String, LinkError> {
-        let token = match self {
-            Token::Inline(t) => t.clone(),
-            Token::File(path) => std::fs::read_to_string(path)
-                .map_err(|source| LinkError::TokenFile {
-                    path: path.clone(),
-                    source,
-                })?
-                .trim()
-                .to_owned(),
-        };
-        if !crate::config::is_token(&token) {
-            return Err(LinkError::BadToken);
-        }
-        Ok(token)
-    }
-}
-
-/// The link's runtime settings, validated from the `[server]` table
-/// ([`crate::config::ServerConfig::resolve`]).
-#[derive(Debug, Clone)]
-pub struct ServerLink {
-    /// `ws://…/v1/hosts`.
-    pub url: String,
-    pub host: HostId,
-    pub token: Token,
-    /// Where players reach this host's gateway, advertised in `register`.
-    pub gateway: String,
-    /// Cap of the reconnect backoff.
-    pub reconnect_max: Duration,
-}
-
 /// Why a connection ended (the link then reconnects).
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("reading the server token from {path}")]
-    TokenFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the server token is empty or not a valid header value")]
-    BadToken,
+    #[error(transparent)]
+    Token(#[from] TokenError),
     #[error("{0} timed out")]
     Timeout(&'static str),
     #[error("the server refused the websocket: HTTP {status}")]
@@ -146,8 +91,7 @@ impl LinkError {
     /// A short stable label for logs and metrics.
     pub fn code(&self) -> &'static str {
         match self {
-            LinkError::TokenFile { .. } => "token_file",
-            LinkError::BadToken => "bad_token",
+            LinkError::Token(e) => e.code(),
             LinkError::Timeout(_) => "timeout",
             LinkError::Refused { .. } => "refused",
             LinkError::Rejected { .. } => "rejected",
@@ -430,7 +374,7 @@ impl<P: LinkPool> Link<P> {
             .into_client_request()
             .map_err(LinkError::Socket)?;
         let bearer = HeaderValue::from_str(&format!("Bearer {}", self.link.token.read()?))
-            .map_err(|_| LinkError::BadToken)?;
+            .map_err(|_| LinkError::Token(TokenError::Bad))?;
         request.headers_mut().insert("authorization", bearer);
         Ok(request)
     }
@@ -741,6 +685,7 @@ async fn close(ws: &mut Socket) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_protocol::HostId;
     use crate::pool::ImageStatus;
     use berth_protocol::PlayerId;
     use std::sync::{Arc, Mutex};
@@ -1163,21 +1108,6 @@ mod tests {
             failed,
             HostMessage::ActivateFailed { ref code, .. } if code == "at_capacity"
         ));
-    }
-
-    #[test]
-    fn token_files_are_reread_and_checked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("host.jwt");
-        let token = Token::File(path.clone());
-        assert_eq!(token.read().map_err(|e| e.code()), Err("token_file"));
-        std::fs::write(&path, "a.b.c\n").expect("write");
-        assert_eq!(token.read().expect("readable"), "a.b.c");
-        std::fs::write(&path, "d.e.f").expect("write");
-        assert_eq!(token.read().expect("renewed"), "d.e.f");
-        std::fs::write(&path, "  \n").expect("write");
-        assert_eq!(token.read().map_err(|e| e.code()), Err("bad_token"));
-        assert!(!format!("{:?}", Token::Inline("secret".into())).contains("secret"));
     }
 
     #[tokio::test]

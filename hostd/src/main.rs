@@ -5,7 +5,7 @@ use berth_hostd::pool::ActivateRequest;
 use berth_hostd::HostdConfig;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -94,16 +94,7 @@ async fn main() -> anyhow::Result<()> {
             gateway_listen,
             json_logs,
         } => {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into());
-            if json_logs {
-                tracing_subscriber::fmt()
-                    .json()
-                    .with_env_filter(filter)
-                    .init();
-            } else {
-                tracing_subscriber::fmt().with_env_filter(filter).init();
-            }
+            init_logs(json_logs);
             let mut config = HostdConfig::load(&config)?;
             config.apply_server_flags(server_url, server_token)?;
             if let Some(listen) = gateway_listen {
@@ -119,41 +110,12 @@ async fn main() -> anyhow::Result<()> {
             cold_runs,
             json,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            let config = HostdConfig::load(&config)?;
-            let driver = berth_hostd::driver_for(&config).await?;
             let opts = berth_hostd::selftest::Options {
                 sessions,
                 runs,
                 cold_runs,
             };
-            let report = berth_hostd::selftest::run(config, driver, &opts).await;
-            let text = serde_json::to_string_pretty(&report)?;
-            match json {
-                Some(path) => std::fs::write(&path, text + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?,
-                None => println!("{text}"),
-            }
-            if !report.ok {
-                let failed: Vec<String> =
-                    report
-                        .errors
-                        .iter()
-                        .cloned()
-                        .chain(report.sessions.iter().filter_map(|s| {
-                            s.error.as_ref().map(|e| format!("{}: {e}", s.session_id))
-                        }))
-                        .chain(report.leftovers.iter().map(|l| format!("left behind: {l}")))
-                        .collect();
-                anyhow::bail!("selftest failed: {}", failed.join("; "));
-            }
-            Ok(())
+            selftest(&config, &opts, json.as_deref()).await
         }
         Cmd::Status { control } => {
             let s = Client::new(control).status().await?;
@@ -193,6 +155,59 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Logs to stdout, as text or JSON lines, filtered by `RUST_LOG` (default `info`).
+fn init_logs(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+}
+
+/// `berth-hostd selftest`: logs go to stderr so that stdout carries only the report.
+async fn selftest(
+    config: &Path,
+    opts: &berth_hostd::selftest::Options,
+    json: Option<&Path>,
+) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = HostdConfig::load(config)?;
+    let driver = berth_hostd::driver_for(&config).await?;
+    let report = berth_hostd::selftest::run(config, driver, opts).await;
+    let text = serde_json::to_string_pretty(&report)?;
+    match json {
+        Some(path) => std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => println!("{text}"),
+    }
+    if !report.ok {
+        let failed: Vec<String> = report
+            .errors
+            .iter()
+            .cloned()
+            .chain(
+                report
+                    .sessions
+                    .iter()
+                    .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.session_id))),
+            )
+            .chain(report.leftovers.iter().map(|l| format!("left behind: {l}")))
+            .collect();
+        anyhow::bail!("selftest failed: {}", failed.join("; "));
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

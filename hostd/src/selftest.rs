@@ -14,7 +14,7 @@
 //! The report is one JSON object (see [`Report`]); the exit status says whether every check
 //! passed.
 
-use crate::config::HostdConfig;
+use crate::config::{HostdConfig, ImageConfig};
 use crate::driver::{Vm, VmDriver, VmSpec};
 use crate::image::Image;
 use crate::pool::{ActivateRequest, Pool, PoolEvent, VmInfo};
@@ -232,78 +232,10 @@ async fn cycle(
     let result = async {
         let mut events = pool.subscribe();
         tracing::info!(image = %ic.name, "selftest: priming");
-        // A prime that fails is retried by the pool itself (30 s later): wait for that too,
-        // a bounded number of times, and report every failure.
-        let mut primes = 0;
-        loop {
-            primes += 1;
-            match pool
-                .wait_ready(
-                    &ic.name,
-                    ic.warm,
-                    boot_timeout * 2 + Duration::from_secs(60),
-                )
-                .await
-            {
-                Ok(()) => break,
-                Err(e) if primes < MAX_PRIMES => {
-                    tracing::warn!(error = %e, "selftest: priming failed; the pool primes again");
-                    report.retried.push(format!("prime {primes}: {e}"));
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    wait_for_prime_retry(&pool, &ic.name).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        wait_primed(&pool, &ic, boot_timeout, report).await?;
         report.prime = docked(&mut events, &pool, &ic.name);
         tracing::info!(prime = ?report.prime, "selftest: docked");
-        // `sessions` live at once, each answering as itself. A session whose activation or
-        // answer fails, or whose VM dies before the end, is reported in `retried` and
-        // replaced, up to `sessions` extra attempts.
-        let mut attempts = 0;
-        let mut live: Vec<SessionCheck> = Vec::new();
-        while live.len() < opts.sessions && attempts < opts.sessions * 2 {
-            attempts += 1;
-            let check = activate(&pool, &ic.name, attempts).await;
-            tracing::info!(?check, "selftest: session");
-            match &check.error {
-                None => live.push(check),
-                Some(e) => {
-                    report.retried.push(format!("{}: {e}", check.session_id));
-                    if check.domid != 0 {
-                        let _ = pool.destroy(check.vm_id.as_str()).await;
-                    }
-                    // A failed restore makes the pool prime the substrate again: wait for it.
-                    if let Err(e) = pool.wait_ready(&ic.name, 0, boot_timeout * 2).await {
-                        report
-                            .retried
-                            .push(format!("waiting for the substrate: {e}"));
-                    }
-                }
-            }
-            if live.len() == opts.sessions {
-                let running: Vec<VmId> = pool.status().vms.into_iter().map(|v| v.vm_id).collect();
-                live.retain(|c| {
-                    let alive = running.contains(&c.vm_id);
-                    if !alive {
-                        report.retried.push(format!(
-                            "{}: its VM {} was gone before the end",
-                            c.session_id, c.vm_id
-                        ));
-                    }
-                    alive
-                });
-            }
-        }
-        for check in live {
-            match pool.destroy(check.vm_id.as_str()).await {
-                Ok(()) => report.sessions.push(check),
-                Err(e) => report.retried.push(format!(
-                    "{}: destroying {}: {e}: it was gone before the end",
-                    check.session_id, check.vm_id
-                )),
-            }
-        }
+        check_sessions(&pool, &ic.name, opts, boot_timeout, report).await;
         if opts.runs > 0 {
             let sub = Substrate::open(
                 &state_dir.join("substrates").join(&ic.name),
@@ -328,6 +260,94 @@ async fn cycle(
     report.failures = pool.status().failures;
     pool.shutdown().await;
     result
+}
+
+/// Waits until the pool docked `ic`'s substrate. A prime that fails is retried by the pool
+/// itself (30 s later): wait for that too, a bounded number of times, and report every failure.
+async fn wait_primed(
+    pool: &Pool,
+    ic: &ImageConfig,
+    boot_timeout: Duration,
+    report: &mut Report,
+) -> Result<()> {
+    let mut primes = 0;
+    loop {
+        primes += 1;
+        match pool
+            .wait_ready(
+                &ic.name,
+                ic.warm,
+                boot_timeout * 2 + Duration::from_secs(60),
+            )
+            .await
+        {
+            Ok(()) => break,
+            Err(e) if primes < MAX_PRIMES => {
+                tracing::warn!(error = %e, "selftest: priming failed; the pool primes again");
+                report.retried.push(format!("prime {primes}: {e}"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                wait_for_prime_retry(pool, &ic.name).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `sessions` live at once, each answering as itself, then destroys them. A session
+/// whose activation or answer fails, or whose VM dies before the end, is reported in
+/// `retried` and replaced, up to `sessions` extra attempts.
+async fn check_sessions(
+    pool: &Pool,
+    image: &str,
+    opts: &Options,
+    boot_timeout: Duration,
+    report: &mut Report,
+) {
+    let mut attempts = 0;
+    let mut live: Vec<SessionCheck> = Vec::new();
+    while live.len() < opts.sessions && attempts < opts.sessions * 2 {
+        attempts += 1;
+        let check = activate(pool, image, attempts).await;
+        tracing::info!(?check, "selftest: session");
+        match &check.error {
+            None => live.push(check),
+            Some(e) => {
+                report.retried.push(format!("{}: {e}", check.session_id));
+                if check.domid != 0 {
+                    let _ = pool.destroy(check.vm_id.as_str()).await;
+                }
+                // A failed restore makes the pool prime the substrate again: wait for it.
+                if let Err(e) = pool.wait_ready(image, 0, boot_timeout * 2).await {
+                    report
+                        .retried
+                        .push(format!("waiting for the substrate: {e}"));
+                }
+            }
+        }
+        if live.len() == opts.sessions {
+            let running: Vec<VmId> = pool.status().vms.into_iter().map(|v| v.vm_id).collect();
+            live.retain(|c| {
+                let alive = running.contains(&c.vm_id);
+                if !alive {
+                    report.retried.push(format!(
+                        "{}: its VM {} was gone before the end",
+                        c.session_id, c.vm_id
+                    ));
+                }
+                alive
+            });
+        }
+    }
+    for check in live {
+        match pool.destroy(check.vm_id.as_str()).await {
+            Ok(()) => report.sessions.push(check),
+            Err(e) => report.retried.push(format!(
+                "{}: destroying {}: {e}: it was gone before the end",
+                check.session_id, check.vm_id
+            )),
+        }
+    }
 }
 
 /// The prime figures: from the pool's `docked` event, else its status.

@@ -10,8 +10,9 @@
 //! `exec:cat > state`, so only device state (tens of KiB) is written; clones start with
 //! `-incoming defer -S`, set the same capability and `migrate-incoming` from the state file.
 
+use super::files::{io_err, mkdir_private, seal_substrate};
 use super::{DriverError, PrimeStats, Ready, Vm, VmDriver, VmEvent, VmRecord, VmSpec};
-use crate::substrate::{self, Fingerprint, Header, Machine, Substrate};
+use crate::substrate::{Fingerprint, Machine, Substrate};
 use crate::util::{now_ms, pid_alive, pid_cmdline};
 use async_trait::async_trait;
 use berth_protocol::guest::{
@@ -22,7 +23,6 @@ use berth_protocol::VmId;
 use qapi::qmp;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -109,22 +109,6 @@ pub fn host_tsc_khz() -> Option<u64> {
         .parse()
         .ok()?;
     Some((mhz * 1000.0) as u64)
-}
-
-fn mkdir_private(dir: &Path) -> Result<(), DriverError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| DriverError::Io {
-            what: format!("creating {}", dir.display()),
-            source,
-        })
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
-    let what = what.into();
-    move |source| DriverError::Io { what, source }
 }
 
 fn qmp_err(during: &'static str) -> impl FnOnce(qapi::ExecuteError) -> DriverError {
@@ -426,26 +410,7 @@ impl VmDriver for QemuDriver {
         Box::new(vm).destroy_in_place().await;
         let _ = std::fs::remove_dir_all(&template_dir);
         let (boot_ms, t1) = result?;
-        let (sha, state_bytes) = substrate::sha256_file(&Substrate::state_path(dir))
-            .map_err(io_err("hashing the state file"))?;
-        let dock_ms = t1.elapsed().as_millis() as u64;
-        let header = Header {
-            magic: substrate::MAGIC.into(),
-            format: substrate::FORMAT,
-            fingerprint: self.fingerprint(spec),
-            created_ms: now_ms(),
-            prime_ms: t0.elapsed().as_millis() as u64,
-            state_sha256: sha,
-            state_bytes,
-        };
-        let header_json = serde_json::to_vec_pretty(&header).expect("header serialises");
-        std::fs::write(Substrate::header_path(dir), header_json)
-            .map_err(io_err("writing substrate.json"))?;
-        Ok(PrimeStats {
-            boot_ms,
-            dock_ms,
-            state_bytes,
-        })
+        seal_substrate(dir, self.fingerprint(spec), boot_ms, t0, t1)
     }
 
     async fn restore(

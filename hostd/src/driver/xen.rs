@@ -338,13 +338,13 @@ pub use live::{XenDriver, XenVm};
 #[cfg(feature = "xen")]
 mod live {
     use super::*;
+    use crate::driver::files::{io_err, mkdir_private, seal_substrate};
     use crate::driver::{DriverError, PrimeStats, Ready, Vm, VmDriver, VmEvent, VmRecord, VmSpec};
-    use crate::substrate::{self, Fingerprint, Header, Machine, Substrate};
+    use crate::substrate::{Fingerprint, Machine, Substrate};
     use crate::util::now_ms;
     use async_trait::async_trait;
     use berth_protocol::guest::{decode_line, GuestToHost, LineError, AGENT_PROTOCOL_VERSION};
     use futures::{Stream, StreamExt};
-    use std::os::unix::fs::DirBuilderExt;
     use std::path::PathBuf;
     use std::pin::Pin;
     use std::process::Stdio;
@@ -366,19 +366,6 @@ mod live {
     const BALLOON_WAIT: Duration = Duration::from_secs(10);
 
     type WatchStream = Pin<Box<dyn Stream<Item = Box<str>> + Send>>;
-
-    fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
-        let what = what.into();
-        move |source| DriverError::Io { what, source }
-    }
-
-    fn mkdir_private(dir: &Path) -> Result<(), DriverError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err(format!("creating {}", dir.display())))
-    }
 
     fn program(argv: &[String]) -> &'static str {
         match argv.first().map(String::as_str) {
@@ -854,26 +841,7 @@ mod live {
                 destroy_domain(&name).await;
                 return Err(e);
             }
-            let (sha, state_bytes) = substrate::sha256_file(&Substrate::state_path(dir))
-                .map_err(io_err("hashing the state file"))?;
-            let dock_ms = t1.elapsed().as_millis() as u64;
-            let header = Header {
-                magic: substrate::MAGIC.into(),
-                format: substrate::FORMAT,
-                fingerprint: self.fingerprint(spec),
-                created_ms: now_ms(),
-                prime_ms: t0.elapsed().as_millis() as u64,
-                state_sha256: sha,
-                state_bytes,
-            };
-            let header_json = serde_json::to_vec_pretty(&header).expect("header serialises");
-            std::fs::write(Substrate::header_path(dir), header_json)
-                .map_err(io_err("writing substrate.json"))?;
-            Ok(PrimeStats {
-                boot_ms,
-                dock_ms,
-                state_bytes,
-            })
+            seal_substrate(dir, self.fingerprint(spec), boot_ms, t0, t1)
         }
 
         async fn restore(
