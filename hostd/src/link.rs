@@ -30,12 +30,12 @@
 
 use crate::config::ImageConfig;
 pub use crate::config::ServerLink;
-use crate::pool::{ActivateRequest, ActivationPath, Pool, PoolError, PoolEvent, Status, VmInfo};
+use crate::pool::{ActivateRequest, Pool, PoolError, PoolEvent, Status, VmInfo};
 pub use crate::token::Token;
 use crate::token::TokenError;
 use berth_protocol::host::HOST_PROTOCOL_VERSION;
 use berth_protocol::host::{HostMessage, HostVm, ImageCapacity, ServerToHost};
-use berth_protocol::{SessionId, VmId};
+use berth_protocol::{SessionId, SubstrateState, VmId};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::future::Future;
@@ -155,7 +155,7 @@ pub fn capacity(status: &Status, images: &[ImageConfig]) -> Vec<ImageCapacity> {
             let config = images.iter().find(|c| c.name == i.name);
             ImageCapacity {
                 name: i.name.clone(),
-                docked: i.substrate == "docked",
+                docked: i.substrate == SubstrateState::Docked,
                 warm: i.warm,
                 running: i.active,
                 memory_mib: config.map_or(0, |c| c.memory_mib),
@@ -187,21 +187,13 @@ pub fn register(link: &ServerLink, status: &Status, images: &[ImageConfig]) -> H
     }
 }
 
-fn wire_path(path: ActivationPath) -> berth_protocol::ActivationPath {
-    match path {
-        ActivationPath::Warm => berth_protocol::ActivationPath::Warm,
-        ActivationPath::Substrate => berth_protocol::ActivationPath::Substrate,
-        ActivationPath::Adopted => berth_protocol::ActivationPath::Adopted,
-    }
-}
-
 /// The answer to an `activate`.
 pub fn activate_answer(session: SessionId, result: &Result<VmInfo, PoolError>) -> HostMessage {
     match result {
         Ok(vm) => HostMessage::Activated {
             session,
             vm: vm.vm_id.clone(),
-            path: wire_path(vm.path),
+            path: vm.path,
             activate_us: vm.activate_us,
         },
         Err(e) => HostMessage::ActivateFailed {
@@ -685,9 +677,9 @@ async fn close(ws: &mut Socket) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_protocol::HostId;
     use crate::pool::ImageStatus;
     use berth_protocol::PlayerId;
+    use berth_protocol::{ActivationPath, HostId};
     use std::sync::{Arc, Mutex};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::{oneshot, watch};
@@ -741,7 +733,7 @@ mod tests {
     fn image_status(name: &str, substrate: &str, warm: u32, active: u32) -> ImageStatus {
         ImageStatus {
             name: name.into(),
-            substrate: substrate.into(),
+            substrate: substrate.parse().expect("a substrate state"),
             substrate_error: None,
             warm,
             warm_target: 2,

@@ -7,7 +7,7 @@
 //! the pool, which drives [`Vm::activate`], waits on [`Vm::event`] and ends with
 //! [`Vm::destroy`] — the one place its process, sockets and overlay are removed.
 
-mod files;
+pub(crate) mod files;
 pub mod qemu;
 pub mod xen;
 

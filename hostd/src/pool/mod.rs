@@ -1,0 +1,592 @@
+//! The substrate pool of one host: per image a docked substrate and `warm` paused clones; the
+//! active VMs; activation by session id; destroy; health; background refill; adoption of the
+//! VMs an earlier hostd left running; and, for the gateway, each active session's [`Gate`]
+//! (game address, players and ticket key, kept in the VM's record so adopted VMs keep theirs).
+//!
+//! Ownership: the pool's `State` sits behind a std `Mutex` that is never held across an
+//! `.await`. Every active VM is owned by exactly one task (`vm`) that waits on its events
+//! and is the only place it is destroyed; the pool talks to it over an `mpsc` channel.
+//! Priming and warm refills run in one background task (`refill`), so at most one VM boots at
+//! a time.
+//!
+//! This module holds the pool's types, its books and its queries; the work lives beside it:
+//! `activate` (idempotent activation), `refill` (priming and the warm tier, its choice a pure
+//! function), `vm` (the task owning each active VM) and `adopt` (VMs left by an earlier hostd).
+
+mod activate;
+mod adopt;
+mod refill;
+#[cfg(test)]
+mod tests;
+mod vm;
+
+use crate::config::HostdConfig;
+use crate::driver::{DriverError, PrimeStats, Vm, VmDriver, VmSpec};
+use crate::image::Image;
+use crate::substrate::Substrate;
+use crate::util::{disk_usage, random_u64};
+use berth_protocol::{PlayerId, SessionId, SubstrateState, VmId};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify, OnceCell};
+use tokio::time::Instant;
+
+/// What a caller asks for.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivateRequest {
+    pub session_id: SessionId,
+    pub image: String,
+    #[serde(default)]
+    pub players: Vec<PlayerId>,
+    #[serde(default)]
+    pub teams: Vec<Vec<PlayerId>>,
+    #[serde(default)]
+    pub params: serde_json::Value,
+    /// The session's ticket key, hex (at most [`MAX_TICKET_KEY`] bytes); generated when empty.
+    #[serde(default)]
+    pub ticket_key: String,
+}
+
+impl std::fmt::Debug for ActivateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivateRequest")
+            .field("session_id", &self.session_id)
+            .field("image", &self.image)
+            .field("players", &self.players)
+            .field("teams", &self.teams)
+            .field("params", &self.params)
+            .field("ticket_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The longest ticket key an activation may carry (bytes).
+pub const MAX_TICKET_KEY: usize = 128;
+
+impl ActivateRequest {
+    /// The raw ticket key; `None` when `ticket_key` is not usable hex.
+    fn key(&self) -> Option<Vec<u8>> {
+        hex::decode(&self.ticket_key)
+            .ok()
+            .filter(|k| !k.is_empty() && k.len() <= MAX_TICKET_KEY)
+    }
+}
+
+/// What the gateway needs to let a player into an active session (see [`Pool::gate`]). It
+/// carries the session's key, so it is never serialised and its `Debug` hides the key.
+#[derive(Clone)]
+pub struct Gate {
+    pub vm_id: VmId,
+    /// Where the game server listens (from this host).
+    pub game_addr: SocketAddr,
+    /// The session's ticket key, raw bytes (the activation's `ticket_key`, hex-decoded).
+    pub key: Vec<u8>,
+    pub players: Vec<PlayerId>,
+    /// Turns `true` when the VM starts to go (game over, destroy, failure, shutdown); the
+    /// sender is dropped once it is gone.
+    pub ending: watch::Receiver<bool>,
+}
+
+impl Gate {
+    /// Resolves once the session's VM is ending or gone.
+    pub async fn ended(&mut self) {
+        let _ = self.ending.wait_for(|ending| *ending).await;
+    }
+
+    /// True once the session's VM is ending or gone.
+    pub fn is_ending(&self) -> bool {
+        *self.ending.borrow() || self.ending.has_changed().is_err()
+    }
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("vm_id", &self.vm_id)
+            .field("game_addr", &self.game_addr)
+            .field("key", &"<redacted>")
+            .field("players", &self.players)
+            .finish()
+    }
+}
+
+/// How a VM was activated: `warm`, `substrate` or `adopted` here.
+pub use berth_protocol::ActivationPath;
+
+/// An active VM as the pool reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub vm_id: VmId,
+    pub image: String,
+    pub session_id: SessionId,
+    pub game_addr: SocketAddr,
+    pub pid: u32,
+    pub path: ActivationPath,
+    pub activated_ms: u64,
+    /// Pool-side activation time: warm pick or restore, plus resume, identity and `ready`.
+    pub activate_us: u64,
+    /// Guest wall clock minus host wall clock at `ready` (ms; small when the clock was set).
+    pub clock_skew_ms: i64,
+}
+
+/// Why an activation or command failed. Cloneable: concurrent callers for one session share it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PoolError {
+    #[error("no image named {image:?} on this host")]
+    UnknownImage { image: String },
+    #[error("this host runs its maximum of {max} VMs")]
+    AtCapacity { max: u32 },
+    #[error("image {image} has no docked substrate yet ({state})")]
+    NotDocked { image: String, state: String },
+    #[error("no VM or session {id:?} on this host")]
+    Unknown { id: String },
+    #[error("bad activation request: {message}")]
+    BadRequest { message: String },
+    #[error("activation failed: {code}: {message}")]
+    Driver { code: String, message: String },
+    #[error("hostd is shutting down")]
+    ShuttingDown,
+}
+
+impl PoolError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            PoolError::UnknownImage { .. } => "unknown_image",
+            PoolError::AtCapacity { .. } => "at_capacity",
+            PoolError::NotDocked { .. } => "not_docked",
+            PoolError::Unknown { .. } => "unknown_vm",
+            PoolError::BadRequest { .. } => "bad_request",
+            PoolError::Driver { .. } => "activation_failed",
+            PoolError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl From<DriverError> for PoolError {
+    fn from(e: DriverError) -> Self {
+        PoolError::Driver {
+            code: e.code().into(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What happened in the pool; the server issue forwards these upstream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum PoolEvent {
+    Docked {
+        image: String,
+        prime: PrimeStats,
+    },
+    PrimeFailed {
+        image: String,
+        code: String,
+        message: String,
+    },
+    Activated {
+        vm: VmInfo,
+    },
+    Ended {
+        vm_id: VmId,
+        session_id: SessionId,
+        reason: String,
+        results: serde_json::Value,
+    },
+    Failed {
+        vm_id: VmId,
+        session_id: SessionId,
+        code: String,
+        reason: String,
+    },
+    Destroyed {
+        vm_id: VmId,
+        session_id: SessionId,
+    },
+}
+
+/// A VM failure kept for `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    pub vm_id: VmId,
+    pub session_id: SessionId,
+    pub code: String,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageStatus {
+    pub name: String,
+    pub substrate: SubstrateState,
+    pub substrate_error: Option<String>,
+    pub warm: u32,
+    pub warm_target: u32,
+    pub active: u32,
+    pub prime_ms: Option<u64>,
+    /// Bytes the substrate really occupies in the state folder (RAM file is sparse).
+    pub substrate_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub host_id: String,
+    pub driver: String,
+    pub accel: String,
+    pub max_vms: u32,
+    pub images: Vec<ImageStatus>,
+    pub vms: Vec<VmInfo>,
+    pub failures: Vec<Failure>,
+    pub activations: u64,
+}
+
+/// Where an image's substrate is, with what each state needs.
+enum Phase {
+    Missing,
+    Priming,
+    Docked(Box<Substrate>),
+    Failed { message: String, at: Instant },
+}
+
+impl Phase {
+    fn state(&self) -> SubstrateState {
+        match self {
+            Phase::Missing => SubstrateState::Missing,
+            Phase::Priming => SubstrateState::Priming,
+            Phase::Docked(_) => SubstrateState::Docked,
+            Phase::Failed { .. } => SubstrateState::Failed,
+        }
+    }
+}
+
+struct ImageSlot {
+    substrate: Phase,
+    warm: Vec<Box<dyn Vm>>,
+}
+
+enum VmCommand {
+    Destroy(oneshot::Sender<()>),
+}
+
+struct Active {
+    info: VmInfo,
+    cmd: mpsc::Sender<VmCommand>,
+    keys: SessionKeys,
+    ending: watch::Receiver<bool>,
+}
+
+/// An active session's players and raw ticket key (empty for a VM adopted from a record
+/// that had none: nobody can join it through the gateway).
+struct SessionKeys {
+    key: Vec<u8>,
+    players: Vec<PlayerId>,
+}
+
+type SessionCell = Arc<OnceCell<Result<VmInfo, PoolError>>>;
+
+struct State {
+    images: HashMap<String, ImageSlot>,
+    active: HashMap<VmId, Active>,
+    sessions: HashMap<SessionId, SessionCell>,
+    failures: VecDeque<Failure>,
+    activations: u64,
+    activating: u32,
+}
+
+struct Inner {
+    config: HostdConfig,
+    driver: Arc<dyn VmDriver>,
+    specs: HashMap<String, VmSpec>,
+    state: Mutex<State>,
+    events: broadcast::Sender<PoolEvent>,
+    wake: Notify,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// The pool; cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("host_id", &self.inner.config.host_id)
+            .finish()
+    }
+}
+
+fn new_vm_id() -> VmId {
+    VmId::new(format!("vm-{:016x}", random_u64())).expect("generated id is valid")
+}
+
+impl Pool {
+    /// Loads the images, checks docked substrates, adopts or cleans leftover VMs and starts the
+    /// refill task.
+    pub async fn start(config: HostdConfig, driver: Arc<dyn VmDriver>) -> anyhow::Result<Self> {
+        config.validate()?;
+        let mut specs = HashMap::new();
+        for ic in &config.images {
+            let image = Image::load(&ic.dir)?;
+            specs.insert(
+                ic.name.clone(),
+                VmSpec {
+                    image,
+                    config: ic.clone(),
+                },
+            );
+        }
+        let substrates = config.state_dir.join("substrates");
+        let vms = config.state_dir.join("vms");
+        std::fs::create_dir_all(&substrates)?;
+        std::fs::create_dir_all(&vms)?;
+        let mut images = HashMap::new();
+        for (name, spec) in &specs {
+            let dir = substrates.join(name);
+            let substrate = match Substrate::open(&dir, &driver.fingerprint(spec)) {
+                Ok(s) => {
+                    tracing::info!(image = %name, "reusing docked substrate");
+                    Phase::Docked(Box::new(s))
+                }
+                Err(e) => {
+                    if !matches!(e, crate::substrate::SubstrateError::Missing(_)) {
+                        tracing::warn!(image = %name, code = e.code(), error = %e, "substrate unusable; re-priming");
+                    }
+                    let _ = std::fs::remove_dir_all(&dir);
+                    Phase::Missing
+                }
+            };
+            images.insert(
+                name.clone(),
+                ImageSlot {
+                    substrate,
+                    warm: Vec::new(),
+                },
+            );
+        }
+        // Substrates of images no longer configured.
+        for entry in std::fs::read_dir(&substrates)?.filter_map(Result::ok) {
+            if !specs.contains_key(entry.file_name().to_string_lossy().as_ref()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let (events, _) = broadcast::channel(1024);
+        let (shutdown, _) = watch::channel(false);
+        let pool = Pool {
+            inner: Arc::new(Inner {
+                config,
+                driver,
+                specs,
+                state: Mutex::new(State {
+                    images,
+                    active: HashMap::new(),
+                    sessions: HashMap::new(),
+                    failures: VecDeque::new(),
+                    activations: 0,
+                    activating: 0,
+                }),
+                events,
+                wake: Notify::new(),
+                shutdown,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        pool.adopt_leftovers().await;
+        let refill = tokio::spawn(pool.clone().refill_task());
+        pool.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(refill);
+        Ok(pool)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config(&self) -> &HostdConfig {
+        &self.inner.config
+    }
+
+    pub fn driver(&self) -> &Arc<dyn VmDriver> {
+        &self.inner.driver
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<PoolEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn emit(&self, e: PoolEvent) {
+        let _ = self.inner.events.send(e);
+    }
+
+    fn vm_dir(&self, vm_id: &VmId) -> PathBuf {
+        self.inner.config.state_dir.join("vms").join(vm_id.as_str())
+    }
+
+    fn substrate_dir(&self, image: &str) -> PathBuf {
+        self.inner.config.state_dir.join("substrates").join(image)
+    }
+
+    /// What the gateway needs to admit players to `session`: its active VM's game address,
+    /// ticket key and players. `None` when no active VM serves it, when it is ending, or when
+    /// it has no key (adopted from a record without one).
+    pub fn gate(&self, session: &SessionId) -> Option<Gate> {
+        let st = self.state();
+        let a = st.active.values().find(|a| &a.info.session_id == session)?;
+        let gate = Gate {
+            vm_id: a.info.vm_id.clone(),
+            game_addr: a.info.game_addr,
+            key: a.keys.key.clone(),
+            players: a.keys.players.clone(),
+            ending: a.ending.clone(),
+        };
+        (!gate.key.is_empty() && !gate.is_ending()).then_some(gate)
+    }
+
+    /// Destroys the VM with this id or session id and waits until it is gone.
+    pub async fn destroy(&self, id: &str) -> Result<(), PoolError> {
+        let cmd = {
+            let st = self.state();
+            st.active
+                .values()
+                .find(|a| a.info.vm_id.as_str() == id || a.info.session_id.as_str() == id)
+                .map(|a| a.cmd.clone())
+        };
+        let cmd = cmd.ok_or_else(|| PoolError::Unknown { id: id.to_string() })?;
+        let (tx, rx) = oneshot::channel();
+        if cmd.send(VmCommand::Destroy(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> Status {
+        let st = self.state();
+        let mut images: Vec<ImageStatus> = self
+            .inner
+            .specs
+            .iter()
+            .map(|(name, spec)| {
+                let slot = st.images.get(name);
+                let (substrate, err, prime_ms) = match slot.map(|s| &s.substrate) {
+                    Some(Phase::Docked(s)) => {
+                        (SubstrateState::Docked, None, Some(s.header.prime_ms))
+                    }
+                    Some(Phase::Failed { message, .. }) => {
+                        (SubstrateState::Failed, Some(message.clone()), None)
+                    }
+                    Some(other) => (other.state(), None, None),
+                    None => (SubstrateState::Missing, None, None),
+                };
+                ImageStatus {
+                    name: name.clone(),
+                    substrate,
+                    substrate_error: err,
+                    warm: slot.map_or(0, |s| s.warm.len() as u32),
+                    warm_target: spec.config.warm,
+                    active: st.active.values().filter(|a| &a.info.image == name).count() as u32,
+                    prime_ms,
+                    substrate_bytes: disk_usage(&self.substrate_dir(name)),
+                }
+            })
+            .collect();
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut vms: Vec<VmInfo> = st.active.values().map(|a| a.info.clone()).collect();
+        vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        Status {
+            host_id: self.inner.config.host_id.clone(),
+            driver: self.inner.driver.kind().into(),
+            accel: self.inner.driver.accel(),
+            max_vms: self.inner.config.max_vms,
+            images,
+            vms,
+            failures: st.failures.iter().cloned().collect(),
+            activations: st.activations,
+        }
+    }
+
+    /// Waits until `image` is docked with at least `warm` clones ready, or fails with what the
+    /// pool reported.
+    pub async fn wait_ready(
+        &self,
+        image: &str,
+        warm: u32,
+        timeout: Duration,
+    ) -> Result<(), PoolError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let st = self.state();
+                let slot = st
+                    .images
+                    .get(image)
+                    .ok_or_else(|| PoolError::UnknownImage {
+                        image: image.into(),
+                    })?;
+                match &slot.substrate {
+                    Phase::Docked(_) if slot.warm.len() as u32 >= warm => return Ok(()),
+                    Phase::Failed { message, .. } => {
+                        return Err(PoolError::NotDocked {
+                            image: image.into(),
+                            state: format!("failed: {message}"),
+                        })
+                    }
+                    _ => {}
+                }
+            }
+            if Instant::now() > deadline {
+                let state = self
+                    .status()
+                    .images
+                    .into_iter()
+                    .find(|i| i.name == image)
+                    .map(|i| i.substrate);
+                return Err(PoolError::NotDocked {
+                    image: image.into(),
+                    state: format!("still {}", state.map(|s| s.as_str()).unwrap_or_default()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Destroys every VM and warm clone; removes substrates unless `keep_substrates`.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        self.inner.wake.notify_waiters();
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let ids: Vec<String> = self.state().active.keys().map(|k| k.to_string()).collect();
+        for id in ids {
+            let _ = self.destroy(&id).await;
+        }
+        let warm: Vec<Box<dyn Vm>> = self
+            .state()
+            .images
+            .values_mut()
+            .flat_map(|s| s.warm.drain(..))
+            .collect();
+        for vm in warm {
+            vm.destroy().await;
+        }
+        let dir = &self.inner.config.state_dir;
+        let _ = std::fs::remove_dir_all(dir.join("vms"));
+        if !self.inner.config.keep_substrates {
+            let _ = std::fs::remove_dir_all(dir.join("substrates"));
+            let _ = std::fs::remove_file(dir.join("accel-probe.json"));
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}

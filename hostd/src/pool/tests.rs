@@ -1,0 +1,456 @@
+//! The pool's unit tests, on [`TestDriver`]: a `VmDriver` test double whose VMs are plain
+//! values, scripted per test (a prime or a restore that fails, a VM that never answers
+//! `ready`, game over), so that the pool's timeouts, retries and refill run on paused time.
+
+use super::*;
+use crate::driver::files::seal_substrate;
+use crate::driver::{DriverError, Ready, VmEvent, VmRecord};
+use crate::substrate::{Fingerprint, Machine};
+use async_trait::async_trait;
+use berth_protocol::guest::Identity;
+use std::path::Path;
+
+/// What the test scripts, and what the [`TestDriver`] saw.
+#[derive(Default)]
+struct Script {
+    /// The next this many primes fail (boot timeout).
+    prime_failures: u32,
+    /// The next this many restores fail as a suspect substrate.
+    restore_failures: u32,
+    /// VMs never answer `ready` (their activation times out).
+    never_ready: bool,
+    primes: u32,
+    restores: u32,
+    destroyed: Vec<VmId>,
+    /// Every VM not yet destroyed, with the sender of its events.
+    live: HashMap<VmId, mpsc::UnboundedSender<VmEvent>>,
+}
+
+/// A `VmDriver` test double: primes write a real (tiny) sealed substrate, restores hand out
+/// [`TestVm`]s, and everything is booked in a shared [`Script`].
+#[derive(Clone, Default)]
+struct TestDriver {
+    script: Arc<Mutex<Script>>,
+}
+
+impl TestDriver {
+    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
+        self.script.lock().expect("script lock")
+    }
+
+    /// Tells the VM `vm_id` that `event` happened to it.
+    fn send(&self, vm_id: &VmId, event: VmEvent) {
+        let script = self.script();
+        let events = script.live.get(vm_id).expect("a live VM");
+        events.send(event).expect("the VM listens");
+    }
+}
+
+/// How long the test double's cold boot takes (paused time).
+const BOOT: Duration = Duration::from_secs(5);
+
+#[async_trait]
+impl VmDriver for TestDriver {
+    fn kind(&self) -> &'static str {
+        "test"
+    }
+
+    fn accel(&self) -> String {
+        "none".into()
+    }
+
+    fn fingerprint(&self, spec: &VmSpec) -> Fingerprint {
+        Fingerprint {
+            driver: "test".into(),
+            image_digest: spec.image.manifest.digest.clone(),
+            hypervisor_version: "test 1".into(),
+            device_model: "test-1".into(),
+            machine: Machine {
+                memory_mib: spec.config.memory_mib,
+                vcpus: spec.config.vcpus,
+                balloon_mib: spec.config.balloon_mib,
+                cow: spec.config.cow,
+                accel: self.accel(),
+            },
+        }
+    }
+
+    async fn prime(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+        boot_timeout: Duration,
+    ) -> Result<PrimeStats, DriverError> {
+        let started = std::time::Instant::now();
+        let fail = {
+            let mut script = self.script();
+            script.primes += 1;
+            let fail = script.prime_failures > 0;
+            script.prime_failures = script.prime_failures.saturating_sub(1);
+            fail
+        };
+        tokio::time::sleep(BOOT).await;
+        if fail {
+            return Err(DriverError::BootTimeout(boot_timeout));
+        }
+        std::fs::create_dir_all(dir).expect("substrate folder");
+        std::fs::write(Substrate::state_path(dir), b"device state").expect("state file");
+        seal_substrate(dir, self.fingerprint(spec), 1, started, started)
+    }
+
+    async fn restore(
+        &self,
+        _spec: &VmSpec,
+        _substrate: &Substrate,
+        vm_id: VmId,
+        vm_dir: &Path,
+    ) -> Result<Box<dyn Vm>, DriverError> {
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut script = self.script();
+        script.restores += 1;
+        if script.restore_failures > 0 {
+            script.restore_failures -= 1;
+            return Err(DriverError::Restore("the test says so".into()));
+        }
+        script.live.insert(vm_id.clone(), tx);
+        Ok(Box::new(TestVm {
+            id: vm_id,
+            dir: vm_dir.to_path_buf(),
+            events,
+            never_ready: script.never_ready,
+            script: self.script.clone(),
+        }))
+    }
+
+    async fn cold_boot(
+        &self,
+        _spec: &VmSpec,
+        _vm_id: VmId,
+        _vm_dir: &Path,
+        _boot_timeout: Duration,
+    ) -> Result<Box<dyn Vm>, DriverError> {
+        Err(DriverError::Unsupported("cold boot"))
+    }
+
+    async fn adopt(&self, record: &VmRecord, _vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError> {
+        Err(DriverError::Exited(format!(
+            "{} is not running",
+            record.vm_id
+        )))
+    }
+}
+
+/// A VM of the [`TestDriver`].
+struct TestVm {
+    id: VmId,
+    dir: PathBuf,
+    events: mpsc::UnboundedReceiver<VmEvent>,
+    never_ready: bool,
+    script: Arc<Mutex<Script>>,
+}
+
+#[async_trait]
+impl Vm for TestVm {
+    fn id(&self) -> &VmId {
+        &self.id
+    }
+
+    fn game_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9))
+    }
+
+    fn pid(&self) -> u32 {
+        0
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    async fn activate(
+        &mut self,
+        identity: Identity,
+        timeout: Duration,
+    ) -> Result<Ready, DriverError> {
+        if self.never_ready {
+            tokio::time::sleep(timeout).await;
+            return Err(DriverError::ReadyTimeout(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(Ready {
+            session_id: identity.session_id,
+            guest_clock_ms: 0,
+            host_clock_ms: 0,
+            activate_us: 20_000,
+        })
+    }
+
+    async fn event(&mut self, _silence: Duration) -> VmEvent {
+        match self.events.recv().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn destroy(self: Box<Self>) {
+        let mut script = self.script.lock().expect("script lock");
+        script.live.remove(&self.id);
+        script.destroyed.push(self.id.clone());
+    }
+}
+
+/// A pool on the [`TestDriver`] with one image, `arena`, keeping `warm` clones, in a fresh
+/// folder (kept alive by the returned guard).
+async fn pool_with(
+    warm: u32,
+    max_vms: u32,
+    script: Script,
+) -> (Pool, TestDriver, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("image");
+    std::fs::create_dir_all(&image).expect("image folder");
+    for file in ["vmlinuz", "initrd"] {
+        std::fs::write(image.join(file), b"").expect("image file");
+    }
+    let manifest = serde_json::json!({
+        "format": 1, "digest": "sha256:test", "input_digest": "", "kernel": "vmlinuz",
+        "initrd": "initrd", "disk": "", "kernel_package": "", "cmdline": ""
+    });
+    std::fs::write(image.join("manifest.json"), manifest.to_string()).expect("manifest");
+    let config = HostdConfig::parse(&format!(
+        "state_dir = {state:?}\nmax_vms = {max_vms}\nready_timeout_s = 5\n\
+         [[images]]\nname = \"arena\"\ndir = {image:?}\nwarm = {warm}\n",
+        state = dir.path().join("state"),
+    ))
+    .expect("config");
+    let driver = TestDriver {
+        script: Arc::new(Mutex::new(script)),
+    };
+    let pool = Pool::start(config, Arc::new(driver.clone()))
+        .await
+        .expect("pool starts");
+    (pool, driver, dir)
+}
+
+fn request(session: &str) -> ActivateRequest {
+    ActivateRequest {
+        session_id: SessionId::new(session).expect("valid"),
+        image: "arena".into(),
+        players: vec![PlayerId::new("alice").expect("valid")],
+        teams: vec![],
+        params: serde_json::Value::Null,
+        ticket_key: String::new(),
+    }
+}
+
+const LONG: Duration = Duration::from_secs(120);
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_prime_is_reported_and_primed_again_after_a_while() {
+    let script = Script {
+        prime_failures: 1,
+        ..Script::default()
+    };
+    let (pool, driver, _dir) = pool_with(0, 4, script).await;
+    let mut events = pool.subscribe();
+    let err = pool.wait_ready("arena", 0, LONG).await.expect_err("failed");
+    assert!(matches!(err, PoolError::NotDocked { ref state, .. } if state.starts_with("failed")));
+    assert!(matches!(
+        events.recv().await,
+        Ok(PoolEvent::PrimeFailed { ref code, .. }) if code == "boot_timeout"
+    ));
+    assert_eq!(pool.status().images[0].substrate, SubstrateState::Failed);
+    let refused = pool
+        .activate(request("s1"))
+        .await
+        .expect_err("nothing docked");
+    assert_eq!(refused.code(), "not_docked");
+    // Not again at once: the failed state holds for a while.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(driver.script().primes, 1);
+    assert_eq!(pool.status().images[0].substrate, SubstrateState::Failed);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    pool.wait_ready("arena", 0, LONG)
+        .await
+        .expect("docked on the second prime");
+    assert_eq!(driver.script().primes, 2);
+    assert!(matches!(events.recv().await, Ok(PoolEvent::Docked { .. })));
+    pool.activate(request("s1")).await.expect("activated");
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_session_activated_twice_at_once_gets_one_vm() {
+    let (pool, driver, _dir) = pool_with(0, 4, Script::default()).await;
+    pool.wait_ready("arena", 0, LONG).await.expect("docked");
+    let (a, b) = tokio::join!(pool.activate(request("s1")), pool.activate(request("s1")));
+    let (a, b) = (a.expect("first"), b.expect("second"));
+    assert_eq!(a.vm_id, b.vm_id);
+    assert_eq!(a.path, ActivationPath::Substrate);
+    let again = pool.activate(request("s1")).await.expect("again");
+    assert_eq!(again.vm_id, a.vm_id);
+    assert_eq!(driver.script().restores, 1);
+    assert_eq!(pool.status().vms.len(), 1);
+    assert_eq!(pool.status().activations, 1);
+    let other = pool.activate(request("s2")).await.expect("another session");
+    assert_ne!(other.vm_id, a.vm_id);
+    pool.shutdown().await;
+    assert!(
+        driver.script().live.is_empty(),
+        "shutdown destroys every VM"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_that_fails_sends_the_substrate_back_to_be_primed() {
+    let script = Script {
+        restore_failures: 1,
+        ..Script::default()
+    };
+    let (pool, driver, _dir) = pool_with(0, 4, script).await;
+    pool.wait_ready("arena", 0, LONG).await.expect("docked");
+    let err = pool
+        .activate(request("s1"))
+        .await
+        .expect_err("restore fails");
+    assert!(matches!(err, PoolError::Driver { ref code, .. } if code == "restore_failed"));
+    assert_ne!(pool.status().images[0].substrate, SubstrateState::Docked);
+    pool.wait_ready("arena", 0, LONG)
+        .await
+        .expect("primed again");
+    assert_eq!(driver.script().primes, 2);
+    // The failed session may be asked for again, and now gets a VM.
+    let vm = pool.activate(request("s1")).await.expect("activated");
+    assert_eq!(vm.path, ActivationPath::Substrate);
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_that_never_answers_ready_is_destroyed_at_the_ready_timeout() {
+    let script = Script {
+        never_ready: true,
+        ..Script::default()
+    };
+    let (pool, driver, _dir) = pool_with(0, 4, script).await;
+    pool.wait_ready("arena", 0, LONG).await.expect("docked");
+    let started = Instant::now();
+    let err = pool.activate(request("s1")).await.expect_err("no ready");
+    assert!(matches!(err, PoolError::Driver { ref code, .. } if code == "ready_timeout"));
+    assert_eq!(started.elapsed(), Duration::from_secs(5), "ready_timeout_s");
+    assert_eq!(driver.script().destroyed.len(), 1);
+    assert!(driver.script().live.is_empty());
+    assert!(pool.status().vms.is_empty());
+    assert!(pool.gate(&SessionId::new("s1").expect("valid")).is_none());
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_warm_tier_is_refilled_to_its_target_within_the_host_capacity() {
+    let (pool, driver, _dir) = pool_with(2, 3, Script::default()).await;
+    pool.wait_ready("arena", 2, LONG)
+        .await
+        .expect("two warm clones");
+    assert_eq!(driver.script().restores, 2);
+    let vm = pool.activate(request("s1")).await.expect("activated");
+    assert_eq!(vm.path, ActivationPath::Warm);
+    pool.wait_ready("arena", 2, LONG).await.expect("refilled");
+    assert_eq!(driver.script().restores, 3);
+    let image = &pool.status().images[0];
+    assert_eq!((image.warm, image.warm_target, image.active), (2, 2, 1));
+    // One more active VM fills the host (2 active + 1 warm of 3): no refill past max_vms.
+    let second = pool.activate(request("s2")).await.expect("activated");
+    assert_eq!(second.path, ActivationPath::Warm);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(driver.script().restores, 3);
+    assert_eq!(pool.status().images[0].warm, 1);
+    // A VM gone makes room again.
+    pool.destroy("s1").await.expect("destroyed");
+    pool.wait_ready("arena", 2, LONG)
+        .await
+        .expect("refilled again");
+    assert_eq!(driver.script().restores, 4);
+    pool.shutdown().await;
+    assert!(
+        driver.script().live.is_empty(),
+        "warm clones are destroyed too"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn game_over_and_a_dead_vm_are_announced_and_the_vm_destroyed() {
+    let (pool, driver, _dir) = pool_with(0, 4, Script::default()).await;
+    pool.wait_ready("arena", 0, LONG).await.expect("docked");
+    let mut events = pool.subscribe();
+    let over = pool.activate(request("s1")).await.expect("activated");
+    let gate = pool.gate(&over.session_id).expect("a gate while active");
+    assert_eq!(gate.players, vec![PlayerId::new("alice").expect("valid")]);
+    driver.send(
+        &over.vm_id,
+        VmEvent::Ended {
+            reason: "score".into(),
+            results: serde_json::json!({"winner": "alice"}),
+        },
+    );
+    let mut seen = Vec::new();
+    while let Ok(event) = events.recv().await {
+        let done = matches!(event, PoolEvent::Destroyed { .. });
+        seen.push(event);
+        if done {
+            break;
+        }
+    }
+    assert!(matches!(seen[0], PoolEvent::Activated { .. }));
+    assert!(matches!(&seen[1], PoolEvent::Ended { reason, .. } if reason == "score"));
+    assert!(matches!(&seen[2], PoolEvent::Destroyed { vm_id, .. } if vm_id == &over.vm_id));
+    assert!(gate.is_ending());
+    assert!(pool.status().vms.is_empty());
+    let dead = pool.activate(request("s2")).await.expect("activated");
+    driver.send(
+        &dead.vm_id,
+        VmEvent::Exited {
+            status: "signal 9".into(),
+        },
+    );
+    while let Ok(event) = events.recv().await {
+        if let PoolEvent::Failed { code, .. } = &event {
+            assert_eq!(code, "vm_exited");
+            break;
+        }
+    }
+    let status = pool.status();
+    assert_eq!(status.failures.len(), 1);
+    assert_eq!(status.failures[0].vm_id, dead.vm_id);
+    assert_eq!(driver.script().destroyed, vec![over.vm_id, dead.vm_id]);
+    let unknown = pool.destroy("s9").await.expect_err("no such session");
+    assert_eq!(unknown.code(), "unknown_vm");
+    pool.shutdown().await;
+}
+
+#[test]
+fn ticket_keys_are_hex_and_stay_out_of_logs() {
+    let req = |key: &str| ActivateRequest {
+        session_id: SessionId::new("s1").expect("valid"),
+        image: "arena".into(),
+        players: vec![],
+        teams: vec![],
+        params: serde_json::Value::Null,
+        ticket_key: key.into(),
+    };
+    assert_eq!(req("00ff").key(), Some(vec![0, 255]));
+    for bad in ["", "0", "zz", "00 ff", &"00".repeat(MAX_TICKET_KEY + 1)] {
+        assert_eq!(req(bad).key(), None, "{bad:?}");
+    }
+    assert!(!format!("{:?}", req("c0ffee")).contains("c0ffee"));
+    let (tx, ending) = watch::channel(false);
+    let gate = Gate {
+        vm_id: VmId::new("vm-1").expect("valid"),
+        game_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+        key: vec![0xc0, 0xff, 0xee],
+        players: vec![],
+        ending,
+    };
+    assert!(!format!("{gate:?}").contains("192"));
+    assert!(!gate.is_ending());
+    drop(tx);
+    assert!(gate.is_ending(), "a gone VM counts as ending");
+}
