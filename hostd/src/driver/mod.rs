@@ -13,7 +13,7 @@ pub mod xen;
 
 use crate::config::ImageConfig;
 use crate::image::Image;
-use crate::substrate::{Fingerprint, Substrate, SubstrateError};
+use crate::substrate::{Fingerprint, Machine, Substrate, SubstrateError};
 use async_trait::async_trait;
 use berth_protocol::guest::Identity;
 use berth_protocol::{PlayerId, SessionId, VmId};
@@ -27,6 +27,20 @@ use std::time::Duration;
 pub struct VmSpec {
     pub image: Image,
     pub config: ImageConfig,
+}
+
+impl VmSpec {
+    /// The machine a substrate of this spec is primed for, with RAM in a shared file or not
+    /// (`cow`) and the accelerator the driver uses.
+    pub fn machine(&self, cow: bool, accel: String) -> Machine {
+        Machine {
+            memory_mib: self.config.memory_mib,
+            vcpus: self.config.vcpus,
+            balloon_mib: self.config.balloon_mib,
+            cow,
+            accel,
+        }
+    }
 }
 
 /// Figures from priming a substrate.

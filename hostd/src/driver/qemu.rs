@@ -12,7 +12,7 @@
 
 use super::files::{io_err, mkdir_private, seal_substrate};
 use super::{DriverError, PrimeStats, Ready, Vm, VmDriver, VmEvent, VmRecord, VmSpec};
-use crate::substrate::{Fingerprint, Machine, Substrate};
+use crate::substrate::{Fingerprint, Substrate};
 use crate::util::{now_ms, pid_alive, pid_cmdline};
 use async_trait::async_trait;
 use berth_protocol::guest::{
@@ -338,13 +338,7 @@ impl VmDriver for QemuDriver {
             image_digest: spec.image.manifest.digest.clone(),
             hypervisor_version: format!("QEMU {}", self.version),
             device_model: DEVICE_MODEL.into(),
-            machine: Machine {
-                memory_mib: spec.config.memory_mib,
-                vcpus: spec.config.vcpus,
-                balloon_mib: spec.config.balloon_mib,
-                cow: spec.config.cow,
-                accel: self.accel.as_str().into(),
-            },
+            machine: spec.machine(spec.config.cow, self.accel.as_str().into()),
         }
     }
 

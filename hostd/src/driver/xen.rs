@@ -340,7 +340,7 @@ mod live {
     use super::*;
     use crate::driver::files::{io_err, mkdir_private, seal_substrate};
     use crate::driver::{DriverError, PrimeStats, Ready, Vm, VmDriver, VmEvent, VmRecord, VmSpec};
-    use crate::substrate::{Fingerprint, Machine, Substrate};
+    use crate::substrate::{Fingerprint, Substrate};
     use crate::util::now_ms;
     use async_trait::async_trait;
     use berth_protocol::guest::{decode_line, GuestToHost, LineError, AGENT_PROTOCOL_VERSION};
@@ -794,14 +794,8 @@ mod live {
                 image_digest: spec.image.manifest.digest.clone(),
                 hypervisor_version: format!("Xen {}", self.version),
                 device_model: DEVICE_MODEL.into(),
-                machine: Machine {
-                    memory_mib: spec.config.memory_mib,
-                    vcpus: spec.config.vcpus,
-                    balloon_mib: spec.config.balloon_mib,
-                    // RAM is inside the `xl save` file: no shared copy-on-write RAM file.
-                    cow: false,
-                    accel: self.accel(),
-                },
+                // RAM is inside the `xl save` file: no shared copy-on-write RAM file.
+                machine: spec.machine(false, self.accel()),
             }
         }
 

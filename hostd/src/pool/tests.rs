@@ -5,7 +5,7 @@
 use super::*;
 use crate::driver::files::seal_substrate;
 use crate::driver::{DriverError, Ready, VmEvent, VmRecord};
-use crate::substrate::{Fingerprint, Machine};
+use crate::substrate::Fingerprint;
 use async_trait::async_trait;
 use berth_protocol::guest::Identity;
 use std::path::Path;
@@ -65,13 +65,7 @@ impl VmDriver for TestDriver {
             image_digest: spec.image.manifest.digest.clone(),
             hypervisor_version: "test 1".into(),
             device_model: "test-1".into(),
-            machine: Machine {
-                memory_mib: spec.config.memory_mib,
-                vcpus: spec.config.vcpus,
-                balloon_mib: spec.config.balloon_mib,
-                cow: spec.config.cow,
-                accel: self.accel(),
-            },
+            machine: spec.machine(spec.config.cow, self.accel()),
         }
     }
 
