@@ -17,7 +17,7 @@ mod activate;
 mod adopt;
 mod refill;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod vm;
 
 use crate::config::HostdConfig;

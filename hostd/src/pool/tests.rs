@@ -12,29 +12,31 @@ use std::path::Path;
 
 /// What the test scripts, and what the [`TestDriver`] saw.
 #[derive(Default)]
-struct Script {
+pub(crate) struct Script {
+    /// How long a prime's cold boot takes.
+    pub boot: Duration,
     /// The next this many primes fail (boot timeout).
-    prime_failures: u32,
+    pub prime_failures: u32,
     /// The next this many restores fail as a suspect substrate.
-    restore_failures: u32,
+    pub restore_failures: u32,
     /// VMs never answer `ready` (their activation times out).
-    never_ready: bool,
-    primes: u32,
-    restores: u32,
-    destroyed: Vec<VmId>,
+    pub never_ready: bool,
+    pub primes: u32,
+    pub restores: u32,
+    pub destroyed: Vec<VmId>,
     /// Every VM not yet destroyed, with the sender of its events.
-    live: HashMap<VmId, mpsc::UnboundedSender<VmEvent>>,
+    pub live: HashMap<VmId, mpsc::UnboundedSender<VmEvent>>,
 }
 
 /// A `VmDriver` test double: primes write a real (tiny) sealed substrate, restores hand out
 /// [`TestVm`]s, and everything is booked in a shared [`Script`].
 #[derive(Clone, Default)]
-struct TestDriver {
-    script: Arc<Mutex<Script>>,
+pub(crate) struct TestDriver {
+    pub script: Arc<Mutex<Script>>,
 }
 
 impl TestDriver {
-    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
+    pub fn script(&self) -> std::sync::MutexGuard<'_, Script> {
         self.script.lock().expect("script lock")
     }
 
@@ -45,9 +47,6 @@ impl TestDriver {
         events.send(event).expect("the VM listens");
     }
 }
-
-/// How long the test double's cold boot takes (paused time).
-const BOOT: Duration = Duration::from_secs(5);
 
 #[async_trait]
 impl VmDriver for TestDriver {
@@ -76,14 +75,14 @@ impl VmDriver for TestDriver {
         boot_timeout: Duration,
     ) -> Result<PrimeStats, DriverError> {
         let started = std::time::Instant::now();
-        let fail = {
+        let (fail, boot) = {
             let mut script = self.script();
             script.primes += 1;
             let fail = script.prime_failures > 0;
             script.prime_failures = script.prime_failures.saturating_sub(1);
-            fail
+            (fail, script.boot)
         };
-        tokio::time::sleep(BOOT).await;
+        tokio::time::sleep(boot).await;
         if fail {
             return Err(DriverError::BootTimeout(boot_timeout));
         }
@@ -193,13 +192,9 @@ impl Vm for TestVm {
     }
 }
 
-/// A pool on the [`TestDriver`] with one image, `arena`, keeping `warm` clones, in a fresh
-/// folder (kept alive by the returned guard).
-async fn pool_with(
-    warm: u32,
-    max_vms: u32,
-    script: Script,
-) -> (Pool, TestDriver, tempfile::TempDir) {
+/// A config with one image, `arena`, keeping `warm` clones, in a fresh folder (kept while
+/// the returned guard lives), with a 5 s ready timeout.
+pub(crate) fn test_config(warm: u32, max_vms: u32) -> (HostdConfig, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("image");
     std::fs::create_dir_all(&image).expect("image folder");
@@ -217,6 +212,16 @@ async fn pool_with(
         state = dir.path().join("state"),
     ))
     .expect("config");
+    (config, dir)
+}
+
+/// A pool on the [`TestDriver`] following `script`, on [`test_config`].
+async fn pool_with(
+    warm: u32,
+    max_vms: u32,
+    script: Script,
+) -> (Pool, TestDriver, tempfile::TempDir) {
+    let (config, dir) = test_config(warm, max_vms);
     let driver = TestDriver {
         script: Arc::new(Mutex::new(script)),
     };
@@ -242,6 +247,7 @@ const LONG: Duration = Duration::from_secs(120);
 #[tokio::test(start_paused = true)]
 async fn a_failed_prime_is_reported_and_primed_again_after_a_while() {
     let script = Script {
+        boot: Duration::from_secs(5),
         prime_failures: 1,
         ..Script::default()
     };

@@ -1,0 +1,241 @@
+//! hostd as one running thing: [`Hostd`] starts the pool, the players' gateway, the control
+//! API and (with a `[server]` table) the link to the server, and stops them in order. It
+//! mirrors the server's `Server::start`/`shutdown`; [`run`] is `Hostd::start` plus a wait for
+//! the shutdown signal, and tests and `cargo xtask demo` hold a `Hostd` in-process.
+
+use crate::config::{DriverChoice, HostdConfig, ServerLink};
+use crate::driver::qemu::QemuDriver;
+use crate::driver::VmDriver;
+use crate::gateway::{self, Gateway, GatewayError};
+use crate::pool::Pool;
+use crate::{accel, control, image, link};
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Builds the configured driver: Xen (`driver = "xen"`), or QEMU with the accelerator this
+/// host can run (see [`accel`]).
+pub async fn driver_for(config: &HostdConfig) -> anyhow::Result<Arc<dyn VmDriver>> {
+    if config.driver == DriverChoice::Xen {
+        return xen_driver().await;
+    }
+    let first = config
+        .images
+        .first()
+        .map(|ic| image::Image::load(&ic.dir).map(|img| (img, ic.clone())))
+        .transpose()?;
+    let accel = accel::choose(
+        config.accel,
+        &config.qemu,
+        first.as_ref().map(|(i, c)| (i, c)),
+        &config.state_dir,
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+    let driver = QemuDriver::new(config.qemu.clone(), accel).await?;
+    tracing::info!(
+        accel = accel.as_str(),
+        qemu = driver.version(),
+        "driver ready"
+    );
+    Ok(Arc::new(driver))
+}
+
+#[cfg(feature = "xen")]
+async fn xen_driver() -> anyhow::Result<Arc<dyn VmDriver>> {
+    let driver = crate::driver::xen::XenDriver::new().await?;
+    tracing::info!(xen = driver.version(), "driver ready");
+    Ok(Arc::new(driver))
+}
+
+#[cfg(not(feature = "xen"))]
+async fn xen_driver() -> anyhow::Result<Arc<dyn VmDriver>> {
+    anyhow::bail!(
+        "config: driver: \"xen\" needs a berth-hostd built with the `xen` cargo feature \
+         (cargo build -p berth-hostd --features xen)"
+    )
+}
+
+/// Runs hostd until `shutdown` resolves (or the control API fails): [`Hostd::start`], then
+/// [`Hostd::shutdown`].
+pub async fn run(
+    config: HostdConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // Before anything boots: a bad `[server]` table or an unreadable token fails start-up.
+    let server = config.server_link()?;
+    let driver = driver_for(&config).await?;
+    let mut hostd = Hostd::start_with(config, driver, server).await?;
+    tokio::select! {
+        () = hostd.control_ended() => {}
+        () = shutdown => {}
+    }
+    hostd.shutdown().await
+}
+
+/// hostd running in this process: pool, gateway, control API and the link to the server.
+pub struct Hostd {
+    pool: Pool,
+    gateway: Gateway,
+    /// Where the control API listens (the real port when configured on port 0).
+    pub control_addr: SocketAddr,
+    /// Turns `true` to stop the control API and the link.
+    stop: watch::Sender<bool>,
+    control: Option<JoinHandle<std::io::Result<()>>>,
+    /// The control API's end, once it ended on its own.
+    served: Option<std::io::Result<()>>,
+    link: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Hostd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hostd")
+            .field("pool", &self.pool)
+            .field("gateway", &self.gateway.addr)
+            .field("control", &self.control_addr)
+            .finish()
+    }
+}
+
+impl Hostd {
+    /// Binds the control API and the gateway, starts the pool (adoption, priming), then the
+    /// gateway, the control API and, with a `[server]` table, the link.
+    pub async fn start(config: HostdConfig, driver: Arc<dyn VmDriver>) -> anyhow::Result<Hostd> {
+        let server = config.server_link()?;
+        Self::start_with(config, driver, server).await
+    }
+
+    /// As [`Hostd::start`], with the link's settings given (`None`: no link) instead of read
+    /// from the `[server]` table: in-process stacks mint the host's token themselves.
+    pub async fn start_with(
+        config: HostdConfig,
+        driver: Arc<dyn VmDriver>,
+        server: Option<ServerLink>,
+    ) -> anyhow::Result<Hostd> {
+        // Both ports first, so that a taken port fails start-up before any VM boots.
+        let control_listener = tokio::net::TcpListener::bind(config.control).await?;
+        let control_addr = control_listener.local_addr()?;
+        tracing::info!(control = %control_addr, "control API listening");
+        let gateway_listener = tokio::net::TcpListener::bind(config.gateway.listen)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                addr: config.gateway.listen,
+                source,
+            })?;
+        let pool = Pool::start(config, driver).await?;
+        let gateway = match gateway::serve(pool.clone(), gateway_listener) {
+            Ok(gateway) => gateway,
+            Err(e) => {
+                pool.shutdown().await;
+                return Err(e.into());
+            }
+        };
+        let (stop, _) = watch::channel(false);
+        let link = server
+            .map(|server| tokio::spawn(link::run(pool.clone(), server, stopped(stop.subscribe()))));
+        let router = control::router(pool.clone(), Some(gateway.meter()));
+        let serve = axum::serve(control_listener, router)
+            .with_graceful_shutdown(stopped(stop.subscribe()))
+            .into_future();
+        Ok(Hostd {
+            pool,
+            gateway,
+            control_addr,
+            stop,
+            control: Some(tokio::spawn(serve)),
+            served: None,
+            link,
+        })
+    }
+
+    /// The pool (cheap to clone).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The players' gateway: its address (the real port when configured on port 0), stats.
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Resolves if the control API stops on its own (it failed); never otherwise.
+    async fn control_ended(&mut self) {
+        let Some(control) = self.control.as_mut() else {
+            return std::future::pending().await;
+        };
+        let served = control
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        self.control = None;
+        self.served = Some(served);
+    }
+
+    /// Stops in order: the control API and the link (no new sessions), then the players'
+    /// connections, then every VM (substrates too, unless `keep_substrates`). Fails with the
+    /// control API's error if it had failed.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop.send_replace(true);
+        if let Some(link) = self.link.take() {
+            if let Err(e) = link.await {
+                tracing::error!(error = %e, "the server link task failed");
+            }
+        }
+        if let Some(control) = self.control.take() {
+            self.served = Some(
+                control
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            );
+        }
+        tracing::info!("shutting down: closing players' connections, destroying VMs");
+        self.gateway.shutdown().await;
+        self.pool.shutdown().await;
+        Ok(self.served.take().unwrap_or(Ok(()))?)
+    }
+}
+
+/// Resolves once `stop` turns `true` (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::tests::{test_config, TestDriver};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn starts_on_port_0_serves_control_and_stops_in_order() {
+        let (mut config, _dir) = test_config(1, 4);
+        config.control = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let state_dir = config.state_dir.clone();
+        let driver = TestDriver::default();
+        let hostd = Hostd::start(config, Arc::new(driver.clone()))
+            .await
+            .expect("starts");
+        assert_ne!(hostd.control_addr.port(), 0);
+        assert_ne!(hostd.gateway().addr.port(), 0);
+        hostd
+            .pool()
+            .wait_ready("arena", 1, Duration::from_secs(10))
+            .await
+            .expect("a warm clone");
+        let client = control::Client::new(hostd.control_addr);
+        let status = client.status().await.expect("status over the control API");
+        assert_eq!(status.images[0].warm, 1);
+        let gateway = client.gateway().await.expect("the gateway's stats");
+        assert_eq!(gateway.listen, hostd.gateway().addr);
+        tokio::net::TcpStream::connect(hostd.gateway().addr)
+            .await
+            .expect("the gateway accepts");
+        let control = hostd.control_addr;
+        hostd.shutdown().await.expect("a clean stop");
+        assert!(driver.script().live.is_empty(), "every VM destroyed");
+        assert!(!state_dir.exists(), "nothing left in the state folder");
+        assert!(tokio::net::TcpStream::connect(control).await.is_err());
+    }
+}
