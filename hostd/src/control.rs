@@ -42,7 +42,7 @@ impl From<PoolError> for Failure {
         Failure(
             status,
             ApiError {
-                code: e.code().into(),
+                code: e.code(),
                 message: e.to_string(),
             },
         )

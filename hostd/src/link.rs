@@ -198,7 +198,7 @@ pub fn activate_answer(session: SessionId, result: &Result<VmInfo, PoolError>) -
         },
         Err(e) => HostMessage::ActivateFailed {
             session,
-            code: e.code().into(),
+            code: e.code(),
             message: e.to_string(),
         },
     }
@@ -520,7 +520,7 @@ impl<P: LinkPool> Link<P> {
                     async move {
                         let result = pool.activate(req).await;
                         if let Err(e) = &result {
-                            tracing::warn!(code = e.code(), error = %e, "activation failed");
+                            tracing::warn!(code = %e.code(), error = %e, "activation failed");
                         }
                         let _ = done.send(Done { session, result });
                     }

@@ -25,7 +25,7 @@ use crate::driver::{DriverError, PrimeStats, Vm, VmDriver, VmSpec};
 use crate::image::Image;
 use crate::substrate::Substrate;
 use crate::util::{disk_usage, random_u64};
-use berth_protocol::{PlayerId, SessionId, SubstrateState, VmId};
+use berth_protocol::{ErrorCode, PlayerId, SessionId, SubstrateState, VmId};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -154,15 +154,16 @@ pub enum PoolError {
 }
 
 impl PoolError {
-    pub fn code(&self) -> &'static str {
+    /// The stable code callers see (`activate_failed.code`, the control API's error body).
+    pub fn code(&self) -> ErrorCode {
         match self {
-            PoolError::UnknownImage { .. } => "unknown_image",
-            PoolError::AtCapacity { .. } => "at_capacity",
-            PoolError::NotDocked { .. } => "not_docked",
-            PoolError::Unknown { .. } => "unknown_vm",
-            PoolError::BadRequest { .. } => "bad_request",
-            PoolError::Driver { .. } => "activation_failed",
-            PoolError::ShuttingDown => "shutting_down",
+            PoolError::UnknownImage { .. } => ErrorCode::UnknownImage,
+            PoolError::AtCapacity { .. } => ErrorCode::AtCapacity,
+            PoolError::NotDocked { .. } => ErrorCode::NotDocked,
+            PoolError::Unknown { .. } => ErrorCode::UnknownVm,
+            PoolError::BadRequest { .. } => ErrorCode::BadRequest,
+            PoolError::Driver { .. } => ErrorCode::ActivationFailed,
+            PoolError::ShuttingDown => ErrorCode::ShuttingDown,
         }
     }
 }
@@ -561,7 +562,9 @@ impl Pool {
 
     /// Destroys every VM and warm clone; removes substrates unless `keep_substrates`.
     pub async fn shutdown(&self) {
-        let _ = self.inner.shutdown.send(true);
+        // `send_replace`: the refill task may not have subscribed yet, and `send` would then
+        // leave the flag unset (the task would never stop).
+        self.inner.shutdown.send_replace(true);
         self.inner.wake.notify_waiters();
         let tasks: Vec<_> =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));

@@ -24,6 +24,8 @@ pub(crate) struct Script {
     pub primes: u32,
     pub restores: u32,
     pub destroyed: Vec<VmId>,
+    /// VMs an earlier hostd left running: [`VmDriver::adopt`] takes these over.
+    pub running: Vec<VmId>,
     /// Every VM not yet destroyed, with the sender of its events.
     pub live: HashMap<VmId, mpsc::UnboundedSender<VmEvent>>,
 }
@@ -38,6 +40,20 @@ pub(crate) struct TestDriver {
 impl TestDriver {
     pub fn script(&self) -> std::sync::MutexGuard<'_, Script> {
         self.script.lock().expect("script lock")
+    }
+
+    /// A new live VM.
+    fn vm(&self, id: VmId, dir: &Path) -> Box<dyn Vm> {
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut script = self.script();
+        script.live.insert(id.clone(), tx);
+        Box::new(TestVm {
+            id,
+            dir: dir.to_path_buf(),
+            events,
+            never_ready: script.never_ready,
+            script: self.script.clone(),
+        })
     }
 
     /// Tells the VM `vm_id` that `event` happened to it.
@@ -98,21 +114,14 @@ impl VmDriver for TestDriver {
         vm_id: VmId,
         vm_dir: &Path,
     ) -> Result<Box<dyn Vm>, DriverError> {
-        let (tx, events) = mpsc::unbounded_channel();
         let mut script = self.script();
         script.restores += 1;
         if script.restore_failures > 0 {
             script.restore_failures -= 1;
             return Err(DriverError::Restore("the test says so".into()));
         }
-        script.live.insert(vm_id.clone(), tx);
-        Ok(Box::new(TestVm {
-            id: vm_id,
-            dir: vm_dir.to_path_buf(),
-            events,
-            never_ready: script.never_ready,
-            script: self.script.clone(),
-        }))
+        drop(script);
+        Ok(self.vm(vm_id, vm_dir))
     }
 
     async fn cold_boot(
@@ -125,11 +134,14 @@ impl VmDriver for TestDriver {
         Err(DriverError::Unsupported("cold boot"))
     }
 
-    async fn adopt(&self, record: &VmRecord, _vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError> {
-        Err(DriverError::Exited(format!(
-            "{} is not running",
-            record.vm_id
-        )))
+    async fn adopt(&self, record: &VmRecord, vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError> {
+        if !self.script().running.contains(&record.vm_id) {
+            return Err(DriverError::Exited(format!(
+                "{} is not running",
+                record.vm_id
+            )));
+        }
+        Ok(self.vm(record.vm_id.clone(), vm_dir))
     }
 }
 
@@ -423,6 +435,64 @@ async fn game_over_and_a_dead_vm_are_announced_and_the_vm_destroyed() {
     assert_eq!(driver.script().destroyed, vec![over.vm_id, dead.vm_id]);
     let unknown = pool.destroy("s9").await.expect_err("no such session");
     assert_eq!(unknown.code(), "unknown_vm");
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn vms_left_running_are_adopted_and_the_rest_cleaned_up() {
+    let (config, _dir) = test_config(0, 4);
+    let vms = config.state_dir.join("vms");
+    let alice = PlayerId::new("alice").expect("valid");
+    let id = |vm: &str| VmId::new(vm).expect("valid");
+    let record = |vm: &str, session: Option<&str>, key: &str| VmRecord {
+        vm_id: id(vm),
+        image: "arena".into(),
+        driver: "test".into(),
+        pid: 0,
+        game_port: 9,
+        session_id: session.map(|s| SessionId::new(s).expect("valid")),
+        created_ms: 7,
+        players: vec![alice.clone()],
+        ticket_key: key.into(),
+    };
+    for r in [
+        record("vm-live", Some("s1"), "00ff"),
+        record("vm-idle", None, ""),
+        record("vm-dead", Some("s2"), "00ff"),
+        record("vm-nokey", Some("s3"), ""),
+    ] {
+        let dir = vms.join(r.vm_id.as_str());
+        std::fs::create_dir_all(&dir).expect("vm folder");
+        r.save(&dir).expect("record");
+    }
+    std::fs::create_dir_all(vms.join("vm-norecord")).expect("vm folder");
+    let driver = TestDriver::default();
+    driver.script().running = vec![id("vm-live"), id("vm-idle"), id("vm-nokey")];
+    let pool = Pool::start(config, Arc::new(driver.clone()))
+        .await
+        .expect("pool starts");
+    let status = pool.status();
+    let adopted: Vec<&str> = status.vms.iter().map(|v| v.vm_id.as_str()).collect();
+    assert_eq!(adopted, ["vm-live", "vm-nokey"]);
+    assert!(status
+        .vms
+        .iter()
+        .all(|v| v.path == ActivationPath::Adopted && v.activated_ms == 7));
+    let gate = pool
+        .gate(&SessionId::new("s1").expect("valid"))
+        .expect("a gate");
+    assert_eq!((gate.key, gate.players), (vec![0, 255], vec![alice]));
+    assert!(
+        pool.gate(&SessionId::new("s3").expect("valid")).is_none(),
+        "no key on record: nobody may join"
+    );
+    let again = pool.activate(request("s1")).await.expect("the adopted VM");
+    assert_eq!(again.vm_id, id("vm-live"));
+    assert_eq!(driver.script().restores, 0);
+    assert_eq!(driver.script().destroyed, vec![id("vm-idle")]);
+    for gone in ["vm-dead", "vm-norecord"] {
+        assert!(!vms.join(gone).exists(), "{gone} removed");
+    }
     pool.shutdown().await;
 }
 
