@@ -467,26 +467,14 @@ impl<P: LinkPool> Link<P> {
     }
 
     async fn on_frame(&mut self, ws: &mut Socket, frame: Message) -> Result<Flow, LinkError> {
-        match frame {
-            Message::Text(text) => match serde_json::from_str::<ServerToHost>(&text) {
-                Ok(message) => self.on_message(message),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    frame = snippet(&text),
-                    "ignoring a server frame that is not a host message"
-                ),
-            },
-            Message::Binary(bytes) => {
-                tracing::warn!(len = bytes.len(), "ignoring a binary frame from the server")
-            }
-            Message::Close(frame) => {
-                log_close(frame.as_ref());
+        match incoming(frame) {
+            Incoming::Message(message) => self.on_message(message),
+            Incoming::Closed => {
                 // Sends tungstenite's queued answer to the close; the server ends the TCP.
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
                 return Ok(Flow::Closed);
             }
-            // tungstenite answers pings itself; pongs only prove the server is there.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            Incoming::Nothing => {}
         }
         // Flush what tungstenite queued (pong answers) even when nothing else is sent.
         timed(ws.flush()).await?;
@@ -598,39 +586,59 @@ async fn welcome(ws: &mut Socket) -> Result<Duration, LinkError> {
             .await
             .ok_or(LinkError::Closed)?
             .map_err(LinkError::socket)?;
-        match frame {
-            Message::Text(text) => match serde_json::from_str::<ServerToHost>(&text) {
-                Ok(ServerToHost::Welcome { v, heartbeat_ms }) => {
-                    if v != HOST_PROTOCOL_VERSION {
-                        return Err(LinkError::Version(v));
-                    }
-                    return Ok(
-                        Duration::from_millis(heartbeat_ms).clamp(HEARTBEAT_MIN, HEARTBEAT_MAX)
-                    );
+        match incoming(frame) {
+            Incoming::Message(ServerToHost::Welcome { v, heartbeat_ms }) => {
+                if v != HOST_PROTOCOL_VERSION {
+                    return Err(LinkError::Version(v));
                 }
-                Ok(ServerToHost::Error { code, message }) => {
-                    return Err(LinkError::Rejected {
-                        code: code.to_string(),
-                        message,
-                    })
-                }
-                Ok(other) => tracing::warn!(?other, "ignoring a server message before welcome"),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    frame = snippet(&text),
-                    "ignoring a server frame that is not a host message"
-                ),
-            },
-            Message::Binary(bytes) => {
-                tracing::warn!(len = bytes.len(), "ignoring a binary frame from the server")
+                return Ok(Duration::from_millis(heartbeat_ms).clamp(HEARTBEAT_MIN, HEARTBEAT_MAX));
             }
-            Message::Close(frame) => {
-                log_close(frame.as_ref());
-                return Err(LinkError::Closed);
+            Incoming::Message(ServerToHost::Error { code, message }) => {
+                return Err(LinkError::Rejected {
+                    code: code.to_string(),
+                    message,
+                })
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            Incoming::Message(other) => {
+                tracing::warn!(?other, "ignoring a server message before welcome")
+            }
+            Incoming::Closed => return Err(LinkError::Closed),
+            Incoming::Nothing => {}
         }
     }
+}
+
+/// A frame from the server, as the link sees it.
+enum Incoming {
+    Message(ServerToHost),
+    /// The server closed the link (logged).
+    Closed,
+    /// Nothing to act on: a control frame, or a frame that is no host message (logged and
+    /// ignored, never a reason to drop the link).
+    Nothing,
+}
+
+fn incoming(frame: Message) -> Incoming {
+    match frame {
+        Message::Text(text) => match serde_json::from_str::<ServerToHost>(&text) {
+            Ok(message) => return Incoming::Message(message),
+            Err(e) => tracing::warn!(
+                error = %e,
+                frame = snippet(&text),
+                "ignoring a server frame that is not a host message"
+            ),
+        },
+        Message::Binary(bytes) => {
+            tracing::warn!(len = bytes.len(), "ignoring a binary frame from the server")
+        }
+        Message::Close(frame) => {
+            log_close(frame.as_ref());
+            return Incoming::Closed;
+        }
+        // tungstenite answers pings itself; pongs only prove the server is there.
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+    }
+    Incoming::Nothing
 }
 
 fn log_close(frame: Option<&CloseFrame>) {
