@@ -133,21 +133,35 @@ impl Hostd {
             }
         };
         let (stop, _) = watch::channel(false);
-        let link = server
-            .map(|server| tokio::spawn(link::run(pool.clone(), server, stopped(stop.subscribe()))));
         let router = control::router(pool.clone(), Some(gateway.meter()));
         let serve = axum::serve(control_listener, router)
             .with_graceful_shutdown(stopped(stop.subscribe()))
             .into_future();
-        Ok(Hostd {
+        let mut hostd = Hostd {
             pool,
             gateway,
             control_addr,
             stop,
             control: Some(tokio::spawn(serve)),
             served: None,
-            link,
-        })
+            link: None,
+        };
+        if let Some(server) = server {
+            hostd.connect(server);
+        }
+        Ok(hostd)
+    }
+
+    /// Starts the link to the server, unless one runs already (then `server` is ignored):
+    /// for in-process stacks whose link advertises the gateway's address, known only once
+    /// the gateway is bound.
+    pub fn connect(&mut self, server: ServerLink) {
+        if self.link.is_some() {
+            tracing::warn!(url = %server.url, "hostd is linked already; ignoring another link");
+            return;
+        }
+        let run = link::run(self.pool.clone(), server, stopped(self.stop.subscribe()));
+        self.link = Some(tokio::spawn(run));
     }
 
     /// The pool (cheap to clone).
@@ -204,8 +218,56 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::tests::ServerDouble;
     use crate::pool::tests::{test_config, TestDriver};
+    use crate::token::Token;
+    use berth_protocol::host::HostMessage;
+    use berth_protocol::HostId;
+    use futures_util::StreamExt;
     use std::time::Duration;
+    use tokio_tungstenite::tungstenite::Message;
+
+    #[tokio::test]
+    async fn a_link_connected_later_advertises_the_bound_gateway_and_closes_first() {
+        let mut server = ServerDouble::start(0).await;
+        let (mut config, _dir) = test_config(0, 4);
+        config.control = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let driver = TestDriver::default();
+        let mut hostd = Hostd::start(config, Arc::new(driver.clone()))
+            .await
+            .expect("starts");
+        let gateway = format!("ws://{}/v1/game", hostd.gateway().addr);
+        let link = ServerLink {
+            url: server.url.clone(),
+            host: HostId::new("h1").expect("valid"),
+            token: Token::Inline("tok.en.1".into()),
+            gateway: gateway.clone(),
+            reconnect_max: Duration::from_secs(1),
+        };
+        hostd.connect(link.clone());
+        hostd.connect(link);
+        let mut conn = server.next().await;
+        assert_eq!(conn.auth.as_deref(), Some("Bearer tok.en.1"));
+        match conn.welcome(60_000).await {
+            HostMessage::Register { gateway: g, .. } => assert_eq!(g, gateway),
+            other => panic!("expected register, got {other:?}"),
+        }
+        let stopping = tokio::spawn(hostd.shutdown());
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(5), conn.ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => break frame,
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            close.expect("a reason").reason.as_str(),
+            "hostd shutting down"
+        );
+        stopping.await.expect("no panic").expect("a clean stop");
+        assert!(driver.script().live.is_empty());
+    }
 
     #[tokio::test]
     async fn starts_on_port_0_serves_control_and_stops_in_order() {

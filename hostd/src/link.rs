@@ -683,7 +683,7 @@ async fn close(ws: &mut Socket) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pool::ImageStatus;
     use berth_protocol::PlayerId;
@@ -840,18 +840,18 @@ mod tests {
 
     /// Test double of the server's `/v1/hosts` endpoint: accepts websockets on 127.0.0.1:0,
     /// records the `Authorization` header, refuses the first `refuse` handshakes with 401.
-    struct ServerDouble {
-        url: String,
+    pub(crate) struct ServerDouble {
+        pub url: String,
         conns: mpsc::UnboundedReceiver<Conn>,
     }
 
-    struct Conn {
-        auth: Option<String>,
-        ws: WebSocketStream<TcpStream>,
+    pub(crate) struct Conn {
+        pub auth: Option<String>,
+        pub ws: WebSocketStream<TcpStream>,
     }
 
     impl ServerDouble {
-        async fn start(refuse: usize) -> Self {
+        pub async fn start(refuse: usize) -> Self {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let url = format!(
                 "ws://{}/v1/hosts",
@@ -892,7 +892,7 @@ mod tests {
             ServerDouble { url, conns }
         }
 
-        async fn next(&mut self) -> Conn {
+        pub async fn next(&mut self) -> Conn {
             tokio::time::timeout(WAIT, self.conns.recv())
                 .await
                 .expect("hostd connects in time")
@@ -930,7 +930,7 @@ mod tests {
             self.ws.send(Message::text(text)).await.expect("send");
         }
         /// Reads `register`, answers `welcome`, returns the `register`.
-        async fn welcome(&mut self, heartbeat_ms: u64) -> HostMessage {
+        pub async fn welcome(&mut self, heartbeat_ms: u64) -> HostMessage {
             let register = self.recv().await;
             self.send(&ServerToHost::Welcome {
                 v: HOST_PROTOCOL_VERSION,

@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 impl Pool {
+    /// Books `vm` as active (serving `info.session_id`, gated by `keys`) and hands it to its
+    /// owner task.
     pub(super) fn register(&self, vm: Box<dyn Vm>, info: VmInfo, keys: SessionKeys) {
         let (tx, rx) = mpsc::channel(4);
         let (ending_tx, ending) = watch::channel(false);
