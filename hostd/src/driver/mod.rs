@@ -30,15 +30,28 @@ pub struct VmSpec {
 }
 
 impl VmSpec {
-    /// The machine a substrate of this spec is primed for, with RAM in a shared file or not
-    /// (`cow`) and the accelerator the driver uses.
-    pub fn machine(&self, cow: bool, accel: String) -> Machine {
-        Machine {
-            memory_mib: self.config.memory_mib,
-            vcpus: self.config.vcpus,
-            balloon_mib: self.config.balloon_mib,
-            cow,
-            accel,
+    /// What a substrate of this spec made by `driver` here must carry: the driver's kind and
+    /// accelerator, the hypervisor's version, the driver's device-model revision and this
+    /// machine, with its RAM in a shared copy-on-write file or not (`cow`).
+    pub fn fingerprint(
+        &self,
+        driver: &dyn VmDriver,
+        hypervisor_version: String,
+        device_model: &str,
+        cow: bool,
+    ) -> Fingerprint {
+        Fingerprint {
+            driver: driver.kind().into(),
+            image_digest: self.image.manifest.digest.clone(),
+            hypervisor_version,
+            device_model: device_model.into(),
+            machine: Machine {
+                memory_mib: self.config.memory_mib,
+                vcpus: self.config.vcpus,
+                balloon_mib: self.config.balloon_mib,
+                cow,
+                accel: driver.accel(),
+            },
         }
     }
 }

@@ -333,13 +333,12 @@ impl VmDriver for QemuDriver {
     }
 
     fn fingerprint(&self, spec: &VmSpec) -> Fingerprint {
-        Fingerprint {
-            driver: "qemu".into(),
-            image_digest: spec.image.manifest.digest.clone(),
-            hypervisor_version: format!("QEMU {}", self.version),
-            device_model: DEVICE_MODEL.into(),
-            machine: spec.machine(spec.config.cow, self.accel.as_str().into()),
-        }
+        spec.fingerprint(
+            self,
+            format!("QEMU {}", self.version),
+            DEVICE_MODEL,
+            spec.config.cow,
+        )
     }
 
     async fn prime(

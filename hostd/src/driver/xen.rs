@@ -789,14 +789,8 @@ mod live {
         }
 
         fn fingerprint(&self, spec: &VmSpec) -> Fingerprint {
-            Fingerprint {
-                driver: "xen".into(),
-                image_digest: spec.image.manifest.digest.clone(),
-                hypervisor_version: format!("Xen {}", self.version),
-                device_model: DEVICE_MODEL.into(),
-                // RAM is inside the `xl save` file: no shared copy-on-write RAM file.
-                machine: spec.machine(false, self.accel()),
-            }
+            // RAM is inside the `xl save` file: no shared copy-on-write RAM file.
+            spec.fingerprint(self, format!("Xen {}", self.version), DEVICE_MODEL, false)
         }
 
         async fn prime(

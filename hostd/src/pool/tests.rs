@@ -75,13 +75,7 @@ impl VmDriver for TestDriver {
     }
 
     fn fingerprint(&self, spec: &VmSpec) -> Fingerprint {
-        Fingerprint {
-            driver: "test".into(),
-            image_digest: spec.image.manifest.digest.clone(),
-            hypervisor_version: "test 1".into(),
-            device_model: "test-1".into(),
-            machine: spec.machine(spec.config.cow, self.accel()),
-        }
+        spec.fingerprint(self, "test 1".into(), "test-1", spec.config.cow)
     }
 
     async fn prime(
