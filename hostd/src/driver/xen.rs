@@ -754,6 +754,36 @@ mod live {
             }
         }
 
+        /// The VM of domain `name` once it is up (`up`: its domid and game address), set up by
+        /// `prepare` and its record saved. When it did not come up, or its record cannot be
+        /// written, the domain is destroyed and `vm_dir` removed.
+        async fn vm_once_up(
+            &self,
+            up: Result<(u32, SocketAddr), DriverError>,
+            vm_id: VmId,
+            vm_dir: &Path,
+            name: String,
+            image: &str,
+            prepare: impl FnOnce(&mut XenVm),
+        ) -> Result<Box<dyn Vm>, DriverError> {
+            let (domid, game_addr) = match up {
+                Ok(found) => found,
+                Err(e) => {
+                    destroy_domain(&name).await;
+                    let _ = std::fs::remove_dir_all(vm_dir);
+                    return Err(e);
+                }
+            };
+            let mut vm = self.new_vm(vm_id, vm_dir, name, domid);
+            vm.game_addr = game_addr;
+            prepare(&mut vm);
+            if let Err(e) = vm.save_record(image) {
+                Box::new(vm).destroy_in_place().await;
+                return Err(e);
+            }
+            Ok(Box::new(vm))
+        }
+
         /// `xl create` + `initialised`, shared by prime and cold boot. The domain is destroyed
         /// again if it does not come up.
         async fn boot(
@@ -862,23 +892,12 @@ mod live {
                 Ok::<_, DriverError>((domid, vif_game_addr(domid)?))
             }
             .await;
-            let (domid, game_addr) = match restored {
-                Ok(found) => found,
-                Err(e) => {
-                    destroy_domain(&name).await;
-                    let _ = std::fs::remove_dir_all(vm_dir);
-                    return Err(e);
-                }
-            };
-            let mut vm = self.new_vm(vm_id, vm_dir, name, domid);
-            vm.game_addr = game_addr;
-            vm.paused = true;
-            vm.balloon_mib = spec.config.balloon_mib.map(|_| spec.config.memory_mib);
-            if let Err(e) = vm.save_record(&spec.config.name) {
-                Box::new(vm).destroy_in_place().await;
-                return Err(e);
-            }
-            Ok(Box::new(vm))
+            let balloon_mib = spec.config.balloon_mib.map(|_| spec.config.memory_mib);
+            self.vm_once_up(restored, vm_id, vm_dir, name, &spec.config.name, |vm| {
+                vm.paused = true;
+                vm.balloon_mib = balloon_mib;
+            })
+            .await
         }
 
         async fn cold_boot(
@@ -894,21 +913,8 @@ mod live {
                 Ok(domid) => vif_game_addr(domid).map(|addr| (domid, addr)),
                 Err(e) => Err(e),
             };
-            let (domid, game_addr) = match booted {
-                Ok(found) => found,
-                Err(e) => {
-                    destroy_domain(&name).await;
-                    let _ = std::fs::remove_dir_all(vm_dir);
-                    return Err(e);
-                }
-            };
-            let mut vm = self.new_vm(vm_id, vm_dir, name, domid);
-            vm.game_addr = game_addr;
-            if let Err(e) = vm.save_record(&spec.config.name) {
-                Box::new(vm).destroy_in_place().await;
-                return Err(e);
-            }
-            Ok(Box::new(vm))
+            self.vm_once_up(booted, vm_id, vm_dir, name, &spec.config.name, |_| {})
+                .await
         }
 
         /// Every domain but dom0 in `xl list` (a dom0 that runs hostd runs nothing else).
