@@ -7,7 +7,7 @@ use berth_hostd::substrate::Substrate;
 use berth_protocol::game::GameAnswer;
 use berth_protocol::guest::Identity;
 use berth_protocol::{SessionId, VmId};
-use berth_tests::*;
+use berth_testkit::*;
 use std::time::Duration;
 
 fn identity(session: &str, hostname: &str) -> Identity {

@@ -26,8 +26,8 @@ use berth_server::config::ServerConfig;
 use berth_server::model::{HostState, PoolKey, Session, SessionState, Transition};
 use berth_server::store::memory::MemoryStore;
 use berth_server::store::Store;
-use berth_tests::browser::{Browser, Device};
-use berth_tests::Sandbox;
+use berth_testkit::browser::{Browser, Device};
+use berth_testkit::Sandbox;
 use fantoccini::key::Key;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -283,7 +283,7 @@ async fn the_dashboard_watches_and_steers_the_real_stack() -> Result<()> {
     let (addr, store) = (server.addr, server.ctx.store.clone());
     let token = client::auth().mint("dash-host", Role::Host, 3600)?;
     let (stop, link) =
-        berth_tests::start_link(&sandbox.pool, addr, "dash-host", token, &gateway_url);
+        berth_testkit::start_link(&sandbox.pool, addr, "dash-host", token, &gateway_url);
     let host = HostId::new("dash-host")?;
     host_is(&store, &host, |h| {
         h.state == HostState::Up && h.images.iter().any(|i| i.docked && i.warm >= 1)
@@ -547,7 +547,7 @@ impl Lcg {
 /// `n` sessions as the server would have made them, spread over the last 30 minutes: most
 /// active, some starting, some ending, some ended (with results).
 async fn seed(store: &Arc<dyn Store>, n: usize) -> Result<()> {
-    let now = berth_tests::now_ms();
+    let now = berth_testkit::now_ms();
     let mut rng = Lcg(42);
     let modes = [("duel", 2), ("sprint", 2), ("arena", 4), ("arena", 6)];
     let regions = ["eu", "us", "local"];
@@ -647,7 +647,7 @@ async fn seed(store: &Arc<dyn Store>, n: usize) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_sessions_render_fast_and_work_by_keyboard() -> Result<()> {
-    berth_tests::init_logs();
+    berth_testkit::init_logs();
     let modes = Modes::new("dash-1000")?;
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     seed(&store, 1000).await?;

@@ -9,7 +9,7 @@ use berth_protocol::ticket::{TicketClaims, TICKET_AUDIENCE};
 use berth_protocol::{PlayerId, SessionId};
 use berth_server::auth::Auth;
 use berth_server::config::AuthConfig;
-use berth_tests::*;
+use berth_testkit::*;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};

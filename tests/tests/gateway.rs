@@ -13,7 +13,7 @@ use berth_protocol::game::{GameAnswer, Welcome};
 use berth_protocol::{PlayerId, SessionId};
 use berth_server::auth::Auth;
 use berth_server::config::AuthConfig;
-use berth_tests::*;
+use berth_testkit::*;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};

@@ -7,7 +7,7 @@ use berth_hostd::control::{Client, ClientError};
 use berth_hostd::pool::{ActivateRequest, ActivationPath};
 use berth_protocol::game::GameAnswer;
 use berth_protocol::SessionId;
-use berth_tests::*;
+use berth_testkit::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};

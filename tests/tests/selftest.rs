@@ -2,7 +2,7 @@
 //! as itself, destroy, nothing left; and what it says about configs it cannot use. (The same
 //! command drives the xen driver in the nested-Xen tier of `cargo xtask test`.)
 
-use berth_tests::*;
+use berth_testkit::*;
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -16,7 +16,7 @@ use berth_server::config::ServerConfig;
 use berth_server::model::{HostState, SessionState};
 use berth_server::store::redis::RedisStore;
 use berth_server::store::Store;
-use berth_tests::{game_hello, game_surrender, Sandbox};
+use berth_testkit::{game_hello, game_surrender, Sandbox};
 use client::{admin_token, auth, config, queue, Client};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,7 @@ fn link_as(
     host: &str,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let token = auth().mint(host, Role::Host, 3600).expect("mint");
-    berth_tests::start_link(
+    berth_testkit::start_link(
         &sandbox.pool,
         server.addr,
         host,
@@ -400,7 +400,7 @@ async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_retries_another_host_when_activation_fails() -> Result<()> {
-    let images = || vec![berth_tests::image_config("arena", 0)];
+    let images = || vec![berth_testkit::image_config("arena", 0)];
     let seed = ["arena".to_owned()];
     let bad = Sandbox::start_custom("stack-bad", images(), &seed, |c| {
         c.host_id = "host-a".into()
@@ -573,7 +573,7 @@ async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
     drop(other);
 
     // The VM dies: players hear `vm_failed`.
-    berth_tests::signal(vm.pid, nix::sys::signal::Signal::SIGKILL)?;
+    berth_testkit::signal(vm.pid, nix::sys::signal::Signal::SIGKILL)?;
     assert_eq!(ended(&mut a).await?.0, "vm_failed");
     assert_eq!(ended(&mut b).await?.0, "vm_failed");
     session_until(&store, &s1, SessionState::Ended).await?;
@@ -596,8 +596,8 @@ async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
 }
 
 /// A scratch folder removed on drop.
-fn tempfile_dir(name: &str) -> Result<berth_tests::DirGuard> {
+fn tempfile_dir(name: &str) -> Result<berth_testkit::DirGuard> {
     let dir = std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    Ok(berth_tests::DirGuard(dir))
+    Ok(berth_testkit::DirGuard(dir))
 }

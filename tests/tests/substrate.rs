@@ -4,7 +4,7 @@ use anyhow::Result;
 use berth_hostd::pool::{ActivateRequest, ActivationPath, PoolEvent};
 use berth_protocol::game::GameAnswer;
 use berth_protocol::{PlayerId, SessionId};
-use berth_tests::*;
+use berth_testkit::*;
 use std::time::Duration;
 
 fn request(session: &str) -> ActivateRequest {

@@ -14,7 +14,7 @@ use berth_server::auth::Role;
 use berth_server::model::{HostState, SessionState};
 use berth_server::store::redis::RedisStore;
 use berth_server::store::Store;
-use berth_tests::Sandbox;
+use berth_testkit::Sandbox;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,7 +108,7 @@ impl Stack {
         let server = Server::start_with(config, store.clone()).await?;
         let token = client::auth().mint("swarm-host", Role::Host, 3600)?;
         let gateway_url = format!("ws://{}/v1/game", gateway.addr);
-        let (stop, link) = berth_tests::start_link(
+        let (stop, link) = berth_testkit::start_link(
             &sandbox.pool,
             server.addr,
             "swarm-host",

@@ -24,8 +24,8 @@ use berth_server::app::Server;
 use berth_server::auth::Role;
 use berth_server::config::ServerConfig;
 use berth_server::model::{Binding, HostState};
-use berth_tests::browser::{self, Device};
-use berth_tests::Sandbox;
+use berth_testkit::browser::{self, Device};
+use berth_testkit::Sandbox;
 use fantoccini::actions::{
     Actions, InputSource, KeyAction, KeyActions, MouseActions, PointerAction, TouchActions,
     MOUSE_BUTTON_LEFT,
@@ -45,7 +45,7 @@ fn web_config() -> ServerConfig {
     c
 }
 
-/// The shared headless Chromium (`berth_tests::browser`), with what this page's tests ask of
+/// The shared headless Chromium (`berth_testkit::browser`), with what this page's tests ask of
 /// it: which screen the page shows, and what is wrong when a wait fails.
 struct Browser(browser::Browser);
 
@@ -132,7 +132,7 @@ async fn waited_s(b: &Browser) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_signs_in_queues_resumes_after_a_drop_and_cancels() -> Result<()> {
-    berth_tests::init_logs();
+    berth_testkit::init_logs();
     let server = Server::start(web_config()).await?;
     let addr = server.addr;
     let store = server.ctx.store.clone();
@@ -275,7 +275,7 @@ fn link(
     let token = client::auth()
         .mint("web-host", Role::Host, 3600)
         .expect("mint");
-    berth_tests::start_link(&sandbox.pool, server.addr, "web-host", token, gateway)
+    berth_testkit::start_link(&sandbox.pool, server.addr, "web-host", token, gateway)
 }
 
 type Ws =

@@ -41,7 +41,7 @@ pub struct E2eArgs {
 }
 
 pub async fn run(args: E2eArgs) -> Result<()> {
-    let stack = Stack::start(StackOptions::ephemeral(args.warm, "bench-e2e")).await?;
+    let stack = crate::demo::start_stack(StackOptions::ephemeral(args.warm, "bench-e2e")).await?;
     let result = measure(&stack, &args).await;
     stack.shutdown().await;
     let report = result?;
@@ -80,7 +80,7 @@ async fn measure(stack: &Stack, args: &E2eArgs) -> Result<serde_json::Value> {
     let probe = probe(stack, &args.mode, args.pings).await;
     let report = swarm.await??;
     let probe = probe.context("the gateway overhead probe")?;
-    let gw = stack.gateway.stats();
+    let gw = stack.gateway().stats();
     crate::demo::pool_back(stack, args.warm).await?;
     let cpu1 = cpu_seconds();
     let modes = berth_server::modes::Modes::load(&crate::image::root().join("assets/modes"))?;
@@ -172,7 +172,7 @@ async fn probe(stack: &Stack, mode: &str, pings: u32) -> Result<Probe> {
     let mut play = crate::bench_server::idle_player(&url, token).await?;
     let (session, ticket, _) = crate::demo::queue_until_matched_in(&mut play, mode).await?;
     let vm = stack.vm_of(&session)?;
-    let gw_url = format!("ws://{}/v1/game", stack.gateway.addr);
+    let gw_url = format!("ws://{}/v1/game", stack.gateway().addr);
     let (mut gw, _) = tokio_tungstenite::connect_async_with_config(&gw_url, None, true).await?;
     let join = format!(r#"{{"type":"join","ticket":"{ticket}"}}"#);
     gw.send(Message::Text(join.into())).await?;

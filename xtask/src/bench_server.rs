@@ -81,7 +81,7 @@ pub struct ServerArgs {
 async fn warm_matches(matches: usize) -> Result<serde_json::Value> {
     eprintln!("bench: {matches} duel matches on real VMs with a warm host");
     let stack =
-        crate::demo::Stack::start(crate::demo::StackOptions::ephemeral(1, "bench-server")).await?;
+        crate::demo::start_stack(crate::demo::StackOptions::ephemeral(1, "bench-server")).await?;
     let result = warm_matches_on(&stack, matches).await;
     stack.shutdown().await;
     result
@@ -92,8 +92,8 @@ async fn warm_matches_on(stack: &crate::demo::Stack, matches: usize) -> Result<s
     let mut paths = std::collections::BTreeMap::<String, u64>::new();
     for i in 0..matches {
         stack.ready(1).await?;
-        let mut a = stack.player(&format!("wa{i}")).await?;
-        let mut b = stack.player(&format!("wb{i}")).await?;
+        let mut a = crate::demo::player(stack, &format!("wa{i}")).await?;
+        let mut b = crate::demo::player(stack, &format!("wb{i}")).await?;
         let (ra, rb) = tokio::join!(
             crate::demo::queue_until_matched(&mut a),
             crate::demo::queue_until_matched(&mut b)

@@ -6,15 +6,9 @@
 //! report, checks that every VM went back to the pool, and cleans everything up.
 
 use anyhow::{bail, Context, Result};
-use berth_hostd::config::ImageConfig;
-use berth_hostd::gateway::Gateway;
-use berth_hostd::link::{ServerLink, Token};
-use berth_hostd::{HostdConfig, Pool};
+use berth_hostd::Pool;
 use berth_protocol::play::{ClientMessage, ServerMessage};
-use berth_protocol::{HostId, SessionId};
-use berth_server::app::Server;
-use berth_server::auth::Role;
-use berth_server::config::ServerConfig;
+use berth_protocol::SessionId;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,177 +41,38 @@ pub struct DemoArgs {
     pub keep: bool,
 }
 
-/// server (memory store) + hostd pool (qemu driver) + its gateway + the link, in this process.
-pub(crate) struct Stack {
-    pub server: Server,
-    pub pool: Pool,
-    pub gateway: Gateway,
-    stop: tokio::sync::oneshot::Sender<()>,
-    link: tokio::task::JoinHandle<()>,
+pub(crate) use berth_testkit::{Stack, StackOptions};
+
+/// Installs what the stack needs, builds the image if needed, and starts the test kit's
+/// [`Stack`] on it.
+pub(crate) async fn start_stack(mut o: StackOptions) -> Result<Stack> {
+    crate::sys::ensure(&[
+        crate::sys::QEMU,
+        crate::sys::QEMU_UTILS,
+        crate::sys::E2FS,
+        crate::sys::FONTS,
+    ])?;
+    let manifest = crate::image::build()?;
+    println!(
+        "image {} ({})",
+        &manifest.digest[..12],
+        manifest.kernel_package
+    );
+    o.image_dir = crate::image::image_dir();
+    Stack::start(o).await
 }
 
-/// What a [`Stack`] is started with.
-#[derive(Debug, Clone)]
-pub(crate) struct StackOptions {
-    pub listen: SocketAddr,
-    pub gateway: SocketAddr,
-    pub warm: u32,
-    pub max_vms: u32,
-    /// Names the state folder in /dev/shm.
-    pub name: String,
-}
-
-impl StackOptions {
-    /// Free ports, `warm` clones: what the benchmarks use.
-    pub fn ephemeral(warm: u32, name: &str) -> Self {
-        Self {
-            listen: ([127, 0, 0, 1], 0).into(),
-            gateway: ([127, 0, 0, 1], 0).into(),
-            warm,
-            max_vms: 64,
-            name: name.into(),
-        }
-    }
-}
-
-impl Stack {
-    /// Builds the image if needed and starts everything; returns once the substrate is docked
-    /// with `warm` clones and the server knows it.
-    pub async fn start(o: StackOptions) -> Result<Stack> {
-        crate::sys::ensure(&[
-            crate::sys::QEMU,
-            crate::sys::QEMU_UTILS,
-            crate::sys::E2FS,
-            crate::sys::FONTS,
-        ])?;
-        let manifest = crate::image::build()?;
-        println!(
-            "image {} ({})",
-            &manifest.digest[..12],
-            manifest.kernel_package
-        );
-        let mut sc = ServerConfig {
-            listen: o.listen,
-            modes_dir: crate::image::root().join("assets/modes"),
-            ..ServerConfig::default()
-        };
-        sc.auth.secret = berth_server::util::random_key();
-        sc.auth.dev_tokens = true;
-        let server = match Server::start(sc.clone()).await {
-            Ok(s) => s,
-            Err(_) => {
-                sc.listen.set_port(0);
-                Server::start(sc).await?
-            }
-        };
-        println!(
-            "server http://{} (memory store, dev tokens on)",
-            server.addr
-        );
-        let mut config = HostdConfig {
-            host_id: "demo-host".into(),
-            state_dir: format!("/dev/shm/berth-{}-{}", o.name, std::process::id()).into(),
-            max_vms: o.max_vms,
-            ..HostdConfig::default()
-        };
-        config
-            .images
-            .push(ImageConfig::new("arena", crate::image::image_dir(), o.warm));
-        let driver = berth_hostd::driver_for(&config).await?;
-        println!(
-            "hostd demo-host: driver qemu, accelerator {}, at most {} VMs",
-            driver.accel(),
-            o.max_vms
-        );
-        let pool = Pool::start(config, driver).await?;
-        let gateway = match berth_hostd::gateway::start(pool.clone(), o.gateway).await {
-            Ok(g) => g,
-            Err(_) => berth_hostd::gateway::start(pool.clone(), ([127, 0, 0, 1], 0).into()).await?,
-        };
-        let gateway_url = format!("ws://{}/v1/game", gateway.addr);
-        println!("gateway {gateway_url}");
-        let link = ServerLink {
-            url: format!("ws://{}/v1/hosts", server.addr),
-            host: HostId::new("demo-host")?,
-            token: Token::Inline(server.ctx.auth.mint("demo-host", Role::Host, 24 * 3600)?),
-            gateway: gateway_url,
-            reconnect_max: Duration::from_secs(1),
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let link = tokio::spawn(berth_hostd::link::run(pool.clone(), link, async move {
-            let _ = stopped.await;
-        }));
-        let stack = Stack {
-            server,
-            pool,
-            gateway,
-            stop,
-            link,
-        };
-        let t = Instant::now();
-        println!("priming the substrate (cold boot of the game VM, once)...");
-        if let Err(e) = stack.ready(o.warm).await {
-            stack.shutdown().await;
-            return Err(e);
-        }
-        let img = &stack.pool.status().images[0];
-        println!(
-            "docked in {} ms: {:.1} MiB in /dev/shm, {} warm clones paused (ready after {:.1} s)",
-            img.prime_ms.unwrap_or(0),
-            img.substrate_bytes as f64 / 1048576.0,
-            img.warm,
-            t.elapsed().as_secs_f64()
-        );
-        Ok(stack)
-    }
-
-    /// The VM serving `session`.
-    pub fn vm_of(&self, session: &SessionId) -> Result<berth_hostd::pool::VmInfo> {
-        self.pool
-            .status()
-            .vms
-            .into_iter()
-            .find(|v| &v.session_id == session)
-            .context("no VM for the session")
-    }
-
-    /// Waits until `warm` clones wait and the server has heard so from hostd.
-    pub async fn ready(&self, warm: u32) -> Result<()> {
-        self.pool
-            .wait_ready("arena", warm, Duration::from_secs(300))
-            .await?;
-        let host = HostId::new("demo-host")?;
-        for _ in 0..100 {
-            let h = self.server.ctx.store.host(&host).await?;
-            if h.is_some_and(|h| h.images.iter().any(|i| i.docked && i.warm >= warm)) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("the server never heard of {warm} warm clones")
-    }
-
-    /// A player connected to `/v1/play` (hello answered).
-    pub async fn player(&self, name: &str) -> Result<crate::bench_server::Ws> {
-        let url = format!("ws://{}/v1/play", self.server.addr);
-        let token = self.server.ctx.auth.mint(name, Role::Player, 3600)?;
-        crate::bench_server::idle_player(&url, token).await
-    }
-
-    pub async fn shutdown(self) {
-        drop(self.stop);
-        let _ = self.link.await;
-        self.gateway.shutdown().await;
-        self.server.shutdown().await;
-        self.pool.shutdown().await;
-        println!("server stopped, pool shut down: VMs destroyed, substrate removed");
-    }
+/// A player of `stack` connected to `/v1/play` (hello answered).
+pub(crate) async fn player(stack: &Stack, name: &str) -> Result<crate::bench_server::Ws> {
+    let url = format!("ws://{}/v1/play", stack.server.addr);
+    crate::bench_server::idle_player(&url, stack.token(name)?).await
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
-    let stack = Stack::start(StackOptions {
+    let stack = start_stack(StackOptions {
         listen: args.listen,
         gateway: args.gateway,
+        image_dir: crate::image::image_dir(),
         warm: args.warm,
         max_vms: 64,
         name: "demo".into(),
@@ -275,7 +130,7 @@ async fn demo(stack: &Stack, args: &DemoArgs) -> Result<()> {
     println!("  metrics:            {base}/metrics");
     println!(
         "  hostd gateway:      ws://{}/v1/game\n",
-        stack.gateway.addr
+        stack.gateway().addr
     );
     let config = berth_sim::SwarmConfig {
         server: base.clone(),

@@ -5,37 +5,19 @@
 use anyhow::{bail, Context, Result};
 use berth_protocol::play::{ClientMessage, ServerMessage, PLAY_PROTOCOL_VERSION};
 use berth_server::app::Server;
-use berth_server::auth::{Auth, Role};
 use berth_server::config::ServerConfig;
 use futures_util::{SinkExt, StreamExt};
-use std::path::PathBuf;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-pub const SECRET: &str = "test-secret-0123456789";
+#[allow(unused_imports)]
+pub use berth_testkit::fixtures::{admin_token, auth, token, SECRET};
 
+/// The kit's server config: loopback port 0, the shipped modes, tokens signed with [`SECRET`].
 pub fn config() -> ServerConfig {
-    let mut c = ServerConfig {
-        listen: ([127, 0, 0, 1], 0).into(),
-        modes_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/modes"),
-        ..ServerConfig::default()
-    };
-    c.auth.secret = SECRET.into();
-    c
-}
-
-pub fn auth() -> Auth {
-    Auth::new(&config().auth).expect("test auth")
-}
-
-pub fn token(player: &str) -> String {
-    auth().mint(player, Role::Player, 3600).expect("mint")
-}
-
-pub fn admin_token() -> String {
-    auth().mint("ops", Role::Admin, 3600).expect("mint")
+    berth_testkit::fixtures::server_config()
 }
 
 pub type Ws =

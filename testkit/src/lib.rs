@@ -1,0 +1,29 @@
+//! Berth's test kit: real components started in-process on loopback port 0 and wired together
+//! (Quilkin's "sandbox" idea), for the integration tests in `tests/`, the server's socket tests,
+//! and `cargo xtask demo` and its benchmarks. Nothing here is a mock: VMs are real QEMU guests
+//! running the real guest image, servers are the real `berth-server`, browsers real Chromium.
+//!
+//! - [`fixtures`]: the workspace's folders, a server config on port 0, tokens.
+//! - [`vm`]: hostd pools on private `/dev/shm` folders sharing one primed substrate
+//!   ([`Sandbox`]), leak checks, a hostd link to a test server.
+//! - [`stack`]: a whole server + hostd in this process ([`Stack`]).
+//! - [`game`]: raw clients of a game VM's port and of a gateway, for tests of the game itself.
+//! - [`browser`]: real headless Chromium through chromedriver.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let sandbox = berth_testkit::Sandbox::start("my-test", 1).await?; // a pool, substrate docked
+//! // ... activate sessions on sandbox.pool ...
+//! sandbox.finish().await?; // fails if a VM, a QEMU process or a file is left
+//! # Ok(()) }
+//! ```
+
+pub mod browser;
+pub mod fixtures;
+pub mod game;
+pub mod stack;
+pub mod vm;
+
+pub use game::{game_hello, game_request, game_surrender, GameWs, Heard};
+pub use stack::{Stack, StackOptions};
+pub use vm::*;
