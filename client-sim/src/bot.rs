@@ -8,12 +8,13 @@
 //! there is no shared state between a bot's parts.
 
 use crate::config::{pick, Matches, SwarmConfig};
-use crate::link::{Incoming, Link, SlowLink};
 use crate::progress::{Progress, Stage};
 use crate::report::{Metric, Tally};
 use crate::steer::{self, Grid};
+use berth_client::socket::{Closed, ConnectOptions, Faults, Incoming};
+use berth_client::{GameClient, PlayClient, PlayConfig};
 use berth_protocol::game::{GameAnswer, GameRequest, GameResults, PlayerView};
-use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage, PLAY_PROTOCOL_VERSION};
+use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage};
 use berth_protocol::SessionId;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,7 +180,7 @@ pub(crate) struct BotPlan {
 
 /// `/v1/play`, open.
 struct Play {
-    link: Link,
+    link: PlayClient,
     ping_every: Duration,
     next_ping: Instant,
     nonce: u64,
@@ -187,7 +188,7 @@ struct Play {
 
 /// The game socket of the current match.
 struct Game {
-    link: Link,
+    link: GameClient,
     me: String,
     grid: Option<Grid>,
     players: Vec<PlayerView>,
@@ -265,7 +266,7 @@ pub(crate) struct Bot {
     shared: Arc<Shared>,
     plan: BotPlan,
     rng: fastrand::Rng,
-    slow: Arc<SlowLink>,
+    slow: Arc<Faults>,
     token: Option<String>,
     play: Option<Play>,
     /// The session of the last match, whose late messages are ignored.
@@ -283,7 +284,7 @@ pub(crate) async fn run_bot(shared: Arc<Shared>, plan: BotPlan) -> Tally {
         rng: fastrand::Rng::with_seed(plan.seed),
         shared,
         plan,
-        slow: Arc::new(SlowLink::default()),
+        slow: Arc::new(Faults::default()),
         token: None,
         play: None,
         last_session: None,
@@ -343,7 +344,7 @@ impl Bot {
     fn outcome(&mut self, o: Outcome) {
         self.in_match = false;
         self.set_stage(Stage::Idle);
-        self.slow.set(None);
+        self.slow.set_delay(None);
         let p = &self.shared.progress;
         match o {
             Outcome::Finished(reason) => {
@@ -381,7 +382,7 @@ impl Bot {
             let wake = self.play.as_ref().map_or(until, |p| p.next_ping.min(until));
             let item = match self.play.as_mut() {
                 Some(p) => tokio::select! {
-                    item = p.link.recv() => Some(item),
+                    item = p.link.next_item() => Some(item),
                     _ = tokio::time::sleep_until(wake) => None,
                 },
                 None => {
@@ -389,7 +390,7 @@ impl Bot {
                     None
                 }
             };
-            if let Some(Incoming::Closed { .. }) = item {
+            if let Some(Incoming::Closed(_)) = item {
                 self.play = None;
             }
         }
@@ -425,6 +426,17 @@ impl Bot {
         }
     }
 
+    /// This bot's socket options: its slow-link fault, a seed for the delays, the run's
+    /// `alive` tracking.
+    fn socket_options(&self, seed: u64) -> ConnectOptions {
+        ConnectOptions {
+            faults: Some(self.slow.clone()),
+            seed,
+            alive: Some(self.shared.alive.clone()),
+            ..ConnectOptions::default()
+        }
+    }
+
     fn seed(&mut self) -> u64 {
         self.links_opened += 1;
         self.plan.seed ^ self.links_opened.wrapping_mul(0x2545_f491_4f6c_dd1d)
@@ -434,41 +446,26 @@ impl Bot {
     async fn connect_play(&mut self) -> Result<(), Failure> {
         let token = self.dev_token().await?;
         let seed = self.seed();
-        let mut link = Link::connect(
-            &self.shared.play_url,
-            self.slow.clone(),
-            seed,
-            self.shared.alive.clone(),
-        )
-        .await
-        .map_err(|e| {
-            Failure::PlayUnreachable(match e {
-                crate::link::LinkError::Http(s) => format!("http_{s}"),
-                crate::link::LinkError::Timeout(_) => "timeout".into(),
-                crate::link::LinkError::Connect(_) => "refused".into(),
-            })
+        let mut config = PlayConfig::new(self.shared.play_url.clone(), token);
+        config.socket = self.socket_options(seed);
+        let link = PlayClient::connect(config).await.map_err(|e| match e {
+            berth_client::ClientError::Refused { code, .. } => {
+                Failure::HelloRefused(code.to_string())
+            }
+            berth_client::ClientError::Timeout(_) => Failure::PlayUnreachable("timeout".into()),
+            berth_client::ClientError::Closed(_) | berth_client::ClientError::Gone => {
+                Failure::PlayUnreachable("closed".into())
+            }
+            berth_client::ClientError::Http { status, .. } => {
+                Failure::PlayUnreachable(format!("http_{status}"))
+            }
+            berth_client::ClientError::Connect(_) => Failure::PlayUnreachable("refused".into()),
+            _ => Failure::PlayUnreachable("no_welcome".into()),
         })?;
-        let hello = ClientMessage::Hello {
-            v: PLAY_PROTOCOL_VERSION,
-            token: Some(token),
-        };
-        if !link.send(to_json(&hello)).await {
-            return Err(Failure::PlayUnreachable("closed".into()));
-        }
-        let answer = tokio::time::timeout(Duration::from_secs(10), link.recv()).await;
-        let ping_ms = match answer {
-            Ok(Incoming::Text(t)) => match serde_json::from_str::<ServerMessage>(&t) {
-                Ok(ServerMessage::Welcome {
-                    ping_interval_ms, ..
-                }) => ping_interval_ms,
-                Ok(ServerMessage::Error { code, .. }) => {
-                    return Err(Failure::HelloRefused(code.to_string()))
-                }
-                _ => return Err(Failure::PlayUnreachable("no_welcome".into())),
-            },
-            Ok(Incoming::Closed { .. }) => return Err(Failure::PlayUnreachable("closed".into())),
-            Err(_) => return Err(Failure::PlayUnreachable("timeout".into())),
-        };
+        let ping_ms = link
+            .welcome
+            .as_ref()
+            .map_or(20_000, |w| w.ping_interval.as_millis() as u64);
         let ping_every = Duration::from_millis(ping_ms.clamp(1000, 20_000));
         self.play = Some(Play {
             link,
@@ -500,7 +497,7 @@ impl Bot {
 
     async fn play_send(&mut self, m: &ClientMessage) {
         if let Some(p) = self.play.as_mut() {
-            if !p.link.send(to_json(m)).await {
+            if p.link.send(m).await.is_err() {
                 self.play = None;
             }
         }
@@ -543,7 +540,8 @@ impl Bot {
         let plan_background = self.rng.f64() < faults.background;
         if slow {
             self.tally.faults.slow_link += 1;
-            self.slow.set(Some(faults.slow_delay));
+            self.slow
+                .set_delay(Some((faults.slow_delay.min, faults.slow_delay.max)));
         }
         if let Err(f) = self.ensure_play().await {
             return Outcome::Failed(f);
@@ -595,7 +593,7 @@ impl Bot {
 
     async fn send_queue(&mut self, m: &Match) {
         if let Some(p) = self.play.as_mut() {
-            if !p.link.send(m.queue_msg.clone()).await {
+            if p.link.raw(m.queue_msg.clone()).await.is_err() {
                 self.play = None;
             }
         }
@@ -614,8 +612,12 @@ impl Bot {
                     .play
                     .as_mut()
                     .filter(|_| !background)
-                    .map(|p| &mut p.link);
-                let game = m.game.as_mut().filter(|_| !background).map(|g| &mut g.link);
+                    .map(|p| p.link.next_item());
+                let game = m
+                    .game
+                    .as_mut()
+                    .filter(|_| !background)
+                    .map(|g| g.link.next_item());
                 tokio::select! {
                     item = recv(play) => Event::Play(item),
                     item = recv(game) => Event::Game(item),
@@ -824,15 +826,13 @@ impl Bot {
                 if g.next_input < now {
                     g.next_input = now + g.input_every;
                 }
-                g.link.send(to_json(&input)).await;
+                let _ = g.link.send(&input).await;
             }
             if now >= g.next_ping {
                 g.nonce += 1;
                 g.ping = Some((g.nonce, now));
                 g.next_ping = now + GAME_PING_EVERY;
-                g.link
-                    .send(to_json(&GameRequest::Ping { nonce: g.nonce }))
-                    .await;
+                let _ = g.link.send(&GameRequest::Ping { nonce: g.nonce }).await;
             }
         }
         None
@@ -854,14 +854,7 @@ impl Bot {
         }
         m.game_attempts += 1;
         let seed = self.seed();
-        match Link::connect(
-            &mm.endpoint,
-            self.slow.clone(),
-            seed,
-            self.shared.alive.clone(),
-        )
-        .await
-        {
+        match GameClient::connect_url(&mm.endpoint, self.socket_options(seed)).await {
             Ok(mut link) => {
                 tracing::debug!(player = %self.plan.name, session = %mm.session, opens = m.game_opens, "game socket open");
                 m.game_opens += 1;
@@ -871,7 +864,7 @@ impl Bot {
                 let join = GameRequest::Join {
                     ticket: mm.ticket.clone(),
                 };
-                link.send(to_json(&join)).await;
+                let _ = link.send(&join).await;
                 let now = Instant::now();
                 m.game = Some(Game {
                     link,
@@ -904,7 +897,8 @@ impl Bot {
         let now = Instant::now();
         let text = match item {
             Incoming::Text(t) => t,
-            Incoming::Closed { code, reason } => {
+            Incoming::Binary(_) => return None,
+            Incoming::Closed(Closed { code, reason, .. }) => {
                 self.play = None;
                 tracing::debug!(player = %self.plan.name, ?code, %reason, "play socket closed");
                 match code {
@@ -1037,7 +1031,8 @@ impl Bot {
         let now = Instant::now();
         let text = match item {
             Incoming::Text(t) => t,
-            Incoming::Closed { code, reason } => {
+            Incoming::Binary(_) => return None,
+            Incoming::Closed(Closed { code, reason, .. }) => {
                 m.game = None;
                 tracing::debug!(player = %self.plan.name, ?code, %reason, "game socket closed");
                 if m.game_done || m.game_results.is_some() {
@@ -1221,10 +1216,10 @@ impl Bot {
     }
 }
 
-/// The next item of `link`; never, without one (or while the app is in the background).
-async fn recv(link: Option<&mut Link>) -> Incoming {
-    match link {
-        Some(l) => l.recv().await,
+/// The next item of a socket; never, without one (or while the app is in the background).
+async fn recv(next: Option<impl std::future::Future<Output = Incoming>>) -> Incoming {
+    match next {
+        Some(item) => item.await,
         None => std::future::pending().await,
     }
 }

@@ -25,17 +25,16 @@
 
 mod bot;
 pub mod config;
-mod link;
 pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod steer;
 
+pub use berth_client::ClientError;
 pub use bot::Failure;
 pub use config::{
     Arrivals, ConfigError, DurationRange, Faults, Matches, SkillSpread, SwarmConfig, Weighted,
 };
-pub use link::LinkError;
 pub use plot::{write_png, PlotError};
 pub use progress::{Progress, ProgressSnapshot};
 pub use report::{Histograms, Latency, Metric, Percentiles, Report};

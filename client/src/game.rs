@@ -89,6 +89,12 @@ impl GameClient {
         Ok(heard(item))
     }
 
+    /// The next raw item off the socket, with no timeout; cancel-safe, so a client can wait
+    /// on it in a `select!` beside its own timers.
+    pub async fn next_item(&mut self) -> Incoming {
+        self.socket.recv().await
+    }
+
     /// Skips what is heard until `want` matches it; fails on a close or after `within`.
     pub async fn until(
         &mut self,

@@ -250,7 +250,8 @@ impl PlayClient {
         .map_err(|_| ClientError::Timeout(wait))?
     }
 
-    /// The next raw item off the socket (for clients that drive their own loop).
+    /// The next raw item off the socket, with no timeout; cancel-safe, so a client can wait
+    /// on it in a `select!` beside its own timers.
     pub async fn next_item(&mut self) -> Incoming {
         self.socket.recv().await
     }

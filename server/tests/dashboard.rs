@@ -301,7 +301,7 @@ async fn the_feed_sends_a_snapshot_then_what_changes() -> Result<()> {
     assert!(snap["window_ms"].as_u64().is_some_and(|n| n > 0), "{snap}");
 
     // A player queues: the queue shows up within a tick.
-    let mut ana = Client::player(&s, "ana").await?;
+    let mut ana = common::player(&s, "ana").await?;
     ana.send(&queue("duel", "eu")).await?;
     let q = feed
         .until("queues", Duration::from_secs(5), |m| {
@@ -316,7 +316,7 @@ async fn the_feed_sends_a_snapshot_then_what_changes() -> Result<()> {
     );
 
     // A second one: a match, a session placing (no host), then ended.
-    let mut ben = Client::player(&s, "ben").await?;
+    let mut ben = common::player(&s, "ben").await?;
     ben.send(&queue("duel", "eu")).await?;
     let placing = feed
         .until("sessions", Duration::from_secs(5), |m| {
@@ -463,8 +463,8 @@ async fn a_feed_follows_sessions_made_on_another_replica() -> Result<()> {
         .await?
         .context("snapshot")?;
     assert_eq!(snap["store"], "redis");
-    let mut a = Client::player(&r2, "rana").await?;
-    let mut b = Client::player(&r2, "rben").await?;
+    let mut a = common::player(&r2, "rana").await?;
+    let mut b = common::player(&r2, "rben").await?;
     a.send(&queue("duel", "eu")).await?;
     b.send(&queue("duel", "eu")).await?;
     let m = feed
@@ -485,8 +485,8 @@ async fn a_feed_opened_after_unwatched_changes_sees_them() -> Result<()> {
     // Nobody watches while a session forms and fails: the dashboard skips its store reads
     // then, and reads the store again when a feed opens.
     let s = Server::start(short_placing()).await?;
-    let mut ana = Client::player(&s, "ana").await?;
-    let mut ben = Client::player(&s, "ben").await?;
+    let mut ana = common::player(&s, "ana").await?;
+    let mut ben = common::player(&s, "ben").await?;
     ana.send(&queue("duel", "eu")).await?;
     ben.send(&queue("duel", "eu")).await?;
     ana.until(Duration::from_secs(10), |m| {

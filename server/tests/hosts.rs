@@ -13,6 +13,10 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+/// A raw host socket: these tests speak the host protocol frame by frame, bad frames included.
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 async fn open(s: &Server, token: &str) -> Result<Ws> {
     let mut req = format!("ws://{}/v1/hosts", s.addr).into_client_request()?;
     req.headers_mut()

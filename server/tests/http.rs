@@ -26,7 +26,7 @@ async fn health_readiness_and_metrics() -> Result<()> {
         200
     );
 
-    let mut c = Client::player(&s, "mia").await?;
+    let mut c = common::player(&s, "mia").await?;
     c.send(&queue("arena", "eu")).await?;
     c.recv().await?;
     c.raw("{broken".into()).await?;
@@ -165,7 +165,7 @@ async fn admin_session_lists_page_with_a_total() -> Result<()> {
     let s = Server::start(cfg).await?;
     let mut players = Vec::new();
     for i in 0..6 {
-        let mut c = Client::player(&s, &format!("pg{i}")).await?;
+        let mut c = common::player(&s, &format!("pg{i}")).await?;
         c.send(&queue("duel", "eu")).await?;
         players.push(c);
     }

@@ -7,9 +7,7 @@ use base64::Engine;
 use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage};
 use berth_server::app::Server;
 use common::*;
-use futures_util::SinkExt;
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::Message;
 
 async fn server() -> Result<Server> {
     Server::start(config()).await
@@ -18,9 +16,9 @@ async fn server() -> Result<Server> {
 #[tokio::test]
 async fn hello_by_message_or_by_header() -> Result<()> {
     let s = server().await?;
-    let mut a = Client::player(&s, "alice").await?;
-    a.ping(7).await?;
-    let mut b = Client::open(&s, Some(&token("bob"))).await?;
+    let mut a = common::player(&s, "alice").await?;
+    a.ping_pong(7).await?;
+    let mut b = common::open(&s, Some(&token("bob"))).await?;
     b.send(&ClientMessage::Hello { v: 1, token: None }).await?;
     assert!(
         matches!(b.recv().await?, ServerMessage::Welcome { player, .. } if player.as_str() == "bob")
@@ -77,7 +75,7 @@ async fn bad_tokens_are_refused_with_their_code_and_closed() -> Result<()> {
         (Some(admin), "wrong_role"),
         (None, "missing_token"),
     ] {
-        let mut c = Client::open(&s, None).await?;
+        let mut c = common::open(&s, None).await?;
         c.send(&ClientMessage::Hello { v: 1, token: tok }).await?;
         match c.recv().await? {
             ServerMessage::Error { code: got, .. } => {
@@ -98,7 +96,7 @@ async fn bad_tokens_are_refused_with_their_code_and_closed() -> Result<()> {
 #[tokio::test]
 async fn protocol_errors_before_hello_close_the_connection() -> Result<()> {
     let s = server().await?;
-    let mut c = Client::open(&s, None).await?;
+    let mut c = common::open(&s, None).await?;
     c.send(&ClientMessage::Hello {
         v: 99,
         token: Some(token("a")),
@@ -107,13 +105,13 @@ async fn protocol_errors_before_hello_close_the_connection() -> Result<()> {
     c.expect_error("unsupported_version").await?;
     assert_eq!(close_code(&c.closed().await?), 4400);
 
-    let mut c = Client::open(&s, None).await?;
+    let mut c = common::open(&s, None).await?;
     c.send(&queue("duel", "eu")).await?;
     c.expect_error("hello_required").await?;
     assert_eq!(close_code(&c.closed().await?), 4400);
 
-    let mut c = Client::open(&s, None).await?;
-    c.ws.send(Message::Binary(vec![1, 2, 3].into())).await?;
+    let mut c = common::open(&s, None).await?;
+    c.raw_binary(vec![1, 2, 3]).await?;
     c.expect_error("binary_not_supported").await?;
     assert_eq!(close_code(&c.closed().await?), 4400);
     s.shutdown().await;
@@ -125,7 +123,7 @@ async fn hello_timeout_closes() -> Result<()> {
     let mut cfg = config();
     cfg.timeouts.hello_ms = 300;
     let s = Server::start(cfg).await?;
-    let mut c = Client::open(&s, None).await?;
+    let mut c = common::open(&s, None).await?;
     c.expect_error("hello_timeout").await?;
     assert_eq!(close_code(&c.closed().await?), 4408);
     s.shutdown().await;
@@ -135,14 +133,14 @@ async fn hello_timeout_closes() -> Result<()> {
 #[tokio::test]
 async fn bad_messages_get_codes_and_the_connection_lives_on() -> Result<()> {
     let s = server().await?;
-    let mut c = Client::player(&s, "carol").await?;
+    let mut c = common::player(&s, "carol").await?;
     c.raw("{not json".into()).await?;
     c.expect_error("bad_json").await?;
     c.raw(r#"{"type":"teleport"}"#.into()).await?;
     c.expect_error("unknown_type").await?;
     c.raw(r#"{"type":"queue","mode":7}"#.into()).await?;
     c.expect_error("bad_message").await?;
-    c.ws.send(Message::Binary(vec![0; 10].into())).await?;
+    c.raw_binary(vec![0; 10]).await?;
     c.expect_error("binary_not_supported").await?;
     c.send(&ClientMessage::Hello { v: 1, token: None }).await?;
     c.expect_error("already_hello").await?;
@@ -163,7 +161,7 @@ async fn bad_messages_get_codes_and_the_connection_lives_on() -> Result<()> {
     c.expect_error("party_too_big").await?;
     c.send(&ClientMessage::Cancel {}).await?;
     c.expect_error("not_queued").await?;
-    c.ping(1).await?;
+    c.ping_pong(1).await?;
     s.shutdown().await;
     Ok(())
 }
@@ -171,15 +169,15 @@ async fn bad_messages_get_codes_and_the_connection_lives_on() -> Result<()> {
 #[tokio::test]
 async fn oversize_frames_close_with_1009_and_others_are_unaffected() -> Result<()> {
     let s = server().await?;
-    let mut bystander = Client::player(&s, "dave").await?;
-    let mut c = Client::player(&s, "mallory").await?;
+    let mut bystander = common::player(&s, "dave").await?;
+    let mut c = common::player(&s, "mallory").await?;
     let huge = format!(
         r#"{{"type":"ping","nonce":1,"pad":"{}"}}"#,
         "x".repeat(64 * 1024)
     );
     let _ = c.raw(huge).await;
     assert_eq!(close_code(&c.closed().await?), 1009);
-    bystander.ping(2).await?;
+    bystander.ping_pong(2).await?;
     s.shutdown().await;
     Ok(())
 }
@@ -191,8 +189,8 @@ async fn floods_are_rate_limited_then_closed() -> Result<()> {
     cfg.limits.burst = 5;
     cfg.limits.rate_strikes = 10;
     let s = Server::start(cfg).await?;
-    let mut bystander = Client::player(&s, "erin").await?;
-    let mut c = Client::player(&s, "flooder").await?;
+    let mut bystander = common::player(&s, "erin").await?;
+    let mut c = common::player(&s, "flooder").await?;
     for i in 0..100 {
         if c.send(&ClientMessage::Ping { nonce: i }).await.is_err() {
             break;
@@ -211,7 +209,7 @@ async fn floods_are_rate_limited_then_closed() -> Result<()> {
         close.contains("4429") || close.contains("closed"),
         "{close}"
     );
-    bystander.ping(3).await?;
+    bystander.ping_pong(3).await?;
     s.shutdown().await;
     Ok(())
 }
@@ -219,13 +217,13 @@ async fn floods_are_rate_limited_then_closed() -> Result<()> {
 #[tokio::test]
 async fn second_connection_replaces_the_first_and_keeps_the_ticket() -> Result<()> {
     let s = server().await?;
-    let mut first = Client::player(&s, "frank").await?;
+    let mut first = common::player(&s, "frank").await?;
     first.send(&queue("arena", "eu")).await?;
     let ticket = match first.recv().await? {
         ServerMessage::QueueStatus { ticket, .. } => ticket,
         other => panic!("expected queue_status, got {other:?}"),
     };
-    let mut second = Client::player(&s, "frank").await?;
+    let mut second = common::player(&s, "frank").await?;
     // Resumed: told it is still queued, same ticket.
     match second.recv().await? {
         ServerMessage::QueueStatus { ticket: t, .. } => assert_eq!(t, ticket),
@@ -256,19 +254,19 @@ async fn away_past_the_grace_loses_the_ticket_within_it_keeps_it() -> Result<()>
     let mut cfg = config();
     cfg.timeouts.reconnect_grace_ms = 1000;
     let s = Server::start(cfg).await?;
-    let mut c = Client::player(&s, "gina").await?;
+    let mut c = common::player(&s, "gina").await?;
     c.send(&queue("arena", "eu")).await?;
     assert!(matches!(c.recv().await?, ServerMessage::QueueStatus { .. }));
     drop(c);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut c = Client::player(&s, "gina").await?;
+    let mut c = common::player(&s, "gina").await?;
     assert!(
         matches!(c.recv().await?, ServerMessage::QueueStatus { .. }),
         "resumed within grace"
     );
     drop(c);
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let mut c = Client::player(&s, "gina").await?;
+    let mut c = common::player(&s, "gina").await?;
     c.send(&ClientMessage::Cancel {}).await?;
     c.expect_error("not_queued").await?;
     s.shutdown().await;
@@ -287,9 +285,9 @@ async fn parties_are_capped_at_their_size() -> Result<()> {
         }),
         skill: Some(1000.0),
     };
-    let mut a = Client::player(&s, "p1").await?;
-    let mut b = Client::player(&s, "p2").await?;
-    let mut c = Client::player(&s, "p3").await?;
+    let mut a = common::player(&s, "p1").await?;
+    let mut b = common::player(&s, "p2").await?;
+    let mut c = common::player(&s, "p3").await?;
     a.send(&party(2)).await?;
     assert!(matches!(a.recv().await?, ServerMessage::QueueStatus { .. }));
     b.send(&party(2)).await?;
@@ -305,8 +303,8 @@ async fn without_hosts_a_match_ends_as_placement_failed_and_players_are_told() -
     let mut cfg = config();
     cfg.timeouts.placing_ms = 500;
     let s = Server::start(cfg).await?;
-    let mut a = Client::player(&s, "hana").await?;
-    let mut b = Client::player(&s, "ivan").await?;
+    let mut a = common::player(&s, "hana").await?;
+    let mut b = common::player(&s, "ivan").await?;
     a.send(&queue("duel", "eu")).await?;
     b.send(&queue("duel", "eu")).await?;
     for c in [&mut a, &mut b] {
@@ -339,7 +337,7 @@ async fn a_silent_player_is_closed_after_the_idle_timeout() -> Result<()> {
     let mut cfg = config();
     cfg.timeouts.idle_ms = 600;
     let s = Server::start(cfg).await?;
-    let mut c = Client::player(&s, "quiet").await?;
+    let mut c = common::player(&s, "quiet").await?;
     assert_eq!(close_code(&c.closed().await?), 4408);
     s.shutdown().await;
     Ok(())
@@ -350,8 +348,8 @@ async fn a_full_replica_refuses_with_server_full() -> Result<()> {
     let mut cfg = config();
     cfg.limits.max_players = 1;
     let s = Server::start(cfg).await?;
-    let _first = Client::player(&s, "one").await?;
-    match Client::open(&s, None).await {
+    let _first = common::player(&s, "one").await?;
+    match common::open(&s, None).await {
         Err(e) => assert!(e.to_string().contains("503"), "{e}"),
         Ok(_) => panic!("a second player was let in"),
     }
@@ -362,7 +360,7 @@ async fn a_full_replica_refuses_with_server_full() -> Result<()> {
 #[tokio::test]
 async fn shutdown_tells_players_to_reconnect() -> Result<()> {
     let s = server().await?;
-    let mut c = Client::player(&s, "leaving").await?;
+    let mut c = common::player(&s, "leaving").await?;
     let stopping = tokio::spawn(s.shutdown());
     c.until(
         Duration::from_secs(5),

@@ -32,7 +32,7 @@ async fn every_ticket_is_matched_once_across_replicas() -> Result<()> {
     let mut clients = Vec::new();
     for i in 0..n {
         let server = if i % 2 == 0 { &r1 } else { &r2 };
-        clients.push(Client::player(server, &format!("pl{i:02}")).await?);
+        clients.push(common::player(server, &format!("pl{i:02}")).await?);
     }
     // Everyone queues at once, half on each replica.
     let mut tasks = Vec::new();

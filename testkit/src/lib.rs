@@ -7,7 +7,9 @@
 //! - [`vm`]: hostd pools on private `/dev/shm` folders sharing one primed substrate
 //!   ([`Sandbox`]), leak checks, a hostd link to a test server.
 //! - [`stack`]: a whole server + hostd in this process ([`Stack`]).
-//! - [`game`]: raw clients of a game VM's port and of a gateway, for tests of the game itself.
+//! - [`player`]: players on [`berth_client`] for tests of the server's sockets.
+//! - [`game`]: raw clients of a game VM's port (the gateway's client is
+//!   [`berth_client::GameClient`], re-exported here as `GameWs`).
 //! - [`browser`]: real headless Chromium through chromedriver.
 //!
 //! ```no_run
@@ -21,9 +23,11 @@
 pub mod browser;
 pub mod fixtures;
 pub mod game;
+pub mod player;
 pub mod stack;
 pub mod vm;
 
-pub use game::{game_hello, game_request, game_surrender, GameWs, Heard};
+pub use berth_client::{GameClient as GameWs, Heard};
+pub use game::{game_hello, game_request, game_surrender};
 pub use stack::{Stack, StackOptions};
 pub use vm::*;

@@ -14,8 +14,7 @@
 //! Screenshots go to `target/screenshots/admin-*.png`, at desktop (1280×800) and phone
 //! (390×844) sizes.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod client;
+use berth_testkit::player as client;
 
 use anyhow::{bail, Context, Result};
 use berth_protocol::play::ServerMessage;
@@ -230,7 +229,7 @@ async fn match_two(
 ) -> Result<(Vec<client::Client>, Result<SessionId, String>)> {
     let mut players = Vec::new();
     for n in names {
-        let mut c = client::Client::player(server, n).await?;
+        let mut c = client::player(server, n).await?;
         c.send(&client::queue("watch", "local")).await?;
         players.push(c);
     }

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use berth_hostd::pool::{ActivateRequest, PoolEvent, VmInfo};
-use berth_protocol::game::{GameAnswer, GameResults, Snapshot, Welcome};
+use berth_protocol::game::{GameAnswer, GameRequest, GameResults, Snapshot, Welcome};
 use berth_protocol::ticket::{TicketClaims, TICKET_AUDIENCE};
 use berth_protocol::{PlayerId, SessionId};
 use berth_server::auth::Auth;
@@ -106,6 +106,10 @@ impl Player {
         }
     }
 
+    async fn request(&mut self, r: &GameRequest) -> Result<()> {
+        self.send(&serde_json::to_string(r)?).await
+    }
+
     async fn send(&mut self, line: &str) -> Result<()> {
         self.wr.write_all(line.as_bytes()).await?;
         self.wr.write_all(b"\n").await?;
@@ -125,8 +129,10 @@ impl Player {
 
     async fn join(addr: SocketAddr, ticket: &str) -> Result<(Self, Welcome)> {
         let mut p = Self::connect(addr).await?;
-        p.send(&format!(r#"{{"type":"join","ticket":"{ticket}"}}"#))
-            .await?;
+        p.request(&GameRequest::Join {
+            ticket: ticket.to_string(),
+        })
+        .await?;
         match p.next().await? {
             Some(GameAnswer::Welcome(w)) => Ok((p, w)),
             other => bail!("expected welcome, got {other:?}"),
@@ -315,8 +321,10 @@ async fn the_game_admits_only_valid_tickets() -> Result<()> {
     ];
     for (t, code) in &refusals {
         let mut p = Player::connect(addr).await?;
-        p.send(&format!(r#"{{"type":"join","ticket":"{t}"}}"#))
-            .await?;
+        p.request(&GameRequest::Join {
+            ticket: t.to_string(),
+        })
+        .await?;
         p.refused(code)
             .await
             .with_context(|| format!("case {code}"))?;
@@ -337,7 +345,9 @@ async fn the_game_admits_only_valid_tickets() -> Result<()> {
     let (mut first, _) = Player::join(addr, &alice_ticket).await?;
     let mut replay = Player::connect(addr).await?;
     replay
-        .send(&format!(r#"{{"type":"join","ticket":"{alice_ticket}"}}"#))
+        .request(&GameRequest::Join {
+            ticket: alice_ticket.to_string(),
+        })
         .await?;
     replay.refused("ticket_in_use").await?;
     let (mut second, welcome) = Player::join(addr, &ticket(KEY, "gate-1", "alice")).await?;

@@ -90,7 +90,7 @@ fn activation(session: &str, players: &[&str], key_hex: &str) -> ActivateRequest
 
 /// Joins with `ticket` and returns the refusal: (error code, close code, close reason).
 async fn refusal(gw: SocketAddr, ticket: &str) -> Result<(String, u16, String)> {
-    GameWs::join(gw, ticket).await?.refused(WAIT).await
+    Ok(GameWs::join(gw, ticket).await?.refused(WAIT).await?)
 }
 
 fn refused(code: &str, close: u16) -> (String, u16, String) {

@@ -2,8 +2,7 @@
 //! Redis) + hostd's link + a pool of real QEMU VMs running the real guest. Players queue over
 //! real websockets, are matched onto a real VM, and hear how the session ended.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod client;
+use berth_testkit::player as client;
 
 use anyhow::{bail, Context, Result};
 use berth_protocol::game::GameAnswer;
@@ -144,8 +143,8 @@ async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()>
     })
     .await?;
 
-    let mut a = Client::player(&server, "alice").await?;
-    let mut b = Client::player(&server, "bob").await?;
+    let mut a = client::player(&server, "alice").await?;
+    let mut b = client::player(&server, "bob").await?;
     a.send(&queue("duel", "eu")).await?;
     b.send(&queue("duel", "eu")).await?;
     let (sa, endpoint, ticket) = matched(&mut a).await?;
@@ -197,7 +196,7 @@ async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()>
 
     // A reconnecting player is handed its session again, with a fresh ticket.
     drop(b);
-    let mut b = Client::player(&server, "bob").await?;
+    let mut b = client::player(&server, "bob").await?;
     let (again, _, ticket2) = matched(&mut b).await?;
     assert_eq!(again, sa);
     assert_ne!(ticket2, ticket);
@@ -289,8 +288,8 @@ async fn admin_end_drain_and_a_lost_host() -> Result<()> {
     };
 
     // An operator ends a running session: players hear `admin`, the VM is destroyed.
-    let mut a = Client::player(&server, "carl").await?;
-    let mut b = Client::player(&server, "dina").await?;
+    let mut a = client::player(&server, "carl").await?;
+    let mut b = client::player(&server, "dina").await?;
     a.send(&queue("duel", "eu")).await?;
     b.send(&queue("duel", "eu")).await?;
     let (s1, _, _) = matched(&mut a).await?;
@@ -359,15 +358,15 @@ async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
     .await?;
 
     // Player on replica 1, player on replica 2: one match, one VM (host held by replica 1).
-    let mut a = Client::player(&r1, "erik").await?;
-    let mut b = Client::player(&r2, "fay").await?;
+    let mut a = client::player(&r1, "erik").await?;
+    let mut b = client::player(&r2, "fay").await?;
     a.send(&queue("duel", "eu")).await?;
     b.send(&queue("duel", "eu")).await?;
     let (sa, _, _) = matched(&mut a).await?;
     let (sb, _, _) = matched(&mut b).await?;
     assert_eq!(sa, sb);
     // A second connection for fay on the other replica takes over.
-    let mut b2 = Client::player(&r1, "fay").await?;
+    let mut b2 = client::player(&r1, "fay").await?;
     let (sb2, _, fay_ticket) = matched(&mut b2).await?;
     assert_eq!(sb2, sa);
     b.until(
@@ -429,8 +428,8 @@ async fn placement_retries_another_host_when_activation_fails() -> Result<()> {
     // Spread placement tries the idle host-a first at least once in two matches.
     let mut sessions = Vec::new();
     for round in 0..2 {
-        let mut a = Client::player(&server, &format!("ra{round}")).await?;
-        let mut b = Client::player(&server, &format!("rb{round}")).await?;
+        let mut a = client::player(&server, &format!("ra{round}")).await?;
+        let mut b = client::player(&server, &format!("rb{round}")).await?;
         a.send(&queue("duel", "eu")).await?;
         b.send(&queue("duel", "eu")).await?;
         let (id, _, _) = matched(&mut a).await?;
@@ -459,7 +458,11 @@ async fn placement_retries_another_host_when_activation_fails() -> Result<()> {
 }
 
 /// A raw client of `/v1/hosts` with `host`'s credential: an intruding host in this test.
-async fn intruder(server: &Server, host: &str) -> Result<client::Ws> {
+/// A raw host socket, to speak as a host that should not be heard.
+type HostWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn intruder(server: &Server, host: &str) -> Result<HostWs> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let token = auth().mint(host, Role::Host, 60)?;
     let mut req = format!("ws://{}/v1/hosts", server.addr).into_client_request()?;
@@ -468,7 +471,7 @@ async fn intruder(server: &Server, host: &str) -> Result<client::Ws> {
     Ok(tokio_tungstenite::connect_async(req).await?.0)
 }
 
-async fn host_says(ws: &mut client::Ws, m: &berth_protocol::host::HostMessage) -> Result<()> {
+async fn host_says(ws: &mut HostWs, m: &berth_protocol::host::HostMessage) -> Result<()> {
     use futures_util::SinkExt;
     let text = serde_json::to_string(m)?;
     ws.send(tokio_tungstenite::tungstenite::Message::Text(text.into()))
@@ -476,7 +479,7 @@ async fn host_says(ws: &mut client::Ws, m: &berth_protocol::host::HostMessage) -
     Ok(())
 }
 
-async fn host_hears(ws: &mut client::Ws) -> Result<berth_protocol::host::ServerToHost> {
+async fn host_hears(ws: &mut HostWs) -> Result<berth_protocol::host::ServerToHost> {
     use futures_util::StreamExt;
     loop {
         match tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -512,8 +515,8 @@ async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
     })
     .await?;
 
-    let mut a = Client::player(&server, "gus").await?;
-    let mut b = Client::player(&server, "hal").await?;
+    let mut a = client::player(&server, "gus").await?;
+    let mut b = client::player(&server, "hal").await?;
     a.send(&queue("blitz", "eu")).await?;
     b.send(&queue("blitz", "eu")).await?;
     let (s1, _, _) = matched(&mut a).await?;

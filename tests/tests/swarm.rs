@@ -3,8 +3,7 @@
 //! play the arena game to its end and hear the results. Afterwards the pool's books balance
 //! and nothing is left behind.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod client;
+use berth_testkit::player as client;
 
 use anyhow::{Context, Result};
 use berth_hostd::pool::PoolEvent;

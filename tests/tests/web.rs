@@ -12,8 +12,7 @@
 //!
 //! Screenshots go to `target/screenshots/play-*.png`.
 
-#[path = "../../server/tests/common/mod.rs"]
-mod client;
+use berth_testkit::player as client;
 
 use anyhow::{bail, Context, Result};
 use berth_hostd::gateway::Gateway;

@@ -13,14 +13,14 @@
 
 use crate::demo::{Stack, StackOptions};
 use anyhow::{bail, Context, Result};
-use berth_protocol::game::GameAnswer;
+use berth_client::{GameClient, Heard};
+use berth_protocol::game::{GameAnswer, GameRequest};
+use berth_protocol::guest::encode_line;
 use berth_protocol::play::ServerMessage;
-use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct E2eArgs {
@@ -163,24 +163,11 @@ struct Probe {
 
 /// One player in a real session: pings through the gateway and directly, alternately.
 async fn probe(stack: &Stack, mode: &str, pings: u32) -> Result<Probe> {
-    let url = format!("ws://{}/v1/play", stack.server.addr);
-    let token = stack
-        .server
-        .ctx
-        .auth
-        .mint("e2e-probe", berth_server::auth::Role::Player, 3600)?;
-    let mut play = crate::bench_server::idle_player(&url, token).await?;
+    let mut play = crate::demo::player(stack, "e2e-probe").await?;
     let (session, ticket, _) = crate::demo::queue_until_matched_in(&mut play, mode).await?;
     let vm = stack.vm_of(&session)?;
-    let gw_url = format!("ws://{}/v1/game", stack.gateway().addr);
-    let (mut gw, _) = tokio_tungstenite::connect_async_with_config(&gw_url, None, true).await?;
-    let join = format!(r#"{{"type":"join","ticket":"{ticket}"}}"#);
-    gw.send(Message::Text(join.into())).await?;
-    let direct = tokio::net::TcpStream::connect(vm.game_addr).await?;
-    direct.set_nodelay(true)?;
-    let (rd, mut wr) = direct.into_split();
-    let mut lines = BufReader::new(rd).lines();
-    lines.next_line().await?.context("no hello from the game")?;
+    let mut gw = GameClient::join(stack.gateway().addr, &ticket).await?;
+    let mut direct = Direct::connect(vm.game_addr).await?;
     let mut p = Probe {
         via_gateway: Histogram::new(3)?,
         direct: Histogram::new(3)?,
@@ -191,38 +178,13 @@ async fn probe(stack: &Stack, mode: &str, pings: u32) -> Result<Probe> {
         if Instant::now() > deadline {
             break;
         }
-        let ping = format!(r#"{{"type":"ping","nonce":{nonce}}}"#);
         let t = Instant::now();
-        gw.send(Message::Text(ping.clone().into())).await?;
-        let ended = loop {
-            let m = tokio::time::timeout(Duration::from_secs(5), gw.next())
-                .await
-                .context("no pong through the gateway in 5 s")?;
-            let Some(Ok(Message::Text(text))) = m else {
-                break true;
-            };
-            match serde_json::from_str::<GameAnswer>(&text)? {
-                GameAnswer::Pong { nonce: n, .. } if n == nonce => break false,
-                GameAnswer::Ended { .. } => break true,
-                _ => continue,
-            }
-        };
-        if ended {
+        if !gateway_pong(&mut gw, nonce).await? {
             break;
         }
         let via_gateway = t.elapsed();
         let t = Instant::now();
-        wr.write_all(format!("{ping}\n").as_bytes()).await?;
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
-                .await
-                .context("no direct pong in 5 s")??
-                .context("the game closed the direct connection")?;
-            if matches!(serde_json::from_str(&line)?, GameAnswer::Pong { nonce: n, .. } if n == nonce)
-            {
-                break;
-            }
-        }
+        direct.pong(nonce).await?;
         let direct = t.elapsed();
         let us = |d: Duration| (d.as_micros() as u64).max(1);
         p.via_gateway.record(us(via_gateway))?;
@@ -234,11 +196,13 @@ async fn probe(stack: &Stack, mode: &str, pings: u32) -> Result<Probe> {
         bail!("the probe's game ended before a single ping pair");
     }
     // Leave the game and the queue side clean: surrender so the opponent gets results.
-    let _ = gw
-        .send(Message::Text(r#"{"type":"surrender"}"#.into()))
-        .await;
+    let _ = gw.send(&GameRequest::Surrender).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(_)) = gw.next().await {}
+        while let Ok(h) = gw.next(Duration::from_secs(10)).await {
+            if matches!(h, Heard::Close(..) | Heard::Dropped) {
+                break;
+            }
+        }
     })
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
@@ -251,4 +215,51 @@ async fn probe(stack: &Stack, mode: &str, pings: u32) -> Result<Probe> {
     })
     .await;
     Ok(p)
+}
+
+/// A ping through the gateway and its pong; false when the game ended first.
+async fn gateway_pong(gw: &mut GameClient, nonce: u64) -> Result<bool> {
+    gw.send(&GameRequest::Ping { nonce }).await?;
+    loop {
+        match gw.next(Duration::from_secs(5)).await? {
+            Heard::Answer(GameAnswer::Pong { nonce: n, .. }) if n == nonce => return Ok(true),
+            Heard::Answer(GameAnswer::Ended { .. }) | Heard::Close(..) | Heard::Dropped => {
+                return Ok(false)
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// The game's TCP port, straight (as the gateway reaches it): the baseline of the probe.
+struct Direct {
+    lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Direct {
+    async fn connect(addr: std::net::SocketAddr) -> Result<Direct> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (rd, wr) = stream.into_split();
+        let mut lines = BufReader::new(rd).lines();
+        lines.next_line().await?.context("no hello from the game")?;
+        Ok(Direct { lines, wr })
+    }
+
+    async fn pong(&mut self, nonce: u64) -> Result<()> {
+        self.wr
+            .write_all(&encode_line(&GameRequest::Ping { nonce }))
+            .await?;
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(5), self.lines.next_line())
+                .await
+                .context("no direct pong in 5 s")??
+                .context("the game closed the direct connection")?;
+            if matches!(serde_json::from_str(&line)?, GameAnswer::Pong { nonce: n, .. } if n == nonce)
+            {
+                return Ok(());
+            }
+        }
+    }
 }

@@ -20,7 +20,8 @@
 //!    by the stack tests.
 
 use anyhow::{bail, Context, Result};
-use berth_protocol::play::{ClientMessage, ServerMessage, PLAY_PROTOCOL_VERSION};
+use berth_client::{PlayClient, PlayConfig};
+use berth_protocol::play::ServerMessage;
 use berth_protocol::{PlayerId, SessionId};
 use berth_server::app::Server;
 use berth_server::auth::{Auth, Role};
@@ -29,7 +30,7 @@ use berth_server::model::{Event, PoolKey, SessionState, Ticket};
 use berth_server::store::memory::MemoryStore;
 use berth_server::store::redis::RedisStore;
 use berth_server::store::Store;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use std::collections::HashMap;
@@ -39,8 +40,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::round;
 
@@ -280,36 +279,13 @@ impl Child {
     }
 }
 
-pub(crate) type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Opens `/v1/play`, says hello, waits for `welcome`.
-pub(crate) async fn idle_player(url: &str, token: String) -> Result<Ws> {
-    // Small buffers, like the server's: the bench holds thousands of these too.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
-    let hello = ClientMessage::Hello {
-        v: PLAY_PROTOCOL_VERSION,
-        token: Some(token),
-    };
-    ws.send(Message::Text(serde_json::to_string(&hello)?.into()))
-        .await?;
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .context("no welcome in 30 s")?
-            .context("closed before welcome")??;
-        match m {
-            Message::Text(t) => match serde_json::from_str::<ServerMessage>(&t)? {
-                ServerMessage::Welcome { .. } => return Ok(ws),
-                other => bail!("expected welcome, got {other:?}"),
-            },
-            Message::Close(f) => bail!("closed before welcome: {f:?}"),
-            _ => continue,
-        }
-    }
+/// A player connected to `url` and past `welcome`, with small socket buffers (the bench holds
+/// thousands of these).
+async fn idle_player(url: &str, token: String) -> Result<PlayClient> {
+    let mut config = PlayConfig::new(url, token);
+    config.socket.small_buffers = true;
+    config.socket.timeout = Duration::from_secs(30);
+    Ok(PlayClient::connect(config).await?)
 }
 
 async fn idle_players(root: &Path, out: &Path, args: &ServerArgs) -> Result<serde_json::Value> {
@@ -404,7 +380,7 @@ async fn hold_idle(
         .map(|i| auth.mint(&format!("idle-{i}"), Role::Player, 3600))
         .collect::<Result<Vec<_>, _>>()?;
     let t = Instant::now();
-    let results: Vec<Result<Ws>> = futures_util::stream::iter(tokens)
+    let results: Vec<Result<PlayClient>> = futures_util::stream::iter(tokens)
         .map(|token| idle_player(&url, token))
         .buffer_unordered(args.connect_concurrency.max(1))
         .collect()
@@ -446,7 +422,7 @@ async fn hold_idle(
     // Still open after the measurement? A closed socket would have an end or a close ready.
     let alive = held
         .iter_mut()
-        .map(|ws| ws.next().now_or_never().is_none())
+        .map(|ws| ws.next_item().now_or_never().is_none())
         .filter(|&open| open)
         .count();
     drop(held);

@@ -5,16 +5,14 @@
 //! gateway, plays the arena game to its end and hears the results. It prints the swarm's
 //! report, checks that every VM went back to the pool, and cleans everything up.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use berth_client::{PlayClient, PlayConfig};
 use berth_hostd::Pool;
-use berth_protocol::play::{ClientMessage, ServerMessage};
+use berth_protocol::play::ServerMessage;
 use berth_protocol::SessionId;
-use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -63,9 +61,9 @@ pub(crate) async fn start_stack(mut o: StackOptions) -> Result<Stack> {
 }
 
 /// A player of `stack` connected to `/v1/play` (hello answered).
-pub(crate) async fn player(stack: &Stack, name: &str) -> Result<crate::bench_server::Ws> {
+pub(crate) async fn player(stack: &Stack, name: &str) -> Result<PlayClient> {
     let url = format!("ws://{}/v1/play", stack.server.addr);
-    crate::bench_server::idle_player(&url, stack.token(name)?).await
+    Ok(PlayClient::connect(PlayConfig::new(url, stack.token(name)?)).await?)
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
@@ -92,26 +90,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 /// Sends `queue` for `duel` and waits for `matched`: the session, the player's ticket and the
 /// milliseconds it took.
-pub(crate) async fn queue_until_matched(
-    ws: &mut crate::bench_server::Ws,
-) -> Result<(SessionId, String, f64)> {
+pub(crate) async fn queue_until_matched(ws: &mut PlayClient) -> Result<(SessionId, String, f64)> {
     queue_until_matched_in(ws, "duel").await
 }
 
 /// [`queue_until_matched`] for `mode`.
 pub(crate) async fn queue_until_matched_in(
-    ws: &mut crate::bench_server::Ws,
+    ws: &mut PlayClient,
     mode: &str,
 ) -> Result<(SessionId, String, f64)> {
     let t = Instant::now();
-    let queue = ClientMessage::Queue {
-        mode: mode.into(),
-        region: "local".into(),
-        party: None,
-        skill: None,
-    };
-    ws.send(Message::Text(serde_json::to_string(&queue)?.into()))
-        .await?;
+    ws.queue(mode, "local", None, None).await?;
     loop {
         match next(ws).await? {
             ServerMessage::Matched {
@@ -219,40 +208,13 @@ pub(crate) async fn pool_back(stack: &Stack, warm: u32) -> Result<()> {
     }
 }
 
-pub(crate) async fn next(ws: &mut crate::bench_server::Ws) -> Result<ServerMessage> {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
-            .await
-            .context("the server said nothing for 30 s")?
-            .context("the server closed the connection")??;
-        if let Message::Text(t) = m {
-            return Ok(serde_json::from_str(&t)?);
-        }
-    }
+/// The next server message (30 s at most).
+pub(crate) async fn next(ws: &mut PlayClient) -> Result<ServerMessage> {
+    Ok(ws.recv_within(Duration::from_secs(30)).await?)
 }
 
 /// Joins the game at `addr` directly (as the gateway would) with `ticket` and surrenders, so
 /// the game ends now with results. Returns the game's end reason.
 pub(crate) async fn surrender(addr: SocketAddr, ticket: &str) -> Result<String> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (rd, mut wr) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(rd).lines();
-    let join =
-        format!("{{\"type\":\"join\",\"ticket\":\"{ticket}\"}}\n{{\"type\":\"surrender\"}}\n");
-    wr.write_all(join.as_bytes()).await?;
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await? {
-            match serde_json::from_str::<berth_protocol::game::GameAnswer>(&line)? {
-                berth_protocol::game::GameAnswer::Ended { reason, .. } => return Ok(reason),
-                berth_protocol::game::GameAnswer::Error { code, message } => {
-                    bail!("the game refused: {code}: {message}")
-                }
-                _ => continue,
-            }
-        }
-        bail!("the game closed without ended")
-    })
-    .await
-    .context("no ended within 20 s")?
+    Ok(berth_testkit::game_surrender(addr, ticket).await?.0)
 }
