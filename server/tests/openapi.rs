@@ -6,13 +6,10 @@ use anyhow::{bail, ensure, Context, Result};
 use berth_server::app::Server;
 use berth_server::auth::{Auth, Role};
 use berth_server::config::{AuthConfig, ServerConfig, Timeouts};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "openapi-test-secret-0123456789";
 const HOST: &str = "h-openapi";
@@ -208,23 +205,22 @@ fn documented_admin_routes_are_exactly_the_served_ones() -> Result<()> {
     Ok(())
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A raw socket (berth-client's): this test compares what the server says, as JSON, with
+/// what the documents promise, so it reads and writes JSON values rather than typed messages.
+type Ws = berth_client::Socket;
 
 async fn connect(url: &str, bearer: Option<&str>) -> Result<Ws> {
-    let mut req = url.into_client_request()?;
-    if let Some(t) = bearer {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse()?);
-    }
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    let options = berth_client::ConnectOptions {
+        bearer: bearer.map(str::to_owned),
+        ..Default::default()
+    };
+    berth_client::Socket::connect(url, options)
         .await
-        .with_context(|| format!("connecting to {url}"))?;
-    Ok(ws)
+        .with_context(|| format!("connecting to {url}"))
 }
 
 async fn send(ws: &mut Ws, v: Value) -> Result<()> {
-    ws.send(Message::Text(v.to_string().into())).await?;
+    ensure!(ws.send_text(v.to_string()).await, "the socket is gone");
     Ok(())
 }
 
@@ -232,16 +228,13 @@ async fn send(ws: &mut Ws, v: Value) -> Result<()> {
 async fn until(ws: &mut Ws, kind: &str) -> Result<Value> {
     let end = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let frame = tokio::time::timeout_at(end, ws.next())
+        let item = tokio::time::timeout_at(end, ws.recv())
             .await
-            .with_context(|| format!("no {kind} in time"))?
-            .context("connection ended")??;
-        let Message::Text(t) = frame else {
-            ensure!(
-                !frame.is_close(),
-                "closed while waiting for {kind}: {frame:?}"
-            );
-            continue;
+            .with_context(|| format!("no {kind} in time"))?;
+        let t = match item {
+            berth_client::Incoming::Text(t) => t,
+            berth_client::Incoming::Binary(_) => continue,
+            berth_client::Incoming::Closed(c) => bail!("closed while waiting for {kind}: {c:?}"),
         };
         let m: Value = serde_json::from_str(&t)?;
         if m["type"] == kind {

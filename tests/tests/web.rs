@@ -15,9 +15,10 @@
 use berth_testkit::player as client;
 
 use anyhow::{bail, Context, Result};
+use berth_client::{GameClient, Heard, PlayClient, PlayConfig};
 use berth_hostd::gateway::Gateway;
 use berth_protocol::game::{GameAnswer, GameRequest, GameResults};
-use berth_protocol::play::{ClientMessage, ServerMessage, PLAY_PROTOCOL_VERSION};
+use berth_protocol::play::ServerMessage;
 use berth_protocol::{HostId, PlayerId};
 use berth_server::app::Server;
 use berth_server::auth::Role;
@@ -29,12 +30,10 @@ use fantoccini::actions::{
     Actions, InputSource, KeyAction, KeyActions, MouseActions, PointerAction, TouchActions,
     MOUSE_BUTTON_LEFT,
 };
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::Message;
 
 fn web_config() -> ServerConfig {
     let mut c = client::config();
@@ -277,36 +276,15 @@ fn link(
     berth_testkit::start_link(&sandbox.pool, server.addr, "web-host", token, gateway)
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn send(ws: &mut Ws, text: String) -> Result<()> {
-    ws.send(Message::Text(text.into())).await?;
-    Ok(())
-}
-
-async fn recv_text(ws: &mut Ws, within: Duration) -> Result<String> {
+/// A game answer heard on the opponent's gateway socket, or why none came.
+async fn recv_game(game: &mut GameClient, within: Duration) -> Result<GameAnswer> {
     loop {
-        match tokio::time::timeout(within, ws.next())
-            .await
-            .context("silence")?
-            .context("socket ended")??
-        {
-            Message::Text(t) => return Ok(t.to_string()),
-            Message::Close(f) => bail!("closed: {f:?}"),
-            _ => continue,
+        match game.next(within).await? {
+            Heard::Answer(a) => return Ok(a),
+            Heard::Binary(_) => continue,
+            other => bail!("opponent: expected a game answer, got {other:?}"),
         }
     }
-}
-
-async fn recv_play(ws: &mut Ws, within: Duration) -> Result<ServerMessage> {
-    let t = recv_text(ws, within).await?;
-    serde_json::from_str(&t).with_context(|| t.clone())
-}
-
-async fn recv_game(ws: &mut Ws, within: Duration) -> Result<GameAnswer> {
-    let t = recv_text(ws, within).await?;
-    serde_json::from_str(&t).with_context(|| t.clone())
 }
 
 /// How the match ended for the opponent: the game's `ended`, then the server's `session_ended`.
@@ -334,27 +312,11 @@ async fn opponent(
         .json()
         .await?;
     let token = token["token"].as_str().context("a dev token")?.to_owned();
-    let (mut play, _) = tokio_tungstenite::connect_async(format!("ws://{server}/v1/play")).await?;
-    send(
-        &mut play,
-        serde_json::to_string(&ClientMessage::Hello {
-            v: PLAY_PROTOCOL_VERSION,
-            token: Some(token),
-        })?,
-    )
-    .await?;
-    let welcome = recv_play(&mut play, Duration::from_secs(5)).await?;
-    assert!(
-        matches!(welcome, ServerMessage::Welcome { .. }),
-        "{welcome:?}"
-    );
-    send(
-        &mut play,
-        serde_json::to_string(&client::queue("sprint", "local"))?,
-    )
-    .await?;
+    let mut play =
+        PlayClient::connect(PlayConfig::new(format!("ws://{server}/v1/play"), token)).await?;
+    play.send(&client::queue("sprint", "local")).await?;
     let (endpoint, ticket) = loop {
-        match recv_play(&mut play, Duration::from_secs(90)).await? {
+        match play.recv_within(Duration::from_secs(90)).await? {
             ServerMessage::QueueStatus { .. } => continue,
             ServerMessage::Matched {
                 endpoint, ticket, ..
@@ -363,14 +325,10 @@ async fn opponent(
         }
     };
 
-    let (mut game, _) = tokio_tungstenite::connect_async(&endpoint)
+    let mut game = GameClient::connect_url(&endpoint, Default::default())
         .await
         .with_context(|| format!("opponent: connecting to the gateway at {endpoint}"))?;
-    send(
-        &mut game,
-        serde_json::to_string(&GameRequest::Join { ticket })?,
-    )
-    .await?;
+    game.send(&GameRequest::Join { ticket }).await?;
     loop {
         match recv_game(&mut game, Duration::from_secs(10)).await? {
             GameAnswer::Hello { .. } => continue,
@@ -394,19 +352,19 @@ async fn opponent(
                 // Walk in a slow circle, never firing: the page's player stays alive.
                 seq += 1;
                 let a = f32::from(u16::try_from(seq % 32).unwrap_or(0)) / 32.0 * std::f32::consts::TAU;
-                send(&mut game, serde_json::to_string(&GameRequest::Input { seq, dx: a.cos(), dy: a.sin(), fire: false, aim: a })?).await?;
+                game.send(&GameRequest::Input { seq, dx: a.cos(), dy: a.sin(), fire: false, aim: a }).await?;
             }
             r = async { surrender.as_mut().expect("guarded").await }, if surrender.is_some() => {
                 surrender = None;
                 if r.is_ok() {
-                    send(&mut game, serde_json::to_string(&GameRequest::Surrender)?).await?;
+                    game.send(&GameRequest::Surrender).await?;
                 }
             }
             () = &mut deadline => bail!("opponent: the game did not end within 60 s"),
         }
     };
     let (session_reason, session_results) = loop {
-        match recv_play(&mut play, Duration::from_secs(30)).await? {
+        match play.recv_within(Duration::from_secs(30)).await? {
             ServerMessage::SessionEnded {
                 reason, results, ..
             } => break (reason, results),
