@@ -4,7 +4,7 @@
 
 use crate::auth::{Auth, Role};
 use crate::config::ServerConfig;
-use crate::metrics::Metrics;
+use crate::domain::Core;
 use crate::model::{HostState, SessionState};
 use crate::modes::Modes;
 use crate::state::{lock, Ctx, Shared};
@@ -93,16 +93,12 @@ impl Server {
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let (matcher_tx, matcher_rx) = tokio::sync::mpsc::unbounded_channel();
+        let core = Arc::new(Core::new(config, store, modes));
         let ctx: Ctx = Arc::new(Shared {
-            replica: config.replica.clone(),
-            config,
-            store,
+            core: core.clone(),
             auth,
-            modes,
-            metrics: Metrics::new(),
             players: Default::default(),
             hosts: Default::default(),
-            activations: Default::default(),
             matcher: matcher_tx,
             dashboard: Default::default(),
         });
@@ -110,8 +106,8 @@ impl Server {
         let router = app(ctx.clone());
         let tasks = vec![
             tokio::spawn(dispatch::run(ctx.clone())),
-            tokio::spawn(matchmaker::run(ctx.clone(), matcher_rx)),
-            tokio::spawn(sessions::run_sweeper(ctx.clone(), SWEEP_EVERY)),
+            tokio::spawn(matchmaker::run(core.clone(), matcher_rx)),
+            tokio::spawn(sessions::run_sweeper(core, SWEEP_EVERY)),
             tokio::spawn(dashboard::run(ctx.clone())),
             tokio::spawn(async move {
                 use axum::serve::ListenerExt;

@@ -7,7 +7,6 @@ use crate::state::{lock, Ctx};
 use crate::wire::close;
 use berth_protocol::host::ServerToHost;
 use berth_protocol::play::ServerMessage;
-use std::time::Instant;
 use tokio::sync::broadcast::error::RecvError;
 
 pub async fn run(ctx: Ctx) {
@@ -79,7 +78,6 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
             if s.state != SessionState::Activating || s.host.as_ref() != Some(&host) {
                 return Ok(());
             }
-            lock(&ctx.activations).insert(s.id.clone(), Instant::now());
             c.send(ServerToHost::Activate {
                 session: s.id,
                 image: s.image,

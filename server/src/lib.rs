@@ -4,12 +4,15 @@
 //! - [`store`]: the [`store::Store`] trait and its `memory` and `redis` backends.
 //! - [`admin`] and [`dashboard`]: the operators' API, and their page (`/admin`) with its live feed.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod config;
 pub mod dashboard;
 pub mod dispatch;
+pub mod domain;
+pub mod feed;
 pub mod hosts;
 pub mod matching;
 pub mod matchmaker;
@@ -21,5 +24,6 @@ pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod util;
+pub mod views;
 pub mod web;
 pub mod wire;

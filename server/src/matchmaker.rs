@@ -5,13 +5,14 @@
 //! Replicas share the work by pool: a pool is matched by the replica holding its lease. The
 //! store's atomic claim is what makes a ticket match once even if two replicas ever overlap.
 
+use crate::domain::Core;
 use crate::matching::decide;
 use crate::model::{Event, PoolKey};
 use crate::sessions::{new_session, try_place};
-use crate::state::Ctx;
 use crate::store::StoreError;
 use crate::util::now_ms;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -20,7 +21,7 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// A pool lease lasts this long and is renewed when a third is left.
 const LEASE_MS: u64 = 3000;
 
-pub async fn run(ctx: Ctx, mut trigger: mpsc::UnboundedReceiver<PoolKey>) {
+pub async fn run(core: Arc<Core>, mut trigger: mpsc::UnboundedReceiver<PoolKey>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leases: HashMap<PoolKey, Instant> = HashMap::new();
@@ -34,7 +35,7 @@ pub async fn run(ctx: Ctx, mut trigger: mpsc::UnboundedReceiver<PoolKey>) {
                     dirty.insert(p);
                 }
             }
-            _ = tick.tick() => match ctx.store.pools().await {
+            _ = tick.tick() => match core.store.pools().await {
                 Ok(pools) => dirty.extend(pools),
                 Err(e) => tracing::warn!(error = %e, "listing pools"),
             },
@@ -45,9 +46,9 @@ pub async fn run(ctx: Ctx, mut trigger: mpsc::UnboundedReceiver<PoolKey>) {
                 until.saturating_duration_since(now) > Duration::from_millis(LEASE_MS / 3)
             });
             if !held {
-                match ctx
+                match core
                     .store
-                    .lease(&format!("match:{pool}"), &ctx.replica, LEASE_MS)
+                    .lease(&format!("match:{pool}"), &core.replica, LEASE_MS)
                     .await
                 {
                     Ok(true) => {
@@ -63,7 +64,7 @@ pub async fn run(ctx: Ctx, mut trigger: mpsc::UnboundedReceiver<PoolKey>) {
                     }
                 }
             }
-            if let Err(e) = cycle(&ctx, &pool).await {
+            if let Err(e) = cycle(&core, &pool).await {
                 tracing::warn!(error = %e, %pool, "matching failed");
             }
         }
@@ -71,30 +72,32 @@ pub async fn run(ctx: Ctx, mut trigger: mpsc::UnboundedReceiver<PoolKey>) {
 }
 
 /// Matches one pool until nothing more can be formed; returns how many matches were claimed.
-pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
+pub async fn cycle(core: &Arc<Core>, pool: &PoolKey) -> Result<usize, StoreError> {
     let mut claimed = 0;
     // A lost claim means the queue changed under us: look again (bounded).
     for _ in 0..8 {
-        let tickets = ctx.store.tickets(pool).await?;
+        let tickets = core.store.tickets(pool).await?;
         let now = now_ms();
-        let Some(mode) = ctx.modes.get(&pool.mode) else {
+        let Some(mode) = core.modes.get(&pool.mode) else {
             for t in tickets {
-                drop_ticket(ctx, &t, "mode_removed").await?;
+                drop_ticket(core, &t, "mode_removed").await?;
             }
             return Ok(claimed);
         };
-        let outcome = decide(mode, &tickets, now, ctx.config.timeouts.reconnect_grace_ms);
+        let outcome = decide(mode, &tickets, now, core.config.timeouts.reconnect_grace_ms);
         for (t, reason) in &outcome.dropped {
-            drop_ticket(ctx, t, reason).await?;
+            drop_ticket(core, t, reason).await?;
         }
         // Claims touch disjoint tickets: send them together (the Redis connection pipelines).
         let sessions: Vec<_> = outcome
             .matches
             .iter()
-            .map(|f| (f, new_session(ctx, mode, &pool.region, f, now)))
+            .map(|f| (f, new_session(core, mode, &pool.region, f, now)))
             .collect();
         let results = futures_util::future::join_all(
-            sessions.iter().map(|(f, s)| ctx.store.claim(&f.tickets, s)),
+            sessions
+                .iter()
+                .map(|(f, s)| core.store.claim(&f.tickets, s)),
         )
         .await;
         let enqueued: HashMap<&str, u64> = tickets
@@ -109,7 +112,7 @@ pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
                 lost = true;
                 continue;
             }
-            claimed_one(ctx, pool, formed, &session, &enqueued, now);
+            claimed_one(core, pool, formed, &session, &enqueued, now);
             claimed += 1;
             matched += formed.tickets.len();
             won_sessions.push(session);
@@ -121,13 +124,14 @@ pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
                 state: s.state,
             })
             .collect();
-        for r in futures_util::future::join_all(events.iter().map(|e| ctx.store.publish(e))).await {
+        for r in futures_util::future::join_all(events.iter().map(|e| core.store.publish(e))).await
+        {
             r?;
         }
         for session in won_sessions {
-            let (ctx, id) = (ctx.clone(), session.id);
+            let (core, id) = (core.clone(), session.id);
             tokio::spawn(async move {
-                if let Err(e) = try_place(&ctx, &id).await {
+                if let Err(e) = try_place(&core, &id).await {
                     tracing::warn!(session_id = %id, error = %e, "placement failed");
                 }
             });
@@ -135,7 +139,7 @@ pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
         // The memory store never yields: let the replica's other tasks (events, sockets) run
         // between passes.
         tokio::task::yield_now().await;
-        ctx.metrics
+        core.metrics
             .queue_depth
             .get_or_create(&vec![
                 ("mode", pool.mode.clone()),
@@ -151,15 +155,15 @@ pub async fn cycle(ctx: &Ctx, pool: &PoolKey) -> Result<usize, StoreError> {
 
 /// Metrics and a log line for a claimed match.
 fn claimed_one(
-    ctx: &Ctx,
+    core: &Core,
     pool: &PoolKey,
     formed: &crate::matching::Formed,
     session: &crate::model::Session,
     enqueued: &HashMap<&str, u64>,
     now: u64,
 ) {
-    ctx.metrics.matches.inc();
-    let wait = ctx
+    core.metrics.matches.inc();
+    let wait = core
         .metrics
         .queue_wait
         .get_or_create(&vec![("mode", pool.mode.clone())]);
@@ -171,13 +175,18 @@ fn claimed_one(
     tracing::debug!(session_id = %session.id, %pool, players = session.players.len(), "match formed");
 }
 
-async fn drop_ticket(ctx: &Ctx, t: &crate::model::Ticket, reason: &str) -> Result<(), StoreError> {
+async fn drop_ticket(
+    core: &Core,
+    t: &crate::model::Ticket,
+    reason: &str,
+) -> Result<(), StoreError> {
     // Only this ticket: the player may have queued again meanwhile.
-    if let Some(crate::model::Binding::Queued { ticket, .. }) = ctx.store.binding(&t.player).await?
+    if let Some(crate::model::Binding::Queued { ticket, .. }) =
+        core.store.binding(&t.player).await?
     {
         if ticket == t.id {
-            ctx.store.dequeue(&t.player).await?;
-            ctx.store
+            core.store.dequeue(&t.player).await?;
+            core.store
                 .publish(&Event::Dequeued {
                     player: t.player.clone(),
                     ticket: t.id.clone(),

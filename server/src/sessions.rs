@@ -5,20 +5,21 @@
 //! [`Event::Session`], so any replica may make it and every replica tells its own players.
 
 use crate::config::Policy;
+use crate::domain::Core;
 use crate::matching::Formed;
 use crate::model::{Event, HostRecord, HostState, Session, SessionState, Transition};
 use crate::modes::Mode;
-use crate::state::Ctx;
 use crate::store::StoreError;
 use crate::util::{now_ms, random_id, random_key};
 use berth_protocol::{HostId, SessionId, VmId};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How many times a compare-and-set is retried against concurrent writers.
 const CAS_TRIES: usize = 8;
 
 /// A new session for a formed match, in `Placing`.
-pub fn new_session(ctx: &Ctx, mode: &Mode, region: &str, formed: &Formed, now: u64) -> Session {
+pub fn new_session(core: &Core, mode: &Mode, region: &str, formed: &Formed, now: u64) -> Session {
     let id = SessionId::new(format!("s-{}", &random_id()[..20])).expect("hex is a valid id");
     let players = formed.teams.iter().flatten().cloned().collect();
     Session {
@@ -39,7 +40,7 @@ pub fn new_session(ctx: &Ctx, mode: &Mode, region: &str, formed: &Formed, now: u
         vm: None,
         endpoint: None,
         created_ms: now,
-        deadline_ms: now + ctx.config.timeouts.placing_ms,
+        deadline_ms: now + core.config.timeouts.placing_ms,
         ends_by_ms: now + mode.session_max_s * 1000,
         history: vec![Transition {
             state: SessionState::Placing,
@@ -56,21 +57,21 @@ pub fn new_session(ctx: &Ctx, mode: &Mode, region: &str, formed: &Formed, now: u
 /// session, retrying on concurrent changes; publishes the new state. `None` if `f` declined or
 /// the session is gone.
 pub async fn modify(
-    ctx: &Ctx,
+    core: &Core,
     id: &SessionId,
     mut f: impl FnMut(&mut Session) -> bool,
 ) -> Result<Option<Session>, StoreError> {
     for _ in 0..CAS_TRIES {
-        let Some(current) = ctx.store.session(id).await? else {
+        let Some(current) = core.store.session(id).await? else {
             return Ok(None);
         };
         let mut next = current.clone();
         if !f(&mut next) {
             return Ok(None);
         }
-        if let Some(stored) = ctx.store.update_session(&next).await? {
+        if let Some(stored) = core.store.update_session(&next).await? {
             if stored.state != current.state {
-                ctx.store
+                core.store
                     .publish(&Event::Session {
                         session: stored.id.clone(),
                         state: stored.state,
@@ -85,8 +86,8 @@ pub async fn modify(
 }
 
 /// The VM resources a session's mode asks for (unknown mode: the image's defaults).
-fn wants(ctx: &Ctx, s: &Session) -> (u32, u32) {
-    ctx.modes
+fn wants(core: &Core, s: &Session) -> (u32, u32) {
+    core.modes
         .get(&s.pool.mode)
         .map_or((0, 0), |m| (m.vm.memory_mib, m.vm.vcpus))
 }
@@ -125,22 +126,22 @@ pub fn rank_hosts<'a>(
 /// Tries once to put a `Placing` session on a host: moves it to `Activating` and asks the
 /// host's replica to send `activate`. Leaves it `Placing` if no host has room now (the sweeper
 /// tries again until the deadline).
-pub async fn try_place(ctx: &Ctx, id: &SessionId) -> Result<(), StoreError> {
-    let Some(s) = ctx.store.session(id).await? else {
+pub async fn try_place(core: &Core, id: &SessionId) -> Result<(), StoreError> {
+    let Some(s) = core.store.session(id).await? else {
         return Ok(());
     };
     if s.state != SessionState::Placing {
         return Ok(());
     }
-    let hosts = ctx.store.hosts().await?;
+    let hosts = core.store.hosts().await?;
     // No host could take it anyway: skip reading the activations in flight.
     let none = |_: &HostId| 0;
-    let wanted = wants(ctx, &s);
-    let policy = ctx.config.placement.policy;
+    let wanted = wants(core, &s);
+    let policy = core.config.placement.policy;
     if rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &none, policy).is_empty() {
         return Ok(());
     }
-    let activating = ctx.store.sessions(Some(SessionState::Activating)).await?;
+    let activating = core.store.sessions(Some(SessionState::Activating)).await?;
     let pending = |h: &HostId| {
         activating
             .iter()
@@ -152,9 +153,9 @@ pub async fn try_place(ctx: &Ctx, id: &SessionId) -> Result<(), StoreError> {
         return Ok(());
     };
     let now = now_ms();
-    let deadline = now + ctx.config.timeouts.activating_ms;
+    let deadline = now + core.config.timeouts.activating_ms;
     let (host_id, gateway) = (host.id.clone(), host.gateway.clone());
-    let placed = modify(ctx, id, |s| {
+    let placed = modify(core, id, |s| {
         if s.state != SessionState::Placing {
             return false;
         }
@@ -165,11 +166,11 @@ pub async fn try_place(ctx: &Ctx, id: &SessionId) -> Result<(), StoreError> {
     })
     .await?;
     if let Some(s) = placed {
-        ctx.metrics
+        core.metrics
             .placement
             .observe(now.saturating_sub(s.created_ms) as f64 / 1000.0);
         tracing::info!(session_id = %s.id, host_id = %host_id, "placing");
-        ctx.store
+        core.store
             .publish(&Event::Place {
                 host: host_id,
                 session: s.id,
@@ -181,15 +182,14 @@ pub async fn try_place(ctx: &Ctx, id: &SessionId) -> Result<(), StoreError> {
 
 /// hostd says the VM runs: the session becomes `Active` and its players are told.
 pub async fn activated(
-    ctx: &Ctx,
+    core: &Core,
     host: &HostId,
     id: &SessionId,
     vm: &VmId,
     path: &str,
 ) -> Result<Option<Session>, StoreError> {
     let now = now_ms();
-    let started = crate::state::lock(&ctx.activations).remove(id);
-    let active = modify(ctx, id, |s| {
+    let active = modify(core, id, |s| {
         if s.state != SessionState::Activating || s.host.as_ref() != Some(host) {
             return false;
         }
@@ -200,14 +200,14 @@ pub async fn activated(
     })
     .await?;
     if let Some(s) = &active {
-        if let Some(t) = started {
-            ctx.metrics
+        if let Some(placed_ms) = activation_started_ms(s) {
+            core.metrics
                 .activation
                 .get_or_create(&vec![("path", path.to_owned())])
-                .observe(t.elapsed().as_secs_f64());
+                .observe(now.saturating_sub(placed_ms) as f64 / 1000.0);
         }
         let oldest = s.created_ms.saturating_sub(s.match_ms);
-        ctx.metrics
+        core.metrics
             .time_to_match
             .get_or_create(&vec![("mode", s.pool.mode.clone())])
             .observe(now.saturating_sub(oldest) as f64 / 1000.0);
@@ -216,19 +216,29 @@ pub async fn activated(
     Ok(active)
 }
 
+/// When the session's last activation attempt began (its last move to `Activating`, when
+/// `activate` went to the host): the session's history is the one record of it, on every
+/// replica.
+pub fn activation_started_ms(s: &Session) -> Option<u64> {
+    s.history
+        .iter()
+        .rev()
+        .find(|t| t.state == SessionState::Activating)
+        .map(|t| t.at_ms)
+}
+
 /// hostd could not activate (or did not answer in time): try another host, or give up after
 /// `placement.attempts` hosts.
 pub async fn activation_failed(
-    ctx: &Ctx,
+    core: &Core,
     host: &HostId,
     id: &SessionId,
     why: &str,
 ) -> Result<(), StoreError> {
-    crate::state::lock(&ctx.activations).remove(id);
     let now = now_ms();
-    let attempts = ctx.config.placement.attempts as usize;
-    let placing_ms = ctx.config.timeouts.placing_ms;
-    let next = modify(ctx, id, |s| {
+    let attempts = core.config.placement.attempts as usize;
+    let placing_ms = core.config.timeouts.placing_ms;
+    let next = modify(core, id, |s| {
         if s.state != SessionState::Activating || s.host.as_ref() != Some(host) {
             return false;
         }
@@ -246,7 +256,7 @@ pub async fn activation_failed(
     .await?;
     tracing::warn!(session_id = %id, host_id = %host, why, "activation failed");
     // Whatever the host did meanwhile, it must not keep a VM for this session.
-    ctx.store
+    core.store
         .publish(&Event::Destroy {
             host: host.clone(),
             session: id.clone(),
@@ -254,16 +264,16 @@ pub async fn activation_failed(
         .await?;
     if let Some(s) = next {
         if s.state == SessionState::Placing {
-            try_place(ctx, id).await?;
+            try_place(core, id).await?;
         } else {
-            count_end(ctx, &s);
+            count_end(core, &s);
         }
     }
     Ok(())
 }
 
-fn count_end(ctx: &Ctx, s: &Session) {
-    ctx.metrics
+fn count_end(core: &Core, s: &Session) {
+    core.metrics
         .sessions_ended
         .get_or_create(&vec![("reason", s.end_reason.clone().unwrap_or_default())])
         .inc();
@@ -273,14 +283,14 @@ fn count_end(ctx: &Ctx, s: &Session) {
 /// exist, is destroyed; the session is `Ended` once its host confirms (or at the deadline).
 /// Returns the session as stored, `None` if it had already ended or is unknown.
 pub async fn end(
-    ctx: &Ctx,
+    core: &Core,
     id: &SessionId,
     reason: &str,
     results: serde_json::Value,
 ) -> Result<Option<Session>, StoreError> {
     let now = now_ms();
-    let ending_ms = ctx.config.timeouts.ending_ms;
-    let ended = modify(ctx, id, |s| {
+    let ending_ms = core.config.timeouts.ending_ms;
+    let ended = modify(core, id, |s| {
         match s.state {
             SessionState::Ending | SessionState::Ended => return false,
             SessionState::Placing => {
@@ -300,9 +310,9 @@ pub async fn end(
     .await?;
     if let Some(s) = &ended {
         tracing::info!(session_id = %s.id, reason, "session ending");
-        count_end(ctx, s);
+        count_end(core, s);
         if let (SessionState::Ending, Some(host)) = (s.state, &s.host) {
-            ctx.store
+            core.store
                 .publish(&Event::Destroy {
                     host: host.clone(),
                     session: s.id.clone(),
@@ -315,9 +325,9 @@ pub async fn end(
 
 /// The session's VM is gone: `Ending` → `Ended`. A VM that vanished while the session was live
 /// ends it as `vm_lost`.
-pub async fn destroyed(ctx: &Ctx, host: &HostId, id: &SessionId) -> Result<(), StoreError> {
+pub async fn destroyed(core: &Core, host: &HostId, id: &SessionId) -> Result<(), StoreError> {
     let now = now_ms();
-    modify(ctx, id, |s| {
+    modify(core, id, |s| {
         if s.host.as_ref() != Some(host) || !s.state.is_live() {
             return false;
         }
@@ -332,9 +342,9 @@ pub async fn destroyed(ctx: &Ctx, host: &HostId, id: &SessionId) -> Result<(), S
 }
 
 /// Ends a session whose VM cannot be reached any more (host lost): straight to `Ended`.
-pub async fn abandon(ctx: &Ctx, id: &SessionId, reason: &str) -> Result<(), StoreError> {
+pub async fn abandon(core: &Core, id: &SessionId, reason: &str) -> Result<(), StoreError> {
     let now = now_ms();
-    let done = modify(ctx, id, |s| {
+    let done = modify(core, id, |s| {
         if !s.state.is_live() {
             return false;
         }
@@ -346,33 +356,33 @@ pub async fn abandon(ctx: &Ctx, id: &SessionId, reason: &str) -> Result<(), Stor
     })
     .await?;
     if let Some(s) = done {
-        count_end(ctx, &s);
+        count_end(core, &s);
     }
     Ok(())
 }
 
 /// Every session not yet ended, through the store's per-state index (ended sessions are kept
 /// for their results but need nothing).
-pub async fn live_sessions(ctx: &Ctx) -> Result<Vec<Session>, StoreError> {
+pub async fn live_sessions(core: &Core) -> Result<Vec<Session>, StoreError> {
     let mut live = Vec::new();
     for st in SessionState::ALL.into_iter().filter(|s| s.is_live()) {
-        live.extend(ctx.store.sessions(Some(st)).await?);
+        live.extend(core.store.sessions(Some(st)).await?);
     }
     Ok(live)
 }
 
 /// One pass of deadline enforcement. Run by the replica holding the `sweeper` lease.
-pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
+pub async fn sweep(core: &Core) -> Result<(), StoreError> {
     let now = now_ms();
-    let t = &ctx.config.timeouts;
+    let t = &core.config.timeouts;
     // Hosts first: a lost host's sessions end below.
     let mut lost = Vec::new();
-    let hosts = ctx.store.hosts().await?;
+    let hosts = core.store.hosts().await?;
     for h in &hosts {
         let silent = now.saturating_sub(h.last_seen_ms);
         let stale = h.state != HostState::Lost && silent > t.host_lost_ms;
         if stale
-            && ctx
+            && core
                 .store
                 .mark_host(&h.id, h.last_seen_ms, HostState::Lost)
                 .await?
@@ -383,35 +393,35 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
             lost.push(h.id.clone());
         }
     }
-    for s in live_sessions(ctx).await? {
+    for s in live_sessions(core).await? {
         if let Some(h) = &s.host {
             if lost.contains(h) && s.state != SessionState::Placing {
-                abandon(ctx, &s.id, "host_lost").await?;
+                abandon(core, &s.id, "host_lost").await?;
                 continue;
             }
         }
         match s.state {
             SessionState::Placing if now > s.deadline_ms => {
-                end(ctx, &s.id, "placement_failed", serde_json::Value::Null).await?;
+                end(core, &s.id, "placement_failed", serde_json::Value::Null).await?;
             }
             SessionState::Placing => {
                 let none = |_: &HostId| 0;
-                let policy = ctx.config.placement.policy;
-                let wanted = wants(ctx, &s);
+                let policy = core.config.placement.policy;
+                let wanted = wants(core, &s);
                 if !rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &none, policy).is_empty() {
-                    try_place(ctx, &s.id).await?;
+                    try_place(core, &s.id).await?;
                 }
             }
             SessionState::Activating if now > s.deadline_ms => {
                 if let Some(h) = &s.host {
-                    activation_failed(ctx, h, &s.id, "activation_timeout").await?;
+                    activation_failed(core, h, &s.id, "activation_timeout").await?;
                 }
             }
             SessionState::Active if now > s.deadline_ms => {
-                end(ctx, &s.id, "deadline", serde_json::Value::Null).await?;
+                end(core, &s.id, "deadline", serde_json::Value::Null).await?;
             }
             SessionState::Ending if now > s.deadline_ms => {
-                abandon(ctx, &s.id, "ending_timeout").await?;
+                abandon(core, &s.id, "ending_timeout").await?;
             }
             _ => {}
         }
@@ -420,15 +430,15 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
 }
 
 /// Runs [`sweep`] every `period` while this replica holds the sweeper lease.
-pub async fn run_sweeper(ctx: Ctx, period: Duration) {
+pub async fn run_sweeper(core: Arc<Core>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let lease_ms = (period.as_millis() as u64 * 4).max(1000);
-        match ctx.store.lease("sweeper", &ctx.replica, lease_ms).await {
+        match core.store.lease("sweeper", &core.replica, lease_ms).await {
             Ok(true) => {
-                if let Err(e) = sweep(&ctx).await {
+                if let Err(e) = sweep(&core).await {
                     tracing::warn!(error = %e, "sweep failed");
                 }
             }

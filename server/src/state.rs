@@ -1,19 +1,15 @@
-//! The replica's shared context: config, store, auth, modes, metrics, and the sockets this
-//! replica holds (players and hosts), each reachable through an `mpsc` sender owned by its
-//! connection task.
+//! The replica's shared context: the domain [`Core`] (config, store, modes, metrics), auth,
+//! and the sockets this replica holds (players and hosts), each reachable through an `mpsc`
+//! sender owned by its connection task. `Shared` derefs to its `Core`.
 
 use crate::auth::Auth;
-use crate::config::ServerConfig;
-use crate::metrics::Metrics;
+use crate::domain::Core;
 use crate::model::PoolKey;
-use crate::modes::Modes;
-use crate::store::Store;
 use berth_protocol::host::ServerToHost;
 use berth_protocol::play::ServerMessage;
-use berth_protocol::{HostId, PlayerId, SessionId};
+use berth_protocol::{HostId, PlayerId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// What a connection task is asked to send.
@@ -56,20 +52,14 @@ pub type PlayerConn = Conn<ServerMessage>;
 pub type HostConn = Conn<ServerToHost>;
 
 pub struct Shared {
-    pub config: ServerConfig,
-    pub replica: String,
-    pub store: Arc<dyn Store>,
+    pub core: Arc<Core>,
     pub auth: Auth,
-    pub modes: Modes,
-    pub metrics: Metrics,
     pub players: Mutex<HashMap<PlayerId, PlayerConn>>,
     pub hosts: Mutex<HashMap<HostId, HostConn>>,
-    /// When this replica sent `activate` for a session (activation latency).
-    pub activations: Mutex<HashMap<SessionId, Instant>>,
     /// Pools this replica's matcher should look at now.
     pub matcher: mpsc::UnboundedSender<PoolKey>,
     /// What the admin dashboard's live feed shows, and its watchers.
-    pub dashboard: crate::dashboard::Hub,
+    pub dashboard: crate::feed::Hub,
 }
 
 impl std::fmt::Debug for Shared {
@@ -81,6 +71,13 @@ impl std::fmt::Debug for Shared {
 }
 
 pub type Ctx = Arc<Shared>;
+
+impl std::ops::Deref for Shared {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
 
 /// Locks a std mutex held only for short, non-async critical sections.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -688,7 +688,7 @@ async fn cycle_steps(
         );
         let decide_ms = t.elapsed().as_secs_f64() * 1000.0;
         let t = Instant::now();
-        let claimed = berth_server::matchmaker::cycle(&ctx, &pool).await?;
+        let claimed = berth_server::matchmaker::cycle(&ctx.core, &pool).await?;
         let cycle_ms = t.elapsed().as_secs_f64() * 1000.0;
         let per_match_us =
             (cycle_ms - read_ms - decide_ms).max(0.0) * 1000.0 / claimed.max(1) as f64;
