@@ -38,3 +38,16 @@ impl Core {
         }
     }
 }
+
+/// A test core: the memory store, the shipped modes, default timeouts.
+#[cfg(test)]
+pub(crate) fn test_core() -> Arc<Core> {
+    let modes_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/modes");
+    let modes = Modes::load(&modes_dir).expect("the shipped modes load");
+    let config = ServerConfig {
+        replica: "test-replica".into(),
+        ..ServerConfig::default()
+    };
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    Arc::new(Core::new(config, store, modes))
+}

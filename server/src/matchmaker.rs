@@ -197,3 +197,91 @@ async fn drop_ticket(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::test_core;
+    use crate::model::{Binding, SessionState, Ticket};
+    use berth_protocol::PlayerId;
+
+    fn duel() -> PoolKey {
+        PoolKey {
+            mode: "duel".into(),
+            region: "local".into(),
+        }
+    }
+
+    async fn enqueue(core: &Core, player: &str, enqueued_ms: u64) -> Ticket {
+        let t = Ticket {
+            id: format!("t-{player}"),
+            player: PlayerId::new(player).expect("id"),
+            pool: duel(),
+            party: None,
+            skill: 1000.0,
+            enqueued_ms,
+            away_since_ms: None,
+        };
+        core.store.enqueue(&t).await.expect("enqueue");
+        t
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_queued_duel_players_become_one_session() {
+        let core = test_core();
+        let now = now_ms();
+        let (a, b) = (
+            enqueue(&core, "a", now).await,
+            enqueue(&core, "b", now).await,
+        );
+        assert_eq!(cycle(&core, &duel()).await.expect("cycle"), 1);
+        assert!(core
+            .store
+            .tickets(&duel())
+            .await
+            .expect("tickets")
+            .is_empty());
+        let sessions = core.store.sessions(None).await.expect("sessions");
+        assert_eq!(sessions.len(), 1);
+        let s = &sessions[0];
+        assert_eq!(s.state, SessionState::Placing);
+        assert_eq!(s.teams.len(), 2);
+        for p in [&a.player, &b.player] {
+            assert!(s.players.contains(p));
+            assert_eq!(
+                core.store.binding(p).await.expect("binding"),
+                Some(Binding::Session {
+                    session: s.id.clone()
+                })
+            );
+        }
+        // Nothing left to match: a second pass claims nothing.
+        assert_eq!(cycle(&core, &duel()).await.expect("cycle"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_player_waits_and_a_ticket_past_max_wait_is_dropped_with_its_reason() {
+        let core = test_core();
+        let mut events = core.store.subscribe();
+        let max_wait_ms = core.modes.0["duel"].max_wait_s * 1000;
+        let fresh = enqueue(&core, "fresh", now_ms()).await;
+        assert_eq!(cycle(&core, &duel()).await.expect("cycle"), 0);
+        assert_eq!(core.store.tickets(&duel()).await.expect("tickets").len(), 1);
+        let old = enqueue(&core, "old", now_ms() - max_wait_ms - 1_000).await;
+        // The old ticket is dropped, not matched with the fresh one.
+        assert_eq!(cycle(&core, &duel()).await.expect("cycle"), 0);
+        let left = core.store.tickets(&duel()).await.expect("tickets");
+        assert_eq!(left.iter().map(|t| &t.id).collect::<Vec<_>>(), [&fresh.id]);
+        assert_eq!(
+            core.store.binding(&old.player).await.expect("binding"),
+            None
+        );
+        let dropped = loop {
+            match events.recv().await.expect("an event") {
+                Event::Dequeued { player, reason, .. } => break (player, reason),
+                _ => continue,
+            }
+        };
+        assert_eq!(dropped, (old.player, "max_wait".to_owned()));
+    }
+}

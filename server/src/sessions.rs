@@ -451,6 +451,7 @@ pub async fn run_sweeper(core: Arc<Core>, period: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::test_core;
     use berth_protocol::host::ImageCapacity;
 
     fn host(id: &str, running: u32, warm: u32, docked: bool) -> HostRecord {
@@ -475,6 +476,126 @@ mod tests {
             connected_ms: 0,
             last_seen_ms: 0,
         }
+    }
+
+    /// Two duel players matched on `core`: the new session, `Placing` (or `Activating` once
+    /// a host took it).
+    async fn matched(core: &Arc<Core>) -> Session {
+        use crate::model::{PoolKey, Ticket};
+        let pool = PoolKey {
+            mode: "duel".into(),
+            region: "local".into(),
+        };
+        for p in ["a", "b"] {
+            let t = Ticket {
+                id: format!("t-{p}"),
+                player: berth_protocol::PlayerId::new(p).expect("id"),
+                pool: pool.clone(),
+                party: None,
+                skill: 1000.0,
+                enqueued_ms: now_ms(),
+                away_since_ms: None,
+            };
+            core.store.enqueue(&t).await.expect("enqueue");
+        }
+        assert_eq!(
+            crate::matchmaker::cycle(core, &pool).await.expect("cycle"),
+            1
+        );
+        core.store.sessions(None).await.expect("sessions").remove(0)
+    }
+
+    async fn state_of(core: &Core, id: &SessionId) -> (SessionState, Option<String>) {
+        let s = core.store.session(id).await.expect("read").expect("kept");
+        (s.state, s.end_reason)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_ends_a_session_nobody_could_place_once_its_deadline_passed() {
+        let core = test_core();
+        let s = matched(&core).await;
+        // No host: the session waits, placing, until its deadline.
+        sweep(&core).await.expect("sweep");
+        assert_eq!(state_of(&core, &s.id).await, (SessionState::Placing, None));
+        modify(&core, &s.id, |s| {
+            s.deadline_ms = now_ms() - 1;
+            true
+        })
+        .await
+        .expect("modify");
+        let sweeper = tokio::spawn(run_sweeper(core.clone(), Duration::from_secs(1)));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        sweeper.abort();
+        assert_eq!(
+            state_of(&core, &s.id).await,
+            (SessionState::Ended, Some("placement_failed".into()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_host_silent_past_host_lost_ms_is_lost_and_its_sessions_end_host_lost() {
+        let core = test_core();
+        let mut h = host("h1", 0, 1, true);
+        h.last_seen_ms = now_ms();
+        core.store.put_host(&h).await.expect("host");
+        let s = matched(&core).await;
+        // The matchmaker placed it on the only host.
+        let mut placed = None;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            placed = core.store.session(&s.id).await.expect("read");
+            if placed
+                .as_ref()
+                .is_some_and(|p| p.state == SessionState::Activating)
+            {
+                break;
+            }
+        }
+        let placed = placed.expect("kept");
+        assert_eq!(placed.state, SessionState::Activating);
+        assert_eq!(placed.host, Some(h.id.clone()));
+        // A heartbeat just now: not lost.
+        sweep(&core).await.expect("sweep");
+        assert_eq!(state_of(&core, &s.id).await.0, SessionState::Activating);
+        // Silent for longer than host_lost_ms.
+        h.last_seen_ms = now_ms() - core.config.timeouts.host_lost_ms - 1;
+        core.store.put_host(&h).await.expect("host");
+        sweep(&core).await.expect("sweep");
+        let host = core.store.host(&h.id).await.expect("read").expect("kept");
+        assert_eq!(host.state, HostState::Lost);
+        assert_eq!(
+            state_of(&core, &s.id).await,
+            (SessionState::Ended, Some("host_lost".into()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activation_latency_comes_from_the_sessions_history() {
+        let core = test_core();
+        let mut h = host("h1", 0, 1, true);
+        h.last_seen_ms = now_ms();
+        core.store.put_host(&h).await.expect("host");
+        let s = matched(&core).await;
+        try_place(&core, &s.id).await.expect("place");
+        let placed = core
+            .store
+            .session(&s.id)
+            .await
+            .expect("read")
+            .expect("kept");
+        let started = activation_started_ms(&placed).expect("an activating transition");
+        let vm = VmId::new("vm1").expect("id");
+        let active = activated(&core, &h.id, &s.id, &vm, "warm")
+            .await
+            .expect("activated")
+            .expect("now active");
+        assert_eq!(active.state, SessionState::Active);
+        assert!(started <= now_ms());
+        // A second answer for the same session changes nothing.
+        assert!(activated(&core, &h.id, &s.id, &vm, "warm")
+            .await
+            .expect("answered")
+            .is_none());
     }
 
     fn ids(v: Vec<&HostRecord>) -> Vec<&str> {
