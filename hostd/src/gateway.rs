@@ -23,7 +23,7 @@
 use crate::pool::{Gate, Pool};
 use crate::util::now_ms;
 use axum::body::Bytes;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocketUpgrade};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use axum::routing::get;
@@ -74,9 +74,10 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 /// The code of the error sent when hostd stops.
 pub const SHUTTING_DOWN: &str = code::SHUTTING_DOWN;
 
+use berth_net::{close_frame, first_frame, is_too_big, First};
 /// Close codes (shared with the matchmaking server).
 pub use berth_protocol::close;
-use berth_protocol::rate::RateLimit;
+use berth_protocol::rate::{Flood, Verdict};
 
 /// The close code that follows an `error` with this code; `None`: the connection stays open.
 pub fn close_code(error_code: &str) -> Option<u16> {
@@ -538,58 +539,43 @@ where
     tracing::debug!(reason = end.reason(), "connection closed");
 }
 
-fn close_frame(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    }))
-}
-
-/// Whether a websocket read error means the client sent a frame over the size limit.
-fn is_too_big(e: &impl std::fmt::Display) -> bool {
-    let s = e.to_string().to_ascii_lowercase();
-    s.contains("too long") || s.contains("space limit") || s.contains("too big")
-}
-
 /// Waits for the first frame and takes the ticket out of it.
 async fn await_join<S, E>(ws: &mut S, stopped: impl Future<Output = ()>) -> Result<String, End>
 where
     S: Stream<Item = Result<Message, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let deadline = tokio::time::sleep(JOIN_TIMEOUT);
-    tokio::pin!(deadline, stopped);
-    loop {
-        let frame = tokio::select! {
-            frame = ws.next() => frame,
-            () = &mut deadline => {
-                return Err(End::Refuse(Refusal::new(code::JOIN_TIMEOUT, format!(
-                    "send {{\"type\":\"join\",\"ticket\":…}} within {} s", JOIN_TIMEOUT.as_secs()))))
-            }
-            () = &mut stopped => return Err(shutting_down()),
-        };
-        let text = match frame {
-            None | Some(Ok(Message::Close(_))) => return Err(End::Gone("client_closed")),
-            Some(Err(e)) if is_too_big(&e) => {
-                return Err(End::Close(close::TOO_BIG, "message_too_big"))
-            }
-            Some(Err(_)) => return Err(End::Gone("client_error")),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Binary(_))) => {
-                return Err(End::Refuse(Refusal::new(
-                    code::JOIN_FIRST,
-                    "the first frame must be a join text frame",
-                )))
-            }
-        };
-        return parse_join(text.as_str()).ok_or_else(|| {
-            End::Refuse(Refusal::new(
+    let first = tokio::select! {
+        first = first_frame(ws, JOIN_TIMEOUT) => first,
+        () = stopped => return Err(shutting_down()),
+    };
+    let text = match first {
+        First::Text(text) => text,
+        First::Timeout => {
+            return Err(End::Refuse(Refusal::new(
+                code::JOIN_TIMEOUT,
+                format!(
+                    "send {{\"type\":\"join\",\"ticket\":…}} within {} s",
+                    JOIN_TIMEOUT.as_secs()
+                ),
+            )))
+        }
+        First::Closed => return Err(End::Gone("client_closed")),
+        First::TooBig => return Err(End::Close(close::TOO_BIG, "message_too_big")),
+        First::Failed => return Err(End::Gone("client_error")),
+        First::Binary => {
+            return Err(End::Refuse(Refusal::new(
                 code::JOIN_FIRST,
-                "the first frame must be {\"type\":\"join\",\"ticket\":…}",
-            ))
-        });
-    }
+                "the first frame must be a join text frame",
+            )))
+        }
+    };
+    parse_join(text.as_str()).ok_or_else(|| {
+        End::Refuse(Refusal::new(
+            code::JOIN_FIRST,
+            "the first frame must be {\"type\":\"join\",\"ticket\":…}",
+        ))
+    })
 }
 
 fn shutting_down() -> End {
@@ -779,35 +765,10 @@ fn classify(msg: &Message) -> Frame<'_> {
     }
 }
 
-/// The rate limit plus its strikes: `Ok` to forward, `Err(false)` to refuse the frame,
-/// `Err(true)` to close.
-#[derive(Debug)]
-struct Flood {
-    limit: RateLimit,
-    strikes: u32,
-    last_strike: Instant,
-}
-
-impl Flood {
-    fn new(now: Instant) -> Self {
-        Flood {
-            limit: RateLimit::new(RATE_PER_S, RATE_BURST, now),
-            strikes: 0,
-            last_strike: now,
-        }
-    }
-
-    fn check(&mut self, now: Instant) -> Result<(), bool> {
-        if self.strikes > 0 && now.saturating_duration_since(self.last_strike) > STRIKES_FORGIVEN {
-            self.strikes = 0;
-        }
-        if self.limit.allow(now) {
-            return Ok(());
-        }
-        self.strikes += 1;
-        self.last_strike = now;
-        Err(self.strikes > RATE_STRIKES)
-    }
+/// The gateway's flood guard: [`RATE_PER_S`] frames per second, bursts of [`RATE_BURST`], and
+/// a close after [`RATE_STRIKES`] refusals within [`STRIKES_FORGIVEN`] of each other.
+fn flood(now: Instant) -> Flood {
+    Flood::new(RATE_PER_S, RATE_BURST, RATE_STRIKES, STRIKES_FORGIVEN, now)
 }
 
 /// What reading the game's side gave.
@@ -858,7 +819,7 @@ where
     let mut rd = BufReader::with_capacity(16 * 1024, rd);
     let mut line = Vec::with_capacity(1024);
     let meters = &shared.meters;
-    let mut flood = Flood::new(Instant::now());
+    let mut flood = flood(Instant::now());
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_pong = Instant::now();
     let mut out = Vec::with_capacity(MAX_FRAME + 1);
@@ -887,12 +848,12 @@ where
                     Frame::Line(_) | Frame::Bad(_) => {}
                 }
                 match flood.check(read_at) {
-                    Ok(()) => {}
-                    Err(true) => {
+                    Verdict::Allowed => {}
+                    Verdict::Close => {
                         Meters::count(&meters.refused, code::RATE_LIMITED);
                         return End::Refuse(Refusal::new(code::RATE_LIMITED, "too many frames; closing"));
                     }
-                    Err(false) => {
+                    Verdict::Refused => {
                         Meters::count(&meters.refused, code::RATE_LIMITED);
                         let msg = format!("at most {RATE_PER_S} frames per second; this one was dropped");
                         if !send(ws, error_frame(code::RATE_LIMITED, &msg)).await {
@@ -1146,27 +1107,29 @@ mod tests {
     fn the_rate_limit_refuses_then_closes_a_sustained_flood() {
         let t0 = Instant::now();
         // 20 Hz inputs plus pings never trip it.
-        let mut f = Flood::new(t0);
+        let mut f = flood(t0);
         for i in 0..2000u64 {
-            assert_eq!(f.check(t0 + Duration::from_millis(i * 40)), Ok(()));
+            assert_eq!(
+                f.check(t0 + Duration::from_millis(i * 40)),
+                Verdict::Allowed
+            );
         }
         // A burst of 80 passes; beyond it frames are refused, and after 20 refusals it closes.
-        let mut f = Flood::new(t0);
+        let mut f = flood(t0);
         for _ in 0..RATE_BURST {
-            assert_eq!(f.check(t0), Ok(()));
+            assert_eq!(f.check(t0), Verdict::Allowed);
         }
         for _ in 0..RATE_STRIKES {
-            assert_eq!(f.check(t0), Err(false));
+            assert_eq!(f.check(t0), Verdict::Refused);
         }
-        assert_eq!(f.check(t0), Err(true));
+        assert_eq!(f.check(t0), Verdict::Close);
         // Strikes are forgiven after a quiet spell.
-        let mut f = Flood::new(t0);
+        let mut f = flood(t0);
         for _ in 0..RATE_BURST + 5 {
             let _ = f.check(t0);
         }
         let later = t0 + STRIKES_FORGIVEN + Duration::from_secs(1);
-        assert_eq!(f.check(later), Ok(()));
-        assert_eq!(f.strikes, 0);
+        assert_eq!(f.check(later), Verdict::Allowed);
     }
 
     fn s(id: &str) -> SessionId {

@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
                 config.gateway.listen = listen;
                 config.validate()?;
             }
-            berth_hostd::run(config, shutdown_signal()).await
+            berth_hostd::run(config, berth_net::shutdown_signal()).await
         }
         Cmd::Selftest {
             config,
@@ -208,13 +208,4 @@ async fn selftest(
         anyhow::bail!("selftest failed: {}", failed.join("; "));
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -154,21 +154,20 @@ where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
 {
     let wait = Duration::from_millis(ctx.config.timeouts.hello_ms);
-    let (code, message, close_code) = loop {
-        let t = match tokio::time::timeout(wait, ws.next()).await {
-            Err(_) => {
-                break (
+    let (code, message, close_code) = 'refused: {
+        let t = match wire::first_frame(ws, wait).await {
+            wire::First::Timeout => {
+                break 'refused (
                     "register_timeout",
                     "no register in time".to_owned(),
                     close::TIMEOUT,
                 )
             }
-            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return None,
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            Ok(Some(Ok(Message::Text(t)))) => t,
-            Ok(Some(Ok(_))) => {
+            wire::First::Closed | wire::First::Failed | wire::First::TooBig => return None,
+            wire::First::Text(t) => t,
+            wire::First::Binary => {
                 let e = FrameError::Binary;
-                break (e.code(), e.to_string(), close::PROTOCOL);
+                break 'refused (e.code(), e.to_string(), close::PROTOCOL);
             }
         };
         match decode::<HostMessage>(&t) {
@@ -183,7 +182,7 @@ where
                 vms,
             }) => {
                 if v != HOST_PROTOCOL_VERSION {
-                    break (
+                    break 'refused (
                         "unsupported_version",
                         format!(
                             "this server speaks host protocol {HOST_PROTOCOL_VERSION}, not {v}"
@@ -192,7 +191,7 @@ where
                     );
                 }
                 if &named != host {
-                    break (
+                    break 'refused (
                         "wrong_host",
                         format!("credential is for host {host}, register names {named}"),
                         close::AUTH,
@@ -214,7 +213,7 @@ where
                     last_seen_ms: now,
                 };
                 if let Err(e) = ctx.store.put_host(&record).await {
-                    break (
+                    break 'refused (
                         e.code(),
                         "state store unavailable; retry".to_owned(),
                         close::GOING_AWAY,
@@ -223,13 +222,13 @@ where
                 return Some(record);
             }
             Ok(_) => {
-                break (
+                break 'refused (
                     "register_required",
                     "the first message must be register".to_owned(),
                     close::PROTOCOL,
                 )
             }
-            Err(e) => break (e.code(), e.to_string(), close::PROTOCOL),
+            Err(e) => break 'refused (e.code(), e.to_string(), close::PROTOCOL),
         }
     };
     ctx.metrics.refuse(code);

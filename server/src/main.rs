@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let server = Server::start(config).await?;
             println!("berth-server listening on {}", server.addr);
-            shutdown_signal().await;
+            berth_net::shutdown_signal().await;
             tracing::info!("shutting down");
             server.shutdown().await;
         }
@@ -125,13 +125,4 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

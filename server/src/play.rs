@@ -7,7 +7,9 @@
 use crate::model::{Binding, Event, PoolKey, Session, SessionState, Ticket};
 use crate::state::{lock, Conn, Ctx, Outbound, PlayerConn};
 use crate::util::{now_ms, random_id};
-use crate::wire::{self, close, decode, send_close, text, FrameError, RateLimit};
+use crate::wire::{
+    self, close, decode, first_frame, send_close, text, First, Flood, FrameError, Verdict,
+};
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -93,13 +95,14 @@ where
         }
     }
 
-    let mut rate = RateLimit::new(
-        ctx.config.limits.messages_per_s,
-        ctx.config.limits.burst,
+    let limits = &ctx.config.limits;
+    let mut flood = Flood::new(
+        limits.messages_per_s,
+        limits.burst,
+        limits.rate_strikes,
+        STRIKES_FORGIVEN,
         Instant::now(),
     );
-    let mut strikes = 0;
-    let mut last_strike = Instant::now();
     let idle = Duration::from_millis(t.idle_ms);
     let mut last_heard = Instant::now();
     let mut status =
@@ -121,14 +124,10 @@ where
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(m)) => {
                         // Strikes are forgiven after a quiet spell: only a sustained flood closes.
-                        if strikes > 0 && last_strike.elapsed() > STRIKES_FORGIVEN {
-                            strikes = 0;
-                        }
-                        if !rate.allow(Instant::now()) {
-                            strikes += 1;
-                            last_strike = Instant::now();
+                        let verdict = flood.check(Instant::now());
+                        if verdict != Verdict::Allowed {
                             ctx.metrics.refuse("rate_limited");
-                            if strikes > ctx.config.limits.rate_strikes {
+                            if verdict == Verdict::Close {
                                 let _ = ws.send(text(&ServerMessage::error("rate_limited", "too many messages; closing"))).await;
                                 send_close(&mut ws, close::RATE_LIMITED, "rate_limited").await;
                                 break;
@@ -202,26 +201,24 @@ where
     let refuse = |code: &'static str, message: String, close_code: u16| async move {
         (code, message, close_code)
     };
-    let (code, message, close_code) = loop {
-        let frame = match tokio::time::timeout(wait, ws.next()).await {
-            Err(_) => {
-                break refuse("hello_timeout", "no hello in time".into(), close::TIMEOUT).await
+    let (code, message, close_code) = 'refused: {
+        let text = match first_frame(ws, wait).await {
+            First::Timeout => {
+                break 'refused refuse("hello_timeout", "no hello in time".into(), close::TIMEOUT)
+                    .await
             }
-            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return None,
-            Ok(Some(Ok(f))) => f,
-        };
-        let text = match frame {
-            Message::Text(t) => t,
-            Message::Ping(_) | Message::Pong(_) => continue,
-            _ => {
+            // Before hello an oversized message just drops the socket (nothing said yet).
+            First::Closed | First::Failed | First::TooBig => return None,
+            First::Text(t) => t,
+            First::Binary => {
                 let e = FrameError::Binary;
-                break refuse(e.code(), e.to_string(), close::PROTOCOL).await;
+                break 'refused refuse(e.code(), e.to_string(), close::PROTOCOL).await;
             }
         };
         match decode::<ClientMessage>(&text) {
             Ok(ClientMessage::Hello { v, token }) => {
                 if v != PLAY_PROTOCOL_VERSION {
-                    break refuse(
+                    break 'refused refuse(
                         "unsupported_version",
                         format!(
                             "this server speaks protocol version {PLAY_PROTOCOL_VERSION}, not {v}"
@@ -237,18 +234,18 @@ where
                     .unwrap_or_default();
                 match ctx.auth.verify_player(&token) {
                     Ok(p) => return Some(p),
-                    Err(e) => break refuse(e.code(), e.to_string(), close::AUTH).await,
+                    Err(e) => break 'refused refuse(e.code(), e.to_string(), close::AUTH).await,
                 }
             }
             Ok(_) => {
-                break refuse(
+                break 'refused refuse(
                     "hello_required",
                     "the first message must be hello".into(),
                     close::PROTOCOL,
                 )
                 .await
             }
-            Err(e) => break refuse(e.code(), e.to_string(), close::PROTOCOL).await,
+            Err(e) => break 'refused refuse(e.code(), e.to_string(), close::PROTOCOL).await,
         }
     };
     ctx.metrics.refuse(code);

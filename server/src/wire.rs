@@ -1,16 +1,16 @@
 //! What the player and host websockets share: decoding a frame into a protocol message with a
-//! stable error code, the per-connection rate limit, close codes, and the bearer header.
+//! stable error code, and the bearer header. The socket toolkit they share with hostd's gateway
+//! (first frame, close frames, oversize, the flood guard) is `berth-net`'s, re-exported here.
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use axum::extract::ws::{Message, Utf8Bytes};
 use axum::http::HeaderMap;
-use futures_util::{Sink, SinkExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::time::Duration;
 
+pub use berth_net::{close_frame, first_frame, is_too_big, send_close, First};
 /// Close codes (shared with hostd's gateway).
 pub use berth_protocol::close;
-pub use berth_protocol::rate::RateLimit;
+pub use berth_protocol::rate::{Flood, Verdict};
 
 /// Why a text frame is not a message; `code()` is sent to the peer.
 #[derive(Debug, thiserror::Error)]
@@ -57,21 +57,6 @@ pub fn text<T: Serialize>(msg: &T) -> Message {
     ))
 }
 
-pub fn close_frame(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    }))
-}
-
-/// Sends a close frame (bounded in time: a peer that stopped reading cannot hold us).
-pub async fn send_close<S>(ws: &mut S, code: u16, reason: &str)
-where
-    S: Sink<Message> + Unpin,
-{
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.send(close_frame(code, reason))).await;
-}
-
 /// `Authorization: Bearer <token>`, if present.
 pub fn bearer(headers: &HeaderMap) -> Option<String> {
     let v = headers
@@ -82,12 +67,6 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
     scheme
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim().to_owned())
-}
-
-/// Whether a websocket read error means the peer sent a message over the size limit.
-pub fn is_too_big(e: &axum::Error) -> bool {
-    let s = e.to_string().to_ascii_lowercase();
-    s.contains("too long") || s.contains("space limit") || s.contains("too big")
 }
 
 #[cfg(test)]
