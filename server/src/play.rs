@@ -59,8 +59,34 @@ where
     let Some(player) = hello(&ctx, &mut ws, bearer).await else {
         return;
     };
+    let (conn_id, rx) = register(&ctx, &player).await;
+    if greet(&ctx, &mut ws, &player).await {
+        connection(&ctx, &mut ws, &player, rx).await;
+    }
+    let mine = {
+        let mut players = lock(&ctx.players);
+        let mine = players.get(&player).is_some_and(|c| c.id == conn_id);
+        if mine {
+            players.remove(&player);
+        }
+        mine
+    };
+    ctx.metrics.player_connections.dec();
+    // A queued player keeps its ticket for the reconnect grace (unless another connection of
+    // theirs is live).
+    if mine {
+        let _ = ctx.store.set_away(&player, Some(now_ms())).await;
+    }
+}
+
+/// Makes this connection the player's one live connection (closing an older one, on any
+/// replica); returns its id and its inbox.
+async fn register(
+    ctx: &Ctx,
+    player: &PlayerId,
+) -> (String, mpsc::Receiver<Outbound<ServerMessage>>) {
     let conn_id = random_id();
-    let (tx, mut rx) = mpsc::channel(OUTBOX);
+    let (tx, rx) = mpsc::channel(OUTBOX);
     let conn: PlayerConn = Conn {
         id: conn_id.clone(),
         tx,
@@ -79,8 +105,15 @@ where
     {
         tracing::warn!(error = %e, "publishing connect");
     }
-    let _ = ctx.store.set_away(&player, None).await;
+    let _ = ctx.store.set_away(player, None).await;
+    (conn_id, rx)
+}
 
+/// `welcome`, then the player's current state; false if the socket failed.
+async fn greet<S>(ctx: &Ctx, ws: &mut S, player: &PlayerId) -> bool
+where
+    S: Sink<Message> + Unpin,
+{
     let t = &ctx.config.timeouts;
     let welcome = ServerMessage::Welcome {
         v: PLAY_PROTOCOL_VERSION,
@@ -90,11 +123,23 @@ where
     };
     let mut ok = ws.send(text(&welcome)).await.is_ok();
     if ok {
-        for m in current_state(&ctx, &player).await {
+        for m in current_state(ctx, player).await {
             ok &= ws.send(text(&m)).await.is_ok();
         }
     }
+    ok
+}
 
+/// Serves a greeted player until the connection ends: their messages (rate-limited), what
+/// other tasks send them, queue status updates, the idle timeout.
+async fn connection<S>(
+    ctx: &Ctx,
+    ws: &mut S,
+    player: &PlayerId,
+    mut rx: mpsc::Receiver<Outbound<ServerMessage>>,
+) where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
+{
     let limits = &ctx.config.limits;
     let mut flood = Flood::new(
         limits.messages_per_s,
@@ -103,41 +148,18 @@ where
         STRIKES_FORGIVEN,
         Instant::now(),
     );
-    let idle = Duration::from_millis(t.idle_ms);
+    let idle = Duration::from_millis(ctx.config.timeouts.idle_ms);
     let mut last_heard = Instant::now();
     let mut status =
         tokio::time::interval_at(tokio::time::Instant::now() + STATUS_EVERY, STATUS_EVERY);
+    let mut ok = true;
     while ok {
         let idle_left = idle.saturating_sub(last_heard.elapsed());
         tokio::select! {
             frame = ws.next() => {
                 last_heard = Instant::now();
-                let replies = match frame {
-                    None | Some(Ok(Message::Close(_))) => break,
-                    Some(Err(e)) => {
-                        if wire::is_too_big(&e) {
-                            ctx.metrics.refuse("message_too_big");
-                            send_close(&mut ws, close::TOO_BIG, "message_too_big").await;
-                        }
-                        break;
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(m)) => {
-                        // Strikes are forgiven after a quiet spell: only a sustained flood closes.
-                        let verdict = flood.check(Instant::now());
-                        if verdict != Verdict::Allowed {
-                            ctx.metrics.refuse("rate_limited");
-                            if verdict == Verdict::Close {
-                                let _ = ws.send(text(&ServerMessage::error("rate_limited", "too many messages; closing"))).await;
-                                send_close(&mut ws, close::RATE_LIMITED, "rate_limited").await;
-                                break;
-                            }
-                            vec![ServerMessage::error("rate_limited", format!(
-                                "at most {} messages per second", ctx.config.limits.messages_per_s))]
-                        } else {
-                            handle(&ctx, &player, m).await
-                        }
-                    }
+                let Some(replies) = on_frame(ctx, ws, player, &mut flood, frame).await else {
+                    break;
                 };
                 for r in replies {
                     if ws.send(text(&r)).await.is_err() {
@@ -149,37 +171,73 @@ where
                 Some(Outbound::Msg(m)) => ok = ws.send(text(&m)).await.is_ok(),
                 Some(Outbound::Close(code, reason)) => {
                     let _ = ws.send(text(&ServerMessage::error(&reason, close_message(&reason)))).await;
-                    send_close(&mut ws, code, &reason).await;
+                    send_close(ws, code, &reason).await;
                     break;
                 }
                 None => break,
             },
             _ = status.tick() => {
-                if let Some(m) = queue_status(&ctx, &player).await {
+                if let Some(m) = queue_status(ctx, player).await {
                     ok = ws.send(text(&m)).await.is_ok();
                 }
             }
             _ = tokio::time::sleep(idle_left) => {
                 ctx.metrics.refuse("idle_timeout");
-                send_close(&mut ws, close::TIMEOUT, "idle_timeout").await;
+                send_close(ws, close::TIMEOUT, "idle_timeout").await;
                 break;
             }
         }
     }
+}
 
-    let mine = {
-        let mut players = lock(&ctx.players);
-        let mine = players.get(&player).is_some_and(|c| c.id == conn_id);
-        if mine {
-            players.remove(&player);
+/// One frame from the player: the replies to send, or `None` when the connection ends (the
+/// peer closed, a frame too big, a sustained flood).
+async fn on_frame<S>(
+    ctx: &Ctx,
+    ws: &mut S,
+    player: &PlayerId,
+    flood: &mut Flood,
+    frame: Option<Result<Message, axum::Error>>,
+) -> Option<Vec<ServerMessage>>
+where
+    S: Sink<Message> + Unpin,
+{
+    let m = match frame {
+        None | Some(Ok(Message::Close(_))) => return None,
+        Some(Err(e)) => {
+            if wire::is_too_big(&e) {
+                ctx.metrics.refuse("message_too_big");
+                send_close(ws, close::TOO_BIG, "message_too_big").await;
+            }
+            return None;
         }
-        mine
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Some(Vec::new()),
+        Some(Ok(m)) => m,
     };
-    ctx.metrics.player_connections.dec();
-    // A queued player keeps its ticket for the reconnect grace (unless another connection of
-    // theirs is live).
-    if mine {
-        let _ = ctx.store.set_away(&player, Some(now_ms())).await;
+    // Strikes are forgiven after a quiet spell: only a sustained flood closes.
+    match flood.check(Instant::now()) {
+        Verdict::Allowed => Some(handle(ctx, player, m).await),
+        Verdict::Refused => {
+            ctx.metrics.refuse("rate_limited");
+            Some(vec![ServerMessage::error(
+                "rate_limited",
+                format!(
+                    "at most {} messages per second",
+                    ctx.config.limits.messages_per_s
+                ),
+            )])
+        }
+        Verdict::Close => {
+            ctx.metrics.refuse("rate_limited");
+            let _ = ws
+                .send(text(&ServerMessage::error(
+                    "rate_limited",
+                    "too many messages; closing",
+                )))
+                .await;
+            send_close(ws, close::RATE_LIMITED, "rate_limited").await;
+            None
+        }
     }
 }
 
