@@ -8,6 +8,8 @@ mod cpio;
 mod demo;
 mod image;
 mod redis;
+#[cfg(test)]
+mod seams;
 mod sys;
 mod test;
 mod xen;
