@@ -27,6 +27,8 @@ use berth_server::app::Server;
 use berth_server::auth::{Auth, Role};
 use berth_server::config::{AuthConfig, ServerConfig};
 use berth_server::model::{Event, PoolKey, SessionState, Ticket};
+use berth_server::modes::Mode;
+use berth_server::state::Ctx;
 use berth_server::store::memory::MemoryStore;
 use berth_server::store::redis::RedisStore;
 use berth_server::store::Store;
@@ -351,6 +353,61 @@ async fn hold_idle(
     args: &ServerArgs,
     nofile: u64,
 ) -> Result<serde_json::Value> {
+    let addr = listening_addr(stdout).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base_kib = status_kib(pid, "VmRSS").unwrap_or(0);
+    eprintln!(
+        "bench: berth-server pid {pid} on {addr}, RSS {:.1} MiB before players",
+        base_kib as f64 / 1024.0
+    );
+    let Connected {
+        mut held,
+        failed,
+        first_error,
+        connect_s,
+    } = connect_idle(&addr, args).await?;
+    eprintln!(
+        "bench: {} players connected in {connect_s:.1} s ({failed} failed)",
+        held.len()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sample = IdleSample::take(pid).await;
+    let (rss1, rss2) = (sample.rss1, sample.rss2);
+    let n = held.len();
+    let rss = rss1.max(rss2);
+    let per_conn_kib = (rss.saturating_sub(base_kib)) as f64 / n.max(1) as f64;
+    // Still open after the measurement? A closed socket would have an end or a close ready.
+    let alive = held
+        .iter_mut()
+        .map(|ws| ws.next_item().now_or_never().is_none())
+        .filter(|&open| open)
+        .count();
+    drop(held);
+    Ok(json!({
+        "target": args.conns,
+        "established": n,
+        "failed": failed,
+        "first_error": first_error,
+        "alive_at_end": alive,
+        "server_fds": sample.fds,
+        "connect_s": round(connect_s),
+        "connects_per_s": round(n as f64 / connect_s.max(1e-9)),
+        "rss_mib": round(rss as f64 / 1024.0),
+        "rss_mib_samples": [round(rss1 as f64 / 1024.0), round(rss2 as f64 / 1024.0)],
+        "rss_peak_mib": round(sample.hwm as f64 / 1024.0),
+        "rss_before_players_mib": round(base_kib as f64 / 1024.0),
+        "kib_per_conn": round(per_conn_kib),
+        "idle_cpu_pct_of_a_core": round(sample.idle_cpu_pct),
+        "nofile_limit": nofile,
+        "target_rss_mib": 256,
+        "server_binary": "target/debug/berth-server",
+        "meets_target": n == args.conns && rss as f64 / 1024.0 <= 256.0,
+    }))
+}
+
+/// The address the server prints once it listens (within 30 s); its stdout stays drained
+/// after that.
+async fn listening_addr(stdout: tokio::process::ChildStdout) -> Result<String> {
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let addr = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await? {
@@ -364,13 +421,20 @@ async fn hold_idle(
     .context("berth-server did not say where it listens within 30 s")??;
     // Nothing else is printed on stdout, but keep the pipe drained anyway.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let base_kib = status_kib(pid, "VmRSS").unwrap_or(0);
-    eprintln!(
-        "bench: berth-server pid {pid} on {addr}, RSS {:.1} MiB before players",
-        base_kib as f64 / 1024.0
-    );
+    Ok(addr)
+}
 
+/// The idle players that got in, and how the rest did.
+struct Connected {
+    held: Vec<PlayClient>,
+    failed: usize,
+    first_error: Option<String>,
+    connect_s: f64,
+}
+
+/// Connects `args.conns` players to the server at `addr`, `args.connect_concurrency` at a
+/// time.
+async fn connect_idle(addr: &str, args: &ServerArgs) -> Result<Connected> {
     let auth = Auth::new(&AuthConfig {
         secret: SECRET.into(),
         ..AuthConfig::default()
@@ -398,54 +462,44 @@ async fn hold_idle(
             }
         }
     }
-    eprintln!(
-        "bench: {} players connected in {connect_s:.1} s ({failed} failed)",
-        held.len()
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss1 = status_kib(pid, "VmRSS").unwrap_or(0);
-    let fds = open_fds(pid);
-    let ticks0 = crate::bench::cpu_ticks(pid);
-    let window = Duration::from_secs(5);
-    tokio::time::sleep(window).await;
-    let ticks1 = crate::bench::cpu_ticks(pid);
-    let rss2 = status_kib(pid, "VmRSS").unwrap_or(0);
-    let hwm = status_kib(pid, "VmHWM").unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    let idle_cpu_pct = ticks1.saturating_sub(ticks0) as f64 / hz / window.as_secs_f64() * 100.0;
-    let n = held.len();
-    let rss = rss1.max(rss2);
-    let per_conn_kib = (rss.saturating_sub(base_kib)) as f64 / n.max(1) as f64;
-    // Still open after the measurement? A closed socket would have an end or a close ready.
-    let alive = held
-        .iter_mut()
-        .map(|ws| ws.next_item().now_or_never().is_none())
-        .filter(|&open| open)
-        .count();
-    drop(held);
-    Ok(json!({
-        "target": args.conns,
-        "established": n,
-        "failed": failed,
-        "first_error": first_error,
-        "alive_at_end": alive,
-        "server_fds": fds,
-        "connect_s": round(connect_s),
-        "connects_per_s": round(n as f64 / connect_s.max(1e-9)),
-        "rss_mib": round(rss as f64 / 1024.0),
-        "rss_mib_samples": [round(rss1 as f64 / 1024.0), round(rss2 as f64 / 1024.0)],
-        "rss_peak_mib": round(hwm as f64 / 1024.0),
-        "rss_before_players_mib": round(base_kib as f64 / 1024.0),
-        "kib_per_conn": round(per_conn_kib),
-        "idle_cpu_pct_of_a_core": round(idle_cpu_pct),
-        "nofile_limit": nofile,
-        "target_rss_mib": 256,
-        "server_binary": "target/debug/berth-server",
-        "meets_target": n == args.conns && rss as f64 / 1024.0 <= 256.0,
-    }))
+    Ok(Connected {
+        held,
+        failed,
+        first_error,
+        connect_s,
+    })
+}
+
+/// The server's memory (KiB), open files and CPU while its players sit idle: one sample,
+/// a 5 s window, another sample.
+struct IdleSample {
+    rss1: u64,
+    rss2: u64,
+    hwm: u64,
+    fds: usize,
+    idle_cpu_pct: f64,
+}
+
+impl IdleSample {
+    async fn take(pid: u32) -> Self {
+        let rss1 = status_kib(pid, "VmRSS").unwrap_or(0);
+        let fds = open_fds(pid);
+        let ticks0 = crate::bench::cpu_ticks(pid);
+        let window = Duration::from_secs(5);
+        tokio::time::sleep(window).await;
+        let ticks1 = crate::bench::cpu_ticks(pid);
+        let rss2 = status_kib(pid, "VmRSS").unwrap_or(0);
+        let hwm = status_kib(pid, "VmHWM").unwrap_or(0);
+        let hz = clk_tck();
+        let idle_cpu_pct = ticks1.saturating_sub(ticks0) as f64 / hz / window.as_secs_f64() * 100.0;
+        IdleSample {
+            rss1,
+            rss2,
+            hwm,
+            fds,
+            idle_cpu_pct,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -542,10 +596,7 @@ impl CpuWindow {
     }
 
     fn finish(&self) -> serde_json::Value {
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100) as f64;
+        let hz = clk_tck();
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
         let pct = |ticks: u64| round(ticks as f64 / hz / secs * 100.0);
         let own = crate::bench::cpu_ticks(std::process::id()).saturating_sub(self.own);
@@ -611,112 +662,29 @@ async fn cycle_steps(
 ) -> Result<serde_json::Value> {
     let server = Server::start_with(mm_config(root, args), store.clone()).await?;
     let ctx = server.ctx.clone();
-    let pool = PoolKey {
-        mode: "duel".into(),
-        region: "us".into(),
-    };
+    let pool = duel_pool("us");
     anyhow::ensure!(
         store
             .lease(&format!("match:{pool}"), "bench-probe", 600_000)
             .await?,
         "could not lease the probe pool"
     );
-    // Round trip floor: a store call that does nothing.
-    let t = Instant::now();
-    for _ in 0..200 {
-        store.ping().await?;
-    }
-    let ping_us = t.elapsed().as_secs_f64() * 1e6 / 200.0;
+    let ping_us = ping_us(&store).await?;
     let mode = ctx.modes.get("duel").context("mode duel")?.clone();
-    let mut next = 0usize;
-    let mut fill = |b: usize| {
-        let tickets: Vec<Ticket> = (next..next + b)
-            .map(|i| Ticket {
-                id: format!("p-{i}"),
-                player: PlayerId::new(format!("probe-{i}")).expect("valid player id"),
-                pool: pool.clone(),
-                party: None,
-                skill: 1000.0 + (i % 97) as f64,
-                enqueued_ms: berth_protocol::now_ms(),
-                away_since_ms: None,
-            })
-            .collect();
-        next += b;
-        tickets
+    let mut probe = Probe {
+        ctx,
+        store,
+        mode,
+        pool,
+        next: 0,
     };
-
-    // The per-match store work of a cycle alone: claim, then publish, one match at a time,
-    // with no placement attempts running beside it.
-    for t in fill(200) {
-        store.enqueue(&t).await?;
-    }
-    let queued = store.tickets(&pool).await?;
-    let now = berth_protocol::now_ms();
-    let outcome = berth_server::matching::decide(&mode, &queued, now, 30_000);
-    let t = Instant::now();
-    for formed in &outcome.matches {
-        let session = berth_server::sessions::new_session(&ctx, &mode, &pool.region, formed, now);
-        anyhow::ensure!(
-            store.claim(&formed.tickets, &session).await?,
-            "probe claim lost"
-        );
-        store
-            .publish(&Event::Session {
-                session: session.id.clone(),
-                state: session.state,
-            })
-            .await?;
-    }
-    let claim_publish_us = t.elapsed().as_secs_f64() * 1e6 / outcome.matches.len().max(1) as f64;
+    let claim_publish_us = probe.claim_publish_alone().await?;
     eprintln!("bench:   claim + publish alone: {claim_publish_us:.0} µs per match");
     tokio::time::sleep(Duration::from_millis(args.placing_ms + 1500)).await;
 
     let mut sizes = Vec::new();
     for b in [100usize, 1000, 4000] {
-        for t in fill(b) {
-            store.enqueue(&t).await?;
-        }
-        let t = Instant::now();
-        let tickets = store.tickets(&pool).await?;
-        let read_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let t = Instant::now();
-        let outcome = berth_server::matching::decide(
-            &mode,
-            &tickets,
-            berth_protocol::now_ms(),
-            ctx.config.timeouts.reconnect_grace_ms,
-        );
-        let decide_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let t = Instant::now();
-        let claimed = berth_server::matchmaker::cycle(&ctx.core, &pool).await?;
-        let cycle_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let per_match_us =
-            (cycle_ms - read_ms - decide_ms).max(0.0) * 1000.0 / claimed.max(1) as f64;
-        // What the matchmaker spawns per claimed match (no host: it finds none and returns).
-        let t = Instant::now();
-        let placing = store.sessions(Some(SessionState::Placing)).await?;
-        let placing_read_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let tries = placing.len().min(50);
-        let t = Instant::now();
-        for s in &placing[..tries] {
-            berth_server::sessions::try_place(&ctx, &s.id).await?;
-        }
-        let try_place_us = t.elapsed().as_secs_f64() * 1e6 / tries.max(1) as f64;
-        eprintln!(
-            "bench:   {b} queued: read {read_ms:.1} ms, decide {decide_ms:.1} ms, cycle {cycle_ms:.1} ms for {claimed} matches ({per_match_us:.0} µs each); try_place {try_place_us:.0} µs"
-        );
-        sizes.push(json!({
-            "queued": b,
-            "matches_decided": outcome.matches.len(),
-            "matches_claimed": claimed,
-            "read_queue_ms": round(read_ms),
-            "decide_ms": round(decide_ms),
-            "cycle_ms": round(cycle_ms),
-            "per_match_us": round(per_match_us),
-            "placing_sessions_read_ms": round(placing_read_ms),
-            "placing_sessions": placing.len(),
-            "try_place_us": round(try_place_us),
-        }));
+        sizes.push(probe.cycle_at(b).await?);
         // Let the spawned placement attempts and the sweeper settle before the next size.
         tokio::time::sleep(Duration::from_millis(args.placing_ms + 1500)).await;
     }
@@ -726,6 +694,166 @@ async fn cycle_steps(
         "claim_publish_alone_us_per_match": round(claim_publish_us),
         "cycles": sizes,
     }))
+}
+
+/// Round trip floor: the mean time of a store call that does nothing, in µs.
+async fn ping_us(store: &Arc<dyn Store>) -> Result<f64> {
+    let t = Instant::now();
+    for _ in 0..200 {
+        store.ping().await?;
+    }
+    Ok(us_per(t, 200))
+}
+
+/// Milliseconds since `t`.
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Microseconds since `t`, shared by `n` operations (counted as at least one, so a step that
+/// did nothing does not divide by zero).
+fn us_per(t: Instant, n: usize) -> f64 {
+    t.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64
+}
+
+/// The bench's hold on the leased probe pool of a server: its context and store, the mode
+/// duel, and the number of the next probe ticket (counted on from fill to fill, so no player
+/// queues twice).
+struct Probe {
+    ctx: Ctx,
+    store: Arc<dyn Store>,
+    mode: Mode,
+    pool: PoolKey,
+    next: usize,
+}
+
+/// One `matchmaker::cycle` at a queue length, and its parts timed alone.
+struct CycleStep {
+    queued: usize,
+    matches_decided: usize,
+    matches_claimed: usize,
+    read_ms: f64,
+    decide_ms: f64,
+    cycle_ms: f64,
+    per_match_us: f64,
+    placing_read_ms: f64,
+    placing_sessions: usize,
+    try_place_us: f64,
+}
+
+impl Probe {
+    /// Enqueues `b` more probe tickets, all made (and stamped) before the first goes in.
+    async fn fill(&mut self, b: usize) -> Result<()> {
+        let tickets: Vec<Ticket> = (self.next..self.next + b)
+            .map(|i| bench_ticket(format!("p-{i}"), format!("probe-{i}"), i, &self.pool))
+            .collect::<Result<_>>()?;
+        self.next += b;
+        for t in tickets {
+            self.store.enqueue(&t).await?;
+        }
+        Ok(())
+    }
+
+    /// The per-match store work of a cycle alone: claim, then publish, one match at a time,
+    /// with no placement attempts running beside it; µs per match.
+    async fn claim_publish_alone(&mut self) -> Result<f64> {
+        self.fill(200).await?;
+        let (ctx, store, mode, pool) = (&self.ctx, &self.store, &self.mode, &self.pool);
+        let queued = store.tickets(pool).await?;
+        let now = berth_protocol::now_ms();
+        let outcome = berth_server::matching::decide(mode, &queued, now, 30_000);
+        let t = Instant::now();
+        for formed in &outcome.matches {
+            let session = berth_server::sessions::new_session(ctx, mode, &pool.region, formed, now);
+            anyhow::ensure!(
+                store.claim(&formed.tickets, &session).await?,
+                "probe claim lost"
+            );
+            store
+                .publish(&Event::Session {
+                    session: session.id.clone(),
+                    state: session.state,
+                })
+                .await?;
+        }
+        Ok(us_per(t, outcome.matches.len()))
+    }
+
+    /// Fills the pool with `b` tickets and times one cycle on it, printing and returning the
+    /// times.
+    async fn cycle_at(&mut self, b: usize) -> Result<serde_json::Value> {
+        self.fill(b).await?;
+        let (ctx, store, pool) = (&self.ctx, &self.store, &self.pool);
+        let t = Instant::now();
+        let tickets = store.tickets(pool).await?;
+        let read_ms = ms_since(t);
+        let t = Instant::now();
+        let outcome = berth_server::matching::decide(
+            &self.mode,
+            &tickets,
+            berth_protocol::now_ms(),
+            ctx.config.timeouts.reconnect_grace_ms,
+        );
+        let decide_ms = ms_since(t);
+        let t = Instant::now();
+        let claimed = berth_server::matchmaker::cycle(&ctx.core, pool).await?;
+        let cycle_ms = ms_since(t);
+        let per_match_us =
+            (cycle_ms - read_ms - decide_ms).max(0.0) * 1000.0 / claimed.max(1) as f64;
+        // What the matchmaker spawns per claimed match (no host: it finds none and returns).
+        let t = Instant::now();
+        let placing = store.sessions(Some(SessionState::Placing)).await?;
+        let placing_read_ms = ms_since(t);
+        let tries = placing.len().min(50);
+        let t = Instant::now();
+        for s in &placing[..tries] {
+            berth_server::sessions::try_place(ctx, &s.id).await?;
+        }
+        let step = CycleStep {
+            queued: b,
+            matches_decided: outcome.matches.len(),
+            matches_claimed: claimed,
+            read_ms,
+            decide_ms,
+            cycle_ms,
+            per_match_us,
+            placing_read_ms,
+            placing_sessions: placing.len(),
+            try_place_us: us_per(t, tries),
+        };
+        step.print();
+        Ok(step.json())
+    }
+}
+
+impl CycleStep {
+    fn print(&self) {
+        eprintln!(
+            "bench:   {} queued: read {:.1} ms, decide {:.1} ms, cycle {:.1} ms for {} matches ({:.0} µs each); try_place {:.0} µs",
+            self.queued,
+            self.read_ms,
+            self.decide_ms,
+            self.cycle_ms,
+            self.matches_claimed,
+            self.per_match_us,
+            self.try_place_us
+        );
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "queued": self.queued,
+            "matches_decided": self.matches_decided,
+            "matches_claimed": self.matches_claimed,
+            "read_queue_ms": round(self.read_ms),
+            "decide_ms": round(self.decide_ms),
+            "cycle_ms": round(self.cycle_ms),
+            "per_match_us": round(self.per_match_us),
+            "placing_sessions_read_ms": round(self.placing_read_ms),
+            "placing_sessions": self.placing_sessions,
+            "try_place_us": round(self.try_place_us),
+        })
+    }
 }
 
 /// The in-process matchmaking server's config: loopback, the project's modes, the bench's
@@ -756,6 +884,36 @@ fn hist_json(h: &Histogram<u64>) -> serde_json::Value {
         "max_ms": ms(h.max()),
         "mean_ms": round(h.mean() / 1000.0),
     })
+}
+
+/// A solo ticket for `pool`, enqueued now, as a player's `queue` makes it.
+fn bench_ticket(id: String, player: String, i: usize, pool: &PoolKey) -> Result<Ticket> {
+    Ok(Ticket {
+        id,
+        player: PlayerId::new(player)?,
+        pool: pool.clone(),
+        party: None,
+        // Within duel's 100-point starting window of each other: every pair matches.
+        skill: 1000.0 + (i % 97) as f64,
+        enqueued_ms: berth_protocol::now_ms(),
+        away_since_ms: None,
+    })
+}
+
+/// The duel pool of `region`, where every bench ticket goes.
+fn duel_pool(region: &str) -> PoolKey {
+    PoolKey {
+        mode: "duel".into(),
+        region: region.into(),
+    }
+}
+
+/// Clock ticks per second of `/proc` CPU times (USER_HZ), 100 if unknown.
+fn clk_tck() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
 }
 
 fn player_index(p: &PlayerId) -> Option<usize> {
@@ -790,118 +948,39 @@ async fn drive(
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let sessions_seen = Arc::new(AtomicUsize::new(0));
     // Subscribed before the first ticket, so no `Placing` event can be missed.
-    let mut events = store.subscribe();
-    let observer = {
-        let (seen, mut stop) = (sessions_seen.clone(), stop.clone());
-        side.spawn(async move {
-            let mut observed = Vec::with_capacity(n / 2);
-            let mut lagged = 0u64;
-            loop {
-                let e = tokio::select! {
-                    e = events.recv() => e,
-                    _ = stop.changed() => break,
-                };
-                match e {
-                    Ok(Event::Session {
-                        session,
-                        state: SessionState::Placing,
-                    }) => {
-                        observed.push((session, Instant::now()));
-                        seen.store(observed.len(), Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => lagged += k,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-            (observed, lagged)
-        })
-    };
+    let events = store.subscribe();
+    let observer = side.spawn(observe(events, n, sessions_seen.clone(), stop.clone()));
 
     let enqueued_at: Arc<Vec<OnceLock<Instant>>> =
         Arc::new((0..n).map(|_| OnceLock::new()).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let pool = PoolKey {
-        mode: "duel".into(),
-        region: "eu".into(),
-    };
+    let pool = duel_pool("eu");
     let cpu = CpuWindow::start(redis);
     let t0 = Instant::now();
     let mut producers = Vec::new();
     for _ in 0..args.producers.max(1) {
-        let (store, next, done, at, pool) = (
-            store.clone(),
-            next.clone(),
-            done.clone(),
-            enqueued_at.clone(),
-            pool.clone(),
-        );
-        producers.push(side.spawn(async move {
-            let mut lat = histogram();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return anyhow::Ok((lat, Instant::now()));
-                }
-                if let Some(r) = rate {
-                    let due = t0 + Duration::from_secs_f64(i as f64 / r as f64);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                let ticket = Ticket {
-                    id: format!("t-{i}"),
-                    player: PlayerId::new(format!("mm-{i}"))?,
-                    pool: pool.clone(),
-                    party: None,
-                    // Within duel's 100-point starting window of each other: every pair matches.
-                    skill: 1000.0 + (i % 97) as f64,
-                    enqueued_ms: berth_protocol::now_ms(),
-                    away_since_ms: None,
-                };
-                let start = Instant::now();
-                let _ = at[i].set(start);
-                // Announces the ticket (QueueChanged) in the same step, as for a player.
-                store.enqueue(&ticket).await?;
-                let _ = lat.record(start.elapsed().as_micros().max(1) as u64);
-                done.fetch_add(1, Ordering::Relaxed);
-                // The memory store never makes a task wait: without this, one producer would
-                // run to the end before the observer got a turn, and the event buffer overflow.
-                tokio::task::yield_now().await;
-            }
-        }));
+        let producer = Producer {
+            store: store.clone(),
+            next: next.clone(),
+            done: done.clone(),
+            at: enqueued_at.clone(),
+            pool: pool.clone(),
+            t0,
+            n,
+            rate,
+        };
+        producers.push(side.spawn(producer.run()));
     }
 
     // Wait for every match (or give up), sampling the backlog: enqueued but not yet matched.
-    let sampler = {
-        let (done, seen, mut stop) = (done.clone(), sessions_seen.clone(), stop.clone());
-        side.spawn(async move {
-            let limit = Duration::from_secs(60) + Duration::from_millis(n as u64 * 2);
-            let mut max_backlog = 0usize;
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let (mut last_seen, mut progress) = (0, Instant::now());
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.changed() => return (max_backlog, false),
-                }
-                let matched = seen.load(Ordering::Relaxed) * 2;
-                let enqueued = done.load(Ordering::Relaxed);
-                max_backlog = max_backlog.max(enqueued.saturating_sub(matched));
-                if matched >= n - n % 2 {
-                    return (max_backlog, false);
-                }
-                if matched != last_seen {
-                    (last_seen, progress) = (matched, Instant::now());
-                }
-                // Out of time, or everything enqueued and no match seen for a while (missed
-                // events show up as `events_lagged`).
-                let stalled = enqueued >= n && progress.elapsed() > Duration::from_secs(10);
-                if t0.elapsed() > limit || stalled {
-                    return (max_backlog, true);
-                }
-            }
-        })
-    };
+    let sampler = side.spawn(sample_backlog(
+        done.clone(),
+        sessions_seen.clone(),
+        stop.clone(),
+        n,
+        t0,
+    ));
     let mut enqueue_lat = histogram();
     let mut enqueue_end = t0;
     let mut failed = None;
@@ -943,6 +1022,116 @@ async fn drive(
     })
 }
 
+/// The measuring device: notes when each claimed session's `Placing` event arrives (and
+/// counts them in `seen`) until `stop`; returns those and how many events it missed.
+async fn observe(
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+    n: usize,
+    seen: Arc<AtomicUsize>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<(SessionId, Instant)>, u64) {
+    let mut observed = Vec::with_capacity(n / 2);
+    let mut lagged = 0u64;
+    loop {
+        let e = tokio::select! {
+            e = events.recv() => e,
+            _ = stop.changed() => break,
+        };
+        match e {
+            Ok(Event::Session {
+                session,
+                state: SessionState::Placing,
+            }) => {
+                observed.push((session, Instant::now()));
+                seen.store(observed.len(), Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => lagged += k,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
+    (observed, lagged)
+}
+
+/// One producer task, playing players: takes the next ticket number from `next` until `n`,
+/// at its due time under `rate` (from `t0`), and enqueues it.
+struct Producer {
+    store: Arc<dyn Store>,
+    next: Arc<AtomicUsize>,
+    /// Enqueued tickets, counted for the backlog.
+    done: Arc<AtomicUsize>,
+    /// Per ticket index, when its `enqueue` started.
+    at: Arc<Vec<OnceLock<Instant>>>,
+    pool: PoolKey,
+    t0: Instant,
+    n: usize,
+    rate: Option<u64>,
+}
+
+impl Producer {
+    /// Its `enqueue` latencies and when it ran out of tickets.
+    async fn run(self) -> Result<(Histogram<u64>, Instant)> {
+        let mut lat = histogram();
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.n {
+                return anyhow::Ok((lat, Instant::now()));
+            }
+            if let Some(r) = self.rate {
+                let due = self.t0 + Duration::from_secs_f64(i as f64 / r as f64);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let ticket = bench_ticket(format!("t-{i}"), format!("mm-{i}"), i, &self.pool)?;
+            let start = Instant::now();
+            let _ = self.at[i].set(start);
+            // Announces the ticket (QueueChanged) in the same step, as for a player.
+            self.store.enqueue(&ticket).await?;
+            let _ = lat.record(start.elapsed().as_micros().max(1) as u64);
+            self.done.fetch_add(1, Ordering::Relaxed);
+            // The memory store never makes a task wait: without this, one producer would
+            // run to the end before the observer got a turn, and the event buffer overflow.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Waits until the observer has seen every match, or the run is out of time or stalled,
+/// sampling the backlog (enqueued but not yet matched) every 10 ms; returns the largest
+/// backlog and whether it gave up.
+async fn sample_backlog(
+    done: Arc<AtomicUsize>,
+    seen: Arc<AtomicUsize>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    n: usize,
+    t0: Instant,
+) -> (usize, bool) {
+    let limit = Duration::from_secs(60) + Duration::from_millis(n as u64 * 2);
+    let mut max_backlog = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let (mut last_seen, mut progress) = (0, Instant::now());
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return (max_backlog, false),
+        }
+        let matched = seen.load(Ordering::Relaxed) * 2;
+        let enqueued = done.load(Ordering::Relaxed);
+        max_backlog = max_backlog.max(enqueued.saturating_sub(matched));
+        if matched >= n - n % 2 {
+            return (max_backlog, false);
+        }
+        if matched != last_seen {
+            (last_seen, progress) = (matched, Instant::now());
+        }
+        // Out of time, or everything enqueued and no match seen for a while (missed
+        // events show up as `events_lagged`).
+        let stalled = enqueued >= n && progress.elapsed() > Duration::from_secs(10);
+        if t0.elapsed() > limit || stalled {
+            return (max_backlog, true);
+        }
+    }
+}
+
 /// One matchmaking run: `args.tickets` tickets into mode `duel`, region `eu`, at `rate` per
 /// second (`None`: as fast as the producers go), on a fresh server over `store`.
 async fn matchmaking(
@@ -959,15 +1148,7 @@ async fn matchmaking(
     let n = args.tickets;
     let server = Server::start_with(mm_config(root, args), store.clone()).await?;
 
-    // The producers (players, in production on other machines) and the observer (the
-    // measuring device) run on a runtime of their own, so they neither wait behind the
-    // server's tasks on its workers nor take turns from them there; they share the machine's
-    // cores with it as any other process would.
-    let side = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("bench-side")
-        .enable_all()
-        .build()?;
+    let side = side_runtime()?;
     let result = drive(&side, args, &store, rate, redis).await;
     side.shutdown_background();
     let run = match result {
@@ -978,30 +1159,75 @@ async fn matchmaking(
         }
     };
     let commands = redis_url.map(commandstats);
-    let Drive {
-        t0,
-        enqueued_at,
-        observed,
-        lagged,
-        enqueue_lat,
-        enqueue_s,
-        max_backlog,
-        timed_out,
-        cpu,
-    } = run;
 
     // Whose tickets each session took: one read of every session, after the run. That read
     // is also what the sweeper does every 500 ms, so its time is worth reporting.
     let t = Instant::now();
     let sessions = store.sessions(None).await?;
-    let scan_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let scan_ms = ms_since(t);
     let n_sessions = sessions.len();
     let players: HashMap<SessionId, Vec<PlayerId>> =
         sessions.into_iter().map(|s| (s.id, s.players)).collect();
+    let Decisions {
+        decision,
+        wall_s,
+        unknown,
+    } = decisions(&run, &players);
+    let matched = decision.len() as usize;
+    server.shutdown().await;
+    let d = hist_json(&decision);
+    Ok(json!({
+        "offered_per_s": rate,
+        "tickets": n,
+        "matched": matched,
+        "timed_out": run.timed_out,
+        "tickets_per_s": round(matched as f64 / wall_s.max(1e-9)),
+        "wall_s": round(wall_s),
+        "enqueued_per_s": round(n as f64 / run.enqueue_s.max(1e-9)),
+        "p50_ms": d["p50_ms"],
+        "p99_ms": d["p99_ms"],
+        "decision": d,
+        "enqueue_publish": hist_json(&run.enqueue_lat),
+        "max_backlog_tickets": run.max_backlog,
+        "events_lagged": run.lagged,
+        "sessions_unaccounted": unknown,
+        "sessions_stored": n_sessions,
+        "sessions_scan_ms": round(scan_ms),
+        "cpu": run.cpu,
+        "redis_commands": commands,
+        "meets_target": matched as f64 / wall_s.max(1e-9) >= 5000.0
+            && decision.value_at_quantile(0.99) <= 50_000,
+    }))
+}
+
+/// The producers (players, in production on other machines) and the observer (the measuring
+/// device) run on a runtime of their own, so they neither wait behind the server's tasks on
+/// its workers nor take turns from them there; they share the machine's cores with it as any
+/// other process would.
+fn side_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-side")
+        .enable_all()
+        .build()?)
+}
+
+/// What the run decided: each matched ticket's decision time, the wall time from the first
+/// enqueue to the last match, and the observed sessions the store did not know.
+struct Decisions {
+    decision: Histogram<u64>,
+    wall_s: f64,
+    unknown: usize,
+}
+
+/// Joins the run's observed `Placing` times with whose tickets each session took (`players`)
+/// and when those tickets were enqueued.
+fn decisions(run: &Drive, players: &HashMap<SessionId, Vec<PlayerId>>) -> Decisions {
+    let (t0, enqueued_at) = (run.t0, &run.enqueued_at);
     let mut decision = histogram();
     let mut last = t0;
     let mut unknown = 0usize;
-    for (id, at) in &observed {
+    for (id, at) in &run.observed {
         let Some(ps) = players.get(id) else {
             unknown += 1;
             continue;
@@ -1021,31 +1247,11 @@ async fn matchmaking(
         .copied()
         .unwrap_or(t0);
     let wall_s = last.saturating_duration_since(first).as_secs_f64();
-    let matched = decision.len() as usize;
-    server.shutdown().await;
-    let d = hist_json(&decision);
-    Ok(json!({
-        "offered_per_s": rate,
-        "tickets": n,
-        "matched": matched,
-        "timed_out": timed_out,
-        "tickets_per_s": round(matched as f64 / wall_s.max(1e-9)),
-        "wall_s": round(wall_s),
-        "enqueued_per_s": round(n as f64 / enqueue_s.max(1e-9)),
-        "p50_ms": d["p50_ms"],
-        "p99_ms": d["p99_ms"],
-        "decision": d,
-        "enqueue_publish": hist_json(&enqueue_lat),
-        "max_backlog_tickets": max_backlog,
-        "events_lagged": lagged,
-        "sessions_unaccounted": unknown,
-        "sessions_stored": n_sessions,
-        "sessions_scan_ms": round(scan_ms),
-        "cpu": cpu,
-        "redis_commands": commands,
-        "meets_target": matched as f64 / wall_s.max(1e-9) >= 5000.0
-            && decision.value_at_quantile(0.99) <= 50_000,
-    }))
+    Decisions {
+        decision,
+        wall_s,
+        unknown,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
