@@ -74,7 +74,7 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 /// The code of the error sent when hostd stops.
 pub const SHUTTING_DOWN: &str = code::SHUTTING_DOWN;
 
-use berth_net::{close_frame, first_frame, is_too_big, First};
+use berth_net::{close_frame, drain_until_closed, first_frame, is_too_big, First};
 /// Close codes (shared with the matchmaking server).
 pub use berth_protocol::close;
 use berth_protocol::rate::{Flood, Verdict};
@@ -507,9 +507,9 @@ impl Drop for Held<'_> {
 }
 
 /// Sends what `end` says, closes the websocket (bounded in time) and counts it.
-async fn finish<S>(shared: &Shared, ws: &mut S, end: End, admitted: bool)
+async fn finish<S, E>(shared: &Shared, ws: &mut S, end: End, admitted: bool)
 where
-    S: Sink<Message> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
 {
     const BOUND: Duration = Duration::from_secs(2);
     if admitted {
@@ -533,6 +533,9 @@ where
             let _ = tokio::time::timeout(BOUND, ws.send(close_frame(*code, reason))).await;
         }
         End::Gone(_) => {}
+    }
+    if !matches!(end, End::Gone(_)) {
+        drain_until_closed(ws).await;
     }
     // Completes the close handshake (or answers the client's close).
     let _ = tokio::time::timeout(BOUND, ws.close()).await;

@@ -4,7 +4,8 @@
 //! - [`first_frame`]: the peer's first frame within a deadline (hello, register, join), pings
 //!   skipped, with the ways it can fail told apart;
 //! - [`close_frame`] and [`send_close`]: a close frame with a code and a reason, sent within a
-//!   bound so a peer that stopped reading cannot hold a task;
+//!   bound so a peer that stopped reading cannot hold a task; [`drain_until_closed`] then
+//!   reads the peer's input away so that the close arrives rather than a reset;
 //! - [`is_too_big`]: whether a read error means a frame over the socket's size limit;
 //! - [`shutdown_signal`]: Ctrl-C or SIGTERM, for the binaries.
 //!
@@ -32,6 +33,25 @@ where
     S: Sink<Message> + Unpin,
 {
     let _ = tokio::time::timeout(CLOSE_BOUND, ws.send(close_frame(code, reason))).await;
+}
+
+/// After our close frame: reads on, discarding, until the peer's close frame or the end of the
+/// stream, within [`CLOSE_BOUND`]. Closing a TCP socket with unread input makes the kernel send
+/// a reset, and a reset can destroy our close frame in the peer's receive queue before it is
+/// read (a flooding client then sees "connection reset" instead of its 4429): draining first
+/// makes the close arrive.
+pub async fn drain_until_closed<S, E>(ws: &mut S)
+where
+    S: Stream<Item = Result<Message, E>> + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_BOUND, async {
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Whether a websocket read error means the peer sent a frame over the size limit.

@@ -78,15 +78,7 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
             if s.state != SessionState::Activating || s.host.as_ref() != Some(&host) {
                 return Ok(());
             }
-            c.send(ServerToHost::Activate {
-                session: s.id,
-                image: s.image,
-                players: s.players,
-                teams: s.teams,
-                ticket_key: s.ticket_key,
-                params: s.params,
-                deadline_ms: s.deadline_ms,
-            });
+            c.send(s.activate_message());
         }
         Event::Destroy { host, session } => {
             if let Some(c) = ctx.host_conn(&host) {

@@ -276,15 +276,7 @@ async fn reconcile(ctx: &Ctx, record: &HostRecord) -> Vec<ServerToHost> {
         }
         match s.state {
             // Activation is idempotent by session id: ask again.
-            SessionState::Activating => out.push(ServerToHost::Activate {
-                session: s.id,
-                image: s.image,
-                players: s.players,
-                teams: s.teams,
-                ticket_key: s.ticket_key,
-                params: s.params,
-                deadline_ms: s.deadline_ms,
-            }),
+            SessionState::Activating => out.push(s.activate_message()),
             SessionState::Active | SessionState::Ending => {
                 let _ = sessions::abandon(ctx, &s.id, "vm_lost").await;
             }

@@ -141,6 +141,20 @@ impl Session {
         });
     }
 
+    /// The `activate` that asks its host for a VM (idempotent by session id: sent again after
+    /// a host's reconnect).
+    pub fn activate_message(self) -> berth_protocol::host::ServerToHost {
+        berth_protocol::host::ServerToHost::Activate {
+            session: self.id,
+            image: self.image,
+            players: self.players,
+            teams: self.teams,
+            ticket_key: self.ticket_key,
+            params: self.params,
+            deadline_ms: self.deadline_ms,
+        }
+    }
+
     pub fn since_ms(&self) -> u64 {
         self.history.last().map_or(self.created_ms, |t| t.at_ms)
     }

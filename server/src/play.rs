@@ -200,7 +200,7 @@ async fn on_frame<S>(
     frame: Option<Result<Message, axum::Error>>,
 ) -> Option<Vec<ServerMessage>>
 where
-    S: Sink<Message> + Unpin,
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
 {
     let m = match frame {
         None | Some(Ok(Message::Close(_))) => return None,
@@ -236,6 +236,8 @@ where
                 )))
                 .await;
             send_close(ws, close::RATE_LIMITED, "rate_limited").await;
+            // The flooder's unread frames would turn our close into a reset.
+            wire::drain_until_closed(ws).await;
             None
         }
     }

@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use berth_net::{close_frame, first_frame, is_too_big, send_close, First};
+pub use berth_net::{close_frame, drain_until_closed, first_frame, is_too_big, send_close, First};
 /// Close codes (shared with hostd's gateway).
 pub use berth_protocol::close;
 pub use berth_protocol::rate::{Flood, Verdict};

@@ -56,18 +56,7 @@ pub async fn run(args: E2eArgs) -> Result<()> {
 
 async fn measure(stack: &Stack, args: &E2eArgs) -> Result<serde_json::Value> {
     let base = format!("http://{}", stack.server.addr);
-    let config = berth_sim::SwarmConfig {
-        server: base,
-        arrivals: berth_sim::Arrivals::Fixed {
-            players: args.players,
-            ramp: args.duration,
-        },
-        duration: args.duration + Duration::from_secs(5),
-        modes: vec![berth_sim::Weighted::new(args.mode.clone(), 1.0)],
-        matches: berth_sim::Matches::Count(1),
-        name_prefix: "e2e".into(),
-        ..berth_sim::SwarmConfig::default()
-    };
+    let config = crate::demo::one_match_each(&base, args.players, args.duration, &args.mode, "e2e");
     println!(
         "bench e2e: {} players over {:?} (mode {}), one match each; warm tier {}",
         args.players, args.duration, args.mode, args.warm

@@ -121,21 +121,7 @@ async fn demo(stack: &Stack, args: &DemoArgs) -> Result<()> {
         "  hostd gateway:      ws://{}/v1/game\n",
         stack.gateway().addr
     );
-    let config = berth_sim::SwarmConfig {
-        server: base.clone(),
-        // Phones come in evenly over the run and play one match each: on a 2-core TCG host
-        // a game VM with two players costs ~10 % of a core, so this keeps the host busy but
-        // not saturated (`--players` and `--duration` change the pace).
-        arrivals: berth_sim::Arrivals::Fixed {
-            players: args.players,
-            ramp: args.duration,
-        },
-        duration: args.duration + Duration::from_secs(5),
-        modes: vec![berth_sim::Weighted::new(args.mode.clone(), 1.0)],
-        matches: berth_sim::Matches::Count(1),
-        name_prefix: "demo".into(),
-        ..berth_sim::SwarmConfig::default()
-    };
+    let config = one_match_each(&base, args.players, args.duration, &args.mode, "demo");
     println!(
         "swarm: {} players arriving over {:?}, mode {}, one match each",
         args.players, args.duration, args.mode
@@ -160,6 +146,27 @@ async fn demo(stack: &Stack, args: &DemoArgs) -> Result<()> {
         bail!("{} matches failed: {:?}", report.failed, report.failures);
     }
     Ok(())
+}
+
+/// A swarm in which `players` phones come in evenly over `ramp` and play one match of `mode`
+/// each: on a 2-core TCG host a game VM with two players costs ~10 % of a core, so the demo's
+/// pace keeps the host busy but not saturated (`--players` and `--duration` change it).
+pub(crate) fn one_match_each(
+    server: &str,
+    players: u32,
+    ramp: Duration,
+    mode: &str,
+    prefix: &str,
+) -> berth_sim::SwarmConfig {
+    berth_sim::SwarmConfig {
+        server: server.to_owned(),
+        arrivals: berth_sim::Arrivals::Fixed { players, ramp },
+        duration: ramp + Duration::from_secs(5),
+        modes: vec![berth_sim::Weighted::new(mode.to_owned(), 1.0)],
+        matches: berth_sim::Matches::Count(1),
+        name_prefix: prefix.into(),
+        ..berth_sim::SwarmConfig::default()
+    }
 }
 
 /// A status line every few seconds while the swarm runs.
