@@ -5,7 +5,9 @@
 //! a slow link. Everything a bot measures goes into its own [`Tally`].
 //!
 //! The bot owns its sockets; one `select!` loop per match reads both and fires timers, so
-//! there is no shared state between a bot's parts.
+//! there is no shared state between a bot's parts. A match's one-shot deadlines (reconnects,
+//! faults, waits for results or a ticket) live in one table, `timers::Timers`, keyed by
+//! `timers::Timer`; the loop sleeps until the earliest and then fires those due.
 
 use crate::config::{pick, Matches, SwarmConfig};
 use crate::progress::{Progress, Stage};
@@ -18,8 +20,11 @@ use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage};
 use berth_protocol::SessionId;
 use std::sync::Arc;
 use std::time::Duration;
+use timers::{Timer, Timers};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+mod timers;
 
 /// After one side (game or server) reported the end, how long to wait for the other.
 const RESULTS_WAIT: Duration = Duration::from_secs(5);
@@ -37,6 +42,21 @@ const REQUEUE_FOR: Duration = Duration::from_secs(20);
 const GAME_PING_EVERY: Duration = Duration::from_secs(1);
 /// How long to wait for a fresh ticket after the gateway said `ticket_expired`.
 const TICKET_WAIT: Duration = Duration::from_secs(10);
+/// The timers that run even while the app is in the background (they only give up or wait).
+const ALWAYS_TIMERS: [Timer; 5] = [
+    Timer::EndWait,
+    Timer::Requeue,
+    Timer::CancelUntil,
+    Timer::AwaitingTicket,
+    Timer::BackgroundUntil,
+];
+/// The timers that touch a socket, so they wait while the app is in the background.
+const FOREGROUND_TIMERS: [Timer; 4] = [
+    Timer::PlayReconnect,
+    Timer::GameConnect,
+    Timer::Drop,
+    Timer::Background,
+];
 /// `session_ended` reasons that mean the match did not end as a game.
 const BAD_END_REASONS: [&str; 6] = [
     "admin",
@@ -225,28 +245,21 @@ struct Match {
     play_end: Option<(String, serde_json::Value)>,
     /// A refusal from the gateway to report if no results come.
     game_refusal: Option<String>,
-    end_wait: Option<Instant>,
     queue_msg: String,
-    requeue_at: Option<Instant>,
     /// The server holds a ticket for this queue (`queue_status` or `already_queued` seen).
     queued: bool,
     /// The first transient refusal of `queue` (retried until `REQUEUE_FOR` after it).
     requeue_since: Option<Instant>,
     cancel_sent: bool,
-    cancel_until: Option<Instant>,
-    game_connect_at: Option<Instant>,
+    /// Every one-shot deadline of this match.
+    timers: Timers,
     /// Failed or refused game connections since the last `welcome`.
     game_attempts: u32,
     /// Game sockets opened in this match (the second and later are reconnects).
     game_opens: u32,
-    awaiting_ticket: Option<Instant>,
-    play_reconnect_at: Option<Instant>,
     play_attempts: u32,
     plan_drop: bool,
     plan_background: bool,
-    drop_at: Option<Instant>,
-    background_at: Option<Instant>,
-    background_until: Option<Instant>,
 }
 
 /// How a match attempt ended.
@@ -563,24 +576,16 @@ impl Bot {
             game_results: None,
             play_end: None,
             game_refusal: None,
-            end_wait: None,
             queue_msg: to_json(&queue),
-            requeue_at: None,
             queued: false,
             requeue_since: None,
             cancel_sent: false,
-            cancel_until: None,
-            game_connect_at: None,
+            timers: Timers::default(),
             game_attempts: 0,
             game_opens: 0,
-            awaiting_ticket: None,
-            play_reconnect_at: None,
             play_attempts: 0,
             plan_drop,
             plan_background,
-            drop_at: None,
-            background_at: None,
-            background_until: None,
         };
         self.send_queue(&m).await;
         self.set_stage(Stage::Queued);
@@ -606,7 +611,7 @@ impl Bot {
                 return o;
             }
             let wake = self.next_wake(m, now);
-            let background = m.background_until.is_some();
+            let background = m.timers.is_set(Timer::BackgroundUntil);
             let event = {
                 let play = self
                     .play
@@ -644,22 +649,15 @@ impl Bot {
                 t = t.min(x);
             }
         };
-        at(m.end_wait);
-        at(m.requeue_at);
-        at(m.cancel_until);
-        at(m.awaiting_ticket);
-        at(m.background_until);
+        at(m.timers.earliest(&ALWAYS_TIMERS));
         if m.matched.is_none() {
             at(Some(m.t_queue + cfg.queue_timeout));
             if !m.cancel_sent {
                 at(Some(self.shared.end));
             }
         }
-        if m.background_until.is_none() {
-            at(m.play_reconnect_at);
-            at(m.game_connect_at);
-            at(m.drop_at);
-            at(m.background_at);
+        if !m.timers.is_set(Timer::BackgroundUntil) {
+            at(m.timers.earliest(&FOREGROUND_TIMERS));
             at(self.play.as_ref().map(|p| p.next_ping));
             if let Some(g) = m.game.as_ref().filter(|g| g.welcomed) {
                 at(Some(g.next_input));
@@ -669,26 +667,51 @@ impl Bot {
         t.max(now)
     }
 
+    /// Fires every due timer of the match, in a fixed order: first the ones that end the
+    /// match, then the background fault (which freezes everything after it), then the
+    /// reconnects and faults, last the recurring pings and inputs.
     async fn on_timers(&mut self, m: &mut Match, now: Instant) -> Option<Outcome> {
-        let shared = self.shared.clone();
-        let cfg = &shared.config;
-        if m.end_wait.is_some_and(|t| now >= t) {
+        if let Some(o) = self.on_deadlines(m, now).await {
+            return Some(o);
+        }
+        if self.on_background(m, now) {
+            return None;
+        }
+        if let Some(o) = self.on_play_reconnect(m, now).await {
+            return Some(o);
+        }
+        if let Some(o) = self.on_game_timers(m, now).await {
+            return Some(o);
+        }
+        self.play_ping(now).await;
+        if let Some(g) = m.game.as_mut().filter(|g| g.welcomed) {
+            self.game_beat(g, now).await;
+        }
+        None
+    }
+
+    /// The timers that give up or wait: results, the queue's and the session's limits, the
+    /// run's end, a fresh ticket, a re-`queue`. They run even in the background.
+    async fn on_deadlines(&mut self, m: &mut Match, now: Instant) -> Option<Outcome> {
+        let queue_timeout = self.shared.config.queue_timeout;
+        if m.timers.due(Timer::EndWait, now) {
             return Some(self.conclude(m));
         }
         match &m.matched {
             None => {
-                if m.cancel_until.is_some_and(|t| now >= t) {
+                if m.timers.due(Timer::CancelUntil, now) {
                     return Some(Outcome::Cancelled);
                 }
-                if now >= m.t_queue + cfg.queue_timeout {
+                if now >= m.t_queue + queue_timeout {
                     self.play_send(&ClientMessage::Cancel {}).await;
                     return Some(Outcome::Failed(Failure::QueueTimeout));
                 }
                 if now >= self.shared.end && !m.cancel_sent {
                     // The run is over: leave the queue (a match may still form meanwhile).
                     m.cancel_sent = true;
-                    m.cancel_until = Some(now + Duration::from_secs(5));
-                    m.requeue_at = None;
+                    m.timers
+                        .set(Timer::CancelUntil, now + Duration::from_secs(5));
+                    m.timers.clear(Timer::Requeue);
                     self.play_send(&ClientMessage::Cancel {}).await;
                 }
             }
@@ -698,23 +721,28 @@ impl Bot {
                 }
             }
         }
-        if m.awaiting_ticket.is_some_and(|t| now >= t) {
+        if m.timers.due(Timer::AwaitingTicket, now) {
             return Some(Outcome::Failed(Failure::GatewayRefused(
                 berth_protocol::game::code::TICKET_EXPIRED.into(),
             )));
         }
-        if m.requeue_at.is_some_and(|t| now >= t) && !m.cancel_sent {
-            m.requeue_at = None;
+        if !m.cancel_sent && m.timers.take_due(Timer::Requeue, now) {
             self.send_queue(m).await;
         }
+        None
+    }
 
-        // The app in the background: no reading, no sending, no reconnecting.
-        if let Some(until) = m.background_until {
+    /// The app in the background: no reading, no sending, no reconnecting. Comes back when
+    /// its time is up (maybe with its sockets killed by the OS), and goes there when the
+    /// fault is due. True while it is there: the other timers wait.
+    fn on_background(&mut self, m: &mut Match, now: Instant) -> bool {
+        let faults = &self.shared.config.faults;
+        if let Some(until) = m.timers.get(Timer::BackgroundUntil) {
             if now < until {
-                return None;
+                return true;
             }
-            m.background_until = None;
-            let killed = self.rng.f64() < cfg.faults.background_kill;
+            m.timers.clear(Timer::BackgroundUntil);
+            let killed = self.rng.f64() < faults.background_kill;
             tracing::debug!(player = %self.plan.name, killed, "fault: back from the background");
             if killed {
                 // The OS killed the sockets meanwhile: reopen /v1/play first (its `matched`
@@ -726,116 +754,126 @@ impl Bot {
                 if let Some(g) = m.game.take() {
                     g.link.kill();
                 }
-                m.play_reconnect_at = Some(now);
+                m.timers.set(Timer::PlayReconnect, now);
                 if !m.game_done && m.matched.is_some() {
-                    m.game_connect_at = Some(now + Duration::from_secs(3));
+                    m.timers
+                        .set(Timer::GameConnect, now + Duration::from_secs(3));
                 }
             }
         }
-        if m.background_at.is_some_and(|t| now >= t) {
-            m.background_at = None;
+        if m.timers.take_due(Timer::Background, now) {
             tracing::debug!(player = %self.plan.name, "fault: to the background");
             self.tally.faults.background += 1;
-            m.background_until = Some(now + cfg.faults.background_for.draw(&mut self.rng));
+            let away = faults.background_for.draw(&mut self.rng);
+            m.timers.set(Timer::BackgroundUntil, now + away);
+            return true;
+        }
+        false
+    }
+
+    /// Reopens `/v1/play` when due, or at once when it is closed and no retry is planned.
+    async fn on_play_reconnect(&mut self, m: &mut Match, now: Instant) -> Option<Outcome> {
+        if !(m.timers.due(Timer::PlayReconnect, now)
+            || (self.play.is_none() && !m.timers.is_set(Timer::PlayReconnect)))
+        {
             return None;
         }
-
-        if m.play_reconnect_at.is_some_and(|t| now >= t)
-            || (self.play.is_none() && m.play_reconnect_at.is_none())
-        {
-            m.play_reconnect_at = None;
-            if let Some(p) = self.play.take() {
-                drop(p); // closed politely first, as the protocol asks
+        m.timers.clear(Timer::PlayReconnect);
+        if let Some(p) = self.play.take() {
+            drop(p); // closed politely first, as the protocol asks
+        }
+        match self.connect_play().await {
+            Ok(()) => {
+                tracing::debug!(player = %self.plan.name, "play socket reopened");
+                self.tally.reconnects.play += 1;
+                m.play_attempts = 0;
+                if m.matched.is_none() && !m.cancel_sent {
+                    // The server resumes a queued ticket (`already_queued` then) or has
+                    // dropped it: queue again either way.
+                    self.send_queue(m).await;
+                }
             }
-            match self.connect_play().await {
-                Ok(()) => {
-                    tracing::debug!(player = %self.plan.name, "play socket reopened");
-                    self.tally.reconnects.play += 1;
-                    m.play_attempts = 0;
-                    if m.matched.is_none() && !m.cancel_sent {
-                        // The server resumes a queued ticket (`already_queued` then) or has
-                        // dropped it: queue again either way.
-                        self.send_queue(m).await;
+            Err(f) if f.is_fatal() => return Some(Outcome::Failed(f)),
+            Err(_) => {
+                m.play_attempts += 1;
+                if m.play_attempts >= MAX_PLAY_ATTEMPTS {
+                    if m.game_results.is_some() {
+                        return Some(self.conclude(m));
                     }
-                }
-                Err(f) if f.is_fatal() => return Some(Outcome::Failed(f)),
-                Err(_) => {
-                    m.play_attempts += 1;
-                    if m.play_attempts >= MAX_PLAY_ATTEMPTS {
-                        if m.game_results.is_some() {
-                            return Some(self.conclude(m));
-                        }
-                        if m.game.is_none() {
-                            return Some(Outcome::Failed(Failure::Disconnected));
-                        }
-                        // Still playing: the game socket can carry the match to its end.
+                    if m.game.is_none() {
+                        return Some(Outcome::Failed(Failure::Disconnected));
                     }
-                    m.play_reconnect_at = Some(now + backoff(m.play_attempts, &mut self.rng));
+                    // Still playing: the game socket can carry the match to its end.
                 }
+                let wait = backoff(m.play_attempts, &mut self.rng);
+                m.timers.set(Timer::PlayReconnect, now + wait);
             }
         }
+        None
+    }
 
-        if m.game_connect_at.is_some_and(|t| now >= t) {
-            m.game_connect_at = None;
-            if m.game.is_none() && !m.game_done {
-                if let Some(o) = self.connect_game(m).await {
-                    return Some(o);
-                }
+    /// (Re)opens the game socket when due, and drops it when the fault is due.
+    async fn on_game_timers(&mut self, m: &mut Match, now: Instant) -> Option<Outcome> {
+        if m.timers.take_due(Timer::GameConnect, now) && m.game.is_none() && !m.game_done {
+            if let Some(o) = self.connect_game(m).await {
+                return Some(o);
             }
         }
-
-        if m.drop_at.is_some_and(|t| now >= t) {
-            m.drop_at = None;
+        if m.timers.take_due(Timer::Drop, now) {
             match m.game.take() {
                 Some(g) => {
                     tracing::debug!(player = %self.plan.name, "fault: game socket dropped");
                     self.tally.faults.drop_game += 1;
                     g.link.kill();
-                    m.game_connect_at = Some(now + cfg.faults.drop_pause.draw(&mut self.rng));
+                    let pause = self.shared.config.faults.drop_pause.draw(&mut self.rng);
+                    m.timers.set(Timer::GameConnect, now + pause);
                 }
                 // Not connected right now (reconnecting): drop it once it is back.
-                None if !m.game_done => m.drop_at = Some(now + Duration::from_millis(500)),
+                None if !m.game_done => {
+                    m.timers.set(Timer::Drop, now + Duration::from_millis(500));
+                }
                 None => {}
             }
         }
-
-        self.play_ping(now).await;
-        if let Some(g) = m.game.as_mut().filter(|g| g.welcomed) {
-            if now >= g.next_input {
-                let turn = self.rng.f32() * 2.0 - 1.0;
-                let c = match &g.grid {
-                    Some(grid) => steer::decide(grid, &g.me, &g.players, g.heading, turn),
-                    None => steer::Controls {
-                        dx: 0.0,
-                        dy: 0.0,
-                        fire: false,
-                        aim: 0.0,
-                        heading: g.heading,
-                    },
-                };
-                g.heading = c.heading;
-                g.seq += 1;
-                let input = GameRequest::Input {
-                    seq: g.seq,
-                    dx: c.dx,
-                    dy: c.dy,
-                    fire: c.fire,
-                    aim: c.aim,
-                };
-                g.next_input += g.input_every;
-                if g.next_input < now {
-                    g.next_input = now + g.input_every;
-                }
-                let _ = g.link.send(&input).await;
-            }
-            if now >= g.next_ping {
-                g.nonce += 1;
-                g.ping = Some((g.nonce, now));
-                g.next_ping = now + GAME_PING_EVERY;
-                let _ = g.link.send(&GameRequest::Ping { nonce: g.nonce }).await;
-            }
-        }
         None
+    }
+
+    /// The game's recurring beats once welcomed: an input at the tick rate, a `ping` every
+    /// second (its `pong` gives the round trip).
+    async fn game_beat(&mut self, g: &mut Game, now: Instant) {
+        if now >= g.next_input {
+            let turn = self.rng.f32() * 2.0 - 1.0;
+            let c = match &g.grid {
+                Some(grid) => steer::decide(grid, &g.me, &g.players, g.heading, turn),
+                None => steer::Controls {
+                    dx: 0.0,
+                    dy: 0.0,
+                    fire: false,
+                    aim: 0.0,
+                    heading: g.heading,
+                },
+            };
+            g.heading = c.heading;
+            g.seq += 1;
+            let input = GameRequest::Input {
+                seq: g.seq,
+                dx: c.dx,
+                dy: c.dy,
+                fire: c.fire,
+                aim: c.aim,
+            };
+            g.next_input += g.input_every;
+            if g.next_input < now {
+                g.next_input = now + g.input_every;
+            }
+            let _ = g.link.send(&input).await;
+        }
+        if now >= g.next_ping {
+            g.nonce += 1;
+            g.ping = Some((g.nonce, now));
+            g.next_ping = now + GAME_PING_EVERY;
+            let _ = g.link.send(&GameRequest::Ping { nonce: g.nonce }).await;
+        }
     }
 
     /// Opens the game socket with the latest ticket and sends `join`.
@@ -843,13 +881,13 @@ impl Bot {
         let mm = m.matched.as_ref()?;
         let now = Instant::now();
         if m.game_opens > 0
-            && m.awaiting_ticket.is_none()
+            && !m.timers.is_set(Timer::AwaitingTicket)
             && now + Duration::from_secs(1) >= mm.ticket_expires
         {
             // Reconnecting with a ticket that has (nearly) expired: renew it through
             // `/v1/play` first (its `matched` carries a fresh one).
-            m.awaiting_ticket = Some(now + TICKET_WAIT);
-            m.play_reconnect_at = Some(now);
+            m.timers.set(Timer::AwaitingTicket, now + TICKET_WAIT);
+            m.timers.set(Timer::PlayReconnect, now);
             return None;
         }
         m.game_attempts += 1;
@@ -887,33 +925,22 @@ impl Bot {
                 if m.game_attempts >= MAX_GAME_ATTEMPTS {
                     return Some(self.conclude_or(m, Failure::GatewayUnreachable));
                 }
-                m.game_connect_at = Some(Instant::now() + backoff(m.game_attempts, &mut self.rng));
+                m.timers.set(
+                    Timer::GameConnect,
+                    Instant::now() + backoff(m.game_attempts, &mut self.rng),
+                );
                 None
             }
         }
     }
 
+    /// One item from `/v1/play`: what the server says about the queue and the session.
     async fn on_play(&mut self, m: &mut Match, item: Incoming) -> Option<Outcome> {
         let now = Instant::now();
         let text = match item {
             Incoming::Text(t) => t,
             Incoming::Binary(_) => return None,
-            Incoming::Closed(Closed { code, reason, .. }) => {
-                self.play = None;
-                tracing::debug!(player = %self.plan.name, ?code, %reason, "play socket closed");
-                match code {
-                    Some(4409) => return Some(Outcome::Failed(Failure::Replaced)),
-                    Some(4401) => return Some(Outcome::Failed(Failure::HelloRefused(reason))),
-                    _ => {}
-                }
-                if m.game_results.is_some() {
-                    // The game already gave results; the server's copy is not worth waiting for.
-                    return Some(self.conclude(m));
-                }
-                m.play_attempts += 1;
-                m.play_reconnect_at = Some(now + backoff(m.play_attempts, &mut self.rng));
-                return None;
-            }
+            Incoming::Closed(closed) => return self.on_play_closed(m, closed, now),
         };
         let Ok(msg) = serde_json::from_str::<ServerMessage>(&text) else {
             tracing::debug!(player = %self.plan.name, %text, "unknown play message");
@@ -928,63 +955,20 @@ impl Bot {
                 deadline_ms,
                 ..
             } => {
-                if self.last_session.as_ref() == Some(&session) {
-                    return None;
-                }
-                if let Some(mm) = &m.matched {
-                    if mm.session != session {
-                        tracing::debug!(player = %self.plan.name, %session, "matched for another session");
-                        return None;
-                    }
-                }
-                if m.matched.is_none() {
-                    self.tally
-                        .histograms
-                        .record(Metric::TimeToMatch, now - m.t_queue);
-                    self.tally.matches.matched += 1;
-                    self.tally.sessions.insert(session.clone());
-                    self.set_stage(Stage::Playing);
-                    m.t_matched = Some(now);
-                    m.cancel_until = None;
-                    m.requeue_at = None;
-                    m.game_connect_at = Some(now);
-                }
-                m.matched = Some(Matched {
+                let fresh = Matched {
                     session,
                     endpoint,
                     ticket,
                     ticket_expires: at_epoch_ms(ticket_expires_ms, now),
                     deadline: at_epoch_ms(deadline_ms, now),
-                });
-                if m.awaiting_ticket.take().is_some() || (m.game.is_none() && !m.game_done) {
-                    m.game_connect_at = Some(now);
-                }
+                };
+                self.on_matched(m, fresh, now);
             }
             ServerMessage::SessionEnded {
                 session,
                 reason,
                 results,
-            } => {
-                if self.last_session.as_ref() == Some(&session) {
-                    return None;
-                }
-                match &m.matched {
-                    None if reason == "placement_failed" => {
-                        return Some(Outcome::Failed(Failure::PlacementFailed))
-                    }
-                    None => {
-                        return Some(Outcome::Failed(Failure::SessionEnded(reason.to_string())))
-                    }
-                    Some(mm) if mm.session != session => return None,
-                    Some(_) => {}
-                }
-                m.t_end.get_or_insert(now);
-                m.play_end = Some((reason.to_string(), results));
-                if m.game_results.is_some() || m.game.is_none() {
-                    return Some(self.conclude(m));
-                }
-                m.end_wait.get_or_insert(now + RESULTS_WAIT);
-            }
+            } => return self.on_session_ended(m, &session, reason.to_string(), results, now),
             ServerMessage::Dequeued { reason, .. } => {
                 if m.matched.is_some() {
                     return None;
@@ -995,35 +979,90 @@ impl Bot {
                     _ => Outcome::Failed(Failure::Dequeued(reason.to_string())),
                 });
             }
-            ServerMessage::Error { code, .. } => {
-                if code == "replaced" {
-                    return Some(Outcome::Failed(Failure::Replaced));
-                }
-                if m.matched.is_some() {
-                    return None;
-                }
-                match code.as_str() {
-                    "already_queued" => m.queued = true,
-                    // Never queued (the queue was still being refused): nothing to cancel.
-                    "not_queued" if m.cancel_sent && !m.queued => return Some(Outcome::Cancelled),
-                    // Cancel came too late: the match is being placed; wait for its news
-                    // (placement ends in `matched` or `placement_failed` well within this).
-                    "not_queued" if m.cancel_sent => {
-                        m.cancel_until = Some(now + Duration::from_secs(30))
-                    }
-                    // `in_session`: the last match's VM is still going away, or (after a
-                    // reconnect) this match is being placed; either way it settles soon.
-                    "in_session" | "rate_limited" | "store_unavailable" | "store_corrupt"
-                        if now < *m.requeue_since.get_or_insert(now) + REQUEUE_FOR =>
-                    {
-                        m.requeue_at = Some(now + Duration::from_secs(1));
-                    }
-                    _ => return Some(Outcome::Failed(Failure::QueueRefused(code.to_string()))),
-                }
-            }
+            ServerMessage::Error { code, .. } => return on_play_error(m, code.as_str(), now),
             ServerMessage::QueueStatus { .. } => m.queued = true,
             ServerMessage::Welcome { .. } | ServerMessage::Pong { .. } => {}
         }
+        None
+    }
+
+    /// `/v1/play` closed: the end for a replaced or refused player, else reopened later.
+    fn on_play_closed(&mut self, m: &mut Match, closed: Closed, now: Instant) -> Option<Outcome> {
+        let Closed { code, reason, .. } = closed;
+        self.play = None;
+        tracing::debug!(player = %self.plan.name, ?code, %reason, "play socket closed");
+        match code {
+            Some(4409) => return Some(Outcome::Failed(Failure::Replaced)),
+            Some(4401) => return Some(Outcome::Failed(Failure::HelloRefused(reason))),
+            _ => {}
+        }
+        if m.game_results.is_some() {
+            // The game already gave results; the server's copy is not worth waiting for.
+            return Some(self.conclude(m));
+        }
+        m.play_attempts += 1;
+        let wait = backoff(m.play_attempts, &mut self.rng);
+        m.timers.set(Timer::PlayReconnect, now + wait);
+        None
+    }
+
+    /// `matched`: the first one starts the game; later ones (after a reconnect) renew the
+    /// ticket. Late news of the last match and of other sessions is ignored.
+    fn on_matched(&mut self, m: &mut Match, fresh: Matched, now: Instant) {
+        if self.last_session.as_ref() == Some(&fresh.session) {
+            return;
+        }
+        if let Some(mm) = &m.matched {
+            if mm.session != fresh.session {
+                tracing::debug!(player = %self.plan.name, session = %fresh.session, "matched for another session");
+                return;
+            }
+        }
+        if m.matched.is_none() {
+            self.tally
+                .histograms
+                .record(Metric::TimeToMatch, now - m.t_queue);
+            self.tally.matches.matched += 1;
+            self.tally.sessions.insert(fresh.session.clone());
+            self.set_stage(Stage::Playing);
+            m.t_matched = Some(now);
+            m.timers.clear(Timer::CancelUntil);
+            m.timers.clear(Timer::Requeue);
+            m.timers.set(Timer::GameConnect, now);
+        }
+        m.matched = Some(fresh);
+        if m.timers.clear(Timer::AwaitingTicket) || (m.game.is_none() && !m.game_done) {
+            m.timers.set(Timer::GameConnect, now);
+        }
+    }
+
+    /// `session_ended`: before `matched` the match failed; after it, the server's results,
+    /// concluded now or once the game's own end has had [`RESULTS_WAIT`] to come.
+    fn on_session_ended(
+        &mut self,
+        m: &mut Match,
+        session: &SessionId,
+        reason: String,
+        results: serde_json::Value,
+        now: Instant,
+    ) -> Option<Outcome> {
+        if self.last_session.as_ref() == Some(session) {
+            return None;
+        }
+        match &m.matched {
+            None if reason == "placement_failed" => {
+                return Some(Outcome::Failed(Failure::PlacementFailed))
+            }
+            None => return Some(Outcome::Failed(Failure::SessionEnded(reason))),
+            Some(mm) if mm.session != *session => return None,
+            Some(_) => {}
+        }
+        m.t_end.get_or_insert(now);
+        m.play_end = Some((reason, results));
+        if m.game_results.is_some() || m.game.is_none() {
+            return Some(self.conclude(m));
+        }
+        m.timers.set_once(Timer::EndWait, now + RESULTS_WAIT);
         None
     }
 
@@ -1036,9 +1075,7 @@ impl Bot {
                 m.game = None;
                 tracing::debug!(player = %self.plan.name, ?code, %reason, "game socket closed");
                 if m.game_done || m.game_results.is_some() {
-                    if m.end_wait.is_none() {
-                        m.end_wait = Some(now + RESULTS_WAIT);
-                    }
+                    m.timers.set_once(Timer::EndWait, now + RESULTS_WAIT);
                     return None;
                 }
                 if m.play_end.is_some() {
@@ -1047,8 +1084,11 @@ impl Bot {
                 if m.game_attempts >= MAX_GAME_ATTEMPTS {
                     return Some(self.conclude_or(m, Failure::Disconnected));
                 }
-                if m.game_connect_at.is_none() && m.awaiting_ticket.is_none() {
-                    m.game_connect_at = Some(now + backoff(m.game_attempts, &mut self.rng));
+                if !m.timers.is_set(Timer::GameConnect) && !m.timers.is_set(Timer::AwaitingTicket) {
+                    m.timers.set(
+                        Timer::GameConnect,
+                        now + backoff(m.game_attempts, &mut self.rng),
+                    );
                 }
                 return None;
             }
@@ -1088,10 +1128,16 @@ impl Bot {
                         .mul_f64(0.6)
                         .max(Duration::from_secs(1));
                     if m.plan_drop {
-                        m.drop_at = Some(now + window.mul_f64(0.2 + 0.8 * self.rng.f64()));
+                        m.timers.set(
+                            Timer::Drop,
+                            now + window.mul_f64(0.2 + 0.8 * self.rng.f64()),
+                        );
                     }
                     if m.plan_background {
-                        m.background_at = Some(now + window.mul_f64(0.2 + 0.8 * self.rng.f64()));
+                        m.timers.set(
+                            Timer::Background,
+                            now + window.mul_f64(0.2 + 0.8 * self.rng.f64()),
+                        );
                     }
                 }
             }
@@ -1110,7 +1156,7 @@ impl Bot {
                 if m.play_end.is_some() {
                     return Some(self.conclude(m));
                 }
-                m.end_wait.get_or_insert(now + RESULTS_WAIT);
+                m.timers.set_once(Timer::EndWait, now + RESULTS_WAIT);
             }
             GameAnswer::Error { code, .. } => {
                 return self.on_game_error(m, code, now);
@@ -1139,7 +1185,7 @@ impl Bot {
             if m.play_end.is_some() {
                 return Some(self.conclude(m));
             }
-            m.end_wait.get_or_insert(now + RESULTS_WAIT);
+            m.timers.set_once(Timer::EndWait, now + RESULTS_WAIT);
             return None;
         }
         if welcomed {
@@ -1154,18 +1200,21 @@ impl Bot {
         m.game = None;
         match code.as_str() {
             c::TICKET_EXPIRED => {
-                if m.awaiting_ticket.is_some() || m.game_attempts >= MAX_GAME_ATTEMPTS {
+                if m.timers.is_set(Timer::AwaitingTicket) || m.game_attempts >= MAX_GAME_ATTEMPTS {
                     return Some(Outcome::Failed(Failure::GatewayRefused(code)));
                 }
                 // A fresh ticket comes with the `matched` that follows a new `/v1/play`.
-                m.awaiting_ticket = Some(now + TICKET_WAIT);
-                m.play_reconnect_at = Some(now);
+                m.timers.set(Timer::AwaitingTicket, now + TICKET_WAIT);
+                m.timers.set(Timer::PlayReconnect, now);
                 None
             }
             c::TICKET_IN_USE | c::GAME_UNREACHABLE | c::NOT_ACTIVATED | c::RATE_LIMITED
                 if m.game_attempts < MAX_GAME_ATTEMPTS =>
             {
-                m.game_connect_at = Some(now + backoff(m.game_attempts, &mut self.rng));
+                m.timers.set(
+                    Timer::GameConnect,
+                    now + backoff(m.game_attempts, &mut self.rng),
+                );
                 None
             }
             _ => Some(Outcome::Failed(Failure::GatewayRefused(code))),
@@ -1214,6 +1263,37 @@ impl Bot {
             }),
         }
     }
+}
+
+/// An `error` on `/v1/play`: `replaced` ends the bot; before `matched`, queue refusals are
+/// retried, waited out or reported, and a late `cancel` is settled.
+fn on_play_error(m: &mut Match, code: &str, now: Instant) -> Option<Outcome> {
+    if code == "replaced" {
+        return Some(Outcome::Failed(Failure::Replaced));
+    }
+    if m.matched.is_some() {
+        return None;
+    }
+    match code {
+        "already_queued" => m.queued = true,
+        // Never queued (the queue was still being refused): nothing to cancel.
+        "not_queued" if m.cancel_sent && !m.queued => return Some(Outcome::Cancelled),
+        // Cancel came too late: the match is being placed; wait for its news
+        // (placement ends in `matched` or `placement_failed` well within this).
+        "not_queued" if m.cancel_sent => {
+            m.timers
+                .set(Timer::CancelUntil, now + Duration::from_secs(30));
+        }
+        // `in_session`: the last match's VM is still going away, or (after a
+        // reconnect) this match is being placed; either way it settles soon.
+        "in_session" | "rate_limited" | "store_unavailable" | "store_corrupt"
+            if now < *m.requeue_since.get_or_insert(now) + REQUEUE_FOR =>
+        {
+            m.timers.set(Timer::Requeue, now + Duration::from_secs(1));
+        }
+        _ => return Some(Outcome::Failed(Failure::QueueRefused(code.to_string()))),
+    }
+    None
 }
 
 /// The next item of a socket; never, without one (or while the app is in the background).
