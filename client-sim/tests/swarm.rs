@@ -55,7 +55,12 @@ async fn with_no_host_every_bot_fails_as_placement_failed() -> Result<()> {
     assert_eq!(json["failures"]["placement_failed"], 4);
     // Every socket was closed: the server lets go of all four players.
     common::eventually("players disconnected", || {
-        server.ctx.players.lock().is_ok_and(|p| p.is_empty())
+        server
+            .ctx
+            .registry
+            .players
+            .lock()
+            .is_ok_and(|p| p.is_empty())
     })
     .await?;
     server.shutdown().await;

@@ -97,8 +97,7 @@ impl Server {
         let ctx: Ctx = Arc::new(Shared {
             core: core.clone(),
             auth,
-            players: Default::default(),
-            hosts: Default::default(),
+            registry: Default::default(),
             matcher: matcher_tx,
             dashboard: Default::default(),
         });
@@ -139,11 +138,11 @@ impl Server {
     pub async fn shutdown(mut self) {
         // Dashboard feeds end with `bye` (the page reconnects by itself).
         self.ctx.dashboard.close("shutting_down");
-        let players: Vec<_> = lock(&self.ctx.players).values().cloned().collect();
+        let players: Vec<_> = lock(&self.ctx.registry.players).values().cloned().collect();
         for p in players {
             p.close(close::GOING_AWAY, "shutting_down");
         }
-        let hosts: Vec<_> = lock(&self.ctx.hosts).values().cloned().collect();
+        let hosts: Vec<_> = lock(&self.ctx.registry.hosts).values().cloned().collect();
         for h in hosts {
             h.close(close::GOING_AWAY, "shutting_down");
         }

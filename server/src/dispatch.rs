@@ -38,7 +38,7 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
             ticket,
             reason,
         } => {
-            if let Some(c) = ctx.player(&player) {
+            if let Some(c) = ctx.registry.player(&player) {
                 c.send(ServerMessage::Dequeued {
                     ticket,
                     reason: reason.into(),
@@ -56,7 +56,7 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
                 return Ok(());
             };
             let local: Vec<_> = {
-                let players = lock(&ctx.players);
+                let players = lock(&ctx.registry.players);
                 s.players
                     .iter()
                     .filter_map(|p| players.get(p).map(|c| (p.clone(), c.clone())))
@@ -69,7 +69,7 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
             }
         }
         Event::Place { host, session } => {
-            let Some(c) = ctx.host_conn(&host) else {
+            let Some(c) = ctx.registry.host_conn(&host) else {
                 return Ok(());
             };
             let Some(s) = ctx.store.session(&session).await? else {
@@ -81,13 +81,13 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
             c.send(s.activate_message());
         }
         Event::Destroy { host, session } => {
-            if let Some(c) = ctx.host_conn(&host) {
+            if let Some(c) = ctx.registry.host_conn(&host) {
                 c.send(ServerToHost::Destroy { session });
             }
         }
         Event::PlayerConnected { player, conn } => {
             let old = {
-                let players = lock(&ctx.players);
+                let players = lock(&ctx.registry.players);
                 players.get(&player).filter(|c| c.id != conn).cloned()
             };
             if let Some(c) = old {

@@ -65,7 +65,7 @@ where
     };
     let conn_id = random_id();
     let (tx, mut rx) = mpsc::channel(1024);
-    if let Some(old) = lock(&ctx.hosts).insert(
+    if let Some(old) = lock(&ctx.registry.hosts).insert(
         host.clone(),
         Conn {
             id: conn_id.clone(),
@@ -129,7 +129,7 @@ where
         }
     }
     let mine = {
-        let mut hosts = lock(&ctx.hosts);
+        let mut hosts = lock(&ctx.registry.hosts);
         let mine = hosts.get(&host).is_some_and(|c: &HostConn| c.id == conn_id);
         if mine {
             hosts.remove(&host);

@@ -29,7 +29,7 @@ const OUTBOX: usize = 32;
 
 pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(ctx): State<Ctx>) -> Response {
     let limits = &ctx.config.limits;
-    if lock(&ctx.players).len() >= limits.max_players {
+    if lock(&ctx.registry.players).len() >= limits.max_players {
         ctx.metrics.refuse("server_full");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -64,7 +64,7 @@ where
         connection(&ctx, &mut ws, &player, rx).await;
     }
     let mine = {
-        let mut players = lock(&ctx.players);
+        let mut players = lock(&ctx.registry.players);
         let mine = players.get(&player).is_some_and(|c| c.id == conn_id);
         if mine {
             players.remove(&player);
@@ -91,7 +91,7 @@ async fn register(
         id: conn_id.clone(),
         tx,
     };
-    if let Some(old) = lock(&ctx.players).insert(player.clone(), conn) {
+    if let Some(old) = lock(&ctx.registry.players).insert(player.clone(), conn) {
         old.close(close::CONFLICT, "replaced");
     }
     ctx.metrics.player_connections.inc();

@@ -1,6 +1,12 @@
 //! Small helpers.
 
 pub use berth_protocol::now_ms;
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks a std mutex held only for short, non-async critical sections.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// A fresh random id (uuid v4, simple form).
 pub fn random_id() -> String {

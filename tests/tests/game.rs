@@ -140,7 +140,7 @@ impl Player {
     }
 
     /// Skips states until one matching `f`.
-    async fn state_until(&mut self, f: impl Fn(&Snapshot) -> bool) -> Result<Snapshot> {
+    async fn state_until(&mut self, mut f: impl FnMut(&Snapshot) -> bool) -> Result<Snapshot> {
         loop {
             match self.next().await? {
                 Some(GameAnswer::State(s)) if f(&s) => return Ok(s),
@@ -236,27 +236,49 @@ async fn a_duel_is_played_to_its_end_in_a_real_vm() -> Result<()> {
         .all(|r| r.len() as u32 == welcome.map.width));
     let first = alice.state_until(|_| true).await?;
     let me = first.players.iter().find(|p| p.id.as_str() == "alice");
-    let start_x = me.context("alice in the first state")?.x;
+    let me = me.context("alice in the first state")?;
+    let (start_x, start_y) = (me.x, me.y);
 
     let (mut bob, welcome) = Player::join(vm.game_addr, &ticket(KEY, "duel-1", "bob")).await?;
     assert_eq!(welcome.team, 1);
-    // Alice moves: the game applies her input (acked) and her position changes.
-    let dir = if start_x < welcome.map.width as f32 / 2.0 {
+    // Alice moves: the game applies her input (acked) and her position changes. Spawn points
+    // are random per session: a wall may block one way, so each direction gets its turn.
+    let toward_centre = if start_x < welcome.map.width as f32 / 2.0 {
         1.0
     } else {
         -1.0
     };
-    alice
-        .send(&format!(r#"{{"type":"input","seq":7,"dx":{dir},"dy":0}}"#))
-        .await?;
-    let moved = alice
-        .state_until(|s| {
-            s.ack == 7
-                && s.players
-                    .iter()
-                    .any(|p| p.id.as_str() == "alice" && (p.x - start_x).abs() > 0.2)
-        })
-        .await?;
+    let tries = [
+        (toward_centre, 0.0),
+        (-toward_centre, 0.0),
+        (0.0, 1.0),
+        (0.0, -1.0),
+    ];
+    let mut moved = None;
+    for (seq, (dx, dy)) in (7u32..).zip(tries) {
+        alice
+            .send(&format!(
+                r#"{{"type":"input","seq":{seq},"dx":{dx},"dy":{dy}}}"#
+            ))
+            .await?;
+        let mut seen = 0;
+        let state = alice
+            .state_until(|s| {
+                seen += 1;
+                seen > 40
+                    || (s.ack == seq
+                        && s.players.iter().any(|p| {
+                            p.id.as_str() == "alice"
+                                && ((p.x - start_x).abs() > 0.2 || (p.y - start_y).abs() > 0.2)
+                        }))
+            })
+            .await?;
+        if state.ack == seq && seen <= 40 {
+            moved = Some(state);
+            break;
+        }
+    }
+    let moved = moved.context("alice's input never moved her, in any direction")?;
     assert_eq!(moved.players.len(), 2, "both players are in the world");
     assert!(moved.tick > first.tick);
     bob.send(r#"{"type":"ping","nonce":42}"#).await?;
