@@ -21,6 +21,7 @@ use crate::state::{lock, Ctx};
 use crate::store::StoreError;
 use crate::util::now_ms;
 use crate::views::pool_views;
+use crate::web::{asset, page};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -328,25 +329,7 @@ pub fn router() -> Router<Ctx> {
 }
 
 async fn index() -> Response {
-    let mut r = asset("text/html; charset=utf-8", INDEX_HTML);
-    r.headers_mut().insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
-    );
-    r
-}
-
-/// Revalidated on every load (`no-cache`), so a redeployed server never runs a stale page.
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        body,
-    )
-        .into_response()
+    page(INDEX_HTML, CSP)
 }
 
 /// One watcher's feed: what it still has to hear.

@@ -33,16 +33,21 @@ pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
 }
 
 async fn index() -> Response {
-    let mut r = asset("text/html; charset=utf-8", INDEX_HTML);
+    page(INDEX_HTML, CSP)
+}
+
+/// An HTML page under its content security policy (the `/play` and `/admin` pages).
+pub(crate) fn page(html: &'static str, csp: &'static str) -> Response {
+    let mut r = asset("text/html; charset=utf-8", html);
     r.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
-        header::HeaderValue::from_static(CSP),
+        header::HeaderValue::from_static(csp),
     );
     r
 }
 
 /// Revalidated on every load (`no-cache`), so a redeployed server never runs a stale page.
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+pub(crate) fn asset(content_type: &'static str, body: &'static str) -> Response {
     (
         [
             (header::CONTENT_TYPE, content_type),
