@@ -570,6 +570,48 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_active_session_past_its_deadline_ends_and_its_vm_is_destroyed() {
+        let core = test_core();
+        let mut h = host("h1", 0, 1, true);
+        h.last_seen_ms = now_ms();
+        core.store.put_host(&h).await.expect("host");
+        let s = matched(&core).await;
+        try_place(&core, &s.id).await.expect("place");
+        let vm = VmId::new("vm-1").expect("id");
+        let active = activated(&core, &h.id, &s.id, &vm, "warm")
+            .await
+            .expect("activated");
+        assert_eq!(active.map(|a| a.state), Some(SessionState::Active));
+        let mut events = core.store.subscribe();
+        modify(&core, &s.id, |s| {
+            s.deadline_ms = now_ms() - 1;
+            true
+        })
+        .await
+        .expect("modify");
+        sweep(&core).await.expect("sweep");
+        assert_eq!(
+            state_of(&core, &s.id).await,
+            (SessionState::Ending, Some("deadline".into()))
+        );
+        let destroy = Event::Destroy {
+            host: h.id.clone(),
+            session: s.id.clone(),
+        };
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push(e);
+        }
+        assert!(seen.contains(&destroy), "no destroy among {seen:?}");
+        // The host confirms the VM is gone: ended, the reason kept.
+        destroyed(&core, &h.id, &s.id).await.expect("destroyed");
+        assert_eq!(
+            state_of(&core, &s.id).await,
+            (SessionState::Ended, Some("deadline".into()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn activation_latency_comes_from_the_sessions_history() {
         let core = test_core();
         let mut h = host("h1", 0, 1, true);
