@@ -960,6 +960,30 @@ pub(crate) mod tests {
         (stop, task)
     }
 
+    /// A link registered with the server double: its first connection welcomed.
+    struct Linked {
+        server: ServerDouble,
+        conn: Conn,
+        registered: HostMessage,
+        stop: oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn linked(pool: &PoolDouble, heartbeat_ms: u64) -> Linked {
+        logs();
+        let mut server = ServerDouble::start(0).await;
+        let (stop, task) = start(pool, &server.url);
+        let mut conn = server.next().await;
+        let registered = conn.welcome(heartbeat_ms).await;
+        Linked {
+            server,
+            conn,
+            registered,
+            stop,
+            task,
+        }
+    }
+
     fn activate(s: &str, image: &str) -> ServerToHost {
         ServerToHost::Activate {
             teams: vec![],
@@ -1112,15 +1136,17 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn registers_with_the_bearer_token_and_closes_on_shutdown() {
-        logs();
-        let mut server = ServerDouble::start(0).await;
         let pool = PoolDouble::new();
-        let (stop, task) = start(&pool, &server.url);
-        let mut conn = server.next().await;
+        let Linked {
+            server,
+            mut conn,
+            registered,
+            stop,
+            task,
+        } = linked(&pool, 60_000).await;
         assert_eq!(conn.auth.as_deref(), Some("Bearer tok.en.1"));
-        let r = conn.welcome(60_000).await;
         assert_eq!(
-            r,
+            registered,
             register(&server_link(&server.url), &sample_status(), pool.images())
         );
         stop.send(()).expect("link running");
@@ -1142,12 +1168,9 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn activates_destroys_and_forwards_pool_events() {
-        logs();
-        let mut server = ServerDouble::start(0).await;
         let pool = PoolDouble::new();
-        let (_stop, _task) = start(&pool, &server.url);
-        let mut conn = server.next().await;
-        conn.welcome(60_000).await;
+        let mut link = linked(&pool, 60_000).await;
+        let Linked { server, conn, .. } = &mut link;
 
         conn.send(&activate("s1", "arena")).await;
         let answer = conn.recv().await;
@@ -1215,13 +1238,10 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_destroy_during_activation_destroys_the_vm_once_it_exists() {
-        logs();
-        let mut server = ServerDouble::start(0).await;
         let pool = PoolDouble::new();
         pool.0.gate.send_replace(false);
-        let (_stop, _task) = start(&pool, &server.url);
-        let mut conn = server.next().await;
-        conn.welcome(60_000).await;
+        let mut link = linked(&pool, 60_000).await;
+        let Linked { conn, .. } = &mut link;
         conn.send(&activate("s3", "arena")).await;
         conn.send(&ServerToHost::Destroy {
             session: session("s3"),
@@ -1248,12 +1268,9 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn bad_frames_are_ignored_without_dropping_the_link() {
-        logs();
-        let mut server = ServerDouble::start(0).await;
         let pool = PoolDouble::new();
-        let (_stop, _task) = start(&pool, &server.url);
-        let mut conn = server.next().await;
-        conn.welcome(60_000).await;
+        let mut link = linked(&pool, 60_000).await;
+        let Linked { server, conn, .. } = &mut link;
         for bad in [
             Message::text("not json"),
             Message::text(r#"{"type":"surprise"}"#),
@@ -1340,12 +1357,9 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn heartbeats_carry_capacity_and_a_silent_server_is_dropped() {
-        logs();
-        let mut server = ServerDouble::start(0).await;
         let pool = PoolDouble::new();
-        let (_stop, _task) = start(&pool, &server.url);
-        let mut conn = server.next().await;
-        conn.welcome(100).await;
+        let mut link = linked(&pool, 100).await;
+        let Linked { server, conn, .. } = &mut link;
         let heartbeat = conn.recv_any(true).await;
         assert_eq!(
             heartbeat,

@@ -16,21 +16,59 @@ fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
-pub struct Metrics {
-    registry: Registry,
-    pub queue_depth: Family<Labels, Gauge>,
-    pub queue_wait: Family<Labels, Histogram, fn() -> Histogram>,
-    pub time_to_match: Family<Labels, Histogram, fn() -> Histogram>,
-    pub placement: Histogram,
-    pub activation: Family<Labels, Histogram, fn() -> Histogram>,
-    pub sessions: Family<Labels, Gauge>,
-    pub sessions_ended: Family<Labels, Counter>,
-    pub host_capacity: Family<Labels, Gauge>,
-    pub hosts: Family<Labels, Gauge>,
-    pub player_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
-    pub host_connections: Gauge<i64, std::sync::atomic::AtomicI64>,
-    pub refused: Family<Labels, Counter>,
-    pub matches: Counter<u64, AtomicU64>,
+/// Declares `Metrics`: each field with its type, constructor, name and help, registered
+/// under the `berth_` prefix in the order given.
+macro_rules! metrics {
+    ($($field:ident: $ty:ty = $init:expr, $name:literal, $help:literal;)*) => {
+        pub struct Metrics {
+            registry: Registry,
+            $(#[doc = $help] pub $field: $ty,)*
+        }
+
+        impl Metrics {
+            pub fn new() -> Self {
+                let mut registry = Registry::with_prefix("berth");
+                $(
+                    let $field: $ty = $init;
+                    registry.register($name, $help, $field.clone());
+                )*
+                Metrics { registry, $($field,)* }
+            }
+        }
+    };
+}
+
+type Timings = Family<Labels, Histogram, fn() -> Histogram>;
+type Level = Gauge<i64, std::sync::atomic::AtomicI64>;
+
+metrics! {
+    queue_depth: Family<Labels, Gauge> = Family::default(),
+        "queue_depth", "Tickets waiting, by mode and region";
+    queue_wait: Timings = Family::new_with_constructor(seconds),
+        "queue_wait_seconds", "Time a ticket waited from queue to match formed, by mode";
+    time_to_match: Timings = Family::new_with_constructor(seconds),
+        "time_to_match_seconds",
+        "Time from the oldest ticket's queue to players told matched (VM active), by mode";
+    placement: Histogram = seconds(),
+        "placement_seconds", "Time from match formed to a host asked to activate";
+    activation: Timings = Family::new_with_constructor(seconds),
+        "activation_seconds", "Time from activate sent to the host's activated answer, by path";
+    sessions: Family<Labels, Gauge> = Family::default(),
+        "sessions", "Sessions by state";
+    sessions_ended: Family<Labels, Counter> = Family::default(),
+        "sessions_ended", "Sessions ended, by reason";
+    host_capacity: Family<Labels, Gauge> = Family::default(),
+        "host_capacity", "VM capacity per host and image: kind = warm | running | max";
+    hosts: Family<Labels, Gauge> = Family::default(),
+        "hosts", "Hosts by state";
+    player_connections: Level = Gauge::default(),
+        "player_connections", "Player websockets open on this replica";
+    host_connections: Level = Gauge::default(),
+        "host_connections", "hostd websockets open on this replica";
+    refused: Family<Labels, Counter> = Family::default(),
+        "refused", "Messages or connections refused, by error code";
+    matches: Counter<u64, AtomicU64> = Counter::default(),
+        "matches", "Matches formed by this replica";
 }
 
 impl std::fmt::Debug for Metrics {
@@ -46,84 +84,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("berth");
-        let m = Metrics {
-            queue_depth: Family::default(),
-            queue_wait: Family::new_with_constructor(seconds),
-            time_to_match: Family::new_with_constructor(seconds),
-            placement: seconds(),
-            activation: Family::new_with_constructor(seconds),
-            sessions: Family::default(),
-            sessions_ended: Family::default(),
-            host_capacity: Family::default(),
-            hosts: Family::default(),
-            player_connections: Gauge::default(),
-            host_connections: Gauge::default(),
-            refused: Family::default(),
-            matches: Counter::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "queue_depth",
-            "Tickets waiting, by mode and region",
-            m.queue_depth.clone(),
-        );
-        registry.register(
-            "queue_wait_seconds",
-            "Time a ticket waited from queue to match formed, by mode",
-            m.queue_wait.clone(),
-        );
-        registry.register(
-            "time_to_match_seconds",
-            "Time from the oldest ticket's queue to players told matched (VM active), by mode",
-            m.time_to_match.clone(),
-        );
-        registry.register(
-            "placement_seconds",
-            "Time from match formed to a host asked to activate",
-            m.placement.clone(),
-        );
-        registry.register(
-            "activation_seconds",
-            "Time from activate sent to the host's activated answer, by path",
-            m.activation.clone(),
-        );
-        registry.register("sessions", "Sessions by state", m.sessions.clone());
-        registry.register(
-            "sessions_ended",
-            "Sessions ended, by reason",
-            m.sessions_ended.clone(),
-        );
-        registry.register(
-            "host_capacity",
-            "VM capacity per host and image: kind = warm | running | max",
-            m.host_capacity.clone(),
-        );
-        registry.register("hosts", "Hosts by state", m.hosts.clone());
-        registry.register(
-            "player_connections",
-            "Player websockets open on this replica",
-            m.player_connections.clone(),
-        );
-        registry.register(
-            "host_connections",
-            "hostd websockets open on this replica",
-            m.host_connections.clone(),
-        );
-        registry.register(
-            "refused",
-            "Messages or connections refused, by error code",
-            m.refused.clone(),
-        );
-        registry.register(
-            "matches",
-            "Matches formed by this replica",
-            m.matches.clone(),
-        );
-        Metrics { registry, ..m }
-    }
-
     pub fn refuse(&self, code: &str) {
         self.refused
             .get_or_create(&vec![("code", code.to_owned())])

@@ -1,6 +1,8 @@
 //! The reference web client (`assets/web-client/`), served at `/play`: a page for phones and
 //! desktops that signs in with a dev token, queues on `/v1/play` and plays through the host
-//! gateway. The three files are compiled into the binary, so the server stays one file to ship.
+//! gateway. The three files, and the look it shares with `/admin` (`assets/common/base.css`,
+//! served at `/assets/base.css`), are compiled into the binary, so the server stays one file to
+//! ship.
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -10,6 +12,7 @@ use axum::Router;
 const INDEX_HTML: &str = include_str!("../../assets/web-client/index.html");
 const APP_JS: &str = include_str!("../../assets/web-client/app.js");
 const STYLE_CSS: &str = include_str!("../../assets/web-client/style.css");
+const BASE_CSS: &str = include_str!("../../assets/common/base.css");
 
 /// The page talks to this origin (`/v1/dev/token`, `/v1/play`) and to game gateways on any
 /// host (`matched.endpoint`), loads nothing else and may not be framed.
@@ -17,7 +20,8 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
                    connect-src 'self' ws: wss:; base-uri 'none'; form-action 'self'; \
                    frame-ancestors 'none'";
 
-/// `/play` (and `/play/`), `/play/app.js`, `/play/style.css`.
+/// `/play` (and `/play/`), `/play/app.js`, `/play/style.css`, and `/assets/base.css` for both
+/// pages.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/play", get(index))
@@ -29,6 +33,10 @@ pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route(
             "/play/style.css",
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
+        )
+        .route(
+            "/assets/base.css",
+            get(|| async { asset("text/css; charset=utf-8", BASE_CSS) }),
         )
 }
 

@@ -11,6 +11,7 @@ use berth_protocol::play::ServerMessage;
 use berth_server::app::Server;
 use berth_server::auth::{Auth, Role};
 use berth_server::config::ServerConfig;
+use berth_testkit::pages;
 use common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -117,88 +118,58 @@ fn session_upsert(m: &Value, pred: impl Fn(&Value) -> bool) -> Option<&Value> {
 async fn the_page_and_its_files_are_served_with_the_right_types() -> Result<()> {
     let s = Server::start(config()).await?;
     let base = format!("http://{}", s.addr);
-    let http = reqwest::Client::new();
-    for (path, content_type, must_contain) in [
-        (
-            "/admin",
-            "text/html; charset=utf-8",
-            "data-testid=\"screen-signin\"",
-        ),
-        (
-            "/admin/",
-            "text/html; charset=utf-8",
-            "<meta name=\"viewport\"",
-        ),
-        (
-            "/admin/app.js",
-            "text/javascript; charset=utf-8",
-            "/v1/admin/events",
-        ),
-        ("/admin/style.css", "text/css; charset=utf-8", ":root"),
-        (
-            "/admin/vendor/uPlot.iife.min.js",
-            "text/javascript; charset=utf-8",
-            "uPlot",
-        ),
-        (
-            "/admin/vendor/uPlot.min.css",
-            "text/css; charset=utf-8",
-            ".uplot",
-        ),
-        (
-            "/admin/vendor/uPlot.LICENSE",
-            "text/plain; charset=utf-8",
-            "The MIT License",
-        ),
-    ] {
-        let r = http.get(format!("{base}{path}")).send().await?;
-        assert_eq!(r.status(), 200, "{path}");
-        let header = |name: &str| {
-            r.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        assert_eq!(header("content-type"), content_type, "{path}");
-        assert_eq!(header("cache-control"), "no-cache", "{path}");
-        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
-        if content_type.starts_with("text/html") {
-            let csp = header("content-security-policy");
-            for want in [
-                "script-src 'self'",
-                "connect-src 'self'",
-                "frame-ancestors 'none'",
-            ] {
-                assert!(csp.contains(want), "{csp}");
-            }
-        }
-        let body = r.text().await?;
-        assert!(body.contains(must_contain), "{path} lacks {must_contain:?}");
-    }
+    pages::check_files(
+        &base,
+        &[
+            (
+                "/admin",
+                "text/html; charset=utf-8",
+                "data-testid=\"screen-signin\"",
+            ),
+            (
+                "/admin/",
+                "text/html; charset=utf-8",
+                "<meta name=\"viewport\"",
+            ),
+            (
+                "/admin/app.js",
+                "text/javascript; charset=utf-8",
+                "/v1/admin/events",
+            ),
+            ("/admin/style.css", "text/css; charset=utf-8", "--row"),
+            ("/assets/base.css", "text/css; charset=utf-8", ":root"),
+            (
+                "/admin/vendor/uPlot.iife.min.js",
+                "text/javascript; charset=utf-8",
+                "uPlot",
+            ),
+            (
+                "/admin/vendor/uPlot.min.css",
+                "text/css; charset=utf-8",
+                ".uplot",
+            ),
+            (
+                "/admin/vendor/uPlot.LICENSE",
+                "text/plain; charset=utf-8",
+                "The MIT License",
+            ),
+        ],
+        &[
+            "script-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ],
+    )
+    .await?;
     // Everything from this origin, by absolute path.
-    let html = http
-        .get(format!("{base}/admin"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    for want in [
+    let links = [
         "src=\"/admin/app.js\"",
         "src=\"/admin/vendor/uPlot.iife.min.js\"",
         "href=\"/admin/style.css\"",
         "href=\"/admin/vendor/uPlot.min.css\"",
-    ] {
-        assert!(html.contains(want), "index.html lacks {want}");
-    }
-    assert!(!html.contains("http://") && !html.contains("https://"));
-    assert_eq!(
-        http.get(format!("{base}/admin/nope.js"))
-            .send()
-            .await?
-            .status(),
-        404
-    );
+        "href=\"/assets/base.css\"",
+    ];
+    pages::check_page_links(&base, "/admin", &links).await?;
     s.shutdown().await;
     Ok(())
 }

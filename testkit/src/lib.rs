@@ -10,6 +10,7 @@
 //! - [`player`]: players on [`berth_client`] for tests of the server's sockets.
 //! - [`game`]: raw clients of a game VM's port (the gateway's client is
 //!   [`berth_client::GameClient`], re-exported here as `GameWs`).
+//! - [`pages`]: the web pages' files, headers and links as a browser fetches them.
 //! - [`browser`]: real headless Chromium through chromedriver.
 //!
 //! ```no_run
@@ -23,6 +24,7 @@
 pub mod browser;
 pub mod fixtures;
 pub mod game;
+pub mod pages;
 pub mod player;
 pub mod stack;
 pub mod vm;
