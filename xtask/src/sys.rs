@@ -11,39 +11,27 @@ pub struct Need {
     pub proof: &'static str,
 }
 
-pub const QEMU: Need = Need {
-    package: "qemu-system-x86",
-    proof: "/usr/bin/qemu-system-x86_64",
-};
-pub const QEMU_UTILS: Need = Need {
-    package: "qemu-utils",
-    proof: "/usr/bin/qemu-img",
-};
-pub const E2FS: Need = Need {
-    package: "e2fsprogs",
-    proof: "/usr/sbin/mke2fs",
-};
+impl Need {
+    const fn new(package: &'static str, proof: &'static str) -> Need {
+        Need { package, proof }
+    }
+}
+
+pub const QEMU: Need = Need::new("qemu-system-x86", "/usr/bin/qemu-system-x86_64");
+pub const QEMU_UTILS: Need = Need::new("qemu-utils", "/usr/bin/qemu-img");
+pub const E2FS: Need = Need::new("e2fsprogs", "/usr/sbin/mke2fs");
 /// The tests' Redis: `cargo xtask test` runs its own `redis-server` (see `redis.rs`), never the
 /// distribution's service that the package also installs.
-pub const REDIS: Need = Need {
-    package: "redis-server",
-    proof: "/usr/bin/redis-server",
-};
+pub const REDIS: Need = Need::new("redis-server", "/usr/bin/redis-server");
 
 /// Headless Chromium and its WebDriver, for the web pages' tests (`/play`, `/admin`).
-pub const CHROMIUM: Need = Need {
-    package: "chromium",
-    proof: "/usr/bin/chromium",
-};
-pub const CHROMEDRIVER: Need = Need {
-    package: "chromium-driver",
-    proof: "/usr/bin/chromedriver",
-};
+pub const CHROMIUM: Need = Need::new("chromium", "/usr/bin/chromium");
+pub const CHROMEDRIVER: Need = Need::new("chromium-driver", "/usr/bin/chromedriver");
 /// The font `berth-sim --plot` draws its chart's text with.
-pub const FONTS: Need = Need {
-    package: "fonts-dejavu-core",
-    proof: "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-};
+pub const FONTS: Need = Need::new(
+    "fonts-dejavu-core",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+);
 
 fn is_root() -> bool {
     Command::new("id")

@@ -130,6 +130,34 @@ impl std::fmt::Debug for VmRecord {
 }
 
 impl VmRecord {
+    /// The record of a VM just made by `driver`: no image, session or players yet.
+    pub(crate) fn new(vm_id: VmId, driver: &str, pid: u32, game_port: u16) -> Self {
+        VmRecord {
+            vm_id,
+            image: String::new(),
+            driver: driver.into(),
+            pid,
+            game_port,
+            session_id: None,
+            created_ms: crate::util::now_ms(),
+            players: Vec::new(),
+            ticket_key: String::new(),
+        }
+    }
+
+    /// The session this VM now serves: its players and ticket key (hex) for the gateway.
+    pub(crate) fn serve(&mut self, session: SessionId, players: Vec<PlayerId>, ticket_key: String) {
+        self.session_id = Some(session);
+        self.players = players;
+        self.ticket_key = ticket_key;
+    }
+
+    /// Saves the record in `dir` with its image set to `image`.
+    pub(crate) fn save_as(&mut self, image: &str, dir: &Path) -> Result<(), DriverError> {
+        self.image = image.to_string();
+        self.save(dir).map_err(files::io_err("writing vm.json"))
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join("vm.json")
     }

@@ -493,12 +493,8 @@ impl VmDriver for QemuDriver {
             record.game_port,
             None,
         );
-        vm.image = record.image.clone();
-        vm.session = record.session_id.clone();
-        vm.players = record.players.clone();
-        vm.ticket_key = record.ticket_key.clone();
+        vm.record = record.clone();
         vm.activated = record.session_id.is_some();
-        vm.created_ms = record.created_ms;
         vm.connect(Instant::now() + Duration::from_secs(5)).await?;
         let status = vm
             .qmp()?
@@ -594,12 +590,8 @@ pub struct QemuVm {
     activated: bool,
     balloon_mib: Option<(u32, u32)>,
     last_heard: Instant,
-    image: String,
-    session: Option<berth_protocol::SessionId>,
-    /// The session's players and ticket key (hex), kept in `vm.json` for the gateway.
-    players: Vec<berth_protocol::PlayerId>,
-    ticket_key: String,
-    created_ms: u64,
+    /// Image, session, players and ticket key, kept in `vm.json` for adoption and the gateway.
+    record: VmRecord,
     exit_status: Option<String>,
 }
 
@@ -612,6 +604,7 @@ impl QemuVm {
         child: Option<tokio::process::Child>,
     ) -> Self {
         Self {
+            record: VmRecord::new(id.clone(), "qemu", pid, game_port),
             id,
             dir,
             pid,
@@ -626,11 +619,6 @@ impl QemuVm {
             activated: false,
             balloon_mib: None,
             last_heard: Instant::now(),
-            image: String::new(),
-            session: None,
-            players: Vec::new(),
-            ticket_key: String::new(),
-            created_ms: now_ms(),
             exit_status: None,
         }
     }
@@ -718,20 +706,7 @@ impl QemuVm {
     }
 
     fn save_record(&mut self, image: &str) -> Result<(), DriverError> {
-        self.image = image.to_string();
-        VmRecord {
-            vm_id: self.id.clone(),
-            image: self.image.clone(),
-            driver: "qemu".into(),
-            pid: self.pid,
-            game_port: self.game_port,
-            session_id: self.session.clone(),
-            created_ms: self.created_ms,
-            players: self.players.clone(),
-            ticket_key: self.ticket_key.clone(),
-        }
-        .save(&self.dir)
-        .map_err(io_err("writing vm.json"))
+        self.record.save_as(image, &self.dir)
     }
 
     /// Next item from the agent, or the VM's exit.
@@ -957,10 +932,11 @@ impl Vm for QemuVm {
             ready_us = t0.elapsed().as_micros() as u64, "agent ready");
         self.activated = true;
         self.last_heard = Instant::now();
-        self.session = Some(session_id.clone());
-        (self.players, self.ticket_key) = gate;
-        let image = self.image.clone();
-        self.save_record(&image)?;
+        let (players, ticket_key) = gate;
+        self.record.serve(session_id.clone(), players, ticket_key);
+        self.record
+            .save(&self.dir)
+            .map_err(io_err("writing vm.json"))?;
         if let Some((_, full)) = self.balloon_mib {
             // Give the clone its full memory back (the substrate was miniaturised).
             let _ = self

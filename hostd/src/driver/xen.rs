@@ -734,6 +734,7 @@ mod live {
 
         fn new_vm(&self, id: VmId, dir: &Path, name: String, domid: u32) -> XenVm {
             XenVm {
+                record: VmRecord::new(id.clone(), "xen", domid, GAME_PORT),
                 id,
                 dir: dir.to_path_buf(),
                 name,
@@ -746,11 +747,6 @@ mod live {
                 event_watch: None,
                 last_event: None,
                 last_heard: Instant::now(),
-                image: String::new(),
-                session: None,
-                players: Vec::new(),
-                ticket_key: String::new(),
-                created_ms: now_ms(),
             }
         }
 
@@ -951,11 +947,10 @@ mod live {
             let mut vm = self.new_vm(record.vm_id.clone(), vm_dir, name, info.domid);
             vm.paused = info.state.paused;
             vm.activated = record.session_id.is_some();
-            vm.session = record.session_id.clone();
-            vm.players = record.players.clone();
-            vm.ticket_key = record.ticket_key.clone();
-            vm.image = record.image.clone();
-            vm.created_ms = record.created_ms;
+            vm.record = VmRecord {
+                pid: info.domid,
+                ..record.clone()
+            };
             vm.game_addr = vif_game_addr(info.domid)?;
             Ok(Box::new(vm))
         }
@@ -978,12 +973,9 @@ mod live {
         event_watch: Option<WatchStream>,
         last_event: Option<String>,
         last_heard: Instant,
-        image: String,
-        session: Option<berth_protocol::SessionId>,
-        /// The session's players and ticket key (hex), kept in `vm.json` for the gateway.
-        players: Vec<berth_protocol::PlayerId>,
-        ticket_key: String,
-        created_ms: u64,
+        /// Image, session, players and ticket key, kept in `vm.json` for adoption and the
+        /// gateway.
+        record: VmRecord,
     }
 
     impl XenVm {
@@ -992,20 +984,7 @@ mod live {
         }
 
         fn save_record(&mut self, image: &str) -> Result<(), DriverError> {
-            self.image = image.to_string();
-            VmRecord {
-                vm_id: self.id.clone(),
-                image: self.image.clone(),
-                driver: "xen".into(),
-                pid: self.domid,
-                game_port: GAME_PORT,
-                session_id: self.session.clone(),
-                created_ms: self.created_ms,
-                players: self.players.clone(),
-                ticket_key: self.ticket_key.clone(),
-            }
-            .save(&self.dir)
-            .map_err(io_err("writing vm.json"))
+            self.record.save_as(image, &self.dir)
         }
 
         async fn destroy_in_place(self: Box<Self>) {
@@ -1094,10 +1073,11 @@ mod live {
                 .map_err(|_| DriverError::ReadyTimeout(timeout))??;
             self.activated = true;
             self.last_heard = Instant::now();
-            self.session = Some(session_id.clone());
-            (self.players, self.ticket_key) = gate;
-            let image = self.image.clone();
-            self.save_record(&image)?;
+            let (players, ticket_key) = gate;
+            self.record.serve(session_id.clone(), players, ticket_key);
+            self.record
+                .save(&self.dir)
+                .map_err(io_err("writing vm.json"))?;
             if let Some(full) = self.balloon_mib {
                 if let Err(e) = run(&xl_mem_set(&self.name, full), XL_QUICK).await {
                     tracing::warn!(vm_id = %self.id, error = %e, "could not balloon back up");
