@@ -215,6 +215,24 @@
 
   // ---------------------------------------------------------------- the play socket
 
+  // Both sockets (play and game) the same way: `first` sent on open, JSON messages to
+  // `owner.onMessage` (anything else ignored), and on close — unless `owner` has moved on to
+  // another socket — its ping timer stopped and `closed(event)` called.
+  function wire(owner, ws, first, closed) {
+    ws.onopen = () => ws.send(JSON.stringify(first));
+    ws.onmessage = (e) => {
+      let m;
+      try { m = JSON.parse(e.data); } catch (_) { return; }
+      owner.onMessage(m);
+    };
+    ws.onclose = (e) => {
+      if (owner.ws !== ws) return;
+      owner.ws = null;
+      clearInterval(owner.pingTimer);
+      closed(e);
+    };
+  }
+
   const play = {
     ws: null,
     welcomed: false,
@@ -237,20 +255,11 @@
       const ws = new WebSocket(this.url());
       this.ws = ws;
       this.welcomed = false;
-      ws.onopen = () => ws.send(JSON.stringify({ type: 'hello', v: PROTOCOL_VERSION, token: st.token }));
-      ws.onmessage = (e) => {
-        let m;
-        try { m = JSON.parse(e.data); } catch (_) { return; }
-        this.onMessage(m);
-      };
-      ws.onclose = (e) => {
-        if (this.ws !== ws) return;
-        this.ws = null;
+      wire(this, ws, { type: 'hello', v: PROTOCOL_VERSION, token: st.token }, (e) => {
         this.welcomed = false;
-        clearInterval(this.pingTimer);
         clearTimeout(this.resumeTimer);
         this.onClose(e.code, e.reason);
-      };
+      });
     },
 
     // Closes for good (sign out).
@@ -515,18 +524,7 @@
       this.ws = ws;
       this.seq = 0;
       input.sent = null;
-      ws.onopen = () => ws.send(JSON.stringify({ type: 'join', ticket: s.ticket }));
-      ws.onmessage = (e) => {
-        let m;
-        try { m = JSON.parse(e.data); } catch (_) { return; }
-        this.onMessage(m);
-      };
-      ws.onclose = (e) => {
-        if (this.ws !== ws) return;
-        this.ws = null;
-        clearInterval(this.pingTimer);
-        this.onClose(e.code);
-      };
+      wire(this, ws, { type: 'join', ticket: s.ticket }, (e) => this.onClose(e.code));
     },
 
     // Drops the socket without treating it as a drop (a fresh ticket is on its way).

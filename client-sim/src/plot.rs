@@ -203,23 +203,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut h = Histograms::default();
         let mut rng = fastrand::Rng::with_seed(5);
+        // (metric, least, spread, unit in µs)
+        let spreads = [
+            (Metric::TimeToMatch, 50, 400, 1000),
+            (Metric::TimeToPlay, 300, 900, 1000),
+            (Metric::TimeToFirstState, 100, 300, 1000),
+            (Metric::GameRtt, 300, 5000, 1),
+        ];
         for _ in 0..500 {
-            h.record(
-                Metric::TimeToMatch,
-                Duration::from_millis(50 + rng.u64(0..400)),
-            );
-            h.record(
-                Metric::TimeToPlay,
-                Duration::from_millis(300 + rng.u64(0..900)),
-            );
-            h.record(
-                Metric::TimeToFirstState,
-                Duration::from_millis(100 + rng.u64(0..300)),
-            );
-            h.record(
-                Metric::GameRtt,
-                Duration::from_micros(300 + rng.u64(0..5000)),
-            );
+            for &(metric, least, spread, unit_us) in &spreads {
+                let value = least + rng.u64(0..spread);
+                h.record(metric, Duration::from_micros(value * unit_us));
+            }
         }
         for (name, r) in [
             ("full.png", report_with(h)),

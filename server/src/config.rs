@@ -1,24 +1,15 @@
 //! `berth-server`'s configuration: a TOML file (every key optional), then flags and
 //! environment variables on top, validated into runtime types at start-up.
 
+use crate::util::{parse_toml, read_text, FileError};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -218,18 +209,12 @@ impl Default for Placement {
 impl ServerConfig {
     /// Reads `path` (all keys optional; unknown keys are refused).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_text(path)?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let c: ServerConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        let c: ServerConfig = parse_toml(text, path)?;
         Ok(c)
     }
 

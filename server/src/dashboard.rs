@@ -21,6 +21,7 @@ use crate::state::{lock, Ctx};
 use crate::store::StoreError;
 use crate::util::now_ms;
 use crate::views::pool_views;
+use crate::views::SessionRow;
 use crate::web::{asset, page};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};

@@ -4,8 +4,8 @@
 //! side are in [`crate::dashboard`].
 
 use crate::model::{HostRecord, Session, SessionState};
-use crate::views::{HostView, PoolView};
-use berth_protocol::{HostId, PlayerId, SessionId};
+use crate::views::{HostView, PoolView, SessionRow};
+use berth_protocol::SessionId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -41,40 +41,6 @@ const FRAMES: usize = 256;
 pub(crate) const READS: usize = 32;
 
 // ---------------------------------------------------------------------------------- messages
-
-/// A session as the list shows it (the rest — teams, timeline, results — is one
-/// `GET /v1/admin/sessions/{id}` away).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SessionRow {
-    pub id: SessionId,
-    pub state: SessionState,
-    pub mode: String,
-    pub region: String,
-    pub image: String,
-    pub host: Option<HostId>,
-    pub players: Vec<PlayerId>,
-    pub created_ms: u64,
-    /// When it entered its current state.
-    pub since_ms: u64,
-    pub end_reason: Option<String>,
-}
-
-impl From<&Session> for SessionRow {
-    fn from(s: &Session) -> Self {
-        SessionRow {
-            id: s.id.clone(),
-            state: s.state,
-            mode: s.pool.mode.clone(),
-            region: s.pool.region.clone(),
-            image: s.image.clone(),
-            host: s.host.clone(),
-            players: s.players.clone(),
-            created_ms: s.created_ms,
-            since_ms: s.since_ms(),
-            end_reason: s.end_reason.clone(),
-        }
-    }
-}
 
 /// `[at_ms, ms, image, path]`: a session became active at `at_ms`, `ms` after it was placed on
 /// its host, by `path` (`warm`, `docked`, `cold`).

@@ -148,93 +148,97 @@ where
     }
 }
 
+/// Why a host's connection is refused: the `error` code and message, and the close code.
+struct Refusal {
+    code: &'static str,
+    message: String,
+    close: u16,
+}
+
+fn refusal(code: &'static str, message: impl Into<String>, close: u16) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+        close,
+    }
+}
+
 /// Waits for `register`; checks version and that it names the authenticated host.
 async fn register<S>(ctx: &Ctx, ws: &mut S, host: &HostId) -> Option<HostRecord>
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
 {
     let wait = Duration::from_millis(ctx.config.timeouts.hello_ms);
-    let (code, message, close_code) = 'refused: {
-        let t = match wire::first_frame(ws, wait).await {
-            wire::First::Timeout => {
-                break 'refused (
-                    "register_timeout",
-                    "no register in time".to_owned(),
-                    close::TIMEOUT,
-                )
-            }
-            wire::First::Closed | wire::First::Failed | wire::First::TooBig => return None,
-            wire::First::Text(t) => t,
-            wire::First::Binary => {
-                let e = FrameError::Binary;
-                break 'refused (e.code(), e.to_string(), close::PROTOCOL);
-            }
-        };
-        match decode::<HostMessage>(&t) {
-            Ok(HostMessage::Register {
-                v,
-                host: named,
-                accel,
-                driver,
-                gateway,
-                max_vms,
-                images,
-                vms,
-            }) => {
-                if v != HOST_PROTOCOL_VERSION {
-                    break 'refused (
-                        "unsupported_version",
-                        format!(
-                            "this server speaks host protocol {HOST_PROTOCOL_VERSION}, not {v}"
-                        ),
-                        close::PROTOCOL,
-                    );
-                }
-                if &named != host {
-                    break 'refused (
-                        "wrong_host",
-                        format!("credential is for host {host}, register names {named}"),
-                        close::AUTH,
-                    );
-                }
-                let now = now_ms();
-                let record = HostRecord {
-                    id: host.clone(),
-                    state: HostState::Up,
-                    draining: false,
-                    accel,
-                    driver,
-                    gateway,
-                    max_vms,
-                    images,
-                    vms,
-                    replica: ctx.replica.clone(),
-                    connected_ms: now,
-                    last_seen_ms: now,
-                };
-                if let Err(e) = ctx.store.put_host(&record).await {
-                    break 'refused (
-                        e.code(),
-                        "state store unavailable; retry".to_owned(),
-                        close::GOING_AWAY,
-                    );
-                }
-                return Some(record);
-            }
-            Ok(_) => {
-                break 'refused (
-                    "register_required",
-                    "the first message must be register".to_owned(),
-                    close::PROTOCOL,
-                )
-            }
-            Err(e) => break 'refused (e.code(), e.to_string(), close::PROTOCOL),
+    let refused = match wire::first_frame(ws, wait).await {
+        wire::First::Timeout => refusal("register_timeout", "no register in time", close::TIMEOUT),
+        wire::First::Closed | wire::First::Failed | wire::First::TooBig => return None,
+        wire::First::Binary => {
+            let e = FrameError::Binary;
+            refusal(e.code(), e.to_string(), close::PROTOCOL)
         }
+        wire::First::Text(t) => match registered(ctx, host, &t) {
+            Ok(record) => match ctx.store.put_host(&record).await {
+                Ok(()) => return Some(record),
+                Err(e) => refusal(
+                    e.code(),
+                    "state store unavailable; retry",
+                    close::GOING_AWAY,
+                ),
+            },
+            Err(refused) => refused,
+        },
     };
-    ctx.metrics.refuse(code);
-    let _ = ws.send(text(&error(code, message))).await;
-    send_close(ws, close_code, code).await;
+    ctx.metrics.refuse(refused.code);
+    let _ = ws.send(text(&error(refused.code, refused.message))).await;
+    send_close(ws, refused.close, refused.code).await;
     None
+}
+
+/// The host's record from its first message, `register` of this protocol version naming the
+/// authenticated `host`.
+fn registered(ctx: &Ctx, host: &HostId, first: &str) -> Result<HostRecord, Refusal> {
+    let message = decode::<HostMessage>(first)
+        .map_err(|e| refusal(e.code(), e.to_string(), close::PROTOCOL))?;
+    let HostMessage::Register {
+        v,
+        host: named,
+        accel,
+        driver,
+        gateway,
+        max_vms,
+        images,
+        vms,
+    } = message
+    else {
+        return Err(refusal(
+            "register_required",
+            "the first message must be register",
+            close::PROTOCOL,
+        ));
+    };
+    if v != HOST_PROTOCOL_VERSION {
+        let why = format!("this server speaks host protocol {HOST_PROTOCOL_VERSION}, not {v}");
+        return Err(refusal("unsupported_version", why, close::PROTOCOL));
+    }
+    if &named != host {
+        let why = format!("credential is for host {host}, register names {named}");
+        return Err(refusal("wrong_host", why, close::AUTH));
+    }
+    let now = now_ms();
+    Ok(HostRecord {
+        id: host.clone(),
+        state: HostState::Up,
+        draining: false,
+        accel,
+        driver,
+        gateway,
+        max_vms,
+        images,
+        vms,
+        replica: ctx.replica.clone(),
+        connected_ms: now,
+        last_seen_ms: now,
+    })
 }
 
 /// Compares what the host really runs with the store: VMs of sessions that are over (or

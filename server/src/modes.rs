@@ -1,6 +1,7 @@
 //! Game modes: one TOML file per mode in the modes folder (`assets/modes/*.toml`); the file's
 //! stem is the mode's name. A mode says who may be matched together and what VM runs the match.
 
+use crate::util::{parse_toml, read_text, FileError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,18 +14,8 @@ pub enum ModeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: toml::de::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{path}: {key}: {message}")]
     Invalid {
         path: PathBuf,
@@ -193,10 +184,7 @@ impl Modes {
         paths.sort();
         let mut modes = BTreeMap::new();
         for path in paths {
-            let text = std::fs::read_to_string(&path).map_err(|source| ModeError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let text = read_text(&path)?;
             let mode = Self::parse(&path, &text)?;
             modes.insert(mode.name.clone(), mode);
         }
@@ -207,10 +195,7 @@ impl Modes {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Mode, ModeError> {
-        let mut mode: Mode = toml::from_str(text).map_err(|source| ModeError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mut mode: Mode = parse_toml(text, path)?;
         mode.name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())

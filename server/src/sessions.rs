@@ -505,6 +505,22 @@ mod tests {
         core.store.sessions(None).await.expect("sessions").remove(0)
     }
 
+    /// A host up with one VM slot, heard from just now.
+    async fn host_up(core: &Core) -> HostRecord {
+        let mut h = host("h1", 0, 1, true);
+        h.last_seen_ms = now_ms();
+        core.store.put_host(&h).await.expect("host");
+        h
+    }
+
+    /// A match formed and placed on [`host_up`]'s host.
+    async fn placed(core: &Arc<Core>) -> (HostRecord, Session) {
+        let h = host_up(core).await;
+        let s = matched(core).await;
+        try_place(core, &s.id).await.expect("place");
+        (h, s)
+    }
+
     async fn state_of(core: &Core, id: &SessionId) -> (SessionState, Option<String>) {
         let s = core.store.session(id).await.expect("read").expect("kept");
         (s.state, s.end_reason)
@@ -535,9 +551,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_host_silent_past_host_lost_ms_is_lost_and_its_sessions_end_host_lost() {
         let core = test_core();
-        let mut h = host("h1", 0, 1, true);
-        h.last_seen_ms = now_ms();
-        core.store.put_host(&h).await.expect("host");
+        let mut h = host_up(&core).await;
         let s = matched(&core).await;
         // The matchmaker placed it on the only host.
         let mut placed = None;
@@ -572,11 +586,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_active_session_past_its_deadline_ends_and_its_vm_is_destroyed() {
         let core = test_core();
-        let mut h = host("h1", 0, 1, true);
-        h.last_seen_ms = now_ms();
-        core.store.put_host(&h).await.expect("host");
-        let s = matched(&core).await;
-        try_place(&core, &s.id).await.expect("place");
+        let (h, s) = placed(&core).await;
         let vm = VmId::new("vm-1").expect("id");
         let active = activated(&core, &h.id, &s.id, &vm, "warm")
             .await
@@ -614,11 +624,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn activation_latency_comes_from_the_sessions_history() {
         let core = test_core();
-        let mut h = host("h1", 0, 1, true);
-        h.last_seen_ms = now_ms();
-        core.store.put_host(&h).await.expect("host");
-        let s = matched(&core).await;
-        try_place(&core, &s.id).await.expect("place");
+        let (h, s) = placed(&core).await;
         let placed = core
             .store
             .session(&s.id)

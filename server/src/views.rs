@@ -1,7 +1,7 @@
 //! What operators see of hosts, pools, sessions and queues: the views the admin API answers
 //! with and the dashboard's feed carries, built from the store's records.
 
-use crate::model::{HostRecord, HostState, SessionState, Transition};
+use crate::model::{HostRecord, HostState, Session, SessionState, Transition};
 use berth_protocol::host::ImageCapacity;
 use berth_protocol::{HostId, PlayerId, SessionId, VmId};
 use serde::{Deserialize, Serialize};
@@ -34,47 +34,67 @@ pub struct PoolView {
     pub running: u32,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SessionView {
+/// A session as the list shows it (the rest — teams, timeline, results — is one
+/// `GET /v1/admin/sessions/{id}` away).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRow {
     pub id: SessionId,
     pub state: SessionState,
     pub mode: String,
     pub region: String,
     pub image: String,
     pub host: Option<HostId>,
+    pub players: Vec<PlayerId>,
+    pub created_ms: u64,
+    /// When it entered its current state.
+    pub since_ms: u64,
+    pub end_reason: Option<String>,
+}
+
+impl From<&Session> for SessionRow {
+    fn from(s: &Session) -> Self {
+        SessionRow {
+            id: s.id.clone(),
+            state: s.state,
+            mode: s.pool.mode.clone(),
+            region: s.pool.region.clone(),
+            image: s.image.clone(),
+            host: s.host.clone(),
+            players: s.players.clone(),
+            created_ms: s.created_ms,
+            since_ms: s.since_ms(),
+            end_reason: s.end_reason.clone(),
+        }
+    }
+}
+
+/// A session in full (`GET /v1/admin/sessions/{id}`): its row and the rest.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionView {
+    #[serde(flatten)]
+    pub row: SessionRow,
     pub vm: Option<VmId>,
     pub endpoint: Option<String>,
-    pub players: Vec<PlayerId>,
     pub teams: Vec<Vec<PlayerId>>,
-    pub created_ms: u64,
     pub age_ms: u64,
     pub deadline_ms: u64,
     pub ends_by_ms: u64,
     pub match_ms: u64,
-    pub end_reason: Option<String>,
     pub results: serde_json::Value,
     pub history: Vec<Transition>,
 }
 
 impl SessionView {
-    pub(crate) fn of(s: crate::model::Session, now: u64) -> Self {
+    pub(crate) fn of(s: Session, now: u64) -> Self {
         SessionView {
+            row: SessionRow::from(&s),
             age_ms: now.saturating_sub(s.created_ms),
-            id: s.id,
-            state: s.state,
-            mode: s.pool.mode,
-            region: s.pool.region,
-            image: s.image,
-            host: s.host,
             vm: s.vm,
             endpoint: s.endpoint,
-            players: s.players,
             teams: s.teams,
-            created_ms: s.created_ms,
             deadline_ms: s.deadline_ms,
             ends_by_ms: s.ends_by_ms,
             match_ms: s.match_ms,
-            end_reason: s.end_reason,
             results: s.results,
             history: s.history,
         }

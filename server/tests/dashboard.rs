@@ -42,6 +42,17 @@ impl Feed {
         })
     }
 
+    /// Opens the feed with `token` and reads its first event, which must be the snapshot.
+    async fn snapshot(server: &Server, token: &str) -> Result<(Feed, Value)> {
+        let mut feed = Feed::open(server, token).await?;
+        let (event, snap) = feed
+            .next(Duration::from_secs(5))
+            .await?
+            .context("no snapshot")?;
+        ensure!(event == "snapshot", "the first event is {event}");
+        Ok((feed, snap))
+    }
+
     /// The next event (`event:` name and parsed `data:`), skipping keep-alive comments; `None`
     /// when the stream ended.
     async fn next(&mut self, within: Duration) -> Result<Option<(String, Value)>> {
@@ -96,6 +107,14 @@ impl Feed {
                 None => bail!("the feed ended while waiting for {kind}"),
             }
         }
+    }
+
+    /// Skips events until a `sessions` change upserts a row for which `f` holds; that row.
+    async fn row(&mut self, within: Duration, f: impl Fn(&Value) -> bool) -> Result<Value> {
+        let m = self
+            .until("sessions", within, |m| session_upsert(m, &f).is_some())
+            .await?;
+        session_upsert(&m, &f).cloned().context("the row")
     }
 }
 
@@ -250,12 +269,7 @@ fn short_placing() -> ServerConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_feed_sends_a_snapshot_then_what_changes() -> Result<()> {
     let s = Server::start(short_placing()).await?;
-    let mut feed = Feed::open(&s, &admin_token()).await?;
-    let (event, snap) = feed
-        .next(Duration::from_secs(5))
-        .await?
-        .context("no snapshot")?;
-    assert_eq!(event, "snapshot");
+    let (mut feed, snap) = Feed::snapshot(&s, &admin_token()).await?;
     assert_eq!(snap["replica"], s.ctx.replica.as_str());
     assert_eq!(snap["store"], "memory");
     for list in [
@@ -289,12 +303,9 @@ async fn the_feed_sends_a_snapshot_then_what_changes() -> Result<()> {
     // A second one: a match, a session placing (no host), then ended.
     let mut ben = common::player(&s, "ben").await?;
     ben.send(&queue("duel", "eu")).await?;
-    let placing = feed
-        .until("sessions", Duration::from_secs(5), |m| {
-            session_upsert(m, |r| r["state"] == "placing").is_some()
-        })
+    let row = feed
+        .row(Duration::from_secs(5), |r| r["state"] == "placing")
         .await?;
-    let row = session_upsert(&placing, |r| r["state"] == "placing").context("a row")?;
     let id = row["id"].as_str().context("an id")?.to_owned();
     assert_eq!(row["mode"], "duel", "{row}");
     let mut players: Vec<&str> = row["players"]
@@ -308,12 +319,11 @@ async fn the_feed_sends_a_snapshot_then_what_changes() -> Result<()> {
     for key in ["created_ms", "since_ms"] {
         assert!(row[key].as_u64().is_some(), "{key}: {row}");
     }
-    let ended = feed
-        .until("sessions", Duration::from_secs(10), |m| {
-            session_upsert(m, |r| r["id"] == id.as_str() && r["state"] == "ended").is_some()
+    let row = feed
+        .row(Duration::from_secs(10), |r| {
+            r["id"] == id.as_str() && r["state"] == "ended"
         })
         .await?;
-    let row = session_upsert(&ended, |r| r["id"] == id.as_str()).context("the row")?;
     assert_eq!(row["end_reason"], "placement_failed", "{row}");
     for c in [&mut ana, &mut ben] {
         c.until(Duration::from_secs(5), |m| {
@@ -323,11 +333,7 @@ async fn the_feed_sends_a_snapshot_then_what_changes() -> Result<()> {
     }
 
     // A later watcher's snapshot lists the ended session.
-    let mut late = Feed::open(&s, &admin_token()).await?;
-    let (_, snap) = late
-        .next(Duration::from_secs(5))
-        .await?
-        .context("snapshot")?;
+    let (mut late, snap) = Feed::snapshot(&s, &admin_token()).await?;
     let listed = snap["sessions"].as_array().context("sessions")?;
     assert!(
         listed
@@ -381,14 +387,7 @@ async fn dev_admin_tokens_only_in_dev_mode() -> Result<()> {
     let token = ok["token"].as_str().context("a token")?;
     let claims = auth().verify(token, Role::Admin)?;
     assert_eq!(claims.sub, "ops");
-    let mut feed = Feed::open(&s, token).await?;
-    assert_eq!(
-        feed.next(Duration::from_secs(5))
-            .await?
-            .context("snapshot")?
-            .0,
-        "snapshot"
-    );
+    let (feed, _) = Feed::snapshot(&s, token).await?;
     // Player tokens as before; no other role.
     let ok: Value = http
         .post(&url)
@@ -420,30 +419,21 @@ async fn a_feed_follows_sessions_made_on_another_replica() -> Result<()> {
     use berth_server::store::redis::RedisStore;
     use berth_server::store::Store;
     use std::sync::Arc;
-    let url = std::env::var("BERTH_TEST_REDIS").context(
-        "BERTH_TEST_REDIS is not set: run the tests with `cargo xtask test`, which starts Redis",
-    )?;
+    let url = berth_testkit::fixtures::redis_url()?;
     let prefix = format!("dashboard-{}", uuid::Uuid::new_v4().simple());
     let one: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
     let two: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
     let r1 = Server::start_with(short_placing(), one).await?;
     let r2 = Server::start_with(short_placing(), two).await?;
-    let mut feed = Feed::open(&r1, &admin_token()).await?;
-    let (_, snap) = feed
-        .next(Duration::from_secs(5))
-        .await?
-        .context("snapshot")?;
+    let (mut feed, snap) = Feed::snapshot(&r1, &admin_token()).await?;
     assert_eq!(snap["store"], "redis");
     let mut a = common::player(&r2, "rana").await?;
     let mut b = common::player(&r2, "rben").await?;
     a.send(&queue("duel", "eu")).await?;
     b.send(&queue("duel", "eu")).await?;
-    let m = feed
-        .until("sessions", Duration::from_secs(10), |m| {
-            session_upsert(m, |r| r["state"] == "ended").is_some()
-        })
+    let row = feed
+        .row(Duration::from_secs(10), |r| r["state"] == "ended")
         .await?;
-    let row = session_upsert(&m, |r| r["state"] == "ended").context("the row")?;
     assert_eq!(row["end_reason"], "placement_failed", "{row}");
     drop(feed);
     r1.shutdown().await;
@@ -466,12 +456,7 @@ async fn a_feed_opened_after_unwatched_changes_sees_them() -> Result<()> {
     .await?;
     // Give the dashboard a flush or two to notice nobody is watching.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let mut feed = Feed::open(&s, &admin_token()).await?;
-    let (event, snap) = feed
-        .next(Duration::from_secs(5))
-        .await?
-        .context("no snapshot")?;
-    assert_eq!(event, "snapshot");
+    let (_feed, snap) = Feed::snapshot(&s, &admin_token()).await?;
     let rows = snap["sessions"].as_array().context("sessions")?;
     assert_eq!(rows.len(), 1, "{snap}");
     assert_eq!(rows[0]["state"], "ended", "{snap}");

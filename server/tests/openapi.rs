@@ -315,6 +315,32 @@ impl Http {
 }
 
 /// The concrete path for a documented template.
+/// Every documented route of `method` answers 200 with the documented shape (a list: not
+/// empty, so that something was checked).
+async fn every_route_answers(
+    http: &Http,
+    spec: &Value,
+    routes: &BTreeSet<(String, String)>,
+    method: &str,
+    session: &str,
+) -> Result<()> {
+    for (_, template) in routes.iter().filter(|(m, _)| m == method) {
+        let path = concrete(template, session)?;
+        let (status, body) = http.admin(method, &path).await?;
+        assert_eq!(status, 200, "{method} {path}: {body}");
+        if let Some(list) = body.as_array() {
+            assert!(!list.is_empty(), "{method} {path}: empty, nothing checked");
+        }
+        check(
+            spec,
+            response_schema(spec, method, template, 200)?,
+            &body,
+            &path,
+        )?;
+    }
+    Ok(())
+}
+
 fn concrete(template: &str, session: &str) -> Result<String> {
     if template.contains("/hosts/{id}") {
         Ok(template.replace("{id}", HOST))
@@ -375,20 +401,7 @@ async fn admin_answers_match_the_documented_schemas() -> Result<()> {
     let routes = documented_admin_routes(&spec)?;
 
     // Every documented GET: 200 and the documented shape, on non-empty data.
-    for (method, template) in routes.iter().filter(|(m, _)| m == "GET") {
-        let path = concrete(template, &session)?;
-        let (status, body) = http.admin(method, &path).await?;
-        assert_eq!(status, 200, "{method} {path}: {body}");
-        if let Some(list) = body.as_array() {
-            assert!(!list.is_empty(), "{method} {path}: empty, nothing checked");
-        }
-        check(
-            &spec,
-            response_schema(&spec, method, template, 200)?,
-            &body,
-            &path,
-        )?;
-    }
+    every_route_answers(&http, &spec, &routes, "GET", &session).await?;
     let (status, active) = http.admin("GET", "/v1/admin/sessions?state=active").await?;
     assert_eq!(status, 200);
     let states: Vec<&Value> = active
@@ -408,17 +421,7 @@ async fn admin_answers_match_the_documented_schemas() -> Result<()> {
     check(&spec, error_schema, &body, "bad_state")?;
 
     // Every documented POST (drain, undrain, end) on real targets.
-    for (method, template) in routes.iter().filter(|(m, _)| m == "POST") {
-        let path = concrete(template, &session)?;
-        let (status, body) = http.admin(method, &path).await?;
-        assert_eq!(status, 200, "{method} {path}: {body}");
-        check(
-            &spec,
-            response_schema(&spec, method, template, 200)?,
-            &body,
-            &path,
-        )?;
-    }
+    every_route_answers(&http, &spec, &routes, "POST", &session).await?;
     let end = format!("/v1/admin/sessions/{session}/end");
     let (status, body) = http.admin("POST", &end).await?;
     assert_eq!((status, &body["code"]), (409, &json!("not_live")), "{body}");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use berth_protocol::play::ServerMessage;
 use berth_server::app::Server;
 use berth_server::model::SessionState;
@@ -16,9 +16,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_ticket_is_matched_once_across_replicas() -> Result<()> {
-    let url = std::env::var("BERTH_TEST_REDIS").context(
-        "BERTH_TEST_REDIS is not set: run the tests with `cargo xtask test`, which starts Redis",
-    )?;
+    let url = berth_testkit::fixtures::redis_url()?;
     let prefix = format!("replicas-{}", uuid::Uuid::new_v4().simple());
     let mut cfg = config();
     // No host exists: every match ends as placement_failed soon after it is formed.

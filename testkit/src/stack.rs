@@ -2,7 +2,7 @@
 //! API, link) with real VMs on the QEMU driver, on loopback. `cargo xtask demo` and the
 //! benchmarks run on it.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use berth_hostd::config::ImageConfig;
 use berth_hostd::gateway::Gateway;
 use berth_hostd::link::{ServerLink, Token};
@@ -103,12 +103,7 @@ impl Stack {
 
     /// The VM serving `session`.
     pub fn vm_of(&self, session: &SessionId) -> Result<berth_hostd::pool::VmInfo> {
-        self.pool
-            .status()
-            .vms
-            .into_iter()
-            .find(|v| &v.session_id == session)
-            .context("no VM for the session")
+        crate::vm::vm_of(&self.pool, session)
     }
 
     /// Waits until `warm` clones wait and the server has heard so from hostd.

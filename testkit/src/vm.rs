@@ -12,6 +12,7 @@ use berth_hostd::driver::{VmDriver, VmSpec};
 use berth_hostd::image::Image;
 use berth_hostd::substrate::Substrate;
 use berth_hostd::{HostdConfig, Pool};
+use berth_protocol::SessionId;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -149,6 +150,21 @@ impl Sandbox {
         Self::start_with(name, vec![image_config("arena", warm)], true).await
     }
 
+    /// The VM serving `session`.
+    pub fn vm_of(&self, session: &SessionId) -> Result<berth_hostd::pool::VmInfo> {
+        vm_of(&self.pool, session)
+    }
+
+    /// [`Sandbox::start`] with no warm clones, once the pool has the substrate docked.
+    pub async fn docked(name: &str) -> Result<Self> {
+        let sandbox = Self::start(name, 0).await?;
+        sandbox
+            .pool
+            .wait_ready("arena", 0, Duration::from_secs(60))
+            .await?;
+        Ok(sandbox)
+    }
+
     pub async fn start_with(name: &str, images: Vec<ImageConfig>, seed: bool) -> Result<Self> {
         let seeded: Vec<String> = if seed {
             images.iter().map(|i| i.name.clone()).collect()
@@ -191,6 +207,15 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         drop(DirGuard(self.dir.clone()));
     }
+}
+
+/// The VM of `pool` serving `session`.
+pub fn vm_of(pool: &Pool, session: &SessionId) -> Result<berth_hostd::pool::VmInfo> {
+    pool.status()
+        .vms
+        .into_iter()
+        .find(|v| &v.session_id == session)
+        .with_context(|| format!("no VM for session {session}"))
 }
 
 /// Kills any QEMU naming the folder and removes it when dropped: what a panicking test leaves.

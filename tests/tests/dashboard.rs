@@ -26,9 +26,9 @@ use berth_server::model::{HostState, PoolKey, Session, SessionState, Transition}
 use berth_server::store::memory::MemoryStore;
 use berth_server::store::Store;
 use berth_testkit::browser::{Browser, Device};
+use berth_testkit::fixtures::{self, TempDir, TestMode};
 use berth_testkit::Sandbox;
 use fantoccini::key::Key;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,54 +43,17 @@ const PHONE: Device = Device::Phone {
 
 /// One on one, long: the players never join the game, and the VM keeps the session until
 /// someone ends it.
-const WATCH_MODE: &str = r#"
-image = "arena"
-teams = 2
-regions = []
-max_wait_s = 60
-session_max_s = 600
-
-[players]
-min = 2
-max = 2
-
-[vm]
-memory_mib = 128
-vcpus = 1
-
-[skill]
-default = 1000.0
-window = 2000.0
-widen_per_s = 0.0
-max_window = 2000.0
-
-[params]
-score_limit = 10
-time_limit_s = 600
-rejoin_grace_s = 60
-abandon_after_s = 600
-"#;
-
-/// A modes folder with the watch mode, removed when dropped.
-struct Modes(PathBuf);
-
-impl Modes {
-    fn new(name: &str) -> Result<Modes> {
-        let dir = std::env::temp_dir().join(format!("berth-{name}-modes-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("watch.toml"), WATCH_MODE)?;
-        Ok(Modes(dir))
+fn watch_mode() -> TestMode {
+    TestMode {
+        players: 2,
+        session_max_s: 600,
+        fill_wait_ms: None,
+        params:
+            "score_limit = 10\ntime_limit_s = 600\nrejoin_grace_s = 60\nabandon_after_s = 600\n",
     }
 }
 
-impl Drop for Modes {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn dash_config(modes: &Modes) -> ServerConfig {
+fn dash_config(modes: &TempDir) -> ServerConfig {
     let mut c = client::config();
     c.auth.dev_tokens = true;
     c.modes_dir = modes.0.clone();
@@ -273,7 +236,7 @@ async fn host_is(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_watches_and_steers_the_real_stack() -> Result<()> {
-    let modes = Modes::new("dash")?;
+    let modes = fixtures::modes("dash", &[("watch", watch_mode())])?;
     let sandbox = Sandbox::start("dash", 1).await?;
     let gateway =
         berth_hostd::gateway::start(sandbox.pool.clone(), ([127, 0, 0, 1], 0).into()).await?;
@@ -647,7 +610,7 @@ async fn seed(store: &Arc<dyn Store>, n: usize) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_sessions_render_fast_and_work_by_keyboard() -> Result<()> {
     berth_testkit::init_logs();
-    let modes = Modes::new("dash-1000")?;
+    let modes = fixtures::modes("dash-1000", &[("watch", watch_mode())])?;
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     seed(&store, 1000).await?;
     let server = Server::start_with(dash_config(&modes), store.clone()).await?;

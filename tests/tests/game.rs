@@ -212,10 +212,7 @@ async fn gone(sb: &Sandbox, vm: &VmInfo) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duel_is_played_to_its_end_in_a_real_vm() -> Result<()> {
-    let sb = Sandbox::start("game-duel", 0).await?;
-    sb.pool
-        .wait_ready("arena", 0, Duration::from_secs(60))
-        .await?;
+    let sb = Sandbox::docked("game-duel").await?;
     let mut events = sb.pool.subscribe();
     let vm = sb
         .pool
@@ -306,10 +303,7 @@ async fn a_duel_is_played_to_its_end_in_a_real_vm() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_game_admits_only_valid_tickets() -> Result<()> {
-    let sb = Sandbox::start("game-tickets", 0).await?;
-    sb.pool
-        .wait_ready("arena", 0, Duration::from_secs(60))
-        .await?;
+    let sb = Sandbox::docked("game-tickets").await?;
     let vm = sb
         .pool
         .activate(duel("gate-1", serde_json::json!({})))
@@ -412,10 +406,7 @@ async fn the_game_admits_only_valid_tickets() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_game_nobody_joins_ends_as_abandoned() -> Result<()> {
-    let sb = Sandbox::start("game-abandoned", 0).await?;
-    sb.pool
-        .wait_ready("arena", 0, Duration::from_secs(60))
-        .await?;
+    let sb = Sandbox::docked("game-abandoned").await?;
     let mut events = sb.pool.subscribe();
     let vm = sb
         .pool

@@ -239,10 +239,7 @@ async fn refusals_that_need_no_vm_and_the_stats_on_the_control_api() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn players_reach_their_own_game_through_the_gateway() -> Result<()> {
-    let sb = Sandbox::start("gateway", 0).await?;
-    sb.pool
-        .wait_ready("arena", 0, Duration::from_secs(60))
-        .await?;
+    let sb = Sandbox::docked("gateway").await?;
     let (a, b) = tokio::join!(
         sb.pool
             .activate(activation("gw-a", &["alice", "bob"], &key_a())),

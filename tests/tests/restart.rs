@@ -7,8 +7,9 @@ use berth_hostd::control::{Client, ClientError};
 use berth_hostd::pool::{ActivateRequest, ActivationPath};
 use berth_protocol::game::GameAnswer;
 use berth_protocol::SessionId;
+use berth_testkit::fixtures::TempDir;
 use berth_testkit::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -79,8 +80,8 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
     let ic = image_config("arena", 1);
     seed_substrate(&dir, &ic).await?;
     let port = free_port();
-    let conf_dir = tempfile_dir("restart");
-    let config = conf_dir.join("hostd.toml");
+    let conf_dir = TempDir::new("conf-restart")?;
+    let config = conf_dir.0.join("hostd.toml");
     std::fs::write(
         &config,
         format!(
@@ -177,15 +178,9 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
     signal(hostd.id(), nix::sys::signal::Signal::SIGTERM)?;
     let status = hostd.wait()?;
     assert!(status.success(), "clean stop: {status}");
-    let _ = std::fs::remove_dir_all(&conf_dir);
+    drop(conf_dir);
     assert_nothing_left(&dir)?;
     Ok(())
-}
-
-fn tempfile_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("berth-conf-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
 }
 
 fn reqwest_client() -> reqwest::Client {
@@ -194,7 +189,7 @@ fn reqwest_client() -> reqwest::Client {
 
 #[test]
 fn a_bad_config_file_fails_fast_naming_the_key() {
-    let dir = tempfile_dir("badconfig");
+    let dir = TempDir::new("conf-badconfig").expect("temp dir");
     let cases = [
         (
             "[[images]]\nname = \"a\"\ndir = \"x\"\nmemory_mib = 8\n",
@@ -204,7 +199,7 @@ fn a_bad_config_file_fails_fast_naming_the_key() {
         ("accel = \"warp\"\n", "unknown variant `warp`"),
     ];
     for (text, expected) in cases {
-        let path = dir.join("hostd.toml");
+        let path = dir.0.join("hostd.toml");
         std::fs::write(&path, text).expect("write config");
         let out = Command::new(hostd_bin())
             .args(["run", "--config"])
@@ -225,5 +220,5 @@ fn a_bad_config_file_fails_fast_naming_the_key() {
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("reading config /nonexistent/hostd.toml")
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
 }

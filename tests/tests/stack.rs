@@ -4,7 +4,7 @@
 
 use berth_testkit::player as client;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use berth_protocol::game::GameAnswer;
 use berth_protocol::play::ServerMessage;
 use berth_protocol::ticket::{TicketClaims, TICKET_AUDIENCE};
@@ -15,6 +15,7 @@ use berth_server::config::ServerConfig;
 use berth_server::model::{HostState, SessionState};
 use berth_server::store::redis::RedisStore;
 use berth_server::store::Store;
+use berth_testkit::fixtures::TempDir;
 use berth_testkit::{game_hello, game_surrender, Sandbox};
 use client::{admin_token, auth, config, queue, Client};
 use std::sync::Arc;
@@ -46,6 +47,36 @@ fn stack_config() -> ServerConfig {
     c.timeouts.host_heartbeat_ms = 500;
     c.timeouts.host_lost_ms = 2000;
     c
+}
+
+/// [`link`], then waits until the server knows the host up with its substrate docked.
+async fn linked(
+    sandbox: &Sandbox,
+    server: &Server,
+) -> Result<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)> {
+    let stopper = link(sandbox, server);
+    host_until(&server.ctx.store, |h| {
+        h.state == HostState::Up && h.images.iter().any(|i| i.docked)
+    })
+    .await?;
+    Ok(stopper)
+}
+
+/// Two players (`a` on `ra`, `b` on `rb`) queue for `mode` in `eu` and are matched together:
+/// both, and the session, endpoint and ticket `a` heard.
+async fn pair(
+    (ra, a): (&Server, &str),
+    (rb, b): (&Server, &str),
+    mode: &str,
+) -> Result<(Client, Client, (SessionId, String, String))> {
+    let mut a = client::player(ra, a).await?;
+    let mut b = client::player(rb, b).await?;
+    a.send(&queue(mode, "eu")).await?;
+    b.send(&queue(mode, "eu")).await?;
+    let heard = matched(&mut a).await?;
+    let (sb, _, _) = matched(&mut b).await?;
+    ensure!(heard.0 == sb, "one session for both: {} and {sb}", heard.0);
+    Ok((a, b, heard))
 }
 
 /// Waits until `f` holds for the server's view of the host.
@@ -143,13 +174,8 @@ async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()>
     })
     .await?;
 
-    let mut a = client::player(&server, "alice").await?;
-    let mut b = client::player(&server, "bob").await?;
-    a.send(&queue("duel", "eu")).await?;
-    b.send(&queue("duel", "eu")).await?;
-    let (sa, endpoint, ticket) = matched(&mut a).await?;
-    let (sb, _, _) = matched(&mut b).await?;
-    assert_eq!(sa, sb, "one session for both");
+    let (mut a, b, (sa, endpoint, ticket)) =
+        pair((&server, "alice"), (&server, "bob"), "duel").await?;
     assert_eq!(endpoint, "ws://127.0.0.1:7071/v1/game");
 
     // The ticket is bound to this session and this player, signed with the session's key.
@@ -175,13 +201,7 @@ async fn players_are_matched_onto_a_real_vm_and_hear_the_results() -> Result<()>
     );
 
     // The VM is really there, with this session's identity and players.
-    let vm = sandbox
-        .pool
-        .status()
-        .vms
-        .into_iter()
-        .find(|v| v.session_id == sa)
-        .context("a VM for the session")?;
+    let vm = sandbox.vm_of(&sa)?;
     match game_hello(vm.game_addr).await? {
         GameAnswer::Hello {
             session_id,
@@ -276,11 +296,7 @@ async fn admin_end_drain_and_a_lost_host() -> Result<()> {
     cfg.timeouts.placing_ms = 1500;
     let server = Server::start(cfg).await?;
     let store = server.ctx.store.clone();
-    let (stop, task) = link(&sandbox, &server);
-    host_until(&store, |h| {
-        h.state == HostState::Up && h.images.iter().any(|i| i.docked)
-    })
-    .await?;
+    let (stop, task) = linked(&sandbox, &server).await?;
     let http = reqwest::Client::new();
     let admin = |path: &str| {
         http.post(format!("http://{}{path}", server.addr))
@@ -288,12 +304,7 @@ async fn admin_end_drain_and_a_lost_host() -> Result<()> {
     };
 
     // An operator ends a running session: players hear `admin`, the VM is destroyed.
-    let mut a = client::player(&server, "carl").await?;
-    let mut b = client::player(&server, "dina").await?;
-    a.send(&queue("duel", "eu")).await?;
-    b.send(&queue("duel", "eu")).await?;
-    let (s1, _, _) = matched(&mut a).await?;
-    matched(&mut b).await?;
+    let (mut a, mut b, (s1, _, _)) = pair((&server, "carl"), (&server, "dina"), "duel").await?;
     let r = admin(&format!("/v1/admin/sessions/{s1}/end"))
         .send()
         .await?;
@@ -342,9 +353,7 @@ async fn admin_end_drain_and_a_lost_host() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
-    let url = std::env::var("BERTH_TEST_REDIS").context(
-        "BERTH_TEST_REDIS is not set: run the tests with `cargo xtask test`, which starts Redis",
-    )?;
+    let url = berth_testkit::fixtures::redis_url()?;
     let prefix = format!("berth-stack-{}", std::process::id());
     let sandbox = Sandbox::start("stack-redis", 1).await?;
     let one: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
@@ -358,13 +367,7 @@ async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
     .await?;
 
     // Player on replica 1, player on replica 2: one match, one VM (host held by replica 1).
-    let mut a = client::player(&r1, "erik").await?;
-    let mut b = client::player(&r2, "fay").await?;
-    a.send(&queue("duel", "eu")).await?;
-    b.send(&queue("duel", "eu")).await?;
-    let (sa, _, _) = matched(&mut a).await?;
-    let (sb, _, _) = matched(&mut b).await?;
-    assert_eq!(sa, sb);
+    let (mut a, mut b, (sa, _, _)) = pair((&r1, "erik"), (&r2, "fay"), "duel").await?;
     // A second connection for fay on the other replica takes over.
     let mut b2 = client::player(&r1, "fay").await?;
     let (sb2, _, fay_ticket) = matched(&mut b2).await?;
@@ -375,13 +378,7 @@ async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
     )
     .await?;
 
-    let vm = sandbox
-        .pool
-        .status()
-        .vms
-        .into_iter()
-        .next()
-        .context("a VM")?;
+    let vm = sandbox.vm_of(&sa)?;
     // fay gives up: erik's side wins, and both hear it across the replicas.
     let (_, results) = game_surrender(vm.game_addr, &fay_ticket).await?;
     let (reason, erik_results) = ended(&mut a).await?;
@@ -428,12 +425,8 @@ async fn placement_retries_another_host_when_activation_fails() -> Result<()> {
     // Spread placement tries the idle host-a first at least once in two matches.
     let mut sessions = Vec::new();
     for round in 0..2 {
-        let mut a = client::player(&server, &format!("ra{round}")).await?;
-        let mut b = client::player(&server, &format!("rb{round}")).await?;
-        a.send(&queue("duel", "eu")).await?;
-        b.send(&queue("duel", "eu")).await?;
-        let (id, _, _) = matched(&mut a).await?;
-        matched(&mut b).await?;
+        let (ra, rb) = (format!("ra{round}"), format!("rb{round}"));
+        let (_a, _b, (id, _, _)) = pair((&server, &ra), (&server, &rb), "duel").await?;
         sessions.push(store.session(&id).await?.context("stored")?);
     }
     for s in &sessions {
@@ -499,7 +492,7 @@ async fn host_hears(ws: &mut HostWs) -> Result<berth_protocol::host::ServerToHos
 async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
     use berth_protocol::host::{HostMessage, HostVm, ServerToHost};
     // A mode whose matches last at most 3 s.
-    let modes = tempfile_dir("stack-modes")?;
+    let modes = TempDir::new("stack-modes")?;
     std::fs::write(
         modes.0.join("blitz.toml"),
         "image = \"arena\"\nteams = 2\nsession_max_s = 3\n[players]\nmin = 2\nmax = 2\n[vm]\nmemory_mib = 128\n",
@@ -509,28 +502,13 @@ async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
     cfg.modes_dir = modes.0.clone();
     let server = Server::start(cfg).await?;
     let store = server.ctx.store.clone();
-    let (stop, task) = link(&sandbox, &server);
-    host_until(&store, |h| {
-        h.state == HostState::Up && h.images.iter().any(|i| i.docked)
-    })
-    .await?;
+    let (stop, task) = linked(&sandbox, &server).await?;
 
-    let mut a = client::player(&server, "gus").await?;
-    let mut b = client::player(&server, "hal").await?;
-    a.send(&queue("blitz", "eu")).await?;
-    b.send(&queue("blitz", "eu")).await?;
-    let (s1, _, _) = matched(&mut a).await?;
-    matched(&mut b).await?;
+    let (mut a, mut b, (s1, _, _)) = pair((&server, "gus"), (&server, "hal"), "blitz").await?;
 
     // Another host claims this session's VM, and reports it over: refused, nothing changes.
     let mut other = intruder(&server, "intruder").await?;
-    let vm = sandbox
-        .pool
-        .status()
-        .vms
-        .into_iter()
-        .next()
-        .context("a VM")?;
+    let vm = sandbox.vm_of(&s1)?;
     host_says(
         &mut other,
         &HostMessage::Register {
@@ -596,11 +574,4 @@ async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
     task.await?;
     server.shutdown().await;
     sandbox.finish().await
-}
-
-/// A scratch folder removed on drop.
-fn tempfile_dir(name: &str) -> Result<berth_testkit::DirGuard> {
-    let dir = std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(berth_testkit::DirGuard(dir))
 }

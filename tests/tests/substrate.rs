@@ -42,10 +42,7 @@ fn ticket(session: &str, player: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activate_applies_identity_and_destroy_leaves_nothing() -> Result<()> {
-    let sb = Sandbox::start("identity", 0).await?;
-    sb.pool
-        .wait_ready("arena", 0, Duration::from_secs(60))
-        .await?;
+    let sb = Sandbox::docked("identity").await?;
     let vm = sb.pool.activate(request("match-1")).await?;
     assert_eq!(vm.path, ActivationPath::Substrate);
     let GameAnswer::Hello {
@@ -92,10 +89,7 @@ async fn activate_applies_identity_and_destroy_leaves_nothing() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clones_each_carry_their_own_identity_and_sessions_are_idempotent() -> Result<()>
 {
-    let sb = Sandbox::start("clones", 0).await?;
-    sb.pool
-        .wait_ready("arena", 0, Duration::from_secs(60))
-        .await?;
+    let sb = Sandbox::docked("clones").await?;
     // Three sessions at once, one of them asked for twice concurrently.
     let (a, b, c, a2) = tokio::join!(
         sb.pool.activate(request("s-a")),
@@ -151,10 +145,7 @@ async fn warm_clones_activate_and_are_refilled() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn game_over_is_reported_and_the_vm_returns_to_the_pool() -> Result<()> {
-    let sb = Sandbox::start("ended", 0).await?;
-    sb.pool
-        .wait_ready("arena", 0, Duration::from_secs(60))
-        .await?;
+    let sb = Sandbox::docked("ended").await?;
     let mut events = sb.pool.subscribe();
     let vm = sb.pool.activate(request("ends")).await?;
     // A player gives up (the game checks the ticket with the key given at activation).
@@ -193,10 +184,7 @@ async fn game_over_is_reported_and_the_vm_returns_to_the_pool() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_qemu_is_detected_and_reported() -> Result<()> {
-    let sb = Sandbox::start("killed", 0).await?;
-    sb.pool
-        .wait_ready("arena", 0, Duration::from_secs(60))
-        .await?;
+    let sb = Sandbox::docked("killed").await?;
     let mut events = sb.pool.subscribe();
     let vm = sb.pool.activate(request("doomed")).await?;
     signal(vm.pid, nix::sys::signal::Signal::SIGKILL)?;

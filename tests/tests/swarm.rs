@@ -13,68 +13,30 @@ use berth_server::auth::Role;
 use berth_server::model::{HostState, SessionState};
 use berth_server::store::redis::RedisStore;
 use berth_server::store::Store;
+use berth_testkit::fixtures::{self, TempDir, TestMode};
 use berth_testkit::Sandbox;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// A short duel for the test: first to 3 points or 8 seconds.
-const QUICK_MODE: &str = r#"
-image = "arena"
-teams = 2
-regions = []
-max_wait_s = 60
-session_max_s = 60
-
-[players]
-min = 2
-max = 2
-
-[vm]
-memory_mib = 128
-vcpus = 1
-
-[skill]
-default = 1000.0
-window = 2000.0
-widen_per_s = 0.0
-max_window = 2000.0
-
-[params]
-score_limit = 3
-time_limit_s = 8
-rejoin_grace_s = 10
-abandon_after_s = 10
-"#;
+fn quick_mode() -> TestMode {
+    TestMode {
+        players: 2,
+        session_max_s: 60,
+        fill_wait_ms: None,
+        params: "score_limit = 3\ntime_limit_s = 8\nrejoin_grace_s = 10\nabandon_after_s = 10\n",
+    }
+}
 
 /// Two against two, parties of up to two, 8 seconds.
-const QUICK_ARENA: &str = r#"
-image = "arena"
-teams = 2
-regions = []
-fill_wait_ms = 1000
-max_wait_s = 60
-session_max_s = 60
-
-[players]
-min = 4
-max = 4
-
-[vm]
-memory_mib = 128
-vcpus = 1
-
-[skill]
-default = 1000.0
-window = 2000.0
-widen_per_s = 0.0
-max_window = 2000.0
-
-[params]
-score_limit = 10
-time_limit_s = 8
-rejoin_grace_s = 10
-abandon_after_s = 10
-"#;
+fn quick_arena() -> TestMode {
+    TestMode {
+        players: 4,
+        session_max_s: 60,
+        fill_wait_ms: Some(1000),
+        params: "score_limit = 10\ntime_limit_s = 8\nrejoin_grace_s = 10\nabandon_after_s = 10\n",
+    }
+}
 
 /// The real stack on one host: a Redis-backed server (dev tokens on, the quick modes), a hostd
 /// pool with `warm` clones, its gateway, and the link.
@@ -90,12 +52,11 @@ struct Stack {
 
 impl Stack {
     async fn start(name: &str, warm: u32) -> Result<Stack> {
-        let url = std::env::var("BERTH_TEST_REDIS").context(
-            "BERTH_TEST_REDIS is not set: run the tests with `cargo xtask test`, which starts Redis",
+        let url = berth_testkit::fixtures::redis_url()?;
+        let modes = fixtures::modes(
+            name,
+            &[("quick", quick_mode()), ("quick-arena", quick_arena())],
         )?;
-        let modes = tempfile_dir(&format!("{name}-modes"))?;
-        std::fs::write(modes.0.join("quick.toml"), QUICK_MODE)?;
-        std::fs::write(modes.0.join("quick-arena.toml"), QUICK_ARENA)?;
         let sandbox = Sandbox::start(name, warm).await?;
         let gateway =
             berth_hostd::gateway::start(sandbox.pool.clone(), ([127, 0, 0, 1], 0).into()).await?;
@@ -331,19 +292,4 @@ async fn phones_that_drop_sleep_and_crawl_still_finish() -> Result<()> {
     );
     stack.settled(2).await?;
     stack.finish().await
-}
-
-/// A temporary folder removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir(name: &str) -> Result<TempDir> {
-    let dir = std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(TempDir(dir))
 }
