@@ -4,18 +4,18 @@
 //! EOF at once; the agent then sleeps with backoff instead of spinning, so a parked or
 //! orphaned VM costs next to nothing.
 
-use crate::game::{self, Command, GameOver, World};
+use crate::life::{Life, Report};
+use crate::sdk::Sdk;
 use crate::GuestError;
 use berth_protocol::guest::{
     decode_line, encode_line, GuestToHost, HostToGuest, Identity, Line, LineBuffer,
-    AGENT_PORT_NAME, AGENT_PROTOCOL_VERSION, GAME_PORT, HEARTBEAT_INTERVAL, MAX_LINE,
+    AGENT_PORT_NAME, AGENT_PROTOCOL_VERSION, HEARTBEAT_INTERVAL, MAX_LINE,
 };
 use berth_protocol::{SessionId, VmId};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Finds and opens the agent's virtio-serial port (`/dev/vportNpM` whose sysfs name matches).
@@ -86,31 +86,25 @@ pub fn apply_identity(identity: &Identity) -> Result<(), ApplyError> {
     Ok(())
 }
 
-/// The agent's state: booted and waiting, or activated.
+/// The hostd link: reads hostd's lines (identity, prewarm) and writes what the VM's [`Life`]
+/// reports, and heartbeats once activated.
 pub struct Agent {
     port: File,
     writer: Arc<Mutex<File>>,
-    world: Arc<World>,
-    listener: Option<TcpListener>,
-    started: Instant,
-    session: Arc<OnceLock<Arc<game::Session>>>,
-    activated: Option<mpsc::Sender<SessionId>>,
-    /// The game loop's inbox (activation starts it).
-    game: Option<mpsc::Sender<Command>>,
+    life: Arc<Life>,
+    sdk: Arc<Sdk>,
+    game_port: u16,
 }
 
 impl Agent {
-    pub fn new(port: File, world: World, listener: TcpListener, started: Instant) -> Self {
+    pub fn new(port: File, life: Arc<Life>, sdk: Arc<Sdk>, game_port: u16) -> Self {
         let writer = port.try_clone().expect("dup of an open port fd");
         Self {
             port,
             writer: Arc::new(Mutex::new(writer)),
-            world: Arc::new(world),
-            listener: Some(listener),
-            started,
-            session: Arc::new(OnceLock::new()),
-            activated: None,
-            game: None,
+            life,
+            sdk,
+            game_port,
         }
     }
 
@@ -121,64 +115,39 @@ impl Agent {
         let _ = w.write_all(&line);
     }
 
-    /// Starts the game server and the reporter threads. Both exist before the VM is docked,
-    /// so that activating a clone starts no thread.
-    fn start_threads(&mut self) {
-        let (over_tx, over_rx) = mpsc::channel::<GameOver>();
-        let (game_tx, game_rx) = mpsc::channel::<Command>();
-        let inputs = game::Inputs::default();
-        if let Some(listener) = self.listener.take() {
-            let session = self.session.clone();
-            let tiles = self.world.tiles;
-            let commands = game_tx.clone();
-            let inputs = inputs.clone();
-            std::thread::spawn(move || game::serve(listener, session, tiles, commands, inputs));
-        }
-        let world = self.world.clone();
-        std::thread::spawn(move || game::run_loop(world, game_rx, inputs, over_tx));
-        self.game = Some(game_tx);
-        let (activated_tx, activated_rx) = mpsc::channel::<SessionId>();
-        self.activated = Some(activated_tx);
+    /// Writes each report as it comes, and a heartbeat every [`HEARTBEAT_INTERVAL`] once
+    /// activated (ending a ready game that stopped calling `health`). Started at boot, so
+    /// that activating a clone starts no thread.
+    fn start_reporter(&self, reports: mpsc::Receiver<Report>) {
         let writer = self.writer.clone();
-        let booted = self.started;
-        std::thread::spawn(move || {
-            // Blocked (no timer, no polling) until activation.
-            let Ok(session_id) = activated_rx.recv() else {
-                return;
-            };
-            loop {
-                match over_rx.recv_timeout(HEARTBEAT_INTERVAL) {
-                    Ok(over) => Self::send(
-                        &writer,
-                        &GuestToHost::Ended {
-                            session_id: session_id.clone(),
-                            reason: over.reason,
-                            results: over.results,
-                        },
-                    ),
-                    Err(mpsc::RecvTimeoutError::Timeout) => Self::send(
-                        &writer,
-                        &GuestToHost::Heartbeat {
-                            uptime_ms: booted.elapsed().as_millis() as u64,
-                        },
-                    ),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        let life = self.life.clone();
+        let game_port = self.game_port;
+        let booted = Instant::now();
+        std::thread::spawn(move || loop {
+            let report = match reports.recv_timeout(HEARTBEAT_INTERVAL) {
+                Ok(r) => Some(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if life.session_id().is_none() {
+                        continue;
+                    }
+                    let overdue = life.health_overdue();
+                    let beat = GuestToHost::Heartbeat {
+                        uptime_ms: booted.elapsed().as_millis() as u64,
+                    };
+                    Self::send(&writer, &beat);
+                    overdue
                 }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            if let Some(r) = report {
+                Self::send(&writer, &message(r, game_port));
             }
         });
     }
 
     /// Serves hostd until the VM is destroyed.
-    pub fn serve(mut self) -> Result<(), GuestError> {
-        self.start_threads();
-        Self::send(
-            &self.writer,
-            &GuestToHost::Initialised {
-                version: AGENT_PROTOCOL_VERSION,
-                init_ms: self.started.elapsed().as_millis() as u64,
-                game_port: GAME_PORT,
-            },
-        );
+    pub fn serve(mut self, reports: mpsc::Receiver<Report>) -> Result<(), GuestError> {
+        self.start_reporter(reports);
         let mut lines = LineBuffer::default();
         let mut chunk = vec![0u8; 16 * 1024];
         let mut backoff = Duration::from_millis(20);
@@ -232,9 +201,10 @@ impl Agent {
     }
 
     /// Runs the activation paths once with values that change nothing but the clock (this
-    /// VM's own host name, hostd's wall clock), so that the first real activation is fast.
+    /// VM's own host name, hostd's wall clock), so that the first real activation is fast:
+    /// applying an identity, checking a ticket, and one SDK call over loopback.
     fn prewarm(&mut self, wall_clock_ms: u64) {
-        if self.session.get().is_none() {
+        if self.life.session_id().is_none() {
             let hostname = nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
@@ -245,20 +215,22 @@ impl Agent {
                 vm_id: VmId::new("prewarm").expect("literal id is valid"),
                 hostname,
                 players: vec![],
-                ticket_key: String::new(),
+                ticket_key: "00".repeat(32),
                 params: serde_json::json!({}),
                 wall_clock_ms,
                 rng_seed: 0,
+                deadline_ms: 0,
             };
             let line = encode_line(&HostToGuest::Identity(sample));
             if let Ok(HostToGuest::Identity(sample)) = decode_line::<HostToGuest>(&line) {
                 let _ = apply_identity(&sample);
-                let _ = game::Session::new(sample.clone()).check("x.y.z");
-                game::warm_up(&self.world);
+                let key = hex::decode(&sample.ticket_key).unwrap_or_default();
+                let _ = berth_protocol::ticket::verify("x.y.z", &key, &sample.session_id, 0);
+                sdk_round_trip();
                 let _ = encode_line(&GuestToHost::Ready {
                     session_id: sample.session_id,
                     vm_id: sample.vm_id,
-                    clock_ms: game::now_ms(),
+                    clock_ms: berth_protocol::now_ms(),
                     apply_us: 0,
                 });
             }
@@ -268,32 +240,65 @@ impl Agent {
 
     fn activate(&mut self, identity: Identity) {
         let t0 = Instant::now();
-        if let Some(current) = self.session.get() {
-            let e = ApplyError::AlreadyActivated(current.identity.session_id.to_string());
+        if let Some(current) = self.life.session_id() {
+            let e = ApplyError::AlreadyActivated(current.to_string());
             return self.refuse(e.code(), e.to_string());
         }
         if let Err(e) = apply_identity(&identity) {
             return self.refuse(e.code(), e.to_string());
         }
-        let session_id = identity.session_id.clone();
-        let vm_id = identity.vm_id.clone();
-        let session = Arc::new(game::Session::new(identity));
-        let _ = self.session.set(session.clone());
-        if let Some(game) = &self.game {
-            let _ = game.send(Command::Start(session));
+        match self.life.activate(identity, t0) {
+            Ok(()) => self.sdk.wake(),
+            Err(e) => self.refuse(e.code, e.message),
         }
-        if let Some(tx) = &self.activated {
-            let _ = tx.send(session_id.clone());
-        }
-        Self::send(
-            &self.writer,
-            &GuestToHost::Ready {
-                session_id,
-                vm_id,
-                clock_ms: game::now_ms(),
-                apply_us: t0.elapsed().as_micros() as u64,
-            },
-        );
+    }
+}
+
+/// What hostd hears of a report.
+fn message(report: Report, game_port: u16) -> GuestToHost {
+    match report {
+        Report::Initialised { init_ms } => GuestToHost::Initialised {
+            version: AGENT_PROTOCOL_VERSION,
+            init_ms,
+            game_port,
+        },
+        Report::Ready {
+            session_id,
+            vm_id,
+            apply_us,
+        } => GuestToHost::Ready {
+            session_id,
+            vm_id,
+            clock_ms: berth_protocol::now_ms(),
+            apply_us,
+        },
+        Report::Ended {
+            session_id,
+            reason,
+            results,
+        } => GuestToHost::Ended {
+            session_id,
+            reason,
+            results,
+        },
+        Report::GameExited { status, stderr } => GuestToHost::GameExited { status, stderr },
+    }
+}
+
+/// One `GET /v1/session` to this VM's own SDK, answered and read (prewarm).
+fn sdk_round_trip() {
+    use std::net::TcpStream;
+    let Ok(mut s) = TcpStream::connect(berth_protocol::sdk::SDK_ADDR) else {
+        return;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: sdk\r\nConnection: close\r\n\r\n",
+        berth_protocol::sdk::path::SESSION
+    );
+    if s.write_all(request.as_bytes()).is_ok() {
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
     }
 }
 
@@ -308,13 +313,5 @@ mod tests {
         assert!(!valid_hostname("a b"));
         assert!(!valid_hostname("-a"));
         assert!(!valid_hostname(&"a".repeat(64)));
-    }
-
-    #[test]
-    fn rng_depends_on_seed() {
-        let a = crate::arena::Rng::new(1).next_u64();
-        let b = crate::arena::Rng::new(2).next_u64();
-        assert_ne!(a, b);
-        assert_eq!(a, crate::arena::Rng::new(1).next_u64());
     }
 }

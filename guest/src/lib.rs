@@ -1,81 +1,110 @@
-//! The inside of a game VM.
+//! The inside of a game VM: the agent, PID 1 after the image's `/init`.
 //!
-//! One process, no forks after boot: [`run`] initialises the game (loads the maps from the VM's
-//! disk and does the start-up work a real game server does), binds the game port, tells hostd
-//! `initialised` and then waits — this is the moment the VM is docked as a substrate. After
-//! activation it reads one identity line, applies it ([`agent::apply_identity`]: wall clock,
-//! hostname, RNG), starts serving players and answers `ready`.
+//! It supervises the image's game server (any program, from the image's [`GameSpec`]), serves
+//! it the game-server SDK on loopback, and links the VM to hostd. The game loads, calls
+//! `initialised` — the moment the VM is docked as a substrate — and waits in `GET
+//! /v1/activation`; after restore, hostd's identity line is applied ([`agent::apply_identity`]:
+//! wall clock, hostname, RNG), the waiting call answers, and the game's `ready` goes to hostd.
 //!
 //! - [`agent`]: the hostd link (virtio-serial port) and identity handling.
-//! - [`game`]: the game server: start-up work, connections, tickets, the game loop.
-//! - [`arena`]: the game's rules and state (pure, unit-tested).
+//! - [`life`]: what each SDK call may do in each phase of the VM's life, and what hostd hears.
+//! - [`sdk`]: the SDK's HTTP server (`docs/sdk.md`).
+//! - [`supervisor`]: the game's process, its output and its exit.
 
 pub mod agent;
-pub mod arena;
-pub mod game;
+pub mod life;
+pub mod sdk;
+pub mod supervisor;
 #[cfg(feature = "xen")]
 pub mod xen;
 
+use berth_protocol::guest::{GameSpec, GAME_SPEC_PATH};
+use berth_protocol::sdk::SDK_ADDR;
+use life::{Life, Report};
+use std::fs::File;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 /// Runtime settings, from the environment `/init` passes (kernel command line `berth.*`).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the game's data disk is mounted.
-    pub data_dir: PathBuf,
-    /// How long the simulated start-up work takes at least.
-    pub init_work: Duration,
+    /// The game spec (`BERTH_GAME_SPEC`, else [`GAME_SPEC_PATH`]).
+    pub game_spec: PathBuf,
     /// Directory holding `virtio-ports` in sysfs (overridable for tests).
     pub sysfs_ports: PathBuf,
 }
 
 impl Config {
     pub fn from_env() -> Self {
-        let init_ms = std::env::var("BERTH_INIT_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000);
         Self {
-            data_dir: std::env::var_os("BERTH_DATA_DIR")
+            game_spec: std::env::var_os("BERTH_GAME_SPEC")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| "/data".into()),
-            init_work: Duration::from_millis(init_ms),
+                .unwrap_or_else(|| GAME_SPEC_PATH.into()),
             sysfs_ports: "/sys/class/virtio-ports".into(),
         }
+    }
+
+    /// The image's game spec.
+    pub fn load_spec(&self) -> Result<GameSpec, GuestError> {
+        let path = &self.game_spec;
+        let text = std::fs::read(path)
+            .map_err(|e| GuestError::Game(format!("reading {}: {e}", path.display())))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| GuestError::Game(format!("{}: {e}", path.display())))
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
-    #[error("loading game data from {path}")]
-    Data {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("no virtio-serial port named {0}")]
     NoPort(&'static str),
     #[error("agent port i/o")]
     Port(#[source] std::io::Error),
-    #[error("binding the game port")]
-    Bind(#[source] std::io::Error),
-}
-
-/// Binds the game port on every address, IPv6 and IPv4 (one dual-stack socket; hostd's xen
-/// driver reaches the guest by IPv6 link-local), or IPv4 only when the kernel has no IPv6.
-pub fn bind_game_port() -> Result<std::net::TcpListener, GuestError> {
-    let port = berth_protocol::guest::GAME_PORT;
-    std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port))
-        .or_else(|_| std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)))
-        .map_err(GuestError::Bind)
+    #[error("the SDK server: {0}")]
+    Sdk(String),
+    #[error("the game server: {0}")]
+    Game(String),
 }
 
 /// Boots the game and serves hostd until the VM is destroyed.
 pub fn run(config: Config) -> Result<(), GuestError> {
-    let started = std::time::Instant::now();
-    let world = game::World::load(&config.data_dir, config.init_work)?;
-    let listener = bind_game_port()?;
     let port = agent::open_port(&config.sysfs_ports)?;
-    agent::Agent::new(port, world, listener, started).serve()
+    serve(&config, port)
+}
+
+/// Starts the SDK and the game, then serves hostd on `port`. A game that cannot be started is
+/// reported to hostd (priming fails with the reason), not fatal: the VM stays up to say so.
+pub fn serve(config: &Config, port: File) -> Result<(), GuestError> {
+    let booted = Instant::now();
+    let (reports, from_life) = mpsc::channel::<Report>();
+    let spec = config.load_spec();
+    let health = spec
+        .as_ref()
+        .map(|s| s.health_timeout_ms)
+        .unwrap_or(berth_protocol::sdk::DEFAULT_HEALTH_TIMEOUT_MS);
+    let life = Arc::new(Life::new(booted, Duration::from_millis(health)));
+    let sdk = sdk::Sdk::bind(SDK_ADDR, life.clone(), reports.clone())?;
+    sdk.spawn()?;
+    let game_port = spec
+        .as_ref()
+        .map(|s| s.game_port)
+        .unwrap_or(berth_protocol::guest::GAME_PORT);
+    let started = spec.and_then(|spec| {
+        let (life, reports) = (life.clone(), reports.clone());
+        supervisor::start(&spec, SDK_ADDR, move |exit| {
+            eprintln!("berth-guest: the game exited: {}", exit.status);
+            for r in life.game_exited(exit.status, exit.stderr) {
+                let _ = reports.send(r);
+            }
+        })
+    });
+    if let Err(e) = started {
+        eprintln!("berth-guest: {e}");
+        let _ = reports.send(Report::GameExited {
+            status: e.to_string(),
+            stderr: vec![],
+        });
+    }
+    agent::Agent::new(port, life, sdk, game_port).serve(from_life)
 }

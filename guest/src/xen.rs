@@ -26,7 +26,7 @@
 //! hands to `/init` as an environment variable). The guest kernel needs `/dev/xen/xenbus`
 //! (devtmpfs creates it when the kernel has Xen guest support built in, as Debian's do).
 
-use crate::{agent, game, Config, GuestError};
+use crate::{Config, GuestError};
 use berth_protocol::guest::{decode_line, GuestToHost, Line, LineBuffer};
 use berth_protocol::xenstore::{value_line, value_of};
 use std::fs::File;
@@ -230,11 +230,8 @@ pub fn open_port() -> Result<File, GuestError> {
 
 /// Boots the game and serves hostd over XenStore until the domain is destroyed.
 pub fn run(config: Config) -> Result<(), GuestError> {
-    let started = Instant::now();
-    let world = game::World::load(&config.data_dir, config.init_work)?;
-    let listener = crate::bind_game_port()?;
     let port = open_port()?;
-    agent::Agent::new(port, world, listener, started).serve()
+    crate::serve(&config, port)
 }
 
 #[cfg(test)]
@@ -415,6 +412,7 @@ mod tests {
             params: serde_json::json!({"text": "two\nlines"}),
             wall_clock_ms: 1_700_000_000_000,
             rng_seed: 42,
+            deadline_ms: 0,
         }
     }
 

@@ -499,6 +499,7 @@ impl<P: LinkPool> Link<P> {
                     teams,
                     params,
                     ticket_key,
+                    deadline_ms,
                 };
                 self.inflight.entry(session.clone()).or_default().tasks += 1;
                 let pool = self.pool.clone();

@@ -144,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
                     .context("--player")?,
                 params: serde_json::Value::Null,
                 ticket_key: String::new(),
+                deadline_ms: 0,
             };
             let vm = Client::new(control).activate(&req).await?;
             println!("{}", serde_json::to_string_pretty(&vm)?);

@@ -388,6 +388,7 @@ async fn activate(pool: &Pool, image: &str, n: usize) -> SessionCheck {
         players,
         params: serde_json::Value::Null,
         ticket_key: String::new(),
+        deadline_ms: 0,
     };
     let t = Instant::now();
     let info: VmInfo = match pool.activate(req).await {
@@ -443,6 +444,7 @@ pub fn bench_identity(vm_id: &VmId, n: usize) -> Identity {
         params: serde_json::Value::Null,
         wall_clock_ms: 0,
         rng_seed: random_u64(),
+        deadline_ms: 0,
     }
 }
 

@@ -237,6 +237,10 @@ vocabulary!(open
         HostLost = "host_lost",
         /// No host could run it.
         PlacementFailed = "placement_failed",
+        /// The game server's process died after activation.
+        GameCrashed = "game_crashed",
+        /// The game server stopped calling the SDK's `health`.
+        GameUnhealthy = "game_unhealthy",
     }
 );
 

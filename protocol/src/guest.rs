@@ -6,6 +6,7 @@
 //! agent ─▶ hostd: {"type":"ready", ...}                (game server accepts players)
 //! agent ─▶ hostd: {"type":"heartbeat", ...}            (every HEARTBEAT_INTERVAL)
 //! agent ─▶ hostd: {"type":"ended", ...}                (game over, with results)
+//! agent ─▶ hostd: {"type":"game_exited", ...}         (the game server's process died)
 //! agent ─▶ hostd: {"type":"error", "code": ..., ...}   (a line hostd sent was refused)
 //! hostd ─▶ agent: {"type":"prewarm","wall_clock_ms":…} → {"type":"prewarmed"}  (before docking; warm tier)
 //! ```
@@ -15,7 +16,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::time::Duration;
 
 /// Bumped on any incompatible change of these messages.
-pub const AGENT_PROTOCOL_VERSION: u32 = 1;
+pub const AGENT_PROTOCOL_VERSION: u32 = 2;
 
 /// Longest line either side accepts, newline excluded.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -51,6 +52,47 @@ pub struct Identity {
     pub wall_clock_ms: u64,
     /// Seed for the game's RNG; also mixed into the guest kernel's entropy pool.
     pub rng_seed: u64,
+    /// When the session must be over (ms since the epoch); 0: no deadline.
+    #[serde(default)]
+    pub deadline_ms: u64,
+}
+
+/// Where the game spec sits in a guest image: what the agent runs as the game server.
+pub const GAME_SPEC_PATH: &str = "/etc/berth/game.json";
+
+/// The game server an image runs, as the agent reads it from [`GAME_SPEC_PATH`] (written by
+/// the image builder from the game's manifest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GameSpec {
+    /// The game's name (the image's).
+    pub name: String,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// Extra environment (the agent adds `BERTH_SDK`).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The working directory.
+    #[serde(default = "GameSpec::default_cwd")]
+    pub cwd: String,
+    /// The TCP port the game serves players on.
+    #[serde(default = "GameSpec::default_port")]
+    pub game_port: u16,
+    /// Silence on the SDK's `health` past this, once ready, ends the session `game_unhealthy`.
+    #[serde(default = "GameSpec::default_health")]
+    pub health_timeout_ms: u64,
+}
+
+impl GameSpec {
+    fn default_cwd() -> String {
+        "/".into()
+    }
+    fn default_port() -> u16 {
+        GAME_PORT
+    }
+    fn default_health() -> u64 {
+        crate::sdk::DEFAULT_HEALTH_TIMEOUT_MS
+    }
 }
 
 /// hostd → agent.
@@ -99,6 +141,14 @@ pub enum GuestToHost {
         reason: String,
         #[serde(default)]
         results: serde_json::Value,
+    },
+    /// The game server's process exited while the VM still needed it: before `initialised`
+    /// (priming fails), while parked, or after activation (the agent sends `ended` with
+    /// `game_crashed` first). `stderr` is its last lines.
+    GameExited {
+        status: String,
+        #[serde(default)]
+        stderr: Vec<String>,
     },
     /// The agent refused a line from hostd.
     Error {
@@ -221,6 +271,7 @@ mod tests {
             params: serde_json::json!({"score_limit": 10}),
             wall_clock_ms: 1_700_000_000_000,
             rng_seed: 42,
+            deadline_ms: 0,
         }
     }
 

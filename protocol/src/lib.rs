@@ -9,6 +9,7 @@
 //! - [`ticket`]: the claims of a session ticket, and its HS256 check.
 //! - [`close`]: websocket close codes, shared by every socket.
 //! - [`rate`]: the token bucket every socket limits its peer with.
+//! - [`sdk`]: the game-server SDK a game in a VM speaks to the agent (HTTP/JSON on loopback).
 //! - [`codes`]: the typed vocabularies messages carry as strings (error codes, end reasons,
 //!   activation paths, substrate states).
 //! - [`api`]: the error body of the HTTP APIs (admin, hostd control).
@@ -27,6 +28,7 @@ pub mod host;
 pub mod ids;
 pub mod play;
 pub mod rate;
+pub mod sdk;
 pub mod ticket;
 pub mod xenstore;
 

@@ -48,7 +48,9 @@ pub fn key_for(msg: &GuestToHost) -> &'static str {
         // `prewarmed` answers a request as `ready` does; hostd's Xen driver never sends
         // `prewarm` (a TCG concern), so it only lands here if a future hostd does.
         GuestToHost::Ready { .. } | GuestToHost::Error { .. } | GuestToHost::Prewarmed => READY_KEY,
-        GuestToHost::Heartbeat { .. } | GuestToHost::Ended { .. } => EVENT_KEY,
+        GuestToHost::Heartbeat { .. }
+        | GuestToHost::Ended { .. }
+        | GuestToHost::GameExited { .. } => EVENT_KEY,
     }
 }
 

@@ -21,6 +21,7 @@ fn identity(session: &str, hostname: &str) -> Identity {
         params: serde_json::Value::Null,
         wall_clock_ms: 0,
         rng_seed: 7,
+        deadline_ms: 0,
     }
 }
 

@@ -29,6 +29,7 @@ fn duel(session: &str, params: serde_json::Value) -> ActivateRequest {
         teams: vec![vec![pid("alice")], vec![pid("bob")]],
         params,
         ticket_key: KEY.into(),
+        deadline_ms: 0,
     }
 }
 

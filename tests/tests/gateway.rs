@@ -85,6 +85,7 @@ fn activation(session: &str, players: &[&str], key_hex: &str) -> ActivateRequest
         teams: players.iter().map(|p| vec![pid(p)]).collect(),
         params: serde_json::json!({"time_limit_s": 600, "abandon_after_s": 600}),
         ticket_key: key_hex.into(),
+        deadline_ms: 0,
     }
 }
 

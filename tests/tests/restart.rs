@@ -121,6 +121,7 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
         players: vec![],
         params: serde_json::Value::Null,
         ticket_key: String::new(),
+        deadline_ms: 0,
     };
     match client.activate(&unknown).await {
         Err(ClientError::Api(e)) => assert_eq!(e.code, "unknown_image"),

@@ -18,6 +18,7 @@ fn request(session: &str) -> ActivateRequest {
         ],
         params: serde_json::json!({"score_limit": 5}),
         ticket_key: KEY.into(),
+        deadline_ms: 0,
     }
 }
 

@@ -58,16 +58,30 @@ pub(crate) fn deb_name(deb: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Builds the static guest binary; returns its path. One binary serves the QEMU image and the
-/// Xen image (`cargo xtask xen-image`): the `xen` feature only adds the XenStore transport, which
-/// the agent picks at run time.
-pub(crate) fn build_guest() -> Result<PathBuf> {
+/// The guest's static binaries: the agent and the arena's game server.
+#[derive(Debug, Clone)]
+pub(crate) struct GuestBins {
+    pub agent: PathBuf,
+    pub arena: PathBuf,
+}
+
+impl GuestBins {
+    pub fn paths(&self) -> [PathBuf; 2] {
+        [self.agent.clone(), self.arena.clone()]
+    }
+}
+
+/// Builds the static guest binaries (the agent, and the arena from `games/arena`). One agent
+/// serves the QEMU image and the Xen image (`cargo xtask xen-image`): the `xen` feature only
+/// adds the XenStore transport, which the agent picks at run time.
+pub(crate) fn build_guest() -> Result<GuestBins> {
     let target_dir = root().join("target/guest");
     sys::run(
         Command::new(env!("CARGO"))
             .current_dir(root())
-            .args(["build", "--release", "--quiet", "-p", "berth-guest"])
-            .args(["--features", "xen"])
+            .args(["build", "--release", "--quiet"])
+            .args(["-p", "berth-guest", "-p", "berth-arena"])
+            .args(["--features", "berth-guest/xen"])
             .args(["--target", "x86_64-unknown-linux-gnu"])
             .arg("--target-dir")
             .arg(&target_dir)
@@ -76,7 +90,23 @@ pub(crate) fn build_guest() -> Result<PathBuf> {
                 "-C target-feature=+crt-static",
             ),
     )?;
-    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/berth-guest"))
+    let bin = target_dir.join("x86_64-unknown-linux-gnu/release");
+    Ok(GuestBins {
+        agent: bin.join("berth-guest"),
+        arena: bin.join("berth-arena"),
+    })
+}
+
+/// The arena's game spec: what the agent runs (`/etc/berth/game.json` in the image).
+pub(crate) fn arena_spec() -> berth_protocol::guest::GameSpec {
+    berth_protocol::guest::GameSpec {
+        name: "arena".into(),
+        command: vec!["/game/berth-arena".into()],
+        env: Default::default(),
+        cwd: "/data".into(),
+        game_port: berth_protocol::guest::GAME_PORT,
+        health_timeout_ms: berth_protocol::sdk::DEFAULT_HEALTH_TIMEOUT_MS,
+    }
 }
 
 /// Reads `depends=` from a kernel module's `.modinfo` section.
@@ -192,7 +222,7 @@ pub(crate) fn add_modules(cpio: &mut Cpio, kernel_root: &Path, wanted: &[String]
 pub(crate) struct GuestInitrd<'a> {
     pub init: &'a Path,
     pub busybox: &'a Path,
-    pub guest: &'a Path,
+    pub guest: &'a GuestBins,
     /// An extracted kernel package, and the list of modules to load from it.
     pub kernel_root: &'a Path,
     pub modules_list: &'a Path,
@@ -213,12 +243,25 @@ impl GuestInitrd<'_> {
             "data",
             "tmp",
             "etc",
+            "etc/berth",
+            "game",
             "lib",
             "lib/modules",
         ]);
         cpio.file("init", 0o755, &std::fs::read(self.init)?);
         cpio.file("bin/busybox", 0o755, &std::fs::read(self.busybox)?);
-        cpio.file("bin/berth-guest", 0o755, &std::fs::read(self.guest)?);
+        cpio.file("bin/berth-guest", 0o755, &std::fs::read(&self.guest.agent)?);
+        cpio.file(
+            "game/berth-arena",
+            0o755,
+            &std::fs::read(&self.guest.arena)?,
+        );
+        let spec = serde_json::to_vec_pretty(&arena_spec())?;
+        cpio.file(
+            berth_protocol::guest::GAME_SPEC_PATH.trim_start_matches('/'),
+            0o644,
+            &spec,
+        );
         add_modules(
             &mut cpio,
             self.kernel_root,
@@ -253,7 +296,9 @@ pub fn build() -> Result<Manifest> {
     let mut h = Sha256::new();
     h.update(deb_name(&kernel_deb));
     h.update(deb_name(&busybox_deb));
-    sha_files(&mut h, &[guest.clone(), init.clone(), modules_list.clone()])?;
+    sha_files(&mut h, &guest.paths())?;
+    sha_files(&mut h, &[init.clone(), modules_list.clone()])?;
+    h.update(serde_json::to_vec(&arena_spec())?);
     sha_files(&mut h, &game_files)?;
     let input_digest = hex::encode(h.finalize());
 

@@ -187,7 +187,7 @@ impl Debs {
 }
 
 /// The digest of everything the artefacts are built from.
-fn input_digest(debs: &Debs, hostd: &Path, guest: &Path) -> Result<String> {
+fn input_digest(debs: &Debs, hostd: &Path, guest: &image::GuestBins) -> Result<String> {
     let assets = image::root().join("assets");
     let mut h = Sha256::new();
     h.update(RECIPE.to_le_bytes());
@@ -196,7 +196,9 @@ fn input_digest(debs: &Debs, hostd: &Path, guest: &Path) -> Result<String> {
     }
     image::sha_files(&mut h, &image::files_under(&assets.join("xen"))?)?;
     image::sha_files(&mut h, &image::files_under(&assets.join("game"))?)?;
-    image::sha_files(&mut h, &[hostd.to_path_buf(), guest.to_path_buf()])?;
+    image::sha_files(&mut h, &[hostd.to_path_buf()])?;
+    image::sha_files(&mut h, &guest.paths())?;
+    h.update(serde_json::to_vec(&image::arena_spec())?);
     Ok(hex::encode(h.finalize()))
 }
 
@@ -264,7 +266,12 @@ struct GuestImage {
 }
 
 impl GuestImage {
-    fn build(u: &Unpacked, guest: &Path, debs: &Debs, input_digest: &str) -> Result<Self> {
+    fn build(
+        u: &Unpacked,
+        guest: &image::GuestBins,
+        debs: &Debs,
+        input_digest: &str,
+    ) -> Result<Self> {
         let assets = image::root().join("assets");
         let vmlinuz = std::fs::read(image::find_vmlinuz(&u.guest_kernel)?)?;
         let initrd = image::GuestInitrd {

@@ -205,6 +205,8 @@ pub enum DriverError {
     AgentVersion { found: u32, expected: u32 },
     #[error("the VM exited: {0}")]
     Exited(String),
+    #[error("the game server exited ({status}){}", last_lines(stderr))]
+    GameExited { status: String, stderr: Vec<String> },
     #[error(transparent)]
     Substrate(#[from] SubstrateError),
     #[error("not supported by this driver: {0}")]
@@ -224,6 +226,7 @@ impl DriverError {
             DriverError::AgentRefused { .. } => "agent_refused",
             DriverError::AgentVersion { .. } => "agent_version",
             DriverError::Exited(_) => "vm_exited",
+            DriverError::GameExited { .. } => "game_crashed",
             DriverError::Substrate(e) => e.code(),
             DriverError::Unsupported(_) => "unsupported",
         }
@@ -232,6 +235,22 @@ impl DriverError {
     /// True when the substrate itself is suspect and must be primed again.
     pub fn substrate_suspect(&self) -> bool {
         matches!(self, DriverError::Restore(_) | DriverError::Substrate(_))
+    }
+}
+
+/// A game's last stderr lines for an error message: `: line; line; …` (at most three).
+fn last_lines(stderr: &[String]) -> String {
+    let tail: Vec<&str> = stderr
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(String::as_str)
+        .collect();
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", tail.join("; "))
     }
 }
 

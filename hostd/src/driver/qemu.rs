@@ -755,6 +755,9 @@ impl QemuVm {
                 AgentItem::Msg(GuestToHost::Error { code, message }) => {
                     return Err(DriverError::AgentRefused { code, message })
                 }
+                AgentItem::Msg(GuestToHost::GameExited { status, stderr }) => {
+                    return Err(DriverError::GameExited { status, stderr })
+                }
                 AgentItem::Msg(msg) => {
                     if let Some(result) = pick(msg) {
                         return result;
@@ -999,6 +1002,11 @@ impl Vm for QemuVm {
                 Ok(AgentItem::Msg(GuestToHost::Ended {
                     reason, results, ..
                 })) => return VmEvent::Ended { reason, results },
+                Ok(AgentItem::Msg(GuestToHost::GameExited { status, stderr })) => {
+                    return VmEvent::Exited {
+                        status: DriverError::GameExited { status, stderr }.to_string(),
+                    }
+                }
                 Ok(AgentItem::Closed) => {
                     // The socket closes when QEMU goes away; wait for the exit to be seen.
                     self.agent_rx = None;

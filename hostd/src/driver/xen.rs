@@ -999,6 +999,11 @@ mod live {
                 Ok(GuestToHost::Ended {
                     reason, results, ..
                 }) => return Some(VmEvent::Ended { reason, results }),
+                Ok(GuestToHost::GameExited { status, stderr }) => {
+                    return Some(VmEvent::Exited {
+                        status: DriverError::GameExited { status, stderr }.to_string(),
+                    })
+                }
                 Ok(other) => tracing::debug!(vm_id = %self.id, ?other, "agent message"),
                 Err(e) => bad_value(&self.keys().event(), &e),
             }
@@ -1320,6 +1325,7 @@ mod tests {
             params: serde_json::json!({"score_limit": 10, "note": "a \"quoted\"\nline"}),
             wall_clock_ms: 1_700_000_000_000,
             rng_seed: 42,
+            deadline_ms: 0,
         }
     }
 

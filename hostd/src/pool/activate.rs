@@ -92,6 +92,7 @@ impl Pool {
             params: req.params.clone(),
             wall_clock_ms: 0,
             rng_seed: random_u64(),
+            deadline_ms: req.deadline_ms,
         };
         let ready_timeout = self.inner.config.ready_timeout();
         // Warm first: a paused clone needs only resume + identity.

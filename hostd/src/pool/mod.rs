@@ -50,6 +50,9 @@ pub struct ActivateRequest {
     /// The session's ticket key, hex (at most [`MAX_TICKET_KEY`] bytes); generated when empty.
     #[serde(default)]
     pub ticket_key: String,
+    /// When the session must be over (ms since the epoch), for the game; 0: no deadline.
+    #[serde(default)]
+    pub deadline_ms: u64,
 }
 
 impl std::fmt::Debug for ActivateRequest {
@@ -61,6 +64,7 @@ impl std::fmt::Debug for ActivateRequest {
             .field("teams", &self.teams)
             .field("params", &self.params)
             .field("ticket_key", &"<redacted>")
+            .field("deadline_ms", &self.deadline_ms)
             .finish()
     }
 }

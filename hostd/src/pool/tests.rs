@@ -245,6 +245,7 @@ fn request(session: &str) -> ActivateRequest {
         teams: vec![],
         params: serde_json::Value::Null,
         ticket_key: String::new(),
+        deadline_ms: 0,
     }
 }
 
@@ -499,6 +500,7 @@ fn ticket_keys_are_hex_and_stay_out_of_logs() {
         teams: vec![],
         params: serde_json::Value::Null,
         ticket_key: key.into(),
+        deadline_ms: 0,
     };
     assert_eq!(req("00ff").key(), Some(vec![0, 255]));
     for bad in ["", "0", "zz", "00 ff", &"00".repeat(MAX_TICKET_KEY + 1)] {

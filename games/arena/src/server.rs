@@ -1,4 +1,4 @@
-//! The game server: start-up work at boot, then the arena for one session after activation.
+//! The arena's server: start-up work at boot, then the arena for one session after activation.
 //!
 //! Threads, all but the per-connection ones started at boot (so the substrate holds them and
 //! activating a clone starts none):
@@ -11,12 +11,12 @@
 //! Start-up — reading and indexing the maps on the VM's disk — is exactly the work a substrate
 //! saves.
 
-use crate::arena::{Arena, Input, Map, Rng};
-use crate::GuestError;
+use crate::rules::{Arena, Input, Map, Rng};
 use berth_protocol::game::{code, GameAnswer, GameParams, GameRequest, Welcome};
-use berth_protocol::guest::{decode_line, encode_line, Identity, Line, LineBuffer, MAX_LINE};
+use berth_protocol::guest::{decode_line, encode_line, Line, LineBuffer, MAX_LINE};
 use berth_protocol::ticket::{self, TicketClaims};
 use berth_protocol::PlayerId;
+use berth_sdk::Activation;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -38,12 +38,11 @@ pub struct World {
 
 impl World {
     /// Loads `maps/*.map` under `data_dir` and indexes them, spending at least `work` doing so.
-    pub fn load(data_dir: &Path, work: Duration) -> Result<Self, GuestError> {
+    pub fn load(data_dir: &Path, work: Duration) -> Result<Self, std::io::Error> {
         let started = Instant::now();
         let dir = data_dir.join("maps");
-        let err = |source| GuestError::Data {
-            path: dir.clone(),
-            source,
+        let err = |source: std::io::Error| {
+            std::io::Error::new(source.kind(), format!("{}: {source}", dir.display()))
         };
         let mut entries: Vec<_> = std::fs::read_dir(&dir)
             .map_err(err)?
@@ -107,37 +106,61 @@ pub struct GameOver {
     pub results: serde_json::Value,
 }
 
+/// Who a valid ticket belongs to (the SDK's `verify`, or a local check in the warm-up).
+#[derive(Debug, Clone)]
+pub struct Claims {
+    pub player: PlayerId,
+    /// The ticket's id: the same ticket twice is a replay or a reconnect.
+    pub ticket_id: String,
+}
+
+/// Checks a ticket: its claims, or a refusal's code and message.
+pub type Verifier = Box<dyn Fn(&str) -> Result<Claims, (String, String)> + Send + Sync>;
+
 /// The session a game server serves: set once, at activation.
-#[derive(Debug)]
 pub struct Session {
-    pub identity: Identity,
-    /// The session's ticket key (raw bytes; empty when hostd sent none: every ticket fails).
-    key: Vec<u8>,
+    pub identity: Activation,
+    verify: Verifier,
     rng: Mutex<Rng>,
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Session {
-    pub fn new(identity: Identity) -> Self {
+    pub fn new(identity: Activation, verify: Verifier) -> Self {
         let rng = Mutex::new(Rng::new(identity.rng_seed));
-        let key = hex::decode(&identity.ticket_key).unwrap_or_default();
-        Self { identity, key, rng }
+        Self {
+            identity,
+            verify,
+            rng,
+        }
     }
 
-    /// Checks a ticket for this session: signature, expiry, session and player.
-    pub fn check(&self, token: &str) -> Result<TicketClaims, (&'static str, String)> {
-        if self.key.is_empty() {
-            return Err((code::BAD_TICKET, "this game has no ticket key".into()));
-        }
-        let claims = ticket::verify(token, &self.key, &self.identity.session_id, now_ms() / 1000)
-            .map_err(|e| (e.code(), e.to_string()))?;
-        if !self.identity.players.contains(&claims.sub) {
-            return Err((
-                code::NOT_A_PLAYER,
-                format!("{} is not a player of this session", claims.sub),
-            ));
-        }
-        Ok(claims)
+    /// Checks a ticket for this session (the SDK checks signature, expiry, session, player).
+    pub fn check(&self, token: &str) -> Result<Claims, (String, String)> {
+        (self.verify)(token)
     }
+}
+
+/// A verifier checking tickets locally with `key` (the warm-up's throwaway session).
+fn local_verifier(key: Vec<u8>, session: Activation) -> Verifier {
+    Box::new(move |token| {
+        let claims = ticket::verify(token, &key, &session.session_id, now_ms() / 1000)
+            .map_err(|e| (e.code().to_owned(), e.to_string()))?;
+        if !session.players.contains(&claims.sub) {
+            return Err((code::NOT_A_PLAYER.into(), "not a player".into()));
+        }
+        Ok(Claims {
+            player: claims.sub,
+            ticket_id: claims.jti,
+        })
+    })
 }
 
 type ConnId = u64;
@@ -152,7 +175,7 @@ enum Out {
 /// The sending half of a connection: bounded, so a client that stops reading costs snapshots
 /// (dropped when full: the next one supersedes them), never the game loop's time.
 #[derive(Clone)]
-pub(crate) struct Outbox {
+pub struct Outbox {
     tx: SyncSender<Out>,
     stream: Arc<TcpStream>,
 }
@@ -178,15 +201,15 @@ impl Outbox {
 /// Inputs come at the client's rate (20 Hz per player): a mailbox instead of a message saves
 /// waking the game loop for each (a thread switch costs much under TCG), and only the latest
 /// input matters anyway.
-pub(crate) type Inputs = Arc<Mutex<HashMap<ConnId, (u32, Input)>>>;
+pub type Inputs = Arc<Mutex<HashMap<ConnId, (u32, Input)>>>;
 
 /// What connections and the agent tell the game loop.
-pub(crate) enum Command {
+pub enum Command {
     /// Activation: build the arena and start ticking.
     Start(Arc<Session>),
     Join {
         conn: ConnId,
-        claims: TicketClaims,
+        claims: Claims,
         out: Outbox,
     },
     Surrender {
@@ -203,7 +226,7 @@ pub(crate) enum Command {
 /// Serves players on `listener`, forever. Started at boot, so that the thread already exists
 /// in the substrate; until `session` is set, a connection gets a `not_activated` error.
 /// The hello is written from the accepting thread (no thread start before the first answer).
-pub(crate) fn serve(
+pub fn serve(
     listener: TcpListener,
     session: Arc<OnceLock<Arc<Session>>>,
     map_tiles: u64,
@@ -340,7 +363,7 @@ fn read_loop(
                         }
                     }
                     Err((code, message)) => {
-                        out.error(code, message);
+                        out.error(&code, message);
                         out.close();
                         return;
                     }
@@ -390,7 +413,7 @@ struct Conn {
 }
 
 /// The game loop. Started at boot; blocked until [`Command::Start`].
-pub(crate) fn run_loop(
+pub fn run_loop(
     world: Arc<World>,
     commands: Receiver<Command>,
     inputs: Inputs,
@@ -461,7 +484,7 @@ pub fn game_params(value: &serde_json::Value) -> GameParams {
         GameParams::default()
     } else {
         serde_json::from_value(value.clone()).unwrap_or_else(|e| {
-            eprintln!("berth-guest: game params {value}: {e}; using the defaults");
+            eprintln!("berth-arena: game params {value}: {e}; using the defaults");
             GameParams::default()
         })
     };
@@ -479,7 +502,7 @@ const TICKET_RELEASE_WAIT: Duration = Duration::from_millis(500);
 /// A join waiting for its ticket to be released.
 struct PendingJoin {
     conn: ConnId,
-    claims: TicketClaims,
+    claims: Claims,
     out: Outbox,
     until: Instant,
 }
@@ -529,7 +552,7 @@ impl Game {
     fn retry_pending(&mut self) {
         let now = Instant::now();
         for p in std::mem::take(&mut self.pending) {
-            let held = self.conns.values().any(|c| c.jti == p.claims.jti);
+            let held = self.conns.values().any(|c| c.jti == p.claims.ticket_id);
             if !held {
                 self.join(p.conn, p.claims, p.out);
             } else if now >= p.until {
@@ -544,7 +567,7 @@ impl Game {
         }
     }
 
-    fn join(&mut self, conn: ConnId, claims: TicketClaims, out: Outbox) {
+    fn join(&mut self, conn: ConnId, claims: Claims, out: Outbox) {
         let refuse = |code: &str, message: String| {
             out.error(code, message);
             out.close();
@@ -552,7 +575,7 @@ impl Game {
         if self.arena.outcome().is_some() {
             return refuse(code::GAME_OVER, "the game is over".into());
         }
-        let player = claims.sub;
+        let player = claims.player.clone();
         if self.arena.has_left(&player) {
             return refuse(code::LEFT, format!("{player} left this game"));
         }
@@ -568,13 +591,9 @@ impl Game {
                 "a newer connection of this player took over".into(),
             );
         }
-        if self.conns.values().any(|c| c.jti == claims.jti) {
+        if self.conns.values().any(|c| c.jti == claims.ticket_id) {
             // The connection holding this ticket may be gone already with its close not yet
             // read (a phone's quick reconnect): wait a moment for it before refusing.
-            let claims = TicketClaims {
-                sub: player,
-                ..claims
-            };
             self.pending.push(PendingJoin {
                 conn,
                 claims,
@@ -617,7 +636,7 @@ impl Game {
             conn,
             Conn {
                 player,
-                jti: claims.jti,
+                jti: claims.ticket_id,
                 out,
                 ack: 0,
             },
@@ -662,7 +681,7 @@ impl Game {
             c.out.close();
         }
         eprintln!(
-            "berth-guest: game over after {} ms: {}",
+            "berth-arena: game over after {} ms: {}",
             now_ms().saturating_sub(self.started_ms),
             outcome.reason
         );
@@ -723,7 +742,7 @@ pub fn warm_up(world: &World) {
         br#"{"type":"input","seq":1,"dx":1,"dy":0,"fire":true,"aim":0}"#,
     );
     if let Err(e) = warm_up_connection(world) {
-        eprintln!("berth-guest: warm-up connection: {e}");
+        eprintln!("berth-arena: warm-up connection: {e}");
     }
 }
 
@@ -734,16 +753,17 @@ fn warm_session(player: &PlayerId) -> (Arc<Session>, String) {
         let mut rng = Rng::new(now_ms());
         format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
     };
-    let identity = Identity {
+    let identity = Activation {
+        v: berth_protocol::sdk::SDK_VERSION,
         session_id: session_id.clone(),
         vm_id: berth_protocol::VmId::new("warm").expect("literal id"),
         hostname: "warm".into(),
         players: vec![player.clone()],
         teams: vec![],
-        ticket_key: key.clone(),
         params: serde_json::Value::Null,
-        wall_clock_ms: now_ms(),
         rng_seed: 1,
+        deadline_ms: 0,
+        wall_clock_ms: now_ms(),
     };
     let ticket = ticket::mint(
         &TicketClaims {
@@ -757,7 +777,8 @@ fn warm_session(player: &PlayerId) -> (Arc<Session>, String) {
         },
         &hex::decode(&key).unwrap_or_default(),
     );
-    (Arc::new(Session::new(identity)), ticket)
+    let verify = local_verifier(hex::decode(&key).unwrap_or_default(), identity.clone());
+    (Arc::new(Session::new(identity, verify)), ticket)
 }
 
 /// Accepts one connection on `listener` and serves it as the game port does.

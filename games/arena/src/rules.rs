@@ -1,5 +1,5 @@
 //! The arena: a top-down shooter simulated at a fixed tick. Pure state and rules, no I/O —
-//! [`crate::game`] feeds it inputs and connection changes and sends its snapshots.
+//! [`crate::server`] feeds it inputs and connection changes and sends its snapshots.
 //!
 //! Rules (constants in [`berth_protocol::game`]): players move in the direction of their last
 //! input and collide with walls and each other; `fire` shoots toward `aim`; a shot that reaches
