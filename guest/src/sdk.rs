@@ -40,6 +40,11 @@ impl Sdk {
         }))
     }
 
+    /// The address it listens on.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.server.server_addr().to_ip()
+    }
+
     /// Serves calls until the VM is destroyed (on its own thread).
     pub fn spawn(self: &Arc<Self>) -> Result<(), GuestError> {
         let sdk = self.clone();
