@@ -5,6 +5,7 @@
 //! | GET | `/v1/status` | | [`Status`] |
 //! | POST | `/v1/activate` | [`ActivateRequest`] | [`VmInfo`] (same session id → same VM) |
 //! | DELETE | `/v1/vms/{id}` | | 204; `id` is a VM id or a session id |
+//! | GET | `/v1/vms/{id}/output?bytes=N` | | the VM's console, its last N bytes (text) |
 //! | GET | `/v1/gateway` | | [`GatewayStats`] (404 `no_gateway` when none runs) |
 //!
 //! Errors are `{"code": "...", "message": "..."}` with a stable code and a 4xx/5xx status.
@@ -60,6 +61,7 @@ pub fn router(pool: Pool, gateway: Option<Meter>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/activate", post(activate))
         .route("/v1/vms/{id}", delete(destroy))
+        .route("/v1/vms/{id}/output", get(output))
         .route("/v1/gateway", get(gateway_stats))
         .with_state(Ctx { pool, gateway })
 }
@@ -109,6 +111,45 @@ async fn destroy(
 ) -> Result<StatusCode, Failure> {
     pool.destroy(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The most of a VM's console `GET /v1/vms/{id}/output` returns at once.
+pub const MAX_OUTPUT_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, serde::Deserialize)]
+struct OutputQuery {
+    bytes: Option<u64>,
+}
+
+/// `GET /v1/vms/{id}/output?bytes=N`: the last N bytes (64 KiB by default, at most
+/// [`MAX_OUTPUT_BYTES`]) of the VM's console: the guest kernel's, the agent's and the game
+/// server's output.
+async fn output(
+    State(Ctx { pool, .. }): State<Ctx>,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Failure> {
+    let bytes = match query {
+        Ok(q) => q.bytes.unwrap_or(64 << 10),
+        Err(e) => {
+            return Err(Failure(
+                StatusCode::BAD_REQUEST,
+                ApiError {
+                    code: "bad_request".into(),
+                    message: e.body_text(),
+                },
+            ))
+        }
+    };
+    let text = pool.output(&id, bytes.min(MAX_OUTPUT_BYTES))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// The CLI's client for a running hostd.
@@ -202,6 +243,29 @@ impl Client {
         self.answer(r)
             .await?
             .ok_or_else(|| ClientError::Unexpected("empty gateway stats".into()))
+    }
+
+    /// The last `bytes` of a VM's console.
+    pub async fn output(&self, id: &str, bytes: u64) -> Result<String, ClientError> {
+        let r = self
+            .http
+            .get(format!("{}/v1/vms/{id}/output?bytes={bytes}", self.base))
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                base: self.base.clone(),
+                source,
+            })?;
+        if r.status().is_success() {
+            return r
+                .text()
+                .await
+                .map_err(|e| ClientError::Unexpected(e.to_string()));
+        }
+        Err(match r.json::<ApiError>().await {
+            Ok(e) => ClientError::Api(e),
+            Err(e) => ClientError::Unexpected(e.to_string()),
+        })
     }
 
     pub async fn destroy(&self, id: &str) -> Result<(), ClientError> {

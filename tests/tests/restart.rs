@@ -136,6 +136,16 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
         ..unknown
     };
     let vm = client.activate(&req).await?;
+    // The game server's output is kept with the VM's console, readable by id or session.
+    let output = client.output("kept", 64 << 10).await?;
+    assert!(
+        output.contains("berth-arena: activated for session kept"),
+        "{output}"
+    );
+    match client.output("nope", 10).await {
+        Err(ClientError::Api(e)) => assert_eq!(e.code, "unknown_vm"),
+        other => panic!("expected unknown_vm, got {other:?}"),
+    }
     let before = wait_warm(&client, 1).await?;
     let warm_pids: Vec<u32> = qemu_naming(&dir)
         .into_iter()

@@ -109,6 +109,11 @@ pub fn run(config: Config) -> Result<(), ArenaError> {
     }
     sdk.initialised()?;
     let activation = sdk.activation()?;
+    eprintln!(
+        "berth-arena: activated for session {} ({} players)",
+        activation.session_id,
+        activation.players.len()
+    );
     let verifier = sdk.clone();
     let current = Arc::new(Session::new(
         activation,

@@ -29,7 +29,7 @@ use berth_protocol::{ErrorCode, PlayerId, SessionId, SubstrateState, VmId};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify, OnceCell};
@@ -474,6 +474,20 @@ impl Pool {
         Ok(())
     }
 
+    /// The last `max` bytes of an active VM's console — the guest's and its game server's
+    /// output (`id`: a VM id or a session id). Empty when the driver keeps no console file.
+    pub fn output(&self, id: &str, max: u64) -> Result<String, PoolError> {
+        let vm_id = {
+            let st = self.state();
+            st.active
+                .values()
+                .find(|a| a.info.vm_id.as_str() == id || a.info.session_id.as_str() == id)
+                .map(|a| a.info.vm_id.clone())
+        };
+        let vm_id = vm_id.ok_or_else(|| PoolError::Unknown { id: id.to_string() })?;
+        Ok(tail(&self.vm_dir(&vm_id).join("console.log"), max))
+    }
+
     pub fn status(&self) -> Status {
         let st = self.state();
         let mut images: Vec<ImageStatus> = self
@@ -596,4 +610,17 @@ impl Pool {
             let _ = std::fs::remove_dir(dir);
         }
     }
+}
+
+/// The last `max` bytes of the file at `path` (lossy UTF-8); empty when it cannot be read.
+fn tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut bytes = Vec::new();
+    let _ = f.take(max).read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
 }
