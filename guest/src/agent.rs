@@ -15,7 +15,7 @@ use berth_protocol::{SessionId, VmId};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Finds and opens the agent's virtio-serial port (`/dev/vportNpM` whose sysfs name matches).
@@ -86,68 +86,75 @@ pub fn apply_identity(identity: &Identity) -> Result<(), ApplyError> {
     Ok(())
 }
 
-/// The hostd link: reads hostd's lines (identity, prewarm) and writes what the VM's [`Life`]
-/// reports, and heartbeats once activated.
-pub struct Agent {
-    port: File,
+/// Writes [`GuestToHost`] lines to hostd, from any thread (reports are written by the
+/// thread that has them: no hop through another thread on the activation path).
+#[derive(Clone)]
+pub struct Reporter {
     writer: Arc<Mutex<File>>,
-    life: Arc<Life>,
-    sdk: Arc<Sdk>,
     game_port: u16,
 }
 
-impl Agent {
-    pub fn new(port: File, life: Arc<Life>, sdk: Arc<Sdk>, game_port: u16) -> Self {
-        let writer = port.try_clone().expect("dup of an open port fd");
-        Self {
-            port,
-            writer: Arc::new(Mutex::new(writer)),
-            life,
-            sdk,
+impl Reporter {
+    pub fn new(port: &File, game_port: u16) -> Result<Self, GuestError> {
+        Ok(Reporter {
+            writer: Arc::new(Mutex::new(port.try_clone().map_err(GuestError::Port)?)),
             game_port,
-        }
+        })
     }
 
-    fn send(writer: &Mutex<File>, msg: &GuestToHost) {
+    pub fn report(&self, report: Report) {
+        self.send(&message(report, self.game_port));
+    }
+
+    fn send(&self, msg: &GuestToHost) {
         let line = encode_line(msg);
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         // A write while hostd is away is dropped by the device; hostd resynchronises.
         let _ = w.write_all(&line);
     }
+}
 
-    /// Writes each report as it comes, and a heartbeat every [`HEARTBEAT_INTERVAL`] once
-    /// activated (ending a ready game that stopped calling `health`). Started at boot, so
-    /// that activating a clone starts no thread.
-    fn start_reporter(&self, reports: mpsc::Receiver<Report>) {
-        let writer = self.writer.clone();
+/// The hostd link: reads hostd's lines (identity, prewarm), and heartbeats once activated.
+pub struct Agent {
+    port: File,
+    reporter: Reporter,
+    life: Arc<Life>,
+    sdk: Arc<Sdk>,
+}
+
+impl Agent {
+    pub fn new(port: File, life: Arc<Life>, sdk: Arc<Sdk>, reporter: Reporter) -> Self {
+        Self {
+            port,
+            reporter,
+            life,
+            sdk,
+        }
+    }
+
+    /// A heartbeat every [`HEARTBEAT_INTERVAL`] once activated, ending a ready game that
+    /// stopped calling `health`. Started at boot, so that activating a clone starts no thread.
+    fn start_heartbeats(&self) {
+        let reporter = self.reporter.clone();
         let life = self.life.clone();
-        let game_port = self.game_port;
         let booted = Instant::now();
         std::thread::spawn(move || loop {
-            let report = match reports.recv_timeout(HEARTBEAT_INTERVAL) {
-                Ok(r) => Some(r),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if life.session_id().is_none() {
-                        continue;
-                    }
-                    let overdue = life.health_overdue();
-                    let beat = GuestToHost::Heartbeat {
-                        uptime_ms: booted.elapsed().as_millis() as u64,
-                    };
-                    Self::send(&writer, &beat);
-                    overdue
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            };
-            if let Some(r) = report {
-                Self::send(&writer, &message(r, game_port));
+            std::thread::sleep(HEARTBEAT_INTERVAL);
+            if life.session_id().is_none() {
+                continue;
+            }
+            reporter.send(&GuestToHost::Heartbeat {
+                uptime_ms: booted.elapsed().as_millis() as u64,
+            });
+            if let Some(ended) = life.health_overdue() {
+                reporter.report(ended);
             }
         });
     }
 
     /// Serves hostd until the VM is destroyed.
-    pub fn serve(mut self, reports: mpsc::Receiver<Report>) -> Result<(), GuestError> {
-        self.start_reporter(reports);
+    pub fn serve(mut self) -> Result<(), GuestError> {
+        self.start_heartbeats();
         let mut lines = LineBuffer::default();
         let mut chunk = vec![0u8; 16 * 1024];
         let mut backoff = Duration::from_millis(20);
@@ -173,13 +180,10 @@ impl Agent {
     }
 
     fn refuse(&self, code: &str, message: String) {
-        Self::send(
-            &self.writer,
-            &GuestToHost::Error {
-                code: code.into(),
-                message,
-            },
-        );
+        self.reporter.send(&GuestToHost::Error {
+            code: code.into(),
+            message,
+        });
     }
 
     fn handle(&mut self, line: Line) {
@@ -205,9 +209,12 @@ impl Agent {
     /// applying an identity, checking a ticket, and one SDK call over loopback.
     fn prewarm(&mut self, wall_clock_ms: u64) {
         if self.life.session_id().is_none() {
+            // The VM's own name when it has a valid one (a fresh kernel's `(none)` is not), so
+            // that the prewarm really sets it, as an activation does.
             let hostname = nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
+                .filter(|h| valid_hostname(h))
                 .unwrap_or_else(|| "berth".into());
             let sample = Identity {
                 teams: vec![],
@@ -227,6 +234,10 @@ impl Agent {
                 let key = hex::decode(&sample.ticket_key).unwrap_or_default();
                 let _ = berth_protocol::ticket::verify("x.y.z", &key, &sample.session_id, 0);
                 sdk_round_trip();
+                self.sdk.prewarm_game(
+                    wall_clock_ms,
+                    Duration::from_millis(berth_protocol::sdk::PREWARM_TIMEOUT_MS),
+                );
                 let _ = encode_line(&GuestToHost::Ready {
                     session_id: sample.session_id,
                     vm_id: sample.vm_id,
@@ -235,7 +246,7 @@ impl Agent {
                 });
             }
         }
-        Self::send(&self.writer, &GuestToHost::Prewarmed);
+        self.reporter.send(&GuestToHost::Prewarmed);
     }
 
     fn activate(&mut self, identity: Identity) {

@@ -20,10 +20,10 @@ pub mod xen;
 
 use berth_protocol::guest::{GameSpec, GAME_SPEC_PATH};
 use berth_protocol::sdk::SDK_ADDR;
-use life::{Life, Report};
+use life::{Life, Report, Sink};
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Runtime settings, from the environment `/init` passes (kernel command line `berth.*`).
@@ -77,34 +77,38 @@ pub fn run(config: Config) -> Result<(), GuestError> {
 /// reported to hostd (priming fails with the reason), not fatal: the VM stays up to say so.
 pub fn serve(config: &Config, port: File) -> Result<(), GuestError> {
     let booted = Instant::now();
-    let (reports, from_life) = mpsc::channel::<Report>();
     let spec = config.load_spec();
     let health = spec
         .as_ref()
         .map(|s| s.health_timeout_ms)
         .unwrap_or(berth_protocol::sdk::DEFAULT_HEALTH_TIMEOUT_MS);
     let life = Arc::new(Life::new(booted, Duration::from_millis(health)));
-    let sdk = sdk::Sdk::bind(SDK_ADDR, life.clone(), reports.clone())?;
-    sdk.spawn()?;
     let game_port = spec
         .as_ref()
         .map(|s| s.game_port)
         .unwrap_or(berth_protocol::guest::GAME_PORT);
+    let reporter = agent::Reporter::new(&port, game_port)?;
+    let reports: Sink = {
+        let reporter = reporter.clone();
+        Arc::new(move |r| reporter.report(r))
+    };
+    let sdk = sdk::Sdk::bind(SDK_ADDR, life.clone(), reports.clone())?;
+    sdk.spawn()?;
     let started = spec.and_then(|spec| {
         let (life, reports) = (life.clone(), reports.clone());
         supervisor::start(&spec, SDK_ADDR, move |exit| {
             eprintln!("berth-guest: the game exited: {}", exit.status);
             for r in life.game_exited(exit.status, exit.stderr) {
-                let _ = reports.send(r);
+                reports(r);
             }
         })
     });
     if let Err(e) = started {
         eprintln!("berth-guest: {e}");
-        let _ = reports.send(Report::GameExited {
+        reports(Report::GameExited {
             status: e.to_string(),
             stderr: vec![],
         });
     }
-    agent::Agent::new(port, life, sdk, game_port).serve(from_life)
+    agent::Agent::new(port, life, sdk, reporter).serve()
 }

@@ -37,6 +37,9 @@ pub enum Report {
     },
 }
 
+/// Where reports go: written to hostd at once, from whichever thread has one.
+pub type Sink = std::sync::Arc<dyn Fn(Report) + Send + Sync>;
+
 /// An SDK refusal: a stable code and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {

@@ -4,39 +4,49 @@
 //! answered by [`Sdk::wake`] when hostd's identity arrives — in a docked substrate's clones,
 //! after their restore. `docs/sdk.md` is the contract.
 
-use crate::life::{Life, Refusal, Report};
+use crate::life::{Life, Refusal, Report, Sink};
 use crate::GuestError;
 use berth_protocol::sdk::{
-    code, path, status_of, Done, Ended, PlayerEvent, VerifyRequest, MAX_BODY,
+    code, path, status_of, Done, Ended, Initialised, PlayerEvent, Prewarm, VerifyRequest, MAX_BODY,
+    SDK_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io::Read;
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 /// The SDK server: its socket, the parked activation calls, where reports go.
 pub struct Sdk {
     server: Server,
     life: Arc<Life>,
-    reports: Sender<Report>,
+    reports: Sink,
     parked: Mutex<Vec<Request>>,
+    warmups: Warmups,
+}
+
+/// The optional warm-up hook: parked `GET /v1/prewarm` calls, whether the game ever made one,
+/// and a count of its `POST /v1/prewarmed`.
+#[derive(Default)]
+struct Warmups {
+    parked: Mutex<Vec<Request>>,
+    used: AtomicBool,
+    done: Mutex<u64>,
+    changed: Condvar,
 }
 
 impl Sdk {
     /// Binds `addr` (loopback).
-    pub fn bind(
-        addr: &str,
-        life: Arc<Life>,
-        reports: Sender<Report>,
-    ) -> Result<Arc<Self>, GuestError> {
+    pub fn bind(addr: &str, life: Arc<Life>, reports: Sink) -> Result<Arc<Self>, GuestError> {
         let server = Server::http(addr).map_err(|e| GuestError::Sdk(e.to_string()))?;
         Ok(Arc::new(Sdk {
             server,
             life,
             reports,
             parked: Mutex::new(Vec::new()),
+            warmups: Warmups::default(),
         }))
     }
 
@@ -64,15 +74,57 @@ impl Sdk {
         let Some(activation) = self.life.activation() else {
             return;
         };
-        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|p| p.into_inner()));
+        let parked = std::mem::take(&mut *lock(&self.parked));
         for request in parked {
             respond(request, 200, &activation);
         }
     }
 
+    /// Asks a game that uses the warm-up hook (it said so in `initialised`) to run it, and
+    /// waits (at most `timeout`) until it says `prewarmed`. Returns at once for other games.
+    pub fn prewarm_game(&self, wall_clock_ms: u64, timeout: Duration) {
+        let w = &self.warmups;
+        if !w.used.load(Ordering::Relaxed) {
+            return;
+        }
+        let deadline = Instant::now() + timeout;
+        let before = *lock(&w.done);
+        // A game re-parks its next call right after its last warm-up; in a clone that call
+        // may reach us only after the restore.
+        let parked = loop {
+            let parked = std::mem::take(&mut *lock(&w.parked));
+            if !parked.is_empty() || Instant::now() >= deadline {
+                break parked;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if parked.is_empty() {
+            return;
+        }
+        let ask = Prewarm {
+            v: SDK_VERSION,
+            wall_clock_ms,
+        };
+        for request in parked {
+            respond(request, 200, &ask);
+        }
+        let mut done = lock(&w.done);
+        while *done == before {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            done = w
+                .changed
+                .wait_timeout(done, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     fn report(&self, report: Option<Report>) {
         if let Some(r) = report {
-            let _ = self.reports.send(r);
+            (self.reports)(r);
         }
     }
 
@@ -87,17 +139,33 @@ impl Sdk {
         if method == Method::Get && url == path::ACTIVATION {
             return self.activation(request);
         }
+        if method == Method::Get && url == path::PREWARM {
+            return lock(&self.warmups.parked).push(request);
+        }
         let answer = match (&method, url.as_str()) {
             (Method::Get, path::SESSION) => Ok(to_value(&self.life.session())),
-            (Method::Post, path::INITIALISED) => self.life.initialised().map(|r| {
-                self.report(r);
-                done()
-            }),
+            (Method::Post, path::INITIALISED) => body_or_default::<Initialised>(&mut request)
+                .and_then(|b| {
+                    let report = self.life.initialised()?;
+                    if b.warm_up {
+                        self.warmups.used.store(true, Ordering::Relaxed);
+                    }
+                    Ok(report)
+                })
+                .map(|r| {
+                    self.report(r);
+                    done()
+                }),
             (Method::Post, path::READY) => self.life.ready().map(|r| {
                 self.report(r);
                 done()
             }),
             (Method::Post, path::HEALTH) => self.life.health().map(|()| done()),
+            (Method::Post, path::PREWARMED) => {
+                *lock(&self.warmups.done) += 1;
+                self.warmups.changed.notify_all();
+                Ok(done())
+            }
             (Method::Post, path::VERIFY) => body::<VerifyRequest>(&mut request)
                 .and_then(|b| self.life.verify(&b.ticket))
                 .map(|v| to_value(&v)),
@@ -127,7 +195,7 @@ impl Sdk {
 
     /// `GET /v1/activation`: at once when activated, else parked until [`Sdk::wake`].
     fn activation(&self, request: Request) {
-        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut parked = lock(&self.parked);
         // Checked under the parking lock: an activation between the check and the parking
         // would otherwise never wake this call.
         match self.life.activation() {
@@ -140,7 +208,9 @@ impl Sdk {
     }
 }
 
-const KNOWN: [&str; 9] = [
+const KNOWN: [&str; 11] = [
+    path::PREWARM,
+    path::PREWARMED,
     path::INITIALISED,
     path::ACTIVATION,
     path::READY,
@@ -152,12 +222,24 @@ const KNOWN: [&str; 9] = [
     path::SESSION,
 ];
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn done() -> serde_json::Value {
     to_value(&Done::default())
 }
 
 fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or_default()
+}
+
+/// [`body`], or `T::default()` for an empty body.
+fn body_or_default<T: DeserializeOwned + Default>(request: &mut Request) -> Result<T, Refusal> {
+    if request.body_length() == Some(0) {
+        return Ok(T::default());
+    }
+    body(request)
 }
 
 /// The request's JSON body as `T`, at most [`MAX_BODY`] bytes.

@@ -1,7 +1,7 @@
 //! The game-server SDK over real HTTP on loopback: the agent's server (`berth_guest::sdk`) and
 //! the Rust client (`berth-sdk`), with the VM's life driven as the hostd link drives it.
 
-use berth_guest::life::{Life, Report};
+use berth_guest::life::{Life, Report, Sink};
 use berth_guest::sdk::Sdk as Server;
 use berth_protocol::guest::Identity;
 use berth_protocol::sdk::{Phase, MAX_BODY, MAX_RESULTS};
@@ -26,7 +26,10 @@ struct Vm {
 fn vm() -> Vm {
     let life = Arc::new(Life::new(Instant::now(), Duration::from_millis(300)));
     let (tx, reports) = mpsc::channel();
-    let server = Server::bind("127.0.0.1:0", life.clone(), tx).expect("bind");
+    let sink: Sink = Arc::new(move |r| {
+        let _ = tx.send(r);
+    });
+    let server = Server::bind("127.0.0.1:0", life.clone(), sink).expect("bind");
     server.spawn().expect("spawn");
     let addr = server.addr().expect("an IP address");
     Vm {
@@ -221,4 +224,35 @@ fn a_ready_game_that_stops_calling_health_is_ended_unhealthy() {
         other => panic!("expected game_unhealthy, got {other:?}"),
     }
     assert_eq!(code(sdk.health()), (409, "already_ended".into()));
+}
+
+#[test]
+fn the_warm_up_hook_runs_the_games_warm_up_and_waits_for_it() {
+    let vm = vm();
+    // A game that never asked for warm-ups: the agent does not wait.
+    let t = Instant::now();
+    vm.server.prewarm_game(1, Duration::from_secs(5));
+    assert!(t.elapsed() < Duration::from_secs(1));
+
+    let sdk = Sdk::new(&vm.addr.to_string());
+    sdk.initialised_with_warm_ups().expect("initialised");
+    let (tx, warmed) = mpsc::channel();
+    let game = {
+        let sdk = sdk.clone();
+        std::thread::spawn(move || {
+            for _ in 0..2 {
+                let ask = sdk.prewarm().expect("a warm-up");
+                std::thread::sleep(Duration::from_millis(100)); // the game's warm-up
+                tx.send(ask.wall_clock_ms).expect("send");
+                sdk.prewarmed().expect("prewarmed");
+            }
+        })
+    };
+    for clock in [11, 12] {
+        vm.server.prewarm_game(clock, Duration::from_secs(5));
+        // Returned only after the game's warm-up was done.
+        assert_eq!(warmed.try_recv(), Ok(clock));
+    }
+    game.join().expect("game");
+    assert_eq!(sdk.session().expect("session").phase, Phase::Waiting);
 }

@@ -11,6 +11,8 @@
 //! game ─▶ POST /v1/health                      at least every `health_timeout_ms`
 //! game ─▶ POST /v1/ended {reason, results}     the match is over; results reach every player
 //! game ─▶ GET  /v1/session                     where this VM is in its life (any time)
+//! game ─▶ GET  /v1/prewarm                     optional: blocks until a warm-up is asked ─▶ Prewarm
+//! game ─▶ POST /v1/prewarmed                   the warm-up is done
 //! ```
 //!
 //! Every answer is JSON; a refusal is `{"code","message"}` ([`SdkError`]) with the HTTP status
@@ -52,6 +54,8 @@ pub mod path {
     pub const HEALTH: &str = "/v1/health";
     pub const ENDED: &str = "/v1/ended";
     pub const SESSION: &str = "/v1/session";
+    pub const PREWARM: &str = "/v1/prewarm";
+    pub const PREWARMED: &str = "/v1/prewarmed";
 }
 
 /// Why the agent refused an SDK call (`code` is stable; `message` is for people).
@@ -120,6 +124,27 @@ pub struct Activation {
     /// The wall clock the agent set at activation (ms since the epoch).
     pub wall_clock_ms: u64,
 }
+
+/// `POST /v1/initialised` (the body is optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Initialised {
+    /// The game serves the warm-up hook (`GET /v1/prewarm`): the agent waits for it.
+    #[serde(default)]
+    pub warm_up: bool,
+}
+
+/// `GET /v1/prewarm`: run your first-use paths now (a warm clone before any match, or the VM
+/// before docking); then `POST /v1/prewarmed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prewarm {
+    pub v: u32,
+    /// The wall clock the agent set (ms since the epoch).
+    pub wall_clock_ms: u64,
+}
+
+/// How long the agent waits for a game's `prewarmed` before it tells hostd it is done anyway.
+pub const PREWARM_TIMEOUT_MS: u64 = 5_000;
 
 /// `POST /v1/tickets/verify`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

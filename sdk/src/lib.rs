@@ -20,9 +20,10 @@
 //! # Ok::<(), berth_sdk::SdkError>(())
 //! ```
 
-use berth_protocol::sdk::{path, Ended, PlayerEvent, VerifyRequest};
+use berth_protocol::sdk::{path, Ended, Initialised, PlayerEvent, VerifyRequest};
 pub use berth_protocol::sdk::{
-    Activation, Phase, SessionState, Verified, DEFAULT_HEALTH_TIMEOUT_MS, SDK_ADDR, SDK_ENV,
+    Activation, Phase, Prewarm, SessionState, Verified, DEFAULT_HEALTH_TIMEOUT_MS, SDK_ADDR,
+    SDK_ENV,
 };
 use berth_protocol::PlayerId;
 use serde::de::DeserializeOwned;
@@ -89,6 +90,14 @@ impl Sdk {
         self.post_empty(path::INITIALISED)
     }
 
+    /// [`Sdk::initialised`], for a game that serves the warm-up hook ([`Sdk::prewarm`]): the
+    /// agent then waits for its warm-ups.
+    pub fn initialised_with_warm_ups(&self) -> Result<(), SdkError> {
+        let body = Initialised { warm_up: true };
+        self.call::<serde_json::Value>(&self.agent, "POST", path::INITIALISED, Some(&body))
+            .map(drop)
+    }
+
     /// Blocks until this VM is activated, then says for what. A call in flight when the VM
     /// is docked completes in each clone after its activation.
     pub fn activation(&self) -> Result<Activation, SdkError> {
@@ -133,6 +142,20 @@ impl Sdk {
         };
         self.call::<serde_json::Value>(&self.agent, "POST", path::ENDED, Some(&body))
             .map(drop)
+    }
+
+    /// Optional warm-up hook: blocks until Berth asks this VM to run its first-use code paths
+    /// (each warm clone once, before any match, and the VM once before docking). Run them —
+    /// e.g. a throwaway match on loopback — then call [`Sdk::prewarmed`], and wait again.
+    /// Under an emulating accelerator (TCG) a restored clone runs every code path slowly the
+    /// first time; a warm-up moves that cost off the player's path.
+    pub fn prewarm(&self) -> Result<Prewarm, SdkError> {
+        self.call(&self.patient, "GET", path::PREWARM, None::<&()>)
+    }
+
+    /// The warm-up asked by [`Sdk::prewarm`] is done.
+    pub fn prewarmed(&self) -> Result<(), SdkError> {
+        self.post_empty(path::PREWARMED)
     }
 
     /// Where this VM is in its life.

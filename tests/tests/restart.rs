@@ -136,10 +136,18 @@ async fn restarted_hostd_adopts_running_vms_and_cleans_the_rest() -> Result<()> 
         ..unknown
     };
     let vm = client.activate(&req).await?;
-    // The game server's output is kept with the VM's console, readable by id or session.
-    let output = client.output("kept", 64 << 10).await?;
+    // The game server's output is kept with the VM's console, readable by id or session
+    // (the arena logs its activation at its first health call, 2 s in).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let output = loop {
+        let output = client.output("kept", 64 << 10).await?;
+        if output.contains("berth-arena: activated for session kept") || Instant::now() > deadline {
+            break output;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(
-        output.contains("berth-arena: activated for session kept"),
+        output.contains("game err: berth-arena: activated for session kept"),
         "{output}"
     );
     match client.output("nope", 10).await {

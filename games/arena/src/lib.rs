@@ -107,13 +107,12 @@ pub fn run(config: Config) -> Result<(), ArenaError> {
         let world = world.clone();
         std::thread::spawn(move || server::run_loop(world, inbox, inputs, over_tx));
     }
-    sdk.initialised()?;
+    {
+        let (sdk, world) = (sdk.clone(), world.clone());
+        std::thread::spawn(move || warm_ups(&sdk, &world));
+    }
+    sdk.initialised_with_warm_ups()?;
     let activation = sdk.activation()?;
-    eprintln!(
-        "berth-arena: activated for session {} ({} players)",
-        activation.session_id,
-        activation.players.len()
-    );
     let verifier = sdk.clone();
     let current = Arc::new(Session::new(
         activation,
@@ -131,9 +130,9 @@ pub fn run(config: Config) -> Result<(), ArenaError> {
         }),
     ));
     let _ = session.set(current.clone());
-    let _ = commands.send(Command::Start(current));
+    let _ = commands.send(Command::Start(current.clone()));
     sdk.ready()?;
-    let result = serve_until_over(&sdk, &over);
+    let result = serve_until_over(&sdk, &over, &current);
     // The VM is destroyed after `ended`; until then the port keeps answering.
     loop {
         std::thread::park();
@@ -141,12 +140,41 @@ pub fn run(config: Config) -> Result<(), ArenaError> {
     }
 }
 
+/// Runs the game's first-use paths each time Berth asks (the SDK's warm-up hook): a throwaway
+/// match on loopback, and the SDK calls and parsing the activation takes.
+fn warm_ups(sdk: &Sdk, world: &World) {
+    while sdk.prewarm().is_ok() {
+        server::warm_up(world);
+        let _ = sdk.session();
+        let _ = sdk.health();
+        let _ = serde_json::from_str::<berth_sdk::Activation>(server::SAMPLE_ACTIVATION);
+        if sdk.prewarmed().is_err() {
+            return;
+        }
+    }
+}
+
 /// Health every [`HEALTH_EVERY`] until the game loop says the game is over; then `ended`.
-fn serve_until_over(sdk: &Sdk, over: &mpsc::Receiver<GameOver>) -> Result<(), SdkError> {
+/// The activation is logged at the first health call, off the players' path: under TCG a
+/// console write costs milliseconds.
+fn serve_until_over(
+    sdk: &Sdk,
+    over: &mpsc::Receiver<GameOver>,
+    session: &Session,
+) -> Result<(), SdkError> {
+    let mut logged = false;
     loop {
         match over.recv_timeout(HEALTH_EVERY) {
             Ok(o) => return sdk.ended(&o.reason, &o.results),
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !logged {
+                    logged = true;
+                    eprintln!(
+                        "berth-arena: activated for session {} ({} players)",
+                        session.identity.session_id,
+                        session.identity.players.len()
+                    );
+                }
                 if let Err(e) = sdk.health() {
                     eprintln!("berth-arena: health: {e}");
                 }

@@ -106,6 +106,9 @@ pub struct GameOver {
     pub results: serde_json::Value,
 }
 
+/// An activation as the SDK sends it, parsed once per warm-up.
+pub const SAMPLE_ACTIVATION: &str = r#"{"v":1,"session_id":"warm","vm_id":"warm","hostname":"warm","players":["a","b"],"teams":[["a"],["b"]],"params":{"score_limit":3},"rng_seed":1,"deadline_ms":0,"wall_clock_ms":0}"#;
+
 /// Who a valid ticket belongs to (the SDK's `verify`, or a local check in the warm-up).
 #[derive(Debug, Clone)]
 pub struct Claims {
