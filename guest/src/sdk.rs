@@ -1,48 +1,71 @@
 //! The game-server SDK's HTTP side: HTTP/1.1 with JSON bodies on loopback
-//! ([`berth_protocol::sdk::SDK_ADDR`]), one thread, started at boot. Each call is decided by
-//! [`Life`]; a `GET /v1/activation` before activation is parked (no thread waits on it) and
-//! answered by [`Sdk::wake`] when hostd's identity arrives — in a docked substrate's clones,
-//! after their restore. `docs/sdk.md` is the contract.
+//! ([`berth_protocol::sdk::SDK_ADDR`]), on [`berth_protocol::http1`]. One thread accepts, one
+//! thread serves each connection (a game keeps a few open: they exist before docking, so an
+//! activation starts no thread). Each call is decided by [`Life`]; a `GET /v1/activation`
+//! before activation waits on its connection's thread until [`Sdk::wake`] — in a docked
+//! substrate's clones, after their restore. `docs/sdk.md` is the contract.
 
 use crate::life::{Life, Refusal, Report, Sink};
 use crate::GuestError;
+use berth_protocol::http1::{self, Head, HttpError};
 use berth_protocol::sdk::{
     code, path, status_of, Done, Ended, Initialised, PlayerEvent, Prewarm, VerifyRequest, MAX_BODY,
     SDK_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::io::Read;
+use std::io::BufReader;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Method, Request, Response, Server};
 
-/// The SDK server: its socket, the parked activation calls, where reports go.
+/// An answer: status and JSON body.
+type Answer = (u16, serde_json::Value);
+
+/// The SDK server: its socket, the waiting calls, where reports go.
 pub struct Sdk {
-    server: Server,
+    listener: Mutex<Option<TcpListener>>,
+    addr: Option<SocketAddr>,
     life: Arc<Life>,
     reports: Sink,
-    parked: Mutex<Vec<Request>>,
+    /// `GET /v1/activation` calls waiting for the activation: their connections, answered
+    /// by the thread that activates (no hop through theirs).
+    parked: Mutex<Vec<Waiting>>,
     warmups: Warmups,
 }
 
-/// The optional warm-up hook: parked `GET /v1/prewarm` calls, whether the game ever made one,
-/// and a count of its `POST /v1/prewarmed`.
+/// The optional warm-up hook: waiting `GET /v1/prewarm` calls, whether the game said it
+/// serves the hook, and a count of its `POST /v1/prewarmed`.
 #[derive(Default)]
 struct Warmups {
-    parked: Mutex<Vec<Request>>,
+    parked: Mutex<Vec<Sender<Answer>>>,
     used: AtomicBool,
     done: Mutex<u64>,
     changed: Condvar,
 }
 
+/// A call waiting on its connection: where to write the answer, whether to close after it,
+/// and who to tell that it was written.
+struct Waiting {
+    writer: TcpStream,
+    close: bool,
+    written: Sender<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Sdk {
     /// Binds `addr` (loopback).
     pub fn bind(addr: &str, life: Arc<Life>, reports: Sink) -> Result<Arc<Self>, GuestError> {
-        let server = Server::http(addr).map_err(|e| GuestError::Sdk(e.to_string()))?;
+        let listener =
+            TcpListener::bind(addr).map_err(|e| GuestError::Sdk(format!("binding {addr}: {e}")))?;
         Ok(Arc::new(Sdk {
-            server,
+            addr: listener.local_addr().ok(),
+            listener: Mutex::new(Some(listener)),
             life,
             reports,
             parked: Mutex::new(Vec::new()),
@@ -51,32 +74,38 @@ impl Sdk {
     }
 
     /// The address it listens on.
-    pub fn addr(&self) -> Option<std::net::SocketAddr> {
-        self.server.server_addr().to_ip()
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.addr
     }
 
-    /// Serves calls until the VM is destroyed (on its own thread).
+    /// Serves calls until the VM is destroyed (on its own threads).
     pub fn spawn(self: &Arc<Self>) -> Result<(), GuestError> {
+        let listener = lock(&self.listener)
+            .take()
+            .ok_or_else(|| GuestError::Sdk("already serving".into()))?;
         let sdk = self.clone();
         std::thread::Builder::new()
             .name("sdk".into())
             .spawn(move || {
-                for request in sdk.server.incoming_requests() {
-                    sdk.handle(request);
+                for stream in listener.incoming().flatten() {
+                    let sdk = sdk.clone();
+                    let _ = stream.set_nodelay(true);
+                    std::thread::spawn(move || sdk.connection(stream));
                 }
             })
             .map(drop)
             .map_err(|e| GuestError::Sdk(e.to_string()))
     }
 
-    /// Answers every parked `GET /v1/activation` (after hostd's identity was taken).
+    /// Answers every waiting `GET /v1/activation` (after hostd's identity was taken).
     pub fn wake(&self) {
         let Some(activation) = self.life.activation() else {
             return;
         };
-        let parked = std::mem::take(&mut *lock(&self.parked));
-        for request in parked {
-            respond(request, 200, &activation);
+        let json = serde_json::to_vec(&activation).unwrap_or_default();
+        for mut w in std::mem::take(&mut *lock(&self.parked)) {
+            let _ = http1::write_response(&mut w.writer, 200, &json, w.close);
+            let _ = w.written.send(());
         }
     }
 
@@ -89,24 +118,24 @@ impl Sdk {
         }
         let deadline = Instant::now() + timeout;
         let before = *lock(&w.done);
-        // A game re-parks its next call right after its last warm-up; in a clone that call
-        // may reach us only after the restore.
-        let parked = loop {
-            let parked = std::mem::take(&mut *lock(&w.parked));
-            if !parked.is_empty() || Instant::now() >= deadline {
-                break parked;
+        // A game waits again right after its last warm-up; in a clone that call may reach us
+        // only after the restore.
+        let waiting = loop {
+            let waiting = std::mem::take(&mut *lock(&w.parked));
+            if !waiting.is_empty() || Instant::now() >= deadline {
+                break waiting;
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        if parked.is_empty() {
+        if waiting.is_empty() {
             return;
         }
-        let ask = Prewarm {
+        let ask = to_value(&Prewarm {
             v: SDK_VERSION,
             wall_clock_ms,
-        };
-        for request in parked {
-            respond(request, 200, &ask);
+        });
+        for w in waiting {
+            let _ = w.send((200, ask.clone()));
         }
         let mut done = lock(&w.done);
         while *done == before {
@@ -122,63 +151,90 @@ impl Sdk {
         }
     }
 
+    /// One connection: requests one after another until it closes or breaks the rules.
+    fn connection(&self, stream: TcpStream) {
+        let Ok(read_half) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(read_half);
+        let mut writer = stream;
+        loop {
+            let head = match http1::read_head(&mut reader, true) {
+                Ok(head) => head,
+                Err(e) => return self.broken(&mut writer, e),
+            };
+            if head.expect_continue && http1::write_continue(&mut writer).is_err() {
+                return;
+            }
+            let body = match http1::read_body(&mut reader, &head, MAX_BODY) {
+                Ok(body) => body,
+                Err(e) => return self.broken(&mut writer, e),
+            };
+            let written = if head.method() == "GET" && head.path() == path::ACTIVATION {
+                self.activation(&writer, head.close)
+            } else {
+                let (status, value) = self.call(&head, &body);
+                let json = serde_json::to_vec(&value).unwrap_or_default();
+                http1::write_response(&mut writer, status, &json, head.close).is_ok()
+            };
+            if !written || head.close {
+                return;
+            }
+        }
+    }
+
+    /// Answers a request that cannot be read (when there is one) and closes.
+    fn broken(&self, writer: &mut TcpStream, e: HttpError) {
+        let refusal = match e {
+            HttpError::Closed | HttpError::Io(_) => return,
+            HttpError::HeadTooLarge => (431, code::TOO_LARGE, e.to_string()),
+            HttpError::BodyTooLarge { .. } => (413, code::TOO_LARGE, e.to_string()),
+            HttpError::Malformed(m) => (400, code::BAD_REQUEST, m),
+        };
+        let body = to_value(&berth_protocol::sdk::SdkError {
+            code: refusal.1.into(),
+            message: refusal.2,
+        });
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let _ = http1::write_response(writer, refusal.0, &json, true);
+    }
+
     fn report(&self, report: Option<Report>) {
         if let Some(r) = report {
             (self.reports)(r);
         }
     }
 
-    fn handle(&self, mut request: Request) {
-        let method = request.method().clone();
-        let url = request
-            .url()
-            .split('?')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        if method == Method::Get && url == path::ACTIVATION {
-            return self.activation(request);
-        }
-        if method == Method::Get && url == path::PREWARM {
-            return lock(&self.warmups.parked).push(request);
-        }
-        let answer = match (&method, url.as_str()) {
-            (Method::Get, path::SESSION) => Ok(to_value(&self.life.session())),
-            (Method::Post, path::INITIALISED) => body_or_default::<Initialised>(&mut request)
-                .and_then(|b| {
-                    let report = self.life.initialised()?;
-                    if b.warm_up {
-                        self.warmups.used.store(true, Ordering::Relaxed);
-                    }
-                    Ok(report)
-                })
-                .map(|r| {
-                    self.report(r);
-                    done()
-                }),
-            (Method::Post, path::READY) => self.life.ready().map(|r| {
+    /// One call: its answer (waiting, for `activation` and `prewarm`).
+    fn call(&self, head: &Head, body: &[u8]) -> Answer {
+        let path = head.path();
+        let answer = match (head.method(), path) {
+            ("GET", path::PREWARM) => return self.wait_prewarm(),
+            ("GET", path::SESSION) => Ok(to_value(&self.life.session())),
+            ("POST", path::INITIALISED) => self.initialised(body),
+            ("POST", path::READY) => self.life.ready().map(|r| {
                 self.report(r);
                 done()
             }),
-            (Method::Post, path::HEALTH) => self.life.health().map(|()| done()),
-            (Method::Post, path::PREWARMED) => {
+            ("POST", path::HEALTH) => self.life.health().map(|()| done()),
+            ("POST", path::PREWARMED) => {
                 *lock(&self.warmups.done) += 1;
                 self.warmups.changed.notify_all();
                 Ok(done())
             }
-            (Method::Post, path::VERIFY) => body::<VerifyRequest>(&mut request)
+            ("POST", path::VERIFY) => parse::<VerifyRequest>(body)
                 .and_then(|b| self.life.verify(&b.ticket))
                 .map(|v| to_value(&v)),
-            (Method::Post, path::JOINED | path::LEFT) => body::<PlayerEvent>(&mut request)
-                .and_then(|b| self.life.player(b.player, url == path::JOINED))
+            ("POST", path::JOINED | path::LEFT) => parse::<PlayerEvent>(body)
+                .and_then(|b| self.life.player(b.player, path == path::JOINED))
                 .map(|()| done()),
-            (Method::Post, path::ENDED) => body::<Ended>(&mut request)
+            ("POST", path::ENDED) => parse::<Ended>(body)
                 .and_then(|b| self.life.ended(&b.reason, b.results))
                 .map(|r| {
                     self.report(Some(r));
                     done()
                 }),
-            (_, p) if KNOWN.contains(&p) => Err(Refusal {
+            (method, p) if KNOWN.contains(&p) => Err(Refusal {
                 code: code::METHOD_NOT_ALLOWED,
                 message: format!("{method} is not allowed on {p}"),
             }),
@@ -188,29 +244,60 @@ impl Sdk {
             }),
         };
         match answer {
-            Ok(value) => respond(request, 200, &value),
-            Err(refusal) => refuse(request, &refusal),
+            Ok(value) => (200, value),
+            Err(refusal) => refused(&refusal),
         }
     }
 
-    /// `GET /v1/activation`: at once when activated, else parked until [`Sdk::wake`].
-    fn activation(&self, request: Request) {
-        let mut parked = lock(&self.parked);
-        // Checked under the parking lock: an activation between the check and the parking
-        // would otherwise never wake this call.
-        match self.life.activation() {
-            Some(a) => {
-                drop(parked);
-                respond(request, 200, &a)
-            }
-            None => parked.push(request),
+    fn initialised(&self, body: &[u8]) -> Result<serde_json::Value, Refusal> {
+        let ask: Initialised = if body.is_empty() {
+            Initialised::default()
+        } else {
+            parse(body)?
+        };
+        let report = self.life.initialised()?;
+        if ask.warm_up {
+            self.warmups.used.store(true, Ordering::Relaxed);
         }
+        self.report(report);
+        Ok(done())
+    }
+
+    /// `GET /v1/activation`: answered at once when activated, else by [`Sdk::wake`]; false
+    /// when the answer could not be written.
+    fn activation(&self, writer: &TcpStream, close: bool) -> bool {
+        let (written, done) = mpsc::channel();
+        {
+            let mut parked = lock(&self.parked);
+            // Checked under the parking lock: an activation between the check and the
+            // parking would otherwise never wake this call.
+            if let Some(a) = self.life.activation() {
+                drop(parked);
+                let json = serde_json::to_vec(&a).unwrap_or_default();
+                let mut w = writer;
+                return http1::write_response(&mut w, 200, &json, close).is_ok();
+            }
+            let Ok(writer) = writer.try_clone() else {
+                return false;
+            };
+            parked.push(Waiting {
+                writer,
+                close,
+                written,
+            });
+        }
+        done.recv().is_ok()
+    }
+
+    /// `GET /v1/prewarm`: after [`Sdk::prewarm_game`] asks.
+    fn wait_prewarm(&self) -> Answer {
+        let (tx, rx) = mpsc::channel();
+        lock(&self.warmups.parked).push(tx);
+        rx.recv().unwrap_or_else(|_| shutting_down())
     }
 }
 
 const KNOWN: [&str; 11] = [
-    path::PREWARM,
-    path::PREWARMED,
     path::INITIALISED,
     path::ACTIVATION,
     path::READY,
@@ -220,11 +307,9 @@ const KNOWN: [&str; 11] = [
     path::HEALTH,
     path::ENDED,
     path::SESSION,
+    path::PREWARM,
+    path::PREWARMED,
 ];
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn done() -> serde_json::Value {
     to_value(&Done::default())
@@ -234,59 +319,25 @@ fn to_value<T: Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or_default()
 }
 
-/// [`body`], or `T::default()` for an empty body.
-fn body_or_default<T: DeserializeOwned + Default>(request: &mut Request) -> Result<T, Refusal> {
-    if request.body_length() == Some(0) {
-        return Ok(T::default());
-    }
-    body(request)
-}
-
-/// The request's JSON body as `T`, at most [`MAX_BODY`] bytes.
-fn body<T: DeserializeOwned>(request: &mut Request) -> Result<T, Refusal> {
-    if request.body_length().is_some_and(|n| n > MAX_BODY) {
-        return Err(too_large());
-    }
-    let mut bytes = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_BODY as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Refusal {
-            code: code::BAD_BODY,
-            message: format!("reading the body: {e}"),
-        })?;
-    if bytes.len() > MAX_BODY {
-        return Err(too_large());
-    }
-    serde_json::from_slice(&bytes).map_err(|e| Refusal {
-        code: code::BAD_BODY,
-        message: format!("the body is not this call's JSON: {e}"),
-    })
-}
-
-fn too_large() -> Refusal {
-    Refusal {
-        code: code::TOO_LARGE,
-        message: format!("bodies are limited to {MAX_BODY} bytes"),
-    }
-}
-
-fn respond<T: Serialize>(request: Request, status: u16, value: &T) {
-    let json = serde_json::to_vec(value).unwrap_or_default();
-    let header = Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-        .expect("a static header is valid");
-    let _ = request.respond(
-        Response::from_data(json)
-            .with_status_code(status)
-            .with_header(header),
-    );
-}
-
-fn refuse(request: Request, refusal: &Refusal) {
+fn refused(refusal: &Refusal) -> Answer {
     let body = berth_protocol::sdk::SdkError {
         code: refusal.code.to_owned(),
         message: refusal.message.clone(),
     };
-    respond(request, status_of(refusal.code), &body);
+    (status_of(refusal.code), to_value(&body))
+}
+
+fn shutting_down() -> Answer {
+    refused(&Refusal {
+        code: code::SHUTTING_DOWN,
+        message: "the agent is stopping".into(),
+    })
+}
+
+/// A request body as the call's JSON.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| Refusal {
+        code: code::BAD_BODY,
+        message: format!("the body is not this call's JSON: {e}"),
+    })
 }

@@ -205,9 +205,52 @@ fn bad_requests_get_stable_codes() {
     let (status, body) = post("/v1/tickets/verify", &huge);
     assert_eq!(status, 413);
     assert!(body.contains("too_large"), "{body}");
+    // Not HTTP, or a head past the limit: an answer, then the connection closes.
+    let (status, body) = raw(vm.addr, b"HELLO THERE\r\n\r\n");
+    assert_eq!(status, 400);
+    assert!(body.contains("bad_request"), "{body}");
+    let long = format!(
+        "GET /v1/session HTTP/1.1\r\nX: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    let (status, body) = raw(vm.addr, long.as_bytes());
+    assert_eq!(status, 431);
+    assert!(body.contains("too_large"), "{body}");
     // The server still answers.
     let (status, _) = post("/v1/health", "{}");
     assert_eq!(status, 200);
+}
+
+#[test]
+fn what_ordinary_http_clients_send_is_understood() {
+    let vm = vm();
+    vm.life
+        .activate(identity(), Instant::now())
+        .expect("activate");
+    // curl's `Expect: 100-continue`, a chunked body, and two requests on one connection.
+    let mut s = TcpStream::connect(vm.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(
+        b"POST /v1/players/joined HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 18\r\n\r\n",
+    )
+    .expect("head");
+    let mut continued = [0u8; 25];
+    s.read_exact(&mut continued).expect("100 Continue");
+    assert_eq!(&continued, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(br#"{"player":"alice"}"#).expect("body");
+    s.write_all(
+        b"POST /v1/players/left HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n8\r\n{\"player\r\na\r\n\":\"alice\"}\r\n0\r\n\r\n",
+    )
+    .expect("chunked");
+    let mut answers = String::new();
+    s.read_to_string(&mut answers).expect("answers");
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 2, "{answers}");
+    assert!(vm.life.session().connected.is_empty(), "joined, then left");
+    // HTTP/1.0 closes after the answer.
+    let (status, body) = raw(vm.addr, b"GET /v1/session HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"phase\":\"activated\""), "{body}");
 }
 
 #[test]

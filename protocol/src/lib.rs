@@ -9,6 +9,7 @@
 //! - [`ticket`]: the claims of a session ticket, and its HS256 check.
 //! - [`close`]: websocket close codes, shared by every socket.
 //! - [`rate`]: the token bucket every socket limits its peer with.
+//! - [`http1`]: the small HTTP/1.1 the SDK speaks on loopback, for both of its sides.
 //! - [`sdk`]: the game-server SDK a game in a VM speaks to the agent (HTTP/JSON on loopback).
 //! - [`codes`]: the typed vocabularies messages carry as strings (error codes, end reasons,
 //!   activation paths, substrate states).
@@ -25,6 +26,7 @@ pub mod codes;
 pub mod game;
 pub mod guest;
 pub mod host;
+pub mod http1;
 pub mod ids;
 pub mod play;
 pub mod rate;

@@ -73,6 +73,8 @@ pub mod code {
     pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
     /// The body is not the JSON the call takes.
     pub const BAD_BODY: &str = "bad_body";
+    /// Not an HTTP/1.1 request this SDK reads (the connection is then closed).
+    pub const BAD_REQUEST: &str = "bad_request";
     /// The body is larger than [`super::MAX_BODY`].
     pub const TOO_LARGE: &str = "too_large";
     /// `results` is larger than [`super::MAX_RESULTS`].

@@ -20,6 +20,7 @@
 //! # Ok::<(), berth_sdk::SdkError>(())
 //! ```
 
+use berth_protocol::http1::{self, HttpError};
 use berth_protocol::sdk::{path, Ended, Initialised, PlayerEvent, VerifyRequest};
 pub use berth_protocol::sdk::{
     Activation, Phase, Prewarm, SessionState, Verified, DEFAULT_HEALTH_TIMEOUT_MS, SDK_ADDR,
@@ -28,6 +29,9 @@ pub use berth_protocol::sdk::{
 use berth_protocol::PlayerId;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Why a call failed: the agent refused it (with its stable code), or it could not be made.
@@ -56,14 +60,24 @@ impl SdkError {
     }
 }
 
-/// A client of the agent's SDK. Cheap to clone; safe to share between threads.
+/// A client of the agent's SDK. Cheap to clone; safe to share between threads: each call
+/// takes a kept-alive connection, or opens one.
 #[derive(Debug, Clone)]
 pub struct Sdk {
-    base: String,
-    agent: ureq::Agent,
-    /// The same, without a read timeout: `activation` waits as long as the VM stays parked.
-    patient: ureq::Agent,
+    addr: String,
+    idle: Arc<Mutex<Vec<Conn>>>,
 }
+
+#[derive(Debug)]
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+/// How long a call (but `activation` and `prewarm`, which wait) may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections kept open for the next calls.
+const MAX_IDLE: usize = 4;
 
 impl Sdk {
     /// The SDK at `BERTH_SDK` (`host:port`), or at [`SDK_ADDR`].
@@ -73,15 +87,9 @@ impl Sdk {
 
     /// The SDK at `addr` (`host:port`).
     pub fn new(addr: &str) -> Self {
-        let builder = || {
-            ureq::AgentBuilder::new()
-                .timeout_connect(Duration::from_secs(5))
-                .max_idle_connections_per_host(4)
-        };
         Sdk {
-            base: format!("http://{addr}"),
-            agent: builder().timeout(Duration::from_secs(30)).build(),
-            patient: builder().build(),
+            addr: addr.to_owned(),
+            idle: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -94,14 +102,14 @@ impl Sdk {
     /// agent then waits for its warm-ups.
     pub fn initialised_with_warm_ups(&self) -> Result<(), SdkError> {
         let body = Initialised { warm_up: true };
-        self.call::<serde_json::Value>(&self.agent, "POST", path::INITIALISED, Some(&body))
+        self.call::<serde_json::Value>("POST", path::INITIALISED, Some(&body), Some(CALL_TIMEOUT))
             .map(drop)
     }
 
     /// Blocks until this VM is activated, then says for what. A call in flight when the VM
     /// is docked completes in each clone after its activation.
     pub fn activation(&self) -> Result<Activation, SdkError> {
-        self.call(&self.patient, "GET", path::ACTIVATION, None::<&()>)
+        self.call("GET", path::ACTIVATION, None::<&()>, None)
     }
 
     /// The game accepts players: the session becomes active and players are told `matched`.
@@ -115,7 +123,7 @@ impl Sdk {
         let body = VerifyRequest {
             ticket: ticket.to_owned(),
         };
-        self.call(&self.agent, "POST", path::VERIFY, Some(&body))
+        self.call("POST", path::VERIFY, Some(&body), Some(CALL_TIMEOUT))
     }
 
     /// `player` is connected to the game.
@@ -140,7 +148,7 @@ impl Sdk {
             reason: reason.to_owned(),
             results: results.clone(),
         };
-        self.call::<serde_json::Value>(&self.agent, "POST", path::ENDED, Some(&body))
+        self.call::<serde_json::Value>("POST", path::ENDED, Some(&body), Some(CALL_TIMEOUT))
             .map(drop)
     }
 
@@ -150,7 +158,7 @@ impl Sdk {
     /// Under an emulating accelerator (TCG) a restored clone runs every code path slowly the
     /// first time; a warm-up moves that cost off the player's path.
     pub fn prewarm(&self) -> Result<Prewarm, SdkError> {
-        self.call(&self.patient, "GET", path::PREWARM, None::<&()>)
+        self.call("GET", path::PREWARM, None::<&()>, None)
     }
 
     /// The warm-up asked by [`Sdk::prewarm`] is done.
@@ -160,52 +168,132 @@ impl Sdk {
 
     /// Where this VM is in its life.
     pub fn session(&self) -> Result<SessionState, SdkError> {
-        self.call(&self.agent, "GET", path::SESSION, None::<&()>)
+        self.call("GET", path::SESSION, None::<&()>, Some(CALL_TIMEOUT))
     }
 
     fn player_event(&self, path: &str, player: &PlayerId) -> Result<(), SdkError> {
         let body = PlayerEvent {
             player: player.clone(),
         };
-        self.call::<serde_json::Value>(&self.agent, "POST", path, Some(&body))
+        self.call::<serde_json::Value>("POST", path, Some(&body), Some(CALL_TIMEOUT))
             .map(drop)
     }
 
     fn post_empty(&self, path: &str) -> Result<(), SdkError> {
-        self.call::<serde_json::Value>(&self.agent, "POST", path, Some(&serde_json::json!({})))
-            .map(drop)
+        self.call::<serde_json::Value>(
+            "POST",
+            path,
+            Some(&serde_json::json!({})),
+            Some(CALL_TIMEOUT),
+        )
+        .map(drop)
     }
 
+    /// One call: on a kept-alive connection when there is one (tried again once on a fresh
+    /// connection if that one turns out closed), else on a new one.
     fn call<T: DeserializeOwned>(
         &self,
-        agent: &ureq::Agent,
         method: &str,
         path: &str,
         body: Option<&impl Serialize>,
+        timeout: Option<Duration>,
     ) -> Result<T, SdkError> {
-        let request = agent.request(method, &format!("{}{path}", self.base));
-        let answer = match body {
-            Some(b) => request.send_json(b),
-            None => request.call(),
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| SdkError::BadAnswer(e.to_string()))?;
+        let kept = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (status, answer) = match kept {
+            Some(conn) => match exchange(conn, method, path, body.as_deref(), timeout) {
+                Ok(done) => self.keep(done),
+                // The agent closed the idle connection: nothing was done; once more, afresh.
+                Err(Failure::Stale) => self.fresh(method, path, body.as_deref(), timeout)?,
+                Err(Failure::Broken(e)) => return Err(self.transport(e)),
+            },
+            None => self.fresh(method, path, body.as_deref(), timeout)?,
         };
-        match answer {
-            Ok(r) => r
-                .into_json::<T>()
-                .map_err(|e| SdkError::BadAnswer(e.to_string())),
-            Err(ureq::Error::Status(status, r)) => {
-                let refusal: berth_protocol::sdk::SdkError = r
-                    .into_json()
-                    .map_err(|e| SdkError::BadAnswer(format!("status {status}: {e}")))?;
-                Err(SdkError::Refused {
-                    status,
-                    code: refusal.code,
-                    message: refusal.message,
-                })
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&answer).map_err(|e| SdkError::BadAnswer(e.to_string()));
+        }
+        let refusal: berth_protocol::sdk::SdkError = serde_json::from_slice(&answer)
+            .map_err(|e| SdkError::BadAnswer(format!("status {status}: {e}")))?;
+        Err(SdkError::Refused {
+            status,
+            code: refusal.code,
+            message: refusal.message,
+        })
+    }
+
+    fn fresh(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Option<Duration>,
+    ) -> Result<(u16, Vec<u8>), SdkError> {
+        let writer = TcpStream::connect(&self.addr).map_err(|e| self.transport(e.to_string()))?;
+        let _ = writer.set_nodelay(true);
+        let reader = BufReader::new(
+            writer
+                .try_clone()
+                .map_err(|e| self.transport(e.to_string()))?,
+        );
+        match exchange(Conn { reader, writer }, method, path, body, timeout) {
+            Ok(done) => Ok(self.keep(done)),
+            Err(Failure::Stale) => Err(self.transport("the SDK closed the connection".into())),
+            Err(Failure::Broken(e)) => Err(self.transport(e)),
+        }
+    }
+
+    /// Keeps the connection for the next call unless it closes.
+    fn keep(&self, (status, answer, conn): (u16, Vec<u8>, Option<Conn>)) -> (u16, Vec<u8>) {
+        if let Some(conn) = conn {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
             }
-            Err(e) => Err(SdkError::Transport {
-                addr: self.base.clone(),
-                message: e.to_string(),
-            }),
+        }
+        (status, answer)
+    }
+
+    fn transport(&self, message: String) -> SdkError {
+        SdkError::Transport {
+            addr: self.addr.clone(),
+            message,
         }
     }
 }
+
+/// Why an exchange failed: the connection was closed before anything was answered (safe to
+/// try again), or it broke.
+enum Failure {
+    Stale,
+    Broken(String),
+}
+
+/// Writes a request and reads its answer: status, body, and the connection if it stays open.
+fn exchange(
+    mut conn: Conn,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Option<Duration>,
+) -> Result<(u16, Vec<u8>, Option<Conn>), Failure> {
+    conn.writer
+        .set_read_timeout(timeout)
+        .map_err(|e| Failure::Broken(e.to_string()))?;
+    if http1::write_request(&mut conn.writer, method, path, body).is_err() {
+        return Err(Failure::Stale);
+    }
+    let head = match http1::read_head(&mut conn.reader, false) {
+        Ok(head) => head,
+        Err(HttpError::Closed) => return Err(Failure::Stale),
+        Err(e) => return Err(Failure::Broken(e.to_string())),
+    };
+    let answer = http1::read_body(&mut conn.reader, &head, MAX_ANSWER)
+        .map_err(|e| Failure::Broken(e.to_string()))?;
+    Ok((head.status(), answer, (!head.close).then_some(conn)))
+}
+
+/// The largest answer read (an activation carries the mode's parameters).
+const MAX_ANSWER: usize = 1 << 20;

@@ -130,8 +130,9 @@ pub fn run(config: Config) -> Result<(), ArenaError> {
         }),
     ));
     let _ = session.set(current.clone());
-    let _ = commands.send(Command::Start(current.clone()));
     sdk.ready()?;
+    // Built while the players are told `matched` (joins before it wait in the game loop).
+    let _ = commands.send(Command::Start(current.clone()));
     let result = serve_until_over(&sdk, &over, &current);
     // The VM is destroyed after `ended`; until then the port keeps answering.
     loop {

@@ -422,11 +422,13 @@ pub fn run_loop(
     inputs: Inputs,
     over: Sender<GameOver>,
 ) {
+    // Connections are served once the session is set, which is just before `Start`: what
+    // they send first waits here until the arena exists.
+    let mut early = Vec::new();
     let session = loop {
         match commands.recv() {
             Ok(Command::Start(session)) => break session,
-            // Connections cannot exist before activation; nothing else can arrive.
-            Ok(_) => continue,
+            Ok(other) => early.push(other),
             Err(_) => return,
         }
     };
@@ -448,6 +450,9 @@ pub fn run_loop(
         started_ms: now_ms(),
         over: Some(over),
     };
+    for command in early {
+        game.handle(command);
+    }
     let tick = Duration::from_millis(1000 / u64::from(game.arena.params.tick_hz));
     let started = Instant::now();
     let mut next = started + tick;
