@@ -4,6 +4,7 @@
 //!   together and stopped in order; [`run`] is that plus a wait for the shutdown signal.
 //! - [`config`]: the TOML config, validated into runtime types at start-up.
 //! - [`image`]: guest images (`manifest.json` written by `cargo xtask image`).
+//! - [`manifest`]: a game's `game.toml`: its server, build inputs, resources and limits.
 //! - [`substrate`]: the versioned header of a docked substrate and its checks.
 //! - [`driver`]: the [`driver::VmDriver`] trait and its backends — [`driver::qemu`] (real, the
 //!   default) and `driver::xen` (behind the `xen` feature).
@@ -27,6 +28,7 @@ pub mod driver;
 pub mod gateway;
 pub mod image;
 pub mod link;
+pub mod manifest;
 pub mod pool;
 pub mod selftest;
 pub mod substrate;

@@ -66,7 +66,9 @@ impl Cpio {
         }
     }
 
+    /// A file, after its parent folders.
     pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.parents(name);
         self.header(name, 0o100000 | mode, data.len(), (0, 0));
         self.out.extend_from_slice(data);
         self.pad();

@@ -2,7 +2,7 @@
 //!
 //! Output in `target/image/`: `vmlinuz` (from the kernel .deb, never installed on the host),
 //! `initrd.cpio` (busybox-static, the virtio modules, `/init`, the static `berth-guest`),
-//! `data.raw` (ext4 with `assets/game`, the game's data disk) and `manifest.json` with the
+//! `data.raw` (ext4 with the game's data folder: `games/arena/data`) and `manifest.json` with the
 //! image digest hostd puts into every substrate header. Rebuilt only when an input changes.
 
 use crate::cpio::Cpio;
@@ -16,6 +16,7 @@ use std::process::Command;
 pub const KERNEL_META: &str = "linux-image-cloud-amd64";
 
 pub use berth_hostd::image::Manifest;
+use berth_hostd::manifest::GameManifest;
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -58,55 +59,78 @@ pub(crate) fn deb_name(deb: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The guest's static binaries: the agent and the arena's game server.
+/// What an image is built from besides the kernel: the agent, the game's manifest and its
+/// server binary (when the manifest builds one from this workspace).
 #[derive(Debug, Clone)]
 pub(crate) struct GuestBins {
     pub agent: PathBuf,
-    pub arena: PathBuf,
+    pub manifest: GameManifest,
+    pub game: Option<PathBuf>,
 }
 
 impl GuestBins {
-    pub fn paths(&self) -> [PathBuf; 2] {
-        [self.agent.clone(), self.arena.clone()]
+    /// Every input file: binaries, the game's data and files.
+    pub fn paths(&self) -> Result<Vec<PathBuf>> {
+        let mut out = vec![self.agent.clone()];
+        out.extend(self.game.clone());
+        if let Some(data) = &self.manifest.build.data {
+            out.extend(files_under(data)?);
+        }
+        for source in self.manifest.build.files.values() {
+            if source.is_dir() {
+                out.extend(files_under(source)?);
+            } else {
+                out.push(source.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Hashes every input, the manifest included.
+    pub fn digest_into(&self, h: &mut Sha256) -> Result<()> {
+        sha_files(h, &self.paths()?)?;
+        h.update(serde_json::to_vec(&self.manifest)?);
+        Ok(())
     }
 }
 
-/// Builds the static guest binaries (the agent, and the arena from `games/arena`). One agent
-/// serves the QEMU image and the Xen image (`cargo xtask xen-image`): the `xen` feature only
-/// adds the XenStore transport, which the agent picks at run time.
-pub(crate) fn build_guest() -> Result<GuestBins> {
+/// The arena's manifest (`games/arena/game.toml`).
+pub(crate) fn arena_manifest() -> Result<GameManifest> {
+    Ok(GameManifest::load(
+        &root()
+            .join("games/arena")
+            .join(berth_hostd::manifest::FILE_NAME),
+    )?)
+}
+
+/// Builds the static guest binaries: the agent, and the game's server when its manifest
+/// names a workspace binary (`build.cargo`). One agent serves the QEMU image and the Xen
+/// image (`cargo xtask xen-image`): the `xen` feature only adds the XenStore transport, which
+/// the agent picks at run time.
+pub(crate) fn build_guest(manifest: &GameManifest) -> Result<GuestBins> {
     let target_dir = root().join("target/guest");
-    sys::run(
-        Command::new(env!("CARGO"))
-            .current_dir(root())
-            .args(["build", "--release", "--quiet"])
-            .args(["-p", "berth-guest", "-p", "berth-arena"])
-            .args(["--features", "berth-guest/xen"])
-            .args(["--target", "x86_64-unknown-linux-gnu"])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .env(
-                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-                "-C target-feature=+crt-static",
-            ),
-    )?;
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .current_dir(root())
+        .args(["build", "--release", "--quiet", "-p", "berth-guest"])
+        .args(["--features", "berth-guest/xen"])
+        .args(["--target", "x86_64-unknown-linux-gnu"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        );
+    if let Some(package) = &manifest.build.cargo {
+        cargo.args(["-p", package]);
+    }
+    sys::run(&mut cargo)?;
     let bin = target_dir.join("x86_64-unknown-linux-gnu/release");
     Ok(GuestBins {
         agent: bin.join("berth-guest"),
-        arena: bin.join("berth-arena"),
+        game: manifest.build.cargo.as_ref().map(|p| bin.join(p)),
+        manifest: manifest.clone(),
     })
-}
-
-/// The arena's game spec: what the agent runs (`/etc/berth/game.json` in the image).
-pub(crate) fn arena_spec() -> berth_protocol::guest::GameSpec {
-    berth_protocol::guest::GameSpec {
-        name: "arena".into(),
-        command: vec!["/game/berth-arena".into()],
-        env: Default::default(),
-        cwd: "/data".into(),
-        game_port: berth_protocol::guest::GAME_PORT,
-        health_timeout_ms: berth_protocol::sdk::DEFAULT_HEALTH_TIMEOUT_MS,
-    }
 }
 
 /// Reads `depends=` from a kernel module's `.modinfo` section.
@@ -226,9 +250,9 @@ pub(crate) struct GuestInitrd<'a> {
     /// An extracted kernel package, and the list of modules to load from it.
     pub kernel_root: &'a Path,
     pub modules_list: &'a Path,
-    /// Files copied under `/data`, for an image without a data disk (Xen); `None` leaves `/data`
-    /// empty for the data disk to be mounted on.
-    pub data: Option<&'a Path>,
+    /// The game's data under `/data` in the initramfs, for an image without a data disk
+    /// (Xen); else `/data` stays empty for the data disk to be mounted on.
+    pub data_inside: bool,
 }
 
 impl GuestInitrd<'_> {
@@ -244,19 +268,24 @@ impl GuestInitrd<'_> {
             "tmp",
             "etc",
             "etc/berth",
-            "game",
             "lib",
             "lib/modules",
         ]);
         cpio.file("init", 0o755, &std::fs::read(self.init)?);
         cpio.file("bin/busybox", 0o755, &std::fs::read(self.busybox)?);
         cpio.file("bin/berth-guest", 0o755, &std::fs::read(&self.guest.agent)?);
-        cpio.file(
-            "game/berth-arena",
-            0o755,
-            &std::fs::read(&self.guest.arena)?,
-        );
-        let spec = serde_json::to_vec_pretty(&arena_spec())?;
+        let m = &self.guest.manifest;
+        if let (Some(game), Some(program)) = (&self.guest.game, m.server.command.first()) {
+            cpio.file(
+                program.trim_start_matches('/'),
+                0o755,
+                &std::fs::read(game)?,
+            );
+        }
+        for (at, source) in &m.build.files {
+            add_path(&mut cpio, at.trim_start_matches('/'), source)?;
+        }
+        let spec = serde_json::to_vec_pretty(&m.spec())?;
         cpio.file(
             berth_protocol::guest::GAME_SPEC_PATH.trim_start_matches('/'),
             0o644,
@@ -267,17 +296,37 @@ impl GuestInitrd<'_> {
             self.kernel_root,
             &module_list(self.modules_list)?,
         )?;
-        if let Some(data) = self.data {
-            for f in files_under(data)? {
-                let rel = f
-                    .strip_prefix(data)
-                    .expect("files_under stays under its root");
-                let name = format!("data/{}", rel.display());
-                cpio.file(&name, 0o644, &std::fs::read(&f)?);
+        if self.data_inside {
+            if let Some(data) = &m.build.data {
+                add_path(&mut cpio, "data", data)?;
             }
         }
         Ok(cpio.finish())
     }
+}
+
+/// `source` (a file, or a folder and everything under it) at `at` in the initramfs; files
+/// keep their executable bit.
+fn add_path(cpio: &mut Cpio, at: &str, source: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let files = if source.is_dir() {
+        files_under(source)?
+    } else {
+        vec![source.to_path_buf()]
+    };
+    for f in files {
+        let rel = f
+            .strip_prefix(source)
+            .expect("files_under stays under its root");
+        let name = if rel.as_os_str().is_empty() {
+            at.to_owned()
+        } else {
+            format!("{at}/{}", rel.display())
+        };
+        let exec = std::fs::metadata(&f)?.permissions().mode() & 0o111 != 0;
+        cpio.file(&name, if exec { 0o755 } else { 0o644 }, &std::fs::read(&f)?);
+    }
+    Ok(())
 }
 
 pub fn build() -> Result<Manifest> {
@@ -287,19 +336,16 @@ pub fn build() -> Result<Manifest> {
     let kernel_pkg = sys::resolve_meta(KERNEL_META, "linux-image-")?;
     let kernel_deb = sys::download_deb(&kernel_pkg, &debs)?;
     let busybox_deb = sys::download_deb("busybox-static", &debs)?;
-    let guest = build_guest()?;
+    let guest = build_guest(&arena_manifest()?)?;
     let assets = root().join("assets");
     let init = assets.join("image/init");
     let modules_list = assets.join("image/modules");
-    let game_files = files_under(&assets.join("game"))?;
 
     let mut h = Sha256::new();
     h.update(deb_name(&kernel_deb));
     h.update(deb_name(&busybox_deb));
-    sha_files(&mut h, &guest.paths())?;
+    guest.digest_into(&mut h)?;
     sha_files(&mut h, &[init.clone(), modules_list.clone()])?;
-    h.update(serde_json::to_vec(&arena_spec())?);
-    sha_files(&mut h, &game_files)?;
     let input_digest = hex::encode(h.finalize());
 
     let manifest_path = dir.join("manifest.json");
@@ -326,11 +372,19 @@ pub fn build() -> Result<Manifest> {
         guest: &guest,
         kernel_root: &work,
         modules_list: &modules_list,
-        data: None,
+        data_inside: false,
     };
     std::fs::write(dir.join("initrd.cpio"), initrd.build()?)?;
 
-    // The data disk: ext4 holding the game's assets.
+    // The data disk: ext4 holding the game's data (an empty one when it has none).
+    let data = match &guest.manifest.build.data {
+        Some(d) => d.clone(),
+        None => {
+            let empty = work.join("empty-data");
+            std::fs::create_dir_all(&empty)?;
+            empty
+        }
+    };
     let disk = dir.join("data.raw");
     let _ = std::fs::remove_file(&disk);
     sys::run(
@@ -345,7 +399,7 @@ pub fn build() -> Result<Manifest> {
                 "^has_journal",
                 "-d",
             ])
-            .arg(assets.join("game"))
+            .arg(&data)
             .arg(&disk)
             .arg("16M"),
     )?;

@@ -195,10 +195,8 @@ fn input_digest(debs: &Debs, hostd: &Path, guest: &image::GuestBins) -> Result<S
         h.update(n);
     }
     image::sha_files(&mut h, &image::files_under(&assets.join("xen"))?)?;
-    image::sha_files(&mut h, &image::files_under(&assets.join("game"))?)?;
     image::sha_files(&mut h, &[hostd.to_path_buf()])?;
-    image::sha_files(&mut h, &guest.paths())?;
-    h.update(serde_json::to_vec(&image::arena_spec())?);
+    guest.digest_into(&mut h)?;
     Ok(hex::encode(h.finalize()))
 }
 
@@ -280,7 +278,7 @@ impl GuestImage {
             guest,
             kernel_root: &u.guest_kernel,
             modules_list: &assets.join("xen/guest-modules"),
-            data: Some(&assets.join("game")),
+            data_inside: true,
         }
         .build()?;
         let mut h = Sha256::new();
@@ -365,7 +363,8 @@ fn dom0_cpio(u: &Unpacked, hostd: &Path, image: &GuestImage, work: &Path) -> Res
 }
 
 /// Builds (or reuses) `target/xen/`: `xen`, `vmlinuz-dom0`, `dom0.cpio.gz`, `inputs.json`.
-/// Rebuilt only when an input changes: the packages, `assets/xen`, `assets/game`, the hostd and
+/// Rebuilt only when an input changes: the packages, `assets/xen`, the game (its manifest,
+/// data and binary), the hostd and
 /// guest binaries.
 pub fn build() -> Result<Artefacts> {
     let root = image::root();
@@ -373,7 +372,7 @@ pub fn build() -> Result<Artefacts> {
     let debs = Debs::download()?;
     crate::build::build_workspace()?;
     let hostd = root.join("target/debug/berth-hostd");
-    let guest = image::build_guest()?;
+    let guest = image::build_guest(&image::arena_manifest()?)?;
     let input_digest = input_digest(&debs, &hostd, &guest)?;
     if let Some(art) = up_to_date(&dir, &input_digest) {
         eprintln!("xtask: Xen artefacts up to date ({})", &input_digest[..12]);
