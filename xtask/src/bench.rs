@@ -1,7 +1,8 @@
 //! `cargo xtask bench activation`: cold boot vs substrate vs copy-on-write vs warm activation,
 //! side by side in one run on the same image, each timed until a TCP client gets the game's
 //! answer from inside the VM. Also concurrent activations, per-VM PSS and idle CPU, substrate
-//! size, time to prime, and many VMs at once. Writes `target/bench/activation.json`.
+//! size, time to prime, and many VMs at once. Writes `target/bench/activation-<image>.json`
+//! (and `activation.json`, the latest run), with the image's name and its server's language.
 //!
 //! With `--driver xen` the same kinds are timed by hostd's Xen driver inside a nested Xen dom0
 //! (see `xen.rs`), written to `target/bench/activation-xen.json`.
@@ -37,6 +38,9 @@ pub struct ActivationArgs {
     /// Accelerator: auto probes KVM with a real boot first.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
+    /// The game whose image to measure (a folder of `games/` with a `game.toml`).
+    #[arg(long, default_value = "arena")]
+    pub image: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -196,6 +200,7 @@ pub(crate) fn cpu_ticks(pid: u32) -> u64 {
 }
 
 pub async fn activation(args: ActivationArgs) -> Result<()> {
+    let game = crate::image::game_manifest(&args.image)?;
     let manifest = crate::image::build()?;
     let root = crate::image::root();
     let image = Image::load(&crate::image::image_dir())?;
@@ -207,11 +212,18 @@ pub async fn activation(args: ActivationArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let mut report = result?;
     report["image_digest"] = json!(manifest.digest);
+    report["image"] = json!(game.name);
+    report["language"] = json!(game.language);
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
-    let path = out.join("activation.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
-    println!("wrote {}", path.display());
+    for name in [
+        format!("activation-{}.json", game.name),
+        "activation.json".into(),
+    ] {
+        let path = out.join(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }
 

@@ -96,10 +96,21 @@ impl GuestBins {
 
 /// The arena's manifest (`games/arena/game.toml`).
 pub(crate) fn arena_manifest() -> Result<GameManifest> {
+    game_manifest("arena")
+}
+
+/// The manifest of the game in `games/<name>/`. The image builder makes the arena's image
+/// only so far: any other name is refused saying so.
+pub(crate) fn game_manifest(name: &str) -> Result<GameManifest> {
+    if name != "arena" {
+        bail!(
+            "no image for game {name:?}: `cargo xtask image` builds the arena's \
+             (games/arena) only so far"
+        );
+    }
+    let dir = root().join("games").join(name);
     Ok(GameManifest::load(
-        &root()
-            .join("games/arena")
-            .join(berth_hostd::manifest::FILE_NAME),
+        &dir.join(berth_hostd::manifest::FILE_NAME),
     )?)
 }
 
