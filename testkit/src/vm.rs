@@ -59,8 +59,18 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// An image called `name` on the arena's image.
 pub fn image_config(name: &str, warm: u32) -> ImageConfig {
     ImageConfig::new(name, image_dir(), warm)
+}
+
+/// The image of a test game (`tests/games/<game>`, built by `cargo xtask image` into
+/// `target/images/<game>`).
+pub fn test_game_config(game: &str, warm: u32) -> ImageConfig {
+    let dir = crate::fixtures::workspace()
+        .join("target/images")
+        .join(game);
+    ImageConfig::new(game, dir, warm)
 }
 
 /// A hostd config for tests: TCG, loopback ports 0, the given images.
@@ -98,7 +108,7 @@ pub async fn tcg_driver() -> Arc<dyn VmDriver> {
 pub async fn seed_substrate(state_dir: &Path, ic: &ImageConfig) -> Result<()> {
     let driver = tcg_driver().await;
     let spec = VmSpec {
-        image: image(),
+        image: Image::load(&ic.dir)?,
         config: ic.clone(),
     };
     let fp = driver.fingerprint(&spec);
@@ -153,6 +163,24 @@ impl Sandbox {
     /// The VM serving `session`.
     pub fn vm_of(&self, session: &SessionId) -> Result<berth_hostd::pool::VmInfo> {
         vm_of(&self.pool, session)
+    }
+
+    /// Waits (at most 20 s) until the pool has no VM with this VM or session id any more.
+    pub async fn gone(&self, id: &str) -> Result<()> {
+        let present = || {
+            self.pool
+                .status()
+                .vms
+                .iter()
+                .any(|v| v.vm_id.as_str() == id || v.session_id.as_str() == id)
+        };
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while present() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .with_context(|| format!("the VM of {id} is still there"))
     }
 
     /// [`Sandbox::start`] with no warm clones, once the pool has the substrate docked.

@@ -3,7 +3,7 @@
 //! does), so these tests check the game's own ticket checks; `gateway.rs` checks the gateway's.
 
 use anyhow::{bail, Context, Result};
-use berth_hostd::pool::{ActivateRequest, PoolEvent, VmInfo};
+use berth_hostd::pool::{ActivateRequest, PoolEvent};
 use berth_protocol::game::{GameAnswer, GameRequest, GameResults, Snapshot, Welcome};
 use berth_protocol::ticket::{TicketClaims, TICKET_AUDIENCE};
 use berth_protocol::{PlayerId, SessionId};
@@ -201,16 +201,6 @@ async fn next_ended(
     .context("no ended event within 30 s")?
 }
 
-async fn gone(sb: &Sandbox, vm: &VmInfo) -> Result<()> {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while sb.pool.status().vms.iter().any(|v| v.vm_id == vm.vm_id) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .context("the VM was not destroyed after the game")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duel_is_played_to_its_end_in_a_real_vm() -> Result<()> {
     let sb = Sandbox::docked("game-duel").await?;
@@ -298,7 +288,7 @@ async fn a_duel_is_played_to_its_end_in_a_real_vm() -> Result<()> {
     let (session, reason, reported) = next_ended(&mut events).await?;
     assert_eq!((session.as_str(), reason.as_str()), ("duel-1", "surrender"));
     assert_eq!(serde_json::from_value::<GameResults>(reported)?, results);
-    gone(&sb, &vm).await?;
+    sb.gone(vm.vm_id.as_str()).await?;
     sb.finish().await
 }
 
@@ -401,7 +391,7 @@ async fn the_game_admits_only_valid_tickets() -> Result<()> {
         while let Ok(Some(_)) = again.next().await {}
     })
     .await?;
-    gone(&sb, &vm).await?;
+    sb.gone(vm.vm_id.as_str()).await?;
     sb.finish().await
 }
 
@@ -424,6 +414,6 @@ async fn a_game_nobody_joins_ends_as_abandoned() -> Result<()> {
     let results: GameResults = serde_json::from_value(results)?;
     assert_eq!(results.winner, None);
     assert!(results.players.iter().all(|p| !p.joined));
-    gone(&sb, &vm).await?;
+    sb.gone(vm.vm_id.as_str()).await?;
     sb.finish().await
 }

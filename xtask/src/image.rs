@@ -99,8 +99,8 @@ pub(crate) fn arena_manifest() -> Result<GameManifest> {
     game_manifest("arena")
 }
 
-/// The manifest of the game in `games/<name>/`. The image builder makes the arena's image
-/// only so far: any other name is refused saying so.
+/// The manifest of the game in `games/<name>/`. Of the games there, the image builder makes
+/// the arena's only so far: any other name is refused saying so.
 pub(crate) fn game_manifest(name: &str) -> Result<GameManifest> {
     if name != "arena" {
         bail!(
@@ -340,21 +340,65 @@ fn add_path(cpio: &mut Cpio, at: &str, source: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The packages every image is made of, downloaded once.
+struct Base {
+    kernel_pkg: String,
+    kernel_deb: PathBuf,
+    busybox_deb: PathBuf,
+}
+
+/// Builds (or reuses) the arena's image in `target/image` and each test game's
+/// (`tests/games/*/game.toml`) in `target/images/<name>`; returns the arena's manifest.
 pub fn build() -> Result<Manifest> {
     sys::ensure(&[sys::E2FS])?;
-    let dir = image_dir();
     let debs = root().join("target/debs");
     let kernel_pkg = sys::resolve_meta(KERNEL_META, "linux-image-")?;
-    let kernel_deb = sys::download_deb(&kernel_pkg, &debs)?;
-    let busybox_deb = sys::download_deb("busybox-static", &debs)?;
-    let guest = build_guest(&arena_manifest()?)?;
+    let base = Base {
+        kernel_deb: sys::download_deb(&kernel_pkg, &debs)?,
+        busybox_deb: sys::download_deb("busybox-static", &debs)?,
+        kernel_pkg,
+    };
+    let arena = build_image(&base, &arena_manifest()?, &image_dir())?;
+    for game in test_games()? {
+        build_image(&base, &game, &images_dir().join(&game.name))?;
+    }
+    Ok(arena)
+}
+
+/// Where the test games' images go: `target/images/<name>`.
+pub fn images_dir() -> PathBuf {
+    root().join("target/images")
+}
+
+/// The manifests of the games the tests use (`tests/games/*/game.toml`).
+fn test_games() -> Result<Vec<GameManifest>> {
+    let mut out = Vec::new();
+    let dir = root().join("tests/games");
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| {
+            e.ok()
+                .map(|e| e.path().join(berth_hostd::manifest::FILE_NAME))
+        })
+        .filter(|p| p.exists())
+        .collect();
+    entries.sort();
+    for path in entries {
+        out.push(GameManifest::load(&path)?);
+    }
+    Ok(out)
+}
+
+/// Builds (or reuses) the image of `game` in `dir`.
+fn build_image(base: &Base, game: &GameManifest, dir: &Path) -> Result<Manifest> {
+    let guest = build_guest(game)?;
     let assets = root().join("assets");
     let init = assets.join("image/init");
     let modules_list = assets.join("image/modules");
 
     let mut h = Sha256::new();
-    h.update(deb_name(&kernel_deb));
-    h.update(deb_name(&busybox_deb));
+    h.update(deb_name(&base.kernel_deb));
+    h.update(deb_name(&base.busybox_deb));
     guest.digest_into(&mut h)?;
     sha_files(&mut h, &[init.clone(), modules_list.clone()])?;
     let input_digest = hex::encode(h.finalize());
@@ -363,17 +407,24 @@ pub fn build() -> Result<Manifest> {
     if let Ok(old) = std::fs::read(&manifest_path) {
         if let Ok(old) = serde_json::from_slice::<Manifest>(&old) {
             if old.input_digest == input_digest && dir.join(&old.disk).exists() {
-                eprintln!("xtask: image up to date ({})", &old.digest[..12]);
+                eprintln!(
+                    "xtask: image of {} up to date ({})",
+                    game.name,
+                    &old.digest[..12]
+                );
                 return Ok(old);
             }
         }
     }
-    eprintln!("xtask: building guest image from {kernel_pkg} and busybox-static");
-    let work = root().join("target/image-work");
+    eprintln!(
+        "xtask: building the image of {} from {} and busybox-static",
+        game.name, base.kernel_pkg
+    );
+    let work = root().join(format!("target/image-work-{}", game.name));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    std::fs::create_dir_all(&dir)?;
-    for deb in [&kernel_deb, &busybox_deb] {
+    std::fs::create_dir_all(dir)?;
+    for deb in [&base.kernel_deb, &base.busybox_deb] {
         sys::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&work))?;
     }
     std::fs::copy(find_vmlinuz(&work)?, dir.join("vmlinuz"))?;
@@ -386,9 +437,37 @@ pub fn build() -> Result<Manifest> {
         data_inside: false,
     };
     std::fs::write(dir.join("initrd.cpio"), initrd.build()?)?;
+    let disk = data_disk(&guest.manifest, &work, dir)?;
 
-    // The data disk: ext4 holding the game's data (an empty one when it has none).
-    let data = match &guest.manifest.build.data {
+    let mut h = Sha256::new();
+    sha_files(
+        &mut h,
+        &[dir.join("vmlinuz"), dir.join("initrd.cpio"), disk],
+    )?;
+    let manifest = Manifest {
+        format: 1,
+        digest: hex::encode(h.finalize()),
+        input_digest,
+        kernel: "vmlinuz".into(),
+        initrd: "initrd.cpio".into(),
+        disk: "data.raw".into(),
+        kernel_package: base.kernel_pkg.clone(),
+        cmdline: "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init BERTH_INIT_MS=1000".into(),
+    };
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest)?)?;
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!(
+        "xtask: image {} in {}",
+        &manifest.digest[..12],
+        dir.display()
+    );
+    Ok(manifest)
+}
+
+/// The data disk `dir/data.raw`: ext4 holding the game's data (an empty one when it has
+/// none).
+fn data_disk(game: &GameManifest, work: &Path, dir: &Path) -> Result<PathBuf> {
+    let data = match &game.build.data {
         Some(d) => d.clone(),
         None => {
             let empty = work.join("empty-data");
@@ -414,28 +493,5 @@ pub fn build() -> Result<Manifest> {
             .arg(&disk)
             .arg("16M"),
     )?;
-
-    let mut h = Sha256::new();
-    sha_files(
-        &mut h,
-        &[dir.join("vmlinuz"), dir.join("initrd.cpio"), disk.clone()],
-    )?;
-    let manifest = Manifest {
-        format: 1,
-        digest: hex::encode(h.finalize()),
-        input_digest,
-        kernel: "vmlinuz".into(),
-        initrd: "initrd.cpio".into(),
-        disk: "data.raw".into(),
-        kernel_package: kernel_pkg,
-        cmdline: "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init BERTH_INIT_MS=1000".into(),
-    };
-    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&manifest)?)?;
-    let _ = std::fs::remove_dir_all(&work);
-    eprintln!(
-        "xtask: image {} in {}",
-        &manifest.digest[..12],
-        dir.display()
-    );
-    Ok(manifest)
+    Ok(disk)
 }
