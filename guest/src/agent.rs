@@ -296,20 +296,20 @@ fn message(report: Report, game_port: u16) -> GuestToHost {
     }
 }
 
-/// One `GET /v1/session` to this VM's own SDK, answered and read (prewarm).
+/// One `GET /v1/session` to this VM's own SDK, answered and read (prewarm): the codec a
+/// game's calls go through, on both sides.
 fn sdk_round_trip() {
-    use std::net::TcpStream;
-    let Ok(mut s) = TcpStream::connect(berth_protocol::sdk::SDK_ADDR) else {
+    use berth_protocol::http1;
+    let Ok(mut s) = std::net::TcpStream::connect(berth_protocol::sdk::SDK_ADDR) else {
         return;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: sdk\r\nConnection: close\r\n\r\n",
-        berth_protocol::sdk::path::SESSION
-    );
-    if s.write_all(request.as_bytes()).is_ok() {
-        let mut answer = Vec::new();
-        let _ = s.read_to_end(&mut answer);
+    let path = berth_protocol::sdk::path::SESSION;
+    if http1::write_request(&mut s, "GET", path, None).is_ok() {
+        let mut reader = std::io::BufReader::new(s);
+        if let Ok(head) = http1::read_head(&mut reader, false) {
+            let _ = http1::read_body(&mut reader, &head, 1 << 16);
+        }
     }
 }
 

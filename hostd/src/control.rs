@@ -185,6 +185,20 @@ impl Client {
         &self,
         resp: Result<reqwest::Response, reqwest::Error>,
     ) -> Result<Option<T>, ClientError> {
+        let bytes = self.body(resp).await?;
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ClientError::Unexpected(e.to_string()))
+    }
+
+    /// The answer's body; a refusal as [`ClientError::Api`].
+    async fn body(
+        &self,
+        resp: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<Vec<u8>, ClientError> {
         let resp = resp.map_err(|source| ClientError::Unreachable {
             base: self.base.clone(),
             source,
@@ -203,12 +217,7 @@ impl Client {
                 )),
             });
         }
-        if bytes.is_empty() {
-            return Ok(None);
-        }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| ClientError::Unexpected(e.to_string()))
+        Ok(bytes.to_vec())
     }
 
     pub async fn status(&self) -> Result<Status, ClientError> {
@@ -247,25 +256,9 @@ impl Client {
 
     /// The last `bytes` of a VM's console.
     pub async fn output(&self, id: &str, bytes: u64) -> Result<String, ClientError> {
-        let r = self
-            .http
-            .get(format!("{}/v1/vms/{id}/output?bytes={bytes}", self.base))
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                base: self.base.clone(),
-                source,
-            })?;
-        if r.status().is_success() {
-            return r
-                .text()
-                .await
-                .map_err(|e| ClientError::Unexpected(e.to_string()));
-        }
-        Err(match r.json::<ApiError>().await {
-            Ok(e) => ClientError::Api(e),
-            Err(e) => ClientError::Unexpected(e.to_string()),
-        })
+        let url = format!("{}/v1/vms/{id}/output?bytes={bytes}", self.base);
+        let body = self.body(self.http.get(url).send().await).await?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
     pub async fn destroy(&self, id: &str) -> Result<(), ClientError> {
