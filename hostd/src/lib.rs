@@ -3,7 +3,9 @@
 //! - [`Hostd`]: hostd running in this process — pool, gateway, control API and link, started
 //!   together and stopped in order; [`run`] is that plus a wait for the shutdown signal.
 //! - [`config`]: the TOML config, validated into runtime types at start-up.
-//! - [`image`]: guest images (`manifest.json` written by `cargo xtask image`).
+//! - [`image`]: guest images (a folder with `manifest.json`, the kernel, initramfs, disk).
+//! - [`build`]: building an image from a game's manifest (`berth-hostd image build`): Debian
+//!   packages and their libraries, the initramfs, the data disk; cached by input digest.
 //! - [`manifest`]: a game's `game.toml`: its server, build inputs, resources and limits.
 //! - [`substrate`]: the versioned header of a docked substrate and its checks.
 //! - [`driver`]: the [`driver::VmDriver`] trait and its backends — [`driver::qemu`] (real, the
@@ -22,6 +24,7 @@
 
 pub mod accel;
 mod app;
+pub mod build;
 pub mod config;
 pub mod control;
 pub mod driver;

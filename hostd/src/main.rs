@@ -76,11 +76,39 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Build game images.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// Destroy a VM by VM id or session id.
     Destroy {
         #[arg(long, env = "BERTH_HOSTD_CONTROL", default_value = "127.0.0.1:7070")]
         control: SocketAddr,
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Build (or reuse, when nothing changed) the image a game's `game.toml` describes:
+    /// prints its folder and digest. Name the folder in hostd's `[[images]] dir`.
+    Build {
+        /// The game's manifest.
+        manifest: PathBuf,
+        /// The image folder to write (default: `images/<name>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The agent, a static `berth-guest` (default: `berth-guest` next to this program).
+        #[arg(long, env = "BERTH_GUEST_AGENT")]
+        agent: Option<PathBuf>,
+        /// The game server's binary when the manifest names a workspace binary
+        /// (`build.cargo`); installed at `server.command[0]`.
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// Where downloaded Debian packages are kept.
+        #[arg(long, default_value = "images/.debs")]
+        debs: PathBuf,
     },
 }
 
@@ -150,12 +178,56 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&vm)?);
             Ok(())
         }
+        Cmd::Image {
+            cmd:
+                ImageCmd::Build {
+                    manifest,
+                    out,
+                    agent,
+                    bin,
+                    debs,
+                },
+        } => image_build(&manifest, out, agent, bin, &debs),
         Cmd::Destroy { control, id } => {
             Client::new(control).destroy(&id).await?;
             println!("destroyed {id}");
             Ok(())
         }
     }
+}
+
+/// `berth-hostd image build`.
+fn image_build(
+    manifest: &Path,
+    out: Option<PathBuf>,
+    agent: Option<PathBuf>,
+    bin: Option<PathBuf>,
+    debs: &Path,
+) -> anyhow::Result<()> {
+    let manifest = berth_hostd::manifest::GameManifest::load(manifest)?;
+    let agent = match agent {
+        Some(a) => a,
+        None => std::env::current_exe()?.with_file_name("berth-guest"),
+    };
+    berth_hostd::build::check_static(&agent)?;
+    let game = match (&manifest.build.cargo, bin) {
+        (Some(_), Some(bin)) => Some(bin),
+        (Some(name), None) => anyhow::bail!(
+            "build.cargo names the workspace binary {name:?}: pass its static build with --bin"
+        ),
+        (None, Some(_)) => anyhow::bail!("--bin is for a manifest with build.cargo"),
+        (None, None) => None,
+    };
+    let dir = out.unwrap_or_else(|| Path::new("images").join(&manifest.name));
+    let guest = berth_hostd::build::GuestBins {
+        agent,
+        manifest,
+        game,
+    };
+    let base = berth_hostd::build::Base::download(debs)?;
+    let built = berth_hostd::build::build_image(&base, &guest, &dir)?;
+    println!("{} {}", dir.display(), built.digest);
+    Ok(())
 }
 
 /// Logs to stdout, as text or JSON lines, filtered by `RUST_LOG` (default `info`).

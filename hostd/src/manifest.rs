@@ -16,6 +16,7 @@
 //! cargo = "berth-arena"               # a workspace binary, built static, installed at command[0]
 //! data = "data"                       # a folder (next to this file): the read-only disk at /data
 //! files = { "/game/assets" = "assets" }  # more files or folders into the image
+//! packages = ["python3.11-minimal"]   # Debian packages unpacked into it, with their libraries
 //!
 //! [resources]
 //! memory_mib = 128
@@ -100,6 +101,10 @@ pub struct Build {
     /// More files or folders, by their absolute path in the image.
     #[serde(default)]
     pub files: BTreeMap<String, PathBuf>,
+    /// Debian packages unpacked into the image (never installed on the build host), with the
+    /// shared libraries their programs need.
+    #[serde(default)]
+    pub packages: Vec<String>,
 }
 
 /// `[resources]`: the VM.
@@ -267,6 +272,12 @@ impl GameManifest {
                 );
             }
         }
+        if let Some(p) = self.build.packages.iter().find(|p| !debian_name(p)) {
+            return bad(
+                &format!("build.packages.{p:?}"),
+                "is not a Debian package name (a-z, 0-9, '+', '-', '.'; 2 or more)",
+            );
+        }
         let r = &self.resources;
         if !(32..=65536).contains(&r.memory_mib) {
             return bad("resources.memory_mib", "must be between 32 and 65536");
@@ -291,6 +302,17 @@ impl GameManifest {
             health_timeout_ms: self.limits.health_timeout_ms,
         }
     }
+}
+
+/// Debian policy's package names: lower-case letters, digits, `+`, `-`, `.`; at least two,
+/// starting with a letter or digit.
+fn debian_name(name: &str) -> bool {
+    name.len() >= 2
+        && name.len() <= 128
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
 }
 
 fn sdk_port() -> u16 {
@@ -353,6 +375,8 @@ memory_mib = 256
             "[build]\nfiles = { \"/etc/berth/game.json\" = \"x\" }"
         )
         .contains("build.files"));
+        assert!(with("[build]", "[build]\npackages = [\"Python3\"]").contains("build.packages"));
+        assert!(with("[build]", "[build]\npackages = [\"-rf\"]").contains("build.packages"));
         assert!(
             error("name = \"x\"").contains("server"),
             "server is required"

@@ -22,7 +22,10 @@ pub struct StackOptions {
     pub listen: SocketAddr,
     /// The gateway's address (likewise).
     pub gateway: SocketAddr,
-    /// The guest image folder (`cargo xtask image` writes `target/image`).
+    /// The game: its image's name on this host (what modes name in `image`).
+    pub game: String,
+    /// The game's image folder (`cargo xtask image` writes the arena's to `target/image`,
+    /// every other game's to `target/images/<name>`).
     pub image_dir: PathBuf,
     pub warm: u32,
     pub max_vms: u32,
@@ -36,6 +39,7 @@ impl StackOptions {
         Self {
             listen: ([127, 0, 0, 1], 0).into(),
             gateway: ([127, 0, 0, 1], 0).into(),
+            game: "arena".into(),
             image_dir: crate::vm::image_dir(),
             warm,
             max_vms: 64,
@@ -47,8 +51,12 @@ impl StackOptions {
 /// The host id a [`Stack`]'s hostd registers as.
 pub const HOST: &str = "stack-host";
 
-/// server + hostd (qemu driver, one image `arena`) + its gateway + the link, in this process.
+/// server + hostd (qemu driver, one game's image) + its gateway + the link, in this process.
 pub struct Stack {
+    /// The game's image name.
+    pub game: String,
+    /// hostd's state folder (substrates, per-VM files), removed at shutdown.
+    pub state_dir: PathBuf,
     pub server: Server,
     pub hostd: Hostd,
     /// The hostd's pool (a handle: cheap to clone).
@@ -75,6 +83,8 @@ impl Stack {
         });
         let pool = hostd.pool().clone();
         let stack = Stack {
+            game: o.game.clone(),
+            state_dir: state_dir(&o),
             server,
             hostd,
             pool,
@@ -109,7 +119,7 @@ impl Stack {
     /// Waits until `warm` clones wait and the server has heard so from hostd.
     pub async fn ready(&self, warm: u32) -> Result<()> {
         self.pool
-            .wait_ready("arena", warm, Duration::from_secs(300))
+            .wait_ready(&self.game, warm, Duration::from_secs(300))
             .await?;
         let host = HostId::new(HOST)?;
         for _ in 0..100 {
@@ -160,10 +170,14 @@ async fn start_server(listen: SocketAddr) -> Result<Server> {
     Ok(server)
 }
 
+fn state_dir(o: &StackOptions) -> PathBuf {
+    format!("/dev/shm/berth-{}-{}", o.name, std::process::id()).into()
+}
+
 async fn start_hostd(o: &StackOptions, gateway: SocketAddr) -> Result<Hostd> {
     let mut config = HostdConfig {
         host_id: HOST.into(),
-        state_dir: format!("/dev/shm/berth-{}-{}", o.name, std::process::id()).into(),
+        state_dir: state_dir(o),
         max_vms: o.max_vms,
         ..HostdConfig::default()
     };
@@ -171,7 +185,7 @@ async fn start_hostd(o: &StackOptions, gateway: SocketAddr) -> Result<Hostd> {
     config.gateway.listen = gateway;
     config
         .images
-        .push(ImageConfig::new("arena", o.image_dir.clone(), o.warm));
+        .push(ImageConfig::new(&o.game, o.image_dir.clone(), o.warm));
     let driver = berth_hostd::driver_for(&config).await?;
     println!(
         "hostd {HOST}: driver qemu, accelerator {}, at most {} VMs",

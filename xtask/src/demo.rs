@@ -56,7 +56,7 @@ pub(crate) async fn start_stack(mut o: StackOptions) -> Result<Stack> {
         &manifest.digest[..12],
         manifest.kernel_package
     );
-    o.image_dir = crate::image::image_dir();
+    o.image_dir = crate::image::image_dir_of(&o.game);
     Stack::start(o).await
 }
 
@@ -70,6 +70,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let stack = start_stack(StackOptions {
         listen: args.listen,
         gateway: args.gateway,
+        game: "arena".into(),
         image_dir: crate::image::image_dir(),
         warm: args.warm,
         max_vms: 64,

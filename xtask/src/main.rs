@@ -4,7 +4,6 @@ mod bench;
 mod bench_e2e;
 mod bench_server;
 mod build;
-mod cpio;
 mod demo;
 mod image;
 mod redis;

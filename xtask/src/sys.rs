@@ -1,7 +1,8 @@
 //! Host prerequisites: what the project needs from Debian (QEMU, e2fsprogs, Redis for the
 //! tests), installed when run as root.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+pub use berth_hostd::build::debs::{apt_update_once, download_deb, resolve_meta, run};
 use std::path::Path;
 use std::process::Command;
 
@@ -79,63 +80,4 @@ pub fn ensure(needs: &[Need]) -> Result<()> {
         }
     }
     bail!("packages still missing after installing them: check apt's output above")
-}
-
-fn apt_update_once() -> Result<()> {
-    // apt's package lists are present once `apt-get update` ran on this machine.
-    let lists = std::fs::read_dir("/var/lib/apt/lists")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
-        })
-        .unwrap_or(false);
-    if lists {
-        return Ok(());
-    }
-    run(Command::new("apt-get").arg("update"))
-}
-
-/// Downloads a Debian package (not installed) into `dir`; returns the .deb path.
-pub fn download_deb(package: &str, dir: &Path) -> Result<std::path::PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let find = |dir: &Path| -> Option<std::path::PathBuf> {
-        std::fs::read_dir(dir)
-            .ok()?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-            })
-    };
-    if let Some(p) = find(dir) {
-        return Ok(p);
-    }
-    apt_update_once()?;
-    run(Command::new("apt-get")
-        .arg("download")
-        .arg(package)
-        .current_dir(dir))?;
-    find(dir).with_context(|| format!("apt-get download {package} left no .deb"))
-}
-
-/// The real package a Debian metapackage (e.g. `linux-image-cloud-amd64`) depends on.
-pub fn resolve_meta(meta: &str, prefix: &str) -> Result<String> {
-    apt_update_once()?;
-    let out = Command::new("apt-cache").args(["depends", meta]).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|d| d.starts_with(prefix))
-        .map(str::to_string)
-        .with_context(|| format!("apt-cache depends {meta}: no {prefix}* dependency"))
-}
-
-pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
 }

@@ -17,16 +17,18 @@
 //! VMs use is built without `CONFIG_XEN_DOM0`. What this machine lacks (the packages cannot be
 //! downloaded, no QEMU) is an [`Unavailable`] error, which the test tier reports as a skip.
 
-use crate::cpio::Cpio;
 use crate::image::{self, Manifest};
 use crate::sys;
 use anyhow::{bail, Context, Result};
+use berth_hostd::build::cpio::Cpio;
+use berth_hostd::build::{
+    debs, files_under, initrd, sha_files, GuestBins, GuestInitrd, KERNEL_META,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -162,7 +164,7 @@ impl Debs {
         let dom0_kernel_pkg =
             sys::resolve_meta(DOM0_KERNEL_META, "linux-image-").map_err(unavailable)?;
         let guest_kernel_pkg =
-            sys::resolve_meta(image::KERNEL_META, "linux-image-").map_err(unavailable)?;
+            sys::resolve_meta(KERNEL_META, "linux-image-").map_err(unavailable)?;
         let mut files = BTreeMap::new();
         for p in XEN_PACKAGES.iter().copied().chain([
             dom0_kernel_pkg.as_str(),
@@ -182,20 +184,20 @@ impl Debs {
     }
 
     fn names(&self) -> Vec<String> {
-        self.files.values().map(|d| image::deb_name(d)).collect()
+        self.files.values().map(|d| debs::deb_name(d)).collect()
     }
 }
 
 /// The digest of everything the artefacts are built from.
-fn input_digest(debs: &Debs, hostd: &Path, guest: &image::GuestBins) -> Result<String> {
+fn input_digest(debs: &Debs, hostd: &Path, guest: &GuestBins) -> Result<String> {
     let assets = image::root().join("assets");
     let mut h = Sha256::new();
     h.update(RECIPE.to_le_bytes());
     for n in &debs.names() {
         h.update(n);
     }
-    image::sha_files(&mut h, &image::files_under(&assets.join("xen"))?)?;
-    image::sha_files(&mut h, &[hostd.to_path_buf()])?;
+    sha_files(&mut h, &files_under(&assets.join("xen"))?)?;
+    sha_files(&mut h, &[hostd.to_path_buf()])?;
     guest.digest_into(&mut h)?;
     Ok(hex::encode(h.finalize()))
 }
@@ -264,20 +266,15 @@ struct GuestImage {
 }
 
 impl GuestImage {
-    fn build(
-        u: &Unpacked,
-        guest: &image::GuestBins,
-        debs: &Debs,
-        input_digest: &str,
-    ) -> Result<Self> {
+    fn build(u: &Unpacked, guest: &GuestBins, debs: &Debs, input_digest: &str) -> Result<Self> {
         let assets = image::root().join("assets");
-        let vmlinuz = std::fs::read(image::find_vmlinuz(&u.guest_kernel)?)?;
-        let initrd = image::GuestInitrd {
-            init: &assets.join("xen/guest-init"),
+        let vmlinuz = std::fs::read(initrd::find_vmlinuz(&u.guest_kernel)?)?;
+        let initrd = GuestInitrd {
+            init: &std::fs::read(assets.join("xen/guest-init"))?,
             busybox: &u.busybox,
             guest,
             kernel_root: &u.guest_kernel,
-            modules_list: &assets.join("xen/guest-modules"),
+            modules: &initrd::module_list(&assets.join("xen/guest-modules"))?,
             data_inside: true,
         }
         .build()?;
@@ -333,7 +330,7 @@ fn dom0_cpio(u: &Unpacked, hostd: &Path, image: &GuestImage, work: &Path) -> Res
     cpio.file("init", 0o755, &std::fs::read(assets.join("xen/dom0-init"))?);
     cpio.file("bin/busybox", 0o755, &std::fs::read(&u.busybox)?);
     for t in XEN_TREE {
-        add_tree(&mut cpio, &u.xen_root, Path::new(t))?;
+        cpio.tree(&u.xen_root, Path::new(t), XEN_TREE_SKIP)?;
     }
     let mut elves = elf_files(&u.xen_root, &[XEN_BIN, "usr/bin", "usr/sbin"])?;
     elves.push(stripped_hostd.clone());
@@ -341,10 +338,10 @@ fn dom0_cpio(u: &Unpacked, hostd: &Path, image: &GuestImage, work: &Path) -> Res
         cpio.file(&name, 0o755, &std::fs::read(&host_file)?);
     }
     cpio.file("bin/berth-hostd", 0o755, &std::fs::read(&stripped_hostd)?);
-    image::add_modules(
+    initrd::add_modules(
         &mut cpio,
         &u.dom0_kernel,
-        &image::module_list(&assets.join("xen/dom0-modules"))?,
+        &initrd::module_list(&assets.join("xen/dom0-modules"))?,
     )?;
     for (name, mode, from) in [
         ("etc/xen/scripts/vif-berth", 0o755, "xen/vif-berth"),
@@ -402,7 +399,7 @@ pub fn build() -> Result<Artefacts> {
     write_atomic(&art.xen, &xen)?;
     write_atomic(
         &art.dom0_kernel,
-        &std::fs::read(image::find_vmlinuz(&unpacked.dom0_kernel)?)?,
+        &std::fs::read(initrd::find_vmlinuz(&unpacked.dom0_kernel)?)?,
     )?;
     write_atomic(&art.dom0_initrd, &dom0_initrd)?;
     let inputs = Inputs {
@@ -428,61 +425,13 @@ pub fn build() -> Result<Artefacts> {
     Ok(art)
 }
 
-/// Adds `rel` of the unpacked tree `base` to `cpio`, recursively: folders, files with their
-/// modes, symlinks as symlinks (the toolstack's wrappers and the libraries' sonames are links).
-fn add_tree(cpio: &mut Cpio, base: &Path, rel: &Path) -> Result<()> {
-    let path = base.join(rel);
-    let name = rel
-        .to_str()
-        .with_context(|| format!("{} is not UTF-8", path.display()))?;
-    if XEN_TREE_SKIP.contains(&name) {
-        return Ok(());
-    }
-    let meta =
-        std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-    let kind = meta.file_type();
-    if kind.is_dir() {
-        cpio.dir(name);
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&path)?
-            .map(|e| e.map(|e| rel.join(e.file_name())))
-            .collect::<std::io::Result<_>>()?;
-        entries.sort();
-        for e in entries {
-            add_tree(cpio, base, &e)?;
-        }
-    } else if kind.is_symlink() {
-        let target = std::fs::read_link(&path)?;
-        cpio.symlink(
-            name,
-            target
-                .to_str()
-                .with_context(|| format!("{} points to a non-UTF-8 path", path.display()))?,
-        );
-    } else if kind.is_file() {
-        cpio.file(
-            name,
-            meta.permissions().mode() & 0o7777,
-            &std::fs::read(&path)?,
-        );
-    }
-    Ok(())
-}
-
 /// The ELF files (not links) directly in `dirs` of `base`.
 fn elf_files(base: &Path, dirs: &[&str]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for d in dirs {
         for e in std::fs::read_dir(base.join(d))? {
             let p = e?.path();
-            if !std::fs::symlink_metadata(&p)?.is_file() {
-                continue;
-            }
-            let mut magic = [0u8; 4];
-            let is_elf = std::fs::File::open(&p)
-                .and_then(|mut f| f.read_exact(&mut magic))
-                .is_ok()
-                && magic == *b"\x7fELF";
-            if is_elf {
+            if debs::is_elf(&p) {
                 out.push(p);
             }
         }
@@ -515,7 +464,7 @@ fn libraries(elves: &[PathBuf], xen_root: &Path) -> Result<BTreeMap<String, Path
                 String::from_utf8_lossy(&o.stderr)
             );
         }
-        for lib in ldd_paths(&text).with_context(|| format!("ldd {}", elf.display()))? {
+        for lib in debs::ldd_paths(&text).with_context(|| format!("ldd {}", elf.display()))? {
             if !lib.starts_with(xen_root) {
                 add(&lib);
             }
@@ -528,28 +477,6 @@ fn libraries(elves: &[PathBuf], xen_root: &Path) -> Result<BTreeMap<String, Path
             .find(|p| p.exists())
             .with_context(|| format!("{lib} is not on this host (in {HOST_LIB_DIRS:?})"))?;
         add(&host);
-    }
-    Ok(out)
-}
-
-/// The files in `ldd`'s answer: `name => /path (0x…)` and the loader's `/path (0x…)`; the vDSO
-/// has no file. A library `not found` is an error.
-fn ldd_paths(text: &str) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for line in text.lines().map(str::trim) {
-        let file = match line.split_once("=>") {
-            Some((name, rest)) => {
-                let rest = rest.trim();
-                if rest.starts_with("not found") {
-                    bail!("{} not found", name.trim());
-                }
-                rest.split_whitespace().next()
-            }
-            None => line.split_whitespace().next(),
-        };
-        if let Some(f) = file.filter(|f| f.starts_with('/')) {
-            out.push(PathBuf::from(f));
-        }
     }
     Ok(out)
 }
@@ -1144,25 +1071,6 @@ mod tests {
         let c = parse_console(&lines("BERTH-DOM0-UP\nKernel panic"));
         assert_eq!(c.exit, None);
         assert!(c.json.is_none());
-    }
-
-    #[test]
-    fn ldd_output_gives_files_and_missing_libraries_fail() {
-        let text = "\tlinux-vdso.so.1 (0x00007ffc)\n\
-                    \tlibxenlight.so.4.17 => /w/xen/usr/lib/x86_64-linux-gnu/libxenlight.so.4.17 (0x1)\n\
-                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x2)\n\
-                    \t/lib64/ld-linux-x86-64.so.2 (0x3)\n";
-        let got = ldd_paths(text).expect("all found");
-        assert_eq!(
-            got,
-            [
-                "/w/xen/usr/lib/x86_64-linux-gnu/libxenlight.so.4.17",
-                "/lib/x86_64-linux-gnu/libc.so.6",
-                "/lib64/ld-linux-x86-64.so.2"
-            ]
-            .map(PathBuf::from)
-        );
-        assert!(ldd_paths("\tlibyajl.so.2 => not found\n").is_err());
     }
 
     #[test]

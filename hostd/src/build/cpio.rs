@@ -4,7 +4,9 @@
 //! folders that stay empty.
 
 use std::collections::BTreeSet;
-use std::io::Write;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Default)]
 pub struct Cpio {
@@ -93,6 +95,46 @@ impl Cpio {
 
     pub fn char_dev(&mut self, name: &str, major: u32, minor: u32) {
         self.header(name, 0o020600, 0, (major, minor));
+    }
+
+    /// `rel` of the tree `base`, recursively: folders, files with their modes, symlinks as
+    /// symlinks (libraries' sonames are links); entries named in `skip` (relative paths) and
+    /// what is under them are left out.
+    pub fn tree(&mut self, base: &Path, rel: &Path, skip: &[&str]) -> io::Result<()> {
+        let path = base.join(rel);
+        let name = rel.to_str().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not UTF-8", path.display()),
+            )
+        })?;
+        if skip.contains(&name) {
+            return Ok(());
+        }
+        let meta = std::fs::symlink_metadata(&path)?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            if !name.is_empty() {
+                self.dir(name);
+            }
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&path)?
+                .map(|e| e.map(|e| rel.join(e.file_name())))
+                .collect::<io::Result<_>>()?;
+            entries.sort();
+            for e in entries {
+                self.tree(base, &e, skip)?;
+            }
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(&path)?;
+            self.symlink(name, &target.to_string_lossy());
+        } else if kind.is_file() {
+            self.file(
+                name,
+                meta.permissions().mode() & 0o7777,
+                &std::fs::read(&path)?,
+            );
+        }
+        Ok(())
     }
 
     pub fn finish(mut self) -> Vec<u8> {
