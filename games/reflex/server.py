@@ -224,7 +224,7 @@ class Match:
         while why is None:
             n += 1
             self.play_round(n)
-            top = max(self.score.values())
+            top = max(self.score.values(), default=0)
             leaders = [p for p in self.order if self.score[p] == top]
             gone = self.forfeit()
             if gone is not False:
@@ -268,6 +268,7 @@ def serve_player(conn, state):
         except SdkError as e:
             send(conn, {"type": "error", "code": e.code, "message": "ticket refused"})
             return
+        state["ready"].wait()
         match = state["match"]
         name = who["player"]
         with match.cond:
@@ -337,8 +338,9 @@ def health():
             log("health:", e)
 
 
-def warm_ups(schedules):
-    """The SDK's warm-up hook: run a match's set-up paths with a fake activation."""
+def warm_ups(schedules, control):
+    """The SDK's warm-up hook: run a match's set-up paths with a fake activation, and a call
+    on the connection `ready` will take."""
     sdk = Sdk(timeout=None)
     while True:
         clock = sdk.call("/v1/prewarm")
@@ -348,6 +350,7 @@ def warm_ups(schedules):
         json.dumps(m.welcome("a"))
         with m.cond:
             m.tap("a", 1, "left")
+        control.call("/v1/session")
         sdk.call("/v1/prewarmed", {})
 
 
@@ -356,15 +359,19 @@ def main():
     patterns = load_patterns(DATA)
     schedules = build_schedules(patterns)
     listener = socket.create_server(("0.0.0.0", PORT), backlog=16)
+    state = {"match": None, "ready": threading.Event()}
+    threading.Thread(target=accept, args=(listener, state), daemon=True).start()
     log(f"loaded {len(patterns)} patterns, {len(schedules)} schedules "
         f"in {time.monotonic() - started:.1f}s; python {sys.version.split()[0]}")
-    Sdk().call("/v1/initialised", {"warm_up": True})
-    threading.Thread(target=warm_ups, args=(schedules,), daemon=True).start()
+    # One connection for `ready`, opened before the VM is parked: after activation, the
+    # least possible work stands between the activation's answer and `ready`.
+    control = Sdk()
+    control.call("/v1/initialised", {"warm_up": True})
+    threading.Thread(target=warm_ups, args=(schedules, control), daemon=True).start()
     activation = Sdk(timeout=None).call("/v1/activation")
-    state = {"match": Match(activation, schedules)}
-    threading.Thread(target=accept, args=(listener, state), daemon=True).start()
-    sdk = Sdk()
-    sdk.call("/v1/ready", {})
+    control.call("/v1/ready", {})
+    state["match"] = Match(activation, schedules)
+    state["ready"].set()
     threading.Thread(target=health, daemon=True).start()
     log("activated", activation["session_id"], "players", activation["players"])
     state["match"].run()

@@ -10,10 +10,12 @@
 //! - [`life`]: what each SDK call may do in each phase of the VM's life, and what hostd hears.
 //! - [`sdk`]: the SDK's HTTP server (`docs/sdk.md`).
 //! - [`supervisor`]: the game's process, its output and its exit.
+//! - [`standin`]: the SDK's calls made for a game server that does not speak it (`sdk = false`).
 
 pub mod agent;
 pub mod life;
 pub mod sdk;
+pub mod standin;
 pub mod supervisor;
 #[cfg(feature = "xen")]
 pub mod xen;
@@ -96,12 +98,18 @@ pub fn serve(config: &Config, port: File) -> Result<(), GuestError> {
     sdk.spawn()?;
     let started = spec.and_then(|spec| {
         let (life, reports) = (life.clone(), reports.clone());
+        let sdk = spec.sdk;
         supervisor::start(&spec, SDK_ADDR, move |exit| {
             eprintln!("berth-guest: the game exited: {}", exit.status);
-            for r in life.game_exited(exit.status, exit.stderr) {
+            let game_over = !sdk && exit.success;
+            for r in life.game_exited(exit.status, exit.stderr, game_over) {
                 reports(r);
             }
-        })
+        })?;
+        if !spec.sdk {
+            standin::start(spec.game_port)?;
+        }
+        Ok(())
     });
     if let Err(e) = started {
         eprintln!("berth-guest: {e}");

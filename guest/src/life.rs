@@ -277,18 +277,19 @@ impl Life {
         }
     }
 
-    /// The game's process exited: what hostd must hear, in order (nothing once ended).
-    pub fn game_exited(&self, status: String, stderr: Vec<String>) -> Vec<Report> {
+    /// The game's process exited: what hostd must hear, in order (nothing once ended). With
+    /// `game_over`, an exit after activation is the match's end (a server without the SDK
+    /// that exited with status 0), else a crash.
+    pub fn game_exited(&self, status: String, stderr: Vec<String>, game_over: bool) -> Vec<Report> {
         let phase = self.phase();
         let exited = Report::GameExited { status, stderr };
+        let reason = if game_over { "" } else { "game_crashed" };
         match phase {
             Phase::Ended => vec![],
-            Phase::Activated | Phase::Ready => {
-                match self.end("game_crashed", serde_json::Value::Null) {
-                    Ok(ended) => vec![ended, exited],
-                    Err(_) => vec![],
-                }
-            }
+            Phase::Activated | Phase::Ready => match self.end(reason, serde_json::Value::Null) {
+                Ok(ended) => vec![ended, exited],
+                Err(_) => vec![],
+            },
             Phase::Starting | Phase::Waiting => vec![exited],
         }
     }
@@ -457,17 +458,24 @@ mod tests {
     fn a_crash_ends_a_live_session_and_silence_ends_a_ready_one() {
         let l = life();
         assert!(matches!(
-            l.game_exited("exit 1".into(), vec![]).as_slice(),
+            l.game_exited("exit 1".into(), vec![], false).as_slice(),
             [Report::GameExited { .. }]
         ));
         let l = life();
         l.activate(identity(), Instant::now()).expect("activate");
-        let reports = l.game_exited("killed".into(), vec!["boom".into()]);
+        let reports = l.game_exited("killed".into(), vec!["boom".into()], false);
         assert!(matches!(
             reports.as_slice(),
             [Report::Ended { reason, .. }, Report::GameExited { .. }] if reason == "game_crashed"
         ));
-        assert!(l.game_exited("again".into(), vec![]).is_empty());
+        assert!(l.game_exited("again".into(), vec![], false).is_empty());
+        // A server without the SDK that exits with status 0 has ended its match.
+        let l = life();
+        l.activate(identity(), Instant::now()).expect("activate");
+        assert!(matches!(
+            l.game_exited("exit status: 0".into(), vec![], true).as_slice(),
+            [Report::Ended { reason, .. }, Report::GameExited { .. }] if reason.is_empty()
+        ));
         let l = life();
         l.activate(identity(), Instant::now()).expect("activate");
         assert_eq!(l.health_overdue(), None, "not ready yet");

@@ -25,6 +25,8 @@ const MAX_LINE: usize = 1024;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exit {
     pub status: String,
+    /// It exited with status 0.
+    pub success: bool,
     pub stderr: Vec<String>,
 }
 
@@ -58,7 +60,7 @@ pub fn start(
     std::thread::Builder::new()
         .name("game-wait".into())
         .spawn(move || {
-            let status = wait(child);
+            let (status, success) = wait(child);
             // The pipes close when the game (and whatever inherited them) is gone: the tail is
             // then complete.
             for t in [out, err].into_iter().flatten() {
@@ -70,18 +72,23 @@ pub fn start(
                 .iter()
                 .cloned()
                 .collect();
-            exited(Exit { status, stderr });
+            exited(Exit {
+                status,
+                success,
+                stderr,
+            });
         })
         .map(drop)
         .map_err(|e| GuestError::Game(e.to_string()))
 }
 
-/// Waits for the game; as PID 1, reaps every other child on the way.
-fn wait(mut child: Child) -> String {
+/// Waits for the game; as PID 1, reaps every other child on the way. Its status, and
+/// whether it was a success.
+fn wait(mut child: Child) -> (String, bool) {
     if std::process::id() != 1 {
         return match child.wait() {
-            Ok(s) => s.to_string(),
-            Err(e) => format!("wait failed: {e}"),
+            Ok(s) => (s.to_string(), s.success()),
+            Err(e) => (format!("wait failed: {e}"), false),
         };
     }
     use nix::sys::wait::{waitpid, WaitStatus};
@@ -89,14 +96,14 @@ fn wait(mut child: Child) -> String {
     loop {
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == game => {
-                return format!("exit status: {code}")
+                return (format!("exit status: {code}"), code == 0)
             }
             Ok(WaitStatus::Signaled(pid, signal, _)) if pid == game => {
-                return format!("killed by {signal}")
+                return (format!("killed by {signal}"), false)
             }
             Ok(_) => continue,
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return format!("wait failed: {e}"),
+            Err(e) => return (format!("wait failed: {e}"), false),
         }
     }
 }
@@ -164,6 +171,7 @@ mod tests {
             cwd: "/".into(),
             game_port: 7000,
             health_timeout_ms: 1000,
+            sdk: true,
         }
     }
 

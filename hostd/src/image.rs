@@ -1,6 +1,7 @@
-//! Guest images as `cargo xtask image` writes them: a folder with `manifest.json`, the kernel,
+//! Guest images as `berth-hostd image build` (and `cargo xtask image`) writes them: a folder with `manifest.json`, the kernel,
 //! the initramfs and the data disk.
 
+use crate::manifest::GameRuntime;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,10 @@ pub struct Manifest {
     pub kernel_package: String,
     /// Kernel command line; hostd appends what depends on the host (`tsc_early_khz`).
     pub cmdline: String,
+    /// The game's run-time settings from its `game.toml` (an older image without them gets
+    /// the defaults: SDK, `lines`).
+    #[serde(default)]
+    pub game: GameRuntime,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,6 +21,8 @@
 //!   configured driver, checking every game answers as its own session and nothing is left.
 //! - [`gateway`]: the players' websocket: ticket check with the session's own key, then frames
 //!   proxied to and from the game server in the session's VM.
+//! - [`frames`]: the gateway's framings (`lines`, `frames`, `stream`) between a player's
+//!   websocket frames and the game's TCP bytes.
 
 pub mod accel;
 mod app;
@@ -28,6 +30,7 @@ pub mod build;
 pub mod config;
 pub mod control;
 pub mod driver;
+pub mod frames;
 pub mod gateway;
 pub mod image;
 pub mod link;

@@ -11,6 +11,8 @@
 //! cwd = "/data"
 //! env = { BERTH_INIT_MS = "1000" }
 //! port = 7000                         # the game port players are proxied to
+//! sdk = true                          # false: an unmodified server (the agent stands in)
+//! framing = "lines"                   # or "frames" (kind byte + length), "stream" (raw bytes)
 //!
 //! [build]
 //! cargo = "berth-arena"               # a workspace binary, built static, installed at command[0]
@@ -24,8 +26,11 @@
 //!
 //! [limits]
 //! health_timeout_ms = 10000
+//! max_frame_bytes = 4096              # the largest frame a player may send
+//! frames_per_s = 40                   # frames a player may send per second
 //! ```
 
+use berth_protocol::framing::Framing;
 use berth_protocol::guest::GameSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -79,6 +84,18 @@ pub struct Server {
     pub env: BTreeMap<String, String>,
     #[serde(default = "game_port")]
     pub port: u16,
+    /// Whether the server speaks the SDK (`false`: an unmodified server; the agent stands in:
+    /// ready when the port accepts, ended when the process exits, tickets checked by the
+    /// gateway alone).
+    #[serde(default = "yes")]
+    pub sdk: bool,
+    /// How players' frames cross the gateway to the game port.
+    #[serde(default)]
+    pub framing: Framing,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn root() -> String {
@@ -141,6 +158,54 @@ pub struct Limits {
     /// `game_unhealthy`.
     #[serde(default = "health")]
     pub health_timeout_ms: u64,
+    /// The largest frame a player may send (bytes of payload; in `stream` framing, of one
+    /// binary frame). Larger: `bad_frame` (or the websocket's own `1009` past 64 KiB).
+    #[serde(default = "max_frame")]
+    pub max_frame_bytes: u32,
+    /// Frames a player may send per second (bursts of twice that), else `rate_limited`.
+    #[serde(default = "frames_per_s")]
+    pub frames_per_s: u32,
+}
+
+fn max_frame() -> u32 {
+    DEFAULT_MAX_FRAME
+}
+fn frames_per_s() -> u32 {
+    DEFAULT_FRAMES_PER_S
+}
+
+/// The default `[limits] max_frame_bytes`.
+pub const DEFAULT_MAX_FRAME: u32 = 4096;
+/// The default `[limits] frames_per_s`.
+pub const DEFAULT_FRAMES_PER_S: u32 = 40;
+/// The largest `max_frame_bytes` an image may set (the websocket's own message limit).
+pub const MAX_FRAME_LIMIT: u32 = 65536;
+
+/// What hostd needs of a game at run time, kept in its image's `manifest.json` by the image
+/// builder: how players' frames reach it, their limits, and whether it speaks the SDK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GameRuntime {
+    pub name: String,
+    pub language: String,
+    pub sdk: bool,
+    pub framing: Framing,
+    pub max_frame_bytes: u32,
+    pub frames_per_s: u32,
+}
+
+impl Default for GameRuntime {
+    /// An image built before images said (the arena's defaults).
+    fn default() -> Self {
+        GameRuntime {
+            name: String::new(),
+            language: unknown(),
+            sdk: true,
+            framing: Framing::Lines,
+            max_frame_bytes: DEFAULT_MAX_FRAME,
+            frames_per_s: DEFAULT_FRAMES_PER_S,
+        }
+    }
 }
 
 fn health() -> u64 {
@@ -151,6 +216,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             health_timeout_ms: health(),
+            max_frame_bytes: max_frame(),
+            frames_per_s: frames_per_s(),
         }
     }
 }
@@ -285,8 +352,15 @@ impl GameManifest {
         if !(1..=64).contains(&r.vcpus) {
             return bad("resources.vcpus", "must be between 1 and 64");
         }
-        if self.limits.health_timeout_ms < 1000 {
+        let l = &self.limits;
+        if l.health_timeout_ms < 1000 {
             return bad("limits.health_timeout_ms", "must be at least 1000");
+        }
+        if !(16..=MAX_FRAME_LIMIT).contains(&l.max_frame_bytes) {
+            return bad("limits.max_frame_bytes", "must be between 16 and 65536");
+        }
+        if !(1..=1000).contains(&l.frames_per_s) {
+            return bad("limits.frames_per_s", "must be between 1 and 1000");
         }
         Ok(())
     }
@@ -300,6 +374,19 @@ impl GameManifest {
             cwd: self.server.cwd.clone(),
             game_port: self.server.port,
             health_timeout_ms: self.limits.health_timeout_ms,
+            sdk: self.server.sdk,
+        }
+    }
+
+    /// What hostd keeps of it at run time.
+    pub fn runtime(&self) -> GameRuntime {
+        GameRuntime {
+            name: self.name.clone(),
+            language: self.language.clone(),
+            sdk: self.server.sdk,
+            framing: self.server.framing,
+            max_frame_bytes: self.limits.max_frame_bytes,
+            frames_per_s: self.limits.frames_per_s,
         }
     }
 }
@@ -376,6 +463,16 @@ memory_mib = 256
         )
         .contains("build.files"));
         assert!(with("[build]", "[build]\npackages = [\"Python3\"]").contains("build.packages"));
+        assert!(with("cwd = \"/data\"", "framing = \"xml\"").contains("server.framing"));
+        assert!(with(
+            "[resources]",
+            "[limits]\nmax_frame_bytes = 1000000\n[resources]"
+        )
+        .contains("limits.max_frame_bytes"));
+        assert!(
+            with("[resources]", "[limits]\nframes_per_s = 0\n[resources]")
+                .contains("limits.frames_per_s")
+        );
         assert!(with("[build]", "[build]\npackages = [\"-rf\"]").contains("build.packages"));
         assert!(
             error("name = \"x\"").contains("server"),

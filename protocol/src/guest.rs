@@ -81,6 +81,11 @@ pub struct GameSpec {
     /// Silence on the SDK's `health` past this, once ready, ends the session `game_unhealthy`.
     #[serde(default = "GameSpec::default_health")]
     pub health_timeout_ms: u64,
+    /// Whether the game speaks the SDK. When it does not, the agent stands in for it:
+    /// `initialised` and `ready` when the game port accepts a connection, `health` while it
+    /// does, the session's end when the process exits.
+    #[serde(default = "GameSpec::default_sdk")]
+    pub sdk: bool,
 }
 
 impl GameSpec {
@@ -92,6 +97,9 @@ impl GameSpec {
     }
     fn default_health() -> u64 {
         crate::sdk::DEFAULT_HEALTH_TIMEOUT_MS
+    }
+    fn default_sdk() -> bool {
+        true
     }
 }
 

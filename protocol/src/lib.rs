@@ -4,6 +4,7 @@
 //! - [`guest`]: the line-delimited JSON spoken between hostd and the agent inside a game VM,
 //!   over a virtio-serial port (QEMU) or XenStore keys (Xen).
 //! - [`game`]: what the game server in the VM answers on its TCP port.
+//! - [`framing`]: how players' websocket frames cross the gateway to a game's TCP port.
 //! - [`play`]: player ↔ server messages on the `/v1/play` websocket.
 //! - [`host`]: hostd ↔ server messages on the `/v1/hosts` websocket.
 //! - [`ticket`]: the claims of a session ticket, and its HS256 check.
@@ -23,6 +24,7 @@
 pub mod api;
 pub mod close;
 pub mod codes;
+pub mod framing;
 pub mod game;
 pub mod guest;
 pub mod host;

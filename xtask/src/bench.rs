@@ -7,11 +7,12 @@
 //! With `--driver xen` the same kinds are timed by hostd's Xen driver inside a nested Xen dom0
 //! (see `xen.rs`), written to `target/bench/activation-xen.json`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use berth_hostd::config::{AccelChoice, ImageConfig};
 use berth_hostd::driver::qemu::{Accel, QemuDriver};
 use berth_hostd::driver::{Vm, VmDriver, VmSpec};
 use berth_hostd::image::Image;
+use berth_hostd::manifest::GameManifest;
 use berth_hostd::substrate::Substrate;
 use berth_hostd::util::{disk_usage, pss_kib};
 use berth_protocol::guest::Identity;
@@ -38,7 +39,7 @@ pub struct ActivationArgs {
     /// Accelerator: auto probes KVM with a real boot first.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
-    /// The game whose image to measure (a folder of `games/` with a `game.toml`).
+    /// The game whose image to measure (`games/<name>` or `tests/games/<name>`).
     #[arg(long, default_value = "arena")]
     pub image: String,
 }
@@ -81,6 +82,7 @@ pub(crate) fn round(x: f64) -> f64 {
 
 struct Bench {
     driver: QemuDriver,
+    answer: Answer,
     dir: PathBuf,
     n: u64,
 }
@@ -89,10 +91,40 @@ fn identity(vm_id: &VmId, n: u64) -> Identity {
     berth_hostd::selftest::bench_identity(vm_id, n as usize)
 }
 
-/// Connects to the game port and waits for its `hello` (the selftest's check, which retries the
-/// connect while the guest's network comes up).
-async fn game_answer(addr: std::net::SocketAddr) -> Result<()> {
-    berth_hostd::selftest::game_hello(addr, Duration::from_secs(20)).await?;
+/// How an activation is known to have reached the game.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// The arena's `hello` on connect, naming the session (the selftest's check, which
+    /// retries the connect while the guest's network comes up).
+    Hello,
+    /// Any other game: its port accepts a connection (it has been `ready` already).
+    Accepts,
+}
+
+impl Answer {
+    fn of(game: &str) -> Answer {
+        if game == "arena" {
+            Answer::Hello
+        } else {
+            Answer::Accepts
+        }
+    }
+}
+
+async fn game_answer(addr: std::net::SocketAddr, answer: Answer) -> Result<()> {
+    match answer {
+        Answer::Hello => {
+            berth_hostd::selftest::game_hello(addr, Duration::from_secs(20)).await?;
+        }
+        Answer::Accepts => {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .with_context(|| format!("the game at {addr} accepted no connection"))??;
+        }
+    }
     Ok(())
 }
 
@@ -123,7 +155,7 @@ impl Bench {
         };
         let id = identity(vm.id(), self.n);
         vm.activate(id, Duration::from_secs(30)).await?;
-        game_answer(vm.game_addr()).await?;
+        game_answer(vm.game_addr(), self.answer).await?;
         Ok((t0.elapsed().as_secs_f64() * 1000.0, vm))
     }
 
@@ -136,7 +168,7 @@ impl Bench {
             .await?;
         let ident = identity(vm.id(), self.n);
         vm.activate(ident, Duration::from_secs(30)).await?;
-        game_answer(vm.game_addr()).await?;
+        game_answer(vm.game_addr(), self.answer).await?;
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         vm.destroy().await;
         Ok(ms)
@@ -155,12 +187,12 @@ impl Bench {
             let (id, dir) = self.next();
             let n = self.n;
             let driver = self.driver.clone();
-            let (spec, sub) = (spec.clone(), sub.clone());
+            let (spec, sub, answer) = (spec.clone(), sub.clone(), self.answer);
             jobs.push(tokio::spawn(async move {
                 let mut vm = driver.restore(&spec, &sub, id, &dir).await?;
                 let ident = identity(vm.id(), n);
                 vm.activate(ident, Duration::from_secs(60)).await?;
-                game_answer(vm.game_addr()).await?;
+                game_answer(vm.game_addr(), answer).await?;
                 anyhow::Ok(vm)
             }));
         }
@@ -201,13 +233,14 @@ pub(crate) fn cpu_ticks(pid: u32) -> u64 {
 
 pub async fn activation(args: ActivationArgs) -> Result<()> {
     let game = crate::image::game_manifest(&args.image)?;
-    let manifest = crate::image::build()?;
+    crate::image::build()?;
     let root = crate::image::root();
-    let image = Image::load(&crate::image::image_dir())?;
+    let image = Image::load(&crate::image::image_dir_of(&game.name))?;
+    let manifest = image.manifest.clone();
     let dir = PathBuf::from(format!("/dev/shm/berth-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("vms"))?;
-    let result = run(&args, image, &dir).await;
+    let result = run(&args, image, &game, &dir).await;
     berth_hostd::util::kill_processes_naming(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     let mut report = result?;
@@ -216,10 +249,12 @@ pub async fn activation(args: ActivationArgs) -> Result<()> {
     report["language"] = json!(game.language);
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
-    for name in [
-        format!("activation-{}.json", game.name),
-        "activation.json".into(),
-    ] {
+    // `activation.json` stays the arena's: the figures compared from run to run.
+    let mut names = vec![format!("activation-{}.json", game.name)];
+    if game.name == "arena" {
+        names.push("activation.json".into());
+    }
+    for name in names {
         let path = out.join(name);
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
         println!("wrote {}", path.display());
@@ -263,7 +298,13 @@ struct Many {
     ms: f64,
 }
 
-async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_json::Value> {
+async fn run(
+    args: &ActivationArgs,
+    image: Image,
+    game: &GameManifest,
+    dir: &Path,
+) -> Result<serde_json::Value> {
+    let memory_mib = game.resources.memory_mib;
     let runs = args.runs.unwrap_or(10);
     let cold_runs = args.cold_runs.unwrap_or(3);
     let cfg = |name: &str, cow: bool| VmSpec {
@@ -271,7 +312,7 @@ async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_js
         config: ImageConfig {
             name: name.into(),
             dir: image.dir.clone(),
-            memory_mib: 128,
+            memory_mib,
             vcpus: 1,
             balloon_mib: None,
             warm: 0,
@@ -285,6 +326,7 @@ async fn run(args: &ActivationArgs, image: Image, dir: &Path) -> Result<serde_js
     eprintln!("bench: accel {}, QEMU {}", accel.as_str(), driver.version());
     let mut b = Bench {
         driver,
+        answer: Answer::of(&game.name),
         dir: dir.to_path_buf(),
         n: 0,
     };
@@ -471,7 +513,7 @@ impl Bench {
         }
         m.ms = t.elapsed().as_secs_f64() * 1000.0;
         for vm in &all {
-            match game_answer(vm.game_addr()).await {
+            match game_answer(vm.game_addr(), self.answer).await {
                 Ok(()) => m.ok += 1,
                 Err(_) => m.failed += 1,
             }

@@ -290,6 +290,7 @@ impl GuestImage {
             disk: String::new(),
             kernel_package: debs.guest_kernel_pkg.clone(),
             cmdline: GUEST_CMDLINE.into(),
+            game: guest.manifest.runtime(),
         };
         Ok(GuestImage {
             vmlinuz,

@@ -8,9 +8,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Runs `cmd`; its failure names the command.
+/// Runs `cmd`, its output going to stderr (stdout is the caller's answer); its failure names
+/// the command.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd
+        .stdout(std::io::stderr())
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }

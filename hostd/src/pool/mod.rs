@@ -91,6 +91,8 @@ pub struct Gate {
     /// The session's ticket key, raw bytes (the activation's `ticket_key`, hex-decoded).
     pub key: Vec<u8>,
     pub players: Vec<PlayerId>,
+    /// The game's framing and limits (its image's `manifest.json`).
+    pub game: crate::manifest::GameRuntime,
     /// Turns `true` when the VM starts to go (game over, destroy, failure, shutdown); the
     /// sender is dropped once it is gone.
     pub ending: watch::Receiver<bool>,
@@ -452,6 +454,12 @@ impl Pool {
             game_addr: a.info.game_addr,
             key: a.keys.key.clone(),
             players: a.keys.players.clone(),
+            game: self
+                .inner
+                .specs
+                .get(&a.info.image)
+                .map(|s| s.image.manifest.game.clone())
+                .unwrap_or_default(),
             ending: a.ending.clone(),
         };
         (!gate.key.is_empty() && !gate.is_ending()).then_some(gate)

@@ -513,6 +513,7 @@ fn ticket_keys_are_hex_and_stay_out_of_logs() {
         game_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
         key: vec![0xc0, 0xff, 0xee],
         players: vec![],
+        game: Default::default(),
         ending,
     };
     assert!(!format!("{gate:?}").contains("192"));
