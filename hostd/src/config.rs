@@ -9,7 +9,8 @@
 //!
 //! [[images]]
 //! name = "arena"
-//! dir = "target/image"           # a folder written by `cargo xtask image`
+//! dir = "target/image"           # a folder written by `berth-hostd image build`
+//! # manifest = "games/arena/game.toml"  # or: build it from the game's manifest at start
 //! memory_mib = 128
 //! vcpus = 1
 //! balloon_mib = 96               # optional: miniaturise before docking
@@ -94,7 +95,14 @@ fn default_vcpus() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ImageConfig {
     pub name: String,
+    /// The image folder. With `manifest`, where hostd builds it (default `images/<name>`
+    /// next to the config file).
+    #[serde(default)]
     pub dir: PathBuf,
+    /// The game's `game.toml`: hostd builds the image from it at start (`berth-hostd image
+    /// build`, reused while nothing changed) into `dir`.
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
     #[serde(default = "default_memory")]
     pub memory_mib: u32,
     #[serde(default = "default_vcpus")]
@@ -121,6 +129,7 @@ impl ImageConfig {
         ImageConfig {
             name: name.to_owned(),
             dir,
+            manifest: None,
             memory_mib: default_memory(),
             vcpus: default_vcpus(),
             balloon_mib: None,
@@ -350,11 +359,17 @@ impl HostdConfig {
             },
             other => other,
         })?;
-        // Relative image folders are relative to the config file.
+        // Relative image folders and manifests are relative to the config file.
         let base = path.parent().unwrap_or(Path::new("."));
         for image in &mut config.images {
+            if image.dir.as_os_str().is_empty() {
+                image.dir = Path::new("images").join(&image.name);
+            }
             if image.dir.is_relative() {
                 image.dir = base.join(&image.dir);
+            }
+            if let Some(m) = image.manifest.as_mut().filter(|m| m.is_relative()) {
+                *m = base.join(&*m);
             }
         }
         if let Some(file) = config.server.as_mut().and_then(|s| s.token_file.as_mut()) {
@@ -411,6 +426,9 @@ impl HostdConfig {
             }
             if !names.insert(&image.name) {
                 return invalid(key("name"), "is used by another image");
+            }
+            if image.dir.as_os_str().is_empty() && image.manifest.is_none() {
+                return invalid(key("dir"), "is required (or name the game's `manifest`)");
             }
             if !(32..=65536).contains(&image.memory_mib) {
                 return invalid(key("memory_mib"), "must be between 32 and 65536");
@@ -636,6 +654,27 @@ mod tests {
         let c = HostdConfig::load(&path).expect("loads");
         let link = c.server_link().expect("resolves").expect("configured");
         assert_eq!(link.token.read().expect("readable"), "x.y.z");
+    }
+
+    #[test]
+    fn an_image_named_by_its_manifest_gets_a_folder_next_to_the_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hostd.toml");
+        let text = "[[images]]\nname = \"reflex\"\nmanifest = \"games/reflex/game.toml\"\n\
+                    [[images]]\nname = \"arena\"\ndir = \"/srv/arena\"";
+        std::fs::write(&path, text).expect("write");
+        let c = HostdConfig::load(&path).expect("loads");
+        assert_eq!(c.images[0].dir, dir.path().join("images/reflex"));
+        assert_eq!(
+            c.images[0].manifest.as_deref(),
+            Some(dir.path().join("games/reflex/game.toml").as_path())
+        );
+        assert_eq!(
+            (c.images[1].dir.as_path(), &c.images[1].manifest),
+            (Path::new("/srv/arena"), &None)
+        );
+        let e = HostdConfig::parse("[[images]]\nname = \"x\"").expect_err("no dir");
+        assert!(e.to_string().contains("images[0].dir"), "{e}");
     }
 
     #[test]

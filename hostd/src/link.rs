@@ -716,6 +716,7 @@ pub(crate) mod tests {
         ImageConfig {
             name: name.into(),
             dir: "img".into(),
+            manifest: None,
             memory_mib,
             vcpus,
             balloon_mib: None,

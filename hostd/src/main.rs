@@ -124,6 +124,14 @@ async fn main() -> anyhow::Result<()> {
         } => {
             init_logs(json_logs);
             let mut config = HostdConfig::load(&config)?;
+            if config.images.iter().any(|i| i.manifest.is_some()) {
+                let agent = agent_path(None)?;
+                let config = config.clone();
+                tokio::task::spawn_blocking(move || {
+                    berth_hostd::build::configured_images(&config, &agent)
+                })
+                .await??;
+            }
             config.apply_server_flags(server_url, server_token)?;
             if let Some(listen) = gateway_listen {
                 config.gateway.listen = listen;
@@ -196,6 +204,15 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The agent images are built with: `agent`, else `BERTH_GUEST_AGENT`, else `berth-guest`
+/// next to this program.
+fn agent_path(agent: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match agent.or_else(|| std::env::var_os("BERTH_GUEST_AGENT").map(PathBuf::from)) {
+        Some(a) => Ok(a),
+        None => Ok(std::env::current_exe()?.with_file_name("berth-guest")),
+    }
+}
+
 /// `berth-hostd image build`.
 fn image_build(
     manifest: &Path,
@@ -205,10 +222,7 @@ fn image_build(
     debs: &Path,
 ) -> anyhow::Result<()> {
     let manifest = berth_hostd::manifest::GameManifest::load(manifest)?;
-    let agent = match agent {
-        Some(a) => a,
-        None => std::env::current_exe()?.with_file_name("berth-guest"),
-    };
+    let agent = agent_path(agent)?;
     berth_hostd::build::check_static(&agent)?;
     let game = match (&manifest.build.cargo, bin) {
         (Some(_), Some(bin)) => Some(bin),

@@ -81,15 +81,75 @@ async fn a_game_that_dies_while_loading_fails_priming_with_its_last_words() -> R
     sb.finish().await
 }
 
+/// A mode whose one player's game crashes once ready.
+const CRASHY: &str = r#"image = "faulty"
+teams = 1
+regions = []
+max_wait_s = 60
+session_max_s = 120
+[players]
+min = 1
+max = 1
+[vm]
+memory_mib = 128
+vcpus = 1
+[skill]
+default = 1000.0
+window = 2000.0
+widen_per_s = 0.0
+max_window = 2000.0
+[params]
+fault = "crash"
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_game_that_dies_after_activation_ends_its_session_game_crashed() -> Result<()> {
+async fn a_game_that_dies_after_activation_ends_game_crashed_and_its_player_hears_it() -> Result<()>
+{
+    use berth_protocol::play::ServerMessage;
+    use berth_server::app::Server;
     let sb = faulty("faults-crash", |_| {}).await?;
-    let mut events = sb.pool.subscribe();
-    sb.pool.activate(request("crash-1", "crash")).await?;
-    let (reason, results) = ended(&mut events, "crash-1", Duration::from_secs(20)).await?;
-    assert_eq!(reason, "game_crashed");
-    assert_eq!(results, serde_json::Value::Null);
-    sb.gone("crash-1").await?;
+    let modes = fixtures::TempDir::new("faults-modes")?;
+    std::fs::write(modes.0.join("crashy.toml"), CRASHY)?;
+    let mut config = player::config();
+    config.modes_dir = modes.0.clone();
+    let server = Server::start(config).await?;
+    let token = fixtures::host_token("faults-host");
+    let (stop, task) = start_link(
+        &sb.pool,
+        server.addr,
+        "faults-host",
+        token,
+        "ws://127.0.0.1:1/v1/game",
+    );
+    let host = berth_protocol::HostId::new("faults-host")?;
+    for _ in 0..100 {
+        let h = server.ctx.store.host(&host).await?;
+        if h.is_some_and(|h| h.images.iter().any(|i| i.docked)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Matched through the server onto the faulty game, which crashes once ready: the player
+    // is told, with the agent's reason.
+    let mut alice = player::player(&server, "alice").await?;
+    alice.send(&player::queue("crashy", "eu")).await?;
+    let heard = alice
+        .until(Duration::from_secs(60), |m| {
+            matches!(m, ServerMessage::SessionEnded { .. })
+        })
+        .await?;
+    let ServerMessage::SessionEnded {
+        session, reason, ..
+    } = heard
+    else {
+        unreachable!("matched above");
+    };
+    assert_eq!(reason.to_string(), "game_crashed");
+    sb.gone(session.as_str()).await?;
+    drop(stop);
+    task.await?;
+    server.shutdown().await;
     sb.finish().await
 }
 

@@ -88,3 +88,38 @@ fn a_bad_manifest_or_agent_is_refused_naming_what_is_wrong() -> Result<()> {
     assert!(!out.exists());
     Ok(())
 }
+
+#[test]
+fn hostd_builds_the_images_its_config_names_by_manifest() -> Result<()> {
+    let tmp = TempDir::new("image-config")?;
+    let faulty = workspace().join("tests/games/faulty/game.toml");
+    let config_path = tmp.0.join("hostd.toml");
+    let write = |name: &str| {
+        std::fs::write(
+            &config_path,
+            format!(
+                "[[images]]\nname = \"{name}\"\nmanifest = \"{}\"\n",
+                faulty.display()
+            ),
+        )
+    };
+    write("faulty")?;
+    // The packages the other tests downloaded (`cargo xtask image` keeps them there).
+    std::env::set_var(
+        berth_hostd::build::DEB_CACHE_ENV,
+        workspace().join("target/debs"),
+    );
+    let config = berth_hostd::HostdConfig::load(&config_path)?;
+    berth_hostd::build::configured_images(&config, &agent())?;
+    let image = berth_hostd::image::Image::load(&tmp.0.join("images/faulty"))?;
+    assert_eq!(image.manifest.game.name, "faulty");
+    assert_eq!(image.manifest.game.framing.as_str(), "lines");
+
+    // The config's name for the image must be the manifest's.
+    write("other")?;
+    let config = berth_hostd::HostdConfig::load(&config_path)?;
+    let e = berth_hostd::build::configured_images(&config, &agent()).expect_err("refused");
+    assert!(format!("{e:#}").contains("images[0].manifest"), "{e:#}");
+    assert!(!tmp.0.join("images/other").exists());
+    Ok(())
+}

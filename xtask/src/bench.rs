@@ -312,6 +312,7 @@ async fn run(
         config: ImageConfig {
             name: name.into(),
             dir: image.dir.clone(),
+            manifest: None,
             memory_mib,
             vcpus: 1,
             balloon_mib: None,

@@ -2,7 +2,8 @@
 //! `berth-server` (memory store), a hostd (qemu driver) with its gateway, linked to the server
 //! over `/v1/hosts`, primes the substrate, then runs a swarm of simulated phones (`berth-sim`):
 //! each queues, is matched onto a game VM activated from the substrate, connects through the
-//! gateway, plays the arena game to its end and hears the results. It prints the swarm's
+//! gateway, plays the mode's game (`--mode`: the arena's modes, or `reflex`) to its end and
+//! hears the results. It prints the swarm's
 //! report, checks that every VM went back to the pool, and cleans everything up.
 
 use anyhow::{bail, Result};
@@ -67,11 +68,12 @@ pub(crate) async fn player(stack: &Stack, name: &str) -> Result<PlayClient> {
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
+    let game = image_of(&args.mode)?;
     let stack = start_stack(StackOptions {
         listen: args.listen,
         gateway: args.gateway,
-        game: "arena".into(),
-        image_dir: crate::image::image_dir(),
+        image_dir: crate::image::image_dir_of(&game),
+        game,
         warm: args.warm,
         max_vms: 64,
         name: "demo".into(),
@@ -87,6 +89,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     stack.shutdown().await;
     result
+}
+
+/// The game image `mode` is played on (its mode file's `image`).
+fn image_of(mode: &str) -> Result<String> {
+    let modes = berth_server::modes::Modes::load(&crate::image::root().join("assets/modes"))?;
+    match modes.get(mode) {
+        Some(m) => Ok(m.image.clone()),
+        None => bail!("no mode {mode:?} in assets/modes"),
+    }
 }
 
 /// Sends `queue` for `duel` and waits for `matched`: the session, the player's ticket and the

@@ -108,6 +108,53 @@ impl GuestBins {
     }
 }
 
+/// Builds (or reuses) the image of every `[[images]]` entry that names its game's
+/// `manifest`, into its `dir`, with `agent`; downloaded Debian packages are kept in
+/// [`DEB_CACHE_ENV`], else in `.debs` next to the first such image. Blocking: for the start
+/// of `berth-hostd run`.
+pub fn configured_images(config: &crate::HostdConfig, agent: &Path) -> Result<()> {
+    let mut base = None;
+    for (i, ic) in config.images.iter().enumerate() {
+        let Some(path) = &ic.manifest else {
+            continue;
+        };
+        let key = format!("images[{i}].manifest");
+        let manifest = GameManifest::load(path).with_context(|| key.clone())?;
+        if manifest.name != ic.name {
+            bail!(
+                "{key}: {} is the game {:?}, not {:?}",
+                path.display(),
+                manifest.name,
+                ic.name
+            );
+        }
+        if let Some(cargo) = &manifest.build.cargo {
+            bail!(
+                "{key}: build.cargo ({cargo:?}) builds from Berth's workspace; \
+                 put your server's binary in build.files"
+            );
+        }
+        if base.is_none() {
+            check_static(agent)?;
+            let debs = std::env::var_os(DEB_CACHE_ENV)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| ic.dir.parent().unwrap_or(Path::new(".")).join(".debs"));
+            base = Some(Base::download(&debs)?);
+        }
+        let guest = GuestBins {
+            agent: agent.to_owned(),
+            manifest,
+            game: None,
+        };
+        let base = base.as_ref().expect("set above");
+        build_image(base, &guest, &ic.dir).with_context(|| format!("{key}: building the image"))?;
+    }
+    Ok(())
+}
+
+/// Where [`configured_images`] keeps downloaded Debian packages, if set.
+pub const DEB_CACHE_ENV: &str = "BERTH_DEB_CACHE";
+
 /// Refuses a program that is not statically linked: the agent runs as PID 1 in a VM that has
 /// no C library of its own.
 pub fn check_static(program: &Path) -> Result<()> {

@@ -859,18 +859,23 @@ impl QemuVm {
             wall_clock_ms: now_ms(),
         })
         .await?;
+        // One connection to the game port runs the guest's accept path; a game that speaks
+        // first (the arena's hello) runs its own too. Not every game speaks first: the touch
+        // ends when the agent's warm-up does.
         let addr = self.game_addr();
-        let _ = tokio::time::timeout(timeout, async move {
+        let touch = tokio::spawn(tokio::time::timeout(timeout, async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             let mut line = String::new();
             tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stream), &mut line)
                 .await
-        })
-        .await;
-        self.wait_for(timeout, DriverError::ReadyTimeout(timeout), |msg| {
-            matches!(msg, GuestToHost::Prewarmed).then_some(Ok(()))
-        })
-        .await
+        }));
+        let warmed = self
+            .wait_for(timeout, DriverError::ReadyTimeout(timeout), |msg| {
+                matches!(msg, GuestToHost::Prewarmed).then_some(Ok(()))
+            })
+            .await;
+        touch.abort();
+        warmed
     }
 
     async fn destroy_in_place(mut self: Box<Self>) {
