@@ -35,6 +35,10 @@ use tokio::sync::mpsc;
 /// of during a real activation (warm activation 54 -> 28 ms, CoW clone 252 -> 172 ms).
 const PREWARM_SETTLE: Duration = Duration::from_millis(300);
 
+/// How long a warm-up waits, after the agent's, for the game's first words on the port it
+/// touched (the arena's hello comes at once; a game that waits for its client never speaks).
+const TOUCH_GRACE: Duration = Duration::from_millis(300);
+
 /// Bumped whenever the VM arguments below change: old substrates are then re-primed.
 pub const DEVICE_MODEL: &str = "microvm-2";
 
@@ -863,7 +867,7 @@ impl QemuVm {
         // first (the arena's hello) runs its own too. Not every game speaks first: the touch
         // ends when the agent's warm-up does.
         let addr = self.game_addr();
-        let touch = tokio::spawn(tokio::time::timeout(timeout, async move {
+        let mut touch = tokio::spawn(tokio::time::timeout(timeout, async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             let mut line = String::new();
             tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stream), &mut line)
@@ -874,7 +878,11 @@ impl QemuVm {
                 matches!(msg, GuestToHost::Prewarmed).then_some(Ok(()))
             })
             .await;
-        touch.abort();
+        if tokio::time::timeout(TOUCH_GRACE, &mut touch).await.is_err() {
+            // A game that waits for the client to speak first: the connect was the touch.
+            tracing::debug!(vm_id = %self.id, "the game port said nothing on connect");
+            touch.abort();
+        }
         warmed
     }
 
