@@ -12,6 +12,7 @@
     { name: 'sprint', title: 'Sprint', desc: '1 vs 1 · first to 5 points or 20 seconds' },
     { name: 'duel', title: 'Duel', desc: '1 vs 1 · first to 10 points or 3 minutes' },
     { name: 'arena', title: 'Arena', desc: '2–8 players in two teams · first to 20' },
+    { name: 'reflex', title: 'Reflex', desc: '1 vs 1 · tap the arrow first after GO' },
   ];
   const TEAMS = [
     { name: 'Blue', color: '#3b82f6' },
@@ -38,7 +39,12 @@
     vm_lost: 'The game server was lost',
     host_lost: 'The game host stopped answering',
     placement_failed: 'No game server was free',
+    first_to: 'First to the winning score',
+    max_rounds: 'All rounds played',
+    game_crashed: 'The game server crashed',
+    game_unhealthy: 'The game server stopped responding',
   };
+  const ARROWS = { up: '↑', down: '↓', left: '←', right: '→' };
 
   const $ = (id) => document.getElementById(id);
   const team = (i) => TEAMS[i % TEAMS.length] || { name: `Team ${i + 1}`, color: '#94a3b8' };
@@ -67,10 +73,10 @@
 
   // ---------------------------------------------------------------- screens and messages
 
-  const SCREENS = ['signin', 'modes', 'queue', 'connecting', 'playing', 'results'];
+  const SCREENS = ['signin', 'modes', 'queue', 'connecting', 'playing', 'reflex', 'results'];
   const TITLES = {
     signin: 'Sign in', modes: 'Pick a mode', queue: 'Finding a match',
-    connecting: 'Match found', playing: 'Playing', results: 'Results',
+    connecting: 'Match found', playing: 'Playing', reflex: 'Playing Reflex', results: 'Results',
   };
 
   function show(screen) {
@@ -593,6 +599,7 @@
         case 'pong': if (m.nonce) this.rtt = now() - m.nonce; return undefined;
         case 'ended': return this.onEnded(m);
         case 'error': return this.onError(m);
+        case 'waiting': case 'round': case 'go': case 'point': case 'over': return reflex.on(m);
         default: return undefined;
       }
     },
@@ -601,6 +608,12 @@
       this.welcome = m;
       this.tries = 0;
       this.renewals = 0;
+      if (m.game === 'reflex') {
+        clearInterval(this.pingTimer);
+        this.pingTimer = setInterval(() => this.send({ type: 'ping', t: now() }), 2000);
+        reflex.welcome(m);
+        return;
+      }
       this.mapCache = null;
       hudKey = '';
       const c = $('canvas');
@@ -660,6 +673,53 @@
         requestAnimationFrame(frame);
       };
       requestAnimationFrame(frame);
+    },
+  };
+
+  // Reflex (games/reflex/README.md): `round` (wait), `go` with an arrow, `tap` it first.
+  const reflex = {
+    round: 0,
+    welcome(m) {
+      this.round = 0;
+      this.call('Waiting for your opponent…', null);
+      $('reflex-note').textContent = `First to ${m.first_to} · ${m.players.join(' vs ')}`;
+      this.score(Object.fromEntries(m.players.map((p) => [p, 0])));
+      show('reflex');
+    },
+    call(text, dir) {
+      const el = $('reflex-call');
+      el.textContent = text;
+      el.classList.toggle('go', !!dir);
+      if (dir) el.dataset.dir = dir; else delete el.dataset.dir;
+    },
+    score(score) {
+      $('reflex-score').textContent = Object.entries(score || {})
+        .map(([p, n]) => `${p === st.player ? 'You' : p} ${n}`).join(' – ');
+    },
+    on(m) {
+      if (m.type === 'waiting') this.call(`Waiting for ${m.for.join(', ')}…`, null);
+      if (m.type === 'round') {
+        this.round = m.n;
+        this.call('Wait…', null);
+        this.score(m.score);
+      }
+      if (m.type === 'go') this.call(`GO ${ARROWS[m.dir] || m.dir}`, m.dir);
+      if (m.type === 'point') {
+        const who = m.winner === st.player ? 'You' : m.winner;
+        const why = { fastest: m.winner === st.player ? `were fastest (${m.ms} ms)` : `was faster (${m.ms} ms)`, foul: 'score: a tap came too early', timeout: '' }[m.why];
+        this.call(m.winner ? `${who} ${why}` : 'Nobody scored', null);
+        this.score(m.score);
+      }
+      if (m.type === 'over') {
+        // The match is over: the gateway's `game_over` and the close that follow are expected.
+        game.ended = true;
+        clearInterval(game.pingTimer);
+        this.call(m.winner === st.player ? 'You win!' : m.winner ? `${m.winner} wins` : 'Draw', null);
+        this.score(m.score);
+      }
+    },
+    tap(dir) {
+      if (this.round) game.send({ type: 'tap', n: this.round, dir });
     },
   };
 
@@ -751,7 +811,9 @@
     $('reason').textContent = `${human}${detail} (${reason})`;
     $('final-score').textContent = Array.isArray(r.scores)
       ? r.scores.map((x, i) => `${team(i).name} ${x}`).join(' – ')
-      : '';
+      : r.score && typeof r.score === 'object'
+        ? Object.entries(r.score).map(([p, n]) => `${p} ${n}`).join(' – ')
+        : '';
     const body = $('results-body');
     body.replaceChildren();
     const rows = players.length ? players : teams.flatMap((m, i) => m.map((id) => ({ id, team: i })));
@@ -843,6 +905,11 @@
 
   const MOVE_KEYS = new Set(['w', 'a', 's', 'd', 'arrowup', 'arrowdown', 'arrowleft', 'arrowright']);
   window.addEventListener('keydown', (e) => {
+    if (st.screen === 'reflex' && e.key.startsWith('Arrow') && !e.repeat) {
+      reflex.tap(e.key.slice(5).toLowerCase());
+      e.preventDefault();
+      return;
+    }
     if (st.screen !== 'playing' || $('surrender-dialog').open || e.ctrlKey || e.metaKey || e.altKey) return;
     const k = e.key.toLowerCase();
     if (MOVE_KEYS.has(k)) {
@@ -1134,6 +1201,12 @@
       if (!play.stopped && !play.ws) { play.attempt = 0; play.connect(); }
     });
     setupPointer();
+    for (const b of document.querySelectorAll('.reflex-pad .arrow')) {
+      b.addEventListener('pointerdown', (e) => { e.preventDefault(); reflex.tap(b.dataset.dir); });
+      b.addEventListener('keydown', (e) => {
+        if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); reflex.tap(b.dataset.dir); }
+      });
+    }
 
     let name = '';
     try { name = localStorage.getItem(NAME_KEY) || ''; } catch (_) { /* private mode */ }

@@ -668,3 +668,135 @@ async fn play_a_match(device: Device) -> Result<()> {
     gateway.shutdown().await;
     sandbox.finish().await
 }
+
+/// Reflex's opponent: queues `reflex`, joins through the gateway and taps the right arrow
+/// 900 ms after each GO (the page, tapping at once, wins every round); returns how the
+/// server said the session ended.
+async fn reflex_opponent(server: SocketAddr, name: &str) -> Result<(String, Value)> {
+    let token: Value = reqwest::Client::new()
+        .post(format!("http://{server}/v1/dev/token"))
+        .json(&json!({ "player": name }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = token["token"].as_str().context("a dev token")?.to_owned();
+    let mut play =
+        PlayClient::connect(PlayConfig::new(format!("ws://{server}/v1/play"), token)).await?;
+    play.send(&client::queue("reflex", "local")).await?;
+    let (endpoint, ticket) = loop {
+        match play.recv_within(Duration::from_secs(90)).await? {
+            ServerMessage::QueueStatus { .. } => continue,
+            ServerMessage::Matched {
+                endpoint, ticket, ..
+            } => break (endpoint, ticket),
+            other => bail!("reflex opponent: expected matched, got {other:?}"),
+        }
+    };
+    let mut game = GameClient::connect_url(&endpoint, Default::default()).await?;
+    game.send(&GameRequest::Join { ticket }).await?;
+    loop {
+        let m: Value = match game.next_item().await {
+            berth_client::socket::Incoming::Text(t) => serde_json::from_str(&t)?,
+            other => bail!("reflex opponent: expected a line, got {other:?}"),
+        };
+        match m["type"].as_str() {
+            Some("go") => {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                let tap = json!({"type": "tap", "n": m["n"], "dir": m["dir"]});
+                game.send_text(&tap.to_string()).await?;
+            }
+            Some("over") => break,
+            _ => {}
+        }
+    }
+    loop {
+        if let ServerMessage::SessionEnded {
+            reason, results, ..
+        } = play.recv_within(Duration::from_secs(30)).await?
+        {
+            return Ok((reason.to_string(), results));
+        }
+    }
+}
+
+/// The page plays Reflex, the Python game, on a phone against a websocket opponent: it shows
+/// GO with the arrow, a thumb taps that arrow, the page wins every round and shows the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_plays_reflex_the_python_game() -> Result<()> {
+    let tag = "web-reflex";
+    let images = vec![berth_testkit::test_game_config("reflex", 1)];
+    let sandbox = Sandbox::start_custom(tag, images, &["reflex".to_owned()], |_| {}).await?;
+    let (gateway_url, gateway) = start_gateway(&sandbox).await?;
+    let server = Server::start(web_config()).await?;
+    let (stop, task) = link(&sandbox, &server, &gateway_url);
+    let store = server.ctx.store.clone();
+    let t0 = Instant::now();
+    while !store
+        .host(&HostId::new("web-host")?)
+        .await?
+        .is_some_and(|h| {
+            h.state == HostState::Up && h.images.iter().any(|i| i.docked && i.warm >= 1)
+        })
+    {
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the host never came up with a warm Reflex VM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let b = Browser::start(
+        tag,
+        Device::Phone {
+            width: 390,
+            height: 844,
+        },
+    )
+    .await?;
+    b.goto(&format!("http://{}/play", server.addr)).await?;
+    sign_in(&b, "web-alice").await?;
+    b.click("mode-reflex").await?;
+    b.until_screen("queue", Duration::from_secs(5)).await?;
+    let bob = tokio::spawn(reflex_opponent(server.addr, "web-bob"));
+    b.until_screen("reflex", Duration::from_secs(60)).await?;
+    b.shot("reflex-game").await?;
+    let mut taps = 0;
+    while b.screen().await? == "reflex" && taps < 20 {
+        let dir = b
+            .js("return document.querySelector('[data-testid=reflex-call]').dataset.dir || ''")
+            .await?;
+        match dir.as_str() {
+            Some(d) if !d.is_empty() => {
+                b.click(&format!("tap-{d}")).await?;
+                taps += 1;
+                b.until(
+                    "the round's end",
+                    Duration::from_secs(5),
+                    "!document.querySelector('[data-testid=reflex-call]').dataset.dir",
+                )
+                .await?;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    b.until_screen("results", Duration::from_secs(30)).await?;
+    b.shot("reflex-results").await?;
+    assert_eq!(b.text("outcome").await?, "You win!");
+    assert_eq!(
+        b.js("return document.querySelector('[data-testid=error]').hidden")
+            .await?,
+        json!(true),
+        "the match's end is no error"
+    );
+    assert!(b.text("final-score").await?.contains("web-alice 3"));
+    let (reason, results) = bob.await??;
+    assert_eq!(reason, "first_to");
+    assert_eq!(results["winner"], "web-alice");
+    assert_eq!(taps, 3, "one tap a round, three rounds");
+    b.finish().await?;
+    drop(stop);
+    task.await?;
+    gateway.shutdown().await;
+    server.shutdown().await;
+    sandbox.finish().await
+}
