@@ -556,6 +556,10 @@ where
         () = stopped => return Err(shutting_down()),
     };
     let text = match first {
+        // The join is held to the default frame limit: no image's own limit applies yet.
+        First::Text(text) if text.len() > MAX_FRAME => {
+            return Err(End::Close(close::TOO_BIG, "message_too_big"))
+        }
         First::Text(text) => text,
         First::Timeout => {
             return Err(End::Refuse(Refusal::new(
