@@ -1,6 +1,7 @@
 //! One simulated player: gets a dev token, keeps `/v1/play` open, and for each match queues,
-//! waits for `matched`, joins the game through the host gateway, plays (inputs at the game's
-//! tick rate, a `ping` every second) until it holds results, then thinks and goes again.
+//! waits for `matched`, joins the game through the host gateway, plays (the arena: inputs at
+//! the game's tick rate; Reflex: a tap a reaction time after each `go`, see `bot/reflex.rs`;
+//! a `ping` every second) until it holds results, then thinks and goes again.
 //! Mobile faults are injected here: a dropped game socket, the app going to the background,
 //! a slow link. Everything a bot measures goes into its own [`Tally`].
 //!
@@ -24,6 +25,7 @@ use timers::{Timer, Timers};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+mod reflex;
 mod timers;
 
 /// After one side (game or server) reported the end, how long to wait for the other.
@@ -36,6 +38,8 @@ const DEADLINE_SLACK: Duration = Duration::from_secs(15);
 const MAX_GAME_ATTEMPTS: u32 = 6;
 /// Attempts at (re)opening `/v1/play` in a row before giving up.
 const MAX_PLAY_ATTEMPTS: u32 = 5;
+/// How long a Reflex match lasts, about (for placing faults within it).
+const REFLEX_MATCH: Duration = Duration::from_secs(12);
 /// How long `in_session` and other transient queue refusals are retried.
 const REQUEUE_FOR: Duration = Duration::from_secs(20);
 /// Game pings are sent this often.
@@ -220,6 +224,8 @@ struct Game {
     next_ping: Instant,
     ping: Option<(u64, Instant)>,
     nonce: u64,
+    /// Set when the game is Reflex (its `welcome` says so), not the arena.
+    reflex: Option<reflex::Reflex>,
 }
 
 /// What `matched` said (the latest one: tickets are renewed).
@@ -841,6 +847,19 @@ impl Bot {
     /// The game's recurring beats once welcomed: an input at the tick rate, a `ping` every
     /// second (its `pong` gives the round trip).
     async fn game_beat(&mut self, g: &mut Game, now: Instant) {
+        if let Some(r) = g.reflex.as_mut() {
+            if let Some(tap) = r.due(now) {
+                let _ = g.link.send_text(&tap).await;
+            }
+            g.next_input = r.next(now);
+            if now >= g.next_ping {
+                g.nonce += 1;
+                g.ping = Some((g.nonce, now));
+                g.next_ping = now + GAME_PING_EVERY;
+                let _ = g.link.send_text(&reflex::ping(g.nonce)).await;
+            }
+            return;
+        }
         if now >= g.next_input {
             let turn = self.rng.f32() * 2.0 - 1.0;
             let c = match &g.grid {
@@ -917,6 +936,7 @@ impl Bot {
                     next_ping: now,
                     ping: None,
                     nonce: 0,
+                    reflex: None,
                 });
                 None
             }
@@ -1093,6 +1113,9 @@ impl Bot {
                 return None;
             }
         };
+        if let Some(msg) = reflex::parse(&text) {
+            return self.on_reflex(m, msg, now);
+        }
         let Ok(answer) = serde_json::from_str::<GameAnswer>(&text) else {
             tracing::debug!(player = %self.plan.name, text = %text.chars().take(200).collect::<String>(), "unknown game message");
             return None;
@@ -1116,29 +1139,7 @@ impl Bot {
             GameAnswer::State(s) => {
                 g.players = s.players;
                 if m.t_first_state.is_none() {
-                    m.t_first_state = Some(now);
-                    self.tally.matches.played += 1;
-                    let h = &mut self.tally.histograms;
-                    h.record(Metric::TimeToPlay, now - m.t_queue);
-                    if let Some(t) = m.t_matched {
-                        h.record(Metric::TimeToFirstState, now - t);
-                    }
-                    // Faults strike somewhere in the first 60 % of the game.
-                    let window = Duration::from_millis(s.time_left_ms)
-                        .mul_f64(0.6)
-                        .max(Duration::from_secs(1));
-                    if m.plan_drop {
-                        m.timers.set(
-                            Timer::Drop,
-                            now + window.mul_f64(0.2 + 0.8 * self.rng.f64()),
-                        );
-                    }
-                    if m.plan_background {
-                        m.timers.set(
-                            Timer::Background,
-                            now + window.mul_f64(0.2 + 0.8 * self.rng.f64()),
-                        );
-                    }
+                    self.first_state(m, now, Duration::from_millis(s.time_left_ms));
                 }
             }
             GameAnswer::Pong { nonce, .. } => {
@@ -1161,6 +1162,74 @@ impl Bot {
             GameAnswer::Error { code, .. } => {
                 return self.on_game_error(m, code, now);
             }
+        }
+        None
+    }
+
+    /// The match's first game state (the arena's first `state`, Reflex's first `round`): the
+    /// match is played; faults are planned within the first 60 % of `time_left`.
+    fn first_state(&mut self, m: &mut Match, now: Instant, time_left: Duration) {
+        m.t_first_state = Some(now);
+        self.tally.matches.played += 1;
+        let h = &mut self.tally.histograms;
+        h.record(Metric::TimeToPlay, now - m.t_queue);
+        if let Some(t) = m.t_matched {
+            h.record(Metric::TimeToFirstState, now - t);
+        }
+        let window = time_left.mul_f64(0.6).max(Duration::from_secs(1));
+        if m.plan_drop {
+            m.timers.set(
+                Timer::Drop,
+                now + window.mul_f64(0.2 + 0.8 * self.rng.f64()),
+            );
+        }
+        if m.plan_background {
+            m.timers.set(
+                Timer::Background,
+                now + window.mul_f64(0.2 + 0.8 * self.rng.f64()),
+            );
+        }
+    }
+
+    /// A Reflex message (`bot/reflex.rs`).
+    fn on_reflex(&mut self, m: &mut Match, msg: reflex::Msg, now: Instant) -> Option<Outcome> {
+        use reflex::Msg;
+        match msg {
+            Msg::Welcome { player } => {
+                let g = m.game.as_mut()?;
+                g.welcomed = true;
+                g.me = player;
+                let r = g.reflex.insert(reflex::Reflex::default());
+                g.next_input = r.next(now);
+                g.next_ping = now;
+                m.game_attempts = 0;
+                m.game_refusal = None;
+            }
+            Msg::Round if m.t_first_state.is_none() => {
+                self.first_state(m, now, REFLEX_MATCH);
+            }
+            Msg::Go { n, dir } => {
+                let g = m.game.as_mut()?;
+                if let Some(r) = g.reflex.as_mut() {
+                    g.next_input = r.on_go(n, &dir, now, &mut self.rng);
+                }
+            }
+            Msg::Pong { t } => {
+                let g = m.game.as_mut()?;
+                if g.ping.is_some_and(|(n, _)| n == t) {
+                    let sent = g.ping.take().map_or(now, |(_, at)| at);
+                    self.tally.histograms.record(Metric::GameRtt, now - sent);
+                }
+            }
+            Msg::Over => {
+                m.game_done = true;
+                m.t_end.get_or_insert(now);
+                if m.play_end.is_some() {
+                    return Some(self.conclude(m));
+                }
+                m.timers.set_once(Timer::EndWait, now + RESULTS_WAIT);
+            }
+            Msg::Round | Msg::Other => {}
         }
         None
     }

@@ -649,24 +649,7 @@ mod live {
                 }
             }
         });
-        // A game that dies while loading says so on the event key: priming fails with its
-        // last words at once instead of at the boot timeout.
-        let event = AgentKeys::for_domid(domid).event();
-        let crashed = wait_key(store, name, &event, |value| {
-            match decode_line::<GuestToHost>(value.as_bytes()) {
-                Ok(GuestToHost::GameExited { status, stderr }) => {
-                    Some(Err(DriverError::GameExited { status, stderr }))
-                }
-                _ => None,
-            }
-        });
-        let first = async {
-            tokio::select! {
-                r = wait => r,
-                r = crashed => r,
-            }
-        };
-        tokio::time::timeout(timeout, first)
+        tokio::time::timeout(timeout, wait)
             .await
             .map_err(|_| DriverError::BootTimeout(timeout))?
     }
