@@ -296,14 +296,13 @@ struct OpponentEnd {
     session_results: Value,
 }
 
-/// The page's opponent, as a real client: a dev token, `/v1/play`, queue `sprint`; on
-/// `matched` joins through the gateway, moves around until told to surrender, then hears the
-/// end on both sockets.
-async fn opponent(
+/// An opponent signed in with a dev token, queued for `mode` and matched: its `/v1/play`
+/// socket, the gateway's address and its ticket.
+async fn matched_opponent(
     server: SocketAddr,
     name: &str,
-    surrender: oneshot::Receiver<()>,
-) -> Result<OpponentEnd> {
+    mode: &str,
+) -> Result<(PlayClient, String, String)> {
     let token: Value = reqwest::Client::new()
         .post(format!("http://{server}/v1/dev/token"))
         .json(&json!({ "player": name }))
@@ -314,16 +313,27 @@ async fn opponent(
     let token = token["token"].as_str().context("a dev token")?.to_owned();
     let mut play =
         PlayClient::connect(PlayConfig::new(format!("ws://{server}/v1/play"), token)).await?;
-    play.send(&client::queue("sprint", "local")).await?;
-    let (endpoint, ticket) = loop {
+    play.send(&client::queue(mode, "local")).await?;
+    loop {
         match play.recv_within(Duration::from_secs(90)).await? {
             ServerMessage::QueueStatus { .. } => continue,
             ServerMessage::Matched {
                 endpoint, ticket, ..
-            } => break (endpoint, ticket),
-            other => bail!("opponent: expected matched, got {other:?}"),
+            } => return Ok((play, endpoint, ticket)),
+            other => bail!("{name}: expected matched, got {other:?}"),
         }
-    };
+    }
+}
+
+/// The page's opponent, as a real client: a dev token, `/v1/play`, queue `sprint`; on
+/// `matched` joins through the gateway, moves around until told to surrender, then hears the
+/// end on both sockets.
+async fn opponent(
+    server: SocketAddr,
+    name: &str,
+    surrender: oneshot::Receiver<()>,
+) -> Result<OpponentEnd> {
+    let (mut play, endpoint, ticket) = matched_opponent(server, name, "sprint").await?;
 
     let mut game = GameClient::connect_url(&endpoint, Default::default())
         .await
@@ -673,26 +683,7 @@ async fn play_a_match(device: Device) -> Result<()> {
 /// 900 ms after each GO (the page, tapping at once, wins every round); returns how the
 /// server said the session ended.
 async fn reflex_opponent(server: SocketAddr, name: &str) -> Result<(String, Value)> {
-    let token: Value = reqwest::Client::new()
-        .post(format!("http://{server}/v1/dev/token"))
-        .json(&json!({ "player": name }))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = token["token"].as_str().context("a dev token")?.to_owned();
-    let mut play =
-        PlayClient::connect(PlayConfig::new(format!("ws://{server}/v1/play"), token)).await?;
-    play.send(&client::queue("reflex", "local")).await?;
-    let (endpoint, ticket) = loop {
-        match play.recv_within(Duration::from_secs(90)).await? {
-            ServerMessage::QueueStatus { .. } => continue,
-            ServerMessage::Matched {
-                endpoint, ticket, ..
-            } => break (endpoint, ticket),
-            other => bail!("reflex opponent: expected matched, got {other:?}"),
-        }
-    };
+    let (mut play, endpoint, ticket) = matched_opponent(server, name, "reflex").await?;
     let mut game = GameClient::connect_url(&endpoint, Default::default()).await?;
     game.send(&GameRequest::Join { ticket }).await?;
     loop {
