@@ -202,7 +202,14 @@ impl Sdk {
             .map(serde_json::to_vec)
             .transpose()
             .map_err(|e| SdkError::BadAnswer(e.to_string()))?;
-        let kept = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        // A long poll (no timeout: the activation, a warm-up) waits on a connection of its
+        // own, so that the kept-alive ones stay for the calls that follow it: `ready`, right
+        // after the activation, then goes out on a connection opened before the VM was docked
+        // instead of opening one (and making the agent start a thread) on the match's path.
+        let kept = match timeout {
+            None => None,
+            Some(_) => self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop(),
+        };
         let (status, answer) = match kept {
             Some(conn) => match exchange(conn, method, path, body.as_deref(), timeout) {
                 Ok(done) => self.keep(done),
