@@ -184,6 +184,7 @@ pub fn register(link: &ServerLink, status: &Status, images: &[ImageConfig]) -> H
                 image: v.image.clone(),
             })
             .collect(),
+        outbox: Vec::new(),
     }
 }
 
@@ -521,6 +522,10 @@ impl<P: LinkPool> Link<P> {
                 tracing::warn!(%code, detail = %message, "the server reported an error")
             }
             ServerToHost::Welcome { .. } => tracing::debug!("ignoring a repeated welcome"),
+            // hostd does not keep reports on disk yet (the outbox of `register` stays empty).
+            ServerToHost::Recorded { session } => {
+                tracing::debug!(session_id = %session, "the server recorded the report")
+            }
         }
     }
 
@@ -1063,6 +1068,7 @@ pub(crate) mod tests {
                     session: session("s-old"),
                     image: "arena".into(),
                 }],
+                outbox: vec![],
             }
         );
     }

@@ -8,6 +8,7 @@
 //! server: {"type":"activate","session":"…","image":"arena",…}
 //! hostd:  {"type":"activated","session":"…","vm":"…",…} | {"type":"activate_failed",…}
 //! hostd:  {"type":"ended","session":"…","reason":"game_over","results":{…}}   (game over)
+//! server: {"type":"recorded","session":"…"}                  (hostd may forget the ended)
 //! server: {"type":"destroy","session":"…"}
 //! hostd:  {"type":"destroyed","session":"…","vm":"…"}
 //! ```
@@ -57,6 +58,11 @@ pub enum HostMessage {
         max_vms: u32,
         images: Vec<ImageCapacity>,
         vms: Vec<HostVm>,
+        /// The `ended` and `failed` reports hostd holds that the server has not acknowledged
+        /// with `recorded` (their VMs are gone, so `vms` cannot say it): the server records
+        /// them before it reconciles `vms`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        outbox: Vec<HostMessage>,
     },
     Heartbeat {
         images: Vec<ImageCapacity>,
@@ -120,6 +126,12 @@ pub enum ServerToHost {
         deadline_ms: u64,
     },
     Destroy {
+        session: SessionId,
+    },
+    /// The server is done with this session's `ended` or `failed` report: it recorded it, or
+    /// never will (the session is over or not this host's). Until this comes, hostd keeps the
+    /// report on disk and sends it again.
+    Recorded {
         session: SessionId,
     },
     Error {

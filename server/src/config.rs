@@ -152,8 +152,13 @@ pub struct Timeouts {
     pub reconnect_grace_ms: u64,
     /// hostd heartbeats this often…
     pub host_heartbeat_ms: u64,
-    /// …and is lost if not heard from for this long (or disconnected this long).
+    /// …and is lost if not heard from for this long (or disconnected this long): nothing new
+    /// is placed on it.
     pub host_lost_ms: u64,
+    /// A lost host's live sessions wait this long (from when it was last heard) for it to come
+    /// back with their VMs (a hostd restarted or stalled: its VMs run on) before they end
+    /// `host_lost`.
+    pub host_grace_ms: u64,
     /// Choosing a host.
     pub placing_ms: u64,
     /// hostd activating the VM, per attempt.
@@ -172,6 +177,7 @@ impl Default for Timeouts {
             reconnect_grace_ms: 30_000,
             host_heartbeat_ms: 2_000,
             host_lost_ms: 6_000,
+            host_grace_ms: 30_000,
             placing_ms: 5_000,
             activating_ms: 15_000,
             ending_ms: 10_000,
@@ -232,6 +238,12 @@ impl ServerConfig {
             return Err(invalid(
                 "timeouts.host_lost_ms",
                 "must be longer than timeouts.host_heartbeat_ms",
+            ));
+        }
+        if t.host_grace_ms < t.host_lost_ms {
+            return Err(invalid(
+                "timeouts.host_grace_ms",
+                "must be at least timeouts.host_lost_ms",
             ));
         }
         for (key, v) in [

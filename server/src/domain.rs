@@ -7,6 +7,7 @@ use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::modes::Modes;
 use crate::store::Store;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub struct Core {
@@ -16,6 +17,43 @@ pub struct Core {
     pub store: Arc<dyn Store>,
     pub modes: Modes,
     pub metrics: Metrics,
+    /// When this replica last saw the store come back from an outage.
+    pub outage: Outage,
+}
+
+/// What this replica saw of the store's outages: the sweeper pauses deadlines and host
+/// liveness while the store is unreachable, and re-bases them on the moment it came back, so
+/// that time the store was down is not counted against hosts or sessions.
+#[derive(Debug, Default)]
+pub struct Outage {
+    down: AtomicBool,
+    back_ms: AtomicU64,
+}
+
+impl Outage {
+    /// The store failed a request.
+    pub fn failed(&self) {
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!("state store unreachable: deadlines and host liveness paused");
+        }
+    }
+
+    /// The store answered at `now_ms`.
+    pub fn answered(&self, now_ms: u64) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            self.back_ms.store(now_ms, Ordering::Relaxed);
+            tracing::info!("state store back: deadlines re-based");
+        }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// When the store last came back (0: never down).
+    pub fn back_ms(&self) -> u64 {
+        self.back_ms.load(Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for Core {
@@ -35,6 +73,7 @@ impl Core {
             store,
             modes,
             metrics: Metrics::new(),
+            outage: Outage::default(),
         }
     }
 }

@@ -12,7 +12,7 @@ use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use berth_protocol::host::{HostMessage, ServerToHost, HOST_PROTOCOL_VERSION};
+use berth_protocol::host::{HostMessage, ImageCapacity, ServerToHost, HOST_PROTOCOL_VERSION};
 use berth_protocol::{HostId, SessionId};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::Duration;
@@ -60,7 +60,7 @@ where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
 {
     let heartbeat = ctx.config.timeouts.host_heartbeat_ms;
-    let Some(mut record) = register(&ctx, &mut ws, &host).await else {
+    let Some((mut record, outbox)) = register(&ctx, &mut ws, &host).await else {
         return;
     };
     let conn_id = random_id();
@@ -82,7 +82,13 @@ where
     };
     let mut ok = ws.send(text(&welcome)).await.is_ok();
     if ok {
-        for m in reconcile(&ctx, &record).await {
+        // Reports of VMs that are gone first: reconciling `vms` would call them lost.
+        let mut replies = Vec::new();
+        for m in outbox {
+            replies.extend(handle_report(&ctx, &host, &mut record, m).await);
+        }
+        replies.extend(reconcile(&ctx, &record).await);
+        for m in replies {
             ok &= ws.send(text(&m)).await.is_ok();
         }
     }
@@ -107,15 +113,26 @@ where
                     Ok(Some(Ok(Message::Binary(_)))) => Err(FrameError::Binary),
                     Ok(Some(Ok(Message::Text(t)))) => decode::<HostMessage>(&t),
                 };
-                let reply = match m {
+                let replies = match m {
                     Ok(m) => handle(&ctx, &host, &mut record, m).await,
                     Err(e) => {
                         ctx.metrics.refuse(e.code());
-                        Some(error(e.code(), e.to_string()))
+                        vec![error(e.code(), e.to_string())]
                     }
                 };
-                if let Some(r) = reply {
-                    ok = ws.send(text(&r)).await.is_ok();
+                for r in replies {
+                    ok &= ws.send(text(&r)).await.is_ok();
+                }
+                if !ok {
+                    break;
+                }
+                if record.state == HostState::Lost {
+                    // Marked lost while connected: its sessions may have ended meanwhile, and
+                    // only a new `register` says which VMs it runs. Ask for one.
+                    tracing::warn!(host_id = %host, "host was marked lost; asking it to register again");
+                    let _ = ws.send(text(&error("host_lost", "this host was marked lost; register again"))).await;
+                    send_close(&mut ws, close::GOING_AWAY, "register_again").await;
+                    break;
                 }
             }
             out = rx.recv() => match out {
@@ -140,7 +157,8 @@ where
     if mine {
         tracing::warn!(host_id = %host, "host disconnected");
         if let Ok(Some(mut r)) = ctx.store.host(&host).await {
-            if r.replica == ctx.replica {
+            // A lost host stays lost: only a new `register` brings it back.
+            if r.replica == ctx.replica && r.state == HostState::Up {
                 r.state = HostState::Disconnected;
                 let _ = ctx.store.put_host(&r).await;
             }
@@ -163,8 +181,9 @@ fn refusal(code: &'static str, message: impl Into<String>, close: u16) -> Refusa
     }
 }
 
-/// Waits for `register`; checks version and that it names the authenticated host.
-async fn register<S>(ctx: &Ctx, ws: &mut S, host: &HostId) -> Option<HostRecord>
+/// Waits for `register`; checks version and that it names the authenticated host. Returns the
+/// host's record and the reports it still holds (its outbox).
+async fn register<S>(ctx: &Ctx, ws: &mut S, host: &HostId) -> Option<(HostRecord, Vec<HostMessage>)>
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
 {
@@ -177,8 +196,8 @@ where
             refusal(e.code(), e.to_string(), close::PROTOCOL)
         }
         wire::First::Text(t) => match registered(ctx, host, &t) {
-            Ok(record) => match ctx.store.put_host(&record).await {
-                Ok(()) => return Some(record),
+            Ok((record, outbox)) => match ctx.store.put_host(&record).await {
+                Ok(()) => return Some((record, outbox)),
                 Err(e) => refusal(
                     e.code(),
                     "state store unavailable; retry",
@@ -194,9 +213,13 @@ where
     None
 }
 
-/// The host's record from its first message, `register` of this protocol version naming the
-/// authenticated `host`.
-fn registered(ctx: &Ctx, host: &HostId, first: &str) -> Result<HostRecord, Refusal> {
+/// The host's record and outbox from its first message, `register` of this protocol version
+/// naming the authenticated `host`.
+fn registered(
+    ctx: &Ctx,
+    host: &HostId,
+    first: &str,
+) -> Result<(HostRecord, Vec<HostMessage>), Refusal> {
     let message = decode::<HostMessage>(first)
         .map_err(|e| refusal(e.code(), e.to_string(), close::PROTOCOL))?;
     let HostMessage::Register {
@@ -208,6 +231,7 @@ fn registered(ctx: &Ctx, host: &HostId, first: &str) -> Result<HostRecord, Refus
         max_vms,
         images,
         vms,
+        outbox,
     } = message
     else {
         return Err(refusal(
@@ -225,7 +249,7 @@ fn registered(ctx: &Ctx, host: &HostId, first: &str) -> Result<HostRecord, Refus
         return Err(refusal("wrong_host", why, close::AUTH));
     }
     let now = now_ms();
-    Ok(HostRecord {
+    let record = HostRecord {
         id: host.clone(),
         state: HostState::Up,
         draining: false,
@@ -238,7 +262,8 @@ fn registered(ctx: &Ctx, host: &HostId, first: &str) -> Result<HostRecord, Refus
         replica: ctx.replica.clone(),
         connected_ms: now,
         last_seen_ms: now,
-    })
+    };
+    Ok((record, outbox))
 }
 
 /// Compares what the host really runs with the store: VMs of sessions that are over (or
@@ -304,28 +329,98 @@ async fn handle(
     host: &HostId,
     record: &mut HostRecord,
     m: HostMessage,
+) -> Vec<ServerToHost> {
+    match m {
+        HostMessage::Register { .. } => vec![error(
+            "already_registered",
+            "register is sent once per connection",
+        )],
+        HostMessage::Heartbeat { images } => {
+            heartbeat(ctx, record, images).await;
+            Vec::new()
+        }
+        HostMessage::Ended { .. } | HostMessage::Failed { .. } => {
+            handle_report(ctx, host, record, m).await
+        }
+        HostMessage::Activated { .. }
+        | HostMessage::ActivateFailed { .. }
+        | HostMessage::Destroyed { .. } => handle_session(ctx, host, record, m)
+            .await
+            .into_iter()
+            .collect(),
+    }
+}
+
+/// Books a heartbeat. A host the sweeper marked lost meanwhile is left `Lost` in `record`, so
+/// that the connection asks it to register again.
+async fn heartbeat(ctx: &Ctx, record: &mut HostRecord, images: Vec<ImageCapacity>) {
+    let host = record.id.clone();
+    match ctx.store.host(&host).await {
+        Ok(Some(stored)) if stored.state == HostState::Lost => {
+            record.state = HostState::Lost;
+            return;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(host_id = %host, error = %e, "reading the host for its heartbeat");
+            return;
+        }
+    }
+    record.images = images;
+    record.last_seen_ms = now_ms();
+    record.state = HostState::Up;
+    if let Err(e) = ctx.store.put_host(record).await {
+        tracing::warn!(host_id = %host, error = %e, "storing heartbeat");
+    }
+}
+
+/// An `ended` or `failed` report (live, or from the outbox of `register`): recorded once, then
+/// acknowledged with `recorded` — also when it never can be (the session is not this host's),
+/// so that hostd stops sending it. A store error is not acknowledged: hostd sends it again.
+async fn handle_report(
+    ctx: &Ctx,
+    host: &HostId,
+    record: &mut HostRecord,
+    m: HostMessage,
+) -> Vec<ServerToHost> {
+    let session = match &m {
+        HostMessage::Ended { session, .. } | HostMessage::Failed { session, .. } => session.clone(),
+        _ => {
+            ctx.metrics.refuse("bad_outbox");
+            return vec![error(
+                "bad_outbox",
+                "an outbox holds only ended and failed reports",
+            )];
+        }
+    };
+    let recorded = ServerToHost::Recorded {
+        session: session.clone(),
+    };
+    match handle_session(ctx, host, record, m).await {
+        None => vec![recorded],
+        Some(e @ ServerToHost::Error { .. }) if is_foreign(&e) => vec![e, recorded],
+        Some(e) => vec![e],
+    }
+}
+
+fn is_foreign(m: &ServerToHost) -> bool {
+    matches!(m, ServerToHost::Error { code, .. } if code.as_str() == "foreign_session")
+}
+
+/// A message about one of this host's sessions; `Some` error if it is not, or the store failed.
+async fn handle_session(
+    ctx: &Ctx,
+    host: &HostId,
+    record: &mut HostRecord,
+    m: HostMessage,
 ) -> Option<ServerToHost> {
     let session = match &m {
-        HostMessage::Register { .. } => {
-            return Some(error(
-                "already_registered",
-                "register is sent once per connection",
-            ))
-        }
-        HostMessage::Heartbeat { images } => {
-            record.images = images.clone();
-            record.last_seen_ms = now_ms();
-            record.state = HostState::Up;
-            if let Err(e) = ctx.store.put_host(record).await {
-                tracing::warn!(host_id = %host, error = %e, "storing heartbeat");
-            }
-            return None;
-        }
         HostMessage::Activated { session, .. }
         | HostMessage::ActivateFailed { session, .. }
         | HostMessage::Ended { session, .. }
         | HostMessage::Failed { session, .. }
         | HostMessage::Destroyed { session, .. } => session.clone(),
+        HostMessage::Register { .. } | HostMessage::Heartbeat { .. } => return None,
     };
     match owns(ctx, host, &session).await {
         Ok(true) => {}

@@ -12,6 +12,7 @@ use crate::modes::Mode;
 use crate::store::StoreError;
 use crate::util::{now_ms, random_id, random_key};
 use berth_protocol::{HostId, SessionId, VmId};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -372,78 +373,124 @@ pub async fn live_sessions(core: &Core) -> Result<Vec<Session>, StoreError> {
 }
 
 /// One pass of deadline enforcement. Run by the replica holding the `sweeper` lease.
+///
+/// A host silent past `host_lost_ms` is marked lost (nothing new is placed on it); its live
+/// sessions go on for `host_grace_ms` from when it was last heard, since a restarted or stalled
+/// hostd comes back with their VMs still running, and only then end `host_lost` (their VMs
+/// destroyed, should it still be connected). Time the store was unreachable counts against no
+/// one: silence is measured from the store's return at the earliest, and no deadline is
+/// enforced until the hosts have had `host_lost_ms` to be heard again.
 pub async fn sweep(core: &Core) -> Result<(), StoreError> {
     let now = now_ms();
     let t = &core.config.timeouts;
-    // Hosts first: a lost host's sessions end below.
-    let mut lost = Vec::new();
+    let back = core.outage.back_ms();
+    let settled = now >= back.saturating_add(t.host_lost_ms);
     let hosts = core.store.hosts().await?;
-    for h in &hosts {
-        let silent = now.saturating_sub(h.last_seen_ms);
-        let stale = h.state != HostState::Lost && silent > t.host_lost_ms;
-        if stale
+    let lost = lost_hosts(core, &hosts, now, back).await?;
+    for s in live_sessions(core).await? {
+        let silent = s.host.as_ref().and_then(|h| lost.get(h).copied());
+        if let (Some(silent), false) = (silent, s.state == SessionState::Placing) {
+            if silent > t.host_grace_ms {
+                abandon_lost(core, &s).await?;
+                continue;
+            }
+        }
+        if s.state == SessionState::Placing && now <= s.deadline_ms {
+            let none = |_: &HostId| 0;
+            let policy = core.config.placement.policy;
+            let wanted = wants(core, &s);
+            if !rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &none, policy).is_empty() {
+                try_place(core, &s.id).await?;
+            }
+        } else if settled && now > s.deadline_ms {
+            overdue(core, &s).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Marks the hosts silent past `host_lost_ms` lost; returns every lost host with how long it
+/// has been silent (counted from the store's return at the earliest, `back`).
+async fn lost_hosts(
+    core: &Core,
+    hosts: &[HostRecord],
+    now: u64,
+    back: u64,
+) -> Result<HashMap<HostId, u64>, StoreError> {
+    let mut lost = HashMap::new();
+    for h in hosts {
+        let silent = now.saturating_sub(h.last_seen_ms.max(back));
+        if h.state == HostState::Lost {
+            lost.insert(h.id.clone(), silent);
+        } else if silent > core.config.timeouts.host_lost_ms
             && core
                 .store
                 .mark_host(&h.id, h.last_seen_ms, HostState::Lost)
                 .await?
         {
             tracing::warn!(host_id = %h.id, silent_ms = silent, "host lost");
-            lost.push(h.id.clone());
-        } else if h.state == HostState::Lost {
-            lost.push(h.id.clone());
+            lost.insert(h.id.clone(), silent);
         }
     }
-    for s in live_sessions(core).await? {
-        if let Some(h) = &s.host {
-            if lost.contains(h) && s.state != SessionState::Placing {
-                abandon(core, &s.id, "host_lost").await?;
-                continue;
-            }
-        }
-        match s.state {
-            SessionState::Placing if now > s.deadline_ms => {
-                end(core, &s.id, "placement_failed", serde_json::Value::Null).await?;
-            }
-            SessionState::Placing => {
-                let none = |_: &HostId| 0;
-                let policy = core.config.placement.policy;
-                let wanted = wants(core, &s);
-                if !rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &none, policy).is_empty() {
-                    try_place(core, &s.id).await?;
-                }
-            }
-            SessionState::Activating if now > s.deadline_ms => {
-                if let Some(h) = &s.host {
-                    activation_failed(core, h, &s.id, "activation_timeout").await?;
-                }
-            }
-            SessionState::Active if now > s.deadline_ms => {
-                end(core, &s.id, "deadline", serde_json::Value::Null).await?;
-            }
-            SessionState::Ending if now > s.deadline_ms => {
-                abandon(core, &s.id, "ending_timeout").await?;
-            }
-            _ => {}
-        }
+    Ok(lost)
+}
+
+/// Ends a session whose host stayed away past the grace; its VM is destroyed should the host
+/// still be (or come back) connected.
+async fn abandon_lost(core: &Core, s: &Session) -> Result<(), StoreError> {
+    tracing::warn!(session_id = %s.id, "host away past the grace: session lost");
+    abandon(core, &s.id, "host_lost").await?;
+    if let Some(host) = &s.host {
+        core.store
+            .publish(&Event::Destroy {
+                host: host.clone(),
+                session: s.id.clone(),
+            })
+            .await?;
     }
     Ok(())
 }
 
-/// Runs [`sweep`] every `period` while this replica holds the sweeper lease.
+/// What a session past its state's deadline comes to.
+async fn overdue(core: &Core, s: &Session) -> Result<(), StoreError> {
+    match s.state {
+        SessionState::Placing => {
+            end(core, &s.id, "placement_failed", serde_json::Value::Null).await?;
+        }
+        SessionState::Activating => {
+            if let Some(h) = &s.host {
+                activation_failed(core, h, &s.id, "activation_timeout").await?;
+            }
+        }
+        SessionState::Active => {
+            end(core, &s.id, "deadline", serde_json::Value::Null).await?;
+        }
+        SessionState::Ending => abandon(core, &s.id, "ending_timeout").await?,
+        SessionState::Ended => {}
+    }
+    Ok(())
+}
+
+/// Runs [`sweep`] every `period` while this replica holds the sweeper lease. Every replica
+/// tries the lease each period, so each one sees the store's outages (see
+/// [`crate::domain::Outage`]).
 pub async fn run_sweeper(core: Arc<Core>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let lease_ms = (period.as_millis() as u64 * 4).max(1000);
-        match core.store.lease("sweeper", &core.replica, lease_ms).await {
-            Ok(true) => {
-                if let Err(e) = sweep(&core).await {
-                    tracing::warn!(error = %e, "sweep failed");
-                }
+        let swept = match core.store.lease("sweeper", &core.replica, lease_ms).await {
+            Ok(true) => sweep(&core).await,
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match swept {
+            Ok(()) => core.outage.answered(now_ms()),
+            Err(e) => {
+                core.outage.failed();
+                tracing::warn!(error = %e, "sweep failed");
             }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "sweeper lease"),
         }
     }
 }
@@ -548,38 +595,81 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_host_silent_past_host_lost_ms_is_lost_and_its_sessions_end_host_lost() {
-        let core = test_core();
-        let mut h = host_up(&core).await;
-        let s = matched(&core).await;
-        // The matchmaker placed it on the only host.
-        let mut placed = None;
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-            placed = core.store.session(&s.id).await.expect("read");
-            if placed
-                .as_ref()
-                .is_some_and(|p| p.state == SessionState::Activating)
-            {
-                break;
-            }
-        }
-        let placed = placed.expect("kept");
-        assert_eq!(placed.state, SessionState::Activating);
-        assert_eq!(placed.host, Some(h.id.clone()));
-        // A heartbeat just now: not lost.
-        sweep(&core).await.expect("sweep");
-        assert_eq!(state_of(&core, &s.id).await.0, SessionState::Activating);
-        // Silent for longer than host_lost_ms.
-        h.last_seen_ms = now_ms() - core.config.timeouts.host_lost_ms - 1;
+    /// An active session on a host last heard `silent_ms` ago.
+    async fn active_on_silent_host(core: &Arc<Core>, silent_ms: u64) -> (HostRecord, Session) {
+        let (mut h, s) = placed(core).await;
+        let vm = VmId::new("vm-1").expect("id");
+        activated(core, &h.id, &s.id, &vm, "warm")
+            .await
+            .expect("activated");
+        h.last_seen_ms = now_ms() - silent_ms;
         core.store.put_host(&h).await.expect("host");
+        (h, s)
+    }
+
+    async fn host_state(core: &Core, h: &HostRecord) -> HostState {
+        core.store
+            .host(&h.id)
+            .await
+            .expect("read")
+            .expect("kept")
+            .state
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_host_keeps_its_live_sessions_for_the_grace_then_they_end_host_lost() {
+        let core = test_core();
+        let t = core.config.timeouts.clone();
+        // Silent past host_lost_ms, within the grace: lost (nothing new goes there), but its
+        // match goes on, since a restarted hostd comes back with the VM.
+        let (h, s) = active_on_silent_host(&core, t.host_lost_ms + 1).await;
         sweep(&core).await.expect("sweep");
-        let host = core.store.host(&h.id).await.expect("read").expect("kept");
-        assert_eq!(host.state, HostState::Lost);
+        assert_eq!(host_state(&core, &h).await, HostState::Lost);
+        assert_eq!(state_of(&core, &s.id).await, (SessionState::Active, None));
+        // Away past the grace: the session ends, and its VM is to go if the host is still there.
+        let mut events = core.store.subscribe();
+        let mut away = core.store.host(&h.id).await.expect("read").expect("kept");
+        away.last_seen_ms = now_ms() - t.host_grace_ms - 1;
+        core.store.put_host(&away).await.expect("host");
+        sweep(&core).await.expect("sweep");
         assert_eq!(
             state_of(&core, &s.id).await,
             (SessionState::Ended, Some("host_lost".into()))
+        );
+        let destroy = loop {
+            match events.try_recv().expect("an event") {
+                Event::Destroy { host, session } => break (host, session),
+                _ => continue,
+            }
+        };
+        assert_eq!(destroy, (h.id.clone(), s.id.clone()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_the_store_was_down_counts_against_no_host_and_no_deadline() {
+        let core = test_core();
+        let t = core.config.timeouts.clone();
+        // Silent far past the grace, but only because the store was down until just now.
+        let (h, s) = active_on_silent_host(&core, t.host_grace_ms + 5_000).await;
+        modify(&core, &s.id, |s| {
+            s.deadline_ms = now_ms() - 1;
+            true
+        })
+        .await
+        .expect("modify");
+        core.outage.failed();
+        assert!(core.outage.is_down());
+        core.outage.answered(now_ms());
+        sweep(&core).await.expect("sweep");
+        assert_eq!(host_state(&core, &h).await, HostState::Up);
+        assert_eq!(state_of(&core, &s.id).await, (SessionState::Active, None));
+        // Once the hosts have had host_lost_ms to be heard again, deadlines hold once more.
+        core.outage.failed();
+        core.outage.answered(now_ms() - t.host_lost_ms - 1);
+        sweep(&core).await.expect("sweep");
+        assert_eq!(
+            state_of(&core, &s.id).await,
+            (SessionState::Ending, Some("deadline".into()))
         );
     }
 

@@ -7,6 +7,7 @@ use berth_protocol::host::{HostMessage, HostVm, ImageCapacity, ServerToHost};
 use berth_protocol::{HostId, SessionId, VmId};
 use berth_server::app::Server;
 use berth_server::auth::Role;
+use berth_server::model::HostState;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
@@ -41,6 +42,7 @@ fn register(host: &str, vms: Vec<HostVm>) -> HostMessage {
             vcpus: 1,
         }],
         vms,
+        outbox: vec![],
     }
 }
 
@@ -184,6 +186,82 @@ async fn reconciliation_destroys_vms_of_unknown_sessions() -> Result<()> {
         ServerToHost::Destroy { session } => assert_eq!(session.as_str(), "s-long-gone"),
         other => bail!("expected destroy, got {other:?}"),
     }
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_host_marked_lost_while_connected_is_asked_to_register_again() -> Result<()> {
+    let s = Server::start(config()).await?;
+    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    send(&mut ws, &register("h1", vec![])).await?;
+    assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
+    // The sweeper marked it lost (its heartbeats did not reach the store, say).
+    let id = HostId::new("h1")?;
+    let h = s.ctx.store.host(&id).await?.context("registered")?;
+    assert!(
+        s.ctx
+            .store
+            .mark_host(&id, h.last_seen_ms, HostState::Lost)
+            .await?
+    );
+    send(&mut ws, &HostMessage::Heartbeat { images: vec![] }).await?;
+    expect_error(&mut ws, "host_lost").await?;
+    assert_eq!(close_of(&mut ws).await, 1001);
+    let h = s.ctx.store.host(&id).await?.context("kept")?;
+    assert_eq!(
+        h.state,
+        HostState::Lost,
+        "a heartbeat does not revive a lost host"
+    );
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn reports_in_the_outbox_are_answered_recorded_even_when_never_recordable() -> Result<()> {
+    let s = Server::start(config()).await?;
+    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    let ended = HostMessage::Ended {
+        session: SessionId::new("s-not-mine")?,
+        vm: VmId::new("vm-1")?,
+        reason: String::new(),
+        results: serde_json::json!({"winner": "a"}),
+    };
+    let HostMessage::Register {
+        v,
+        host,
+        accel,
+        driver,
+        gateway,
+        max_vms,
+        images,
+        vms,
+        ..
+    } = register("h1", vec![])
+    else {
+        bail!("register builds a register");
+    };
+    let with_outbox = HostMessage::Register {
+        v,
+        host,
+        accel,
+        driver,
+        gateway,
+        max_vms,
+        images,
+        vms,
+        outbox: vec![ended, HostMessage::Heartbeat { images: vec![] }],
+    };
+    send(&mut ws, &with_outbox).await?;
+    assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
+    // Not this host's session: refused, but acknowledged so that hostd forgets it.
+    expect_error(&mut ws, "foreign_session").await?;
+    match recv(&mut ws).await? {
+        ServerToHost::Recorded { session } => assert_eq!(session.as_str(), "s-not-mine"),
+        other => bail!("expected recorded, got {other:?}"),
+    }
+    expect_error(&mut ws, "bad_outbox").await?;
     s.shutdown().await;
     Ok(())
 }

@@ -40,6 +40,7 @@ fn config() -> ServerConfig {
         // The hostd test double below does not heartbeat on a timer: keep it from being marked lost.
         timeouts: Timeouts {
             host_lost_ms: 60_000,
+            host_grace_ms: 60_000,
             ..defaults.timeouts
         },
         ..ServerConfig::default()

@@ -46,6 +46,7 @@ fn stack_config() -> ServerConfig {
     let mut c = config();
     c.timeouts.host_heartbeat_ms = 500;
     c.timeouts.host_lost_ms = 2000;
+    c.timeouts.host_grace_ms = 3000;
     c
 }
 
@@ -332,7 +333,7 @@ async fn admin_end_drain_and_a_lost_host() -> Result<()> {
     let (s2, _, _) = matched(&mut a).await?;
     matched(&mut b).await?;
 
-    // The host goes silent: its session ends as `host_lost` within seconds.
+    // The host goes silent past the grace: its session ends as `host_lost` within seconds.
     drop(stop);
     task.await?;
     let t0 = std::time::Instant::now();
@@ -524,6 +525,7 @@ async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
                 session: s1.clone(),
                 image: "arena".into(),
             }],
+            outbox: vec![],
         },
     )
     .await?;
