@@ -82,13 +82,7 @@ where
     };
     let mut ok = ws.send(text(&welcome)).await.is_ok();
     if ok {
-        // Reports of VMs that are gone first: reconciling `vms` would call them lost.
-        let mut replies = Vec::new();
-        for m in outbox {
-            replies.extend(handle_report(&ctx, &host, &mut record, m).await);
-        }
-        replies.extend(reconcile(&ctx, &record).await);
-        for m in replies {
+        for m in on_register(&ctx, &mut record, outbox).await {
             ok &= ws.send(text(&m)).await.is_ok();
         }
     }
@@ -145,18 +139,40 @@ where
             },
         }
     }
+    disconnected(&ctx, &host, &conn_id).await;
+}
+
+/// What a fresh registration gets: its outbox recorded, then its VMs reconciled. Reports of
+/// VMs that are gone go first, or reconciling `vms` would call those sessions lost.
+async fn on_register(
+    ctx: &Ctx,
+    record: &mut HostRecord,
+    outbox: Vec<HostMessage>,
+) -> Vec<ServerToHost> {
+    let host = record.id.clone();
+    let mut replies = Vec::new();
+    for m in outbox {
+        replies.extend(handle_report(ctx, &host, record, m).await);
+    }
+    replies.extend(reconcile(ctx, record).await);
+    replies
+}
+
+/// The connection `conn_id` of `host` ended: unless a newer one took over, the host is
+/// `disconnected`.
+async fn disconnected(ctx: &Ctx, host: &HostId, conn_id: &str) {
     let mine = {
         let mut hosts = lock(&ctx.registry.hosts);
-        let mine = hosts.get(&host).is_some_and(|c: &HostConn| c.id == conn_id);
+        let mine = hosts.get(host).is_some_and(|c: &HostConn| c.id == conn_id);
         if mine {
-            hosts.remove(&host);
+            hosts.remove(host);
         }
         mine
     };
     ctx.metrics.host_connections.dec();
     if mine {
         tracing::warn!(host_id = %host, "host disconnected");
-        if let Ok(Some(mut r)) = ctx.store.host(&host).await {
+        if let Ok(Some(mut r)) = ctx.store.host(host).await {
             // A lost host stays lost: only a new `register` brings it back.
             if r.replica == ctx.replica && r.state == HostState::Up {
                 r.state = HostState::Disconnected;
