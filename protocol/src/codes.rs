@@ -154,6 +154,7 @@ vocabulary!(open
         // Tokens (player, host and admin JWTs).
         MissingToken = "missing_token",
         ExpiredToken = "expired_token",
+        EarlyToken = "early_token",
         WrongAudience = "wrong_audience",
         WrongIssuer = "wrong_issuer",
         BadAlgorithm = "bad_algorithm",
