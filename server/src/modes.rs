@@ -86,6 +86,10 @@ pub struct Mode {
     pub players: Players,
     #[serde(default = "one")]
     pub teams: u32,
+    /// A match may start with a team nobody is in (off by default: a lone party waits for
+    /// opponents rather than being matched against nobody).
+    #[serde(default)]
+    pub empty_teams: bool,
     /// Regions this mode is offered in; empty means any.
     #[serde(default)]
     pub regions: Vec<String>,
