@@ -28,6 +28,7 @@
 
 use crate::token::{is_token, Token};
 use berth_protocol::guest::MAX_LINE;
+use berth_protocol::ids::ID_RULE;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -257,7 +258,7 @@ impl ServerConfig {
             host: berth_protocol::HostId::new(host_id.to_owned()).map_err(|_| {
                 ConfigError::Invalid {
                     key: "host_id".into(),
-                    message: "must be 1-64 letters, digits, '-', '_' or '.'".into(),
+                    message: format!("must be {ID_RULE}"),
                 }
             })?,
             token,
@@ -397,10 +398,7 @@ impl HostdConfig {
             })
         };
         if berth_protocol::HostId::new(self.host_id.clone()).is_err() {
-            return invalid(
-                "host_id".into(),
-                "must be 1-64 letters, digits, '-', '_' or '.'",
-            );
+            return invalid("host_id".into(), &format!("must be {ID_RULE}"));
         }
         if self.max_vms == 0 {
             return invalid("max_vms".into(), "must be at least 1");
@@ -422,7 +420,7 @@ impl HostdConfig {
         for (i, image) in self.images.iter().enumerate() {
             let key = |k: &str| format!("images[{i}].{k}");
             if berth_protocol::VmId::new(image.name.clone()).is_err() {
-                return invalid(key("name"), "must be 1-64 letters, digits, '-', '_' or '.'");
+                return invalid(key("name"), &format!("must be {ID_RULE}"));
             }
             if !names.insert(&image.name) {
                 return invalid(key("name"), "is used by another image");

@@ -142,7 +142,10 @@ impl Mode {
             })
         };
         if berth_protocol::SessionId::new(self.name.clone()).is_err() {
-            return bad("name", "file stem must be letters, digits, '-', '_' or '.'");
+            return bad(
+                "name",
+                &format!("file stem must be {}", berth_protocol::ids::ID_RULE),
+            );
         }
         if self.players.min == 0 || self.players.max < self.players.min {
             return bad("players", "need 1 <= min <= max");

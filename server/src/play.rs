@@ -399,7 +399,7 @@ async fn queue(
             if !valid_name(&p.id) {
                 return Err((
                     "bad_party",
-                    "party id must be 1-64 letters, digits, '-', '_' or '.'".into(),
+                    format!("party id must be {}", berth_protocol::ids::ID_RULE),
                 ));
             }
             if p.size > mode.team_size() {
