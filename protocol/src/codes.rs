@@ -117,7 +117,7 @@ macro_rules! vocabulary {
                     $($wire => Ok($name::$variant),)*
                     other => Err(UnknownValue {
                         what: stringify!($name),
-                        value: other.chars().take(64).collect(),
+                        value: $crate::clip(other, $crate::ECHO_MAX_CHARS).into_owned(),
                     }),
                 }
             }

@@ -215,7 +215,10 @@ async fn dev_token(
             return refuse(
                 StatusCode::BAD_REQUEST,
                 "bad_role",
-                format!("role {other:?}: dev tokens are for `player` or `admin`"),
+                format!(
+                    "role {}: dev tokens are for `player` or `admin`",
+                    berth_protocol::echo(other)
+                ),
             )
         }
     };

@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage, PLAY_PROTOCOL_VERSION};
-use berth_protocol::PlayerId;
+use berth_protocol::{echo, PlayerId};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -376,13 +376,16 @@ async fn queue(
         let known: Vec<&str> = ctx.modes.0.keys().map(String::as_str).collect();
         return Err((
             "unknown_mode",
-            format!("no mode {mode_name:?}; modes: {}", known.join(", ")),
+            format!("no mode {}; modes: {}", echo(&mode_name), known.join(", ")),
         ));
     };
     if !valid_name(&region) || !mode.offers_region(&region) {
         return Err((
             "unknown_region",
-            format!("mode {mode_name} is not offered in region {region:?}"),
+            format!(
+                "mode {mode_name} is not offered in region {}",
+                echo(&region)
+            ),
         ));
     }
     let skill = skill.unwrap_or(mode.skill.default);

@@ -4,6 +4,7 @@
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use axum::http::HeaderMap;
+use berth_protocol::{clip, DETAIL_MAX_CHARS};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -36,13 +37,14 @@ impl FrameError {
     }
 }
 
-/// Decodes a text frame as `T` (an internally tagged protocol enum).
+/// Decodes a text frame as `T` (an internally tagged protocol enum). serde's text may quote
+/// the frame (an unknown type or field whole), so it is clipped.
 pub fn decode<T: DeserializeOwned>(text: &str) -> Result<T, FrameError> {
     serde_json::from_str(text).map_err(|e| {
+        let msg = clip(&e.to_string(), DETAIL_MAX_CHARS).into_owned();
         if e.is_syntax() || e.is_eof() {
-            return FrameError::Json(e.to_string());
+            return FrameError::Json(msg);
         }
-        let msg = e.to_string();
         if msg.starts_with("unknown variant") || msg.contains("missing field `type`") {
             FrameError::UnknownType(msg)
         } else {
@@ -85,6 +87,11 @@ mod tests {
             code(r#"{"type":"ping","nonce":1,"extra":2}"#),
             "bad_message"
         );
+        // serde quotes an unknown type whole: the message does not.
+        let huge = format!(r#"{{"type":"{}"}}"#, "x".repeat(10_000));
+        let e = decode::<ClientMessage>(&huge).expect_err("unknown type");
+        assert_eq!(e.code(), "unknown_type");
+        assert!(e.to_string().len() < 300, "{} bytes", e.to_string().len());
     }
 
     #[test]

@@ -148,6 +148,22 @@ async fn bad_messages_get_codes_and_the_connection_lives_on() -> Result<()> {
     c.expect_error("unknown_mode").await?;
     c.send(&queue("duel", "mars")).await?;
     c.expect_error("unknown_region").await?;
+    // A huge region is quoted back cut short, not whole.
+    c.send(&queue("duel", &"r".repeat(10_000))).await?;
+    match c.recv().await? {
+        ServerMessage::Error { code, message } if code == "unknown_region" => {
+            assert!(message.len() < 200, "{} bytes: {message}", message.len());
+            assert!(message.contains("rrrr…"), "{message}");
+        }
+        other => panic!("expected unknown_region, got {other:?}"),
+    }
+    c.send(&queue(&"m".repeat(10_000), "eu")).await?;
+    match c.recv().await? {
+        ServerMessage::Error { code, message } if code == "unknown_mode" => {
+            assert!(message.len() < 300, "{} bytes: {message}", message.len());
+        }
+        other => panic!("expected unknown_mode, got {other:?}"),
+    }
     c.send(&ClientMessage::Queue {
         mode: "arena".into(),
         region: "eu".into(),
