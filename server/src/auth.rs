@@ -477,6 +477,33 @@ mod tests {
     }
 
     #[test]
+    fn an_hs256_secret_is_its_raw_bytes_trimmed() {
+        // Valid base64, and used as the text it is (what docs/operations.md promises).
+        let text = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        let a = Auth::new(&AuthConfig {
+            secret: format!("  {text}\n"),
+            ..AuthConfig::default()
+        })
+        .expect("valid secret");
+        let now = now_ms() / 1000;
+        let claims = serde_json::json!({"sub":"bob","iss":"berth","aud":"berth","exp": now + 60});
+        let sign = |key: &[u8]| {
+            jsonwebtoken::encode(
+                &Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(key),
+            )
+            .expect("encode")
+        };
+        assert!(a.verify_player(&sign(text.as_bytes())).is_ok());
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .expect("base64");
+        let e = a.verify_player(&sign(&decoded)).expect_err("not decoded");
+        assert_eq!(e.code(), "bad_signature");
+    }
+
+    #[test]
     fn expired_token_is_refused() {
         let a = auth();
         let now = now_ms() / 1000;

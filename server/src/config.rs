@@ -85,8 +85,10 @@ pub enum Algorithm {
 pub struct AuthConfig {
     /// The one algorithm accepted; a token naming another (or `none`) is refused.
     pub algorithm: Algorithm,
-    /// HS256 shared secret (or `BERTH_AUTH_SECRET`).
+    /// HS256 shared secret (or `BERTH_AUTH_SECRET`): the key is its bytes as written (trimmed
+    /// of surrounding whitespace), never base64- or hex-decoded.
     pub secret: String,
+    /// The same from a file (its bytes, trimmed): used instead of `secret` when set.
     pub secret_file: Option<PathBuf>,
     /// RS256/EdDSA: PEM public key to verify with.
     pub public_key_file: Option<PathBuf>,
