@@ -77,7 +77,9 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 /// The code of the error sent when hostd stops.
 pub const SHUTTING_DOWN: &str = code::SHUTTING_DOWN;
 
-use berth_net::{close_frame, drain_until_closed, first_frame, is_too_big, First};
+use berth_net::{
+    first_frame, read_error_close, send_close, First, CLOSE_BOUND, INVALID_UTF8, MESSAGE_TOO_BIG,
+};
 /// Close codes (shared with the matchmaking server).
 pub use berth_protocol::close;
 use berth_protocol::rate::{Flood, Verdict};
@@ -233,7 +235,7 @@ pub struct GatewayStats {
     pub refused: BTreeMap<String, u64>,
     /// How admitted connections ended, by close reason (`game_closed`, `client_closed`,
     /// `replaced`, `game_over`, `shutting_down`, `rate_limited`, `message_too_big`,
-    /// `ping_timeout`, `client_error`, `game_error`).
+    /// `invalid_utf8`, `ping_timeout`, `client_error`, `game_error`).
     pub closed: BTreeMap<String, u64>,
     /// Messages forwarded.
     pub forwarded: Directions<u64>,
@@ -514,7 +516,6 @@ async fn finish<S, E>(shared: &Shared, ws: &mut S, end: End, admitted: bool)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
 {
-    const BOUND: Duration = Duration::from_secs(2);
     if admitted {
         Meters::count(&shared.meters.closed, end.reason());
     }
@@ -525,23 +526,22 @@ where
                 tracing::info!(code = r.code, message = %r.message, "refused");
             }
             let close = close_code(r.code).unwrap_or(close::NORMAL);
-            let _ = tokio::time::timeout(BOUND, ws.send(error_frame(r.code, &r.message))).await;
-            let _ = tokio::time::timeout(BOUND, ws.send(close_frame(close, r.code))).await;
+            let _ =
+                tokio::time::timeout(CLOSE_BOUND, ws.send(error_frame(r.code, &r.message))).await;
+            send_close(ws, close, r.code).await;
         }
         End::Close(code, reason) => {
-            if !admitted && *code == close::TOO_BIG {
+            // Before the join only a frame the gateway cannot read ends it with a bare close.
+            if !admitted {
                 Meters::count(&shared.meters.refused, reason);
                 tracing::info!(code = *reason, "refused");
             }
-            let _ = tokio::time::timeout(BOUND, ws.send(close_frame(*code, reason))).await;
+            send_close(ws, *code, reason).await;
         }
         End::Gone(_) => {}
     }
-    if !matches!(end, End::Gone(_)) {
-        drain_until_closed(ws).await;
-    }
     // Completes the close handshake (or answers the client's close).
-    let _ = tokio::time::timeout(BOUND, ws.close()).await;
+    let _ = tokio::time::timeout(CLOSE_BOUND, ws.close()).await;
     tracing::debug!(reason = end.reason(), "connection closed");
 }
 
@@ -558,7 +558,7 @@ where
     let text = match first {
         // The join is held to the default frame limit: no image's own limit applies yet.
         First::Text(text) if text.len() > MAX_FRAME => {
-            return Err(End::Close(close::TOO_BIG, "message_too_big"))
+            return Err(End::Close(close::TOO_BIG, MESSAGE_TOO_BIG))
         }
         First::Text(text) => text,
         First::Timeout => {
@@ -571,7 +571,8 @@ where
             )))
         }
         First::Closed => return Err(End::Gone("client_closed")),
-        First::TooBig => return Err(End::Close(close::TOO_BIG, "message_too_big")),
+        First::TooBig => return Err(End::Close(close::TOO_BIG, MESSAGE_TOO_BIG)),
+        First::NotUtf8 => return Err(End::Close(close::INVALID_DATA, INVALID_UTF8)),
         First::Failed => return Err(End::Gone("client_error")),
         First::Binary => {
             return Err(End::Refuse(Refusal::new(
@@ -869,10 +870,11 @@ impl Upstream {
         let read_at = Instant::now();
         let msg = match frame {
             None => return Some(End::Gone("client_closed")),
-            Some(Err(e)) if is_too_big(&e) => {
-                return Some(End::Close(close::TOO_BIG, "message_too_big"))
+            // Oversize (1009) and not UTF-8 (1007) are told; a broken connection is not.
+            Some(Err(e)) => {
+                let told = read_error_close(&e).map(|(code, reason)| End::Close(code, reason));
+                return Some(told.unwrap_or(End::Gone("client_error")));
             }
-            Some(Err(_)) => return Some(End::Gone("client_error")),
             Some(Ok(msg)) => msg,
         };
         match classify(&msg) {
@@ -885,7 +887,7 @@ impl Upstream {
             Frame::Data => {}
         }
         if frames::payload_len(&msg) > gate.game.max_frame_bytes as usize {
-            return Some(End::Close(close::TOO_BIG, "message_too_big"));
+            return Some(End::Close(close::TOO_BIG, MESSAGE_TOO_BIG));
         }
         let refusal = match self.flood.check(read_at) {
             Verdict::Allowed => None,
@@ -1021,6 +1023,7 @@ impl Histogram {
 mod tests {
     use super::*;
     use base64::Engine;
+    use berth_client::probe::Probe;
 
     #[test]
     fn frames_are_classified() {
@@ -1237,6 +1240,126 @@ mod tests {
         // A session without a key (adopted from an old record) admits nobody, not everybody.
         let keyless = mint("s1", "s1", "alice", 200, b"");
         assert_eq!(code_of(&keyless, vec![]), Err(code::UNKNOWN_SESSION));
+    }
+
+    /// A gateway on port 0 before one active session, `s1` with player `alice`, on the pool's
+    /// test double, whose game server is a TCP listener that reads and discards; and a ticket
+    /// for alice.
+    struct Live {
+        gateway: Gateway,
+        pool: Pool,
+        url: String,
+        join: String,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn live() -> Live {
+        use crate::pool::tests::{pool_with, Script};
+        let game = TcpListener::bind("127.0.0.1:0").await.expect("game port");
+        let game_addr = game.local_addr().expect("game address");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = game.accept().await {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut tcp, &mut tokio::io::sink()).await;
+                });
+            }
+        });
+        let script = Script {
+            game_addr: Some(game_addr),
+            ..Script::default()
+        };
+        let (pool, _driver, dir) = pool_with(0, 4, script).await;
+        let wait = Duration::from_secs(30);
+        pool.wait_ready("arena", 0, wait).await.expect("docked");
+        let key = b"0123456789abcdef";
+        let request = crate::pool::ActivateRequest {
+            session_id: s("s1"),
+            image: "arena".into(),
+            players: vec![p("alice")],
+            teams: vec![],
+            params: serde_json::Value::Null,
+            ticket_key: hex::encode(key),
+            deadline_ms: 0,
+        };
+        pool.activate(request).await.expect("active");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("gateway port");
+        let gateway = serve(pool.clone(), listener).expect("gateway");
+        let ticket = mint("s1", "s1", "alice", now_ms() / 1000 + 600, key);
+        Live {
+            url: format!("ws://{}{PATH}", gateway.addr),
+            join: format!(r#"{{"type":"join","ticket":"{ticket}"}}"#),
+            gateway,
+            pool,
+            _dir: dir,
+        }
+    }
+
+    impl Live {
+        async fn stop(self) {
+            self.gateway.shutdown().await;
+            self.pool.shutdown().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_that_does_not_read_gets_its_4429_not_a_reset() {
+        let live = live().await;
+        let mut flooder = Probe::connect(&live.url, None).await.expect("connects");
+        assert!(flooder.send_text(&live.join).await);
+        // Far past the burst, all written before anything is read: the gateway closes with
+        // most of it unread in its receive buffer.
+        assert_eq!(flooder.flood(r#"{"type":"input"}"#, 5000).await, 5000);
+        let end = flooder
+            .until_closed(Duration::from_secs(10))
+            .await
+            .expect("ends");
+        let limited = end
+            .texts
+            .iter()
+            .filter(|t| t.contains("rate_limited"))
+            .count();
+        assert!(
+            limited > RATE_STRIKES as usize,
+            "{limited} rate_limited errors"
+        );
+        assert!(end.closed.frame, "no close frame: {:?}", end.closed);
+        assert_eq!(
+            end.closed.code,
+            Some(close::RATE_LIMITED),
+            "{:?}",
+            end.closed
+        );
+        assert_eq!(live.gateway.stats().closed.get("rate_limited"), Some(&1));
+        live.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
+        let live = live().await;
+        for joined in [false, true] {
+            let mut probe = Probe::connect(&live.url, None).await.expect("connects");
+            if joined {
+                assert!(probe.send_text(&live.join).await);
+            }
+            assert!(probe.send_invalid_utf8().await);
+            let end = probe
+                .until_closed(Duration::from_secs(5))
+                .await
+                .expect("ends");
+            let closed = (
+                end.closed.frame,
+                end.closed.code,
+                end.closed.reason.as_str(),
+            );
+            let want = (true, Some(close::INVALID_DATA), INVALID_UTF8);
+            assert_eq!(closed, want, "joined: {joined}");
+        }
+        let stats = live.gateway.stats();
+        assert_eq!(stats.refused.get(INVALID_UTF8), Some(&1), "{stats:?}");
+        assert_eq!(stats.closed.get(INVALID_UTF8), Some(&1), "{stats:?}");
+        live.stop().await;
     }
 
     #[test]

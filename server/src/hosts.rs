@@ -98,8 +98,8 @@ where
                     }
                     Ok(None | Some(Ok(Message::Close(_)))) => break,
                     Ok(Some(Err(e))) => {
-                        if wire::is_too_big(&e) {
-                            send_close(&mut ws, close::TOO_BIG, "message_too_big").await;
+                        if let Some(reason) = wire::close_after_read_error(&mut ws, &e).await {
+                            ctx.metrics.refuse(reason);
                         }
                         break;
                     }
@@ -172,6 +172,10 @@ where
     let refused = match wire::first_frame(ws, wait).await {
         wire::First::Timeout => refusal("register_timeout", "no register in time", close::TIMEOUT),
         wire::First::Closed | wire::First::Failed | wire::First::TooBig => return None,
+        wire::First::NotUtf8 => {
+            send_close(ws, close::INVALID_DATA, wire::INVALID_UTF8).await;
+            return None;
+        }
         wire::First::Binary => {
             let e = FrameError::Binary;
             refusal(e.code(), e.to_string(), close::PROTOCOL)

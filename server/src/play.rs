@@ -205,9 +205,9 @@ where
     let m = match frame {
         None | Some(Ok(Message::Close(_))) => return None,
         Some(Err(e)) => {
-            if wire::is_too_big(&e) {
-                ctx.metrics.refuse("message_too_big");
-                send_close(ws, close::TOO_BIG, "message_too_big").await;
+            // Oversize (1009) and not UTF-8 (1007) are told; a broken connection is not.
+            if let Some(reason) = wire::close_after_read_error(ws, &e).await {
+                ctx.metrics.refuse(reason);
             }
             return None;
         }
@@ -235,9 +235,8 @@ where
                     "too many messages; closing",
                 )))
                 .await;
+            // (Reading the flooder's unread frames away first, so the close is not a reset.)
             send_close(ws, close::RATE_LIMITED, "rate_limited").await;
-            // The flooder's unread frames would turn our close into a reset.
-            wire::drain_until_closed(ws).await;
             None
         }
     }
@@ -269,6 +268,11 @@ where
             }
             // Before hello an oversized message just drops the socket (nothing said yet).
             First::Closed | First::Failed | First::TooBig => return None,
+            First::NotUtf8 => {
+                ctx.metrics.refuse(wire::INVALID_UTF8);
+                send_close(ws, close::INVALID_DATA, wire::INVALID_UTF8).await;
+                return None;
+            }
             First::Text(t) => t,
             First::Binary => {
                 let e = FrameError::Binary;

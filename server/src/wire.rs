@@ -1,6 +1,6 @@
 //! What the player and host websockets share: decoding a frame into a protocol message with a
 //! stable error code, and the bearer header. The socket toolkit they share with hostd's gateway
-//! (first frame, close frames, oversize, the flood guard) is `berth-net`'s, re-exported here.
+//! (first frame, close frames, read errors, the flood guard) is `berth-net`'s, re-exported here.
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use axum::http::HeaderMap;
@@ -8,7 +8,9 @@ use berth_protocol::{clip, DETAIL_MAX_CHARS};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use berth_net::{close_frame, drain_until_closed, first_frame, is_too_big, send_close, First};
+pub use berth_net::{
+    close_after_read_error, close_frame, first_frame, send_close, First, INVALID_UTF8,
+};
 /// Close codes (shared with hostd's gateway).
 pub use berth_protocol::close;
 pub use berth_protocol::rate::{Flood, Verdict};

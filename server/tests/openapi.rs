@@ -210,10 +210,7 @@ fn documented_admin_routes_are_exactly_the_served_ones() -> Result<()> {
 type Ws = berth_client::Socket;
 
 async fn connect(url: &str, bearer: Option<&str>) -> Result<Ws> {
-    let options = berth_client::ConnectOptions {
-        bearer: bearer.map(str::to_owned),
-        ..Default::default()
-    };
+    let options = berth_client::ConnectOptions::with_bearer(bearer);
     berth_client::Socket::connect(url, options)
         .await
         .with_context(|| format!("connecting to {url}"))

@@ -4,6 +4,7 @@ mod common;
 
 use anyhow::Result;
 use base64::Engine;
+use berth_client::probe::Probe;
 use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage};
 use berth_server::app::Server;
 use common::*;
@@ -198,34 +199,65 @@ async fn oversize_frames_close_with_1009_and_others_are_unaffected() -> Result<(
     Ok(())
 }
 
+/// A signed-in player's socket driven by hand (nothing read until asked).
+async fn probe(s: &Server, name: &str) -> Result<Probe> {
+    let mut p = Probe::connect(&common::play_url(s), Some(&token(name))).await?;
+    anyhow::ensure!(p.send_text(r#"{"type":"hello","v":1}"#).await, "hello");
+    Ok(p)
+}
+
 #[tokio::test]
-async fn floods_are_rate_limited_then_closed() -> Result<()> {
+async fn a_flood_that_does_not_read_gets_its_4429_not_a_reset() -> Result<()> {
     let mut cfg = config();
     cfg.limits.messages_per_s = 5;
     cfg.limits.burst = 5;
     cfg.limits.rate_strikes = 10;
     let s = Server::start(cfg).await?;
     let mut bystander = common::player(&s, "erin").await?;
-    let mut c = common::player(&s, "flooder").await?;
-    for i in 0..100 {
-        if c.send(&ClientMessage::Ping { nonce: i }).await.is_err() {
-            break;
-        }
-    }
-    let mut limited = 0;
-    let close = loop {
-        match c.recv().await {
-            Ok(ServerMessage::Error { code, .. }) if code == "rate_limited" => limited += 1,
-            Ok(_) => {}
-            Err(e) => break e.to_string(),
-        }
-    };
+    let mut flooder = probe(&s, "flooder").await?;
+    // Far more than the limit, all written before anything is read: the server closes with
+    // most of it still unread in its receive buffer.
+    let sent = flooder.flood(r#"{"type":"ping","nonce":1}"#, 2000).await;
+    assert_eq!(sent, 2000);
+    let end = flooder.until_closed(Duration::from_secs(10)).await?;
+    let limited = end
+        .texts
+        .iter()
+        .filter(|t| t.contains("rate_limited"))
+        .count();
     assert!(limited >= 10, "{limited} rate_limited errors");
-    assert!(
-        close.contains("4429") || close.contains("closed"),
-        "{close}"
-    );
+    assert!(end.closed.frame, "no close frame: {:?}", end.closed);
+    assert_eq!(end.closed.code, Some(4429), "{:?}", end.closed);
+    assert_eq!(end.closed.reason, "rate_limited");
     bystander.ping_pong(3).await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_with_1007() -> Result<()> {
+    let s = server().await?;
+    // After hello…
+    let mut p = probe(&s, "mallory").await?;
+    assert!(p.send_invalid_utf8().await);
+    let end = p.until_closed(Duration::from_secs(5)).await?;
+    assert!(
+        end.texts.iter().any(|t| t.contains("welcome")),
+        "{:?}",
+        end.texts
+    );
+    assert_eq!(
+        (end.closed.frame, end.closed.code),
+        (true, Some(1007)),
+        "{:?}",
+        end.closed
+    );
+    assert_eq!(end.closed.reason, "invalid_utf8");
+    // …and as the very first frame.
+    let mut p = Probe::connect(&common::play_url(&s), None).await?;
+    assert!(p.send_invalid_utf8().await);
+    let end = p.until_closed(Duration::from_secs(5)).await?;
+    assert_eq!(end.closed.code, Some(1007), "{:?}", end.closed);
     s.shutdown().await;
     Ok(())
 }
