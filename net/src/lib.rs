@@ -1,6 +1,8 @@
 //! The socket toolkit every Berth websocket server shares — the server's `/v1/play` and
 //! `/v1/hosts`, hostd's gateway `/v1/game` — so that each endpoint keeps only its own protocol:
 //!
+//! - [`serve`]: a router on a public port, with a header-read timeout and a cap on
+//!   connections ([`Seat`]s), the one accept loop of the server and the gateway;
 //! - [`first_frame`]: the peer's first frame within a deadline (hello, register, join), pings
 //!   skipped, with the ways it can fail told apart;
 //! - [`close_frame`] and [`send_close`]: a close frame with a code and a reason, sent within a
@@ -12,6 +14,10 @@
 //!
 //! The flood guard they share is [`berth_protocol::rate::Flood`], beside the rate limit it
 //! builds on.
+
+mod serve;
+
+pub use serve::{serve, Limits, Seat};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use berth_protocol::close;

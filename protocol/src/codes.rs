@@ -151,6 +151,9 @@ vocabulary!(open
         Replaced = "replaced",
         ShuttingDown = "shutting_down",
         SlowConsumer = "slow_consumer",
+        /// The listener's cap on connections (not yet past `hello`/`register` on the server;
+        /// all of them on the gateway): HTTP 503 before the request is read.
+        TooManyConnections = "too_many_connections",
         // Tokens (player, host and admin JWTs).
         MissingToken = "missing_token",
         ExpiredToken = "expired_token",

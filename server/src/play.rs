@@ -10,10 +10,11 @@ use crate::util::{now_ms, random_id};
 use crate::wire::{
     self, close, decode, first_frame, send_close, text, First, Flood, FrameError, Verdict,
 };
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::ws::Message;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use berth_net::Seat;
 use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage, PLAY_PROTOCOL_VERSION};
 use berth_protocol::{echo, PlayerId};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -27,7 +28,7 @@ const STRIKES_FORGIVEN: Duration = Duration::from_secs(10);
 /// Messages waiting to be written to one player before it counts as too slow.
 const OUTBOX: usize = 32;
 
-pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(ctx): State<Ctx>) -> Response {
+pub async fn handler(up: wire::Upgrade, State(ctx): State<Ctx>) -> Response {
     let limits = &ctx.config.limits;
     if lock(&ctx.registry.players).len() >= limits.max_players {
         ctx.metrics.refuse("server_full");
@@ -40,25 +41,27 @@ pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(ctx): State
         )
             .into_response();
     }
-    let bearer = wire::bearer(&headers);
     let max = limits.max_frame_bytes;
+    let wire::Upgrade { ws, bearer, seat } = up;
     ws.max_message_size(max)
         .max_frame_size(max)
         // Small buffers: most player sockets are idle most of the time.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(256 * 1024)
-        .on_upgrade(move |socket| serve(ctx, socket, bearer))
+        .on_upgrade(move |socket| serve(ctx, socket, bearer, seat))
 }
 
-/// Runs one player connection to its end.
-pub async fn serve<S>(ctx: Ctx, mut ws: S, bearer: Option<String>)
+/// Runs one player connection to its end. Its listener `seat` (if any) is held until `hello`
+/// is accepted: until then it counts against `limits.max_pending`.
+pub async fn serve<S>(ctx: Ctx, mut ws: S, bearer: Option<String>, seat: Seat)
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
 {
     let Some(player) = hello(&ctx, &mut ws, bearer).await else {
         return;
     };
+    seat.release();
     let (conn_id, rx) = register(&ctx, &player).await;
     if greet(&ctx, &mut ws, &player).await {
         connection(&ctx, &mut ws, &player, rx).await;

@@ -2,8 +2,12 @@
 //! stable error code, and the bearer header. The socket toolkit they share with hostd's gateway
 //! (first frame, close frames, read errors, the flood guard) is `berth-net`'s, re-exported here.
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocketUpgrade};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::HeaderMap;
+use berth_net::Seat;
 use berth_protocol::{clip, DETAIL_MAX_CHARS};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -59,6 +63,29 @@ pub fn text<T: Serialize>(msg: &T) -> Message {
     Message::Text(Utf8Bytes::from(
         serde_json::to_string(msg).expect("protocol types always serialise"),
     ))
+}
+
+/// What a websocket endpoint (`/v1/play`, `/v1/hosts`) takes from its upgrade request: the
+/// upgrade, the bearer token if any, and the connection's listener seat (held until the
+/// peer's first message is accepted, see `berth_net::serve`).
+pub struct Upgrade {
+    pub ws: WebSocketUpgrade,
+    pub bearer: Option<String>,
+    pub seat: Seat,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = WebSocketUpgradeRejection;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let ws = WebSocketUpgrade::from_request_parts(parts, state).await?;
+        let Ok(seat) = Seat::from_request_parts(parts, state).await;
+        Ok(Upgrade {
+            ws,
+            bearer: bearer(&parts.headers),
+            seat,
+        })
+    }
 }
 
 /// `Authorization: Bearer <token>`, if present.

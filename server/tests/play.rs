@@ -2,9 +2,10 @@
 
 mod common;
 
+use anyhow::Context;
 use anyhow::Result;
 use base64::Engine;
-use berth_client::probe::Probe;
+use berth_client::probe::{stall, Probe};
 use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage};
 use berth_server::app::Server;
 use common::*;
@@ -195,6 +196,53 @@ async fn oversize_frames_close_with_1009_and_others_are_unaffected() -> Result<(
     let _ = c.raw(huge).await;
     assert_eq!(close_code(&c.closed().await?), 1009);
     bystander.ping_pong(2).await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connection_that_never_finishes_its_upgrade_is_closed() -> Result<()> {
+    let mut cfg = config();
+    cfg.timeouts.header_read_ms = 300;
+    let s = Server::start(cfg).await?;
+    let wait = Duration::from_secs(5);
+    let half = b"GET /v1/play HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n";
+    for sent in [&b""[..], &half[..]] {
+        let stalled = stall(s.addr, sent, wait).await?;
+        let after = stalled.closed_after.context("still open after 5 s")?;
+        assert!(
+            after < Duration::from_millis(1500),
+            "closed after {after:?}"
+        );
+    }
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_not_past_hello_are_capped() -> Result<()> {
+    let mut cfg = config();
+    cfg.limits.max_pending = 1;
+    let s = Server::start(cfg).await?;
+    // A player past hello holds no seat: the next signs in too.
+    let mut alice = common::player(&s, "alice").await?;
+    let mut bob = common::player(&s, "bob").await?;
+    // One connection that says nothing takes the one seat…
+    let silent = tokio::spawn(stall(s.addr, b"", Duration::from_secs(2)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // …so the next is refused before its upgrade, with a code.
+    match common::open(&s, None).await {
+        Err(e) => match e.downcast_ref::<berth_client::ClientError>() {
+            Some(berth_client::ClientError::Http { status: 503, body }) => {
+                assert!(body.contains("too_many_connections"), "{body}");
+            }
+            _ => panic!("expected a 503, got {e:?}"),
+        },
+        Ok(_) => panic!("a connection over the cap was let in"),
+    }
+    silent.abort();
+    alice.ping_pong(1).await?;
+    bob.ping_pong(2).await?;
     s.shutdown().await;
     Ok(())
 }
