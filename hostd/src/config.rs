@@ -18,6 +18,8 @@
 //!
 //! [gateway]                      # the players' websocket (see `gateway`)
 //! listen = "0.0.0.0:7071"        # default 127.0.0.1:7071
+//! header_read_timeout_ms = 10000 # a connection's upgrade request must come within this
+//! max_connections = 4096         # open connections at most; more are answered 503
 //!
 //! [server]                       # optional: without it hostd runs standalone
 //! url = "ws://127.0.0.1:7080/v1/hosts"
@@ -148,19 +150,42 @@ fn default_gateway_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7071))
 }
 
-/// The `[gateway]` table: where the players' websocket listens.
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_gateway_connections() -> usize {
+    4096
+}
+
+/// The `[gateway]` table: where the players' websocket listens, and its limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// The gateway's listen address (players reach it as `[server] gateway` says).
     #[serde(default = "default_gateway_listen")]
     pub listen: SocketAddr,
+    /// A connection must send its upgrade request within this (ms); else it is closed.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Most open connections (joining or playing); more are answered 503
+    /// `too_many_connections` before their request is read.
+    #[serde(default = "default_gateway_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
+        GatewayConfig::at(default_gateway_listen())
+    }
+}
+
+impl GatewayConfig {
+    /// The default limits, listening on `listen`.
+    pub fn at(listen: SocketAddr) -> Self {
         GatewayConfig {
-            listen: default_gateway_listen(),
+            listen,
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            max_connections: default_gateway_connections(),
         }
     }
 }
@@ -416,6 +441,15 @@ impl HostdConfig {
         if gateway.port() != 0 && gateway.port() == control.port() && same_ip {
             return invalid("gateway.listen".into(), "must not be the control address");
         }
+        if self.gateway.header_read_timeout_ms == 0 {
+            return invalid(
+                "gateway.header_read_timeout_ms".into(),
+                "must be at least 1",
+            );
+        }
+        if self.gateway.max_connections == 0 {
+            return invalid("gateway.max_connections".into(), "must be at least 1");
+        }
         let mut names = std::collections::HashSet::new();
         for (i, image) in self.images.iter().enumerate() {
             let key = |k: &str| format!("images[{i}].{k}");
@@ -583,6 +617,15 @@ mod tests {
         assert!(err("[gateway]\nlisten = \"nowhere\"").contains("listen"));
         assert!(err("[gateway]\nlisten = 7071").contains("listen"));
         assert!(err("[gateway]\nport = 1").contains("unknown field"));
+        let limits = "[gateway]\nheader_read_timeout_ms = 500\nmax_connections = 9";
+        let c = HostdConfig::parse(limits).expect("valid");
+        assert_eq!(
+            (c.gateway.header_read_timeout_ms, c.gateway.max_connections),
+            (500, 9)
+        );
+        assert!(err("[gateway]\nmax_connections = 0").contains("gateway.max_connections"));
+        let none = "[gateway]\nheader_read_timeout_ms = 0";
+        assert!(err(none).contains("gateway.header_read_timeout_ms"));
         let clash = "control = \"127.0.0.1:7000\"\n[gateway]\nlisten = \"0.0.0.0:7000\"";
         assert!(err(clash).contains("gateway.listen"));
         HostdConfig::parse("control = \"127.0.0.1:0\"\n[gateway]\nlisten = \"127.0.0.1:0\"")

@@ -1,7 +1,9 @@
 //! The host gateway: the one public websocket through which players reach the game servers in
 //! this host's VMs (`GET /v1/game` on `[gateway] listen`).
 //!
-//! It owns the players' connections and nothing else: the join handshake (the session ticket is
+//! It owns the players' connections and nothing else: their admission (`berth_net::serve`:
+//! the upgrade request within `[gateway] header_read_timeout_ms`, at most `max_connections`
+//! open, a 503 `too_many_connections` beyond), the join handshake (the session ticket is
 //! checked with that session's own key, which [`Pool::gate`] hands out for active VMs only), the
 //! rules that one ticket has at most one live connection and one player one connection, the
 //! proxying (one text frame ⇄ one JSON line on the game's TCP port), the frame rules (text,
@@ -20,6 +22,7 @@
 //! Every refusal is a `{"type":"error","code","message"}` frame followed by a close whose reason
 //! is the code; [`close_code`] maps codes to close codes (documented in `docs/protocol.md`).
 
+use crate::config::GatewayConfig;
 use crate::frames::{self, GameRead, GameReader};
 use crate::pool::{Gate, Pool};
 use crate::util::now_ms;
@@ -78,7 +81,8 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 pub const SHUTTING_DOWN: &str = code::SHUTTING_DOWN;
 
 use berth_net::{
-    first_frame, read_error_close, send_close, First, CLOSE_BOUND, INVALID_UTF8, MESSAGE_TOO_BIG,
+    first_frame, read_error_close, send_close, First, Seat, CLOSE_BOUND, INVALID_UTF8,
+    MESSAGE_TOO_BIG,
 };
 /// Close codes (shared with the matchmaking server).
 pub use berth_protocol::close;
@@ -128,7 +132,8 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-/// Binds `listen` and serves the gateway for `pool`'s sessions.
+/// Binds `listen` and serves the gateway for `pool`'s sessions with the default limits
+/// (in-process stacks; hostd itself serves with its `[gateway]` table, see [`serve`]).
 pub async fn start(pool: Pool, listen: SocketAddr) -> Result<Gateway, GatewayError> {
     let listener = TcpListener::bind(listen)
         .await
@@ -136,12 +141,16 @@ pub async fn start(pool: Pool, listen: SocketAddr) -> Result<Gateway, GatewayErr
             addr: listen,
             source,
         })?;
-    serve(pool, listener)
+    serve(pool, listener, &GatewayConfig::at(listen))
 }
 
-/// Serves the gateway on a listener bound earlier (so that start-up fails before VMs boot).
-pub fn serve(pool: Pool, listener: TcpListener) -> Result<Gateway, GatewayError> {
-    use axum::serve::ListenerExt;
+/// Serves the gateway on a listener bound earlier (so that start-up fails before VMs boot),
+/// within `config`'s limits (its `listen` is the listener's business).
+pub fn serve(
+    pool: Pool,
+    listener: TcpListener,
+    config: &GatewayConfig,
+) -> Result<Gateway, GatewayError> {
     let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
@@ -154,22 +163,16 @@ pub fn serve(pool: Pool, listener: TcpListener) -> Result<Gateway, GatewayError>
         meters: Meters::default(),
         stop: stopped.clone(),
     });
-    // Small messages both ways: no Nagle delay (it costs ~40 ms with delayed ACKs).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY");
-        }
-    });
     let app = Router::new()
         .route(PATH, get(upgrade))
-        .with_state(shared.clone())
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop_signal(stopped));
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "gateway server failed");
-        }
-    });
+        .with_state(shared.clone());
+    let limits = listen_limits(config, &shared);
+    let server = tokio::spawn(berth_net::serve(
+        listener,
+        app,
+        limits,
+        stop_signal(stopped),
+    ));
     tracing::info!(gateway = %addr, "gateway listening");
     Ok(Gateway {
         addr,
@@ -230,8 +233,8 @@ impl Meter {
 pub struct GatewayStats {
     pub listen: SocketAddr,
     pub connections: Connections,
-    /// Error frames sent, by code: refused joins, and refused frames (`bad_frame`,
-    /// `rate_limited`).
+    /// Error frames sent, by code: refused joins, refused frames (`bad_frame`,
+    /// `rate_limited`), and connections refused over the cap (`too_many_connections`).
     pub refused: BTreeMap<String, u64>,
     /// How admitted connections ended, by close reason (`game_closed`, `client_closed`,
     /// `replaced`, `game_over`, `shutting_down`, `rate_limited`, `message_too_big`,
@@ -353,13 +356,31 @@ impl Drop for Up<'_> {
     }
 }
 
+/// The listener's limits (`berth_net::serve`): the header-read timeout, and one seat per open
+/// connection (held for its whole life), refusals counted in the stats.
+fn listen_limits(config: &GatewayConfig, shared: &Arc<Shared>) -> berth_net::Limits {
+    let counted = shared.clone();
+    berth_net::Limits {
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+        max_seats: config.max_connections,
+        refusal_code: code::TOO_MANY_CONNECTIONS,
+        refusal_message: "too many connections to this host's gateway; retry later",
+        on_refusal: Arc::new(move || {
+            Meters::count(&counted.meters.refused, code::TOO_MANY_CONNECTIONS);
+        }),
+    }
+}
+
 async fn stop_signal(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// The upgrade. The connection's listener `seat` is held until it closes: the gateway's cap
+/// is on every open connection.
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    seat: Seat,
     ws: WebSocketUpgrade,
 ) -> Response {
     ws.max_message_size(MAX_WS_FRAME)
@@ -377,7 +398,11 @@ async fn upgrade(
                 session_id = tracing::field::Empty,
                 player = tracing::field::Empty
             );
-            connection(shared, socket).instrument(span)
+            async move {
+                connection(shared, socket).await;
+                drop(seat);
+            }
+            .instrument(span)
         })
 }
 
@@ -1023,7 +1048,7 @@ impl Histogram {
 mod tests {
     use super::*;
     use base64::Engine;
-    use berth_client::probe::Probe;
+    use berth_client::probe::{stall, Probe};
 
     #[test]
     fn frames_are_classified() {
@@ -1253,7 +1278,7 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
-    async fn live() -> Live {
+    async fn live(config: GatewayConfig) -> Live {
         use crate::pool::tests::{pool_with, Script};
         let game = TcpListener::bind("127.0.0.1:0").await.expect("game port");
         let game_addr = game.local_addr().expect("game address");
@@ -1285,7 +1310,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("gateway port");
-        let gateway = serve(pool.clone(), listener).expect("gateway");
+        let gateway = serve(pool.clone(), listener, &config).expect("gateway");
         let ticket = mint("s1", "s1", "alice", now_ms() / 1000 + 600, key);
         Live {
             url: format!("ws://{}{PATH}", gateway.addr),
@@ -1305,7 +1330,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flood_that_does_not_read_gets_its_4429_not_a_reset() {
-        let live = live().await;
+        let live = live(GatewayConfig::default()).await;
         let mut flooder = Probe::connect(&live.url, None).await.expect("connects");
         assert!(flooder.send_text(&live.join).await);
         // Far past the burst, all written before anything is read: the gateway closes with
@@ -1337,7 +1362,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
-        let live = live().await;
+        let live = live(GatewayConfig::default()).await;
         for joined in [false, true] {
             let mut probe = Probe::connect(&live.url, None).await.expect("connects");
             if joined {
@@ -1359,6 +1384,57 @@ mod tests {
         let stats = live.gateway.stats();
         assert_eq!(stats.refused.get(INVALID_UTF8), Some(&1), "{stats:?}");
         assert_eq!(stats.closed.get(INVALID_UTF8), Some(&1), "{stats:?}");
+        live.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_never_finishes_its_upgrade_is_closed() {
+        let config = GatewayConfig {
+            header_read_timeout_ms: 300,
+            ..GatewayConfig::default()
+        };
+        let live = live(config).await;
+        let half = b"GET /v1/game HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n";
+        for sent in [&b""[..], &half[..]] {
+            let stalled = stall(live.gateway.addr, sent, Duration::from_secs(5))
+                .await
+                .expect("connects");
+            let after = stalled.closed_after.expect("closed");
+            assert!(
+                after < Duration::from_millis(1500),
+                "closed after {after:?}"
+            );
+        }
+        live.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_refused_with_a_code() {
+        let config = GatewayConfig {
+            max_connections: 1,
+            ..GatewayConfig::default()
+        };
+        let live = live(config).await;
+        // A player in the game holds the one seat…
+        let mut player = Probe::connect(&live.url, None).await.expect("connects");
+        assert!(player.send_text(&live.join).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(live.gateway.stats().connections.playing, 1);
+        // …so another connection is answered 503 before its upgrade.
+        match Probe::connect(&live.url, None).await {
+            Err(berth_client::ClientError::Http { status, body }) => {
+                assert_eq!(status, 503);
+                assert!(body.contains(code::TOO_MANY_CONNECTIONS), "{body}");
+            }
+            other => panic!("expected a 503, got {other:?}"),
+        }
+        let refused = live.gateway.stats().refused;
+        assert_eq!(refused.get(code::TOO_MANY_CONNECTIONS), Some(&1));
+        // Once the player has gone, its seat is free.
+        drop(player);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = Probe::connect(&live.url, None).await;
+        assert!(again.is_ok(), "{again:?}");
         live.stop().await;
     }
 

@@ -49,7 +49,7 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// What a listener allows.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Limits {
     /// A request head must arrive within this (and an idle keep-alive connection's next one).
     pub header_read_timeout: Duration,
@@ -59,6 +59,18 @@ pub struct Limits {
     pub refusal_code: &'static str,
     /// Its `message`.
     pub refusal_message: &'static str,
+    /// Called on each such refusal (to count it).
+    pub on_refusal: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("max_seats", &self.max_seats)
+            .field("refusal_code", &self.refusal_code)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A connection's place among the listener's counted connections: an extractor for handlers.
@@ -122,6 +134,7 @@ pub async fn serve(
         }
         let Ok(permit) = seats.clone().try_acquire_owned() else {
             tracing::debug!(%peer, code = limits.refusal_code, "connection refused");
+            (limits.on_refusal)();
             tokio::spawn(refuse(tcp, limits.refusal_code, limits.refusal_message));
             continue;
         };
@@ -237,6 +250,7 @@ mod tests {
             max_seats,
             refusal_code: "too_many_connections",
             refusal_message: "busy",
+            on_refusal: Arc::new(|| {}),
         };
         tokio::spawn(serve(listener, router, limits, async move {
             let _ = stopped.await;

@@ -103,7 +103,7 @@ impl Server {
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = app(ctx.clone());
-        let limits = listen_limits(&ctx.config);
+        let limits = listen_limits(&ctx.core);
         let tasks = vec![
             tokio::spawn(dispatch::run(ctx.clone())),
             tokio::spawn(matchmaker::run(core.clone(), matcher_rx)),
@@ -150,13 +150,16 @@ impl Server {
 }
 
 /// The listener's limits: the header-read timeout, and seats for connections not yet past
-/// `hello` or `register` (released there; see `berth_net::serve`).
-fn listen_limits(config: &ServerConfig) -> berth_net::Limits {
+/// `hello` or `register` (released there; see `berth_net::serve`); refusals are counted.
+fn listen_limits(core: &Arc<Core>) -> berth_net::Limits {
+    const CODE: &str = "too_many_connections";
+    let counted = core.clone();
     berth_net::Limits {
-        header_read_timeout: Duration::from_millis(config.timeouts.header_read_ms),
-        max_seats: config.limits.max_pending,
-        refusal_code: "too_many_connections",
+        header_read_timeout: Duration::from_millis(core.config.timeouts.header_read_ms),
+        max_seats: core.config.limits.max_pending,
+        refusal_code: CODE,
         refusal_message: "too many connections waiting to sign in; retry later",
+        on_refusal: Arc::new(move || counted.metrics.refuse(CODE)),
     }
 }
 

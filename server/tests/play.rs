@@ -241,6 +241,11 @@ async fn connections_not_past_hello_are_capped() -> Result<()> {
         Ok(_) => panic!("a connection over the cap was let in"),
     }
     silent.abort();
+    let metrics = s.ctx.metrics.render();
+    assert!(
+        metrics.contains(r#"code="too_many_connections""#),
+        "not counted"
+    );
     alice.ping_pong(1).await?;
     bob.ping_pong(2).await?;
     s.shutdown().await;
