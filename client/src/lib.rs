@@ -8,6 +8,8 @@
 //!   game's requests and answers, rejoin by joining again).
 //! - [`socket`]: the one websocket under both, with optional faults (a delay per message,
 //!   a kill with no handshake) for simulated phones.
+//! - [`probe`]: hostile clients for tests and chaos runs (a flood that does not read, a frame
+//!   that is not UTF-8, a connection that says nothing) and how the server ended them.
 //!
 //! The wire itself is described in `docs/protocol.md`.
 //!
@@ -37,6 +39,7 @@ pub mod backoff;
 mod error;
 pub mod game;
 pub mod play;
+pub mod probe;
 pub mod socket;
 
 pub use backoff::Backoff;

@@ -60,12 +60,8 @@ impl PlayClient {
     /// Opens the socket without saying hello (for clients that want to send their own first
     /// message). `bearer` goes in the upgrade request's `Authorization` header.
     pub async fn open(url: &str, bearer: Option<&str>) -> Result<PlayClient, ClientError> {
-        let options = ConnectOptions {
-            bearer: bearer.map(str::to_owned),
-            ..ConnectOptions::default()
-        };
         Ok(PlayClient {
-            socket: Socket::connect(url, options).await?,
+            socket: Socket::connect(url, ConnectOptions::with_bearer(bearer)).await?,
             config: None,
             welcome: None,
             nonce: 0,

@@ -58,6 +58,16 @@ impl Default for ConnectOptions {
     }
 }
 
+impl ConnectOptions {
+    /// The defaults, with `bearer` (if any) as the upgrade's bearer token.
+    pub fn with_bearer(bearer: Option<&str>) -> Self {
+        ConnectOptions {
+            bearer: bearer.map(str::to_owned),
+            ..ConnectOptions::default()
+        }
+    }
+}
+
 /// The slow-link fault of a client: the delay range every message of its sockets gets now
 /// (zero when the link is not slow). Shared by the caller and its sockets' delay stages, so
 /// it can change while they are open.
@@ -132,35 +142,7 @@ impl std::fmt::Debug for Socket {
 impl Socket {
     /// Opens a websocket to `url` (TCP_NODELAY on).
     pub async fn connect(url: &str, options: ConnectOptions) -> Result<Socket, ClientError> {
-        let mut request = url
-            .into_client_request()
-            .map_err(|e| ClientError::BadUrl(e.to_string()))?;
-        if let Some(token) = &options.bearer {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| ClientError::BadUrl("the token is not a valid header".into()))?;
-            request.headers_mut().insert("authorization", value);
-        }
-        let config = options.small_buffers.then(|| {
-            tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-                .read_buffer_size(4096)
-                .write_buffer_size(0)
-        });
-        let connecting = tokio_tungstenite::connect_async_with_config(request, config, true);
-        let (ws, _) = match tokio::time::timeout(options.timeout, connecting).await {
-            Err(_) => return Err(ClientError::Timeout(options.timeout)),
-            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
-                let status = resp.status().as_u16();
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default();
-                return Err(ClientError::Http { status, body });
-            }
-            Ok(Err(e)) => return Err(ClientError::Connect(e)),
-            Ok(Ok(ok)) => ok,
-        };
+        let ws = open(url, &options).await?;
         let (sink, stream) = ws.split();
         let (in_tx, mut rx) = mpsc::channel(BUFFER);
         let reader = tokio::spawn(read(stream, in_tx));
@@ -247,8 +229,68 @@ impl Socket {
     }
 }
 
-type WsStream =
+pub(crate) type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the websocket itself: the bearer header, the buffers, the connect timeout, and an
+/// upgrade refused with an HTTP status told apart.
+pub(crate) async fn open(url: &str, options: &ConnectOptions) -> Result<WsStream, ClientError> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| ClientError::BadUrl(e.to_string()))?;
+    if let Some(token) = &options.bearer {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::BadUrl("the token is not a valid header".into()))?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let config = options.small_buffers.then(|| {
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+    });
+    let connecting = tokio_tungstenite::connect_async_with_config(request, config, true);
+    match tokio::time::timeout(options.timeout, connecting).await {
+        Err(_) => Err(ClientError::Timeout(options.timeout)),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err(ClientError::Http { status, body })
+        }
+        Ok(Err(e)) => Err(ClientError::Connect(e)),
+        Ok(Ok((ws, _))) => Ok(ws),
+    }
+}
+
+/// What one read off a websocket is to its owner: a message, nothing (pings, pongs), or the
+/// end ([`Incoming::Closed`]).
+pub(crate) fn item_of(
+    read: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) -> Option<Incoming> {
+    let ended = |code, reason, frame| {
+        Some(Incoming::Closed(Closed {
+            code,
+            reason,
+            frame,
+        }))
+    };
+    match read {
+        Some(Ok(Message::Text(t))) => Some(Incoming::Text(t.as_str().to_owned())),
+        Some(Ok(Message::Binary(b))) => Some(Incoming::Binary(b.to_vec())),
+        Some(Ok(Message::Close(f))) => ended(
+            f.as_ref().map(|f| u16::from(f.code)),
+            f.map(|f| f.reason.as_str().to_owned()).unwrap_or_default(),
+            true,
+        ),
+        Some(Ok(_)) => None,
+        Some(Err(e)) => ended(None, e.to_string(), false),
+        None => ended(None, "connection closed".into(), false),
+    }
+}
 
 /// The reader task: frames to items, until the socket ends.
 async fn read(
@@ -256,34 +298,16 @@ async fn read(
     to_owner: mpsc::Sender<(Instant, Incoming)>,
 ) {
     let last = loop {
-        let item = match stream.next().await {
-            Some(Ok(Message::Text(t))) => Incoming::Text(t.as_str().to_owned()),
-            Some(Ok(Message::Binary(b))) => Incoming::Binary(b.to_vec()),
-            Some(Ok(Message::Close(f))) => {
+        let Some(item) = item_of(stream.next().await) else {
+            continue;
+        };
+        if let Incoming::Closed(c) = item {
+            if c.frame {
                 // Reading on sends our answer to the close, as a browser does.
                 let _ = tokio::time::timeout(CLOSE_GRACE, stream.next()).await;
-                break Incoming::Closed(Closed {
-                    code: f.as_ref().map(|f| u16::from(f.code)),
-                    reason: f.map(|f| f.reason.as_str().to_owned()).unwrap_or_default(),
-                    frame: true,
-                });
             }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => {
-                break Incoming::Closed(Closed {
-                    code: None,
-                    reason: e.to_string(),
-                    frame: false,
-                })
-            }
-            None => {
-                break Incoming::Closed(Closed {
-                    code: None,
-                    reason: "connection closed".into(),
-                    frame: false,
-                })
-            }
-        };
+            break Incoming::Closed(c);
+        }
         if to_owner.send((Instant::now(), item)).await.is_err() {
             return;
         }

@@ -124,8 +124,9 @@ impl Hostd {
                 addr: config.gateway.listen,
                 source,
             })?;
+        let gateway_config = config.gateway.clone();
         let pool = Pool::start(config, driver).await?;
-        let gateway = match gateway::serve(pool.clone(), gateway_listener) {
+        let gateway = match gateway::serve(pool.clone(), gateway_listener, &gateway_config) {
             Ok(gateway) => gateway,
             Err(e) => {
                 pool.shutdown().await;

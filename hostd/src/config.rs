@@ -18,6 +18,8 @@
 //!
 //! [gateway]                      # the players' websocket (see `gateway`)
 //! listen = "0.0.0.0:7071"        # default 127.0.0.1:7071
+//! header_read_timeout_ms = 10000 # a connection's upgrade request must come within this
+//! max_connections = 4096         # open connections at most; more are answered 503
 //!
 //! [server]                       # optional: without it hostd runs standalone
 //! url = "ws://127.0.0.1:7080/v1/hosts"
@@ -28,6 +30,7 @@
 
 use crate::token::{is_token, Token};
 use berth_protocol::guest::MAX_LINE;
+use berth_protocol::ids::ID_RULE;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -147,19 +150,42 @@ fn default_gateway_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7071))
 }
 
-/// The `[gateway]` table: where the players' websocket listens.
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_gateway_connections() -> usize {
+    4096
+}
+
+/// The `[gateway]` table: where the players' websocket listens, and its limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// The gateway's listen address (players reach it as `[server] gateway` says).
     #[serde(default = "default_gateway_listen")]
     pub listen: SocketAddr,
+    /// A connection must send its upgrade request within this (ms); else it is closed.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Most open connections (joining or playing); more are answered 503
+    /// `too_many_connections` before their request is read.
+    #[serde(default = "default_gateway_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
+        GatewayConfig::at(default_gateway_listen())
+    }
+}
+
+impl GatewayConfig {
+    /// The default limits, listening on `listen`.
+    pub fn at(listen: SocketAddr) -> Self {
         GatewayConfig {
-            listen: default_gateway_listen(),
+            listen,
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            max_connections: default_gateway_connections(),
         }
     }
 }
@@ -257,7 +283,7 @@ impl ServerConfig {
             host: berth_protocol::HostId::new(host_id.to_owned()).map_err(|_| {
                 ConfigError::Invalid {
                     key: "host_id".into(),
-                    message: "must be 1-64 letters, digits, '-', '_' or '.'".into(),
+                    message: format!("must be {ID_RULE}"),
                 }
             })?,
             token,
@@ -397,10 +423,7 @@ impl HostdConfig {
             })
         };
         if berth_protocol::HostId::new(self.host_id.clone()).is_err() {
-            return invalid(
-                "host_id".into(),
-                "must be 1-64 letters, digits, '-', '_' or '.'",
-            );
+            return invalid("host_id".into(), &format!("must be {ID_RULE}"));
         }
         if self.max_vms == 0 {
             return invalid("max_vms".into(), "must be at least 1");
@@ -418,11 +441,20 @@ impl HostdConfig {
         if gateway.port() != 0 && gateway.port() == control.port() && same_ip {
             return invalid("gateway.listen".into(), "must not be the control address");
         }
+        if self.gateway.header_read_timeout_ms == 0 {
+            return invalid(
+                "gateway.header_read_timeout_ms".into(),
+                "must be at least 1",
+            );
+        }
+        if self.gateway.max_connections == 0 {
+            return invalid("gateway.max_connections".into(), "must be at least 1");
+        }
         let mut names = std::collections::HashSet::new();
         for (i, image) in self.images.iter().enumerate() {
             let key = |k: &str| format!("images[{i}].{k}");
             if berth_protocol::VmId::new(image.name.clone()).is_err() {
-                return invalid(key("name"), "must be 1-64 letters, digits, '-', '_' or '.'");
+                return invalid(key("name"), &format!("must be {ID_RULE}"));
             }
             if !names.insert(&image.name) {
                 return invalid(key("name"), "is used by another image");
@@ -585,6 +617,15 @@ mod tests {
         assert!(err("[gateway]\nlisten = \"nowhere\"").contains("listen"));
         assert!(err("[gateway]\nlisten = 7071").contains("listen"));
         assert!(err("[gateway]\nport = 1").contains("unknown field"));
+        let limits = "[gateway]\nheader_read_timeout_ms = 500\nmax_connections = 9";
+        let c = HostdConfig::parse(limits).expect("valid");
+        assert_eq!(
+            (c.gateway.header_read_timeout_ms, c.gateway.max_connections),
+            (500, 9)
+        );
+        assert!(err("[gateway]\nmax_connections = 0").contains("gateway.max_connections"));
+        let none = "[gateway]\nheader_read_timeout_ms = 0";
+        assert!(err(none).contains("gateway.header_read_timeout_ms"));
         let clash = "control = \"127.0.0.1:7000\"\n[gateway]\nlisten = \"0.0.0.0:7000\"";
         assert!(err(clash).contains("gateway.listen"));
         HostdConfig::parse("control = \"127.0.0.1:0\"\n[gateway]\nlisten = \"127.0.0.1:0\"")

@@ -1,7 +1,9 @@
 //! The host gateway: the one public websocket through which players reach the game servers in
 //! this host's VMs (`GET /v1/game` on `[gateway] listen`).
 //!
-//! It owns the players' connections and nothing else: the join handshake (the session ticket is
+//! It owns the players' connections and nothing else: their admission (`berth_net::serve`:
+//! the upgrade request within `[gateway] header_read_timeout_ms`, at most `max_connections`
+//! open, a 503 `too_many_connections` beyond), the join handshake (the session ticket is
 //! checked with that session's own key, which [`Pool::gate`] hands out for active VMs only), the
 //! rules that one ticket has at most one live connection and one player one connection, the
 //! proxying (one text frame ⇄ one JSON line on the game's TCP port), the frame rules (text,
@@ -20,6 +22,7 @@
 //! Every refusal is a `{"type":"error","code","message"}` frame followed by a close whose reason
 //! is the code; [`close_code`] maps codes to close codes (documented in `docs/protocol.md`).
 
+use crate::config::GatewayConfig;
 use crate::frames::{self, GameRead, GameReader};
 use crate::pool::{Gate, Pool};
 use crate::util::now_ms;
@@ -77,7 +80,10 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
 /// The code of the error sent when hostd stops.
 pub const SHUTTING_DOWN: &str = code::SHUTTING_DOWN;
 
-use berth_net::{close_frame, drain_until_closed, first_frame, is_too_big, First};
+use berth_net::{
+    first_frame, read_error_close, send_close, First, Seat, CLOSE_BOUND, INVALID_UTF8,
+    MESSAGE_TOO_BIG,
+};
 /// Close codes (shared with the matchmaking server).
 pub use berth_protocol::close;
 use berth_protocol::rate::{Flood, Verdict};
@@ -126,7 +132,8 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-/// Binds `listen` and serves the gateway for `pool`'s sessions.
+/// Binds `listen` and serves the gateway for `pool`'s sessions with the default limits
+/// (in-process stacks; hostd itself serves with its `[gateway]` table, see [`serve`]).
 pub async fn start(pool: Pool, listen: SocketAddr) -> Result<Gateway, GatewayError> {
     let listener = TcpListener::bind(listen)
         .await
@@ -134,12 +141,16 @@ pub async fn start(pool: Pool, listen: SocketAddr) -> Result<Gateway, GatewayErr
             addr: listen,
             source,
         })?;
-    serve(pool, listener)
+    serve(pool, listener, &GatewayConfig::at(listen))
 }
 
-/// Serves the gateway on a listener bound earlier (so that start-up fails before VMs boot).
-pub fn serve(pool: Pool, listener: TcpListener) -> Result<Gateway, GatewayError> {
-    use axum::serve::ListenerExt;
+/// Serves the gateway on a listener bound earlier (so that start-up fails before VMs boot),
+/// within `config`'s limits (its `listen` is the listener's business).
+pub fn serve(
+    pool: Pool,
+    listener: TcpListener,
+    config: &GatewayConfig,
+) -> Result<Gateway, GatewayError> {
     let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
@@ -152,22 +163,16 @@ pub fn serve(pool: Pool, listener: TcpListener) -> Result<Gateway, GatewayError>
         meters: Meters::default(),
         stop: stopped.clone(),
     });
-    // Small messages both ways: no Nagle delay (it costs ~40 ms with delayed ACKs).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY");
-        }
-    });
     let app = Router::new()
         .route(PATH, get(upgrade))
-        .with_state(shared.clone())
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop_signal(stopped));
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "gateway server failed");
-        }
-    });
+        .with_state(shared.clone());
+    let limits = listen_limits(config, &shared);
+    let server = tokio::spawn(berth_net::serve(
+        listener,
+        app,
+        limits,
+        stop_signal(stopped),
+    ));
     tracing::info!(gateway = %addr, "gateway listening");
     Ok(Gateway {
         addr,
@@ -228,12 +233,12 @@ impl Meter {
 pub struct GatewayStats {
     pub listen: SocketAddr,
     pub connections: Connections,
-    /// Error frames sent, by code: refused joins, and refused frames (`bad_frame`,
-    /// `rate_limited`).
+    /// Error frames sent, by code: refused joins, refused frames (`bad_frame`,
+    /// `rate_limited`), and connections refused over the cap (`too_many_connections`).
     pub refused: BTreeMap<String, u64>,
     /// How admitted connections ended, by close reason (`game_closed`, `client_closed`,
     /// `replaced`, `game_over`, `shutting_down`, `rate_limited`, `message_too_big`,
-    /// `ping_timeout`, `client_error`, `game_error`).
+    /// `invalid_utf8`, `ping_timeout`, `client_error`, `game_error`).
     pub closed: BTreeMap<String, u64>,
     /// Messages forwarded.
     pub forwarded: Directions<u64>,
@@ -351,13 +356,31 @@ impl Drop for Up<'_> {
     }
 }
 
+/// The listener's limits (`berth_net::serve`): the header-read timeout, and one seat per open
+/// connection (held for its whole life), refusals counted in the stats.
+fn listen_limits(config: &GatewayConfig, shared: &Arc<Shared>) -> berth_net::Limits {
+    let counted = shared.clone();
+    berth_net::Limits {
+        header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+        max_seats: config.max_connections,
+        refusal_code: code::TOO_MANY_CONNECTIONS,
+        refusal_message: "too many connections to this host's gateway; retry later",
+        on_refusal: Arc::new(move || {
+            Meters::count(&counted.meters.refused, code::TOO_MANY_CONNECTIONS);
+        }),
+    }
+}
+
 async fn stop_signal(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// The upgrade. The connection's listener `seat` is held until it closes: the gateway's cap
+/// is on every open connection.
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    seat: Seat,
     ws: WebSocketUpgrade,
 ) -> Response {
     ws.max_message_size(MAX_WS_FRAME)
@@ -375,7 +398,11 @@ async fn upgrade(
                 session_id = tracing::field::Empty,
                 player = tracing::field::Empty
             );
-            connection(shared, socket).instrument(span)
+            async move {
+                connection(shared, socket).await;
+                drop(seat);
+            }
+            .instrument(span)
         })
 }
 
@@ -514,7 +541,6 @@ async fn finish<S, E>(shared: &Shared, ws: &mut S, end: End, admitted: bool)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
 {
-    const BOUND: Duration = Duration::from_secs(2);
     if admitted {
         Meters::count(&shared.meters.closed, end.reason());
     }
@@ -525,23 +551,22 @@ where
                 tracing::info!(code = r.code, message = %r.message, "refused");
             }
             let close = close_code(r.code).unwrap_or(close::NORMAL);
-            let _ = tokio::time::timeout(BOUND, ws.send(error_frame(r.code, &r.message))).await;
-            let _ = tokio::time::timeout(BOUND, ws.send(close_frame(close, r.code))).await;
+            let _ =
+                tokio::time::timeout(CLOSE_BOUND, ws.send(error_frame(r.code, &r.message))).await;
+            send_close(ws, close, r.code).await;
         }
         End::Close(code, reason) => {
-            if !admitted && *code == close::TOO_BIG {
+            // Before the join only a frame the gateway cannot read ends it with a bare close.
+            if !admitted {
                 Meters::count(&shared.meters.refused, reason);
                 tracing::info!(code = *reason, "refused");
             }
-            let _ = tokio::time::timeout(BOUND, ws.send(close_frame(*code, reason))).await;
+            send_close(ws, *code, reason).await;
         }
         End::Gone(_) => {}
     }
-    if !matches!(end, End::Gone(_)) {
-        drain_until_closed(ws).await;
-    }
     // Completes the close handshake (or answers the client's close).
-    let _ = tokio::time::timeout(BOUND, ws.close()).await;
+    let _ = tokio::time::timeout(CLOSE_BOUND, ws.close()).await;
     tracing::debug!(reason = end.reason(), "connection closed");
 }
 
@@ -558,7 +583,7 @@ where
     let text = match first {
         // The join is held to the default frame limit: no image's own limit applies yet.
         First::Text(text) if text.len() > MAX_FRAME => {
-            return Err(End::Close(close::TOO_BIG, "message_too_big"))
+            return Err(End::Close(close::TOO_BIG, MESSAGE_TOO_BIG))
         }
         First::Text(text) => text,
         First::Timeout => {
@@ -571,7 +596,8 @@ where
             )))
         }
         First::Closed => return Err(End::Gone("client_closed")),
-        First::TooBig => return Err(End::Close(close::TOO_BIG, "message_too_big")),
+        First::TooBig => return Err(End::Close(close::TOO_BIG, MESSAGE_TOO_BIG)),
+        First::NotUtf8 => return Err(End::Close(close::INVALID_DATA, INVALID_UTF8)),
         First::Failed => return Err(End::Gone("client_error")),
         First::Binary => {
             return Err(End::Refuse(Refusal::new(
@@ -869,10 +895,11 @@ impl Upstream {
         let read_at = Instant::now();
         let msg = match frame {
             None => return Some(End::Gone("client_closed")),
-            Some(Err(e)) if is_too_big(&e) => {
-                return Some(End::Close(close::TOO_BIG, "message_too_big"))
+            // Oversize (1009) and not UTF-8 (1007) are told; a broken connection is not.
+            Some(Err(e)) => {
+                let told = read_error_close(&e).map(|(code, reason)| End::Close(code, reason));
+                return Some(told.unwrap_or(End::Gone("client_error")));
             }
-            Some(Err(_)) => return Some(End::Gone("client_error")),
             Some(Ok(msg)) => msg,
         };
         match classify(&msg) {
@@ -885,7 +912,7 @@ impl Upstream {
             Frame::Data => {}
         }
         if frames::payload_len(&msg) > gate.game.max_frame_bytes as usize {
-            return Some(End::Close(close::TOO_BIG, "message_too_big"));
+            return Some(End::Close(close::TOO_BIG, MESSAGE_TOO_BIG));
         }
         let refusal = match self.flood.check(read_at) {
             Verdict::Allowed => None,
@@ -1021,6 +1048,7 @@ impl Histogram {
 mod tests {
     use super::*;
     use base64::Engine;
+    use berth_client::probe::{stall, Probe};
 
     #[test]
     fn frames_are_classified() {
@@ -1237,6 +1265,177 @@ mod tests {
         // A session without a key (adopted from an old record) admits nobody, not everybody.
         let keyless = mint("s1", "s1", "alice", 200, b"");
         assert_eq!(code_of(&keyless, vec![]), Err(code::UNKNOWN_SESSION));
+    }
+
+    /// A gateway on port 0 before one active session, `s1` with player `alice`, on the pool's
+    /// test double, whose game server is a TCP listener that reads and discards; and a ticket
+    /// for alice.
+    struct Live {
+        gateway: Gateway,
+        pool: Pool,
+        url: String,
+        join: String,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn live(config: GatewayConfig) -> Live {
+        use crate::pool::tests::{pool_with, Script};
+        let game = TcpListener::bind("127.0.0.1:0").await.expect("game port");
+        let game_addr = game.local_addr().expect("game address");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = game.accept().await {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut tcp, &mut tokio::io::sink()).await;
+                });
+            }
+        });
+        let script = Script {
+            game_addr: Some(game_addr),
+            ..Script::default()
+        };
+        let (pool, _driver, dir) = pool_with(0, 4, script).await;
+        let wait = Duration::from_secs(30);
+        pool.wait_ready("arena", 0, wait).await.expect("docked");
+        let key = b"0123456789abcdef";
+        let request = crate::pool::ActivateRequest {
+            session_id: s("s1"),
+            image: "arena".into(),
+            players: vec![p("alice")],
+            teams: vec![],
+            params: serde_json::Value::Null,
+            ticket_key: hex::encode(key),
+            deadline_ms: 0,
+        };
+        pool.activate(request).await.expect("active");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("gateway port");
+        let gateway = serve(pool.clone(), listener, &config).expect("gateway");
+        let ticket = mint("s1", "s1", "alice", now_ms() / 1000 + 600, key);
+        Live {
+            url: format!("ws://{}{PATH}", gateway.addr),
+            join: format!(r#"{{"type":"join","ticket":"{ticket}"}}"#),
+            gateway,
+            pool,
+            _dir: dir,
+        }
+    }
+
+    impl Live {
+        async fn stop(self) {
+            self.gateway.shutdown().await;
+            self.pool.shutdown().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_that_does_not_read_gets_its_4429_not_a_reset() {
+        let live = live(GatewayConfig::default()).await;
+        let mut flooder = Probe::connect(&live.url, None).await.expect("connects");
+        assert!(flooder.send_text(&live.join).await);
+        // Far past the burst, all written before anything is read: the gateway closes with
+        // most of it unread in its receive buffer.
+        assert_eq!(flooder.flood(r#"{"type":"input"}"#, 5000).await, 5000);
+        let end = flooder
+            .until_closed(Duration::from_secs(10))
+            .await
+            .expect("ends");
+        let limited = end
+            .texts
+            .iter()
+            .filter(|t| t.contains("rate_limited"))
+            .count();
+        assert!(
+            limited > RATE_STRIKES as usize,
+            "{limited} rate_limited errors"
+        );
+        assert!(end.closed.frame, "no close frame: {:?}", end.closed);
+        assert_eq!(
+            end.closed.code,
+            Some(close::RATE_LIMITED),
+            "{:?}",
+            end.closed
+        );
+        assert_eq!(live.gateway.stats().closed.get("rate_limited"), Some(&1));
+        live.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
+        let live = live(GatewayConfig::default()).await;
+        for joined in [false, true] {
+            let mut probe = Probe::connect(&live.url, None).await.expect("connects");
+            if joined {
+                assert!(probe.send_text(&live.join).await);
+            }
+            assert!(probe.send_invalid_utf8().await);
+            let end = probe
+                .until_closed(Duration::from_secs(5))
+                .await
+                .expect("ends");
+            let closed = (
+                end.closed.frame,
+                end.closed.code,
+                end.closed.reason.as_str(),
+            );
+            let want = (true, Some(close::INVALID_DATA), INVALID_UTF8);
+            assert_eq!(closed, want, "joined: {joined}");
+        }
+        let stats = live.gateway.stats();
+        assert_eq!(stats.refused.get(INVALID_UTF8), Some(&1), "{stats:?}");
+        assert_eq!(stats.closed.get(INVALID_UTF8), Some(&1), "{stats:?}");
+        live.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_never_finishes_its_upgrade_is_closed() {
+        let config = GatewayConfig {
+            header_read_timeout_ms: 300,
+            ..GatewayConfig::default()
+        };
+        let live = live(config).await;
+        let half = b"GET /v1/game HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n";
+        for sent in [&b""[..], &half[..]] {
+            let stalled = stall(live.gateway.addr, sent, Duration::from_secs(5))
+                .await
+                .expect("connects");
+            let after = stalled.closed_after.expect("closed");
+            assert!(
+                after < Duration::from_millis(1500),
+                "closed after {after:?}"
+            );
+        }
+        live.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_refused_with_a_code() {
+        let config = GatewayConfig {
+            max_connections: 1,
+            ..GatewayConfig::default()
+        };
+        let live = live(config).await;
+        // A player in the game holds the one seat…
+        let mut player = Probe::connect(&live.url, None).await.expect("connects");
+        assert!(player.send_text(&live.join).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(live.gateway.stats().connections.playing, 1);
+        // …so another connection is answered 503 before its upgrade.
+        match Probe::connect(&live.url, None).await {
+            Err(berth_client::ClientError::Http { status, body }) => {
+                assert_eq!(status, 503);
+                assert!(body.contains(code::TOO_MANY_CONNECTIONS), "{body}");
+            }
+            other => panic!("expected a 503, got {other:?}"),
+        }
+        let refused = live.gateway.stats().refused;
+        assert_eq!(refused.get(code::TOO_MANY_CONNECTIONS), Some(&1));
+        // Once the player has gone, its seat is free.
+        drop(player);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = Probe::connect(&live.url, None).await;
+        assert!(again.is_ok(), "{again:?}");
+        live.stop().await;
     }
 
     #[test]

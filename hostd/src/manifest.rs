@@ -32,6 +32,7 @@
 
 use berth_protocol::framing::Framing;
 use berth_protocol::guest::GameSpec;
+use berth_protocol::ids::ID_RULE;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,7 +55,7 @@ const RESERVED: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GameManifest {
-    /// The game's (and its image's) name: 1–64 of letters, digits, `-`, `_`, `.`.
+    /// The game's (and its image's) name: an id ([`ID_RULE`]).
     pub name: String,
     /// The language the server is written in, for reports and benchmarks.
     #[serde(default = "unknown")]
@@ -295,7 +296,7 @@ impl GameManifest {
     fn check(&self, path: &Path) -> Result<(), ManifestError> {
         let bad = |key: &str, message: &str| Err(invalid(path, key, message));
         if berth_protocol::VmId::new(self.name.clone()).is_err() {
-            return bad("name", "must be 1-64 letters, digits, '-', '_' or '.'");
+            return bad("name", &format!("must be {ID_RULE}"));
         }
         let s = &self.server;
         match s.command.first() {

@@ -6,6 +6,8 @@
 pub const NORMAL: u16 = 1000;
 /// Going away: the server or hostd is stopping, or the session's VM is going.
 pub const GOING_AWAY: u16 = 1001;
+/// A text frame that is not UTF-8 (reason `invalid_utf8`).
+pub const INVALID_DATA: u16 = 1007;
 /// A frame over the socket's size limit.
 pub const TOO_BIG: u16 = 1009;
 /// The service behind could not be reached (the game server, from the gateway).

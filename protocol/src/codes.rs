@@ -117,7 +117,7 @@ macro_rules! vocabulary {
                     $($wire => Ok($name::$variant),)*
                     other => Err(UnknownValue {
                         what: stringify!($name),
-                        value: other.chars().take(64).collect(),
+                        value: $crate::clip(other, $crate::ECHO_MAX_CHARS).into_owned(),
                     }),
                 }
             }
@@ -151,9 +151,13 @@ vocabulary!(open
         Replaced = "replaced",
         ShuttingDown = "shutting_down",
         SlowConsumer = "slow_consumer",
+        /// The listener's cap on connections (not yet past `hello`/`register` on the server;
+        /// all of them on the gateway): HTTP 503 before the request is read.
+        TooManyConnections = "too_many_connections",
         // Tokens (player, host and admin JWTs).
         MissingToken = "missing_token",
         ExpiredToken = "expired_token",
+        EarlyToken = "early_token",
         WrongAudience = "wrong_audience",
         WrongIssuer = "wrong_issuer",
         BadAlgorithm = "bad_algorithm",

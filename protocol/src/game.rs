@@ -272,6 +272,8 @@ pub mod code {
     pub const RATE_LIMITED: &str = "rate_limited";
     /// The host is stopping (gateway).
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// The gateway holds `[gateway] max_connections` already (HTTP 503 before the upgrade).
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
 }
 
 #[cfg(test)]

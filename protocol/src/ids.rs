@@ -1,8 +1,12 @@
 //! Newtype identifiers. Each is a short printable string: letters, digits, `-`, `_` and `.`,
-//! 1 to 64 bytes, so that it can be used in file names, XenStore paths and log fields safely.
+//! 1 to 64 bytes, not starting with `.` (no `.`/`..`, no hidden files), so that it can be used
+//! in file names, XenStore paths and log fields safely.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// What a valid identifier is, for messages that refuse one.
+pub const ID_RULE: &str = "1-64 letters, digits, '-', '_' or '.', not starting with '.'";
 
 /// Why a string is not a valid identifier.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -13,6 +17,8 @@ pub enum IdError {
     TooLong { kind: &'static str },
     #[error("{kind} contains {found:?}; only letters, digits, '-', '_' and '.' are allowed")]
     BadChar { kind: &'static str, found: char },
+    #[error("{kind} must not start with '.'")]
+    LeadingDot { kind: &'static str },
 }
 
 fn check(kind: &'static str, s: &str) -> Result<(), IdError> {
@@ -29,7 +35,7 @@ fn check(kind: &'static str, s: &str) -> Result<(), IdError> {
         return Err(IdError::BadChar { kind, found });
     }
     if s.starts_with('.') {
-        return Err(IdError::BadChar { kind, found: '.' });
+        return Err(IdError::LeadingDot { kind });
     }
     Ok(())
 }
@@ -119,6 +125,11 @@ mod tests {
     fn rejects_path_tricks_and_empties() {
         assert!(matches!(VmId::new(""), Err(IdError::Empty { .. })));
         assert!(matches!(VmId::new("../x"), Err(IdError::BadChar { .. })));
+        // A leading dot is refused for what it is (a '.' elsewhere is fine).
+        let e = SessionId::new(".x").expect_err("leading dot");
+        assert_eq!(e, IdError::LeadingDot { kind: "session id" });
+        assert_eq!(e.to_string(), "session id must not start with '.'");
+        assert!(HostId::new("..").is_err() && HostId::new("a.b").is_ok());
         assert!(matches!(
             VmId::new("a/b"),
             Err(IdError::BadChar { found: '/', .. })

@@ -13,7 +13,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
-use berth_protocol::{HostId, SessionId};
+use berth_protocol::{clip, HostId, SessionId, DETAIL_MAX_CHARS};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -106,8 +106,10 @@ async fn list_sessions(
     State(ctx): State<Ctx>,
     query: Result<Query<SessionFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(f) =
-        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    let Query(f) = query.map_err(|e| {
+        let detail = clip(&e.body_text(), DETAIL_MAX_CHARS).into_owned();
+        ApiError(StatusCode::BAD_REQUEST, "bad_query", detail)
+    })?;
     let state = f
         .state
         .map(|s| s.parse::<SessionState>())

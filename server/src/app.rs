@@ -103,26 +103,15 @@ impl Server {
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = app(ctx.clone());
+        let limits = listen_limits(&ctx.core);
         let tasks = vec![
             tokio::spawn(dispatch::run(ctx.clone())),
             tokio::spawn(matchmaker::run(core.clone(), matcher_rx)),
             tokio::spawn(sessions::run_sweeper(core, SWEEP_EVERY)),
             tokio::spawn(dashboard::run(ctx.clone())),
-            tokio::spawn(async move {
-                use axum::serve::ListenerExt;
-                // Small messages both ways: no Nagle delay (it costs ~40 ms with delayed ACKs).
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(error = %e, "TCP_NODELAY");
-                    }
-                });
-                let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                });
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "http server failed");
-                }
-            }),
+            tokio::spawn(berth_net::serve(listener, router, limits, async move {
+                let _ = stopped.await;
+            })),
         ];
         tracing::info!(%addr, replica = ctx.replica, store = ctx.store.kind(), modes = ctx.modes.0.len(), "server listening");
         Ok(Server {
@@ -157,6 +146,20 @@ impl Server {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+    }
+}
+
+/// The listener's limits: the header-read timeout, and seats for connections not yet past
+/// `hello` or `register` (released there; see `berth_net::serve`); refusals are counted.
+fn listen_limits(core: &Arc<Core>) -> berth_net::Limits {
+    const CODE: &str = "too_many_connections";
+    let counted = core.clone();
+    berth_net::Limits {
+        header_read_timeout: Duration::from_millis(core.config.timeouts.header_read_ms),
+        max_seats: core.config.limits.max_pending,
+        refusal_code: CODE,
+        refusal_message: "too many connections waiting to sign in; retry later",
+        on_refusal: Arc::new(move || counted.metrics.refuse(CODE)),
     }
 }
 
@@ -215,7 +218,10 @@ async fn dev_token(
             return refuse(
                 StatusCode::BAD_REQUEST,
                 "bad_role",
-                format!("role {other:?}: dev tokens are for `player` or `admin`"),
+                format!(
+                    "role {}: dev tokens are for `player` or `admin`",
+                    berth_protocol::echo(other)
+                ),
             )
         }
     };

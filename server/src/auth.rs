@@ -1,5 +1,5 @@
-//! Who is talking: JWTs for players, hosts and admins (one pinned algorithm, issuer, audience
-//! and expiry checked), and the per-session tickets the server mints for players.
+//! Who is talking: JWTs for players, hosts and admins (one pinned algorithm, issuer, audience,
+//! expiry and not-before checked), and the per-session tickets the server mints for players.
 
 use crate::config::{Algorithm, AuthConfig};
 use crate::util::now_ms;
@@ -50,6 +50,8 @@ pub enum AuthError {
     Missing,
     #[error("token has expired")]
     Expired,
+    #[error("token is not valid yet (its nbf is in the future)")]
+    Early,
     #[error("token is for another audience")]
     Audience,
     #[error("token is from another issuer")]
@@ -78,6 +80,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "missing_token",
             AuthError::Expired => "expired_token",
+            AuthError::Early => "early_token",
             AuthError::Audience => "wrong_audience",
             AuthError::Issuer => "wrong_issuer",
             AuthError::Algorithm => "bad_algorithm",
@@ -94,7 +97,8 @@ impl AuthError {
 impl From<jsonwebtoken::errors::Error> for AuthError {
     fn from(e: jsonwebtoken::errors::Error) -> Self {
         match e.kind() {
-            ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => AuthError::Expired,
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::Early,
             ErrorKind::InvalidAudience => AuthError::Audience,
             ErrorKind::InvalidIssuer => AuthError::Issuer,
             ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
@@ -102,6 +106,17 @@ impl From<jsonwebtoken::errors::Error> for AuthError {
             _ => AuthError::Malformed,
         }
     }
+}
+
+/// The `alg` a token's header names, read without trusting anything else in the token.
+fn header_alg(token: &str) -> Option<String> {
+    use base64::Engine;
+    let head = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head.trim_end_matches('='))
+        .ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    header.get("alg")?.as_str().map(str::to_owned)
 }
 
 /// Verifies (and, with a signing key, mints) the deployment's JWTs.
@@ -176,6 +191,8 @@ impl Auth {
         validation.set_issuer(&[&c.issuer]);
         validation.set_audience(&[&c.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        // `nbf` is optional, but checked when present, with the same leeway as `exp`.
+        validation.validate_nbf = true;
         validation.leeway = 5;
         Ok(Auth {
             alg,
@@ -194,7 +211,8 @@ impl Auth {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| self.refusal(token, e))?;
         if data.claims.role != role {
             return Err(AuthError::Role {
                 found: data.claims.role.as_str(),
@@ -202,6 +220,19 @@ impl Auth {
             });
         }
         Ok(data.claims)
+    }
+
+    /// Why `token` was refused. A header naming an algorithm the JWT library has no name for
+    /// (`none`) fails to decode as a whole, so it would read as malformed: it is an algorithm
+    /// this server does not accept, and says so.
+    fn refusal(&self, token: &str, e: jsonwebtoken::errors::Error) -> AuthError {
+        let e = AuthError::from(e);
+        let foreign = header_alg(token)
+            .is_some_and(|alg| alg.parse::<jsonwebtoken::Algorithm>().ok() != Some(self.alg));
+        match e {
+            AuthError::Malformed if foreign => AuthError::Algorithm,
+            e => e,
+        }
     }
 
     /// A player's id from a verified player token.
@@ -295,13 +326,30 @@ mod tests {
 
         let now = now_ms() / 1000;
         let claims = serde_json::json!({"sub":"alice","iss":"berth","aud":"berth","exp": now + 60});
-        let none = format!(
+        // `alg: none` (any case) is an algorithm this server does not accept, for every role.
+        for alg in ["none", "None", "NONE"] {
+            let head = b64(&serde_json::json!({"alg": alg, "typ": "JWT"}));
+            for (role, name) in [
+                (Role::Player, "player"),
+                (Role::Host, "host"),
+                (Role::Admin, "admin"),
+            ] {
+                let claims = serde_json::json!({"sub":"alice","iss":"berth","aud":"berth",
+                    "exp": now + 60, "role": name});
+                let none = format!("{head}.{}.", b64(&claims));
+                let e = a.verify(&none, role).expect_err("alg none");
+                assert_eq!(e.code(), "bad_algorithm", "{alg} {name}: {e:?}");
+            }
+        }
+        let no_alg = format!(
             "{}.{}.",
-            b64(&serde_json::json!({"alg":"none","typ":"JWT"})),
+            b64(&serde_json::json!({"typ":"JWT"})),
             b64(&claims)
         );
-        let e = a.verify_player(&none).expect_err("alg none");
-        assert!(matches!(e.code(), "bad_algorithm" | "bad_token"), "{e:?}");
+        assert_eq!(
+            a.verify_player(&no_alg).expect_err("no alg").code(),
+            "bad_token"
+        );
         assert_eq!(
             a.verify_player("").expect_err("empty").code(),
             "missing_token"
@@ -396,6 +444,63 @@ mod tests {
                 "bad_algorithm"
             );
         }
+    }
+
+    fn signed(claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(jsonwebtoken::Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(b"0123456789abcdef0123"),
+        )
+        .expect("encode")
+    }
+
+    #[test]
+    fn not_before_is_checked_with_the_expiry_leeway() {
+        let a = auth();
+        let now = now_ms() / 1000;
+        let token = |nbf: u64| {
+            signed(&serde_json::json!({"sub":"bob","iss":"berth","aud":"berth",
+                "exp": now + 7200, "nbf": nbf}))
+        };
+        let e = a
+            .verify_player(&token(now + 3600))
+            .expect_err("an hour early");
+        assert_eq!(e.code(), "early_token", "{e:?}");
+        assert_eq!(
+            a.verify_player(&token(now + 60)).expect_err("early").code(),
+            "early_token"
+        );
+        // Within the leeway (clocks differ a little), and in the past: valid.
+        assert!(a.verify_player(&token(now + 3)).is_ok());
+        assert!(a.verify_player(&token(now - 60)).is_ok());
+    }
+
+    #[test]
+    fn an_hs256_secret_is_its_raw_bytes_trimmed() {
+        // Valid base64, and used as the text it is (what docs/operations.md promises).
+        let text = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        let a = Auth::new(&AuthConfig {
+            secret: format!("  {text}\n"),
+            ..AuthConfig::default()
+        })
+        .expect("valid secret");
+        let now = now_ms() / 1000;
+        let claims = serde_json::json!({"sub":"bob","iss":"berth","aud":"berth","exp": now + 60});
+        let sign = |key: &[u8]| {
+            jsonwebtoken::encode(
+                &Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(key),
+            )
+            .expect("encode")
+        };
+        assert!(a.verify_player(&sign(text.as_bytes())).is_ok());
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .expect("base64");
+        let e = a.verify_player(&sign(&decoded)).expect_err("not decoded");
+        assert_eq!(e.code(), "bad_signature");
     }
 
     #[test]

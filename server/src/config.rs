@@ -85,8 +85,10 @@ pub enum Algorithm {
 pub struct AuthConfig {
     /// The one algorithm accepted; a token naming another (or `none`) is refused.
     pub algorithm: Algorithm,
-    /// HS256 shared secret (or `BERTH_AUTH_SECRET`).
+    /// HS256 shared secret (or `BERTH_AUTH_SECRET`): the key is its bytes as written (trimmed
+    /// of surrounding whitespace), never base64- or hex-decoded.
     pub secret: String,
+    /// The same from a file (its bytes, trimmed): used instead of `secret` when set.
     pub secret_file: Option<PathBuf>,
     /// RS256/EdDSA: PEM public key to verify with.
     pub public_key_file: Option<PathBuf>,
@@ -127,6 +129,10 @@ pub struct Limits {
     pub rate_strikes: u32,
     /// Most concurrent player connections on this replica.
     pub max_players: usize,
+    /// Most connections not yet past `hello` (players) or `register` (hosts) at once: every
+    /// accepted TCP connection counts until then (plain HTTP requests for their connection's
+    /// life); beyond it a connection is answered 503 `too_many_connections` and closed.
+    pub max_pending: usize,
 }
 
 impl Default for Limits {
@@ -137,6 +143,7 @@ impl Default for Limits {
             burst: 20,
             rate_strikes: 20,
             max_players: 100_000,
+            max_pending: 4096,
         }
     }
 }
@@ -144,6 +151,9 @@ impl Default for Limits {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
+    /// A connection must send its HTTP request head (a websocket's upgrade request) within
+    /// this, and an idle keep-alive connection its next one; else it is closed.
+    pub header_read_ms: u64,
     /// A player must send `hello` within this.
     pub hello_ms: u64,
     /// A player socket silent this long is closed (clients ping every third of it).
@@ -172,6 +182,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
+            header_read_ms: 10_000,
             hello_ms: 10_000,
             idle_ms: 60_000,
             reconnect_grace_ms: 30_000,
@@ -233,6 +244,9 @@ impl ServerConfig {
         if l.messages_per_s == 0 || l.burst == 0 {
             return Err(invalid("limits.messages_per_s", "must be at least 1"));
         }
+        if l.max_pending == 0 {
+            return Err(invalid("limits.max_pending", "must be at least 1"));
+        }
         let t = &self.timeouts;
         if t.host_lost_ms <= t.host_heartbeat_ms {
             return Err(invalid(
@@ -247,6 +261,7 @@ impl ServerConfig {
             ));
         }
         for (key, v) in [
+            ("timeouts.header_read_ms", t.header_read_ms),
             ("timeouts.hello_ms", t.hello_ms),
             ("timeouts.idle_ms", t.idle_ms),
             ("timeouts.host_heartbeat_ms", t.host_heartbeat_ms),
@@ -295,5 +310,13 @@ mod tests {
         c.timeouts.host_lost_ms = 1;
         let e = c.validate().expect_err("lost before heartbeat");
         assert!(e.to_string().starts_with("timeouts.host_lost_ms"), "{e}");
+        let c = ServerConfig::parse(
+            "[limits]\nmax_pending = 0\n[timeouts]\nheader_read_ms = 500\n",
+            Path::new("x.toml"),
+        )
+        .expect("known keys");
+        assert_eq!(c.timeouts.header_read_ms, 500);
+        let e = c.validate().expect_err("no pending connection allowed");
+        assert!(e.to_string().starts_with("limits.max_pending"), "{e}");
     }
 }

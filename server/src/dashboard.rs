@@ -29,6 +29,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use berth_net::Seat;
 use berth_protocol::SessionId;
 use futures_util::StreamExt;
 use std::collections::HashSet;
@@ -348,8 +349,14 @@ fn sse(frame: &Frame) -> SseEvent {
 }
 
 /// `GET /v1/admin/events`: the feed, for an admin-role bearer token.
-async fn events(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn events(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    seat: Seat,
+) -> Result<Response, ApiError> {
     let claims = verify_admin(&ctx, &headers)?;
+    // A signed-in operator's feed is a long stream, not a connection waiting to sign in.
+    seat.release();
     let hub = &ctx.dashboard;
     if *hub.closed.borrow() {
         return Err(ApiError(

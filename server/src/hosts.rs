@@ -8,10 +8,11 @@ use crate::sessions;
 use crate::state::{lock, Conn, Ctx, HostConn, Outbound};
 use crate::util::{now_ms, random_id};
 use crate::wire::{self, close, decode, send_close, text, FrameError};
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::ws::Message;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use berth_net::Seat;
 use berth_protocol::host::{HostMessage, ImageCapacity, ServerToHost, HOST_PROTOCOL_VERSION};
 use berth_protocol::{HostId, SessionId};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -21,8 +22,9 @@ use tokio::sync::mpsc;
 /// Largest message a host may send (its register lists every VM it runs).
 const MAX_HOST_MESSAGE: usize = 4 << 20;
 
-pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(ctx): State<Ctx>) -> Response {
-    let token = wire::bearer(&headers).unwrap_or_default();
+pub async fn handler(up: wire::Upgrade, State(ctx): State<Ctx>) -> Response {
+    let wire::Upgrade { ws, bearer, seat } = up;
+    let token = bearer.unwrap_or_default();
     let host = match ctx.auth.verify(&token, Role::Host) {
         Ok(c) => match HostId::new(c.sub) {
             Ok(h) => h,
@@ -32,7 +34,7 @@ pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(ctx): State
     };
     ws.max_message_size(MAX_HOST_MESSAGE)
         .max_frame_size(MAX_HOST_MESSAGE)
-        .on_upgrade(move |socket| serve(ctx, socket, host))
+        .on_upgrade(move |socket| serve(ctx, socket, host, seat))
 }
 
 fn refuse(ctx: &Ctx, status: StatusCode, code: &str, message: String) -> Response {
@@ -54,8 +56,9 @@ fn error(code: &str, message: impl Into<String>) -> ServerToHost {
     }
 }
 
-/// Runs one host connection to its end. `host` is the authenticated host id.
-pub async fn serve<S>(ctx: Ctx, mut ws: S, host: HostId)
+/// Runs one host connection to its end. `host` is the authenticated host id; its listener
+/// `seat` (if any) is held until `register` is accepted.
+pub async fn serve<S>(ctx: Ctx, mut ws: S, host: HostId, seat: Seat)
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
 {
@@ -63,6 +66,7 @@ where
     let Some((mut record, outbox)) = register(&ctx, &mut ws, &host).await else {
         return;
     };
+    seat.release();
     let conn_id = random_id();
     let (tx, mut rx) = mpsc::channel(1024);
     if let Some(old) = lock(&ctx.registry.hosts).insert(
@@ -98,8 +102,8 @@ where
                     }
                     Ok(None | Some(Ok(Message::Close(_)))) => break,
                     Ok(Some(Err(e))) => {
-                        if wire::is_too_big(&e) {
-                            send_close(&mut ws, close::TOO_BIG, "message_too_big").await;
+                        if let Some(reason) = wire::close_after_read_error(&mut ws, &e).await {
+                            ctx.metrics.refuse(reason);
                         }
                         break;
                     }
@@ -207,6 +211,10 @@ where
     let refused = match wire::first_frame(ws, wait).await {
         wire::First::Timeout => refusal("register_timeout", "no register in time", close::TIMEOUT),
         wire::First::Closed | wire::First::Failed | wire::First::TooBig => return None,
+        wire::First::NotUtf8 => {
+            send_close(ws, close::INVALID_DATA, wire::INVALID_UTF8).await;
+            return None;
+        }
         wire::First::Binary => {
             let e = FrameError::Binary;
             refusal(e.code(), e.to_string(), close::PROTOCOL)

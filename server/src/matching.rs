@@ -5,7 +5,8 @@
 //! Rules: parties are taken whole and kept in one team; the oldest waiting unit anchors each
 //! match and takes others, oldest first, whose skill is within the anchor's window (which
 //! widens with the anchor's wait); a match forms at once when full, or with at least
-//! `players.min` once the anchor has waited `fill_wait_ms`.
+//! `players.min` once the anchor has waited `fill_wait_ms` — and only if every team has a
+//! player (a lone party is not matched against nobody), unless the mode sets `empty_teams`.
 
 use crate::model::Ticket;
 use crate::modes::Mode;
@@ -122,6 +123,9 @@ pub fn decide(mode: &Mode, tickets: &[Ticket], now_ms: u64, away_grace_ms: u64) 
         let Some(teams) = teams_for(&units, &picked, mode.teams, team_size) else {
             continue;
         };
+        if !mode.empty_teams && teams.iter().any(Vec::is_empty) {
+            continue;
+        }
         for &i in &picked {
             used[i] = true;
         }
@@ -272,6 +276,28 @@ mod tests {
             "{:?}",
             o.matches[0].teams
         );
+    }
+
+    #[test]
+    fn a_lone_party_waits_for_opponents() {
+        let m = mode("teams=2\nfill_wait_ms=3000\n[players]\nmin=2\nmax=8\n");
+        let mut q = vec![
+            t("a", 1000.0, 0, Some(("p", 2))),
+            t("b", 1000.0, 0, Some(("p", 2))),
+        ];
+        // Enough players and long past the fill wait, but one team would be empty.
+        assert!(decide(&m, &q, 60_000, 30_000).matches.is_empty());
+        q.push(t("c", 1000.0, 1, None));
+        let o = decide(&m, &q, 60_000, 30_000);
+        assert_eq!(o.matches.len(), 1);
+        let mut sizes: Vec<usize> = o.matches[0].teams.iter().map(Vec::len).collect();
+        sizes.sort();
+        assert_eq!(sizes, [1, 2], "{:?}", o.matches[0].teams);
+        // A mode that allows empty teams (a co-op run, say) starts the party alone.
+        let coop = mode("teams=2\nempty_teams=true\n[players]\nmin=2\nmax=8\n");
+        let o = decide(&coop, &q[..2], 60_000, 30_000);
+        assert_eq!(o.matches.len(), 1);
+        assert!(o.matches[0].teams.iter().any(Vec::is_empty));
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl std::str::FromStr for SessionState {
         SessionState::ALL
             .into_iter()
             .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown session state {s:?}"))
+            .ok_or_else(|| format!("unknown session state {}", berth_protocol::echo(s)))
     }
 }
 

@@ -86,6 +86,10 @@ pub struct Mode {
     pub players: Players,
     #[serde(default = "one")]
     pub teams: u32,
+    /// A match may start with a team nobody is in (off by default: a lone party waits for
+    /// opponents rather than being matched against nobody).
+    #[serde(default)]
+    pub empty_teams: bool,
     /// Regions this mode is offered in; empty means any.
     #[serde(default)]
     pub regions: Vec<String>,
@@ -138,7 +142,10 @@ impl Mode {
             })
         };
         if berth_protocol::SessionId::new(self.name.clone()).is_err() {
-            return bad("name", "file stem must be letters, digits, '-', '_' or '.'");
+            return bad(
+                "name",
+                &format!("file stem must be {}", berth_protocol::ids::ID_RULE),
+            );
         }
         if self.players.min == 0 || self.players.max < self.players.min {
             return bad("players", "need 1 <= min <= max");

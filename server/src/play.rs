@@ -10,12 +10,13 @@ use crate::util::{now_ms, random_id};
 use crate::wire::{
     self, close, decode, first_frame, send_close, text, First, Flood, FrameError, Verdict,
 };
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::ws::Message;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use berth_net::Seat;
 use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage, PLAY_PROTOCOL_VERSION};
-use berth_protocol::PlayerId;
+use berth_protocol::{echo, PlayerId};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -27,7 +28,7 @@ const STRIKES_FORGIVEN: Duration = Duration::from_secs(10);
 /// Messages waiting to be written to one player before it counts as too slow.
 const OUTBOX: usize = 32;
 
-pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(ctx): State<Ctx>) -> Response {
+pub async fn handler(up: wire::Upgrade, State(ctx): State<Ctx>) -> Response {
     let limits = &ctx.config.limits;
     if lock(&ctx.registry.players).len() >= limits.max_players {
         ctx.metrics.refuse("server_full");
@@ -40,25 +41,27 @@ pub async fn handler(ws: WebSocketUpgrade, headers: HeaderMap, State(ctx): State
         )
             .into_response();
     }
-    let bearer = wire::bearer(&headers);
     let max = limits.max_frame_bytes;
+    let wire::Upgrade { ws, bearer, seat } = up;
     ws.max_message_size(max)
         .max_frame_size(max)
         // Small buffers: most player sockets are idle most of the time.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(256 * 1024)
-        .on_upgrade(move |socket| serve(ctx, socket, bearer))
+        .on_upgrade(move |socket| serve(ctx, socket, bearer, seat))
 }
 
-/// Runs one player connection to its end.
-pub async fn serve<S>(ctx: Ctx, mut ws: S, bearer: Option<String>)
+/// Runs one player connection to its end. Its listener `seat` (if any) is held until `hello`
+/// is accepted: until then it counts against `limits.max_pending`.
+pub async fn serve<S>(ctx: Ctx, mut ws: S, bearer: Option<String>, seat: Seat)
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
 {
     let Some(player) = hello(&ctx, &mut ws, bearer).await else {
         return;
     };
+    seat.release();
     let (conn_id, rx) = register(&ctx, &player).await;
     if greet(&ctx, &mut ws, &player).await {
         connection(&ctx, &mut ws, &player, rx).await;
@@ -205,9 +208,9 @@ where
     let m = match frame {
         None | Some(Ok(Message::Close(_))) => return None,
         Some(Err(e)) => {
-            if wire::is_too_big(&e) {
-                ctx.metrics.refuse("message_too_big");
-                send_close(ws, close::TOO_BIG, "message_too_big").await;
+            // Oversize (1009) and not UTF-8 (1007) are told; a broken connection is not.
+            if let Some(reason) = wire::close_after_read_error(ws, &e).await {
+                ctx.metrics.refuse(reason);
             }
             return None;
         }
@@ -235,9 +238,8 @@ where
                     "too many messages; closing",
                 )))
                 .await;
+            // (Reading the flooder's unread frames away first, so the close is not a reset.)
             send_close(ws, close::RATE_LIMITED, "rate_limited").await;
-            // The flooder's unread frames would turn our close into a reset.
-            wire::drain_until_closed(ws).await;
             None
         }
     }
@@ -269,6 +271,11 @@ where
             }
             // Before hello an oversized message just drops the socket (nothing said yet).
             First::Closed | First::Failed | First::TooBig => return None,
+            First::NotUtf8 => {
+                ctx.metrics.refuse(wire::INVALID_UTF8);
+                send_close(ws, close::INVALID_DATA, wire::INVALID_UTF8).await;
+                return None;
+            }
             First::Text(t) => t,
             First::Binary => {
                 let e = FrameError::Binary;
@@ -376,13 +383,16 @@ async fn queue(
         let known: Vec<&str> = ctx.modes.0.keys().map(String::as_str).collect();
         return Err((
             "unknown_mode",
-            format!("no mode {mode_name:?}; modes: {}", known.join(", ")),
+            format!("no mode {}; modes: {}", echo(&mode_name), known.join(", ")),
         ));
     };
     if !valid_name(&region) || !mode.offers_region(&region) {
         return Err((
             "unknown_region",
-            format!("mode {mode_name} is not offered in region {region:?}"),
+            format!(
+                "mode {mode_name} is not offered in region {}",
+                echo(&region)
+            ),
         ));
     }
     let skill = skill.unwrap_or(mode.skill.default);
@@ -399,7 +409,7 @@ async fn queue(
             if !valid_name(&p.id) {
                 return Err((
                     "bad_party",
-                    "party id must be 1-64 letters, digits, '-', '_' or '.'".into(),
+                    format!("party id must be {}", berth_protocol::ids::ID_RULE),
                 ));
             }
             if p.size > mode.team_size() {

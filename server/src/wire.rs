@@ -1,13 +1,20 @@
 //! What the player and host websockets share: decoding a frame into a protocol message with a
 //! stable error code, and the bearer header. The socket toolkit they share with hostd's gateway
-//! (first frame, close frames, oversize, the flood guard) is `berth-net`'s, re-exported here.
+//! (first frame, close frames, read errors, the flood guard) is `berth-net`'s, re-exported here.
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, Utf8Bytes, WebSocketUpgrade};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::HeaderMap;
+use berth_net::Seat;
+use berth_protocol::{clip, DETAIL_MAX_CHARS};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use berth_net::{close_frame, drain_until_closed, first_frame, is_too_big, send_close, First};
+pub use berth_net::{
+    close_after_read_error, close_frame, first_frame, send_close, First, INVALID_UTF8,
+};
 /// Close codes (shared with hostd's gateway).
 pub use berth_protocol::close;
 pub use berth_protocol::rate::{Flood, Verdict};
@@ -36,13 +43,14 @@ impl FrameError {
     }
 }
 
-/// Decodes a text frame as `T` (an internally tagged protocol enum).
+/// Decodes a text frame as `T` (an internally tagged protocol enum). serde's text may quote
+/// the frame (an unknown type or field whole), so it is clipped.
 pub fn decode<T: DeserializeOwned>(text: &str) -> Result<T, FrameError> {
     serde_json::from_str(text).map_err(|e| {
+        let msg = clip(&e.to_string(), DETAIL_MAX_CHARS).into_owned();
         if e.is_syntax() || e.is_eof() {
-            return FrameError::Json(e.to_string());
+            return FrameError::Json(msg);
         }
-        let msg = e.to_string();
         if msg.starts_with("unknown variant") || msg.contains("missing field `type`") {
             FrameError::UnknownType(msg)
         } else {
@@ -55,6 +63,29 @@ pub fn text<T: Serialize>(msg: &T) -> Message {
     Message::Text(Utf8Bytes::from(
         serde_json::to_string(msg).expect("protocol types always serialise"),
     ))
+}
+
+/// What a websocket endpoint (`/v1/play`, `/v1/hosts`) takes from its upgrade request: the
+/// upgrade, the bearer token if any, and the connection's listener seat (held until the
+/// peer's first message is accepted, see `berth_net::serve`).
+pub struct Upgrade {
+    pub ws: WebSocketUpgrade,
+    pub bearer: Option<String>,
+    pub seat: Seat,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = WebSocketUpgradeRejection;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let ws = WebSocketUpgrade::from_request_parts(parts, state).await?;
+        let Ok(seat) = Seat::from_request_parts(parts, state).await;
+        Ok(Upgrade {
+            ws,
+            bearer: bearer(&parts.headers),
+            seat,
+        })
+    }
 }
 
 /// `Authorization: Bearer <token>`, if present.
@@ -85,6 +116,11 @@ mod tests {
             code(r#"{"type":"ping","nonce":1,"extra":2}"#),
             "bad_message"
         );
+        // serde quotes an unknown type whole: the message does not.
+        let huge = format!(r#"{{"type":"{}"}}"#, "x".repeat(10_000));
+        let e = decode::<ClientMessage>(&huge).expect_err("unknown type");
+        assert_eq!(e.code(), "unknown_type");
+        assert!(e.to_string().len() < 300, "{} bytes", e.to_string().len());
     }
 
     #[test]

@@ -211,10 +211,7 @@ fn documented_admin_routes_are_exactly_the_served_ones() -> Result<()> {
 type Ws = berth_client::Socket;
 
 async fn connect(url: &str, bearer: Option<&str>) -> Result<Ws> {
-    let options = berth_client::ConnectOptions {
-        bearer: bearer.map(str::to_owned),
-        ..Default::default()
-    };
+    let options = berth_client::ConnectOptions::with_bearer(bearer);
     berth_client::Socket::connect(url, options)
         .await
         .with_context(|| format!("connecting to {url}"))
@@ -475,4 +472,64 @@ async fn admin_answers_match_the_documented_schemas() -> Result<()> {
 fn heartbeat_images() -> Value {
     json!([{"name": "arena", "docked": true, "warm": 0, "running": 1,
             "memory_mib": 128, "vcpus": 1}])
+}
+
+/// Every error the admin API answers has a code the `Error` schema lists (an enum, so that a
+/// code added to the server and not to the document fails here), and the right status.
+#[tokio::test]
+async fn every_admin_error_code_is_documented() -> Result<()> {
+    let spec = spec()?;
+    let documented: BTreeSet<String> = spec
+        .pointer("/components/schemas/Error/properties/code/enum")
+        .and_then(Value::as_array)
+        .context("the Error schema lists no codes (an enum)")?
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_owned))
+        .collect();
+    for c in &documented {
+        let known = berth_protocol::ErrorCode::from(c.as_str());
+        ensure!(
+            !matches!(known, berth_protocol::ErrorCode::Other(_)),
+            "{c} is not a known error code"
+        );
+    }
+    let cfg = config();
+    let auth = Auth::new(&cfg.auth)?;
+    let server = Server::start(cfg).await?;
+    let http = Http {
+        client: reqwest::Client::new(),
+        base: format!("http://{}", server.addr),
+        admin: auth.mint("ops", Role::Admin, 3600)?,
+    };
+    let player = auth.mint("ana", Role::Player, 60)?;
+    // "METHOD path token status code", the token one of: admin, player, none, junk.
+    let cases = [
+        "GET /v1/admin/sessions?limit=0 admin 400 bad_limit",
+        "GET /v1/admin/sessions?limit=lots admin 400 bad_query",
+        "GET /v1/admin/sessions?state=nope admin 400 bad_state",
+        "POST /v1/admin/hosts/.x/drain admin 400 bad_id",
+        "POST /v1/admin/hosts/h-none/drain admin 404 unknown_host",
+        "GET /v1/admin/sessions/s-none admin 404 unknown_session",
+        "GET /v1/admin/hosts none 401 missing_token",
+        "GET /v1/admin/hosts junk 401 bad_token",
+        "GET /v1/admin/pools player 403 wrong_role",
+    ];
+    let error = json!({"$ref": "#/components/schemas/Error"});
+    for case in cases {
+        let [method, path, who, status, code] = case.split(' ').collect::<Vec<_>>()[..] else {
+            bail!("bad case {case}");
+        };
+        let token = match who {
+            "admin" => Some(http.admin.as_str()),
+            "player" => Some(player.as_str()),
+            "junk" => Some("x.y.z"),
+            _ => None,
+        };
+        let (got, body) = http.call(method, path, token).await?;
+        assert_eq!(got.to_string(), status, "{case}: {body}");
+        assert_eq!(body["code"], code, "{case}: {body}");
+        check(&spec, &error, &body, path)?;
+    }
+    server.shutdown().await;
+    Ok(())
 }

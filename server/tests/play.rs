@@ -2,8 +2,10 @@
 
 mod common;
 
+use anyhow::Context;
 use anyhow::Result;
 use base64::Engine;
+use berth_client::probe::{stall, Probe};
 use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage};
 use berth_server::app::Server;
 use common::*;
@@ -148,6 +150,22 @@ async fn bad_messages_get_codes_and_the_connection_lives_on() -> Result<()> {
     c.expect_error("unknown_mode").await?;
     c.send(&queue("duel", "mars")).await?;
     c.expect_error("unknown_region").await?;
+    // A huge region is quoted back cut short, not whole.
+    c.send(&queue("duel", &"r".repeat(10_000))).await?;
+    match c.recv().await? {
+        ServerMessage::Error { code, message } if code == "unknown_region" => {
+            assert!(message.len() < 200, "{} bytes: {message}", message.len());
+            assert!(message.contains("rrrr…"), "{message}");
+        }
+        other => panic!("expected unknown_region, got {other:?}"),
+    }
+    c.send(&queue(&"m".repeat(10_000), "eu")).await?;
+    match c.recv().await? {
+        ServerMessage::Error { code, message } if code == "unknown_mode" => {
+            assert!(message.len() < 300, "{} bytes: {message}", message.len());
+        }
+        other => panic!("expected unknown_mode, got {other:?}"),
+    }
     c.send(&ClientMessage::Queue {
         mode: "arena".into(),
         region: "eu".into(),
@@ -183,33 +201,116 @@ async fn oversize_frames_close_with_1009_and_others_are_unaffected() -> Result<(
 }
 
 #[tokio::test]
-async fn floods_are_rate_limited_then_closed() -> Result<()> {
+async fn a_connection_that_never_finishes_its_upgrade_is_closed() -> Result<()> {
+    let mut cfg = config();
+    cfg.timeouts.header_read_ms = 300;
+    let s = Server::start(cfg).await?;
+    let wait = Duration::from_secs(5);
+    let half = b"GET /v1/play HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n";
+    for sent in [&b""[..], &half[..]] {
+        let stalled = stall(s.addr, sent, wait).await?;
+        let after = stalled.closed_after.context("still open after 5 s")?;
+        assert!(
+            after < Duration::from_millis(1500),
+            "closed after {after:?}"
+        );
+    }
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_not_past_hello_are_capped() -> Result<()> {
+    let mut cfg = config();
+    cfg.limits.max_pending = 1;
+    let s = Server::start(cfg).await?;
+    // A player past hello holds no seat: the next signs in too.
+    let mut alice = common::player(&s, "alice").await?;
+    let mut bob = common::player(&s, "bob").await?;
+    // One connection that says nothing takes the one seat…
+    let silent = tokio::spawn(stall(s.addr, b"", Duration::from_secs(2)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // …so the next is refused before its upgrade, with a code.
+    match common::open(&s, None).await {
+        Err(e) => match e.downcast_ref::<berth_client::ClientError>() {
+            Some(berth_client::ClientError::Http { status: 503, body }) => {
+                assert!(body.contains("too_many_connections"), "{body}");
+            }
+            _ => panic!("expected a 503, got {e:?}"),
+        },
+        Ok(_) => panic!("a connection over the cap was let in"),
+    }
+    silent.abort();
+    let metrics = s.ctx.metrics.render();
+    assert!(
+        metrics.contains(r#"code="too_many_connections""#),
+        "not counted"
+    );
+    alice.ping_pong(1).await?;
+    bob.ping_pong(2).await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+/// A signed-in player's socket driven by hand (nothing read until asked).
+async fn probe(s: &Server, name: &str) -> Result<Probe> {
+    let mut p = Probe::connect(&common::play_url(s), Some(&token(name))).await?;
+    anyhow::ensure!(p.send_text(r#"{"type":"hello","v":1}"#).await, "hello");
+    Ok(p)
+}
+
+#[tokio::test]
+async fn a_flood_that_does_not_read_gets_its_4429_not_a_reset() -> Result<()> {
     let mut cfg = config();
     cfg.limits.messages_per_s = 5;
     cfg.limits.burst = 5;
     cfg.limits.rate_strikes = 10;
     let s = Server::start(cfg).await?;
     let mut bystander = common::player(&s, "erin").await?;
-    let mut c = common::player(&s, "flooder").await?;
-    for i in 0..100 {
-        if c.send(&ClientMessage::Ping { nonce: i }).await.is_err() {
-            break;
-        }
-    }
-    let mut limited = 0;
-    let close = loop {
-        match c.recv().await {
-            Ok(ServerMessage::Error { code, .. }) if code == "rate_limited" => limited += 1,
-            Ok(_) => {}
-            Err(e) => break e.to_string(),
-        }
-    };
+    let mut flooder = probe(&s, "flooder").await?;
+    // Far more than the limit, all written before anything is read: the server closes with
+    // most of it still unread in its receive buffer.
+    let sent = flooder.flood(r#"{"type":"ping","nonce":1}"#, 2000).await;
+    assert_eq!(sent, 2000);
+    let end = flooder.until_closed(Duration::from_secs(10)).await?;
+    let limited = end
+        .texts
+        .iter()
+        .filter(|t| t.contains("rate_limited"))
+        .count();
     assert!(limited >= 10, "{limited} rate_limited errors");
-    assert!(
-        close.contains("4429") || close.contains("closed"),
-        "{close}"
-    );
+    assert!(end.closed.frame, "no close frame: {:?}", end.closed);
+    assert_eq!(end.closed.code, Some(4429), "{:?}", end.closed);
+    assert_eq!(end.closed.reason, "rate_limited");
     bystander.ping_pong(3).await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_with_1007() -> Result<()> {
+    let s = server().await?;
+    // After hello…
+    let mut p = probe(&s, "mallory").await?;
+    assert!(p.send_invalid_utf8().await);
+    let end = p.until_closed(Duration::from_secs(5)).await?;
+    assert!(
+        end.texts.iter().any(|t| t.contains("welcome")),
+        "{:?}",
+        end.texts
+    );
+    assert_eq!(
+        (end.closed.frame, end.closed.code),
+        (true, Some(1007)),
+        "{:?}",
+        end.closed
+    );
+    assert_eq!(end.closed.reason, "invalid_utf8");
+    // …and as the very first frame.
+    let mut p = Probe::connect(&common::play_url(&s), None).await?;
+    assert!(p.send_invalid_utf8().await);
+    let end = p.until_closed(Duration::from_secs(5)).await?;
+    assert_eq!(end.closed.code, Some(1007), "{:?}", end.closed);
     s.shutdown().await;
     Ok(())
 }

@@ -88,9 +88,7 @@ pub fn hostd_config(state_dir: &Path, images: Vec<ImageConfig>) -> HostdConfig {
         agent_silence_s: 15,
         keep_substrates: false,
         images,
-        gateway: GatewayConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        },
+        gateway: GatewayConfig::at(SocketAddr::from(([127, 0, 0, 1], 0))),
         server: None,
     }
 }

@@ -21,6 +21,8 @@ pub(crate) struct Script {
     pub restore_failures: u32,
     /// VMs never answer `ready` (their activation times out).
     pub never_ready: bool,
+    /// Where VMs' game servers listen (a test's own TCP listener); none: a closed port.
+    pub game_addr: Option<SocketAddr>,
     pub primes: u32,
     pub restores: u32,
     pub destroyed: Vec<VmId>,
@@ -52,6 +54,9 @@ impl TestDriver {
             dir: dir.to_path_buf(),
             events,
             never_ready: script.never_ready,
+            game_addr: script
+                .game_addr
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9))),
             script: self.script.clone(),
         })
     }
@@ -145,6 +150,7 @@ struct TestVm {
     dir: PathBuf,
     events: mpsc::UnboundedReceiver<VmEvent>,
     never_ready: bool,
+    game_addr: SocketAddr,
     script: Arc<Mutex<Script>>,
 }
 
@@ -155,7 +161,7 @@ impl Vm for TestVm {
     }
 
     fn game_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 9))
+        self.game_addr
     }
 
     fn pid(&self) -> u32 {
@@ -222,7 +228,7 @@ pub(crate) fn test_config(warm: u32, max_vms: u32) -> (HostdConfig, tempfile::Te
 }
 
 /// A pool on the [`TestDriver`] following `script`, on [`test_config`].
-async fn pool_with(
+pub(crate) async fn pool_with(
     warm: u32,
     max_vms: u32,
     script: Script,
