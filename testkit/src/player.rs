@@ -77,3 +77,18 @@ pub fn queue(mode: &str, region: &str) -> ClientMessage {
 pub fn close_code(c: &Option<Closed>) -> u16 {
     c.as_ref().and_then(|c| c.code).unwrap_or(0)
 }
+
+/// The player's next `session_ended` within 30 s: its reason and results.
+pub async fn ended(c: &mut Client) -> Result<(String, serde_json::Value)> {
+    match c
+        .until(Duration::from_secs(30), |m| {
+            matches!(m, ServerMessage::SessionEnded { .. })
+        })
+        .await?
+    {
+        ServerMessage::SessionEnded {
+            reason, results, ..
+        } => Ok((reason.to_string(), results)),
+        other => bail!("expected session_ended, got {other:?}"),
+    }
+}

@@ -241,3 +241,119 @@ fn a_bad_config_file_fails_fast_naming_the_key() {
     );
     drop(dir);
 }
+
+/// Polls the server's view of host `host` until `f` holds.
+async fn host_until(
+    server: &berth_server::app::Server,
+    host: &str,
+    f: impl Fn(&berth_server::model::HostRecord) -> bool,
+) -> Result<berth_server::model::HostRecord> {
+    let id = berth_protocol::HostId::new(host)?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(h) = server.ctx.store.host(&id).await? {
+            if f(&h) {
+                return Ok(h);
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "host {host} never got there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The next message that is not a queue status.
+async fn next_news(
+    c: &mut berth_testkit::player::Client,
+) -> Result<berth_protocol::play::ServerMessage> {
+    use berth_protocol::play::ServerMessage;
+    Ok(c.until(Duration::from_secs(30), |m| {
+        !matches!(m, ServerMessage::QueueStatus { .. })
+    })
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_match_outlives_a_killed_hostd_that_comes_back_within_the_grace() -> Result<()> {
+    use berth_protocol::play::ServerMessage;
+    use berth_server::model::{HostState, SessionState};
+    use berth_testkit::player as client;
+    init_logs();
+    let mut sc = client::config();
+    sc.timeouts.host_heartbeat_ms = 500;
+    sc.timeouts.host_lost_ms = 1500;
+    sc.timeouts.host_grace_ms = 60_000;
+    let server = berth_server::app::Server::start(sc).await?;
+    let dir = Sandbox::state_dir("outlive");
+    let _ = std::fs::remove_dir_all(&dir);
+    seed_substrate(&dir, &image_config("arena", 1)).await?;
+    let _guard = DirGuard(dir.clone());
+    let conf_dir = TempDir::new("conf-outlive")?;
+    let config = conf_dir.0.join("hostd.toml");
+    let port = free_port();
+    let gateway = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "host_id = \"outlive\"\nstate_dir = \"{}\"\ncontrol = \"127.0.0.1:{port}\"\naccel = \"tcg\"\n\
+             [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = 1\n\
+             [gateway]\nlisten = \"127.0.0.1:{gateway}\"\n\
+             [server]\nurl = \"ws://{}/v1/hosts\"\ntoken = \"{}\"\ngateway = \"ws://127.0.0.1:{gateway}/v1/game\"\nreconnect_max_s = 1\n",
+            dir.display(),
+            image_dir().display(),
+            server.addr,
+            berth_testkit::fixtures::host_token("outlive"),
+        ),
+    )?;
+    let control = Client::new(([127, 0, 0, 1], port).into());
+    let mut hostd = spawn(&config);
+    host_until(&server, "outlive", |h| {
+        h.images.iter().any(|i| i.docked && i.warm >= 1)
+    })
+    .await?;
+
+    let mut a = client::player(&server, "ann").await?;
+    let mut b = client::player(&server, "ben").await?;
+    a.send(&client::queue("duel", "eu")).await?;
+    b.send(&client::queue("duel", "eu")).await?;
+    let ServerMessage::Matched {
+        session, ticket, ..
+    } = next_news(&mut a).await?
+    else {
+        anyhow::bail!("expected matched");
+    };
+    next_news(&mut b).await?;
+    let vm = control
+        .status()
+        .await?
+        .vms
+        .into_iter()
+        .find(|v| v.session_id == session)
+        .context("the session's VM")?;
+
+    // hostd dies; the server marks the host lost, but the match goes on in its VM.
+    hostd.kill()?;
+    host_until(&server, "outlive", |h| h.state == HostState::Lost).await?;
+    let s = server.ctx.store.session(&session).await?.context("kept")?;
+    assert_eq!(s.state, SessionState::Active, "{:?}", s.end_reason);
+    // Back within the grace: it adopts the VM, registers it, and the session stays.
+    let mut hostd = spawn(&config);
+    host_until(&server, "outlive", |h| h.state == HostState::Up).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = server.ctx.store.session(&session).await?.context("kept")?;
+    assert_eq!(s.state, SessionState::Active, "{:?}", s.end_reason);
+
+    // The game plays on to its end, and both players hear its results.
+    let (reason, _) = game_surrender(vm.game_addr, &ticket).await?;
+    assert_eq!(reason, "surrender");
+    for c in [&mut a, &mut b] {
+        let (reason, results) = client::ended(c).await?;
+        assert_eq!(reason, "surrender");
+        assert!(!results["winner"].is_null(), "{results}");
+    }
+    signal(hostd.id(), nix::sys::signal::Signal::SIGTERM)?;
+    assert!(hostd.wait()?.success());
+    server.shutdown().await;
+    drop(conf_dir);
+    assert_nothing_left(&dir)?;
+    Ok(())
+}

@@ -17,7 +17,7 @@ use berth_server::store::redis::RedisStore;
 use berth_server::store::Store;
 use berth_testkit::fixtures::TempDir;
 use berth_testkit::{game_hello, game_surrender, Sandbox};
-use client::{admin_token, auth, config, queue, Client};
+use client::{admin_token, auth, config, ended, queue, Client};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -137,20 +137,6 @@ async fn matched(c: &mut Client) -> Result<(SessionId, String, String)> {
             Ok((session, endpoint, ticket))
         }
         other => bail!("expected matched, got {other:?}"),
-    }
-}
-
-async fn ended(c: &mut Client) -> Result<(String, serde_json::Value)> {
-    match c
-        .until(Duration::from_secs(30), |m| {
-            matches!(m, ServerMessage::SessionEnded { .. })
-        })
-        .await?
-    {
-        ServerMessage::SessionEnded {
-            reason, results, ..
-        } => Ok((reason.to_string(), results)),
-        other => bail!("expected session_ended, got {other:?}"),
     }
 }
 

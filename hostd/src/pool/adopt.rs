@@ -17,7 +17,9 @@ impl Pool {
         for entry in entries.filter_map(Result::ok) {
             let dir = entry.path();
             let Some(record) = VmRecord::load(&dir) else {
+                // A clone hostd was making when it died: its QEMU may run without a record.
                 tracing::warn!(dir = %dir.display(), "removing a VM folder without a record");
+                crate::util::kill_processes_naming(&dir);
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
             };
