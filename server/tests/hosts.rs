@@ -26,6 +26,11 @@ async fn open(s: &Server, token: &str) -> Result<Ws> {
 }
 
 fn register(host: &str, vms: Vec<HostVm>) -> HostMessage {
+    register_with(host, vms, vec![])
+}
+
+/// A `register` that also carries `outbox` reports.
+fn register_with(host: &str, vms: Vec<HostVm>, outbox: Vec<HostMessage>) -> HostMessage {
     HostMessage::Register {
         v: 1,
         host: HostId::new(host).expect("id"),
@@ -42,7 +47,7 @@ fn register(host: &str, vms: Vec<HostVm>) -> HostMessage {
             vcpus: 1,
         }],
         vms,
-        outbox: vec![],
+        outbox,
     }
 }
 
@@ -228,31 +233,11 @@ async fn reports_in_the_outbox_are_answered_recorded_even_when_never_recordable(
         reason: String::new(),
         results: serde_json::json!({"winner": "a"}),
     };
-    let HostMessage::Register {
-        v,
-        host,
-        accel,
-        driver,
-        gateway,
-        max_vms,
-        images,
-        vms,
-        ..
-    } = register("h1", vec![])
-    else {
-        bail!("register builds a register");
-    };
-    let with_outbox = HostMessage::Register {
-        v,
-        host,
-        accel,
-        driver,
-        gateway,
-        max_vms,
-        images,
-        vms,
-        outbox: vec![ended, HostMessage::Heartbeat { images: vec![] }],
-    };
+    let with_outbox = register_with(
+        "h1",
+        vec![],
+        vec![ended, HostMessage::Heartbeat { images: vec![] }],
+    );
     send(&mut ws, &with_outbox).await?;
     assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
     // Not this host's session: refused, but acknowledged so that hostd forgets it.
@@ -262,6 +247,59 @@ async fn reports_in_the_outbox_are_answered_recorded_even_when_never_recordable(
         other => bail!("expected recorded, got {other:?}"),
     }
     expect_error(&mut ws, "bad_outbox").await?;
+    s.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_outbox_report_is_recorded_before_reconciliation_could_call_its_session_lost(
+) -> Result<()> {
+    use berth_server::model::{PoolKey, Session, SessionState};
+    let s = Server::start(config()).await?;
+    // A session active on h1 whose game ended while h1's link was down: its VM is gone.
+    let now = berth_protocol::now_ms();
+    let session = Session {
+        id: SessionId::new("s-ended-away")?,
+        version: 0,
+        pool: PoolKey {
+            mode: "duel".into(),
+            region: "eu".into(),
+        },
+        image: "arena".into(),
+        state: SessionState::Active,
+        players: vec![],
+        teams: vec![],
+        ticket_key: "00".into(),
+        params: serde_json::Value::Null,
+        host: Some(HostId::new("h1")?),
+        tried_hosts: vec![],
+        vm: Some(VmId::new("vm-1")?),
+        endpoint: None,
+        created_ms: now,
+        deadline_ms: now + 600_000,
+        ends_by_ms: now + 600_000,
+        history: vec![],
+        end_reason: None,
+        results: serde_json::Value::Null,
+        match_ms: 0,
+    };
+    assert!(s.ctx.store.claim(&[], &session).await?);
+    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    let ended = HostMessage::Ended {
+        session: session.id.clone(),
+        vm: VmId::new("vm-1")?,
+        reason: "score".into(),
+        results: serde_json::json!({"winner": 1}),
+    };
+    send(&mut ws, &register_with("h1", vec![], vec![ended])).await?;
+    assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
+    match recv(&mut ws).await? {
+        ServerToHost::Recorded { session: r } => assert_eq!(r, session.id),
+        other => bail!("expected recorded, got {other:?}"),
+    }
+    let stored = s.ctx.store.session(&session.id).await?.context("kept")?;
+    assert_eq!(stored.end_reason.as_deref(), Some("score"), "not vm_lost");
+    assert_eq!(stored.results["winner"], 1);
     s.shutdown().await;
     Ok(())
 }
