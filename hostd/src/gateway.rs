@@ -73,6 +73,8 @@ pub const PING_EVERY: Duration = Duration::from_secs(10);
 pub const PONG_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for the game's TCP port to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a closed game socket waits for its VM to be seen going (see `game_closed`).
+const VM_GONE_WAIT: Duration = Duration::from_millis(500);
 /// A peer that does not take a frame or line within this is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Gateway::shutdown`] waits for connections to close.
@@ -847,8 +849,7 @@ where
                     return End::Close(close::UNREACHABLE, "game_error");
                 }
                 // Everything the game sent has been forwarded.
-                GameRead::Closed if gate.is_ending() => return game_over(),
-                GameRead::Closed => return End::Close(close::NORMAL, "game_closed"),
+                GameRead::Closed => return game_closed(gate).await,
             },
             () = gate.ended() => return game_over(),
             _ = &mut *replaced => {
@@ -869,6 +870,16 @@ where
 
 fn game_over() -> End {
     End::Refuse(Refusal::new(code::GAME_OVER, "the game is over"))
+}
+
+/// The game closed its socket. A killed or crashed VM closes it a moment before the pool sees
+/// the VM go: wait that moment ([`VM_GONE_WAIT`]), so that its players hear `game_over` (1001),
+/// the session's end, rather than a plain `game_closed`.
+async fn game_closed(gate: &mut Gate) -> End {
+    match tokio::time::timeout(VM_GONE_WAIT, gate.ended()).await {
+        Ok(()) => game_over(),
+        Err(_) => End::Close(close::NORMAL, "game_closed"),
+    }
 }
 
 /// The client-to-game half of [`proxy`]: the game's write side, the flood guard and the
