@@ -60,6 +60,8 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 pub const SILENT_HEARTBEATS: u32 = 3;
 /// Reports the server has not answered `recorded` are sent again every this many heartbeats.
 pub const RESEND_HEARTBEATS: u32 = 3;
+/// How long a clean stop waits for `recorded` of reports in flight.
+const RECORDED_WAIT: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -284,6 +286,7 @@ pub async fn run(pool: Pool, link: ServerLink, shutdown: impl Future<Output = ()
 
 async fn run_with<P: LinkPool>(pool: P, link: ServerLink, shutdown: impl Future<Output = ()>) {
     let span = tracing::info_span!("link", host_id = %link.host, server = %link.url);
+    pool.outbox().enable();
     let mut owner = Link::new(pool, link);
     async move {
         tokio::pin!(shutdown);
@@ -427,6 +430,7 @@ impl<P: LinkPool> Link<P> {
         loop {
             tokio::select! {
                 () = &mut shutdown => {
+                    self.await_recorded(ws).await;
                     close(ws).await;
                     return Ok(());
                 }
@@ -466,6 +470,22 @@ impl<P: LinkPool> Link<P> {
                     // The pool outlives the link (it holds a clone); nothing more will come.
                     Err(broadcast::error::RecvError::Closed) => events = self.pool.subscribe(),
                 },
+            }
+        }
+    }
+
+    /// At a clean stop: waits up to [`RECORDED_WAIT`] for the server to record the reports in
+    /// flight (those it does not stay on disk for the next start).
+    async fn await_recorded(&mut self, ws: &mut Socket) {
+        let until = tokio::time::Instant::now() + RECORDED_WAIT;
+        while !self.pool.outbox().pending().is_empty() {
+            match tokio::time::timeout_at(until, ws.next()).await {
+                Ok(Some(Ok(frame))) => {
+                    if self.on_frame(ws, frame).await.is_err() {
+                        return;
+                    }
+                }
+                _ => return,
             }
         }
     }

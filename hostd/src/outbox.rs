@@ -10,18 +10,28 @@
 use berth_protocol::host::HostMessage;
 use berth_protocol::SessionId;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// The reports not yet acknowledged; cheap to clone (a folder path).
 #[derive(Debug, Clone)]
 pub struct Outbox {
     dir: PathBuf,
+    /// Only a host linked to a server keeps reports: without a link nobody would take them.
+    enabled: Arc<AtomicBool>,
 }
 
 impl Outbox {
     pub fn new(state_dir: &Path) -> Self {
         Outbox {
             dir: state_dir.join("outbox"),
+            enabled: Arc::default(),
         }
+    }
+
+    /// Keep reports from now on (the link calls this when it starts).
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
     }
 
     // Session ids hold no path separators (see `berth_protocol::ids`): a safe file name.
@@ -35,6 +45,9 @@ impl Outbox {
         let Some(session) = session_of(report) else {
             return;
         };
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
         let path = self.path(session);
         let tmp = path.with_extension("tmp");
         let text = serde_json::to_vec(report).expect("host messages always serialize");
@@ -111,6 +124,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("berth-outbox-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let outbox = Outbox::new(&dir);
+        outbox.put(&ended("s-off"));
+        assert!(!dir.exists(), "a host without a link keeps nothing");
+        outbox.enable();
         assert!(outbox.pending().is_empty(), "no folder: nothing pending");
         outbox.put(&ended("s-b"));
         outbox.put(&ended("s-a"));
