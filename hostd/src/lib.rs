@@ -17,6 +17,8 @@
 //! - [`token`]: this host's credential towards the server, read again on every connect.
 //! - [`link`]: the one websocket to the matchmaking server: register, heartbeats, activate and
 //!   destroy on the server's behalf, pool events upstream, reconnect and reconcile.
+//! - [`outbox`]: the `ended`/`failed` reports of gone VMs, kept on disk until the server
+//!   answers `recorded`.
 //! - [`selftest`]: `berth-hostd selftest`, prime → activate → destroy on this host with its
 //!   configured driver, checking every game answers as its own session and nothing is left.
 //! - [`gateway`]: the players' websocket: ticket check with the session's own key, then frames
@@ -35,6 +37,7 @@ pub mod gateway;
 pub mod image;
 pub mod link;
 pub mod manifest;
+pub mod outbox;
 pub mod pool;
 pub mod selftest;
 pub mod substrate;

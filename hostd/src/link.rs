@@ -22,14 +22,17 @@
 //! task reconnects with exponential backoff ([`backoff`]: from 200 ms, doubling, ±20 % jitter,
 //! capped at `reconnect_max_s`) and registers again.
 //!
-//! **What a disconnect loses.** Pool events (`ended`, `failed`, `destroyed`) that happen while
-//! no connection is open are dropped on purpose: the `vms` list of the next `register` is the
+//! **What a disconnect loses.** Nothing a player needs. `ended` and `failed` reports are kept in
+//! the pool's [`Outbox`] on disk until the server answers `recorded`: they go out live, in the
+//! `outbox` of every `register`, and again every [`RESEND_HEARTBEATS`] heartbeats. `destroyed`
+//! events while no connection is open are dropped: the `vms` list of the next `register` is the
 //! truth, and the server reconciles against it (a session whose VM is missing is gone). Answers
 //! to activations still running when the link drops are not lost: they are sent after the next
 //! `welcome`, so the server may see an `activated` for a VM the `register` already listed.
 
 use crate::config::ImageConfig;
 pub use crate::config::ServerLink;
+use crate::outbox::Outbox;
 use crate::pool::{ActivateRequest, Pool, PoolError, PoolEvent, Status, VmInfo};
 pub use crate::token::Token;
 use crate::token::TokenError;
@@ -55,6 +58,10 @@ pub const BACKOFF_START: Duration = Duration::from_millis(200);
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// The server counts as gone when no frame (not even a pong) came for this many heartbeats.
 pub const SILENT_HEARTBEATS: u32 = 3;
+/// Reports the server has not answered `recorded` are sent again every this many heartbeats.
+pub const RESEND_HEARTBEATS: u32 = 3;
+/// How long a clean stop waits for `recorded` of reports in flight.
+const RECORDED_WAIT: Duration = Duration::from_secs(1);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -165,8 +172,14 @@ pub fn capacity(status: &Status, images: &[ImageConfig]) -> Vec<ImageCapacity> {
         .collect()
 }
 
-/// The `register` message: who this host is, what it can run and what it really runs.
-pub fn register(link: &ServerLink, status: &Status, images: &[ImageConfig]) -> HostMessage {
+/// The `register` message: who this host is, what it can run, what it really runs, and the
+/// reports of gone VMs the server has not acknowledged (`outbox`).
+pub fn register(
+    link: &ServerLink,
+    status: &Status,
+    images: &[ImageConfig],
+    outbox: Vec<HostMessage>,
+) -> HostMessage {
     HostMessage::Register {
         v: HOST_PROTOCOL_VERSION,
         host: link.host.clone(),
@@ -184,7 +197,7 @@ pub fn register(link: &ServerLink, status: &Status, images: &[ImageConfig]) -> H
                 image: v.image.clone(),
             })
             .collect(),
-        outbox: Vec::new(),
+        outbox,
     }
 }
 
@@ -215,37 +228,20 @@ pub enum Forward {
 }
 
 pub fn forward(event: PoolEvent) -> Forward {
+    if let Some(report) = event.report() {
+        return Forward::Send(report);
+    }
     match event {
-        PoolEvent::Ended {
-            vm_id,
-            session_id,
-            reason,
-            results,
-        } => Forward::Send(HostMessage::Ended {
-            session: session_id,
-            vm: vm_id,
-            reason,
-            results,
-        }),
-        PoolEvent::Failed {
-            vm_id,
-            session_id,
-            code,
-            reason,
-        } => Forward::Send(HostMessage::Failed {
-            session: session_id,
-            vm: vm_id,
-            code,
-            reason,
-        }),
         // Only VMs with a session emit these (warm clones are destroyed silently).
         PoolEvent::Destroyed { vm_id, session_id } => Forward::Send(HostMessage::Destroyed {
             session: session_id,
             vm: vm_id,
         }),
         PoolEvent::Docked { .. } | PoolEvent::PrimeFailed { .. } => Forward::Capacity,
-        // Answered as `activated` to the `activate` that caused it.
-        PoolEvent::Activated { .. } => Forward::Nothing,
+        // Answered as `activated` to the `activate` that caused it; reports are sent above.
+        PoolEvent::Activated { .. } | PoolEvent::Ended { .. } | PoolEvent::Failed { .. } => {
+            Forward::Nothing
+        }
     }
 }
 
@@ -259,6 +255,7 @@ pub(crate) trait LinkPool: Clone + Send + Sync + 'static {
         req: ActivateRequest,
     ) -> impl Future<Output = Result<VmInfo, PoolError>> + Send;
     fn destroy(&self, vm: VmId) -> impl Future<Output = Result<(), PoolError>> + Send;
+    fn outbox(&self) -> &Outbox;
 }
 
 impl LinkPool for Pool {
@@ -277,6 +274,9 @@ impl LinkPool for Pool {
     async fn destroy(&self, vm: VmId) -> Result<(), PoolError> {
         Pool::destroy(self, vm.as_str()).await
     }
+    fn outbox(&self) -> &Outbox {
+        Pool::outbox(self)
+    }
 }
 
 /// Keeps this host registered with the server until `shutdown` resolves (see the module doc).
@@ -286,6 +286,7 @@ pub async fn run(pool: Pool, link: ServerLink, shutdown: impl Future<Output = ()
 
 async fn run_with<P: LinkPool>(pool: P, link: ServerLink, shutdown: impl Future<Output = ()>) {
     let span = tracing::info_span!("link", host_id = %link.host, server = %link.url);
+    pool.outbox().enable();
     let mut owner = Link::new(pool, link);
     async move {
         tokio::pin!(shutdown);
@@ -393,7 +394,9 @@ impl<P: LinkPool> Link<P> {
         // Subscribe before the snapshot, so no event falls between `register` and the loop.
         let events = self.pool.subscribe();
         let status = self.pool.status();
-        send(&mut ws, &register(&self.link, &status, self.pool.images())).await?;
+        let outbox = self.pool.outbox().pending();
+        let hello = register(&self.link, &status, self.pool.images(), outbox);
+        send(&mut ws, &hello).await?;
         let heartbeat = tokio::select! {
             () = &mut shutdown => {
                 close(&mut ws).await;
@@ -423,9 +426,11 @@ impl<P: LinkPool> Link<P> {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = Instant::now();
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 () = &mut shutdown => {
+                    self.await_recorded(ws).await;
                     close(ws).await;
                     return Ok(());
                 }
@@ -442,6 +447,13 @@ impl<P: LinkPool> Link<P> {
                     }
                     self.heartbeat(ws).await?;
                     timed(ws.send(Message::Ping(Default::default()))).await?;
+                    ticks = ticks.wrapping_add(1);
+                    if ticks.is_multiple_of(RESEND_HEARTBEATS) {
+                        // Reports the server did not answer `recorded` (its store was down, say).
+                        for report in self.pool.outbox().pending() {
+                            send(ws, &report).await?;
+                        }
+                    }
                 }
                 Some(done) = self.done_rx.recv() => {
                     let message = self.settle(done);
@@ -458,6 +470,22 @@ impl<P: LinkPool> Link<P> {
                     // The pool outlives the link (it holds a clone); nothing more will come.
                     Err(broadcast::error::RecvError::Closed) => events = self.pool.subscribe(),
                 },
+            }
+        }
+    }
+
+    /// At a clean stop: waits up to [`RECORDED_WAIT`] for the server to record the reports in
+    /// flight (those it does not stay on disk for the next start).
+    async fn await_recorded(&mut self, ws: &mut Socket) {
+        let until = tokio::time::Instant::now() + RECORDED_WAIT;
+        while !self.pool.outbox().pending().is_empty() {
+            match tokio::time::timeout_at(until, ws.next()).await {
+                Ok(Some(Ok(frame))) => {
+                    if self.on_frame(ws, frame).await.is_err() {
+                        return;
+                    }
+                }
+                _ => return,
             }
         }
     }
@@ -522,9 +550,9 @@ impl<P: LinkPool> Link<P> {
                 tracing::warn!(%code, detail = %message, "the server reported an error")
             }
             ServerToHost::Welcome { .. } => tracing::debug!("ignoring a repeated welcome"),
-            // hostd does not keep reports on disk yet (the outbox of `register` stays empty).
             ServerToHost::Recorded { session } => {
-                tracing::debug!(session_id = %session, "the server recorded the report")
+                tracing::debug!(session_id = %session, "the server recorded the report");
+                self.pool.outbox().remove(&session);
             }
         }
     }
@@ -694,6 +722,7 @@ pub(crate) mod tests {
     use crate::pool::ImageStatus;
     use berth_protocol::PlayerId;
     use berth_protocol::{ActivationPath, HostId};
+    use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::{oneshot, watch};
@@ -786,11 +815,26 @@ pub(crate) mod tests {
         destroyed: Mutex<Vec<VmId>>,
         /// Activations wait until this is true.
         gate: watch::Sender<bool>,
+        /// A folder of its own under the temp dir, removed on drop.
+        outbox: Outbox,
+        dir: PathBuf,
+    }
+
+    impl Drop for DoubleState {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     impl PoolDouble {
         fn new() -> Self {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("berth-link-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
             PoolDouble(Arc::new(DoubleState {
+                outbox: Outbox::new(&dir),
+                dir,
                 status: Mutex::new(sample_status()),
                 images: vec![image_config("arena", 128, 1), image_config("duel", 256, 2)],
                 events: broadcast::channel(64).0,
@@ -818,6 +862,9 @@ pub(crate) mod tests {
         }
         fn subscribe(&self) -> broadcast::Receiver<PoolEvent> {
             self.0.events.subscribe()
+        }
+        fn outbox(&self) -> &Outbox {
+            &self.0.outbox
         }
         async fn activate(&self, req: ActivateRequest) -> Result<VmInfo, PoolError> {
             let _ = self.0.gate.subscribe().wait_for(|open| *open).await;
@@ -1052,6 +1099,7 @@ pub(crate) mod tests {
             &server_link("ws://s/v1/hosts"),
             &sample_status(),
             pool.images(),
+            vec![],
         );
         assert_eq!(
             r,
@@ -1155,7 +1203,12 @@ pub(crate) mod tests {
         assert_eq!(conn.auth.as_deref(), Some("Bearer tok.en.1"));
         assert_eq!(
             registered,
-            register(&server_link(&server.url), &sample_status(), pool.images())
+            register(
+                &server_link(&server.url),
+                &sample_status(),
+                pool.images(),
+                vec![]
+            )
         );
         stop.send(()).expect("link running");
         let close = loop {
@@ -1389,5 +1442,52 @@ pub(crate) mod tests {
         let _mute = conn;
         let mut next = server.next().await;
         assert!(matches!(next.recv().await, HostMessage::Register { .. }));
+    }
+
+    #[tokio::test]
+    async fn reports_are_sent_again_until_recorded_and_ride_in_the_next_register() {
+        let pool = PoolDouble::new();
+        let mut link = linked(&pool, 100).await;
+        let Linked { server, conn, .. } = &mut link;
+        let report = HostMessage::Ended {
+            session: session("s-r"),
+            vm: vm_id("vm-r"),
+            reason: "score".into(),
+            results: serde_json::json!({"winner": "a"}),
+        };
+        // The pool keeps the report on disk before it announces the end.
+        pool.outbox().put(&report);
+        pool.emit(PoolEvent::Ended {
+            vm_id: vm_id("vm-r"),
+            session_id: session("s-r"),
+            reason: "score".into(),
+            results: serde_json::json!({"winner": "a"}),
+        });
+        assert_eq!(conn.recv().await, report);
+        // No `recorded` (the server's store was down, say): sent again a few heartbeats on.
+        assert_eq!(conn.recv().await, report);
+        // The link drops (this server stops reading); the next register carries it.
+        let mut next = server.next().await;
+        match next.recv().await {
+            HostMessage::Register { outbox, .. } => assert_eq!(outbox, vec![report.clone()]),
+            other => panic!("expected register, got {other:?}"),
+        }
+        next.send(&ServerToHost::Welcome {
+            v: HOST_PROTOCOL_VERSION,
+            heartbeat_ms: 60_000,
+        })
+        .await;
+        next.send(&ServerToHost::Recorded {
+            session: session("s-r"),
+        })
+        .await;
+        let deadline = Instant::now() + WAIT;
+        while !pool.outbox().pending().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "recorded never removed the report"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -23,8 +23,10 @@ mod vm;
 use crate::config::HostdConfig;
 use crate::driver::{DriverError, PrimeStats, Vm, VmDriver, VmSpec};
 use crate::image::Image;
+use crate::outbox::Outbox;
 use crate::substrate::Substrate;
 use crate::util::{disk_usage, random_u64};
+use berth_protocol::host::HostMessage;
 use berth_protocol::{ErrorCode, PlayerId, SessionId, SubstrateState, VmId};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
@@ -217,6 +219,38 @@ pub enum PoolEvent {
     },
 }
 
+impl PoolEvent {
+    /// The report the server must hear of this event (`ended`, `failed`); it is kept in the
+    /// outbox until the server acknowledges it.
+    pub fn report(&self) -> Option<HostMessage> {
+        match self.clone() {
+            PoolEvent::Ended {
+                vm_id,
+                session_id,
+                reason,
+                results,
+            } => Some(HostMessage::Ended {
+                session: session_id,
+                vm: vm_id,
+                reason,
+                results,
+            }),
+            PoolEvent::Failed {
+                vm_id,
+                session_id,
+                code,
+                reason,
+            } => Some(HostMessage::Failed {
+                session: session_id,
+                vm: vm_id,
+                code,
+                reason,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// A VM failure kept for `status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Failure {
@@ -314,6 +348,8 @@ struct Inner {
     wake: Notify,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Reports of gone VMs until the server acknowledges them (the link removes them).
+    outbox: Outbox,
 }
 
 /// The pool; cheap to clone.
@@ -386,8 +422,10 @@ impl Pool {
         }
         let (events, _) = broadcast::channel(1024);
         let (shutdown, _) = watch::channel(false);
+        let outbox = Outbox::new(&config.state_dir);
         let pool = Pool {
             inner: Arc::new(Inner {
+                outbox,
                 config,
                 driver,
                 specs,
@@ -413,6 +451,11 @@ impl Pool {
             .unwrap_or_else(|p| p.into_inner())
             .push(refill);
         Ok(pool)
+    }
+
+    /// The reports of gone VMs the server has not acknowledged yet.
+    pub fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -612,6 +655,7 @@ impl Pool {
         }
         let dir = &self.inner.config.state_dir;
         let _ = std::fs::remove_dir_all(dir.join("vms"));
+        self.inner.outbox.tidy();
         if !self.inner.config.keep_substrates {
             let _ = std::fs::remove_dir_all(dir.join("substrates"));
             let _ = std::fs::remove_file(dir.join("accel-probe.json"));

@@ -104,6 +104,10 @@ async fn vm_task(
         st.sessions.remove(&info.session_id);
     }
     if let Some(e) = announce {
+        // On disk before anyone hears of it: the results outlive any outage until recorded.
+        if let Some(report) = e.report() {
+            pool.inner.outbox.put(&report);
+        }
         pool.emit(e);
     }
     pool.emit(PoolEvent::Destroyed {
