@@ -13,8 +13,9 @@
 //!   event becomes `destroyed`. A `destroy` for a session still activating is remembered and
 //!   carried out when the activation finishes. A session with no VM here is logged at debug:
 //!   the server learns it is gone from the next `register`;
-//! - pool events: `Ended`, `Failed` and `Destroyed` are forwarded; `Docked` and `PrimeFailed`
-//!   send an early heartbeat so capacity changes reach the server at once;
+//! - pool events: `Ended`, `Failed` and `Destroyed` are forwarded; `Docked`, `PrimeFailed`
+//!   and `SubstrateDiscarded` send an early heartbeat so capacity changes reach the server at
+//!   once;
 //! - `error` from the server is logged; frames that are not host messages (not JSON, unknown
 //!   type, binary) are logged and ignored, never a reason to drop the link.
 //!
@@ -237,7 +238,9 @@ pub fn forward(event: PoolEvent) -> Forward {
             session: session_id,
             vm: vm_id,
         }),
-        PoolEvent::Docked { .. } | PoolEvent::PrimeFailed { .. } => Forward::Capacity,
+        PoolEvent::Docked { .. }
+        | PoolEvent::PrimeFailed { .. }
+        | PoolEvent::SubstrateDiscarded { .. } => Forward::Capacity,
         // Answered as `activated` to the `activate` that caused it; reports are sent above.
         PoolEvent::Activated { .. } | PoolEvent::Ended { .. } | PoolEvent::Failed { .. } => {
             Forward::Nothing
@@ -784,6 +787,7 @@ pub(crate) mod tests {
             active,
             prime_ms: None,
             substrate_bytes: 0,
+            reprimes: Default::default(),
         }
     }
 

@@ -111,8 +111,10 @@ pub async fn seed_substrate(state_dir: &Path, ic: &ImageConfig) -> Result<()> {
     };
     let fp = driver.fingerprint(&spec);
     let m = &fp.machine;
+    // The header's format in the name: worktrees on another format keep their own copy.
     let cache = cache_dir().join(format!(
-        "{}-{}-{}-{}-{}",
+        "f{}-{}-{}-{}-{}-{}",
+        berth_hostd::substrate::FORMAT,
         &fp.image_digest[..12],
         m.memory_mib,
         m.vcpus,

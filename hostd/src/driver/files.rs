@@ -23,8 +23,9 @@ pub(crate) fn mkdir_private(dir: &Path) -> Result<(), DriverError> {
         .map_err(io_err(format!("creating {}", dir.display())))
 }
 
-/// Seals the substrate docked in `dir`: hashes its state file and writes `substrate.json`,
-/// so that [`Substrate::open`] accepts it. `primed` is when priming began, `docking` when the
+/// Seals the substrate docked in `dir`: hashes its state file (and its RAM file, when it has
+/// one: see [`substrate::ram_digest`]) and writes `substrate.json`, so that
+/// [`Substrate::open`] accepts it. `primed` is when priming began, `docking` when the
 /// guest was initialised and docking began.
 pub(crate) fn seal_substrate(
     dir: &Path,
@@ -35,6 +36,11 @@ pub(crate) fn seal_substrate(
 ) -> Result<PrimeStats, DriverError> {
     let (sha, state_bytes) = substrate::sha256_file(&Substrate::state_path(dir))
         .map_err(io_err("hashing the state file"))?;
+    let ram = Substrate::ram_path(dir);
+    let ram_digest = match ram.exists() {
+        true => Some(substrate::ram_digest(&ram).map_err(io_err("hashing the RAM file"))?),
+        false => None,
+    };
     let dock_ms = docking.elapsed().as_millis() as u64;
     let header = Header {
         magic: substrate::MAGIC.into(),
@@ -44,6 +50,7 @@ pub(crate) fn seal_substrate(
         prime_ms: primed.elapsed().as_millis() as u64,
         state_sha256: sha,
         state_bytes,
+        ram_digest,
     };
     let header_json = serde_json::to_vec_pretty(&header).map_err(|e| DriverError::Io {
         what: "encoding substrate.json".into(),

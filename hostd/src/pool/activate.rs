@@ -1,6 +1,7 @@
 //! Activation by session id: idempotent (the same session, even concurrently, yields the
-//! same VM), a warm clone first, else a clone restored from the docked substrate; a restore
-//! that fails in a way that makes the substrate suspect sends it back to be primed.
+//! same VM), a warm clone first, else a clone restored from the docked substrate. Every clone
+//! that fails or works is told to `health`, which discards a substrate a clone cannot restore
+//! and checks the content of one whose clones keep failing.
 
 use super::{
     new_vm_id, ActivateRequest, ActivationPath, Phase, Pool, PoolError, PoolEvent, SessionKeys,
@@ -107,6 +108,7 @@ impl Pool {
                 Ok(ready) => return Ok(self.activated(vm, req, ActivationPath::Warm, t0, &ready)),
                 Err(e) => {
                     tracing::warn!(%vm_id, error = %e, "warm clone failed to activate; restoring instead");
+                    self.clone_failed(&req.image, &e);
                     vm.destroy().await;
                 }
             }
@@ -134,15 +136,14 @@ impl Pool {
         {
             Ok(vm) => vm,
             Err(e) => {
-                if e.substrate_suspect() {
-                    self.discard_substrate(&req.image, &e);
-                }
+                self.clone_failed(&req.image, &e);
                 return Err(e.into());
             }
         };
         match vm.activate(identity(&vm_id), ready_timeout).await {
             Ok(ready) => Ok(self.activated(vm, req, ActivationPath::Substrate, t0, &ready)),
             Err(e) => {
+                self.clone_failed(&req.image, &e);
                 vm.destroy().await;
                 Err(e.into())
             }
@@ -169,6 +170,7 @@ impl Pool {
             clock_skew_ms: ready.guest_clock_ms as i64 - ready.host_clock_ms as i64,
         };
         tracing::info!(vm_id = %info.vm_id, session_id = %info.session_id, ?path, activate_us = info.activate_us, "activated");
+        self.clone_worked(&req.image);
         self.state().activations += 1;
         let keys = SessionKeys {
             // Checked in `activate`.

@@ -11,10 +11,12 @@
 //!
 //! This module holds the pool's types, its books and its queries; the work lives beside it:
 //! `activate` (idempotent activation), `refill` (priming and the warm tier, its choice a pure
-//! function), `vm` (the task owning each active VM) and `adopt` (VMs left by an earlier hostd).
+//! function), `health` (checking a substrate whose clones fail, discarding a damaged one),
+//! `vm` (the task owning each active VM) and `adopt` (VMs left by an earlier hostd).
 
 mod activate;
 mod adopt;
+mod health;
 mod refill;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -198,6 +200,12 @@ pub enum PoolEvent {
         code: String,
         message: String,
     },
+    /// A docked substrate was found damaged or could not be restored: it is primed again.
+    SubstrateDiscarded {
+        image: String,
+        code: String,
+        reason: String,
+    },
     Activated {
         vm: VmInfo,
     },
@@ -272,6 +280,12 @@ pub struct ImageStatus {
     pub prime_ms: Option<u64>,
     /// Bytes the substrate really occupies in the state folder (RAM file is sparse).
     pub substrate_bytes: u64,
+    /// Docked substrates of this image discarded and primed again since hostd started, by
+    /// reason: `substrate_damaged` (its RAM file's content changed: found at start-up or when
+    /// clones kept failing), `restore_failed` (a clone could not restore it),
+    /// `substrate_corrupt` / `substrate_mismatch` (found at start-up).
+    #[serde(default)]
+    pub reprimes: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -308,6 +322,7 @@ impl Phase {
 struct ImageSlot {
     substrate: Phase,
     warm: Vec<Box<dyn Vm>>,
+    health: health::Health,
 }
 
 enum VmCommand {
@@ -393,24 +408,30 @@ impl Pool {
         let mut images = HashMap::new();
         for (name, spec) in &specs {
             let dir = substrates.join(name);
-            let substrate = match Substrate::open(&dir, &driver.fingerprint(spec)) {
+            let mut health = health::Health::default();
+            let substrate = match health::open_substrate(dir.clone(), driver.fingerprint(spec))
+                .await
+            {
                 Ok(s) => {
-                    tracing::info!(image = %name, "reusing docked substrate");
+                    tracing::info!(image = %name, "reusing docked substrate (its content checked)");
                     Phase::Docked(Box::new(s))
                 }
                 Err(e) => {
                     if !matches!(e, crate::substrate::SubstrateError::Missing(_)) {
                         tracing::warn!(image = %name, code = e.code(), error = %e, "substrate unusable; re-priming");
+                        health.reprimes.insert(e.code().to_owned(), 1);
                     }
                     let _ = std::fs::remove_dir_all(&dir);
                     Phase::Missing
                 }
             };
+            let warm = Vec::new();
             images.insert(
                 name.clone(),
                 ImageSlot {
                     substrate,
-                    warm: Vec::new(),
+                    warm,
+                    health,
                 },
             );
         }
@@ -444,13 +465,15 @@ impl Pool {
             }),
         };
         pool.adopt_leftovers().await;
-        let refill = tokio::spawn(pool.clone().refill_task());
-        pool.inner
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(refill);
+        pool.spawn(pool.clone().refill_task());
         Ok(pool)
+    }
+
+    /// Runs `task` in the background; [`Pool::shutdown`] waits for it.
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(task));
     }
 
     /// The reports of gone VMs the server has not acknowledged yet.
@@ -566,6 +589,7 @@ impl Pool {
                     active: st.active.values().filter(|a| &a.info.image == name).count() as u32,
                     prime_ms,
                     substrate_bytes: disk_usage(&self.substrate_dir(name)),
+                    reprimes: slot.map(|s| s.health.reprimes.clone()).unwrap_or_default(),
                 }
             })
             .collect();

@@ -150,11 +150,15 @@ impl Pool {
             .driver
             .prime(spec, &dir, self.inner.config.boot_timeout())
             .await;
-        let opened = result.and_then(|stats| {
-            Substrate::open(&dir, &self.inner.driver.fingerprint(spec))
-                .map(|s| (s, stats))
-                .map_err(DriverError::from)
-        });
+        let opened = match result {
+            Ok(stats) => {
+                super::health::open_substrate(dir.clone(), self.inner.driver.fingerprint(spec))
+                    .await
+                    .map(|s| (s, stats))
+                    .map_err(DriverError::from)
+            }
+            Err(e) => Err(e),
+        };
         let mut st = self.state();
         let Some(slot) = st.images.get_mut(name) else {
             return;
@@ -193,6 +197,7 @@ impl Pool {
         };
         match self.restore_warm(spec, substrate, new_vm_id()).await {
             Ok(vm) => {
+                self.clone_worked(name);
                 let mut st = self.state();
                 if *self.inner.shutdown.borrow() {
                     drop(st);
@@ -205,9 +210,8 @@ impl Pool {
             }
             Err(e) => {
                 tracing::warn!(image = %name, error = %e, "warm restore failed");
-                if e.substrate_suspect() {
-                    self.discard_substrate(name, &e);
-                } else {
+                self.clone_failed(name, &e);
+                if !e.substrate_suspect() {
                     tokio::time::sleep(WARM_RETRY).await;
                 }
             }
@@ -233,20 +237,6 @@ impl Pool {
             return Err(e);
         }
         Ok(vm)
-    }
-
-    /// Sends a docked substrate that failed to restore back to be primed.
-    pub(super) fn discard_substrate(&self, image: &str, e: &DriverError) {
-        tracing::warn!(image, error = %e, "substrate failed to restore; re-priming");
-        let mut st = self.state();
-        if let Some(slot) = st.images.get_mut(image) {
-            if matches!(slot.substrate, Phase::Docked(_)) {
-                slot.substrate = Phase::Missing;
-                let _ = std::fs::remove_dir_all(self.substrate_dir(image));
-            }
-        }
-        drop(st);
-        self.inner.wake.notify_one();
     }
 }
 

@@ -21,6 +21,8 @@ pub(crate) struct Script {
     pub restore_failures: u32,
     /// VMs never answer `ready` (their activation times out).
     pub never_ready: bool,
+    /// The next this many activations fail (the VM exits), as clones of a damaged substrate do.
+    pub activate_failures: u32,
     /// Where VMs' game servers listen (a test's own TCP listener); none: a closed port.
     pub game_addr: Option<SocketAddr>,
     pub primes: u32,
@@ -103,6 +105,7 @@ impl VmDriver for TestDriver {
         }
         std::fs::create_dir_all(dir).expect("substrate folder");
         std::fs::write(Substrate::state_path(dir), b"device state").expect("state file");
+        std::fs::write(Substrate::ram_path(dir), [7u8; 4096]).expect("RAM file");
         seal_substrate(dir, self.fingerprint(spec), 1, started, started)
     }
 
@@ -181,6 +184,13 @@ impl Vm for TestVm {
             tokio::time::sleep(timeout).await;
             return Err(DriverError::ReadyTimeout(timeout));
         }
+        {
+            let mut script = self.script.lock().expect("script lock");
+            if script.activate_failures > 0 {
+                script.activate_failures -= 1;
+                return Err(DriverError::Exited("signal: 6 (SIGABRT)".into()));
+            }
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
         Ok(Ready {
             session_id: identity.session_id,
@@ -257,6 +267,17 @@ fn request(session: &str) -> ActivateRequest {
 
 const LONG: Duration = Duration::from_secs(120);
 
+/// Waits until `pool`'s image is docked again, and checks that it was primed twice in all, the
+/// second time because of `reason` (counted in `status`).
+async fn reprimed_for(pool: &Pool, driver: &TestDriver, reason: &str) {
+    pool.wait_ready("arena", 0, LONG)
+        .await
+        .expect("primed again");
+    assert_eq!(driver.script().primes, 2);
+    let reprimes = &pool.status().images[0].reprimes;
+    assert_eq!(reprimes.get(reason), Some(&1), "{reprimes:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_prime_is_reported_and_primed_again_after_a_while() {
     let script = Script {
@@ -328,13 +349,99 @@ async fn a_restore_that_fails_sends_the_substrate_back_to_be_primed() {
         .expect_err("restore fails");
     assert!(matches!(err, PoolError::Driver { ref code, .. } if code == "restore_failed"));
     assert_ne!(pool.status().images[0].substrate, SubstrateState::Docked);
-    pool.wait_ready("arena", 0, LONG)
-        .await
-        .expect("primed again");
-    assert_eq!(driver.script().primes, 2);
+    reprimed_for(&pool, &driver, "restore_failed").await;
     // The failed session may be asked for again, and now gets a VM.
     let vm = pool.activate(request("s1")).await.expect("activated");
     assert_eq!(vm.path, ActivationPath::Substrate);
+    pool.shutdown().await;
+}
+
+/// The pool's next `SubstrateDiscarded` within a minute: (code, reason).
+async fn discarded(events: &mut broadcast::Receiver<PoolEvent>) -> (String, String) {
+    let next = async {
+        loop {
+            if let Ok(PoolEvent::SubstrateDiscarded { code, reason, .. }) = events.recv().await {
+                return (code, reason);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), next)
+        .await
+        .expect("the substrate is discarded")
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_that_keep_failing_get_a_damaged_substrate_reprimed() {
+    let (pool, driver, _dir) = pool_with(0, 4, Script::default()).await;
+    pool.wait_ready("arena", 0, LONG).await.expect("docked");
+    let mut events = pool.subscribe();
+    // The RAM file is zeroed under the running pool; its clones now die at activation.
+    let ram = pool.substrate_dir("arena").join("ram");
+    std::fs::write(&ram, [0u8; 4096]).expect("zero the RAM file");
+    driver.script().activate_failures = health::VERIFY_AFTER_FAILURES;
+    for (i, session) in ["s1", "s2", "s3"].into_iter().enumerate() {
+        let status = pool.status();
+        assert_eq!(
+            status.images[0].substrate,
+            SubstrateState::Docked,
+            "clone {i}"
+        );
+        let err = pool.activate(request(session)).await.expect_err("dies");
+        assert!(matches!(err, PoolError::Driver { ref code, .. } if code == "vm_exited"));
+    }
+    let (code, reason) = discarded(&mut events).await;
+    assert_eq!(code, "substrate_damaged");
+    assert!(reason.contains("RAM file"), "{reason}");
+    reprimed_for(&pool, &driver, "substrate_damaged").await;
+    let vm = pool
+        .activate(request("s4"))
+        .await
+        .expect("a clone of the new substrate");
+    assert_eq!(vm.path, ActivationPath::Substrate);
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_failing_on_an_intact_substrate_keep_it() {
+    let script = Script {
+        activate_failures: 2 * health::VERIFY_AFTER_FAILURES,
+        ..Script::default()
+    };
+    let (pool, driver, _dir) = pool_with(0, 4, script).await;
+    pool.wait_ready("arena", 0, LONG).await.expect("docked");
+    for i in 0..2 * health::VERIFY_AFTER_FAILURES {
+        let err = pool.activate(request(&format!("s{i}"))).await;
+        assert!(err.is_err(), "activation {i} fails");
+        // Let a check that started run to its verdict.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pool.activate(request("ok"))
+        .await
+        .expect("the game works again");
+    let status = pool.status();
+    assert_eq!(status.images[0].substrate, SubstrateState::Docked);
+    assert!(status.images[0].reprimes.is_empty());
+    assert_eq!(driver.script().primes, 1, "checked twice, never re-primed");
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_substrate_damaged_while_hostd_was_down_is_reprimed_at_start() {
+    let (mut config, _dir) = test_config(0, 4);
+    config.keep_substrates = true;
+    let driver = TestDriver::default();
+    let pool = Pool::start(config.clone(), Arc::new(driver.clone()))
+        .await
+        .expect("pool starts");
+    pool.wait_ready("arena", 0, LONG).await.expect("docked");
+    // hostd stops (the substrate stays, as after a crash); meanwhile its RAM file changes.
+    pool.shutdown().await;
+    std::fs::write(config.state_dir.join("substrates/arena/ram"), [7u8; 2048]).expect("damage");
+    let pool = Pool::start(config, Arc::new(driver.clone()))
+        .await
+        .expect("pool starts again");
+    assert_ne!(pool.status().images[0].substrate, SubstrateState::Docked);
+    reprimed_for(&pool, &driver, "substrate_damaged").await;
     pool.shutdown().await;
 }
 
