@@ -13,7 +13,8 @@
 //! # manifest = "games/arena/game.toml"  # or: build it from the game's manifest at start
 //! memory_mib = 128
 //! vcpus = 1
-//! balloon_mib = 96               # optional: miniaturise before docking
+//! balloon_mib = 96               # optional: miniaturise before docking (a value the guest
+//!                                # cannot reach fails priming, naming this key)
 //! warm = 2                       # clones kept restored and paused
 //!
 //! [gateway]                      # the players' websocket (see `gateway`)
@@ -110,7 +111,10 @@ pub struct ImageConfig {
     pub memory_mib: u32,
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
-    /// Balloon the template down to this before docking (miniaturisation).
+    /// Balloon the template down to this before docking (miniaturisation); clones get
+    /// `memory_mib` back before they run. Below `memory_mib` here; how low the guest can go
+    /// is measured at priming, which fails naming this key when the guest stops giving memory
+    /// back above it (its clones would run out of memory: see `driver::balloon_reached`).
     #[serde(default)]
     pub balloon_mib: Option<u32>,
     /// Clones kept restored and paused, waiting only for identity.

@@ -431,3 +431,37 @@ async fn a_ballooned_substrate_is_smaller_and_its_clones_work() -> Result<()> {
     ));
     sb.finish().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balloon_that_would_starve_the_guest_is_refused_naming_the_key() -> Result<()> {
+    // 64 of 128 MiB: the arena's guest gives memory back only down to ~83 MiB, so a substrate
+    // docked "anyway" left every clone to panic out of memory once its session started.
+    let mut lean = image_config("lean", 0);
+    lean.balloon_mib = Some(64);
+    let sb = Sandbox::start_custom("lean", vec![lean], &[], |_| {}).await?;
+    let err = sb
+        .pool
+        .wait_ready("lean", 0, Duration::from_secs(120))
+        .await
+        .expect_err("refused, not docked");
+    let message = err.to_string();
+    assert!(
+        message.contains("images.lean.balloon_mib = 64 starves the guest"),
+        "{message}"
+    );
+    assert!(
+        message.contains("gives memory back only down to"),
+        "{message}"
+    );
+    let st = sb.pool.status();
+    assert_eq!(st.images[0].substrate, "failed");
+    assert!(
+        qemu_naming(&sb.dir).is_empty(),
+        "the refused template was killed"
+    );
+    let mut req = request("lean-1");
+    req.image = "lean".into();
+    let refused = sb.pool.activate(req).await.expect_err("nothing docked");
+    assert_eq!(refused.code(), "not_docked");
+    sb.finish().await
+}

@@ -211,6 +211,17 @@ pub enum DriverError {
     Substrate(#[from] SubstrateError),
     #[error("not supported by this driver: {0}")]
     Unsupported(&'static str),
+    #[error(
+        "images.{image}.balloon_mib = {target_mib} starves the guest: it gives memory back only \
+         down to {kept_mib} MiB (what its kernel, agent and game hold once initialised), and \
+         clones would run out of memory; set balloon_mib above {kept_mib}, with room for a \
+         session, or remove it"
+    )]
+    BalloonStarves {
+        image: String,
+        target_mib: u32,
+        kept_mib: u64,
+    },
 }
 
 impl DriverError {
@@ -229,12 +240,54 @@ impl DriverError {
             DriverError::GameExited { .. } => "game_crashed",
             DriverError::Substrate(e) => e.code(),
             DriverError::Unsupported(_) => "unsupported",
+            DriverError::BalloonStarves { .. } => "balloon_starves",
         }
     }
 
     /// True when the substrate itself is suspect and must be primed again.
     pub fn substrate_suspect(&self) -> bool {
         matches!(self, DriverError::Restore(_) | DriverError::Substrate(_))
+    }
+}
+
+/// How long a guest may give no memory back before its balloon counts as stuck.
+const BALLOON_STALL: Duration = Duration::from_secs(3);
+
+/// Waits until a template ballooned down to `target_mib` is there, reading its memory (MiB)
+/// with `memory` every `poll`. This is where the floor of `balloon_mib` is measured: a guest
+/// stops giving memory back when what is left is what its kernel, agent and game need, so a
+/// balloon that stops above its target (no progress for [`BALLOON_STALL`], or not there by
+/// `limit`) would dock a guest with no memory to spare, and its clones would die out of memory
+/// once they start a session. That is refused ([`DriverError::BalloonStarves`]) instead.
+pub(crate) async fn balloon_reached<F, Fut>(
+    image: &str,
+    target_mib: u32,
+    poll: Duration,
+    limit: Duration,
+    mut memory: F,
+) -> Result<(), DriverError>
+where
+    F: FnMut() -> Fut + Send,
+    Fut: std::future::Future<Output = Result<u64, DriverError>> + Send,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let (mut least, mut moved) = (u64::MAX, tokio::time::Instant::now());
+    loop {
+        let now = memory().await?;
+        if now <= u64::from(target_mib) + 1 {
+            return Ok(());
+        }
+        if now < least {
+            (least, moved) = (now, tokio::time::Instant::now());
+        }
+        if moved.elapsed() >= BALLOON_STALL || tokio::time::Instant::now() >= deadline {
+            return Err(DriverError::BalloonStarves {
+                image: image.to_owned(),
+                target_mib,
+                kept_mib: least,
+            });
+        }
+        tokio::time::sleep(poll).await;
     }
 }
 
@@ -329,6 +382,39 @@ pub trait Vm: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_balloon_that_stops_above_its_target_is_refused_naming_the_key() {
+        let poll = Duration::from_millis(100);
+        let limit = Duration::from_secs(20);
+        // A guest that gives its memory back in steps reaches the target.
+        let mut steps = [128u64, 110, 96].into_iter();
+        let reached = balloon_reached("arena", 96, poll, limit, || {
+            let next = steps.next().unwrap_or(96);
+            async move { Ok(next) }
+        });
+        reached.await.expect("reached");
+        // One that stops at 83 MiB (the arena's guest, measured) is refused.
+        let started = tokio::time::Instant::now();
+        let mut steps = [128u64, 83].into_iter();
+        let e = balloon_reached("arena", 64, poll, limit, || {
+            let next = steps.next().unwrap_or(83);
+            async move { Ok(next) }
+        })
+        .await
+        .expect_err("stuck at 83");
+        assert_eq!(e.code(), "balloon_starves");
+        let message = e.to_string();
+        assert!(
+            message.contains("images.arena.balloon_mib = 64"),
+            "{message}"
+        );
+        assert!(message.contains("only down to 83 MiB"), "{message}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "no progress for 3 s ends it"
+        );
+    }
 
     #[test]
     fn records_of_older_hostds_still_load_and_keys_stay_out_of_logs() {

@@ -9,6 +9,11 @@
 //! log file. Priming sets `x-ignore-shared` and migrates the stopped template to
 //! `exec:cat > state`, so only device state (tens of KiB) is written; clones start with
 //! `-incoming defer -S`, set the same capability and `migrate-incoming` from the state file.
+//!
+//! Miniaturisation (`balloon_mib`): the template is ballooned down before it docks, and
+//! refused if its guest stops giving memory back above the target (the measured floor: see
+//! [`super::balloon_reached`]); each clone is ballooned back to its full memory while still
+//! paused after its restore, so no clone ever runs on the substrate's shrunken memory.
 
 use super::files::{io_err, mkdir_private, seal_substrate};
 use super::{DriverError, PrimeStats, Ready, Vm, VmDriver, VmEvent, VmRecord, VmSpec};
@@ -385,7 +390,7 @@ impl VmDriver for QemuDriver {
             vm.exercise(Duration::from_secs(30)).await?;
             tokio::time::sleep(PREWARM_SETTLE).await;
             if let Some(target) = spec.config.balloon_mib {
-                vm.balloon_down(target).await?;
+                vm.balloon_down(&spec.config.name, target).await?;
             }
             let qmp = vm.qmp()?;
             qmp.execute(qmp::stop {}).await.map_err(qmp_err("stop"))?;
@@ -457,7 +462,16 @@ impl VmDriver for QemuDriver {
         }
         tracing::debug!(vm_id = %vm.id, spawned_us, restored_us = t0.elapsed().as_micros() as u64, "restored");
         vm.paused = true;
-        vm.balloon_mib = spec.config.balloon_mib.map(|b| (b, spec.config.memory_mib));
+        if spec.config.balloon_mib.is_some() {
+            // The balloon only shrinks the parked substrate: a clone gets its full memory back
+            // before it first runs (the guest deflates as it resumes), never after `ready`,
+            // when a session may already need it.
+            let full = i64::from(spec.config.memory_mib) << 20;
+            if let Err(e) = vm.qmp()?.execute(qmp::balloon { value: full }).await {
+                Box::new(vm).destroy_in_place().await;
+                return Err(qmp_err("balloon")(e));
+            }
+        }
         vm.save_record(&spec.config.name)?;
         Ok(Box::new(vm))
     }
@@ -592,7 +606,6 @@ pub struct QemuVm {
     agent_task: Option<tokio::task::JoinHandle<()>>,
     paused: bool,
     activated: bool,
-    balloon_mib: Option<(u32, u32)>,
     last_heard: Instant,
     /// Image, session, players and ticket key, kept in `vm.json` for adoption and the gateway.
     record: VmRecord,
@@ -621,7 +634,6 @@ impl QemuVm {
             agent_task: None,
             paused: false,
             activated: false,
-            balloon_mib: None,
             last_heard: Instant::now(),
             exit_status: None,
         }
@@ -794,25 +806,30 @@ impl QemuVm {
         .await
     }
 
-    async fn balloon_down(&mut self, target_mib: u32) -> Result<(), DriverError> {
+    /// Balloons the template down to `target_mib` and waits until it is there; a guest that
+    /// cannot give that much back is refused ([`super::balloon_reached`]).
+    async fn balloon_down(&mut self, image: &str, target_mib: u32) -> Result<(), DriverError> {
         let qmp = self.qmp()?;
-        let target = i64::from(target_mib) << 20;
-        qmp.execute(qmp::balloon { value: target })
-            .await
-            .map_err(qmp_err("balloon"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let info = qmp
-                .execute(qmp::query_balloon {})
-                .await
-                .map_err(qmp_err("query-balloon"))?;
-            if info.actual <= target + (1 << 20) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tracing::warn!(vm_id = %self.id, target_mib, "balloon did not reach its target; docking anyway");
-        Ok(())
+        qmp.execute(qmp::balloon {
+            value: i64::from(target_mib) << 20,
+        })
+        .await
+        .map_err(qmp_err("balloon"))?;
+        let limit = Duration::from_secs(20);
+        super::balloon_reached(
+            image,
+            target_mib,
+            Duration::from_millis(20),
+            limit,
+            || async {
+                let info = qmp
+                    .execute(qmp::query_balloon {})
+                    .await
+                    .map_err(qmp_err("query-balloon"))?;
+                Ok((info.actual >> 20) as u64)
+            },
+        )
+        .await
     }
 
     async fn kill(&mut self) {
@@ -953,15 +970,6 @@ impl Vm for QemuVm {
         self.record
             .save(&self.dir)
             .map_err(io_err("writing vm.json"))?;
-        if let Some((_, full)) = self.balloon_mib {
-            // Give the clone its full memory back (the substrate was miniaturised).
-            let _ = self
-                .qmp()?
-                .execute(qmp::balloon {
-                    value: i64::from(full) << 20,
-                })
-                .await;
-        }
         Ok(Ready {
             session_id,
             guest_clock_ms,

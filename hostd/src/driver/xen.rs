@@ -714,22 +714,15 @@ mod live {
             Ok(())
         }
 
-        /// Balloons `name` down to `target` MiB and waits (bounded) until `xl list` shows it.
-        async fn balloon_down(name: &str, target: u32) -> Result<(), DriverError> {
+        /// Balloons `name` down to `target` MiB and waits (bounded) until `xl list` shows it;
+        /// a guest that cannot give that much back is refused ([`crate::driver::balloon_reached`]).
+        async fn balloon_down(image: &str, name: &str, target: u32) -> Result<(), DriverError> {
             run(&xl_mem_set(name, target), XL_QUICK).await?;
-            let deadline = Instant::now() + BALLOON_WAIT;
-            while Instant::now() < deadline {
-                if domain_alive(name).await?.mem_mib <= u64::from(target) + 1 {
-                    return Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            tracing::warn!(
-                domain = name,
-                target,
-                "balloon did not reach its target; docking anyway"
-            );
-            Ok(())
+            let poll = Duration::from_millis(200);
+            crate::driver::balloon_reached(image, target, poll, BALLOON_WAIT, || async {
+                Ok(domain_alive(name).await?.mem_mib)
+            })
+            .await
         }
 
         fn new_vm(&self, id: VmId, dir: &Path, name: String, domid: u32) -> XenVm {
@@ -845,7 +838,7 @@ mod live {
             let t1 = Instant::now();
             let docked = async {
                 if let Some(target) = spec.config.balloon_mib {
-                    Self::balloon_down(&name, target).await?;
+                    Self::balloon_down(&spec.config.name, &name, target).await?;
                 }
                 run(&xl_save(&name, &Substrate::state_path(dir)), XL_SLOW).await?;
                 Ok::<_, DriverError>(())
