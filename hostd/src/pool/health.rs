@@ -13,8 +13,9 @@ use crate::substrate::{Fingerprint, Header, Substrate, SubstrateError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// Clones of one substrate that fail in a row (restore, warm-up or activation) before its
-/// content is checked: one failure is as likely the game's as the substrate's.
+/// Clones of one substrate that fail (restore, warm-up or activation) with no activation
+/// working in between, before its content is checked: one failure is as likely the game's as
+/// the substrate's.
 pub(super) const VERIFY_AFTER_FAILURES: u32 = 3;
 
 /// What the pool keeps about an image's substrate between primes.
@@ -45,7 +46,9 @@ pub(super) async fn open_substrate(
 }
 
 impl Pool {
-    /// A clone of `image`'s substrate restored and answered: the substrate works.
+    /// A clone of `image`'s substrate was activated: the substrate works. (A warm clone that
+    /// only restored and warmed up is no proof: a partly damaged substrate may get that far
+    /// and still fail every session, so it does not reset the count.)
     pub(super) fn clone_worked(&self, image: &str) {
         if let Some(slot) = self.state().images.get_mut(image) {
             slot.health.failures = 0;

@@ -197,7 +197,6 @@ impl Pool {
         };
         match self.restore_warm(spec, substrate, new_vm_id()).await {
             Ok(vm) => {
-                self.clone_worked(name);
                 let mut st = self.state();
                 if *self.inner.shutdown.borrow() {
                     drop(st);
