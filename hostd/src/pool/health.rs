@@ -1,5 +1,5 @@
-//! A docked substrate's health: clones of it that fail in a row trigger a check of its
-//! content ([`Substrate::verify`], run off the async runtime), and a substrate found damaged —
+//! A docked substrate's health: clones of it that keep failing (with no activation working in
+//! between) trigger a check of its content ([`Substrate::verify`], run off the async runtime), and a substrate found damaged —
 //! or one a clone cannot even restore — is discarded and primed again, its reason logged,
 //! announced ([`PoolEvent::SubstrateDiscarded`]) and counted in `status`
 //! (`images[].reprimes`).
