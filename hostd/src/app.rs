@@ -64,8 +64,10 @@ pub async fn run(
     config: HostdConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // Before anything boots: a bad `[server]` table or an unreadable token fails start-up.
+    // Before anything boots: a bad `[server]` table, an unreadable token or CA, or unusable
+    // gateway certificate files fail start-up.
     let server = config.server_link()?;
+    config.gateway_tls()?;
     let driver = driver_for(&config).await?;
     let mut hostd = Hostd::start_with(config, driver, server).await?;
     tokio::select! {
@@ -125,14 +127,16 @@ impl Hostd {
                 source,
             })?;
         let gateway_config = config.gateway.clone();
+        let gateway_tls = config.gateway_tls()?;
         let pool = Pool::start(config, driver).await?;
-        let gateway = match gateway::serve(pool.clone(), gateway_listener, &gateway_config) {
-            Ok(gateway) => gateway,
-            Err(e) => {
-                pool.shutdown().await;
-                return Err(e.into());
-            }
-        };
+        let gateway =
+            match gateway::serve(pool.clone(), gateway_listener, &gateway_config, gateway_tls) {
+                Ok(gateway) => gateway,
+                Err(e) => {
+                    pool.shutdown().await;
+                    return Err(e.into());
+                }
+            };
         let (stop, _) = watch::channel(false);
         let router = control::router(pool.clone(), Some(gateway.meter()));
         let serve = axum::serve(control_listener, router)
@@ -245,6 +249,7 @@ mod tests {
             token: Token::Inline("tok.en.1".into()),
             gateway: gateway.clone(),
             reconnect_max: Duration::from_secs(1),
+            trust: Default::default(),
         };
         hostd.connect(link.clone());
         hostd.connect(link);

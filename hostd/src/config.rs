@@ -21,14 +21,21 @@
 //! header_read_timeout_ms = 10000 # a connection's upgrade request must come within this
 //! max_connections = 4096         # open connections at most; more are answered 503
 //!
+//! [gateway.tls]                  # optional: players connect over wss://
+//! cert = "gateway.pem"           # certificate chain (PEM), relative to this file
+//! key = "gateway.key"            # its private key (PEM)
+//!
 //! [server]                       # optional: without it hostd runs standalone
-//! url = "ws://127.0.0.1:7080/v1/hosts"
+//! url = "wss://berth.example:7080/v1/hosts"   # ws:// or wss://
+//! ca = "ca.pem"                  # optional: a private CA to trust besides Mozilla's roots
 //! token_file = "host-1.jwt"      # or `token = "…"`: this host's JWT (role `host`)
-//! gateway = "ws://203.0.113.7:7071/v1/game"   # the gateway's URL as players reach it
+//! gateway = "wss://203.0.113.7:7071/v1/game"  # the gateway's URL as players reach it
 //! reconnect_max_s = 10
 //! ```
 
 use crate::token::{is_token, Token};
+use berth_client::{Trust, TrustError};
+use berth_net::tls::{Acceptor, TlsError, TlsFiles};
 use berth_protocol::guest::MAX_LINE;
 use berth_protocol::ids::ID_RULE;
 use serde::{Deserialize, Serialize};
@@ -171,6 +178,10 @@ pub struct GatewayConfig {
     /// `too_many_connections` before their request is read.
     #[serde(default = "default_gateway_connections")]
     pub max_connections: usize,
+    /// `[gateway.tls]`: serve `wss://` with this certificate and key (relative to the config
+    /// file); without it the gateway speaks plain `ws://`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for GatewayConfig {
@@ -186,6 +197,7 @@ impl GatewayConfig {
             listen,
             header_read_timeout_ms: default_header_read_timeout_ms(),
             max_connections: default_gateway_connections(),
+            tls: None,
         }
     }
 }
@@ -197,8 +209,12 @@ fn default_reconnect_max() -> u64 {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// The server's host websocket, `ws://host:port/v1/hosts`.
+    /// The server's host websocket, `ws://host:port/v1/hosts` or `wss://…`.
     pub url: String,
+    /// A CA certificate file (PEM, relative to the config file) trusted for `wss://` besides
+    /// Mozilla's roots: a deployment's private CA.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     /// This host's credential (a JWT), sent as `Authorization: Bearer <token>`.
     #[serde(default)]
     pub token: Option<String>,
@@ -218,6 +234,7 @@ impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
             .field("url", &self.url)
+            .field("ca", &self.ca)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("gateway", &self.gateway)
@@ -234,9 +251,9 @@ impl ServerConfig {
                 message: message.into(),
             })
         };
-        if !self.url.starts_with("ws://") || !is_uri(&self.url) {
-            // No TLS support is built in: put a TLS-terminating proxy on loopback for `wss://`.
-            return invalid("url", "must be a ws:// URL (wss:// is not supported)");
+        if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) || !is_uri(&self.url)
+        {
+            return invalid("url", "must be a ws:// or wss:// URL");
         }
         if !(self.gateway.starts_with("ws://") || self.gateway.starts_with("wss://"))
             || !is_uri(&self.gateway)
@@ -278,8 +295,13 @@ impl ServerConfig {
                 })
             }
         };
+        let trust = Trust::from_ca(self.ca.as_deref()).map_err(|source| ConfigError::Trust {
+            key: "server.ca".into(),
+            source,
+        })?;
         Ok(ServerLink {
             url: self.url.clone(),
+            trust,
             host: berth_protocol::HostId::new(host_id.to_owned()).map_err(|_| {
                 ConfigError::Invalid {
                     key: "host_id".into(),
@@ -302,8 +324,10 @@ fn is_uri(s: &str) -> bool {
 /// ([`ServerConfig::resolve`]).
 #[derive(Debug, Clone)]
 pub struct ServerLink {
-    /// `ws://…/v1/hosts`.
+    /// `ws://…/v1/hosts` or `wss://…`.
     pub url: String,
+    /// The roots a `wss://` server is checked against (`[server] ca` and Mozilla's).
+    pub trust: Trust,
     pub host: berth_protocol::HostId,
     pub token: Token,
     /// Where players reach this host's gateway, advertised in `register`.
@@ -363,6 +387,18 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config: {key}: {message}")]
     Invalid { key: String, message: String },
+    #[error("config: {key}: {source}")]
+    Tls {
+        key: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("config: {key}: {source}")]
+    Trust {
+        key: String,
+        #[source]
+        source: TrustError,
+    },
 }
 
 impl Default for HostdConfig {
@@ -398,10 +434,17 @@ impl HostdConfig {
                 *m = base.join(&*m);
             }
         }
-        if let Some(file) = config.server.as_mut().and_then(|s| s.token_file.as_mut()) {
+        let server = config.server.as_mut();
+        let files = server
+            .into_iter()
+            .flat_map(|s| [&mut s.token_file, &mut s.ca]);
+        for file in files.flatten() {
             if file.is_relative() {
                 *file = base.join(&*file);
             }
+        }
+        if let Some(tls) = &mut config.gateway.tls {
+            tls.relative_to(base);
         }
         Ok(config)
     }
@@ -486,8 +529,26 @@ impl HostdConfig {
         }
         if let Some(server) = &self.server {
             server.validate()?;
+            if self.gateway.tls.is_some() && !server.gateway.starts_with("wss://") {
+                return invalid(
+                    "server.gateway".into(),
+                    "must be a wss:// URL when [gateway.tls] is set",
+                );
+            }
         }
         Ok(())
+    }
+
+    /// The gateway's TLS, read from the `[gateway.tls]` files (`None`: plain `ws://`). A file
+    /// that cannot be read or used fails start-up naming `gateway.tls.cert` or `.key`.
+    pub fn gateway_tls(&self) -> Result<Option<Acceptor>, ConfigError> {
+        let Some(files) = &self.gateway.tls else {
+            return Ok(None);
+        };
+        files.load().map(Some).map_err(|source| ConfigError::Tls {
+            key: format!("gateway.tls.{}", source.field()),
+            source,
+        })
     }
 
     /// Applies `--server-url` / `--server-token` (or their env vars) over the file: a URL
@@ -504,6 +565,7 @@ impl HostdConfig {
                 None => {
                     self.server = Some(ServerConfig {
                         url,
+                        ca: None,
                         token: None,
                         token_file: None,
                         gateway: default_gateway(),
@@ -666,7 +728,7 @@ mod tests {
         assert!(err("[server]\ngateway = \"ws://g\"").contains("missing field `url`"));
         assert!(err(&server("surprise = 1")).contains("unknown field"));
         assert!(err("[server]\nurl = \"http://s/v1/hosts\"").contains("server.url"));
-        assert!(err("[server]\nurl = \"wss://s/v1/hosts\"").contains("server.url"));
+        assert!(err("[server]\nurl = \"ftp://s/v1/hosts\"").contains("server.url"));
         assert!(err("[server]\nurl = \"ws://\"").contains("server.url"));
         assert!(err(&server("gateway = \"tcp://g\"")).contains("server.gateway"));
         assert!(err(&server("reconnect_max_s = 0")).contains("server.reconnect_max_s"));
@@ -695,6 +757,43 @@ mod tests {
         let c = HostdConfig::load(&path).expect("loads");
         let link = c.server_link().expect("resolves").expect("configured");
         assert_eq!(link.token.read().expect("readable"), "x.y.z");
+    }
+
+    #[test]
+    fn tls_files_are_relative_to_the_config_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hostd.toml");
+        let text = "[gateway.tls]\ncert = \"gw.pem\"\nkey = \"/etc/gw.key\"\n\
+                    [server]\nurl = \"wss://s:7080/v1/hosts\"\nca = \"ca.pem\"\n\
+                    token = \"a.b.c\"\ngateway = \"wss://g:7071/v1/game\"";
+        std::fs::write(&path, text).expect("write");
+        let c = HostdConfig::load(&path).expect("loads");
+        let tls = c.gateway.tls.as_ref().expect("gateway tls");
+        assert_eq!(tls.cert, dir.path().join("gw.pem"));
+        assert_eq!(tls.key, Path::new("/etc/gw.key"));
+        let ca = c.server.as_ref().and_then(|s| s.ca.clone());
+        assert_eq!(ca, Some(dir.path().join("ca.pem")));
+        // Neither file exists: start-up fails naming the key.
+        let e = c.gateway_tls().expect_err("no cert file").to_string();
+        assert!(
+            e.starts_with("config: gateway.tls.cert: cannot read"),
+            "{e}"
+        );
+        let e = c.server_link().expect_err("no ca file").to_string();
+        assert!(e.starts_with("config: server.ca: cannot read"), "{e}");
+        std::fs::write(dir.path().join("ca.pem"), "no pem here").expect("write");
+        let e = c.server_link().expect_err("no certificate").to_string();
+        assert!(
+            e.contains("server.ca") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        // A TLS gateway advertised as ws:// would be unreachable from players.
+        let plain = text.replace("wss://g:7071", "ws://g:7071");
+        assert!(err(&plain).contains("server.gateway"));
+        assert!(HostdConfig::default()
+            .gateway_tls()
+            .expect("plain")
+            .is_none());
     }
 
     #[test]

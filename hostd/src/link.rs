@@ -86,6 +86,8 @@ pub enum LinkError {
     Version(u32),
     #[error("websocket")]
     Socket(#[source] tungstenite::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error("the server closed the link")]
     Closed,
     #[error("nothing heard from the server for {0:?}")]
@@ -104,6 +106,7 @@ impl LinkError {
             LinkError::Rejected { .. } => "rejected",
             LinkError::Version(_) => "version",
             LinkError::Socket(_) => "socket",
+            LinkError::Tls(_) => "tls",
             LinkError::Closed => "closed",
             LinkError::Silent(_) => "silent",
             LinkError::Lagged(_) => "lagged",
@@ -118,7 +121,10 @@ impl LinkError {
             tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
                 LinkError::Closed
             }
-            e => LinkError::Socket(e),
+            e => match berth_client::tls::handshake_error(&e) {
+                Some(reason) => LinkError::Tls(reason),
+                None => LinkError::Socket(e),
+            },
         }
     }
 }
@@ -383,9 +389,15 @@ impl<P: LinkPool> Link<P> {
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_MESSAGE))
             .max_frame_size(Some(MAX_MESSAGE));
+        let connector = Some(self.link.trust.connector());
         let connect = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async_with_config(request, Some(config), true),
+            tokio_tungstenite::connect_async_tls_with_config(
+                request,
+                Some(config),
+                true,
+                connector,
+            ),
         );
         let mut ws = tokio::select! {
             () = &mut shutdown => return Ok(()),
@@ -1002,6 +1014,7 @@ pub(crate) mod tests {
             token: Token::Inline("tok.en.1".into()),
             gateway: "ws://gw.example:7071".into(),
             reconnect_max: Duration::from_millis(50),
+            trust: Default::default(),
         }
     }
 

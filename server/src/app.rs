@@ -18,6 +18,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use berth_net::tls::Acceptor;
 use berth_protocol::play::ServerMessage;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,6 +86,7 @@ impl Server {
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Server> {
         config.validate()?;
+        let tls = config.tls_acceptor()?;
         if config.replica.is_empty() {
             config.replica = format!("r-{}", &crate::util::random_id()[..12]);
         }
@@ -103,7 +105,7 @@ impl Server {
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = app(ctx.clone());
-        let limits = listen_limits(&ctx.core);
+        let limits = listen_limits(&ctx.core, tls);
         let tasks = vec![
             tokio::spawn(dispatch::run(ctx.clone())),
             tokio::spawn(matchmaker::run(core.clone(), matcher_rx)),
@@ -113,7 +115,7 @@ impl Server {
                 let _ = stopped.await;
             })),
         ];
-        tracing::info!(%addr, replica = ctx.replica, store = ctx.store.kind(), modes = ctx.modes.0.len(), "server listening");
+        tracing::info!(%addr, tls = ctx.config.tls.is_some(), replica = ctx.replica, store = ctx.store.kind(), modes = ctx.modes.0.len(), "server listening");
         Ok(Server {
             addr,
             ctx,
@@ -149,17 +151,18 @@ impl Server {
     }
 }
 
-/// The listener's limits: the header-read timeout, and seats for connections not yet past
-/// `hello` or `register` (released there; see `berth_net::serve`); refusals are counted.
-fn listen_limits(core: &Arc<Core>) -> berth_net::Limits {
-    const CODE: &str = "too_many_connections";
+/// The listener's limits: the header-read timeout, seats for connections not yet past
+/// `hello` or `register` (released there; see `berth_net::serve`), TLS if configured;
+/// refusals (and failed TLS handshakes) are counted by code.
+fn listen_limits(core: &Arc<Core>, tls: Option<Acceptor>) -> berth_net::Limits {
     let counted = core.clone();
     berth_net::Limits {
         header_read_timeout: Duration::from_millis(core.config.timeouts.header_read_ms),
         max_seats: core.config.limits.max_pending,
-        refusal_code: CODE,
+        refusal_code: "too_many_connections",
         refusal_message: "too many connections waiting to sign in; retry later",
-        on_refusal: Arc::new(move || counted.metrics.refuse(CODE)),
+        on_refusal: Arc::new(move |code| counted.metrics.refuse(code)),
+        tls,
     }
 }
 

@@ -35,6 +35,12 @@ enum Cmd {
         /// Development mode: anyone may mint player tokens at POST /v1/dev/token.
         #[arg(long)]
         dev: bool,
+        /// Serve TLS (wss://, https://) with this PEM certificate chain (overrides `[tls] cert`).
+        #[arg(long, env = "BERTH_TLS_CERT")]
+        tls_cert: Option<PathBuf>,
+        /// …and this PEM private key (overrides `[tls] key`).
+        #[arg(long, env = "BERTH_TLS_KEY")]
+        tls_key: Option<PathBuf>,
     },
     /// Print a signed token: a host's credential, an operator's, or (dev mode) a player's.
     Token {
@@ -79,7 +85,10 @@ async fn main() -> anyhow::Result<()> {
             redis,
             modes,
             dev,
+            tls_cert,
+            tls_key,
         } => {
+            config.apply_tls_flags(tls_cert, tls_key)?;
             if let Some(l) = listen {
                 config.listen = l;
             }

@@ -12,6 +12,7 @@
 //!   [`berth_client::GameClient`], re-exported here as `GameWs`).
 //! - [`pages`]: the web pages' files, headers and links as a browser fetches them.
 //! - [`browser`]: real headless Chromium through chromedriver.
+//! - [`tls`]: a CA and a server certificate for loopback, made at test time ([`TestCa`]).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -27,9 +28,11 @@ pub mod game;
 pub mod pages;
 pub mod player;
 pub mod stack;
+pub mod tls;
 pub mod vm;
 
 pub use berth_client::{GameClient as GameWs, Heard};
 pub use game::{game_hello, game_request, game_surrender};
 pub use stack::{Stack, StackOptions};
+pub use tls::TestCa;
 pub use vm::*;

@@ -80,6 +80,7 @@ impl Stack {
             token: Token::Inline(server.ctx.auth.mint(HOST, Role::Host, 24 * 3600)?),
             gateway: gateway_url,
             reconnect_max: Duration::from_secs(1),
+            trust: Default::default(),
         });
         let pool = hostd.pool().clone();
         let stack = Stack {

@@ -349,6 +349,7 @@ pub fn start_link(
         token: berth_hostd::link::Token::Inline(token),
         gateway: gateway.into(),
         reconnect_max: Duration::from_millis(500),
+        trust: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(berth_hostd::link::run(pool.clone(), link, async move {
