@@ -182,6 +182,8 @@ pub(crate) struct Shared {
     pub config: SwarmConfig,
     pub play_url: String,
     pub token_url: String,
+    /// What the bots' sockets trust over `wss://` (the server's and the gateways').
+    pub trust: berth_client::Trust,
     pub http: reqwest::Client,
     pub progress: Progress,
     /// Cloned into every socket's writer task; the run waits until all are dropped.
@@ -452,6 +454,7 @@ impl Bot {
             faults: Some(self.slow.clone()),
             seed,
             alive: Some(self.shared.alive.clone()),
+            trust: self.shared.trust.clone(),
             ..ConnectOptions::default()
         }
     }

@@ -61,8 +61,10 @@ pub async fn run(config: SwarmConfig, progress: Option<Progress>) -> Result<Repo
     let started = Instant::now();
     let end = started + config.duration;
     let hard_end = end + config.drain;
+    let trust = config.trust()?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .use_preconfigured_tls(trust.client_config().as_ref().clone())
         .build()
         .map_err(|e| ConfigError::Server(format!("cannot build an HTTP client: {e}")))?;
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
@@ -70,6 +72,7 @@ pub async fn run(config: SwarmConfig, progress: Option<Progress>) -> Result<Repo
     let shared = Arc::new(Shared {
         play_url: config.play_url()?,
         token_url: config.token_url()?,
+        trust,
         config: config.clone(),
         http,
         progress: progress.clone(),
