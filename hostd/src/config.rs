@@ -387,13 +387,13 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config: {key}: {message}")]
     Invalid { key: String, message: String },
-    #[error("config: {key}: {source}")]
+    #[error("config: {key}")]
     Tls {
         key: String,
         #[source]
         source: TlsError,
     },
-    #[error("config: {key}: {source}")]
+    #[error("config: {key}")]
     Trust {
         key: String,
         #[source]
@@ -612,6 +612,7 @@ impl HostdConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::chain;
 
     #[test]
     fn defaults_are_valid() {
@@ -774,15 +775,15 @@ mod tests {
         let ca = c.server.as_ref().and_then(|s| s.ca.clone());
         assert_eq!(ca, Some(dir.path().join("ca.pem")));
         // Neither file exists: start-up fails naming the key.
-        let e = c.gateway_tls().expect_err("no cert file").to_string();
+        let e = chain(&c.gateway_tls().expect_err("no cert file"));
         assert!(
             e.starts_with("config: gateway.tls.cert: cannot read"),
             "{e}"
         );
-        let e = c.server_link().expect_err("no ca file").to_string();
+        let e = chain(&c.server_link().expect_err("no ca file"));
         assert!(e.starts_with("config: server.ca: cannot read"), "{e}");
         std::fs::write(dir.path().join("ca.pem"), "no pem here").expect("write");
-        let e = c.server_link().expect_err("no certificate").to_string();
+        let e = chain(&c.server_link().expect_err("no certificate"));
         assert!(
             e.contains("server.ca") && e.contains("no PEM certificate"),
             "{e}"

@@ -13,7 +13,7 @@ pub enum ConfigError {
     File(#[from] FileError),
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
-    #[error("{key}: {source}")]
+    #[error("{key}")]
     Tls {
         key: &'static str,
         #[source]
@@ -381,8 +381,9 @@ mod tests {
         let e =
             ServerConfig::parse("[tls]\ncert = \"c.pem\"\n", Path::new("x")).expect_err("no key");
         assert!(e.to_string().contains("key"), "{e}");
-        let e = c.tls_acceptor().expect_err("no such files").to_string();
-        assert!(e.starts_with("tls.cert: cannot read c.pem"), "{e}");
+        let e = anyhow::Error::from(c.tls_acceptor().expect_err("no such files"));
+        let e = format!("{e:#}");
+        assert!(e.starts_with("tls.cert: cannot read c.pem: "), "{e}");
         let mut c = ServerConfig::default();
         let e = c
             .apply_tls_flags(Some("c".into()), None)
