@@ -56,6 +56,7 @@ async fn hostd_links_over_wss_with_its_ca_and_its_gateway_serves_wss() -> Result
     sc.tls = Some(ca.files());
     let server = Server::start(sc).await?;
     let state_dir = Sandbox::state_dir("tls");
+    let _cleanup = DirGuard(state_dir.clone());
     let hostd_config = hostd_toml(&ca, server.addr.port(), &state_dir)?;
     let mut link = hostd_config.server_link()?.context("a [server] table")?;
     let mut hostd = Hostd::start_with(hostd_config, tcg_driver().await, None).await?;
@@ -123,6 +124,5 @@ async fn hostd_links_over_wss_with_its_ca_and_its_gateway_serves_wss() -> Result
 
     hostd.shutdown().await?;
     server.shutdown().await;
-    let _ = std::fs::remove_dir_all(&state_dir);
     Ok(())
 }
