@@ -158,7 +158,7 @@ impl Hostd {
     /// the gateway is bound.
     pub fn connect(&mut self, server: ServerLink) {
         if self.link.is_some() {
-            tracing::warn!(url = %server.url, "hostd is linked already; ignoring another link");
+            tracing::warn!(urls = ?server.urls, "hostd is linked already; ignoring another link");
             return;
         }
         let run = link::run(self.pool.clone(), server, stopped(self.stop.subscribe()));
@@ -240,7 +240,7 @@ mod tests {
             .expect("starts");
         let gateway = format!("ws://{}/v1/game", hostd.gateway().addr);
         let link = ServerLink {
-            url: server.url.clone(),
+            urls: vec![server.url.clone()],
             host: HostId::new("h1").expect("valid"),
             token: Token::Inline("tok.en.1".into()),
             gateway: gateway.clone(),

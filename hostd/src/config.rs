@@ -22,7 +22,7 @@
 //! max_connections = 4096         # open connections at most; more are answered 503
 //!
 //! [server]                       # optional: without it hostd runs standalone
-//! url = "ws://127.0.0.1:7080/v1/hosts"
+//! url = "ws://127.0.0.1:7080/v1/hosts"  # or a list of replicas: ["ws://a/…", "ws://b/…"]
 //! token_file = "host-1.jwt"      # or `token = "…"`: this host's JWT (role `host`)
 //! gateway = "ws://203.0.113.7:7071/v1/game"   # the gateway's URL as players reach it
 //! reconnect_max_s = 10
@@ -197,8 +197,11 @@ fn default_reconnect_max() -> u64 {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// The server's host websocket, `ws://host:port/v1/hosts`.
-    pub url: String,
+    /// The server's host websocket, `ws://host:port/v1/hosts`: one URL, or a list of the
+    /// replicas' (TOML `url = ["ws://a/v1/hosts", "ws://b/v1/hosts"]`); the link tries them in
+    /// turn when one fails (see [`crate::link`]).
+    #[serde(deserialize_with = "one_or_many")]
+    pub url: Vec<String>,
     /// This host's credential (a JWT), sent as `Authorization: Bearer <token>`.
     #[serde(default)]
     pub token: Option<String>,
@@ -234,9 +237,17 @@ impl ServerConfig {
                 message: message.into(),
             })
         };
-        if !self.url.starts_with("ws://") || !is_uri(&self.url) {
-            // No TLS support is built in: put a TLS-terminating proxy on loopback for `wss://`.
-            return invalid("url", "must be a ws:// URL (wss:// is not supported)");
+        if self.url.is_empty() {
+            return invalid("url", "must name at least one server");
+        }
+        if self.url.len() > MAX_SERVERS {
+            return invalid("url", "lists more than 16 servers");
+        }
+        for url in &self.url {
+            if !url.starts_with("ws://") || !is_uri(url) {
+                // No TLS support is built in: put a TLS-terminating proxy on loopback for `wss://`.
+                return invalid("url", "must be a ws:// URL (wss:// is not supported)");
+            }
         }
         if !(self.gateway.starts_with("ws://") || self.gateway.starts_with("wss://"))
             || !is_uri(&self.gateway)
@@ -279,7 +290,7 @@ impl ServerConfig {
             }
         };
         Ok(ServerLink {
-            url: self.url.clone(),
+            urls: self.url.clone(),
             host: berth_protocol::HostId::new(host_id.to_owned()).map_err(|_| {
                 ConfigError::Invalid {
                     key: "host_id".into(),
@@ -293,6 +304,35 @@ impl ServerConfig {
     }
 }
 
+/// Most server URLs one `[server]` table may list.
+const MAX_SERVERS: usize = 16;
+
+/// `url = "ws://…"` or `url = ["ws://…", …]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(url)) => Ok(vec![url]),
+        Ok(OneOrMany::Many(urls)) => Ok(urls),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a ws:// URL or a list of them",
+        )),
+    }
+}
+
+/// The URLs of `--server-url`: one, or several separated by commas.
+fn split_urls(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn is_uri(s: &str) -> bool {
     s.parse::<tokio_tungstenite::tungstenite::http::Uri>()
         .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
@@ -302,8 +342,8 @@ fn is_uri(s: &str) -> bool {
 /// ([`ServerConfig::resolve`]).
 #[derive(Debug, Clone)]
 pub struct ServerLink {
-    /// `ws://…/v1/hosts`.
-    pub url: String,
+    /// `ws://…/v1/hosts` of each replica, tried in turn (never empty).
+    pub urls: Vec<String>,
     pub host: berth_protocol::HostId,
     pub token: Token,
     /// Where players reach this host's gateway, advertised in `register`.
@@ -490,15 +530,15 @@ impl HostdConfig {
         Ok(())
     }
 
-    /// Applies `--server-url` / `--server-token` (or their env vars) over the file: a URL
-    /// without a `[server]` table creates one with defaults; a token replaces `token` and
+    /// Applies `--server-url` / `--server-token` (or their env vars) over the file: a URL (or
+    /// several, comma-separated) without a `[server]` table creates one with defaults; a token replaces `token` and
     /// `token_file`.
     pub fn apply_server_flags(
         &mut self,
         url: Option<String>,
         token: Option<String>,
     ) -> Result<(), ConfigError> {
-        if let Some(url) = url {
+        if let Some(url) = url.as_deref().map(split_urls) {
             match &mut self.server {
                 Some(s) => s.url = url,
                 None => {
@@ -668,6 +708,11 @@ mod tests {
         assert!(err("[server]\nurl = \"http://s/v1/hosts\"").contains("server.url"));
         assert!(err("[server]\nurl = \"wss://s/v1/hosts\"").contains("server.url"));
         assert!(err("[server]\nurl = \"ws://\"").contains("server.url"));
+        assert!(err("[server]\nurl = []").contains("at least one"));
+        assert!(err("[server]\nurl = [\"ws://a/v1/hosts\", 7]").contains("a list of them"));
+        let two = "[server]\nurl = [\"ws://a/v1/hosts\", \"ws://b/v1/hosts\"]\ntoken = \"t\"";
+        let link = HostdConfig::parse(two).expect("valid").server_link();
+        assert_eq!(link.expect("ok").expect("server").urls.len(), 2);
         assert!(err(&server("gateway = \"tcp://g\"")).contains("server.gateway"));
         assert!(err(&server("reconnect_max_s = 0")).contains("server.reconnect_max_s"));
         assert!(err(&server("token = \"a b\"")).contains("server.token"));
@@ -737,12 +782,22 @@ mod tests {
         let s = c.server.expect("server");
         assert_eq!(
             (
-                s.url.as_str(),
+                s.url.join(","),
                 s.token.as_deref(),
                 s.token_file,
                 s.gateway.as_str()
             ),
-            ("ws://b:1/v1/hosts", Some("t.o.k"), None, "ws://g:2")
+            ("ws://b:1/v1/hosts".into(), Some("t.o.k"), None, "ws://g:2")
+        );
+        let mut c = HostdConfig::default();
+        c.apply_server_flags(Some("ws://a:1/v1/hosts, ws://b:1/v1/hosts".into()), None)
+            .expect("a list of replicas");
+        assert_eq!(
+            c.server.map(|s| s.url),
+            Some(vec![
+                "ws://a:1/v1/hosts".to_owned(),
+                "ws://b:1/v1/hosts".to_owned()
+            ])
         );
         let mut c = HostdConfig::default();
         let e = c
