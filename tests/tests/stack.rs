@@ -422,6 +422,70 @@ async fn a_replica_going_down_moves_its_host_to_another_and_ends_no_match() -> R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_of_a_game_that_ends_while_the_link_is_down_reach_the_players_after() -> Result<()>
+{
+    let url = berth_testkit::fixtures::redis_url()?;
+    let prefix = format!("berth-outbox-{}", std::process::id());
+    let sandbox = Sandbox::start("stack-outbox", 1).await?;
+    let store = || RedisStore::connect(&url, &prefix);
+    let mut cfg = stack_config();
+    cfg.timeouts.host_grace_ms = 60_000;
+    let two: Arc<dyn Store> = Arc::new(store().await?);
+    let r1 = Server::start_with(cfg.clone(), Arc::new(store().await?)).await?;
+    let r2 = Server::start_with(cfg.clone(), two.clone()).await?;
+    // The host knows replica 1 only; the players are on replica 2.
+    let (stop, task) = link_as(&sandbox, &[&r1], "test-host");
+    host_until(&two, |h| {
+        h.state == HostState::Up && h.images.iter().any(|i| i.docked)
+    })
+    .await?;
+    let (mut a, mut b, (session, _, ticket)) = pair((&r2, "kai"), (&r2, "lea"), "duel").await?;
+    session_until(&two, &session, SessionState::Active).await?;
+
+    // The link goes down, and the game ends meanwhile: its report waits in hostd's outbox.
+    let addr = r1.addr;
+    r1.shutdown().await;
+    let vm = sandbox.vm_of(&session)?;
+    game_surrender(vm.game_addr, &ticket).await?;
+    let outbox = sandbox.pool.outbox();
+    for _ in 0..100 {
+        if !outbox.pending().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(outbox.pending().len() == 1, "{:?}", outbox.pending());
+    let s = two.session(&session).await?.context("kept")?;
+    ensure!(s.state == SessionState::Active, "{:?}", s.end_reason);
+
+    // The replica comes back: the report rides in `register`, and both players hear the end.
+    cfg.listen = addr;
+    let r1 = Server::start_with(cfg, Arc::new(store().await?)).await?;
+    for player in [&mut a, &mut b] {
+        let (reason, results) = ended(player).await?;
+        assert_eq!(reason, "surrender");
+        assert!(!results["winner"].is_null(), "{results}");
+    }
+    for _ in 0..50 {
+        if outbox.pending().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        outbox.pending().is_empty(),
+        "recorded reports are forgotten"
+    );
+    no_vms_left(&sandbox).await?;
+
+    drop(stop);
+    task.await?;
+    r1.shutdown().await;
+    r2.shutdown().await;
+    sandbox.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_retries_another_host_when_activation_fails() -> Result<()> {
     let images = || vec![berth_testkit::image_config("arena", 0)];
     let seed = ["arena".to_owned()];
