@@ -266,6 +266,8 @@ vocabulary!(open
         MaxWait = "max_wait",
         Away = "away",
         ModeRemoved = "mode_removed",
+        /// The store lost the ticket (a restart without persistence).
+        TicketLost = "ticket_lost",
     }
 );
 

@@ -135,6 +135,11 @@ where
             }
             out = rx.recv() => match out {
                 Some(Outbound::Msg(m)) => ok = ws.send(text(&m)).await.is_ok(),
+                Some(Outbound::Recheck) => {
+                    for m in recheck(&ctx, &host).await {
+                        ok &= ws.send(text(&m)).await.is_ok();
+                    }
+                }
                 Some(Outbound::Close(code, reason)) => {
                     send_close(&mut ws, code, &reason).await;
                     break;
@@ -337,6 +342,22 @@ async fn reconcile(ctx: &Ctx, record: &HostRecord) -> Vec<ServerToHost> {
         }
     }
     out
+}
+
+/// After a gap in the event stream (`activate` and `destroy` travel as events): asks again
+/// for what the host's live sessions still need. Both are idempotent by session id.
+async fn recheck(ctx: &Ctx, host: &HostId) -> Vec<ServerToHost> {
+    let Ok(live) = sessions::live_sessions(ctx).await else {
+        return Vec::new();
+    };
+    live.into_iter()
+        .filter(|s| s.host.as_ref() == Some(host))
+        .filter_map(|s| match s.state {
+            SessionState::Activating => Some(s.activate_message()),
+            SessionState::Ending => Some(ServerToHost::Destroy { session: s.id }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Is `session` this host's? (Placed on it, whatever its state.)
