@@ -6,6 +6,7 @@
 //! control = "127.0.0.1:7070"     # operator HTTP surface (loopback only by default)
 //! accel = "auto"                 # auto | tcg | kvm
 //! max_vms = 64
+//! drain_timeout_s = 900          # SIGTERM: no new sessions, live ones finish (0: stop at once)
 //!
 //! [[images]]
 //! name = "arena"
@@ -82,6 +83,9 @@ fn default_ready_timeout() -> u64 {
 }
 fn default_silence() -> u64 {
     15
+}
+fn default_drain_timeout() -> u64 {
+    900
 }
 fn default_memory() -> u32 {
     128
@@ -382,6 +386,10 @@ pub struct HostdConfig {
     /// Leave docked substrates in place on a clean shutdown (a crash always leaves them).
     #[serde(default)]
     pub keep_substrates: bool,
+    /// On SIGTERM, how long hostd drains (no new sessions, live ones play to their end)
+    /// before it stops; 0 stops at once, ending live matches. A second signal stops at once.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_s: u64,
     #[serde(default)]
     pub images: Vec<ImageConfig>,
     #[serde(default)]
@@ -473,6 +481,9 @@ impl HostdConfig {
         }
         if self.boot_timeout_s == 0 || self.ready_timeout_s == 0 || self.agent_silence_s == 0 {
             return invalid("timeouts".into(), "must be at least 1 second");
+        }
+        if self.drain_timeout_s > 86_400 {
+            return invalid("drain_timeout_s".into(), "must be at most 86400 (a day)");
         }
         let (gateway, control) = (self.gateway.listen, self.control);
         let same_ip = gateway.ip() == control.ip()
@@ -571,6 +582,10 @@ impl HostdConfig {
             .as_ref()
             .map(|s| s.resolve(&self.host_id))
             .transpose()
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_s)
     }
 
     pub fn boot_timeout(&self) -> Duration {

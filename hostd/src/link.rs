@@ -239,7 +239,10 @@ pub fn forward(event: PoolEvent) -> Forward {
             session: session_id,
             vm: vm_id,
         }),
-        PoolEvent::Docked { .. } | PoolEvent::PrimeFailed { .. } => Forward::Capacity,
+        // A heartbeat carries capacity and the drain.
+        PoolEvent::Docked { .. } | PoolEvent::PrimeFailed { .. } | PoolEvent::Draining => {
+            Forward::Capacity
+        }
         // Answered as `activated` to the `activate` that caused it; reports are sent above.
         PoolEvent::Activated { .. } | PoolEvent::Ended { .. } | PoolEvent::Failed { .. } => {
             Forward::Nothing
@@ -505,8 +508,10 @@ impl<P: LinkPool> Link<P> {
     }
 
     async fn heartbeat(&self, ws: &mut Socket) -> Result<(), LinkError> {
-        let images = capacity(&self.pool.status(), self.pool.images());
-        send(ws, &HostMessage::Heartbeat { images }).await
+        let status = self.pool.status();
+        let images = capacity(&status, self.pool.images());
+        let draining = status.draining;
+        send(ws, &HostMessage::Heartbeat { images, draining }).await
     }
 
     async fn on_frame(&mut self, ws: &mut Socket, frame: Message) -> Result<Flow, LinkError> {
@@ -814,6 +819,7 @@ pub(crate) mod tests {
             vms: vec![vm_info("vm-old", "s-old", "arena")],
             failures: vec![],
             activations: 0,
+            draining: false,
         }
     }
 
@@ -1475,6 +1481,7 @@ pub(crate) mod tests {
             heartbeat,
             HostMessage::Heartbeat {
                 images: capacity(&sample_status(), pool.images()),
+                draining: false,
             }
         );
         // A pool capacity change sends one at once.

@@ -205,6 +205,8 @@ vocabulary!(open
         AtCapacity = "at_capacity",
         NotDocked = "not_docked",
         ActivationFailed = "activation_failed",
+        /// hostd is draining: no new sessions (`activate_failed`; the control API's 503).
+        Draining = "draining",
         // HTTP APIs (admin, control, dev tokens).
         BadRequest = "bad_request",
         BadId = "bad_id",

@@ -23,6 +23,10 @@ use tokio::sync::mpsc;
 const MAX_HOST_MESSAGE: usize = 4 << 20;
 
 pub async fn handler(up: wire::Upgrade, State(ctx): State<Ctx>) -> Response {
+    if ctx.is_stopping() {
+        let why = "this replica is stopping; connect to another".to_owned();
+        return refuse(&ctx, StatusCode::SERVICE_UNAVAILABLE, "shutting_down", why);
+    }
     let wire::Upgrade { ws, bearer, seat } = up;
     let token = bearer.unwrap_or_default();
     let host = match ctx.auth.verify(&token, Role::Host) {
@@ -380,8 +384,11 @@ async fn handle(
             "already_registered",
             "register is sent once per connection",
         )],
-        HostMessage::Heartbeat { images } => {
+        HostMessage::Heartbeat { images, draining } => {
             heartbeat(ctx, record, images).await;
+            if draining && !record.draining {
+                drained(ctx, record).await;
+            }
             Vec::new()
         }
         HostMessage::Ended { .. } | HostMessage::Failed { .. } => {
@@ -416,6 +423,17 @@ async fn heartbeat(ctx: &Ctx, record: &mut HostRecord, images: Vec<ImageCapacity
     record.state = HostState::Up;
     if let Err(e) = ctx.store.put_host(record).await {
         tracing::warn!(host_id = %host, error = %e, "storing heartbeat");
+    }
+}
+
+/// The host says it is draining (hostd is stopping): nothing more is placed on it.
+async fn drained(ctx: &Ctx, record: &mut HostRecord) {
+    match ctx.store.set_draining(&record.id, true).await {
+        Ok(_) => {
+            tracing::info!(host_id = %record.id, "host draining");
+            record.draining = true;
+        }
+        Err(e) => tracing::warn!(host_id = %record.id, error = %e, "marking the host draining"),
     }
 }
 

@@ -32,16 +32,20 @@ const OUTBOX: usize = 32;
 
 pub async fn handler(up: wire::Upgrade, State(ctx): State<Ctx>) -> Response {
     let limits = &ctx.config.limits;
-    if lock(&ctx.registry.players).len() >= limits.max_players {
-        ctx.metrics.refuse("server_full");
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(ServerMessage::error(
-                "server_full",
-                "too many players; retry later",
-            )),
-        )
-            .into_response();
+    let refusal = if ctx.is_stopping() {
+        Some((
+            "shutting_down",
+            "this replica is stopping; reconnect (to another)",
+        ))
+    } else if lock(&ctx.registry.players).len() >= limits.max_players {
+        Some(("server_full", "too many players; retry later"))
+    } else {
+        None
+    };
+    if let Some((code, message)) = refusal {
+        ctx.metrics.refuse(code);
+        let body = axum::Json(ServerMessage::error(code, message));
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
     }
     let max = limits.max_frame_bytes;
     let wire::Upgrade { ws, bearer, seat } = up;

@@ -37,7 +37,7 @@ async fn register_must_come_first_name_the_credential_and_speak_this_version() -
     let tok = auth().mint("h1", Role::Host, 60)?;
 
     let mut ws = host_socket(&s, &tok).await?;
-    send(&mut ws, &HostMessage::Heartbeat { images: vec![] }).await?;
+    send(&mut ws, &heartbeat()).await?;
     expect_error(&mut ws, "register_required").await?;
     assert_eq!(close_of(&mut ws).await, 4400);
 
@@ -90,7 +90,7 @@ async fn bad_frames_get_codes_and_the_host_stays_connected() -> Result<()> {
     expect_error(&mut ws, "foreign_session").await?;
     assert!(s.ctx.store.session(&ghost).await?.is_none());
     // Still registered and heard.
-    send(&mut ws, &HostMessage::Heartbeat { images: vec![] }).await?;
+    send(&mut ws, &heartbeat()).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let h = s
         .ctx
@@ -137,7 +137,7 @@ async fn a_host_marked_lost_while_connected_is_asked_to_register_again() -> Resu
             .mark_host(&id, h.last_seen_ms, HostState::Lost)
             .await?
     );
-    send(&mut ws, &HostMessage::Heartbeat { images: vec![] }).await?;
+    send(&mut ws, &heartbeat()).await?;
     expect_error(&mut ws, "host_lost").await?;
     assert_eq!(close_of(&mut ws).await, 1001);
     let h = s.ctx.store.host(&id).await?.context("kept")?;
@@ -160,11 +160,7 @@ async fn reports_in_the_outbox_are_answered_recorded_even_when_never_recordable(
         reason: String::new(),
         results: serde_json::json!({"winner": "a"}),
     };
-    let with_outbox = register_with(
-        "h1",
-        vec![],
-        vec![ended, HostMessage::Heartbeat { images: vec![] }],
-    );
+    let with_outbox = register_with("h1", vec![], vec![ended, heartbeat()]);
     send(&mut ws, &with_outbox).await?;
     assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
     // Not this host's session: refused, but acknowledged so that hostd forgets it.

@@ -125,7 +125,14 @@ async fn a_player_away_when_its_session_ends_hears_how_on_reconnect() -> Result<
         assert!(is_end_of(&m, &session), "{m:?}");
         ann.close().await?;
     }
-    // ...until ann queues again: then that is where ann stands.
+    // ...until ann queues again (once the VM is gone): then that is where ann stands.
+    for _ in 0..100 {
+        let state = s.ctx.store.session(&session).await?.map(|s| s.state);
+        if state == Some(berth_server::model::SessionState::Ended) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut ann = player(&s, "ann").await?;
     news(&mut ann).await?;
     ann.send(&queue("duel", "eu")).await?;

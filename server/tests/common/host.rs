@@ -47,6 +47,14 @@ pub fn register_with(host: &str, vms: Vec<HostVm>, outbox: Vec<HostMessage>) -> 
     }
 }
 
+/// An empty heartbeat (no images, not draining).
+pub fn heartbeat() -> HostMessage {
+    HostMessage::Heartbeat {
+        images: vec![],
+        draining: false,
+    }
+}
+
 pub async fn send(ws: &mut Ws, m: &HostMessage) -> Result<()> {
     ws.send(Message::Text(serde_json::to_string(m)?.into()))
         .await?;
