@@ -95,6 +95,8 @@ where
         }
     }
     let silent = Duration::from_millis(ctx.config.timeouts.host_lost_ms);
+    // Answers about sessions the store failed to take, tried again at each heartbeat.
+    let mut retry = Vec::new();
     while ok {
         tokio::select! {
             frame = tokio::time::timeout(silent, ws.next()) => {
@@ -116,7 +118,7 @@ where
                     Ok(Some(Ok(Message::Text(t)))) => decode::<HostMessage>(&t),
                 };
                 let replies = match m {
-                    Ok(m) => handle(&ctx, &host, &mut record, m).await,
+                    Ok(m) => handle(&ctx, &host, &mut record, &mut retry, m).await,
                     Err(e) => {
                         ctx.metrics.refuse(e.code());
                         vec![error(e.code(), e.to_string())]
@@ -377,6 +379,7 @@ async fn handle(
     ctx: &Ctx,
     host: &HostId,
     record: &mut HostRecord,
+    retry: &mut Vec<HostMessage>,
     m: HostMessage,
 ) -> Vec<ServerToHost> {
     match m {
@@ -389,6 +392,10 @@ async fn handle(
             if draining && !record.draining {
                 drained(ctx, record).await;
             }
+            for m in std::mem::take(retry) {
+                // Errors were told the first time; a retry only records.
+                let _ = update(ctx, host, record, retry, m).await;
+            }
             Vec::new()
         }
         HostMessage::Ended { .. } | HostMessage::Failed { .. } => {
@@ -396,10 +403,29 @@ async fn handle(
         }
         HostMessage::Activated { .. }
         | HostMessage::ActivateFailed { .. }
-        | HostMessage::Destroyed { .. } => handle_session(ctx, host, record, m)
-            .await
-            .into_iter()
-            .collect(),
+        | HostMessage::Destroyed { .. } => update(ctx, host, record, retry, m).await,
+    }
+}
+
+/// Answers that are sent once (`activated`, `activate_failed`, `destroyed`): one the store
+/// failed to take is kept in `retry` and taken again at the next heartbeat, so that an
+/// activation answered during a store outage is not lost to its timeout.
+async fn update(
+    ctx: &Ctx,
+    host: &HostId,
+    record: &mut HostRecord,
+    retry: &mut Vec<HostMessage>,
+    m: HostMessage,
+) -> Vec<ServerToHost> {
+    match handle_session(ctx, host, record, m.clone()).await {
+        Outcome::Done => Vec::new(),
+        Outcome::Foreign(e) => vec![e],
+        Outcome::StoreFailed(e) => {
+            if retry.len() < MAX_RETRY {
+                retry.push(m);
+            }
+            vec![e]
+        }
     }
 }
 
@@ -460,41 +486,49 @@ async fn handle_report(
         session: session.clone(),
     };
     match handle_session(ctx, host, record, m).await {
-        None => vec![recorded],
-        Some(e @ ServerToHost::Error { .. }) if is_foreign(&e) => vec![e, recorded],
-        Some(e) => vec![e],
+        Outcome::Done => vec![recorded],
+        Outcome::Foreign(e) => vec![e, recorded],
+        Outcome::StoreFailed(e) => vec![e],
     }
 }
 
-fn is_foreign(m: &ServerToHost) -> bool {
-    matches!(m, ServerToHost::Error { code, .. } if code.as_str() == "foreign_session")
+/// What became of a message about a session.
+enum Outcome {
+    Done,
+    /// Not this host's session: answered, and never worth sending again.
+    Foreign(ServerToHost),
+    /// The store failed: worth another try.
+    StoreFailed(ServerToHost),
 }
 
-/// A message about one of this host's sessions; `Some` error if it is not, or the store failed.
+/// Answers about sessions kept for another try, per connection, at most.
+const MAX_RETRY: usize = 1024;
+
+/// A message about one of this host's sessions.
 async fn handle_session(
     ctx: &Ctx,
     host: &HostId,
     record: &mut HostRecord,
     m: HostMessage,
-) -> Option<ServerToHost> {
+) -> Outcome {
     let session = match &m {
         HostMessage::Activated { session, .. }
         | HostMessage::ActivateFailed { session, .. }
         | HostMessage::Ended { session, .. }
         | HostMessage::Failed { session, .. }
         | HostMessage::Destroyed { session, .. } => session.clone(),
-        HostMessage::Register { .. } | HostMessage::Heartbeat { .. } => return None,
+        HostMessage::Register { .. } | HostMessage::Heartbeat { .. } => return Outcome::Done,
     };
     match owns(ctx, host, &session).await {
         Ok(true) => {}
         Ok(false) => {
             ctx.metrics.refuse("foreign_session");
-            return Some(error(
+            return Outcome::Foreign(error(
                 "foreign_session",
                 format!("session {session} is not placed on host {host}; ignored"),
             ));
         }
-        Err(e) => return Some(e),
+        Err(e) => return Outcome::StoreFailed(e),
     }
     record.last_seen_ms = now_ms();
     let r = match m {
@@ -532,5 +566,8 @@ async fn handle_session(
         HostMessage::Destroyed { .. } => sessions::destroyed(ctx, host, &session).await,
         HostMessage::Register { .. } | HostMessage::Heartbeat { .. } => Ok(()),
     };
-    r.err().map(|e| error(e.code(), "state store unavailable"))
+    match r {
+        Ok(()) => Outcome::Done,
+        Err(e) => Outcome::StoreFailed(error(e.code(), "state store unavailable")),
+    }
 }

@@ -208,3 +208,60 @@ async fn a_queued_player_whose_ticket_the_store_lost_is_told() -> Result<()> {
     s.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_answered_while_the_store_is_down_is_taken_when_it_is_back() -> Result<()> {
+    let mut redis = PrivateRedis::start_persistent().await?;
+    let store: Arc<dyn Store> =
+        Arc::new(RedisStore::connect(&redis.url(), "standing-down:").await?);
+    let s = Server::start_with(config(), store).await?;
+    let mut ws = host(&s).await?;
+    let mut fay = player(&s, "fay").await?;
+    let mut gus = player(&s, "gus").await?;
+    fay.send(&queue("duel", "eu")).await?;
+    gus.send(&queue("duel", "eu")).await?;
+    let session = loop {
+        if let ServerToHost::Activate { session, .. } = recv(&mut ws).await? {
+            break session;
+        }
+    };
+    // The VM is up just as the store goes away: `activated` cannot be recorded now.
+    redis.stop();
+    let activated = HostMessage::Activated {
+        session: session.clone(),
+        vm: VmId::new("vm-1")?,
+        path: ActivationPath::Warm,
+        activate_us: 1,
+    };
+    send(&mut ws, &activated).await?;
+    match recv(&mut ws).await? {
+        ServerToHost::Error { code, .. } => assert_eq!(code, "store_unavailable"),
+        other => bail!("expected store_unavailable, got {other:?}"),
+    }
+    // Back (with its data). hostd says nothing more than its heartbeats, and yet the session
+    // becomes active and both players are matched.
+    redis.restart().await?;
+    let beat = async {
+        loop {
+            send(&mut ws, &heartbeat()).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), anyhow::Error>(())
+    };
+    let heard = async {
+        for c in [&mut fay, &mut gus] {
+            match news(c).await? {
+                ServerMessage::Matched { session: m, .. } if m == session => {}
+                other => bail!("expected matched for {session}, got {other:?}"),
+            }
+        }
+        Ok(())
+    };
+    tokio::select! {
+        r = beat => r?,
+        r = heard => r?,
+    }
+    s.shutdown().await;
+    Ok(())
+}

@@ -8,16 +8,29 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A `redis-server` on a unix socket in its own folder, without persistence; killed on drop.
+/// A `redis-server` on a unix socket in its own folder; killed on drop.
 pub struct PrivateRedis {
     child: Option<Child>,
     socket: PathBuf,
     dir: crate::fixtures::TempDir,
+    /// An append-only file, synced on every write: a restart keeps every key.
+    aof: bool,
 }
 
 impl PrivateRedis {
-    /// Starts one and waits until it answers `PING`.
+    /// Starts one without persistence (a restart loses every key) and waits until it answers
+    /// `PING`.
     pub async fn start() -> Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Starts one with an append-only file synced on every write, as production runs it: a
+    /// restart, even after SIGKILL, keeps every key.
+    pub async fn start_persistent() -> Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(aof: bool) -> Result<Self> {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
         let dir = crate::fixtures::TempDir::new(&format!("redis-{n}"))?;
@@ -26,18 +39,26 @@ impl PrivateRedis {
             child: None,
             socket,
             dir,
+            aof,
         };
         redis.restart().await?;
         Ok(redis)
     }
 
-    fn spawn(dir: &Path, socket: &Path) -> Result<Child> {
+    fn spawn(dir: &Path, socket: &Path, aof: bool) -> Result<Child> {
+        let persistence: &[&str] = if aof {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         Command::new("redis-server")
             .arg("--port")
             .arg("0")
             .arg("--unixsocket")
             .arg(socket)
-            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .args(["--save", ""])
+            .args(persistence)
+            .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
             .spawn()
@@ -67,11 +88,11 @@ impl PrivateRedis {
         Ok(text.lines().next().unwrap_or_default().to_owned())
     }
 
-    /// (Re)starts it, killing the running one first: every connection drops and, as nothing
-    /// is persisted, every key is gone.
+    /// (Re)starts it, killing the running one first (SIGKILL): every connection drops, and
+    /// without persistence every key is gone.
     pub async fn restart(&mut self) -> Result<()> {
         self.stop();
-        self.child = Some(Self::spawn(&self.dir.0, &self.socket)?);
+        self.child = Some(Self::spawn(&self.dir.0, &self.socket, self.aof)?);
         for _ in 0..100 {
             if self.command(&["PING"]).await.is_ok_and(|r| r == "+PONG") {
                 return Ok(());
