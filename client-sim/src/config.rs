@@ -185,7 +185,8 @@ impl Default for Faults {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SwarmConfig {
     /// The matchmaking server's base URL (`http://HOST:PORT`); `/v1/play` and `/v1/dev/token`
-    /// are under it. `ws://` works too; `https`/`wss` do not (no TLS is built in).
+    /// are under it. `ws://` works too; `https`/`wss` do not (no TLS is built in). Several
+    /// replicas, comma-separated: each player starts on one and fails over to the next.
     pub server: String,
     pub arrivals: Arrivals,
     /// No player arrives or starts a match after this; players queued at that moment cancel.
@@ -249,7 +250,7 @@ pub const MAX_PREFIX_LEN: usize = 48;
 impl SwarmConfig {
     /// Checks every field; the error names the first one at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.play_url()?;
+        self.play_urls()?;
         match &self.arrivals {
             Arrivals::Fixed { players: 0, .. } => {
                 return Err(ConfigError::Players("at least one player is needed".into()))
@@ -329,21 +330,40 @@ impl SwarmConfig {
         Ok(())
     }
 
-    /// `ws://HOST:PORT/v1/play` from `server`.
-    pub fn play_url(&self) -> Result<String, ConfigError> {
-        Ok(format!("{}/v1/play", self.base("ws")?))
+    /// `ws://HOST:PORT/v1/play` of each replica in `server`.
+    pub fn play_urls(&self) -> Result<Vec<String>, ConfigError> {
+        self.bases("ws", "/v1/play")
     }
 
-    /// `http://HOST:PORT/v1/dev/token` from `server`.
-    pub fn token_url(&self) -> Result<String, ConfigError> {
-        Ok(format!("{}/v1/dev/token", self.base("http")?))
+    /// `http://HOST:PORT/v1/dev/token` of each replica in `server`.
+    pub fn token_urls(&self) -> Result<Vec<String>, ConfigError> {
+        self.bases("http", "/v1/dev/token")
     }
 
-    /// `scheme://host[:port]` of `server`, which must be an `http` or `ws` URL with a host and
-    /// no path beyond `/`.
-    fn base(&self, scheme: &str) -> Result<String, ConfigError> {
-        let bad = |why: &str| ConfigError::Server(format!("{:?}: {why}", self.server));
-        let url = reqwest::Url::parse(&self.server).map_err(|e| bad(&e.to_string()))?;
+    /// `scheme://host[:port]` + `path` of each comma-separated URL of `server`.
+    fn bases(&self, scheme: &str, path: &str) -> Result<Vec<String>, ConfigError> {
+        let servers: Vec<&str> = self
+            .server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err(ConfigError::Server("no server URL given".into()));
+        }
+        servers
+            .into_iter()
+            .map(|s| Ok(format!("{}{path}", base(s, scheme)?)))
+            .collect()
+    }
+}
+
+/// `scheme://host[:port]` of `server`, which must be an `http` or `ws` URL with a host and no
+/// path beyond `/`.
+fn base(server: &str, scheme: &str) -> Result<String, ConfigError> {
+    {
+        let bad = |why: &str| ConfigError::Server(format!("{server:?}: {why}"));
+        let url = reqwest::Url::parse(server).map_err(|e| bad(&e.to_string()))?;
         match url.scheme() {
             "http" | "ws" => {}
             "https" | "wss" => {
@@ -369,7 +389,9 @@ impl SwarmConfig {
             None => format!("{scheme}://{host}"),
         })
     }
+}
 
+impl SwarmConfig {
     /// The mean party size, by weight.
     pub(crate) fn mean_party_size(&self) -> f64 {
         let total: f64 = self.parties.iter().map(|w| w.weight).sum();
@@ -533,16 +555,19 @@ mod tests {
     fn the_default_is_valid_and_urls_derive_from_the_base() {
         let c = SwarmConfig::default();
         c.validate().expect("default is valid");
-        assert_eq!(c.play_url().expect("url"), "ws://127.0.0.1:7080/v1/play");
+        assert_eq!(c.play_urls().expect("url"), ["ws://127.0.0.1:7080/v1/play"]);
         assert_eq!(
-            c.token_url().expect("url"),
-            "http://127.0.0.1:7080/v1/dev/token"
+            c.token_urls().expect("url"),
+            ["http://127.0.0.1:7080/v1/dev/token"]
         );
         let c = SwarmConfig {
-            server: "ws://[::1]:9000/".into(),
+            server: "ws://[::1]:9000/, http://10.0.0.2:7080".into(),
             ..SwarmConfig::default()
         };
-        assert_eq!(c.play_url().expect("url"), "ws://[::1]:9000/v1/play");
+        assert_eq!(
+            c.play_urls().expect("urls"),
+            ["ws://[::1]:9000/v1/play", "ws://10.0.0.2:7080/v1/play"]
+        );
     }
 
     #[test]
@@ -554,6 +579,14 @@ mod tests {
         };
         assert!(matches!(
             bad(&|c| c.server = "not a url".into()),
+            ConfigError::Server(_)
+        ));
+        assert!(matches!(
+            bad(&|c| c.server = " , ".into()),
+            ConfigError::Server(_)
+        ));
+        assert!(matches!(
+            bad(&|c| c.server = "http://a:1,nope".into()),
             ConfigError::Server(_)
         ));
         assert!(matches!(
