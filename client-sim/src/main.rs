@@ -13,7 +13,8 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(name = "berth-sim", version)]
 struct Args {
-    /// The matchmaking server's base URL.
+    /// The matchmaking server's base URL, or several replicas' comma-separated (each player
+    /// starts on one and fails over to the next).
     #[arg(
         long,
         env = "BERTH_SIM_SERVER",

@@ -6,6 +6,7 @@
 //! control = "127.0.0.1:7070"     # operator HTTP surface (loopback only by default)
 //! accel = "auto"                 # auto | tcg | kvm
 //! max_vms = 64
+//! drain_timeout_s = 900          # SIGTERM: no new sessions, live ones finish (0: stop at once)
 //!
 //! [[images]]
 //! name = "arena"
@@ -26,7 +27,7 @@
 //! key = "gateway.key"            # its private key (PEM)
 //!
 //! [server]                       # optional: without it hostd runs standalone
-//! url = "wss://berth.example:7080/v1/hosts"   # ws:// or wss://
+//! url = "wss://berth.example:7080/v1/hosts"   # ws:// or wss://; or a list of replicas' URLs
 //! ca = "ca.pem"                  # optional: a private CA to trust besides Mozilla's roots
 //! token_file = "host-1.jwt"      # or `token = "…"`: this host's JWT (role `host`)
 //! gateway = "wss://203.0.113.7:7071/v1/game"  # the gateway's URL as players reach it
@@ -89,6 +90,9 @@ fn default_ready_timeout() -> u64 {
 }
 fn default_silence() -> u64 {
     15
+}
+fn default_drain_timeout() -> u64 {
+    900
 }
 fn default_memory() -> u32 {
     128
@@ -209,8 +213,11 @@ fn default_reconnect_max() -> u64 {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// The server's host websocket, `ws://host:port/v1/hosts` or `wss://…`.
-    pub url: String,
+    /// The server's host websocket, `ws://host:port/v1/hosts` or `wss://…`: one URL, or a list
+    /// of the replicas' (TOML `url = ["wss://a/v1/hosts", "wss://b/v1/hosts"]`); the link tries
+    /// them in turn when one fails (see [`crate::link`]).
+    #[serde(deserialize_with = "one_or_many")]
+    pub url: Vec<String>,
     /// A CA certificate file (PEM, relative to the config file) trusted for `wss://` besides
     /// Mozilla's roots: a deployment's private CA.
     #[serde(default)]
@@ -251,9 +258,16 @@ impl ServerConfig {
                 message: message.into(),
             })
         };
-        if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) || !is_uri(&self.url)
-        {
-            return invalid("url", "must be a ws:// or wss:// URL");
+        if self.url.is_empty() {
+            return invalid("url", "must name at least one server");
+        }
+        if self.url.len() > MAX_SERVERS {
+            return invalid("url", "lists more than 16 servers");
+        }
+        for url in &self.url {
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) || !is_uri(url) {
+                return invalid("url", "must be a ws:// or wss:// URL");
+            }
         }
         if !(self.gateway.starts_with("ws://") || self.gateway.starts_with("wss://"))
             || !is_uri(&self.gateway)
@@ -300,7 +314,7 @@ impl ServerConfig {
             source,
         })?;
         Ok(ServerLink {
-            url: self.url.clone(),
+            urls: self.url.clone(),
             trust,
             host: berth_protocol::HostId::new(host_id.to_owned()).map_err(|_| {
                 ConfigError::Invalid {
@@ -315,6 +329,35 @@ impl ServerConfig {
     }
 }
 
+/// Most server URLs one `[server]` table may list.
+const MAX_SERVERS: usize = 16;
+
+/// `url = "ws://…"` or `url = ["ws://…", …]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(url)) => Ok(vec![url]),
+        Ok(OneOrMany::Many(urls)) => Ok(urls),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a ws:// URL or a list of them",
+        )),
+    }
+}
+
+/// The URLs of `--server-url`: one, or several separated by commas.
+fn split_urls(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn is_uri(s: &str) -> bool {
     s.parse::<tokio_tungstenite::tungstenite::http::Uri>()
         .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
@@ -324,8 +367,8 @@ fn is_uri(s: &str) -> bool {
 /// ([`ServerConfig::resolve`]).
 #[derive(Debug, Clone)]
 pub struct ServerLink {
-    /// `ws://…/v1/hosts` or `wss://…`.
-    pub url: String,
+    /// `ws://…/v1/hosts` (or `wss://…`) of each replica, tried in turn (never empty).
+    pub urls: Vec<String>,
     /// The roots a `wss://` server is checked against (`[server] ca` and Mozilla's).
     pub trust: Trust,
     pub host: berth_protocol::HostId,
@@ -366,6 +409,10 @@ pub struct HostdConfig {
     /// Leave docked substrates in place on a clean shutdown (a crash always leaves them).
     #[serde(default)]
     pub keep_substrates: bool,
+    /// On SIGTERM, how long hostd drains (no new sessions, live ones play to their end)
+    /// before it stops; 0 stops at once, ending live matches. A second signal stops at once.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_s: u64,
     #[serde(default)]
     pub images: Vec<ImageConfig>,
     #[serde(default)]
@@ -477,6 +524,9 @@ impl HostdConfig {
         if self.boot_timeout_s == 0 || self.ready_timeout_s == 0 || self.agent_silence_s == 0 {
             return invalid("timeouts".into(), "must be at least 1 second");
         }
+        if self.drain_timeout_s > 86_400 {
+            return invalid("drain_timeout_s".into(), "must be at most 86400 (a day)");
+        }
         let (gateway, control) = (self.gateway.listen, self.control);
         let same_ip = gateway.ip() == control.ip()
             || gateway.ip().is_unspecified()
@@ -551,15 +601,16 @@ impl HostdConfig {
         })
     }
 
-    /// Applies `--server-url` / `--server-token` (or their env vars) over the file: a URL
-    /// without a `[server]` table creates one with defaults; a token replaces `token` and
+    /// Applies `--server-url` / `--server-token` (or their env vars) over the file: a URL (or
+    /// several, comma-separated) without a `[server]` table creates one with defaults; a token
+    /// replaces `token` and
     /// `token_file`.
     pub fn apply_server_flags(
         &mut self,
         url: Option<String>,
         token: Option<String>,
     ) -> Result<(), ConfigError> {
-        if let Some(url) = url {
+        if let Some(url) = url.as_deref().map(split_urls) {
             match &mut self.server {
                 Some(s) => s.url = url,
                 None => {
@@ -593,6 +644,10 @@ impl HostdConfig {
             .as_ref()
             .map(|s| s.resolve(&self.host_id))
             .transpose()
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_s)
     }
 
     pub fn boot_timeout(&self) -> Duration {
@@ -731,6 +786,11 @@ mod tests {
         assert!(err("[server]\nurl = \"http://s/v1/hosts\"").contains("server.url"));
         assert!(err("[server]\nurl = \"ftp://s/v1/hosts\"").contains("server.url"));
         assert!(err("[server]\nurl = \"ws://\"").contains("server.url"));
+        assert!(err("[server]\nurl = []").contains("at least one"));
+        assert!(err("[server]\nurl = [\"ws://a/v1/hosts\", 7]").contains("a list of them"));
+        let two = "[server]\nurl = [\"ws://a/v1/hosts\", \"ws://b/v1/hosts\"]\ntoken = \"t\"";
+        let link = HostdConfig::parse(two).expect("valid").server_link();
+        assert_eq!(link.expect("ok").expect("server").urls.len(), 2);
         assert!(err(&server("gateway = \"tcp://g\"")).contains("server.gateway"));
         assert!(err(&server("reconnect_max_s = 0")).contains("server.reconnect_max_s"));
         assert!(err(&server("token = \"a b\"")).contains("server.token"));
@@ -837,12 +897,22 @@ mod tests {
         let s = c.server.expect("server");
         assert_eq!(
             (
-                s.url.as_str(),
+                s.url.join(","),
                 s.token.as_deref(),
                 s.token_file,
                 s.gateway.as_str()
             ),
-            ("ws://b:1/v1/hosts", Some("t.o.k"), None, "ws://g:2")
+            ("ws://b:1/v1/hosts".into(), Some("t.o.k"), None, "ws://g:2")
+        );
+        let mut c = HostdConfig::default();
+        c.apply_server_flags(Some("ws://a:1/v1/hosts, ws://b:1/v1/hosts".into()), None)
+            .expect("a list of replicas");
+        assert_eq!(
+            c.server.map(|s| s.url),
+            Some(vec![
+                "ws://a:1/v1/hosts".to_owned(),
+                "ws://b:1/v1/hosts".to_owned()
+            ])
         );
         let mut c = HostdConfig::default();
         let e = c

@@ -205,6 +205,8 @@ vocabulary!(open
         AtCapacity = "at_capacity",
         NotDocked = "not_docked",
         ActivationFailed = "activation_failed",
+        /// hostd is draining: no new sessions (`activate_failed`; the control API's 503).
+        Draining = "draining",
         // HTTP APIs (admin, control, dev tokens).
         BadRequest = "bad_request",
         BadId = "bad_id",
@@ -266,6 +268,8 @@ vocabulary!(open
         MaxWait = "max_wait",
         Away = "away",
         ModeRemoved = "mode_removed",
+        /// The store lost the ticket (a restart without persistence).
+        TicketLost = "ticket_lost",
     }
 );
 

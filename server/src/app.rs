@@ -30,6 +30,8 @@ pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// How often the sweeper enforces deadlines.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// How long a stopping replica waits for its sockets' close frames.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 pub fn app(ctx: Ctx) -> Router {
     Router::new()
@@ -102,6 +104,7 @@ impl Server {
             registry: Default::default(),
             matcher: matcher_tx,
             dashboard: Default::default(),
+            stopping: Default::default(),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = app(ctx.clone());
@@ -124,9 +127,24 @@ impl Server {
         })
     }
 
-    /// Closes every socket (players are told to reconnect), stops the tasks. State stays in
-    /// the store: with Redis, another replica carries on.
+    /// The first step of stopping: `/readyz` answers 503 `shutting_down` and new player and
+    /// host sockets are refused (503 `shutting_down`); live ones are served on until
+    /// [`Server::shutdown`].
+    pub fn begin_shutdown(&self) {
+        if !self
+            .ctx
+            .stopping
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::info!("stopping: not ready, refusing new sockets");
+        }
+    }
+
+    /// Closes every socket (players are told to reconnect, hosts fail over to another
+    /// replica), waits up to [`CLOSE_WAIT`] for their close frames, stops the tasks. State
+    /// stays in the store: with Redis, another replica carries on.
     pub async fn shutdown(mut self) {
+        self.begin_shutdown();
         // Dashboard feeds end with `bye` (the page reconnects by itself).
         self.ctx.dashboard.close("shutting_down");
         let players: Vec<_> = lock(&self.ctx.registry.players).values().cloned().collect();
@@ -140,8 +158,16 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        // Give the connection tasks a moment to send their close frames.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The connection tasks send their close frames and leave the registry.
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let open =
+                lock(&self.ctx.registry.players).len() + lock(&self.ctx.registry.hosts).len();
+            if open == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -171,6 +197,9 @@ async fn openapi() -> Response {
 }
 
 async fn readyz(State(ctx): State<Ctx>) -> Response {
+    if ctx.is_stopping() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting_down").into_response();
+    }
     match ctx.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(e) => (

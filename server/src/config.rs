@@ -188,6 +188,9 @@ pub struct Timeouts {
     pub ending_ms: u64,
     /// Session tickets are valid this long (a reconnecting player gets a fresh one).
     pub ticket_ttl_ms: u64,
+    /// On SIGTERM, how long the replica answers `/readyz` 503 (so that load balancers stop
+    /// sending it connections) before it closes its sockets and exits.
+    pub shutdown_delay_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -204,6 +207,7 @@ impl Default for Timeouts {
             activating_ms: 15_000,
             ending_ms: 10_000,
             ticket_ttl_ms: 60_000,
+            shutdown_delay_ms: 2_000,
         }
     }
 }

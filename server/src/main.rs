@@ -7,6 +7,7 @@ use berth_server::config::ServerConfig;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,7 +106,15 @@ async fn main() -> anyhow::Result<()> {
             let server = Server::start(config).await?;
             println!("berth-server listening on {}", server.addr);
             berth_net::shutdown_signal().await;
-            tracing::info!("shutting down");
+            let delay = Duration::from_millis(server.ctx.config.timeouts.shutdown_delay_ms);
+            tracing::info!(delay_ms = delay.as_millis() as u64, "shutting down");
+            server.begin_shutdown();
+            // Load balancers see `/readyz` fail and stop sending new connections; a second
+            // signal cuts the wait short.
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = berth_net::shutdown_signal() => {}
+            }
             server.shutdown().await;
         }
         Cmd::Token {

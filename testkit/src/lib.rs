@@ -8,6 +8,7 @@
 //!   ([`Sandbox`]), leak checks, a hostd link to a test server.
 //! - [`stack`]: a whole server + hostd in this process ([`Stack`]).
 //! - [`player`]: players on [`berth_client`] for tests of the server's sockets.
+//! - [`redis`]: a private `redis-server` a test may stop and restart.
 //! - [`game`]: raw clients of a game VM's port (the gateway's client is
 //!   [`berth_client::GameClient`], re-exported here as `GameWs`).
 //! - [`pages`]: the web pages' files, headers and links as a browser fetches them.
@@ -27,6 +28,7 @@ pub mod fixtures;
 pub mod game;
 pub mod pages;
 pub mod player;
+pub mod redis;
 pub mod stack;
 pub mod tls;
 pub mod vm;
