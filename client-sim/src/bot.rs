@@ -61,15 +61,6 @@ const FOREGROUND_TIMERS: [Timer; 4] = [
     Timer::Drop,
     Timer::Background,
 ];
-/// `session_ended` reasons that mean the match did not end as a game.
-const BAD_END_REASONS: [&str; 6] = [
-    "admin",
-    "deadline",
-    "vm_failed",
-    "vm_lost",
-    "host_lost",
-    "placement_failed",
-];
 
 /// Why a match attempt failed. [`Failure::code`] is the stable label in the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,7 +160,7 @@ fn label(s: &str) -> String {
 /// Whether a `session_ended` reason is a game's end (anything not known to be bad: the game
 /// may report its own reasons, and clients treat unknown ones like `game_over`).
 pub(crate) fn is_good_end(reason: &str) -> bool {
-    !BAD_END_REASONS.contains(&reason)
+    berth_protocol::EndReason::from(reason).is_the_games()
 }
 
 /// The winners the two sides named agree: true when the server's results carry no `winner`
@@ -1461,8 +1452,12 @@ mod tests {
         ] {
             assert!(is_good_end(r), "{r}");
         }
-        for r in BAD_END_REASONS {
-            assert!(!is_good_end(r), "{r}");
+        for r in berth_protocol::EndReason::KNOWN {
+            assert_eq!(
+                is_good_end(r.as_str()),
+                *r == berth_protocol::EndReason::GameOver,
+                "{r}"
+            );
         }
         let results = GameResults {
             winner: Some(1),

@@ -251,6 +251,12 @@ vocabulary!(open
 );
 
 impl EndReason {
+    /// Whether the game ended the session (`game_over` or a reason of its own), rather than
+    /// Berth (an operator, a deadline, a failure of the VM, the host or placement).
+    pub fn is_the_games(&self) -> bool {
+        matches!(self, EndReason::GameOver | EndReason::Other(_))
+    }
+
     /// A game's own reason: empty means it named none (`game_over`).
     pub fn from_game(reason: &str) -> Self {
         if reason.is_empty() {
