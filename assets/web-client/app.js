@@ -400,6 +400,7 @@
         max_wait: 'No match was found in time',
         away: 'You were away too long and left the queue',
         mode_removed: 'This mode is no longer offered',
+        ticket_lost: 'The server lost your place in the queue; please queue again',
       }[m.reason] || 'You left the queue';
       showError(m.reason, why);
     }

@@ -37,7 +37,7 @@ const DEADLINE_SLACK: Duration = Duration::from_secs(15);
 /// Attempts at (re)opening the game socket within one match before giving up.
 const MAX_GAME_ATTEMPTS: u32 = 6;
 /// Attempts at (re)opening `/v1/play` in a row before giving up.
-const MAX_PLAY_ATTEMPTS: u32 = 5;
+const MAX_PLAY_ATTEMPTS: u32 = 8;
 /// How long a Reflex match lasts, about (for placing faults within it).
 const REFLEX_MATCH: Duration = Duration::from_secs(12);
 /// How long `in_session` and other transient queue refusals are retried.
@@ -60,15 +60,6 @@ const FOREGROUND_TIMERS: [Timer; 4] = [
     Timer::GameConnect,
     Timer::Drop,
     Timer::Background,
-];
-/// `session_ended` reasons that mean the match did not end as a game.
-const BAD_END_REASONS: [&str; 6] = [
-    "admin",
-    "deadline",
-    "vm_failed",
-    "vm_lost",
-    "host_lost",
-    "placement_failed",
 ];
 
 /// Why a match attempt failed. [`Failure::code`] is the stable label in the report.
@@ -135,12 +126,14 @@ impl Failure {
         }
     }
 
-    /// Failures after which this bot stops: retrying would fail the same way.
+    /// Failures after which this bot stops: retrying would fail the same way. A replica that
+    /// cannot be reached (or is stopping) is not one: the next attempt goes to another.
     fn is_fatal(&self) -> bool {
-        matches!(
-            self,
-            Failure::DevToken(_) | Failure::HelloRefused(_) | Failure::Replaced
-        )
+        match self {
+            Failure::DevToken(c) => c != "unreachable" && !c.starts_with("http_5"),
+            Failure::HelloRefused(_) | Failure::Replaced => true,
+            _ => false,
+        }
     }
 }
 
@@ -167,7 +160,7 @@ fn label(s: &str) -> String {
 /// Whether a `session_ended` reason is a game's end (anything not known to be bad: the game
 /// may report its own reasons, and clients treat unknown ones like `game_over`).
 pub(crate) fn is_good_end(reason: &str) -> bool {
-    !BAD_END_REASONS.contains(&reason)
+    berth_protocol::EndReason::from(reason).is_the_games()
 }
 
 /// The winners the two sides named agree: true when the server's results carry no `winner`
@@ -180,8 +173,11 @@ pub(crate) fn winners_agree(game: &GameResults, server: &serde_json::Value) -> O
 /// What every bot of a run shares.
 pub(crate) struct Shared {
     pub config: SwarmConfig,
-    pub play_url: String,
-    pub token_url: String,
+    /// Each replica's `/v1/play` and `/v1/dev/token` (same order, never empty).
+    pub play_urls: Vec<String>,
+    pub token_urls: Vec<String>,
+    /// What the bots' sockets trust over `wss://` (the server's and the gateways').
+    pub trust: berth_client::Trust,
     pub http: reqwest::Client,
     pub progress: Progress,
     /// Cloned into every socket's writer task; the run waits until all are dropped.
@@ -294,6 +290,8 @@ pub(crate) struct Bot {
     in_match: bool,
     tally: Tally,
     links_opened: u64,
+    /// The replica this bot talks to; the next one after it proved unreachable.
+    replica: usize,
 }
 
 /// Runs one bot to its end (bounded by the run's hard end) and returns what it counted.
@@ -311,7 +309,10 @@ pub(crate) async fn run_bot(shared: Arc<Shared>, plan: BotPlan) -> Tally {
         in_match: false,
         tally: Tally::default(),
         links_opened: 0,
+        replica: 0,
     };
+    // Players spread over the replicas.
+    bot.replica = (bot.plan.seed % bot.shared.play_urls.len().max(1) as u64) as usize;
     if tokio::time::timeout_at(hard_end, bot.run()).await.is_err() && bot.in_match {
         bot.outcome(Outcome::Failed(Failure::DrainTimeout));
     }
@@ -422,11 +423,14 @@ impl Bot {
         let resp = self
             .shared
             .http
-            .post(&self.shared.token_url)
+            .post(&self.shared.token_urls[self.replica])
             .json(&serde_json::json!({ "player": self.plan.name }))
             .send()
             .await
-            .map_err(|_| Failure::DevToken("unreachable".into()))?;
+            .map_err(|_| {
+                self.fail_over();
+                Failure::DevToken("unreachable".into())
+            })?;
         let status = resp.status();
         let body: serde_json::Value = resp
             .json()
@@ -452,6 +456,7 @@ impl Bot {
             faults: Some(self.slow.clone()),
             seed,
             alive: Some(self.shared.alive.clone()),
+            trust: self.shared.trust.clone(),
             ..ConnectOptions::default()
         }
     }
@@ -465,7 +470,7 @@ impl Bot {
     async fn connect_play(&mut self) -> Result<(), Failure> {
         let token = self.dev_token().await?;
         let seed = self.seed();
-        let mut config = PlayConfig::new(self.shared.play_url.clone(), token);
+        let mut config = PlayConfig::new(self.shared.play_urls[self.replica].clone(), token);
         config.socket = self.socket_options(seed);
         let link = PlayClient::connect(config).await.map_err(|e| match e {
             berth_client::ClientError::Refused { code, .. } => {
@@ -480,7 +485,11 @@ impl Bot {
             }
             berth_client::ClientError::Connect(_) => Failure::PlayUnreachable("refused".into()),
             _ => Failure::PlayUnreachable("no_welcome".into()),
-        })?;
+        });
+        if let Err(Failure::PlayUnreachable(_)) = &link {
+            self.fail_over();
+        }
+        let link = link?;
         let ping_ms = link
             .welcome
             .as_ref()
@@ -493,6 +502,15 @@ impl Bot {
             nonce: 0,
         });
         Ok(())
+    }
+
+    /// The next connection goes to the next replica (if there are several).
+    fn fail_over(&mut self) {
+        let n = self.shared.play_urls.len().max(1);
+        if n > 1 {
+            self.replica = (self.replica + 1) % n;
+            tracing::debug!(player = %self.plan.name, replica = self.replica, "failing over");
+        }
     }
 
     /// Makes sure `/v1/play` is open, retrying with backoff.
@@ -1434,8 +1452,12 @@ mod tests {
         ] {
             assert!(is_good_end(r), "{r}");
         }
-        for r in BAD_END_REASONS {
-            assert!(!is_good_end(r), "{r}");
+        for r in berth_protocol::EndReason::KNOWN {
+            assert_eq!(
+                is_good_end(r.as_str()),
+                *r == berth_protocol::EndReason::GameOver,
+                "{r}"
+            );
         }
         let results = GameResults {
             winner: Some(1),

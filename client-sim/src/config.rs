@@ -3,6 +3,7 @@
 //! single socket opens, naming the field at fault.
 
 use serde::Serialize;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Why a [`SwarmConfig`] cannot run.
@@ -10,6 +11,8 @@ use std::time::Duration;
 pub enum ConfigError {
     #[error("server: {0}")]
     Server(String),
+    #[error("ca: {0}")]
+    Ca(String),
     #[error("players: {0}")]
     Players(String),
     #[error("duration: {0}")]
@@ -184,9 +187,14 @@ impl Default for Faults {
 /// matters; [`crate::run`] validates it first.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SwarmConfig {
-    /// The matchmaking server's base URL (`http://HOST:PORT`); `/v1/play` and `/v1/dev/token`
-    /// are under it. `ws://` works too; `https`/`wss` do not (no TLS is built in).
+    /// The matchmaking server's base URL (`http://HOST:PORT`, or `https://` for a server that
+    /// terminates TLS); `/v1/play` and `/v1/dev/token` are under it. `ws://` and `wss://` work
+    /// too. Several replicas, comma-separated: each player starts on one and fails over to the
+    /// next.
     pub server: String,
+    /// A CA certificate (PEM) trusted besides Mozilla's roots, for a server and gateways with
+    /// certificates of a private CA.
+    pub ca: Option<PathBuf>,
     pub arrivals: Arrivals,
     /// No player arrives or starts a match after this; players queued at that moment cancel.
     #[serde(with = "as_ms")]
@@ -220,6 +228,7 @@ impl Default for SwarmConfig {
     fn default() -> Self {
         Self {
             server: "http://127.0.0.1:7080".into(),
+            ca: None,
             arrivals: Arrivals::Fixed {
                 players: 2,
                 ramp: Duration::ZERO,
@@ -249,7 +258,8 @@ pub const MAX_PREFIX_LEN: usize = 48;
 impl SwarmConfig {
     /// Checks every field; the error names the first one at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.play_url()?;
+        self.play_urls()?;
+        self.trust()?;
         match &self.arrivals {
             Arrivals::Fixed { players: 0, .. } => {
                 return Err(ConfigError::Players("at least one player is needed".into()))
@@ -329,30 +339,58 @@ impl SwarmConfig {
         Ok(())
     }
 
-    /// `ws://HOST:PORT/v1/play` from `server`.
-    pub fn play_url(&self) -> Result<String, ConfigError> {
-        Ok(format!("{}/v1/play", self.base("ws")?))
+    /// `ws://HOST:PORT/v1/play` (`wss://` for TLS) of each replica in `server`.
+    pub fn play_urls(&self) -> Result<Vec<String>, ConfigError> {
+        self.bases(("ws", "wss"), "/v1/play")
     }
 
-    /// `http://HOST:PORT/v1/dev/token` from `server`.
-    pub fn token_url(&self) -> Result<String, ConfigError> {
-        Ok(format!("{}/v1/dev/token", self.base("http")?))
+    /// `http://HOST:PORT/v1/dev/token` (`https://` for TLS) of each replica in `server`.
+    pub fn token_urls(&self) -> Result<Vec<String>, ConfigError> {
+        self.bases(("http", "https"), "/v1/dev/token")
     }
 
-    /// `scheme://host[:port]` of `server`, which must be an `http` or `ws` URL with a host and
-    /// no path beyond `/`.
-    fn base(&self, scheme: &str) -> Result<String, ConfigError> {
-        let bad = |why: &str| ConfigError::Server(format!("{:?}: {why}", self.server));
-        let url = reqwest::Url::parse(&self.server).map_err(|e| bad(&e.to_string()))?;
-        match url.scheme() {
-            "http" | "ws" => {}
-            "https" | "wss" => {
-                return Err(bad(
-                    "TLS is not built in: point berth-sim at the server's plain http address",
-                ))
-            }
-            other => return Err(bad(&format!("scheme {other:?} is not http:// or ws://"))),
+    /// `scheme://host[:port]` + `path` of each comma-separated URL of `server`; the scheme is
+    /// `schemes.0`, or `schemes.1` for a TLS server.
+    fn bases(&self, schemes: (&str, &str), path: &str) -> Result<Vec<String>, ConfigError> {
+        let servers: Vec<&str> = self
+            .server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err(ConfigError::Server("no server URL given".into()));
         }
+        servers
+            .into_iter()
+            .map(|s| Ok(format!("{}{path}", base(s, schemes)?)))
+            .collect()
+    }
+
+    /// What the bots trust over TLS: Mozilla's roots, and `ca` when given.
+    pub fn trust(&self) -> Result<berth_client::Trust, ConfigError> {
+        berth_client::Trust::from_ca(self.ca.as_deref()).map_err(|e| {
+            let cause = std::error::Error::source(&e).map(|s| format!(": {s}"));
+            ConfigError::Ca(format!("{e}{}", cause.unwrap_or_default()))
+        })
+    }
+}
+
+/// `scheme://host[:port]` of `server`, which must be an `http`, `https`, `ws` or `wss` URL with
+/// a host and no path beyond `/`; the scheme is `schemes.0`, or `schemes.1` for a TLS server.
+fn base(server: &str, (plain, tls): (&str, &str)) -> Result<String, ConfigError> {
+    {
+        let bad = |why: &str| ConfigError::Server(format!("{server:?}: {why}"));
+        let url = reqwest::Url::parse(server).map_err(|e| bad(&e.to_string()))?;
+        let scheme = match url.scheme() {
+            "http" | "ws" => plain,
+            "https" | "wss" => tls,
+            other => {
+                return Err(bad(&format!(
+                    "scheme {other:?} is not http://, https://, ws:// or wss://"
+                )))
+            }
+        };
         let host = url.host_str().ok_or_else(|| bad("no host"))?;
         if !matches!(url.path(), "" | "/") || url.query().is_some() {
             return Err(bad(
@@ -369,7 +407,9 @@ impl SwarmConfig {
             None => format!("{scheme}://{host}"),
         })
     }
+}
 
+impl SwarmConfig {
     /// The mean party size, by weight.
     pub(crate) fn mean_party_size(&self) -> f64 {
         let total: f64 = self.parties.iter().map(|w| w.weight).sum();
@@ -533,16 +573,29 @@ mod tests {
     fn the_default_is_valid_and_urls_derive_from_the_base() {
         let c = SwarmConfig::default();
         c.validate().expect("default is valid");
-        assert_eq!(c.play_url().expect("url"), "ws://127.0.0.1:7080/v1/play");
+        assert_eq!(c.play_urls().expect("url"), ["ws://127.0.0.1:7080/v1/play"]);
         assert_eq!(
-            c.token_url().expect("url"),
-            "http://127.0.0.1:7080/v1/dev/token"
+            c.token_urls().expect("url"),
+            ["http://127.0.0.1:7080/v1/dev/token"]
         );
         let c = SwarmConfig {
-            server: "ws://[::1]:9000/".into(),
+            server: "ws://[::1]:9000/, http://10.0.0.2:7080".into(),
             ..SwarmConfig::default()
         };
-        assert_eq!(c.play_url().expect("url"), "ws://[::1]:9000/v1/play");
+        assert_eq!(
+            c.play_urls().expect("urls"),
+            ["ws://[::1]:9000/v1/play", "ws://10.0.0.2:7080/v1/play"]
+        );
+        let c = SwarmConfig {
+            server: "https://berth.example:7443".into(),
+            ..SwarmConfig::default()
+        };
+        assert_eq!(
+            c.play_urls().expect("url"),
+            ["wss://berth.example:7443/v1/play"]
+        );
+        let token = c.token_urls().expect("url");
+        assert_eq!(token, ["https://berth.example:7443/v1/dev/token"]);
     }
 
     #[test]
@@ -557,8 +610,20 @@ mod tests {
             ConfigError::Server(_)
         ));
         assert!(matches!(
-            bad(&|c| c.server = "https://example.test".into()),
+            bad(&|c| c.server = " , ".into()),
             ConfigError::Server(_)
+        ));
+        assert!(matches!(
+            bad(&|c| c.server = "http://a:1,nope".into()),
+            ConfigError::Server(_)
+        ));
+        assert!(matches!(
+            bad(&|c| c.server = "ftp://example.test".into()),
+            ConfigError::Server(_)
+        ));
+        assert!(matches!(
+            bad(&|c| c.ca = Some("/nonexistent/ca.pem".into())),
+            ConfigError::Ca(e) if e.contains("/nonexistent/ca.pem")
         ));
         assert!(matches!(
             bad(&|c| c.server = "http://127.0.0.1:7080/v1/play".into()),

@@ -13,13 +13,18 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(name = "berth-sim", version)]
 struct Args {
-    /// The matchmaking server's base URL.
+    /// The matchmaking server's base URL, or several replicas' comma-separated (each player
+    /// starts on one and fails over to the next).
     #[arg(
         long,
         env = "BERTH_SIM_SERVER",
         default_value = "http://127.0.0.1:7080"
     )]
     server: String,
+    /// A CA certificate (PEM) to trust besides Mozilla's roots, for an https:// server (and
+    /// wss:// gateways) with certificates of a private CA.
+    #[arg(long, env = "BERTH_SIM_CA")]
+    ca: Option<PathBuf>,
     /// A fixed number of players (the default is 2 when --rate is not given).
     #[arg(long, conflicts_with = "rate")]
     players: Option<u32>,
@@ -136,6 +141,7 @@ fn config(a: &Args) -> Result<SwarmConfig, String> {
     }
     Ok(SwarmConfig {
         server: a.server.clone(),
+        ca: a.ca.clone(),
         arrivals,
         duration: a.duration,
         drain: a.drain,

@@ -68,6 +68,25 @@ async fn with_no_host_every_bot_fails_as_placement_failed() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn players_fail_over_from_a_dead_replica_to_a_live_one() -> Result<()> {
+    let server = common::server(true, 500).await?;
+    // Half the players start on a replica that is gone (nothing listens on port 1).
+    let mut config = swarm(&server, 4);
+    config.server = format!("http://127.0.0.1:1,http://{}", server.addr);
+    let report = berth_sim::run(config, None).await?;
+    // Every one of them reached the live replica and was matched there (no host: the match
+    // then fails placement), none was lost to the dead one.
+    assert_eq!(
+        report.failures.get("placement_failed"),
+        Some(&4),
+        "{:?}",
+        report.failures
+    );
+    server.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_refusals_are_counted_by_code() -> Result<()> {
     let server = common::server(false, 500).await?;
     let report = berth_sim::run(swarm(&server, 2), None).await?;

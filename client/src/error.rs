@@ -14,6 +14,10 @@ pub enum ClientError {
     Http { status: u16, body: String },
     #[error("connecting failed")]
     Connect(#[source] tokio_tungstenite::tungstenite::Error),
+    /// The TLS handshake failed: the server's certificate is not trusted (see
+    /// [`Trust`](crate::tls::Trust)), names another host, or expired.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error("the socket is gone")]
     Gone,
     #[error("closed by the peer ({closed:?})", closed = .0)]
@@ -29,11 +33,14 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Retrying the same thing cannot help: the token was refused, or the server answered the
-    /// upgrade with a client error (4xx).
+    /// Retrying the same thing cannot help: the token was refused, the server's certificate is
+    /// not trusted, or the server answered the upgrade with a client error (4xx).
     pub fn is_final(&self) -> bool {
         match self {
-            ClientError::Refused { .. } | ClientError::NoConfig | ClientError::BadUrl(_) => true,
+            ClientError::Refused { .. }
+            | ClientError::NoConfig
+            | ClientError::BadUrl(_)
+            | ClientError::Tls(_) => true,
             ClientError::Http { status, .. } => (400..500).contains(status),
             _ => false,
         }
@@ -46,6 +53,7 @@ impl ClientError {
             ClientError::Timeout(_) => "timeout".into(),
             ClientError::Http { status, .. } => format!("http_{status}"),
             ClientError::Connect(_) => "refused".into(),
+            ClientError::Tls(_) => "tls".into(),
             ClientError::Gone => "gone".into(),
             ClientError::Closed(_) => "closed".into(),
             ClientError::Refused { code, .. } => code.to_string(),

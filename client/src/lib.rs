@@ -8,6 +8,7 @@
 //!   game's requests and answers, rejoin by joining again).
 //! - [`socket`]: the one websocket under both, with optional faults (a delay per message,
 //!   a kill with no handshake) for simulated phones.
+//! - [`tls`]: which servers a client trusts over `wss://` (Mozilla's roots, plus a private CA).
 //! - [`probe`]: hostile clients for tests and chaos runs (a flood that does not read, a frame
 //!   that is not UTF-8, a connection that says nothing) and how the server ended them.
 //!
@@ -41,9 +42,11 @@ pub mod game;
 pub mod play;
 pub mod probe;
 pub mod socket;
+pub mod tls;
 
 pub use backoff::Backoff;
 pub use error::ClientError;
 pub use game::{GameClient, Heard};
 pub use play::{PlayClient, PlayConfig, Welcome};
 pub use socket::{Closed, ConnectOptions, Faults, Incoming, Socket};
+pub use tls::{Trust, TrustError};

@@ -9,6 +9,7 @@
 //! [`ConnectOptions::alive`] is given, the writer task holds a clone of that sender until the
 //! socket is gone, so a caller can wait until every socket it opened has closed.
 
+use crate::tls::{handshake_error, Trust};
 use crate::ClientError;
 use futures_util::{SinkExt, StreamExt};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +44,8 @@ pub struct ConnectOptions {
     pub alive: Option<mpsc::Sender<()>>,
     /// Small read and write buffers, for a process that holds thousands of idle sockets.
     pub small_buffers: bool,
+    /// The roots a `wss://` server's certificate is checked against (Mozilla's by default).
+    pub trust: Trust,
 }
 
 impl Default for ConnectOptions {
@@ -54,6 +57,7 @@ impl Default for ConnectOptions {
             seed: 0,
             alive: None,
             small_buffers: false,
+            trust: Trust::roots(),
         }
     }
 }
@@ -232,8 +236,9 @@ impl Socket {
 pub(crate) type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Opens the websocket itself: the bearer header, the buffers, the connect timeout, and an
-/// upgrade refused with an HTTP status told apart.
+/// Opens the websocket itself (`ws://`, or `wss://` checked against `options.trust`): the
+/// bearer header, the buffers, the connect timeout, and an upgrade refused with an HTTP status
+/// or a failed TLS handshake told apart.
 pub(crate) async fn open(url: &str, options: &ConnectOptions) -> Result<WsStream, ClientError> {
     let mut request = url
         .into_client_request()
@@ -249,7 +254,9 @@ pub(crate) async fn open(url: &str, options: &ConnectOptions) -> Result<WsStream
             .read_buffer_size(4096)
             .write_buffer_size(0)
     });
-    let connecting = tokio_tungstenite::connect_async_with_config(request, config, true);
+    let connector = Some(options.trust.connector());
+    let connecting =
+        tokio_tungstenite::connect_async_tls_with_config(request, config, true, connector);
     match tokio::time::timeout(options.timeout, connecting).await {
         Err(_) => Err(ClientError::Timeout(options.timeout)),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
@@ -261,7 +268,10 @@ pub(crate) async fn open(url: &str, options: &ConnectOptions) -> Result<WsStream
                 .unwrap_or_default();
             Err(ClientError::Http { status, body })
         }
-        Ok(Err(e)) => Err(ClientError::Connect(e)),
+        Ok(Err(e)) => Err(match handshake_error(&e) {
+            Some(reason) => ClientError::Tls(reason),
+            None => ClientError::Connect(e),
+        }),
         Ok(Ok((ws, _))) => Ok(ws),
     }
 }

@@ -12,6 +12,7 @@ use crate::{accel, control, image, link};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -64,13 +65,16 @@ pub async fn run(
     config: HostdConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // Before anything boots: a bad `[server]` table or an unreadable token fails start-up.
+    // Before anything boots: a bad `[server]` table, an unreadable token or CA, or unusable
+    // gateway certificate files fail start-up.
     let server = config.server_link()?;
+    config.gateway_tls()?;
     let driver = driver_for(&config).await?;
+    let drain = config.drain_timeout();
     let mut hostd = Hostd::start_with(config, driver, server).await?;
     tokio::select! {
         () = hostd.control_ended() => {}
-        () = shutdown => {}
+        () = shutdown => hostd.drain(drain, berth_net::shutdown_signal()).await,
     }
     hostd.shutdown().await
 }
@@ -125,14 +129,16 @@ impl Hostd {
                 source,
             })?;
         let gateway_config = config.gateway.clone();
+        let gateway_tls = config.gateway_tls()?;
         let pool = Pool::start(config, driver).await?;
-        let gateway = match gateway::serve(pool.clone(), gateway_listener, &gateway_config) {
-            Ok(gateway) => gateway,
-            Err(e) => {
-                pool.shutdown().await;
-                return Err(e.into());
-            }
-        };
+        let gateway =
+            match gateway::serve(pool.clone(), gateway_listener, &gateway_config, gateway_tls) {
+                Ok(gateway) => gateway,
+                Err(e) => {
+                    pool.shutdown().await;
+                    return Err(e.into());
+                }
+            };
         let (stop, _) = watch::channel(false);
         let router = control::router(pool.clone(), Some(gateway.meter()));
         let serve = axum::serve(control_listener, router)
@@ -158,7 +164,7 @@ impl Hostd {
     /// the gateway is bound.
     pub fn connect(&mut self, server: ServerLink) {
         if self.link.is_some() {
-            tracing::warn!(url = %server.url, "hostd is linked already; ignoring another link");
+            tracing::warn!(urls = ?server.urls, "hostd is linked already; ignoring another link");
             return;
         }
         let run = link::run(self.pool.clone(), server, stopped(self.stop.subscribe()));
@@ -185,6 +191,37 @@ impl Hostd {
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         self.control = None;
         self.served = Some(served);
+    }
+
+    /// Drains: no new sessions (the server is told at once), and waits until every live VM
+    /// is gone (its game ended, its report sent) or `timeout` passed or `stop_now` resolved.
+    pub async fn drain(&self, timeout: Duration, stop_now: impl std::future::Future<Output = ()>) {
+        let live = self.pool.status().vms.len();
+        if live == 0 || timeout.is_zero() {
+            return;
+        }
+        tracing::info!(
+            live,
+            timeout_s = timeout.as_secs(),
+            "draining before stopping (signal again to stop now)"
+        );
+        self.pool.drain();
+        let mut events = self.pool.subscribe();
+        let done = async {
+            while !self.pool.status().vms.is_empty() {
+                // Any pool event may be the last VM going; a lagged receiver just looks again.
+                let _ = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+            }
+        };
+        tokio::select! {
+            () = done => tracing::info!("drained: every live session ended"),
+            () = tokio::time::sleep(timeout) => {
+                let left = self.pool.status().vms.len();
+                tracing::warn!(left, "drain timed out: stopping with sessions still live");
+            }
+            () = stop_now => tracing::warn!("signalled again: stopping now"),
+        }
+        // The last reports reach the server before the link closes (see `link`).
     }
 
     /// Stops in order: the control API and the link (no new sessions), then the players'
@@ -240,11 +277,12 @@ mod tests {
             .expect("starts");
         let gateway = format!("ws://{}/v1/game", hostd.gateway().addr);
         let link = ServerLink {
-            url: server.url.clone(),
+            urls: vec![server.url.clone()],
             host: HostId::new("h1").expect("valid"),
             token: Token::Inline("tok.en.1".into()),
             gateway: gateway.clone(),
             reconnect_max: Duration::from_secs(1),
+            trust: Default::default(),
         };
         hostd.connect(link.clone());
         hostd.connect(link);

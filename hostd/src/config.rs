@@ -6,6 +6,7 @@
 //! control = "127.0.0.1:7070"     # operator HTTP surface (loopback only by default)
 //! accel = "auto"                 # auto | tcg | kvm
 //! max_vms = 64
+//! drain_timeout_s = 900          # SIGTERM: no new sessions, live ones finish (0: stop at once)
 //!
 //! [[images]]
 //! name = "arena"
@@ -22,14 +23,21 @@
 //! header_read_timeout_ms = 10000 # a connection's upgrade request must come within this
 //! max_connections = 4096         # open connections at most; more are answered 503
 //!
+//! [gateway.tls]                  # optional: players connect over wss://
+//! cert = "gateway.pem"           # certificate chain (PEM), relative to this file
+//! key = "gateway.key"            # its private key (PEM)
+//!
 //! [server]                       # optional: without it hostd runs standalone
-//! url = "ws://127.0.0.1:7080/v1/hosts"
+//! url = "wss://berth.example:7080/v1/hosts"   # ws:// or wss://; or a list of replicas' URLs
+//! ca = "ca.pem"                  # optional: a private CA to trust besides Mozilla's roots
 //! token_file = "host-1.jwt"      # or `token = "…"`: this host's JWT (role `host`)
-//! gateway = "ws://203.0.113.7:7071/v1/game"   # the gateway's URL as players reach it
+//! gateway = "wss://203.0.113.7:7071/v1/game"  # the gateway's URL as players reach it
 //! reconnect_max_s = 10
 //! ```
 
 use crate::token::{is_token, Token};
+use berth_client::{Trust, TrustError};
+use berth_net::tls::{Acceptor, TlsError, TlsFiles};
 use berth_protocol::guest::MAX_LINE;
 use berth_protocol::ids::ID_RULE;
 use serde::{Deserialize, Serialize};
@@ -83,6 +91,9 @@ fn default_ready_timeout() -> u64 {
 }
 fn default_silence() -> u64 {
     15
+}
+fn default_drain_timeout() -> u64 {
+    900
 }
 fn default_memory() -> u32 {
     128
@@ -175,6 +186,10 @@ pub struct GatewayConfig {
     /// `too_many_connections` before their request is read.
     #[serde(default = "default_gateway_connections")]
     pub max_connections: usize,
+    /// `[gateway.tls]`: serve `wss://` with this certificate and key (relative to the config
+    /// file); without it the gateway speaks plain `ws://`.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for GatewayConfig {
@@ -190,6 +205,7 @@ impl GatewayConfig {
             listen,
             header_read_timeout_ms: default_header_read_timeout_ms(),
             max_connections: default_gateway_connections(),
+            tls: None,
         }
     }
 }
@@ -201,8 +217,15 @@ fn default_reconnect_max() -> u64 {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// The server's host websocket, `ws://host:port/v1/hosts`.
-    pub url: String,
+    /// The server's host websocket, `ws://host:port/v1/hosts` or `wss://…`: one URL, or a list
+    /// of the replicas' (TOML `url = ["wss://a/v1/hosts", "wss://b/v1/hosts"]`); the link tries
+    /// them in turn when one fails (see [`crate::link`]).
+    #[serde(deserialize_with = "one_or_many")]
+    pub url: Vec<String>,
+    /// A CA certificate file (PEM, relative to the config file) trusted for `wss://` besides
+    /// Mozilla's roots: a deployment's private CA.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     /// This host's credential (a JWT), sent as `Authorization: Bearer <token>`.
     #[serde(default)]
     pub token: Option<String>,
@@ -222,6 +245,7 @@ impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
             .field("url", &self.url)
+            .field("ca", &self.ca)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("gateway", &self.gateway)
@@ -238,9 +262,16 @@ impl ServerConfig {
                 message: message.into(),
             })
         };
-        if !self.url.starts_with("ws://") || !is_uri(&self.url) {
-            // No TLS support is built in: put a TLS-terminating proxy on loopback for `wss://`.
-            return invalid("url", "must be a ws:// URL (wss:// is not supported)");
+        if self.url.is_empty() {
+            return invalid("url", "must name at least one server");
+        }
+        if self.url.len() > MAX_SERVERS {
+            return invalid("url", "lists more than 16 servers");
+        }
+        for url in &self.url {
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) || !is_uri(url) {
+                return invalid("url", "must be a ws:// or wss:// URL");
+            }
         }
         if !(self.gateway.starts_with("ws://") || self.gateway.starts_with("wss://"))
             || !is_uri(&self.gateway)
@@ -282,8 +313,13 @@ impl ServerConfig {
                 })
             }
         };
+        let trust = Trust::from_ca(self.ca.as_deref()).map_err(|source| ConfigError::Trust {
+            key: "server.ca".into(),
+            source,
+        })?;
         Ok(ServerLink {
-            url: self.url.clone(),
+            urls: self.url.clone(),
+            trust,
             host: berth_protocol::HostId::new(host_id.to_owned()).map_err(|_| {
                 ConfigError::Invalid {
                     key: "host_id".into(),
@@ -297,6 +333,35 @@ impl ServerConfig {
     }
 }
 
+/// Most server URLs one `[server]` table may list.
+const MAX_SERVERS: usize = 16;
+
+/// `url = "ws://…"` or `url = ["ws://…", …]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(url)) => Ok(vec![url]),
+        Ok(OneOrMany::Many(urls)) => Ok(urls),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a ws:// URL or a list of them",
+        )),
+    }
+}
+
+/// The URLs of `--server-url`: one, or several separated by commas.
+fn split_urls(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn is_uri(s: &str) -> bool {
     s.parse::<tokio_tungstenite::tungstenite::http::Uri>()
         .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
@@ -306,8 +371,10 @@ fn is_uri(s: &str) -> bool {
 /// ([`ServerConfig::resolve`]).
 #[derive(Debug, Clone)]
 pub struct ServerLink {
-    /// `ws://…/v1/hosts`.
-    pub url: String,
+    /// `ws://…/v1/hosts` (or `wss://…`) of each replica, tried in turn (never empty).
+    pub urls: Vec<String>,
+    /// The roots a `wss://` server is checked against (`[server] ca` and Mozilla's).
+    pub trust: Trust,
     pub host: berth_protocol::HostId,
     pub token: Token,
     /// Where players reach this host's gateway, advertised in `register`.
@@ -346,6 +413,10 @@ pub struct HostdConfig {
     /// Leave docked substrates in place on a clean shutdown (a crash always leaves them).
     #[serde(default)]
     pub keep_substrates: bool,
+    /// On SIGTERM, how long hostd drains (no new sessions, live ones play to their end)
+    /// before it stops; 0 stops at once, ending live matches. A second signal stops at once.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_s: u64,
     #[serde(default)]
     pub images: Vec<ImageConfig>,
     #[serde(default)]
@@ -367,6 +438,18 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config: {key}: {message}")]
     Invalid { key: String, message: String },
+    #[error("config: {key}")]
+    Tls {
+        key: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("config: {key}")]
+    Trust {
+        key: String,
+        #[source]
+        source: TrustError,
+    },
 }
 
 impl Default for HostdConfig {
@@ -402,10 +485,17 @@ impl HostdConfig {
                 *m = base.join(&*m);
             }
         }
-        if let Some(file) = config.server.as_mut().and_then(|s| s.token_file.as_mut()) {
+        let server = config.server.as_mut();
+        let files = server
+            .into_iter()
+            .flat_map(|s| [&mut s.token_file, &mut s.ca]);
+        for file in files.flatten() {
             if file.is_relative() {
                 *file = base.join(&*file);
             }
+        }
+        if let Some(tls) = &mut config.gateway.tls {
+            tls.relative_to(base);
         }
         Ok(config)
     }
@@ -437,6 +527,9 @@ impl HostdConfig {
         }
         if self.boot_timeout_s == 0 || self.ready_timeout_s == 0 || self.agent_silence_s == 0 {
             return invalid("timeouts".into(), "must be at least 1 second");
+        }
+        if self.drain_timeout_s > 86_400 {
+            return invalid("drain_timeout_s".into(), "must be at most 86400 (a day)");
         }
         let (gateway, control) = (self.gateway.listen, self.control);
         let same_ip = gateway.ip() == control.ip()
@@ -490,24 +583,44 @@ impl HostdConfig {
         }
         if let Some(server) = &self.server {
             server.validate()?;
+            if self.gateway.tls.is_some() && !server.gateway.starts_with("wss://") {
+                return invalid(
+                    "server.gateway".into(),
+                    "must be a wss:// URL when [gateway.tls] is set",
+                );
+            }
         }
         Ok(())
     }
 
-    /// Applies `--server-url` / `--server-token` (or their env vars) over the file: a URL
-    /// without a `[server]` table creates one with defaults; a token replaces `token` and
+    /// The gateway's TLS, read from the `[gateway.tls]` files (`None`: plain `ws://`). A file
+    /// that cannot be read or used fails start-up naming `gateway.tls.cert` or `.key`.
+    pub fn gateway_tls(&self) -> Result<Option<Acceptor>, ConfigError> {
+        let Some(files) = &self.gateway.tls else {
+            return Ok(None);
+        };
+        files.load().map(Some).map_err(|source| ConfigError::Tls {
+            key: format!("gateway.tls.{}", source.field()),
+            source,
+        })
+    }
+
+    /// Applies `--server-url` / `--server-token` (or their env vars) over the file: a URL (or
+    /// several, comma-separated) without a `[server]` table creates one with defaults; a token
+    /// replaces `token` and
     /// `token_file`.
     pub fn apply_server_flags(
         &mut self,
         url: Option<String>,
         token: Option<String>,
     ) -> Result<(), ConfigError> {
-        if let Some(url) = url {
+        if let Some(url) = url.as_deref().map(split_urls) {
             match &mut self.server {
                 Some(s) => s.url = url,
                 None => {
                     self.server = Some(ServerConfig {
                         url,
+                        ca: None,
                         token: None,
                         token_file: None,
                         gateway: default_gateway(),
@@ -537,6 +650,10 @@ impl HostdConfig {
             .transpose()
     }
 
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_s)
+    }
+
     pub fn boot_timeout(&self) -> Duration {
         Duration::from_secs(self.boot_timeout_s)
     }
@@ -554,6 +671,7 @@ impl HostdConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::chain;
 
     #[test]
     fn defaults_are_valid() {
@@ -670,8 +788,13 @@ mod tests {
         assert!(err("[server]\ngateway = \"ws://g\"").contains("missing field `url`"));
         assert!(err(&server("surprise = 1")).contains("unknown field"));
         assert!(err("[server]\nurl = \"http://s/v1/hosts\"").contains("server.url"));
-        assert!(err("[server]\nurl = \"wss://s/v1/hosts\"").contains("server.url"));
+        assert!(err("[server]\nurl = \"ftp://s/v1/hosts\"").contains("server.url"));
         assert!(err("[server]\nurl = \"ws://\"").contains("server.url"));
+        assert!(err("[server]\nurl = []").contains("at least one"));
+        assert!(err("[server]\nurl = [\"ws://a/v1/hosts\", 7]").contains("a list of them"));
+        let two = "[server]\nurl = [\"ws://a/v1/hosts\", \"ws://b/v1/hosts\"]\ntoken = \"t\"";
+        let link = HostdConfig::parse(two).expect("valid").server_link();
+        assert_eq!(link.expect("ok").expect("server").urls.len(), 2);
         assert!(err(&server("gateway = \"tcp://g\"")).contains("server.gateway"));
         assert!(err(&server("reconnect_max_s = 0")).contains("server.reconnect_max_s"));
         assert!(err(&server("token = \"a b\"")).contains("server.token"));
@@ -699,6 +822,43 @@ mod tests {
         let c = HostdConfig::load(&path).expect("loads");
         let link = c.server_link().expect("resolves").expect("configured");
         assert_eq!(link.token.read().expect("readable"), "x.y.z");
+    }
+
+    #[test]
+    fn tls_files_are_relative_to_the_config_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hostd.toml");
+        let text = "[gateway.tls]\ncert = \"gw.pem\"\nkey = \"/etc/gw.key\"\n\
+                    [server]\nurl = \"wss://s:7080/v1/hosts\"\nca = \"ca.pem\"\n\
+                    token = \"a.b.c\"\ngateway = \"wss://g:7071/v1/game\"";
+        std::fs::write(&path, text).expect("write");
+        let c = HostdConfig::load(&path).expect("loads");
+        let tls = c.gateway.tls.as_ref().expect("gateway tls");
+        assert_eq!(tls.cert, dir.path().join("gw.pem"));
+        assert_eq!(tls.key, Path::new("/etc/gw.key"));
+        let ca = c.server.as_ref().and_then(|s| s.ca.clone());
+        assert_eq!(ca, Some(dir.path().join("ca.pem")));
+        // Neither file exists: start-up fails naming the key.
+        let e = chain(&c.gateway_tls().expect_err("no cert file"));
+        assert!(
+            e.starts_with("config: gateway.tls.cert: cannot read"),
+            "{e}"
+        );
+        let e = chain(&c.server_link().expect_err("no ca file"));
+        assert!(e.starts_with("config: server.ca: cannot read"), "{e}");
+        std::fs::write(dir.path().join("ca.pem"), "no pem here").expect("write");
+        let e = chain(&c.server_link().expect_err("no certificate"));
+        assert!(
+            e.contains("server.ca") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        // A TLS gateway advertised as ws:// would be unreachable from players.
+        let plain = text.replace("wss://g:7071", "ws://g:7071");
+        assert!(err(&plain).contains("server.gateway"));
+        assert!(HostdConfig::default()
+            .gateway_tls()
+            .expect("plain")
+            .is_none());
     }
 
     #[test]
@@ -741,12 +901,22 @@ mod tests {
         let s = c.server.expect("server");
         assert_eq!(
             (
-                s.url.as_str(),
+                s.url.join(","),
                 s.token.as_deref(),
                 s.token_file,
                 s.gateway.as_str()
             ),
-            ("ws://b:1/v1/hosts", Some("t.o.k"), None, "ws://g:2")
+            ("ws://b:1/v1/hosts".into(), Some("t.o.k"), None, "ws://g:2")
+        );
+        let mut c = HostdConfig::default();
+        c.apply_server_flags(Some("ws://a:1/v1/hosts, ws://b:1/v1/hosts".into()), None)
+            .expect("a list of replicas");
+        assert_eq!(
+            c.server.map(|s| s.url),
+            Some(vec![
+                "ws://a:1/v1/hosts".to_owned(),
+                "ws://b:1/v1/hosts".to_owned()
+            ])
         );
         let mut c = HostdConfig::default();
         let e = c

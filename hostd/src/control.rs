@@ -37,7 +37,8 @@ impl From<PoolError> for Failure {
             PoolError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             PoolError::AtCapacity { .. }
             | PoolError::NotDocked { .. }
-            | PoolError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            | PoolError::ShuttingDown
+            | PoolError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             PoolError::Driver { .. } => StatusCode::BAD_GATEWAY,
         };
         Failure(

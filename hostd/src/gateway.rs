@@ -3,7 +3,8 @@
 //!
 //! It owns the players' connections and nothing else: their admission (`berth_net::serve`:
 //! the upgrade request within `[gateway] header_read_timeout_ms`, at most `max_connections`
-//! open, a 503 `too_many_connections` beyond), the join handshake (the session ticket is
+//! open, a 503 `too_many_connections` beyond, `wss://` when `[gateway.tls]` names a certificate
+//! and key), the join handshake (the session ticket is
 //! checked with that session's own key, which [`Pool::gate`] hands out for active VMs only), the
 //! rules that one ticket has at most one live connection and one player one connection, the
 //! proxying (one text frame ⇄ one JSON line on the game's TCP port), the frame rules (text,
@@ -32,6 +33,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use berth_net::tls::Acceptor;
 use berth_protocol::game::{code, GameAnswer, GameRequest};
 use berth_protocol::ticket::{self, TicketClaims};
 use berth_protocol::{PlayerId, SessionId};
@@ -143,15 +145,19 @@ pub async fn start(pool: Pool, listen: SocketAddr) -> Result<Gateway, GatewayErr
             addr: listen,
             source,
         })?;
-    serve(pool, listener, &GatewayConfig::at(listen))
+    serve(pool, listener, &GatewayConfig::at(listen), None)
 }
 
 /// Serves the gateway on a listener bound earlier (so that start-up fails before VMs boot),
-/// within `config`'s limits (its `listen` is the listener's business).
+/// within `config`'s limits (its `listen` is the listener's business), over TLS with `tls`
+/// (loaded from `config.tls` at start-up, see [`HostdConfig::gateway_tls`]).
+///
+/// [`HostdConfig::gateway_tls`]: crate::config::HostdConfig::gateway_tls
 pub fn serve(
     pool: Pool,
     listener: TcpListener,
     config: &GatewayConfig,
+    tls: Option<Acceptor>,
 ) -> Result<Gateway, GatewayError> {
     let addr = listener.local_addr().map_err(|source| GatewayError::Bind {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -168,14 +174,15 @@ pub fn serve(
     let app = Router::new()
         .route(PATH, get(upgrade))
         .with_state(shared.clone());
-    let limits = listen_limits(config, &shared);
+    let tls_on = tls.is_some();
+    let limits = listen_limits(config, &shared, tls);
     let server = tokio::spawn(berth_net::serve(
         listener,
         app,
         limits,
         stop_signal(stopped),
     ));
-    tracing::info!(gateway = %addr, "gateway listening");
+    tracing::info!(gateway = %addr, tls = tls_on, "gateway listening");
     Ok(Gateway {
         addr,
         shared,
@@ -236,7 +243,8 @@ pub struct GatewayStats {
     pub listen: SocketAddr,
     pub connections: Connections,
     /// Error frames sent, by code: refused joins, refused frames (`bad_frame`,
-    /// `rate_limited`), and connections refused over the cap (`too_many_connections`).
+    /// `rate_limited`), connections refused over the cap (`too_many_connections`), and failed
+    /// TLS handshakes (`tls_handshake_timeout`, `tls_handshake_failed`).
     pub refused: BTreeMap<String, u64>,
     /// How admitted connections ended, by close reason (`game_closed`, `client_closed`,
     /// `replaced`, `game_over`, `shutting_down`, `rate_limited`, `message_too_big`,
@@ -358,18 +366,22 @@ impl Drop for Up<'_> {
     }
 }
 
-/// The listener's limits (`berth_net::serve`): the header-read timeout, and one seat per open
-/// connection (held for its whole life), refusals counted in the stats.
-fn listen_limits(config: &GatewayConfig, shared: &Arc<Shared>) -> berth_net::Limits {
+/// The listener's limits (`berth_net::serve`): the header-read timeout, one seat per open
+/// connection (held for its whole life), TLS if configured; refusals (and failed TLS
+/// handshakes) counted in the stats.
+fn listen_limits(
+    config: &GatewayConfig,
+    shared: &Arc<Shared>,
+    tls: Option<Acceptor>,
+) -> berth_net::Limits {
     let counted = shared.clone();
     berth_net::Limits {
         header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
         max_seats: config.max_connections,
         refusal_code: code::TOO_MANY_CONNECTIONS,
         refusal_message: "too many connections to this host's gateway; retry later",
-        on_refusal: Arc::new(move || {
-            Meters::count(&counted.meters.refused, code::TOO_MANY_CONNECTIONS);
-        }),
+        on_refusal: Arc::new(move |code| Meters::count(&counted.meters.refused, code)),
+        tls,
     }
 }
 
@@ -1321,7 +1333,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("gateway port");
-        let gateway = serve(pool.clone(), listener, &config).expect("gateway");
+        let gateway = serve(pool.clone(), listener, &config, None).expect("gateway");
         let ticket = mint("s1", "s1", "alice", now_ms() / 1000 + 600, key);
         Live {
             url: format!("ws://{}{PATH}", gateway.addr),

@@ -20,8 +20,10 @@
 //!   type, binary) are logged and ignored, never a reason to drop the link.
 //!
 //! On any failure (refused handshake, close frame, socket error, silence, write timeout) the
-//! task reconnects with exponential backoff ([`backoff`]: from 200 ms, doubling, ±20 % jitter,
-//! capped at `reconnect_max_s`) and registers again.
+//! task reconnects and registers again: to the next server URL when several replicas are
+//! configured, so that a replica going down moves its hosts to another one within
+//! [`BACKOFF_START`]; the delay ([`backoff`]: from 200 ms, doubling, ±20 % jitter, capped at
+//! `reconnect_max_s`) grows only once every URL has failed in a row.
 //!
 //! **What a disconnect loses.** Nothing a player needs. `ended` and `failed` reports are kept in
 //! the pool's [`Outbox`] on disk until the server answers `recorded`: they go out live, in the
@@ -87,6 +89,8 @@ pub enum LinkError {
     Version(u32),
     #[error("websocket")]
     Socket(#[source] tungstenite::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error("the server closed the link")]
     Closed,
     #[error("nothing heard from the server for {0:?}")]
@@ -105,6 +109,7 @@ impl LinkError {
             LinkError::Rejected { .. } => "rejected",
             LinkError::Version(_) => "version",
             LinkError::Socket(_) => "socket",
+            LinkError::Tls(_) => "tls",
             LinkError::Closed => "closed",
             LinkError::Silent(_) => "silent",
             LinkError::Lagged(_) => "lagged",
@@ -119,7 +124,10 @@ impl LinkError {
             tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
                 LinkError::Closed
             }
-            e => LinkError::Socket(e),
+            e => match berth_client::tls::handshake_error(&e) {
+                Some(reason) => LinkError::Tls(reason),
+                None => LinkError::Socket(e),
+            },
         }
     }
 }
@@ -238,9 +246,11 @@ pub fn forward(event: PoolEvent) -> Forward {
             session: session_id,
             vm: vm_id,
         }),
+        // A heartbeat carries capacity and the drain.
         PoolEvent::Docked { .. }
         | PoolEvent::PrimeFailed { .. }
-        | PoolEvent::SubstrateDiscarded { .. } => Forward::Capacity,
+        | PoolEvent::SubstrateDiscarded { .. }
+        | PoolEvent::Draining => Forward::Capacity,
         // Answered as `activated` to the `activate` that caused it; reports are sent above.
         PoolEvent::Activated { .. } | PoolEvent::Ended { .. } | PoolEvent::Failed { .. } => {
             Forward::Nothing
@@ -288,7 +298,7 @@ pub async fn run(pool: Pool, link: ServerLink, shutdown: impl Future<Output = ()
 }
 
 async fn run_with<P: LinkPool>(pool: P, link: ServerLink, shutdown: impl Future<Output = ()>) {
-    let span = tracing::info_span!("link", host_id = %link.host, server = %link.url);
+    let span = tracing::info_span!("link", host_id = %link.host);
     pool.outbox().enable();
     let mut owner = Link::new(pool, link);
     async move {
@@ -306,9 +316,14 @@ async fn run_with<P: LinkPool>(pool: P, link: ServerLink, shutdown: impl Future<
             if welcomed.is_some_and(|at: Instant| at.elapsed() >= STABLE_AFTER) {
                 attempt = 0;
             }
-            let delay = backoff(attempt, owner.link.reconnect_max, jitter());
+            // Each URL once per round; the delay grows per round.
+            let round = attempt / owner.link.urls.len().max(1) as u32;
+            let delay = backoff(round, owner.link.reconnect_max, jitter());
             attempt = attempt.saturating_add(1);
-            tracing::info!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting");
+            owner.at = (owner.at + 1) % owner.link.urls.len().max(1);
+            let server = owner.url();
+            let delay_ms = delay.as_millis() as u64;
+            tracing::info!(delay_ms, attempt, server, "reconnecting");
             tokio::select! {
                 () = &mut shutdown => return,
                 () = tokio::time::sleep(delay) => {}
@@ -343,6 +358,8 @@ struct Link<P> {
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
     inflight: HashMap<SessionId, Inflight>,
+    /// Which of `link.urls` the next connection dials.
+    at: usize,
 }
 
 enum Flow {
@@ -360,14 +377,18 @@ impl<P: LinkPool> Link<P> {
             done_tx,
             done_rx,
             inflight: HashMap::new(),
+            at: 0,
         }
+    }
+
+    /// The server URL the next connection dials.
+    fn url(&self) -> &str {
+        self.link.urls.get(self.at).map_or("", String::as_str)
     }
 
     fn request(&self) -> Result<tungstenite::handshake::client::Request, LinkError> {
         let mut request = self
-            .link
-            .url
-            .as_str()
+            .url()
             .into_client_request()
             .map_err(LinkError::Socket)?;
         let bearer = HeaderValue::from_str(&format!("Bearer {}", self.link.token.read()?))
@@ -386,9 +407,15 @@ impl<P: LinkPool> Link<P> {
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_MESSAGE))
             .max_frame_size(Some(MAX_MESSAGE));
+        let connector = Some(self.link.trust.connector());
         let connect = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async_with_config(request, Some(config), true),
+            tokio_tungstenite::connect_async_tls_with_config(
+                request,
+                Some(config),
+                true,
+                connector,
+            ),
         );
         let mut ws = tokio::select! {
             () = &mut shutdown => return Ok(()),
@@ -413,6 +440,7 @@ impl<P: LinkPool> Link<P> {
         tracing::info!(
             heartbeat_ms = heartbeat.as_millis() as u64,
             vms = status.vms.len(),
+            server = self.url(),
             "registered with the server"
         );
         self.serve(&mut ws, events, heartbeat, shutdown).await
@@ -494,8 +522,10 @@ impl<P: LinkPool> Link<P> {
     }
 
     async fn heartbeat(&self, ws: &mut Socket) -> Result<(), LinkError> {
-        let images = capacity(&self.pool.status(), self.pool.images());
-        send(ws, &HostMessage::Heartbeat { images }).await
+        let status = self.pool.status();
+        let images = capacity(&status, self.pool.images());
+        let draining = status.draining;
+        send(ws, &HostMessage::Heartbeat { images, draining }).await
     }
 
     async fn on_frame(&mut self, ws: &mut Socket, frame: Message) -> Result<Flow, LinkError> {
@@ -804,6 +834,7 @@ pub(crate) mod tests {
             vms: vec![vm_info("vm-old", "s-old", "arena")],
             failures: vec![],
             activations: 0,
+            draining: false,
         }
     }
 
@@ -1001,21 +1032,57 @@ pub(crate) mod tests {
 
     fn server_link(url: &str) -> ServerLink {
         ServerLink {
-            url: url.into(),
+            urls: vec![url.into()],
             host: HostId::new("h1").expect("host id"),
             token: Token::Inline("tok.en.1".into()),
             gateway: "ws://gw.example:7071".into(),
             reconnect_max: Duration::from_millis(50),
+            trust: Default::default(),
         }
     }
 
     /// Runs the link against the server double; dropping or firing the sender stops it.
     fn start(pool: &PoolDouble, url: &str) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        start_with(pool, server_link(url))
+    }
+
+    fn start_with(
+        pool: &PoolDouble,
+        link: ServerLink,
+    ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run_with(pool.clone(), server_link(url), async {
+        let task = tokio::spawn(run_with(pool.clone(), link, async {
             let _ = stopped.await;
         }));
         (stop, task)
+    }
+
+    #[tokio::test]
+    async fn a_link_fails_over_to_the_next_server_and_comes_round_again() {
+        logs();
+        let pool = PoolDouble::new();
+        let mut a = ServerDouble::start(0).await;
+        let mut b = ServerDouble::start(0).await;
+        let mut link = server_link(&a.url);
+        link.urls.push(b.url.clone());
+        link.reconnect_max = Duration::from_secs(30);
+        let (_stop, _task) = start_with(&pool, link);
+        let mut conn = a.next().await;
+        conn.welcome(60_000).await;
+        drop(conn);
+        // The first retry goes to the other replica, not to the one that just went away.
+        let mut conn = b.next().await;
+        assert!(matches!(
+            conn.welcome(60_000).await,
+            HostMessage::Register { .. }
+        ));
+        a.none_within(Duration::from_millis(300)).await;
+        drop(conn);
+        let mut conn = a.next().await;
+        assert!(matches!(
+            conn.welcome(60_000).await,
+            HostMessage::Register { .. }
+        ));
     }
 
     /// A link registered with the server double: its first connection welcomed.
@@ -1430,6 +1497,7 @@ pub(crate) mod tests {
             heartbeat,
             HostMessage::Heartbeat {
                 images: capacity(&sample_status(), pool.images()),
+                draining: false,
             }
         );
         // A pool capacity change sends one at once.

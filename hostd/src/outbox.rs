@@ -130,7 +130,10 @@ mod tests {
         assert!(outbox.pending().is_empty(), "no folder: nothing pending");
         outbox.put(&ended("s-b"));
         outbox.put(&ended("s-a"));
-        outbox.put(&HostMessage::Heartbeat { images: vec![] });
+        outbox.put(&HostMessage::Heartbeat {
+            images: vec![],
+            draining: false,
+        });
         std::fs::write(dir.join("outbox/junk.json"), "{not json").expect("write");
         // A restarted hostd reads the same folder.
         let again = Outbox::new(&dir);

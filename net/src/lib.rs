@@ -1,8 +1,9 @@
 //! The socket toolkit every Berth websocket server shares — the server's `/v1/play` and
 //! `/v1/hosts`, hostd's gateway `/v1/game` — so that each endpoint keeps only its own protocol:
 //!
-//! - [`serve`]: a router on a public port, with a header-read timeout and a cap on
-//!   connections ([`Seat`]s), the one accept loop of the server and the gateway;
+//! - [`serve`]: a router on a public port, with a header-read timeout, a cap on
+//!   connections ([`Seat`]s) and TLS termination ([`tls`]), the one accept loop of the server
+//!   and the gateway;
 //! - [`first_frame`]: the peer's first frame within a deadline (hello, register, join), pings
 //!   skipped, with the ways it can fail told apart;
 //! - [`close_frame`] and [`send_close`]: a close frame with a code and a reason, sent within a
@@ -16,8 +17,9 @@
 //! builds on.
 
 mod serve;
+pub mod tls;
 
-pub use serve::{serve, Limits, Seat};
+pub use serve::{serve, Limits, Seat, TLS_HANDSHAKE_FAILED, TLS_HANDSHAKE_TIMEOUT};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use berth_protocol::close;

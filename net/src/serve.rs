@@ -11,13 +11,21 @@
 //!   connection). A connection beyond the cap is answered `503` with
 //!   `{"type":"error","code":…,"message":…}` (`Retry-After: 1`) and closed, before its
 //!   request is read;
+//! - **TLS termination** when [`Limits::tls`] is set (see [`crate::tls`]): every connection
+//!   must finish its TLS handshake within the header-read timeout too (one that opens TCP and
+//!   never sends a ClientHello is closed like a silent plain one), and then send its request
+//!   head within the timeout again. A failed handshake is counted with
+//!   [`Limits::on_refusal`] as [`TLS_HANDSHAKE_TIMEOUT`] or [`TLS_HANDSHAKE_FAILED`];
 //! - `TCP_NODELAY` (small messages both ways: no Nagle delay, which costs ~40 ms with delayed
 //!   ACKs), the peer's address as axum's `ConnectInfo<SocketAddr>`, websocket upgrades, and a
 //!   graceful stop.
 //!
 //! ```text
-//! accept ─▶ seat? ──no──▶ 503 too_many_connections, FIN, input read away (≤ 1 s)
-//!             │yes
+//! accept ─▶ seat? ──no──▶ (TLS handshake, ≤ 1 s) 503 too_many_connections, FIN, input read
+//!             │yes                                away (≤ 1 s)
+//!             ▼
+//!   TLS: handshake within header_read_timeout ──no──▶ closed, counted
+//!             │
 //!             ▼
 //!   request head within header_read_timeout ──no──▶ closed
 //!             │
@@ -26,6 +34,7 @@
 //!   keep the Seat for the websocket's life, or release it)
 //! ```
 
+use crate::tls::Acceptor;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::Router;
@@ -35,7 +44,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -48,6 +57,13 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// may take up to the header-read timeout; it is not waited for).
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
+/// The refusal code counted when a TLS handshake did not finish within the header-read timeout
+/// (a client that sent no ClientHello, or stalled in the handshake).
+pub const TLS_HANDSHAKE_TIMEOUT: &str = "tls_handshake_timeout";
+/// The refusal code counted when a TLS handshake failed (the client does not trust our
+/// certificate, speaks plain HTTP to a TLS port, or no protocol version in common).
+pub const TLS_HANDSHAKE_FAILED: &str = "tls_handshake_failed";
+
 /// What a listener allows.
 #[derive(Clone)]
 pub struct Limits {
@@ -59,8 +75,11 @@ pub struct Limits {
     pub refusal_code: &'static str,
     /// Its `message`.
     pub refusal_message: &'static str,
-    /// Called on each such refusal (to count it).
-    pub on_refusal: Arc<dyn Fn() + Send + Sync>,
+    /// Called with the code of each refusal (to count it): `refusal_code`,
+    /// [`TLS_HANDSHAKE_TIMEOUT`] or [`TLS_HANDSHAKE_FAILED`].
+    pub on_refusal: Arc<dyn Fn(&'static str) + Send + Sync>,
+    /// Terminate TLS with this (`None`: plain HTTP).
+    pub tls: Option<Acceptor>,
 }
 
 impl std::fmt::Debug for Limits {
@@ -69,6 +88,7 @@ impl std::fmt::Debug for Limits {
             .field("header_read_timeout", &self.header_read_timeout)
             .field("max_seats", &self.max_seats)
             .field("refusal_code", &self.refusal_code)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -134,17 +154,17 @@ pub async fn serve(
         }
         let Ok(permit) = seats.clone().try_acquire_owned() else {
             tracing::debug!(%peer, code = limits.refusal_code, "connection refused");
-            (limits.on_refusal)();
-            tokio::spawn(refuse(tcp, limits.refusal_code, limits.refusal_message));
+            (limits.on_refusal)(limits.refusal_code);
+            tokio::spawn(refuse(tcp, limits.clone()));
             continue;
         };
         let conn = Connection {
             peer,
             seat: Seat::new(Some(permit)),
             router: router.clone(),
-            header_read_timeout: limits.header_read_timeout,
+            limits: limits.clone(),
         };
-        tokio::spawn(conn.run(tcp, stopped.clone(), open.clone()));
+        tokio::spawn(conn.start(tcp, stopped.clone(), open.clone()));
     }
     drop(listener);
     stopping.send_replace(true);
@@ -152,26 +172,44 @@ pub async fn serve(
     let _ = tokio::time::timeout(STOP_WAIT, open_tx.closed()).await;
 }
 
-/// One accepted connection, from its request head to its end (or its upgrade).
+/// One accepted connection, from its TLS handshake or request head to its end (or its
+/// upgrade).
 struct Connection {
     peer: SocketAddr,
     seat: Seat,
     router: Router,
-    header_read_timeout: Duration,
+    limits: Limits,
 }
 
 impl Connection {
-    async fn run(
+    /// The TLS handshake (if the listener has TLS), then [`Connection::run`].
+    async fn start(
         self,
         tcp: TcpStream,
-        mut stopped: watch::Receiver<bool>,
-        _open: watch::Receiver<()>,
+        stopped: watch::Receiver<bool>,
+        open: watch::Receiver<()>,
     ) {
+        let Some(acceptor) = self.limits.tls.clone() else {
+            return self.run(tcp, stopped, open).await;
+        };
+        match handshake(&acceptor, tcp, self.limits.header_read_timeout).await {
+            Ok(tls) => self.run(tls, stopped, open).await,
+            Err(code) => {
+                tracing::debug!(peer = %self.peer, code, "TLS handshake failed");
+                (self.limits.on_refusal)(code);
+            }
+        }
+    }
+
+    async fn run<S>(self, io: S, mut stopped: watch::Receiver<bool>, _open: watch::Receiver<()>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let Connection {
             peer,
             seat,
             router,
-            header_read_timeout,
+            limits,
         } = self;
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
@@ -181,8 +219,8 @@ impl Connection {
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
-            .serve_connection(TokioIo::new(tcp), service)
+            .header_read_timeout(limits.header_read_timeout)
+            .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         tokio::pin!(conn);
         let mut stopping = false;
@@ -203,10 +241,37 @@ impl Connection {
     }
 }
 
-/// Answers a connection no seat was free for: `503` with the refusal, then closes it, reading
-/// its input away for a moment first (closing with unread input would send a reset, which can
-/// destroy the answer before the client reads it).
-async fn refuse(mut tcp: TcpStream, code: &str, message: &str) {
+/// The server side of a TLS handshake on `tcp`, within `within`; else the refusal code.
+async fn handshake(
+    acceptor: &Acceptor,
+    tcp: TcpStream,
+    within: Duration,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, &'static str> {
+    match tokio::time::timeout(within, acceptor.0.accept(tcp)).await {
+        Err(_) => Err(TLS_HANDSHAKE_TIMEOUT),
+        Ok(Err(_)) => Err(TLS_HANDSHAKE_FAILED),
+        Ok(Ok(tls)) => Ok(tls),
+    }
+}
+
+/// Answers a connection no seat was free for: `503` with the refusal (over TLS when the
+/// listener has it, after a handshake within [`REFUSAL_DRAIN`]), then closes it.
+async fn refuse(tcp: TcpStream, limits: Limits) {
+    let (code, message) = (limits.refusal_code, limits.refusal_message);
+    match limits.tls {
+        None => answer_503(tcp, code, message).await,
+        Some(acceptor) => {
+            if let Ok(tls) = handshake(&acceptor, tcp, REFUSAL_DRAIN).await {
+                answer_503(tls, code, message).await;
+            }
+        }
+    }
+}
+
+/// Writes the `503` refusal and closes, reading the input away for a moment first (closing
+/// with unread input would send a reset, which can destroy the answer before the client reads
+/// it).
+async fn answer_503<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, code: &str, message: &str) {
     let body = serde_json::json!({"type": "error", "code": code, "message": message}).to_string();
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
@@ -214,10 +279,10 @@ async fn refuse(mut tcp: TcpStream, code: &str, message: &str) {
         body.len()
     );
     let _ = tokio::time::timeout(REFUSAL_DRAIN, async {
-        tcp.write_all(answer.as_bytes()).await?;
-        tcp.shutdown().await?;
+        io.write_all(answer.as_bytes()).await?;
+        io.shutdown().await?;
         let mut sink = [0u8; 4096];
-        while tcp.read(&mut sink).await? > 0 {}
+        while io.read(&mut sink).await? > 0 {}
         Ok::<_, std::io::Error>(())
     })
     .await;
@@ -250,7 +315,8 @@ mod tests {
             max_seats,
             refusal_code: "too_many_connections",
             refusal_message: "busy",
-            on_refusal: Arc::new(|| {}),
+            on_refusal: Arc::new(|_| {}),
+            tls: None,
         };
         tokio::spawn(serve(listener, router, limits, async move {
             let _ = stopped.await;

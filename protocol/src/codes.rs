@@ -205,6 +205,8 @@ vocabulary!(open
         AtCapacity = "at_capacity",
         NotDocked = "not_docked",
         ActivationFailed = "activation_failed",
+        /// hostd is draining: no new sessions (`activate_failed`; the control API's 503).
+        Draining = "draining",
         // HTTP APIs (admin, control, dev tokens).
         BadRequest = "bad_request",
         BadId = "bad_id",
@@ -249,6 +251,12 @@ vocabulary!(open
 );
 
 impl EndReason {
+    /// Whether the game ended the session (`game_over` or a reason of its own), rather than
+    /// Berth (an operator, a deadline, a failure of the VM, the host or placement).
+    pub fn is_the_games(&self) -> bool {
+        matches!(self, EndReason::GameOver | EndReason::Other(_))
+    }
+
     /// A game's own reason: empty means it named none (`game_over`).
     pub fn from_game(reason: &str) -> Self {
         if reason.is_empty() {
@@ -266,6 +274,8 @@ vocabulary!(open
         MaxWait = "max_wait",
         Away = "away",
         ModeRemoved = "mode_removed",
+        /// The store lost the ticket (a restart without persistence).
+        TicketLost = "ticket_lost",
     }
 );
 

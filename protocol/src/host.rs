@@ -66,6 +66,10 @@ pub enum HostMessage {
     },
     Heartbeat {
         images: Vec<ImageCapacity>,
+        /// hostd is draining (stopping): it takes no new sessions, and its live ones finish.
+        /// The server then places nothing more on it, as after an admin drain.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        draining: bool,
     },
     Activated {
         session: SessionId,
@@ -97,10 +101,7 @@ pub enum HostMessage {
         reason: String,
     },
     /// The VM is gone and its slot is back in the pool.
-    Destroyed {
-        session: SessionId,
-        vm: VmId,
-    },
+    Destroyed { session: SessionId, vm: VmId },
 }
 
 /// server → hostd.

@@ -78,7 +78,8 @@ pub enum ServerMessage {
         /// The skill window the ticket is matched within now (it widens with waiting).
         skill_window: f64,
     },
-    /// The player left the queue: `reason` is `cancelled`, `max_wait`, `away` or `mode_removed`.
+    /// The player left the queue: `reason` is `cancelled`, `max_wait`, `away`, `mode_removed`
+    /// or `ticket_lost`.
     Dequeued {
         ticket: String,
         reason: DequeueReason,

@@ -18,6 +18,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use berth_net::tls::Acceptor;
 use berth_protocol::play::ServerMessage;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 /// How often the sweeper enforces deadlines.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// How long a stopping replica waits for its sockets' close frames.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 pub fn app(ctx: Ctx) -> Router {
     Router::new()
@@ -85,6 +88,7 @@ impl Server {
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Server> {
         config.validate()?;
+        let tls = config.tls_acceptor()?;
         if config.replica.is_empty() {
             config.replica = format!("r-{}", &crate::util::random_id()[..12]);
         }
@@ -100,10 +104,11 @@ impl Server {
             registry: Default::default(),
             matcher: matcher_tx,
             dashboard: Default::default(),
+            stopping: Default::default(),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = app(ctx.clone());
-        let limits = listen_limits(&ctx.core);
+        let limits = listen_limits(&ctx.core, tls);
         let tasks = vec![
             tokio::spawn(dispatch::run(ctx.clone())),
             tokio::spawn(matchmaker::run(core.clone(), matcher_rx)),
@@ -113,7 +118,7 @@ impl Server {
                 let _ = stopped.await;
             })),
         ];
-        tracing::info!(%addr, replica = ctx.replica, store = ctx.store.kind(), modes = ctx.modes.0.len(), "server listening");
+        tracing::info!(%addr, tls = ctx.config.tls.is_some(), replica = ctx.replica, store = ctx.store.kind(), modes = ctx.modes.0.len(), "server listening");
         Ok(Server {
             addr,
             ctx,
@@ -122,9 +127,24 @@ impl Server {
         })
     }
 
-    /// Closes every socket (players are told to reconnect), stops the tasks. State stays in
-    /// the store: with Redis, another replica carries on.
+    /// The first step of stopping: `/readyz` answers 503 `shutting_down` and new player and
+    /// host sockets are refused (503 `shutting_down`); live ones are served on until
+    /// [`Server::shutdown`].
+    pub fn begin_shutdown(&self) {
+        if !self
+            .ctx
+            .stopping
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::info!("stopping: not ready, refusing new sockets");
+        }
+    }
+
+    /// Closes every socket (players are told to reconnect, hosts fail over to another
+    /// replica), waits up to [`CLOSE_WAIT`] for their close frames, stops the tasks. State
+    /// stays in the store: with Redis, another replica carries on.
     pub async fn shutdown(mut self) {
+        self.begin_shutdown();
         // Dashboard feeds end with `bye` (the page reconnects by itself).
         self.ctx.dashboard.close("shutting_down");
         let players: Vec<_> = lock(&self.ctx.registry.players).values().cloned().collect();
@@ -138,8 +158,16 @@ impl Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        // Give the connection tasks a moment to send their close frames.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The connection tasks send their close frames and leave the registry.
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let open =
+                lock(&self.ctx.registry.players).len() + lock(&self.ctx.registry.hosts).len();
+            if open == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -149,17 +177,18 @@ impl Server {
     }
 }
 
-/// The listener's limits: the header-read timeout, and seats for connections not yet past
-/// `hello` or `register` (released there; see `berth_net::serve`); refusals are counted.
-fn listen_limits(core: &Arc<Core>) -> berth_net::Limits {
-    const CODE: &str = "too_many_connections";
+/// The listener's limits: the header-read timeout, seats for connections not yet past
+/// `hello` or `register` (released there; see `berth_net::serve`), TLS if configured;
+/// refusals (and failed TLS handshakes) are counted by code.
+fn listen_limits(core: &Arc<Core>, tls: Option<Acceptor>) -> berth_net::Limits {
     let counted = core.clone();
     berth_net::Limits {
         header_read_timeout: Duration::from_millis(core.config.timeouts.header_read_ms),
         max_seats: core.config.limits.max_pending,
-        refusal_code: CODE,
+        refusal_code: "too_many_connections",
         refusal_message: "too many connections waiting to sign in; retry later",
-        on_refusal: Arc::new(move || counted.metrics.refuse(CODE)),
+        on_refusal: Arc::new(move |code| counted.metrics.refuse(code)),
+        tls,
     }
 }
 
@@ -168,6 +197,9 @@ async fn openapi() -> Response {
 }
 
 async fn readyz(State(ctx): State<Ctx>) -> Response {
+    if ctx.is_stopping() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting_down").into_response();
+    }
     match ctx.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(e) => (

@@ -2,6 +2,7 @@
 //! environment variables on top, validated into runtime types at start-up.
 
 use crate::util::{parse_toml, read_text, FileError};
+use berth_net::tls::{Acceptor, TlsError, TlsFiles};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,12 @@ pub enum ConfigError {
     File(#[from] FileError),
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("{key}")]
+    Tls {
+        key: &'static str,
+        #[source]
+        source: TlsError,
+    },
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -35,6 +42,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub placement: Placement,
+    /// Terminate TLS (`wss://`, `https://`) with this certificate and key; without it the
+    /// listener speaks plain HTTP.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +58,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             placement: Placement::default(),
+            tls: None,
         }
     }
 }
@@ -177,6 +188,9 @@ pub struct Timeouts {
     pub ending_ms: u64,
     /// Session tickets are valid this long (a reconnecting player gets a fresh one).
     pub ticket_ttl_ms: u64,
+    /// On SIGTERM, how long the replica answers `/readyz` 503 (so that load balancers stop
+    /// sending it connections) before it closes its sockets and exits.
+    pub shutdown_delay_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -193,6 +207,7 @@ impl Default for Timeouts {
             activating_ms: 15_000,
             ending_ms: 10_000,
             ticket_ttl_ms: 60_000,
+            shutdown_delay_ms: 2_000,
         }
     }
 }
@@ -295,6 +310,44 @@ impl ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// Applies `--tls-cert` / `--tls-key` (or their env vars) over the file: each replaces its
+    /// key of the `[tls]` table; without a table both are needed.
+    pub fn apply_tls_flags(
+        &mut self,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<(), ConfigError> {
+        match (cert, key, &mut self.tls) {
+            (None, None, _) => {}
+            (Some(cert), Some(key), tls) => *tls = Some(TlsFiles { cert, key }),
+            (cert, key, Some(tls)) => {
+                tls.cert = cert.unwrap_or_else(|| tls.cert.clone());
+                tls.key = key.unwrap_or_else(|| tls.key.clone());
+            }
+            (Some(_), None, None) => return Err(invalid("tls.key", "is needed with tls.cert")),
+            (None, Some(_), None) => return Err(invalid("tls.cert", "is needed with tls.key")),
+        }
+        Ok(())
+    }
+
+    /// The listener's TLS, read from the `[tls]` files (`None`: plain HTTP). A file that cannot
+    /// be read or used fails start-up naming `tls.cert` or `tls.key`.
+    pub fn tls_acceptor(&self) -> Result<Option<Acceptor>, ConfigError> {
+        let Some(files) = &self.tls else {
+            return Ok(None);
+        };
+        files.load().map(Some).map_err(|source| ConfigError::Tls {
+            key: if source.field() == "cert" {
+                "tls.cert"
+            } else {
+                "tls.key"
+            },
+            source,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +371,40 @@ mod tests {
         assert_eq!(c.timeouts.header_read_ms, 500);
         let e = c.validate().expect_err("no pending connection allowed");
         assert!(e.to_string().starts_with("limits.max_pending"), "{e}");
+    }
+
+    #[test]
+    fn the_tls_table_and_its_flags() {
+        let c = ServerConfig::parse("[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n", Path::new("x"))
+            .expect("valid");
+        let tls = c.tls.as_ref().expect("tls");
+        assert_eq!(
+            (tls.cert.as_path(), tls.key.as_path()),
+            (Path::new("c.pem"), Path::new("k.pem"))
+        );
+        let e =
+            ServerConfig::parse("[tls]\ncert = \"c.pem\"\n", Path::new("x")).expect_err("no key");
+        assert!(e.to_string().contains("key"), "{e}");
+        let e = anyhow::Error::from(c.tls_acceptor().expect_err("no such files"));
+        let e = format!("{e:#}");
+        assert!(e.starts_with("tls.cert: cannot read c.pem: "), "{e}");
+        let mut c = ServerConfig::default();
+        let e = c
+            .apply_tls_flags(Some("c".into()), None)
+            .expect_err("no key");
+        assert!(e.to_string().starts_with("tls.key"), "{e}");
+        c.apply_tls_flags(Some("c".into()), Some("k".into()))
+            .expect("both");
+        c.apply_tls_flags(None, Some("k2".into()))
+            .expect("over the table");
+        let tls = c.tls.expect("tls");
+        assert_eq!(
+            (tls.cert.as_path(), tls.key.as_path()),
+            (Path::new("c"), Path::new("k2"))
+        );
+        assert!(ServerConfig::default()
+            .tls_acceptor()
+            .expect("plain")
+            .is_none());
     }
 }

@@ -2,7 +2,7 @@
 //! messages on the sockets this replica holds.
 
 use crate::model::{Event, SessionState};
-use crate::play::session_message;
+use crate::standing::session_message;
 use crate::state::{lock, Ctx};
 use crate::wire::close;
 use berth_protocol::host::ServerToHost;
@@ -19,12 +19,31 @@ pub async fn run(ctx: Ctx) {
                 }
             }
             Err(RecvError::Lagged(n)) => {
-                // State lives in the store: players re-read it on reconnect and the sweeper
-                // re-drives placement; what was missed here is notification, not state.
+                // State lives in the store and the sweeper re-drives placement: what was
+                // missed here is notification, which every player socket re-reads.
                 tracing::warn!(missed = n, "event receiver lagged");
+                resync(&ctx);
             }
             Err(RecvError::Closed) => return,
         }
+    }
+}
+
+/// Every socket here compares what it told its peer with the store: players where they
+/// stand, hosts what their sessions still need.
+fn resync(ctx: &Ctx) {
+    let players: Vec<_> = lock(&ctx.registry.players).values().cloned().collect();
+    let hosts: Vec<_> = lock(&ctx.registry.hosts).values().cloned().collect();
+    tracing::info!(
+        players = players.len(),
+        hosts = hosts.len(),
+        "events may be missed: re-reading the store"
+    );
+    for p in players {
+        p.recheck();
+    }
+    for h in hosts {
+        h.recheck();
     }
 }
 
@@ -85,6 +104,7 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
                 c.send(ServerToHost::Destroy { session });
             }
         }
+        Event::Resync => resync(ctx),
         Event::PlayerConnected { player, conn } => {
             let old = {
                 let players = lock(&ctx.registry.players);

@@ -23,6 +23,10 @@ use tokio::sync::mpsc;
 const MAX_HOST_MESSAGE: usize = 4 << 20;
 
 pub async fn handler(up: wire::Upgrade, State(ctx): State<Ctx>) -> Response {
+    if ctx.is_stopping() {
+        let why = "this replica is stopping; connect to another".to_owned();
+        return refuse(&ctx, StatusCode::SERVICE_UNAVAILABLE, "shutting_down", why);
+    }
     let wire::Upgrade { ws, bearer, seat } = up;
     let token = bearer.unwrap_or_default();
     let host = match ctx.auth.verify(&token, Role::Host) {
@@ -91,6 +95,8 @@ where
         }
     }
     let silent = Duration::from_millis(ctx.config.timeouts.host_lost_ms);
+    // Answers about sessions the store failed to take, tried again at each heartbeat.
+    let mut retry = Vec::new();
     while ok {
         tokio::select! {
             frame = tokio::time::timeout(silent, ws.next()) => {
@@ -112,7 +118,7 @@ where
                     Ok(Some(Ok(Message::Text(t)))) => decode::<HostMessage>(&t),
                 };
                 let replies = match m {
-                    Ok(m) => handle(&ctx, &host, &mut record, m).await,
+                    Ok(m) => handle(&ctx, &host, &mut record, &mut retry, m).await,
                     Err(e) => {
                         ctx.metrics.refuse(e.code());
                         vec![error(e.code(), e.to_string())]
@@ -135,6 +141,11 @@ where
             }
             out = rx.recv() => match out {
                 Some(Outbound::Msg(m)) => ok = ws.send(text(&m)).await.is_ok(),
+                Some(Outbound::Recheck) => {
+                    for m in recheck(&ctx, &host).await {
+                        ok &= ws.send(text(&m)).await.is_ok();
+                    }
+                }
                 Some(Outbound::Close(code, reason)) => {
                     send_close(&mut ws, code, &reason).await;
                     break;
@@ -339,6 +350,22 @@ async fn reconcile(ctx: &Ctx, record: &HostRecord) -> Vec<ServerToHost> {
     out
 }
 
+/// After a gap in the event stream (`activate` and `destroy` travel as events): asks again
+/// for what the host's live sessions still need. Both are idempotent by session id.
+async fn recheck(ctx: &Ctx, host: &HostId) -> Vec<ServerToHost> {
+    let Ok(live) = sessions::live_sessions(ctx).await else {
+        return Vec::new();
+    };
+    live.into_iter()
+        .filter(|s| s.host.as_ref() == Some(host))
+        .filter_map(|s| match s.state {
+            SessionState::Activating => Some(s.activate_message()),
+            SessionState::Ending => Some(ServerToHost::Destroy { session: s.id }),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Is `session` this host's? (Placed on it, whatever its state.)
 async fn owns(ctx: &Ctx, host: &HostId, session: &SessionId) -> Result<bool, ServerToHost> {
     match ctx.store.session(session).await {
@@ -352,6 +379,7 @@ async fn handle(
     ctx: &Ctx,
     host: &HostId,
     record: &mut HostRecord,
+    retry: &mut Vec<HostMessage>,
     m: HostMessage,
 ) -> Vec<ServerToHost> {
     match m {
@@ -359,8 +387,15 @@ async fn handle(
             "already_registered",
             "register is sent once per connection",
         )],
-        HostMessage::Heartbeat { images } => {
+        HostMessage::Heartbeat { images, draining } => {
             heartbeat(ctx, record, images).await;
+            if draining && !record.draining {
+                drained(ctx, record).await;
+            }
+            for m in std::mem::take(retry) {
+                // Errors were told the first time; a retry only records.
+                let _ = update(ctx, host, record, retry, m).await;
+            }
             Vec::new()
         }
         HostMessage::Ended { .. } | HostMessage::Failed { .. } => {
@@ -368,10 +403,29 @@ async fn handle(
         }
         HostMessage::Activated { .. }
         | HostMessage::ActivateFailed { .. }
-        | HostMessage::Destroyed { .. } => handle_session(ctx, host, record, m)
-            .await
-            .into_iter()
-            .collect(),
+        | HostMessage::Destroyed { .. } => update(ctx, host, record, retry, m).await,
+    }
+}
+
+/// Answers that are sent once (`activated`, `activate_failed`, `destroyed`): one the store
+/// failed to take is kept in `retry` and taken again at the next heartbeat, so that an
+/// activation answered during a store outage is not lost to its timeout.
+async fn update(
+    ctx: &Ctx,
+    host: &HostId,
+    record: &mut HostRecord,
+    retry: &mut Vec<HostMessage>,
+    m: HostMessage,
+) -> Vec<ServerToHost> {
+    match handle_session(ctx, host, record, m.clone()).await {
+        Outcome::Done => Vec::new(),
+        Outcome::Foreign(e) => vec![e],
+        Outcome::StoreFailed(e) => {
+            if retry.len() < MAX_RETRY {
+                retry.push(m);
+            }
+            vec![e]
+        }
     }
 }
 
@@ -398,6 +452,17 @@ async fn heartbeat(ctx: &Ctx, record: &mut HostRecord, images: Vec<ImageCapacity
     }
 }
 
+/// The host says it is draining (hostd is stopping): nothing more is placed on it.
+async fn drained(ctx: &Ctx, record: &mut HostRecord) {
+    match ctx.store.set_draining(&record.id, true).await {
+        Ok(_) => {
+            tracing::info!(host_id = %record.id, "host draining");
+            record.draining = true;
+        }
+        Err(e) => tracing::warn!(host_id = %record.id, error = %e, "marking the host draining"),
+    }
+}
+
 /// An `ended` or `failed` report (live, or from the outbox of `register`): recorded once, then
 /// acknowledged with `recorded` — also when it never can be (the session is not this host's),
 /// so that hostd stops sending it. A store error is not acknowledged: hostd sends it again.
@@ -421,41 +486,49 @@ async fn handle_report(
         session: session.clone(),
     };
     match handle_session(ctx, host, record, m).await {
-        None => vec![recorded],
-        Some(e @ ServerToHost::Error { .. }) if is_foreign(&e) => vec![e, recorded],
-        Some(e) => vec![e],
+        Outcome::Done => vec![recorded],
+        Outcome::Foreign(e) => vec![e, recorded],
+        Outcome::StoreFailed(e) => vec![e],
     }
 }
 
-fn is_foreign(m: &ServerToHost) -> bool {
-    matches!(m, ServerToHost::Error { code, .. } if code.as_str() == "foreign_session")
+/// What became of a message about a session.
+enum Outcome {
+    Done,
+    /// Not this host's session: answered, and never worth sending again.
+    Foreign(ServerToHost),
+    /// The store failed: worth another try.
+    StoreFailed(ServerToHost),
 }
 
-/// A message about one of this host's sessions; `Some` error if it is not, or the store failed.
+/// Answers about sessions kept for another try, per connection, at most.
+const MAX_RETRY: usize = 1024;
+
+/// A message about one of this host's sessions.
 async fn handle_session(
     ctx: &Ctx,
     host: &HostId,
     record: &mut HostRecord,
     m: HostMessage,
-) -> Option<ServerToHost> {
+) -> Outcome {
     let session = match &m {
         HostMessage::Activated { session, .. }
         | HostMessage::ActivateFailed { session, .. }
         | HostMessage::Ended { session, .. }
         | HostMessage::Failed { session, .. }
         | HostMessage::Destroyed { session, .. } => session.clone(),
-        HostMessage::Register { .. } | HostMessage::Heartbeat { .. } => return None,
+        HostMessage::Register { .. } | HostMessage::Heartbeat { .. } => return Outcome::Done,
     };
     match owns(ctx, host, &session).await {
         Ok(true) => {}
         Ok(false) => {
             ctx.metrics.refuse("foreign_session");
-            return Some(error(
+            return Outcome::Foreign(error(
                 "foreign_session",
                 format!("session {session} is not placed on host {host}; ignored"),
             ));
         }
-        Err(e) => return Some(e),
+        Err(e) => return Outcome::StoreFailed(e),
     }
     record.last_seen_ms = now_ms();
     let r = match m {
@@ -493,5 +566,8 @@ async fn handle_session(
         HostMessage::Destroyed { .. } => sessions::destroyed(ctx, host, &session).await,
         HostMessage::Register { .. } | HostMessage::Heartbeat { .. } => Ok(()),
     };
-    r.err().map(|e| error(e.code(), "state store unavailable"))
+    match r {
+        Ok(()) => Outcome::Done,
+        Err(e) => Outcome::StoreFailed(error(e.code(), "state store unavailable")),
+    }
 }

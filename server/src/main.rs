@@ -7,6 +7,7 @@ use berth_server::config::ServerConfig;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +36,12 @@ enum Cmd {
         /// Development mode: anyone may mint player tokens at POST /v1/dev/token.
         #[arg(long)]
         dev: bool,
+        /// Serve TLS (wss://, https://) with this PEM certificate chain (overrides `[tls] cert`).
+        #[arg(long, env = "BERTH_TLS_CERT")]
+        tls_cert: Option<PathBuf>,
+        /// …and this PEM private key (overrides `[tls] key`).
+        #[arg(long, env = "BERTH_TLS_KEY")]
+        tls_key: Option<PathBuf>,
     },
     /// Print a signed token: a host's credential, an operator's, or (dev mode) a player's.
     Token {
@@ -79,7 +86,10 @@ async fn main() -> anyhow::Result<()> {
             redis,
             modes,
             dev,
+            tls_cert,
+            tls_key,
         } => {
+            config.apply_tls_flags(tls_cert, tls_key)?;
             if let Some(l) = listen {
                 config.listen = l;
             }
@@ -96,7 +106,15 @@ async fn main() -> anyhow::Result<()> {
             let server = Server::start(config).await?;
             println!("berth-server listening on {}", server.addr);
             berth_net::shutdown_signal().await;
-            tracing::info!("shutting down");
+            let delay = Duration::from_millis(server.ctx.config.timeouts.shutdown_delay_ms);
+            tracing::info!(delay_ms = delay.as_millis() as u64, "shutting down");
+            server.begin_shutdown();
+            // Load balancers see `/readyz` fail and stop sending new connections; a second
+            // signal cuts the wait short.
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = berth_net::shutdown_signal() => {}
+            }
             server.shutdown().await;
         }
         Cmd::Token {

@@ -216,4 +216,7 @@ pub enum Event {
     Destroy { host: HostId, session: SessionId },
     /// A player connected on `conn`; any other connection of theirs is closed.
     PlayerConnected { player: PlayerId, conn: String },
+    /// Never published: the store's event stream had a gap (its subscription was lost and is
+    /// back), so this replica's sockets re-read what they may have missed.
+    Resync,
 }

@@ -4,7 +4,8 @@
 //! The connection logic is written against any `Stream + Sink` of websocket messages, so the
 //! same code runs on real sockets and in tests.
 
-use crate::model::{Binding, Event, PoolKey, Session, SessionState, Ticket};
+use crate::model::{Event, PoolKey, Ticket};
+use crate::standing::{queue_status, standing, Told};
 use crate::state::{lock, Conn, Ctx, Outbound, PlayerConn};
 use crate::util::{now_ms, random_id};
 use crate::wire::{
@@ -21,7 +22,8 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Queued players get a `queue_status` this often.
+/// Queued players get a `queue_status` this often, and every player's standing is checked
+/// against the store (see [`crate::standing`]).
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 /// Rate-limit strikes are forgotten after this long without one.
 const STRIKES_FORGIVEN: Duration = Duration::from_secs(10);
@@ -30,16 +32,20 @@ const OUTBOX: usize = 32;
 
 pub async fn handler(up: wire::Upgrade, State(ctx): State<Ctx>) -> Response {
     let limits = &ctx.config.limits;
-    if lock(&ctx.registry.players).len() >= limits.max_players {
-        ctx.metrics.refuse("server_full");
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(ServerMessage::error(
-                "server_full",
-                "too many players; retry later",
-            )),
-        )
-            .into_response();
+    let refusal = if ctx.is_stopping() {
+        Some((
+            "shutting_down",
+            "this replica is stopping; reconnect (to another)",
+        ))
+    } else if lock(&ctx.registry.players).len() >= limits.max_players {
+        Some(("server_full", "too many players; retry later"))
+    } else {
+        None
+    };
+    if let Some((code, message)) = refusal {
+        ctx.metrics.refuse(code);
+        let body = axum::Json(ServerMessage::error(code, message));
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
     }
     let max = limits.max_frame_bytes;
     let wire::Upgrade { ws, bearer, seat } = up;
@@ -63,8 +69,9 @@ where
     };
     seat.release();
     let (conn_id, rx) = register(&ctx, &player).await;
-    if greet(&ctx, &mut ws, &player).await {
-        connection(&ctx, &mut ws, &player, rx).await;
+    let mut told = Told::default();
+    if greet(&ctx, &mut ws, &player, &mut told).await {
+        connection(&ctx, &mut ws, &player, rx, told).await;
     }
     let mine = {
         let mut players = lock(&ctx.registry.players);
@@ -112,8 +119,8 @@ async fn register(
     (conn_id, rx)
 }
 
-/// `welcome`, then the player's current state; false if the socket failed.
-async fn greet<S>(ctx: &Ctx, ws: &mut S, player: &PlayerId) -> bool
+/// `welcome`, then where the player stands (noted in `told`); false if the socket failed.
+async fn greet<S>(ctx: &Ctx, ws: &mut S, player: &PlayerId, told: &mut Told) -> bool
 where
     S: Sink<Message> + Unpin,
 {
@@ -126,7 +133,8 @@ where
     };
     let mut ok = ws.send(text(&welcome)).await.is_ok();
     if ok {
-        for m in current_state(ctx, player).await {
+        for m in standing(ctx, player, told, true).await {
+            told.observe(&m);
             ok &= ws.send(text(&m)).await.is_ok();
         }
     }
@@ -140,6 +148,7 @@ async fn connection<S>(
     ws: &mut S,
     player: &PlayerId,
     mut rx: mpsc::Receiver<Outbound<ServerMessage>>,
+    mut told: Told,
 ) where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message> + Unpin,
 {
@@ -155,23 +164,20 @@ async fn connection<S>(
     let mut last_heard = Instant::now();
     let mut status =
         tokio::time::interval_at(tokio::time::Instant::now() + STATUS_EVERY, STATUS_EVERY);
-    let mut ok = true;
-    while ok {
+    loop {
         let idle_left = idle.saturating_sub(last_heard.elapsed());
-        tokio::select! {
+        let out = tokio::select! {
             frame = ws.next() => {
                 last_heard = Instant::now();
                 let Some(replies) = on_frame(ctx, ws, player, &mut flood, frame).await else {
                     break;
                 };
-                for r in replies {
-                    if ws.send(text(&r)).await.is_err() {
-                        ok = false;
-                    }
-                }
+                replies
             }
             out = rx.recv() => match out {
-                Some(Outbound::Msg(m)) => ok = ws.send(text(&m)).await.is_ok(),
+                Some(Outbound::Msg(m)) => vec![m],
+                // The event stream had a gap: what did the player miss?
+                Some(Outbound::Recheck) => standing(ctx, player, &told, false).await,
                 Some(Outbound::Close(code, reason)) => {
                     let _ = ws.send(text(&ServerMessage::error(&reason, close_message(&reason)))).await;
                     send_close(ws, code, &reason).await;
@@ -179,15 +185,17 @@ async fn connection<S>(
                 }
                 None => break,
             },
-            _ = status.tick() => {
-                if let Some(m) = queue_status(ctx, player).await {
-                    ok = ws.send(text(&m)).await.is_ok();
-                }
-            }
+            _ = status.tick() => standing(ctx, player, &told, false).await,
             _ = tokio::time::sleep(idle_left) => {
                 ctx.metrics.refuse("idle_timeout");
                 send_close(ws, close::TIMEOUT, "idle_timeout").await;
                 break;
+            }
+        };
+        for m in out {
+            told.observe(&m);
+            if ws.send(text(&m)).await.is_err() {
+                return;
             }
         }
     }
@@ -466,89 +474,4 @@ async fn queue(
         Err(e) => return Err((e.code(), "state store unavailable; retry".into())),
     }
     Ok(queue_status(ctx, player).await.into_iter().collect())
-}
-
-/// The player's `queue_status`, if queued.
-async fn queue_status(ctx: &Ctx, player: &PlayerId) -> Option<ServerMessage> {
-    let Ok(Some(Binding::Queued { ticket, pool })) = ctx.store.binding(player).await else {
-        return None;
-    };
-    let tickets = ctx.store.tickets(&pool).await.ok()?;
-    let t = tickets.iter().find(|t| t.id == ticket)?;
-    let waited_ms = now_ms().saturating_sub(t.enqueued_ms);
-    let window = ctx
-        .modes
-        .get(&pool.mode)
-        .map_or(0.0, |m| m.skill.window_after(waited_ms));
-    Some(ServerMessage::QueueStatus {
-        ticket,
-        mode: pool.mode,
-        region: pool.region,
-        waited_ms,
-        queued: tickets.len() as u64,
-        skill_window: window,
-    })
-}
-
-/// What a (re)connecting player is told about where it stands.
-async fn current_state(ctx: &Ctx, player: &PlayerId) -> Vec<ServerMessage> {
-    match ctx.store.binding(player).await {
-        Ok(Some(Binding::Queued { .. })) => queue_status(ctx, player).await.into_iter().collect(),
-        Ok(Some(Binding::Session { session })) => match ctx.store.session(&session).await {
-            Ok(Some(s)) => session_message(ctx, &s, player, None).into_iter().collect(),
-            _ => Vec::new(),
-        },
-        _ => Vec::new(),
-    }
-}
-
-/// What `player` should hear about session `s`: `matched` while it is active, `session_ended`
-/// once it is ending. `event` is the state an event announced (the session may have moved on
-/// since); `None` when a player (re)connects and is told where it stands now.
-pub fn session_message(
-    ctx: &Ctx,
-    s: &Session,
-    player: &PlayerId,
-    event: Option<SessionState>,
-) -> Option<ServerMessage> {
-    let never_ending = !s.history.iter().any(|t| t.state == SessionState::Ending);
-    match (event.unwrap_or(s.state), s.state) {
-        (SessionState::Active, SessionState::Active) => {
-            let team = s.teams.iter().position(|t| t.contains(player))? as u32;
-            let (ticket, ticket_expires_ms) = ctx
-                .auth
-                .ticket(
-                    &s.ticket_key,
-                    &s.id,
-                    player,
-                    ctx.config.timeouts.ticket_ttl_ms,
-                )
-                .map_err(|e| tracing::error!(session_id = %s.id, error = %e, "minting ticket"))
-                .ok()?;
-            Some(ServerMessage::Matched {
-                session: s.id.clone(),
-                mode: s.pool.mode.clone(),
-                endpoint: s.endpoint.clone().unwrap_or_default(),
-                ticket,
-                ticket_expires_ms,
-                deadline_ms: s.ends_by_ms,
-                team,
-                teams: s.teams.clone(),
-            })
-        }
-        // Reason and results are recorded with the move to Ending, so they are there even if
-        // the session is Ended by now.
-        (SessionState::Ending, _) => Some(ended_message(s)),
-        // Straight to Ended without Ending (never placed): tell them once, by the event.
-        (SessionState::Ended, _) if event.is_some() && never_ending => Some(ended_message(s)),
-        _ => None,
-    }
-}
-
-fn ended_message(s: &Session) -> ServerMessage {
-    ServerMessage::SessionEnded {
-        session: s.id.clone(),
-        reason: s.end_reason.as_deref().unwrap_or("ended").into(),
-        results: s.results.clone(),
-    }
 }

@@ -16,6 +16,8 @@ pub enum Outbound<M> {
     Msg(M),
     /// Send a close frame with this code and reason, then end the connection.
     Close(u16, String),
+    /// Events may have been missed: compare what the peer was told with the store.
+    Recheck,
 }
 
 /// A connection on this replica: its id (to tell a replaced connection from its successor) and
@@ -35,6 +37,12 @@ impl<M: Send + 'static> Conn<M> {
                 let _ = tx.send(Outbound::Close(1008, "slow_consumer".into())).await;
             });
         }
+    }
+
+    /// Asks the connection to compare what it told its peer with the store (a full inbox
+    /// checks anyway, on its own timer).
+    pub fn recheck(&self) {
+        let _ = self.tx.try_send(Outbound::Recheck);
     }
 
     pub fn close(&self, code: u16, reason: &str) {

@@ -20,6 +20,14 @@ pub struct Shared {
     pub matcher: mpsc::UnboundedSender<PoolKey>,
     /// What the admin dashboard's live feed shows, and its watchers.
     pub dashboard: crate::feed::Hub,
+    /// The replica is stopping: `/readyz` fails and new sockets are refused.
+    pub stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl std::fmt::Debug for Shared {

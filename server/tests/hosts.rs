@@ -3,90 +3,17 @@
 mod common;
 
 use anyhow::{bail, Context, Result};
-use berth_protocol::host::{HostMessage, HostVm, ImageCapacity, ServerToHost};
+use berth_protocol::host::{HostMessage, HostVm, ServerToHost};
 use berth_protocol::{HostId, SessionId, VmId};
 use berth_server::app::Server;
 use berth_server::auth::Role;
 use berth_server::model::HostState;
+use common::host::*;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A raw host socket: these tests speak the host protocol frame by frame, bad frames included.
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn open(s: &Server, token: &str) -> Result<Ws> {
-    let mut req = format!("ws://{}/v1/hosts", s.addr).into_client_request()?;
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    Ok(tokio_tungstenite::connect_async(req).await?.0)
-}
-
-fn register(host: &str, vms: Vec<HostVm>) -> HostMessage {
-    register_with(host, vms, vec![])
-}
-
-/// A `register` that also carries `outbox` reports.
-fn register_with(host: &str, vms: Vec<HostVm>, outbox: Vec<HostMessage>) -> HostMessage {
-    HostMessage::Register {
-        v: 1,
-        host: HostId::new(host).expect("id"),
-        accel: "tcg".into(),
-        driver: "qemu".into(),
-        gateway: "ws://127.0.0.1:7071".into(),
-        max_vms: 4,
-        images: vec![ImageCapacity {
-            name: "arena".into(),
-            docked: true,
-            warm: 0,
-            running: 0,
-            memory_mib: 128,
-            vcpus: 1,
-        }],
-        vms,
-        outbox,
-    }
-}
-
-async fn send(ws: &mut Ws, m: &HostMessage) -> Result<()> {
-    ws.send(Message::Text(serde_json::to_string(m)?.into()))
-        .await?;
-    Ok(())
-}
-
-async fn recv(ws: &mut Ws) -> Result<ServerToHost> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .context("no message")?
-        {
-            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t)?),
-            Some(Ok(Message::Close(f))) => bail!("closed: {f:?}"),
-            Some(Ok(_)) => continue,
-            other => bail!("ended: {other:?}"),
-        }
-    }
-}
-
-async fn expect_error(ws: &mut Ws, code: &str) -> Result<()> {
-    match recv(ws).await? {
-        ServerToHost::Error { code: c, .. } if c == code => Ok(()),
-        other => bail!("expected error {code}, got {other:?}"),
-    }
-}
-
-async fn close_of(ws: &mut Ws) -> u16 {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-            Ok(Some(Ok(Message::Close(f)))) => return f.map_or(0, |f| u16::from(f.code)),
-            Ok(Some(Ok(_))) => continue,
-            _ => return 0,
-        }
-    }
-}
 
 #[tokio::test]
 async fn only_host_credentials_open_the_host_socket() -> Result<()> {
@@ -109,17 +36,17 @@ async fn register_must_come_first_name_the_credential_and_speak_this_version() -
     let s = Server::start(config()).await?;
     let tok = auth().mint("h1", Role::Host, 60)?;
 
-    let mut ws = open(&s, &tok).await?;
-    send(&mut ws, &HostMessage::Heartbeat { images: vec![] }).await?;
+    let mut ws = host_socket(&s, &tok).await?;
+    send(&mut ws, &heartbeat()).await?;
     expect_error(&mut ws, "register_required").await?;
     assert_eq!(close_of(&mut ws).await, 4400);
 
-    let mut ws = open(&s, &tok).await?;
+    let mut ws = host_socket(&s, &tok).await?;
     send(&mut ws, &register("h2", vec![])).await?;
     expect_error(&mut ws, "wrong_host").await?;
     assert_eq!(close_of(&mut ws).await, 4401);
 
-    let mut ws = open(&s, &tok).await?;
+    let mut ws = host_socket(&s, &tok).await?;
     let mut r = serde_json::to_value(register("h1", vec![]))?;
     r["v"] = 2.into();
     ws.send(Message::Text(r.to_string().into())).await?;
@@ -136,7 +63,7 @@ async fn register_must_come_first_name_the_credential_and_speak_this_version() -
 #[tokio::test]
 async fn bad_frames_get_codes_and_the_host_stays_connected() -> Result<()> {
     let s = Server::start(config()).await?;
-    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    let mut ws = host_socket(&s, &auth().mint("h1", Role::Host, 60)?).await?;
     send(&mut ws, &register("h1", vec![])).await?;
     assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
     ws.send(Message::Text("{oops".into())).await?;
@@ -163,7 +90,7 @@ async fn bad_frames_get_codes_and_the_host_stays_connected() -> Result<()> {
     expect_error(&mut ws, "foreign_session").await?;
     assert!(s.ctx.store.session(&ghost).await?.is_none());
     // Still registered and heard.
-    send(&mut ws, &HostMessage::Heartbeat { images: vec![] }).await?;
+    send(&mut ws, &heartbeat()).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let h = s
         .ctx
@@ -179,7 +106,7 @@ async fn bad_frames_get_codes_and_the_host_stays_connected() -> Result<()> {
 #[tokio::test]
 async fn reconciliation_destroys_vms_of_unknown_sessions() -> Result<()> {
     let s = Server::start(config()).await?;
-    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    let mut ws = host_socket(&s, &auth().mint("h1", Role::Host, 60)?).await?;
     let vm = HostVm {
         vm: VmId::new("vm-old")?,
         session: SessionId::new("s-long-gone")?,
@@ -198,7 +125,7 @@ async fn reconciliation_destroys_vms_of_unknown_sessions() -> Result<()> {
 #[tokio::test]
 async fn a_host_marked_lost_while_connected_is_asked_to_register_again() -> Result<()> {
     let s = Server::start(config()).await?;
-    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    let mut ws = host_socket(&s, &auth().mint("h1", Role::Host, 60)?).await?;
     send(&mut ws, &register("h1", vec![])).await?;
     assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
     // The sweeper marked it lost (its heartbeats did not reach the store, say).
@@ -210,7 +137,7 @@ async fn a_host_marked_lost_while_connected_is_asked_to_register_again() -> Resu
             .mark_host(&id, h.last_seen_ms, HostState::Lost)
             .await?
     );
-    send(&mut ws, &HostMessage::Heartbeat { images: vec![] }).await?;
+    send(&mut ws, &heartbeat()).await?;
     expect_error(&mut ws, "host_lost").await?;
     assert_eq!(close_of(&mut ws).await, 1001);
     let h = s.ctx.store.host(&id).await?.context("kept")?;
@@ -226,18 +153,14 @@ async fn a_host_marked_lost_while_connected_is_asked_to_register_again() -> Resu
 #[tokio::test]
 async fn reports_in_the_outbox_are_answered_recorded_even_when_never_recordable() -> Result<()> {
     let s = Server::start(config()).await?;
-    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    let mut ws = host_socket(&s, &auth().mint("h1", Role::Host, 60)?).await?;
     let ended = HostMessage::Ended {
         session: SessionId::new("s-not-mine")?,
         vm: VmId::new("vm-1")?,
         reason: String::new(),
         results: serde_json::json!({"winner": "a"}),
     };
-    let with_outbox = register_with(
-        "h1",
-        vec![],
-        vec![ended, HostMessage::Heartbeat { images: vec![] }],
-    );
+    let with_outbox = register_with("h1", vec![], vec![ended, heartbeat()]);
     send(&mut ws, &with_outbox).await?;
     assert!(matches!(recv(&mut ws).await?, ServerToHost::Welcome { .. }));
     // Not this host's session: refused, but acknowledged so that hostd forgets it.
@@ -284,7 +207,7 @@ async fn an_outbox_report_is_recorded_before_reconciliation_could_call_its_sessi
         match_ms: 0,
     };
     assert!(s.ctx.store.claim(&[], &session).await?);
-    let mut ws = open(&s, &auth().mint("h1", Role::Host, 60)?).await?;
+    let mut ws = host_socket(&s, &auth().mint("h1", Role::Host, 60)?).await?;
     let ended = HostMessage::Ended {
         session: session.id.clone(),
         vm: VmId::new("vm-1")?,

@@ -204,3 +204,78 @@ async fn admin_session_lists_page_with_a_total() -> Result<()> {
     s.shutdown().await;
     Ok(())
 }
+
+/// The real binary on SIGTERM: `/readyz` fails at once and new sockets are refused for the
+/// configured delay, then its players are told to reconnect (1001) and it exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_makes_the_replica_unready_first_then_closes_its_players_and_exits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("server.toml");
+    std::fs::write(&path, "[timeouts]\nshutdown_delay_ms = 1500\n")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let modes = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/modes");
+    let mut child = server_bin()
+        .env("BERTH_AUTH_SECRET", SECRET)
+        .args(["--config"])
+        .arg(&path)
+        .args(["run", "--listen", &format!("127.0.0.1:{port}"), "--modes"])
+        .arg(&modes)
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let url = format!("ws://127.0.0.1:{port}/v1/play");
+    let http = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..100 {
+        if http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(up, "the server never became ready");
+    let connect = || {
+        berth_client::PlayClient::connect(berth_client::PlayConfig::new(url.clone(), token("ola")))
+    };
+    let mut player = connect().await?;
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let ready = http.get(format!("{base}/readyz")).send().await?;
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.text().await?, "shutting_down");
+    match connect().await {
+        Err(berth_client::ClientError::Http { status: 503, body }) => {
+            assert!(body.contains("shutting_down"), "{body}");
+        }
+        other => panic!("expected a 503 shutting_down, got {:?}", other.map(|_| ())),
+    }
+    // The live player is served until the delay is over, then told to reconnect.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), player.closed())
+        .await??
+        .and_then(|c| c.code);
+    assert_eq!(closed, Some(1001));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    Ok(())
+}

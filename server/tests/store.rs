@@ -16,6 +16,7 @@ use berth_server::store::memory::MemoryStore;
 use berth_server::store::redis::RedisStore;
 use berth_server::store::{Store, StoreError};
 use berth_server::util::now_ms;
+use berth_testkit::redis::PrivateRedis;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -556,6 +557,10 @@ async fn ending_a_session_unbinds_its_players(store: Arc<dyn Store>) -> Result<(
     assert_eq!(store.binding(&player(1)).await?, None);
     assert_eq!(store.binding(&player(2)).await?, None);
     assert_eq!(store.binding(&player(3)).await?, Some(queued(&t3)));
+    // Its players remember it (for a reconnect); player 3 was never bound to it.
+    assert_eq!(store.last_session(&player(1)).await?, Some(s.id.clone()));
+    assert_eq!(store.last_session(&player(2)).await?, Some(s.id.clone()));
+    assert_eq!(store.last_session(&player(3)).await?, None);
     // Ended sessions stay readable (with their results) for a while.
     assert_eq!(store.session(&s.id).await?, Some(ended.clone()));
     assert_eq!(
@@ -564,10 +569,11 @@ async fn ending_a_session_unbinds_its_players(store: Arc<dyn Store>) -> Result<(
     );
     assert_eq!(store.sessions(Some(SessionState::Placing)).await?, vec![]);
 
-    // Free again: the player can queue.
+    // Free again: the player can queue, and then the last session is old news.
     let again = ticket("t4", player(1), pool(), 4);
     store.enqueue(&again).await?;
     assert_eq!(store.binding(&player(1)).await?, Some(queued(&again)));
+    assert_eq!(store.last_session(&player(1)).await?, None);
 
     // Ending is final for the bindings even if the ended record is written again.
     let mut more = ended.clone();
@@ -906,82 +912,6 @@ async fn redis_connect_refuses_bad_prefix_and_dead_server() -> Result<()> {
     Ok(())
 }
 
-/// A private redis-server on a unix socket, for the one test that stops and restarts Redis
-/// (the shared one at `BERTH_TEST_REDIS` must stay up for the others). Killed on drop.
-struct PrivateRedis {
-    child: std::process::Child,
-    socket: std::path::PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl PrivateRedis {
-    async fn start() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let socket = dir.path().join("redis.sock");
-        let mut redis = PrivateRedis {
-            child: Self::spawn(dir.path(), &socket)?,
-            socket,
-            dir,
-        };
-        redis.wait_ready().await?;
-        Ok(redis)
-    }
-
-    fn spawn(dir: &std::path::Path, socket: &std::path::Path) -> Result<std::process::Child> {
-        std::process::Command::new("redis-server")
-            .arg("--port")
-            .arg("0")
-            .arg("--unixsocket")
-            .arg(socket)
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context(
-                "starting redis-server (run the tests with `cargo xtask test`, which installs it)",
-            )
-    }
-
-    fn url(&self) -> String {
-        format!("redis+unix://{}", self.socket.display())
-    }
-
-    async fn wait_ready(&mut self) -> Result<()> {
-        let client = ::redis::Client::open(self.url())?;
-        for _ in 0..100 {
-            if let Ok(mut con) = client.get_multiplexed_async_connection().await {
-                if ::redis::cmd("PING")
-                    .query_async::<String>(&mut con)
-                    .await
-                    .is_ok()
-                {
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("private redis-server did not answer PING")
-    }
-
-    async fn restart(&mut self) -> Result<()> {
-        self.stop();
-        let dir = self.dir.path().to_owned();
-        self.child = Self::spawn(&dir, &self.socket)?;
-        self.wait_ready().await
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_recovers_after_redis_restarts() -> Result<()> {
     let mut server = PrivateRedis::start().await?;
@@ -996,6 +926,7 @@ async fn redis_store_recovers_after_redis_restarts() -> Result<()> {
 
     let after = Event::QueueChanged { pool: other_pool() };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut resynced = false;
     loop {
         ensure!(
             tokio::time::Instant::now() < deadline,
@@ -1005,10 +936,13 @@ async fn redis_store_recovers_after_redis_restarts() -> Result<()> {
         let _ = store.publish(&after).await;
         match tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
             Ok(Ok(e)) if e == after => break,
+            // The gap is announced, so that sockets re-read what they may have missed.
+            Ok(Ok(Event::Resync)) => resynced = true,
             Ok(Err(broadcast::error::RecvError::Closed)) => bail!("event channel closed"),
             _ => {}
         }
     }
+    ensure!(resynced, "no resync event after the subscription came back");
     let t1 = ticket("t1", player(1), pool(), 1);
     store.enqueue(&t1).await?;
     assert_eq!(store.tickets(&pool()).await?, vec![t1]);

@@ -8,10 +8,12 @@
 //!   ([`Sandbox`]), leak checks, a hostd link to a test server.
 //! - [`stack`]: a whole server + hostd in this process ([`Stack`]).
 //! - [`player`]: players on [`berth_client`] for tests of the server's sockets.
+//! - [`redis`]: a private `redis-server` a test may stop and restart.
 //! - [`game`]: raw clients of a game VM's port (the gateway's client is
 //!   [`berth_client::GameClient`], re-exported here as `GameWs`).
 //! - [`pages`]: the web pages' files, headers and links as a browser fetches them.
 //! - [`browser`]: real headless Chromium through chromedriver.
+//! - [`tls`]: a CA and a server certificate for loopback, made at test time ([`TestCa`]).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -26,10 +28,13 @@ pub mod fixtures;
 pub mod game;
 pub mod pages;
 pub mod player;
+pub mod redis;
 pub mod stack;
+pub mod tls;
 pub mod vm;
 
 pub use berth_client::{GameClient as GameWs, Heard};
 pub use game::{game_hello, game_request, game_surrender};
 pub use stack::{Stack, StackOptions};
+pub use tls::TestCa;
 pub use vm::*;

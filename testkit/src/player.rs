@@ -78,6 +78,33 @@ pub fn close_code(c: &Option<Closed>) -> u16 {
     c.as_ref().and_then(|c| c.code).unwrap_or(0)
 }
 
+/// Waits until `check` holds, polling every 50 ms for at most 10 s (for what the server counts
+/// or records a moment after the client saw it happen).
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<bool>) -> Result<()> {
+    let within = Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await? {
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what}: not within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// `berth_refused_total{code}` on `server`'s `/metrics` (0 when none was counted).
+pub fn refused_total(server: &Server, code: &str) -> u64 {
+    let prefix = format!("berth_refused_total{{code=\"{code}\"}} ");
+    server
+        .ctx
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The player's next `session_ended` within 30 s: its reason and results.
 pub async fn ended(c: &mut Client) -> Result<(String, serde_json::Value)> {
     match c

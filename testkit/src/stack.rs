@@ -75,11 +75,12 @@ impl Stack {
         let gateway_url = format!("ws://{}/v1/game", hostd.gateway().addr);
         println!("gateway {gateway_url}");
         hostd.connect(ServerLink {
-            url: format!("ws://{}/v1/hosts", server.addr),
+            urls: vec![format!("ws://{}/v1/hosts", server.addr)],
             host: HostId::new(HOST)?,
             token: Token::Inline(server.ctx.auth.mint(HOST, Role::Host, 24 * 3600)?),
             gateway: gateway_url,
             reconnect_max: Duration::from_secs(1),
+            trust: Default::default(),
         });
         let pool = hostd.pool().clone();
         let stack = Stack {

@@ -87,6 +87,7 @@ pub fn hostd_config(state_dir: &Path, images: Vec<ImageConfig>) -> HostdConfig {
         ready_timeout_s: 20,
         agent_silence_s: 15,
         keep_substrates: false,
+        drain_timeout_s: 0,
         images,
         gateway: GatewayConfig::at(SocketAddr::from(([127, 0, 0, 1], 0))),
         server: None,
@@ -333,11 +334,12 @@ pub async fn next_failure(
     .context("no failure reported in time")?
 }
 
-/// A hostd link from `pool` to the server at `server` (its `/v1/hosts`), as `host` with a
-/// host-role `token`, advertising `gateway` to players. Stopped by dropping the sender.
+/// A hostd link from `pool` to the server replicas at `servers` (their `/v1/hosts`, tried in
+/// turn), as `host` with a host-role `token`, advertising `gateway` to players. Stopped by
+/// dropping the sender.
 pub fn start_link(
     pool: &Pool,
-    server: SocketAddr,
+    servers: &[SocketAddr],
     host: &str,
     token: String,
     gateway: &str,
@@ -346,11 +348,15 @@ pub fn start_link(
     tokio::task::JoinHandle<()>,
 ) {
     let link = berth_hostd::link::ServerLink {
-        url: format!("ws://{server}/v1/hosts"),
+        urls: servers
+            .iter()
+            .map(|s| format!("ws://{s}/v1/hosts"))
+            .collect(),
         host: berth_protocol::HostId::new(host).expect("a valid host id"),
         token: berth_hostd::link::Token::Inline(token),
         gateway: gateway.into(),
         reconnect_max: Duration::from_millis(500),
+        trust: Default::default(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(berth_hostd::link::run(pool.clone(), link, async move {

@@ -245,7 +245,7 @@ async fn the_dashboard_watches_and_steers_the_real_stack() -> Result<()> {
     let (addr, store) = (server.addr, server.ctx.store.clone());
     let token = client::auth().mint("dash-host", Role::Host, 3600)?;
     let (stop, link) =
-        berth_testkit::start_link(&sandbox.pool, addr, "dash-host", token, &gateway_url);
+        berth_testkit::start_link(&sandbox.pool, &[addr], "dash-host", token, &gateway_url);
     let host = HostId::new("dash-host")?;
     host_is(&store, &host, |h| {
         h.state == HostState::Up && h.images.iter().any(|i| i.docked && i.warm >= 1)

@@ -116,7 +116,7 @@ async fn a_game_that_dies_after_activation_ends_game_crashed_and_its_player_hear
     let token = fixtures::host_token("faults-host");
     let (stop, task) = start_link(
         &sb.pool,
-        server.addr,
+        &[server.addr],
         "faults-host",
         token,
         "ws://127.0.0.1:1/v1/game",

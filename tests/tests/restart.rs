@@ -272,47 +272,68 @@ async fn next_news(
     .await?)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_match_outlives_a_killed_hostd_that_comes_back_within_the_grace() -> Result<()> {
-    use berth_protocol::play::ServerMessage;
-    use berth_server::model::{HostState, SessionState};
-    use berth_testkit::player as client;
-    init_logs();
-    let mut sc = client::config();
-    sc.timeouts.host_heartbeat_ms = 500;
-    sc.timeouts.host_lost_ms = 1500;
-    sc.timeouts.host_grace_ms = 60_000;
-    let server = berth_server::app::Server::start(sc).await?;
-    let dir = Sandbox::state_dir("outlive");
+/// A real `berth-hostd` linked to `server` as `host`: one warm arena clone, its substrate
+/// docked, its state folder removed (and checked) by the caller through `dir`.
+struct Linked {
+    hostd: Hostd,
+    control: Client,
+    config: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    _guard: DirGuard,
+    _conf: TempDir,
+}
+
+async fn linked_hostd(server: &berth_server::app::Server, host: &str) -> Result<Linked> {
+    let dir = Sandbox::state_dir(host);
     let _ = std::fs::remove_dir_all(&dir);
     seed_substrate(&dir, &image_config("arena", 1)).await?;
-    let _guard = DirGuard(dir.clone());
-    let conf_dir = TempDir::new("conf-outlive")?;
-    let config = conf_dir.0.join("hostd.toml");
+    let guard = DirGuard(dir.clone());
+    let conf = TempDir::new(&format!("conf-{host}"))?;
+    let config = conf.0.join("hostd.toml");
     let port = free_port();
     let gateway = free_port();
     std::fs::write(
         &config,
         format!(
-            "host_id = \"outlive\"\nstate_dir = \"{}\"\ncontrol = \"127.0.0.1:{port}\"\naccel = \"tcg\"\n\
+            "host_id = \"{host}\"\nstate_dir = \"{}\"\ncontrol = \"127.0.0.1:{port}\"\naccel = \"tcg\"\n\
              [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = 1\n\
              [gateway]\nlisten = \"127.0.0.1:{gateway}\"\n\
              [server]\nurl = \"ws://{}/v1/hosts\"\ntoken = \"{}\"\ngateway = \"ws://127.0.0.1:{gateway}/v1/game\"\nreconnect_max_s = 1\n",
             dir.display(),
             image_dir().display(),
             server.addr,
-            berth_testkit::fixtures::host_token("outlive"),
+            berth_testkit::fixtures::host_token(host),
         ),
     )?;
-    let control = Client::new(([127, 0, 0, 1], port).into());
-    let mut hostd = spawn(&config);
-    host_until(&server, "outlive", |h| {
+    let hostd = spawn(&config);
+    host_until(server, host, |h| {
         h.images.iter().any(|i| i.docked && i.warm >= 1)
     })
     .await?;
+    Ok(Linked {
+        hostd,
+        control: Client::new(([127, 0, 0, 1], port).into()),
+        config,
+        dir,
+        _guard: guard,
+        _conf: conf,
+    })
+}
 
-    let mut a = client::player(&server, "ann").await?;
-    let mut b = client::player(&server, "ben").await?;
+/// Two players queue for a duel on `server` and are matched: both, the session, one ticket.
+async fn duel(
+    server: &berth_server::app::Server,
+    names: [&str; 2],
+) -> Result<(
+    berth_testkit::player::Client,
+    berth_testkit::player::Client,
+    SessionId,
+    String,
+)> {
+    use berth_protocol::play::ServerMessage;
+    use berth_testkit::player as client;
+    let mut a = client::player(server, names[0]).await?;
+    let mut b = client::player(server, names[1]).await?;
     a.send(&client::queue("duel", "eu")).await?;
     b.send(&client::queue("duel", "eu")).await?;
     let ServerMessage::Matched {
@@ -322,7 +343,28 @@ async fn a_live_match_outlives_a_killed_hostd_that_comes_back_within_the_grace()
         anyhow::bail!("expected matched");
     };
     next_news(&mut b).await?;
-    let vm = control
+    Ok((a, b, session, ticket))
+}
+
+/// A server whose hosts are lost after 1.5 s of silence but keep their sessions for 60 s.
+async fn grace_server() -> Result<berth_server::app::Server> {
+    let mut sc = berth_testkit::player::config();
+    sc.timeouts.host_heartbeat_ms = 500;
+    sc.timeouts.host_lost_ms = 1500;
+    sc.timeouts.host_grace_ms = 60_000;
+    berth_server::app::Server::start(sc).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_match_outlives_a_killed_hostd_that_comes_back_within_the_grace() -> Result<()> {
+    use berth_server::model::{HostState, SessionState};
+    use berth_testkit::player as client;
+    init_logs();
+    let server = grace_server().await?;
+    let mut h = linked_hostd(&server, "outlive").await?;
+    let (mut a, mut b, session, ticket) = duel(&server, ["ann", "ben"]).await?;
+    let vm = h
+        .control
         .status()
         .await?
         .vms
@@ -331,12 +373,12 @@ async fn a_live_match_outlives_a_killed_hostd_that_comes_back_within_the_grace()
         .context("the session's VM")?;
 
     // hostd dies; the server marks the host lost, but the match goes on in its VM.
-    hostd.kill()?;
+    h.hostd.kill()?;
     host_until(&server, "outlive", |h| h.state == HostState::Lost).await?;
     let s = server.ctx.store.session(&session).await?.context("kept")?;
     assert_eq!(s.state, SessionState::Active, "{:?}", s.end_reason);
     // Back within the grace: it adopts the VM, registers it, and the session stays.
-    let mut hostd = spawn(&config);
+    h.hostd = spawn(&h.config);
     host_until(&server, "outlive", |h| h.state == HostState::Up).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let s = server.ctx.store.session(&session).await?.context("kept")?;
@@ -350,10 +392,67 @@ async fn a_live_match_outlives_a_killed_hostd_that_comes_back_within_the_grace()
         assert_eq!(reason, "surrender");
         assert!(!results["winner"].is_null(), "{results}");
     }
-    signal(hostd.id(), nix::sys::signal::Signal::SIGTERM)?;
-    assert!(hostd.wait()?.success());
+    signal(h.hostd.id(), nix::sys::signal::Signal::SIGTERM)?;
+    assert!(h.hostd.wait()?.success());
     server.shutdown().await;
-    drop(conf_dir);
-    assert_nothing_left(&dir)?;
+    assert_nothing_left(&h.dir)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_hostd_the_live_match_finishes_then_it_stops() -> Result<()> {
+    use berth_testkit::player as client;
+    init_logs();
+    let server = grace_server().await?;
+    let mut h = linked_hostd(&server, "drainer").await?;
+    let (mut a, mut b, session, ticket) = duel(&server, ["cid", "dot"]).await?;
+    let late = ActivateRequest {
+        session_id: SessionId::new("too-late")?,
+        image: "arena".into(),
+        players: vec![],
+        teams: vec![],
+        params: serde_json::Value::Null,
+        ticket_key: String::new(),
+        deadline_ms: 0,
+    };
+
+    signal(h.hostd.id(), nix::sys::signal::Signal::SIGTERM)?;
+    // The server hears the drain and places nothing more there; hostd refuses new sessions.
+    host_until(&server, "drainer", |h| h.draining).await?;
+    match h.control.activate(&late).await {
+        Err(ClientError::Api(e)) => assert_eq!(e.code, "draining"),
+        other => panic!("expected draining, got {other:?}"),
+    }
+    assert!(h.control.status().await?.draining);
+    // The live match plays on to its end, and both players hear its results...
+    let live = h.control.status().await?.vms;
+    let game = live
+        .iter()
+        .find(|v| v.session_id == session)
+        .context("live VM")?;
+    assert_eq!(
+        game_surrender(game.game_addr, &ticket).await?.0,
+        "surrender"
+    );
+    for c in [&mut a, &mut b] {
+        let (reason, results) = client::ended(c).await?;
+        assert_eq!(reason, "surrender");
+        assert!(!results["winner"].is_null(), "{results}");
+    }
+    // ...and then hostd stops by itself, cleanly.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = h.hostd.0.try_wait()? {
+            break status;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "hostd did not stop after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "clean stop: {status}");
+    server.shutdown().await;
+    assert_nothing_left(&h.dir)?;
     Ok(())
 }

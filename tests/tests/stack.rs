@@ -24,18 +24,20 @@ use tokio::sync::oneshot;
 
 /// A hostd link to `server` for `sandbox`'s pool, stopped by dropping the returned sender.
 fn link(sandbox: &Sandbox, server: &Server) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    link_as(sandbox, server, "test-host")
+    link_as(sandbox, &[server], "test-host")
 }
 
+/// A link as `host` knowing the replicas `servers`.
 fn link_as(
     sandbox: &Sandbox,
-    server: &Server,
+    servers: &[&Server],
     host: &str,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let token = auth().mint(host, Role::Host, 3600).expect("mint");
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
     berth_testkit::start_link(
         &sandbox.pool,
-        server.addr,
+        &addrs,
         host,
         token,
         "ws://127.0.0.1:7071/v1/game",
@@ -382,6 +384,108 @@ async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_going_down_moves_its_host_to_another_and_ends_no_match() -> Result<()> {
+    let url = berth_testkit::fixtures::redis_url()?;
+    let prefix = format!("berth-failover-{}", std::process::id());
+    let sandbox = Sandbox::start("stack-failover", 1).await?;
+    let one: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
+    let two: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
+    let r1 = Server::start_with(stack_config(), one).await?;
+    let r2 = Server::start_with(stack_config(), two.clone()).await?;
+    let (first, second) = (r1.ctx.replica.clone(), r2.ctx.replica.clone());
+    let (stop, task) = link_as(&sandbox, &[&r1, &r2], "test-host");
+    host_until(&two, |h| {
+        h.replica == first && h.images.iter().any(|i| i.docked)
+    })
+    .await?;
+    let (mut a, _b, (live, _, ticket)) = pair((&r2, "gil"), (&r2, "hal"), "duel").await?;
+
+    // The replica holding the host's link goes away and stays away, longer than the grace.
+    r1.shutdown().await;
+    host_until(&two, |h| h.replica == second && h.state == HostState::Up).await?;
+    tokio::time::sleep(Duration::from_millis(stack_config().timeouts.host_grace_ms)).await;
+    // A match formed during the outage is placed on the host, through the other replica.
+    let (mut c, _d, (placed, _, new_ticket)) = pair((&r2, "ida"), (&r2, "jon"), "duel").await?;
+    session_until(&two, &placed, SessionState::Active).await?;
+    // Both matches play to their end, and their players hear the results.
+    for (session, ticket, player) in [(&live, &ticket, &mut a), (&placed, &new_ticket, &mut c)] {
+        let vm = sandbox.vm_of(session)?;
+        game_surrender(vm.game_addr, ticket).await?;
+        assert_eq!(ended(player).await?.0, "surrender");
+    }
+    no_vms_left(&sandbox).await?;
+
+    drop(stop);
+    task.await?;
+    r2.shutdown().await;
+    sandbox.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_of_a_game_that_ends_while_the_link_is_down_reach_the_players_after() -> Result<()>
+{
+    let url = berth_testkit::fixtures::redis_url()?;
+    let prefix = format!("berth-outbox-{}", std::process::id());
+    let sandbox = Sandbox::start("stack-outbox", 1).await?;
+    let store = || RedisStore::connect(&url, &prefix);
+    let mut cfg = stack_config();
+    cfg.timeouts.host_grace_ms = 60_000;
+    let two: Arc<dyn Store> = Arc::new(store().await?);
+    let r1 = Server::start_with(cfg.clone(), Arc::new(store().await?)).await?;
+    let r2 = Server::start_with(cfg.clone(), two.clone()).await?;
+    // The host knows replica 1 only; the players are on replica 2.
+    let (stop, task) = link_as(&sandbox, &[&r1], "test-host");
+    host_until(&two, |h| {
+        h.state == HostState::Up && h.images.iter().any(|i| i.docked)
+    })
+    .await?;
+    let (mut a, mut b, (session, _, ticket)) = pair((&r2, "kai"), (&r2, "lea"), "duel").await?;
+    session_until(&two, &session, SessionState::Active).await?;
+
+    // The link goes down, and the game ends meanwhile: its report waits in hostd's outbox.
+    let addr = r1.addr;
+    r1.shutdown().await;
+    let vm = sandbox.vm_of(&session)?;
+    game_surrender(vm.game_addr, &ticket).await?;
+    let outbox = sandbox.pool.outbox();
+    for _ in 0..100 {
+        if !outbox.pending().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(outbox.pending().len() == 1, "{:?}", outbox.pending());
+    let s = two.session(&session).await?.context("kept")?;
+    ensure!(s.state == SessionState::Active, "{:?}", s.end_reason);
+
+    // The replica comes back: the report rides in `register`, and both players hear the end.
+    cfg.listen = addr;
+    let r1 = Server::start_with(cfg, Arc::new(store().await?)).await?;
+    for player in [&mut a, &mut b] {
+        let (reason, results) = ended(player).await?;
+        assert_eq!(reason, "surrender");
+        assert!(!results["winner"].is_null(), "{results}");
+    }
+    for _ in 0..50 {
+        if outbox.pending().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        outbox.pending().is_empty(),
+        "recorded reports are forgotten"
+    );
+    no_vms_left(&sandbox).await?;
+
+    drop(stop);
+    task.await?;
+    r1.shutdown().await;
+    r2.shutdown().await;
+    sandbox.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_retries_another_host_when_activation_fails() -> Result<()> {
     let images = || vec![berth_testkit::image_config("arena", 0)];
     let seed = ["arena".to_owned()];
@@ -395,8 +499,8 @@ async fn placement_retries_another_host_when_activation_fails() -> Result<()> {
     .await?;
     let server = Server::start(stack_config()).await?;
     let store = server.ctx.store.clone();
-    let (stop_a, task_a) = link_as(&bad, &server, "host-a");
-    let (stop_b, task_b) = link_as(&good, &server, "host-b");
+    let (stop_a, task_a) = link_as(&bad, &[&server], "host-a");
+    let (stop_b, task_b) = link_as(&good, &[&server], "host-b");
     for h in ["host-a", "host-b"] {
         host_named_until(&store, h, |h| {
             h.state == HostState::Up && h.images.iter().any(|i| i.docked)

@@ -70,7 +70,7 @@ impl Stack {
         let gateway_url = format!("ws://{}/v1/game", gateway.addr);
         let (stop, link) = berth_testkit::start_link(
             &sandbox.pool,
-            server.addr,
+            &[server.addr],
             "swarm-host",
             token,
             &gateway_url,

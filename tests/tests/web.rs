@@ -273,7 +273,7 @@ fn link(
     let token = client::auth()
         .mint("web-host", Role::Host, 3600)
         .expect("mint");
-    berth_testkit::start_link(&sandbox.pool, server.addr, "web-host", token, gateway)
+    berth_testkit::start_link(&sandbox.pool, &[server.addr], "web-host", token, gateway)
 }
 
 /// A game answer heard on the opponent's gateway socket, or why none came.

@@ -4,6 +4,7 @@ mod bench;
 mod bench_e2e;
 mod bench_server;
 mod build;
+mod chaos;
 mod demo;
 mod image;
 mod redis;
@@ -42,6 +43,10 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         extra: Vec<String>,
     },
+    /// The stack as separate processes under a timeline of faults (process kills, a stalled
+    /// hostd, Redis restarts, drains, floods) while swarms play; writes target/bench/chaos.json
+    /// and fails if a fault cost a player a match or results, or left anything behind.
+    Chaos(chaos::ChaosArgs),
     /// Benchmarks; results go to target/bench/*.json.
     Bench {
         #[command(subcommand)]
@@ -79,6 +84,10 @@ fn main() -> Result<()> {
             rt()?.block_on(demo::run(args))?;
         }
         Cmd::Test { extra } => test::run(&extra)?,
+        Cmd::Chaos(args) => {
+            init_logs();
+            rt()?.block_on(chaos::run(args))?;
+        }
         Cmd::Bench {
             which: BenchCmd::Activation(args),
         } if args.driver == bench::DriverArg::Xen => {

@@ -1,5 +1,6 @@
 //! A throwaway Redis for one test run: `redis-server` on a free loopback port, in its own
-//! folder, persisting nothing, killed and removed when the [`RedisServer`] is dropped.
+//! folder, persisting nothing (or, for `cargo xtask chaos`, an fsync'd append-only file that
+//! survives [`RedisServer::restart`]), killed and removed when the [`RedisServer`] is dropped.
 //!
 //! The distribution's `redis-server` service (installed with the package) is never used: a
 //! test run must not depend on, or leave keys in, a Redis it does not own.
@@ -19,15 +20,27 @@ pub struct RedisServer {
     pub url: String,
     child: Child,
     dir: PathBuf,
+    port: u16,
+    aof: bool,
 }
 
 impl RedisServer {
     /// Starts `redis-server` and waits until it answers PING. Another process can take the free
     /// port between our probe and Redis binding it, so a failed start is retried on a new port.
     pub fn start() -> Result<RedisServer> {
+        Self::start_with(false)
+    }
+
+    /// As [`RedisServer::start`], with an append-only file synced on every write (as production
+    /// runs it): a [`RedisServer::restart`], even after SIGKILL, keeps every key.
+    pub fn start_persistent() -> Result<RedisServer> {
+        Self::start_with(true)
+    }
+
+    fn start_with(aof: bool) -> Result<RedisServer> {
         let mut last = None;
         for _ in 0..3 {
-            match Self::start_once() {
+            match Self::start_once(aof) {
                 Ok(server) => return Ok(server),
                 Err(e) => last = Some(e),
             }
@@ -35,33 +48,46 @@ impl RedisServer {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("redis-server did not start")))
     }
 
-    fn start_once() -> Result<RedisServer> {
+    fn start_once(aof: bool) -> Result<RedisServer> {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("berth-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let log = dir.join("redis.log");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--logfile")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting redis-server (is the redis-server package installed?)")?;
+        let child = spawn(port, &dir, aof)?;
         // From here on, Drop stops the process and removes the folder.
         let mut server = RedisServer {
             url: format!("redis://127.0.0.1:{port}/"),
             child,
             dir,
+            port,
+            aof,
         };
-        server.wait_ready(port).with_context(|| {
+        server.ready()?;
+        Ok(server)
+    }
+
+    fn ready(&mut self) -> Result<()> {
+        let port = self.port;
+        let log = self.dir.join("redis.log");
+        self.wait_ready(port).with_context(|| {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
             format!("redis-server on port {port} is not ready; its log:\n{said}")
-        })?;
-        Ok(server)
+        })
+    }
+
+    /// Stops it with `signal` (SIGTERM: it syncs and exits; SIGKILL: it just dies), then
+    /// starts it again on the same port and folder and waits for its PING.
+    pub fn restart(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, signal);
+        let deadline = Instant::now() + READY_WITHIN;
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = spawn(self.port, &self.dir, self.aof)?;
+        self.ready()
     }
 
     fn wait_ready(&mut self, port: u16) -> Result<()> {
@@ -89,8 +115,28 @@ impl Drop for RedisServer {
     }
 }
 
+fn spawn(port: u16, dir: &std::path::Path, aof: bool) -> Result<Child> {
+    let persistence: &[&str] = if aof {
+        &["--appendonly", "yes", "--appendfsync", "always"]
+    } else {
+        &["--appendonly", "no"]
+    };
+    Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--daemonize", "no"])
+        .args(persistence)
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server (is the redis-server package installed?)")
+}
+
 /// A loopback port nobody listens on right now.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
     Ok(listener.local_addr()?.port())
 }

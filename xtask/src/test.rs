@@ -3,7 +3,8 @@
 //! Installs what is missing (as root, with apt-get), builds the guest image, builds the
 //! workspace once (debug), starts a private Redis for the store tests (`BERTH_TEST_REDIS`), runs
 //! the whole suite with nextest (VM tests at most two at a time, see `.config/nextest.toml`),
-//! stops that Redis, then runs the nested-Xen tier (`xen.rs`: Xen and a Berth dom0 inside QEMU;
+//! stops that Redis, then runs the short chaos run (`chaos.rs`: two replicas, two hostds and
+//! two swarms as processes under a timeline of faults), then the nested-Xen tier (`xen.rs`: Xen and a Berth dom0 inside QEMU;
 //! skipped, and said so, where its packages cannot be downloaded or `BERTH_XEN_TIER=0`), then
 //! checks that no test left a QEMU process or a `/dev/shm` folder behind.
 
@@ -67,6 +68,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     };
     drop(redis);
     let _ = std::fs::remove_dir_all("/dev/shm/berth-test-cache");
+    let result = result.and_then(|()| chaos_tier());
     let xen = xen_tier();
     let leaks = leftovers();
     match (result, xen) {
@@ -90,6 +92,18 @@ pub fn run(extra: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The short `cargo xtask chaos` (8 players, 80 s, every fault): it fails the run if a fault
+/// costs a match or results, or leaves anything behind. `BERTH_CHAOS_TIER=0` skips it, and
+/// says so.
+fn chaos_tier() -> Result<()> {
+    if std::env::var("BERTH_CHAOS_TIER").is_ok_and(|v| v == "0") {
+        eprintln!("xtask: chaos tier SKIPPED (BERTH_CHAOS_TIER=0)");
+        return Ok(());
+    }
+    eprintln!("xtask: chaos tier: separate processes under a timeline of faults");
+    crate::chaos::short()
 }
 
 /// How the nested-Xen tier went, when it did not fail.

@@ -11,6 +11,15 @@ use std::time::Duration;
 /// A server with dev tokens on, on port 0; sessions that find no host fail after
 /// `placing_ms`.
 pub async fn server(dev_tokens: bool, placing_ms: u64) -> Result<Server> {
+    server_with(dev_tokens, placing_ms, |_| {}).await
+}
+
+/// [`server`], with its config changed by `tweak` first.
+pub async fn server_with(
+    dev_tokens: bool,
+    placing_ms: u64,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> Result<Server> {
     // `RUST_LOG=berth_sim=debug cargo test -p berth-sim -- --nocapture` shows every bot's story.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -24,6 +33,7 @@ pub async fn server(dev_tokens: bool, placing_ms: u64) -> Result<Server> {
     c.auth.secret = "client-sim-test-secret-0123456789".into();
     c.auth.dev_tokens = dev_tokens;
     c.timeouts.placing_ms = placing_ms;
+    tweak(&mut c);
     Server::start(c).await
 }
 

@@ -29,12 +29,16 @@ impl Pool {
                 message: format!("ticket_key must be 1 to {MAX_TICKET_KEY} bytes of hex"),
             });
         }
-        let cell = self
-            .state()
-            .sessions
-            .entry(req.session_id.clone())
-            .or_insert_with(|| Arc::new(OnceCell::new()))
-            .clone();
+        let cell = {
+            let mut st = self.state();
+            if self.is_draining() && !st.sessions.contains_key(&req.session_id) {
+                return Err(PoolError::Draining);
+            }
+            st.sessions
+                .entry(req.session_id.clone())
+                .or_insert_with(|| Arc::new(OnceCell::new()))
+                .clone()
+        };
         let result = cell
             .get_or_init(|| self.do_activate(req.clone()))
             .await

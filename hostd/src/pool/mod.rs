@@ -161,6 +161,8 @@ pub enum PoolError {
     Driver { code: String, message: String },
     #[error("hostd is shutting down")]
     ShuttingDown,
+    #[error("this host is draining: it takes no new sessions")]
+    Draining,
 }
 
 impl PoolError {
@@ -174,6 +176,7 @@ impl PoolError {
             PoolError::BadRequest { .. } => ErrorCode::BadRequest,
             PoolError::Driver { .. } => ErrorCode::ActivationFailed,
             PoolError::ShuttingDown => ErrorCode::ShuttingDown,
+            PoolError::Draining => ErrorCode::Draining,
         }
     }
 }
@@ -225,6 +228,8 @@ pub enum PoolEvent {
         vm_id: VmId,
         session_id: SessionId,
     },
+    /// The pool takes no new sessions ([`Pool::drain`]).
+    Draining,
 }
 
 impl PoolEvent {
@@ -298,6 +303,9 @@ pub struct Status {
     pub vms: Vec<VmInfo>,
     pub failures: Vec<Failure>,
     pub activations: u64,
+    /// Taking no new sessions (see [`Pool::drain`]).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Where an image's substrate is, with what each state needs.
@@ -365,6 +373,8 @@ struct Inner {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Reports of gone VMs until the server acknowledges them (the link removes them).
     outbox: Outbox,
+    /// No new sessions (see [`Pool::drain`]).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// The pool; cheap to clone.
@@ -447,6 +457,7 @@ impl Pool {
         let pool = Pool {
             inner: Arc::new(Inner {
                 outbox,
+                draining: Default::default(),
                 config,
                 driver,
                 specs,
@@ -605,7 +616,24 @@ impl Pool {
             vms,
             failures: st.failures.iter().cloned().collect(),
             activations: st.activations,
+            draining: self.is_draining(),
         }
+    }
+
+    /// Takes no new sessions from now on (an activation of a session that has a VM still
+    /// answers with it); announced as [`PoolEvent::Draining`]. Live VMs run on to their end.
+    pub fn drain(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.inner.draining.swap(true, Ordering::SeqCst) {
+            tracing::info!("draining: no new sessions");
+            let _ = self.inner.events.send(PoolEvent::Draining);
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner
+            .draining
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits until `image` is docked with at least `warm` clones ready, or fails with what the

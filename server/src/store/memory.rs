@@ -1,7 +1,7 @@
 //! The embedded store: everything in one process behind a std `Mutex` (never held across an
 //! `.await`), events on a tokio broadcast channel.
 
-use super::{Store, StoreError, ENDED_RETENTION_MS};
+use super::{Store, StoreError, ENDED_RETENTION_MS, LAST_SESSION_KEPT_MS};
 use crate::model::{Binding, Event, HostRecord, HostState, PoolKey, Session, SessionState, Ticket};
 use crate::util::now_ms;
 use async_trait::async_trait;
@@ -21,6 +21,8 @@ struct Inner {
     /// Ticket id → its key in `queues`.
     index: HashMap<String, (u64, String)>,
     bindings: HashMap<PlayerId, Binding>,
+    /// Player → their last ended session and when that is forgotten (ms).
+    last: HashMap<PlayerId, (SessionId, u64)>,
     sessions: HashMap<SessionId, Session>,
     /// Sessions not yet ended (what the sweeper and placement look at).
     live: std::collections::BTreeSet<SessionId>,
@@ -123,6 +125,7 @@ impl Store for MemoryStore {
         if let Some(b) = g.bindings.get(&ticket.player) {
             return Err(StoreError::PlayerBusy(b.clone()));
         }
+        g.last.remove(&ticket.player);
         g.bindings.insert(
             ticket.player.clone(),
             Binding::Queued {
@@ -206,6 +209,18 @@ impl Store for MemoryStore {
         Ok(self.lock().bindings.get(player).cloned())
     }
 
+    async fn last_session(&self, player: &PlayerId) -> Result<Option<SessionId>, StoreError> {
+        let mut g = self.lock();
+        match g.last.get(player) {
+            Some((id, forget_ms)) if *forget_ms > now_ms() => Ok(Some(id.clone())),
+            Some(_) => {
+                g.last.remove(player);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
         Ok(self.lock().sessions.get(id).cloned())
     }
@@ -243,6 +258,7 @@ impl Store for MemoryStore {
         let mut stored = session.clone();
         stored.version += 1;
         if stored.state == SessionState::Ended {
+            let forget_ms = stored.since_ms() + LAST_SESSION_KEPT_MS.min(self.retention_ms);
             for p in &stored.players {
                 if g.bindings.get(p)
                     == Some(&Binding::Session {
@@ -250,6 +266,7 @@ impl Store for MemoryStore {
                     })
                 {
                     g.bindings.remove(p);
+                    g.last.insert(p.clone(), (stored.id.clone(), forget_ms));
                 }
             }
         }

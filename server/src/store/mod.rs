@@ -21,6 +21,9 @@ pub const EVENT_BUFFER: usize = 16_384;
 
 /// How long an ended session (with its results) stays readable.
 pub const ENDED_RETENTION_MS: u64 = 3_600_000;
+/// How long a player's ended session is remembered for its reconnect (see
+/// [`Store::last_session`]).
+pub const LAST_SESSION_KEPT_MS: u64 = 600_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -77,6 +80,11 @@ pub trait Store: Send + Sync + 'static {
     async fn claim(&self, tickets: &[String], session: &Session) -> Result<bool, StoreError>;
 
     async fn binding(&self, player: &PlayerId) -> Result<Option<Binding>, StoreError>;
+
+    /// The player's last session, if it ended within [`LAST_SESSION_KEPT_MS`] (and within the
+    /// ended retention) and the player has not queued since: so that a player who was away
+    /// when it ended is told how on reconnect.
+    async fn last_session(&self, player: &PlayerId) -> Result<Option<SessionId>, StoreError>;
 
     // ---- sessions ----
 

@@ -21,6 +21,7 @@
 //! | `B queue:{pool}`        | zset   | ticket ids scored by `enqueued_ms` (ties: by id)       |
 //! | `B pools`               | hash   | `{pool}` → pool JSON, for pools holding a ticket       |
 //! | `B player:{id}`         | string | binding JSON                                           |
+//! | `B last:{id}`           | string | the player's last ended session id, with a PX expiry   |
 //! | `B session:{id}`        | hash   | `json`, `version`, `state` (CAS reads the last two)    |
 //! | `B sessions:{state}`    | set    | ids of live sessions in `state`                        |
 //! | `B ended`               | zset   | ended session ids scored by when they expire (ms)      |
@@ -43,7 +44,7 @@
 //! every read and check before their first write, since Redis does not roll a failed script
 //! back.
 
-use super::{Store, StoreError, ENDED_RETENTION_MS, EVENT_BUFFER};
+use super::{Store, StoreError, ENDED_RETENTION_MS, EVENT_BUFFER, LAST_SESSION_KEPT_MS};
 use crate::model::{Binding, Event, HostRecord, HostState, PoolKey, Session, SessionState, Ticket};
 use crate::util::now_ms;
 use async_trait::async_trait;
@@ -108,6 +109,9 @@ impl Keys {
     }
     fn player(&self, id: &PlayerId) -> String {
         format!("{}player:{id}", self.base)
+    }
+    fn last(&self, id: &PlayerId) -> String {
+        format!("{}last:{id}", self.base)
     }
     fn session(&self, id: &SessionId) -> String {
         format!("{}session:{id}", self.base)
@@ -190,13 +194,15 @@ local function index_remove(id, state)
 end
 "#;
 
-/// KEYS: player. ARGV: base, ticket id, ticket JSON, binding JSON, pool id, pool JSON, score,
-/// away ('' for none), events channel, queue_changed event JSON. Returns {1, false} or {0, the
-/// binding in the way}. Announces the new ticket in the same step (one round trip per ticket).
+/// KEYS: player, player's last session. ARGV: base, ticket id, ticket JSON, binding JSON, pool
+/// id, pool JSON, score, away ('' for none), events channel, queue_changed event JSON. Returns
+/// {1, false} or {0, the binding in the way}. Announces the new ticket in the same step (one
+/// round trip per ticket).
 const ENQUEUE: &str = r#"
 local b = redis.call('GET', KEYS[1])
 if b then return {0, b} end
 redis.call('SET', KEYS[1], ARGV[4])
+redis.call('DEL', KEYS[2])
 redis.call('SET', B .. 'ticket:' .. ARGV[2], ARGV[3])
 redis.call('ZADD', B .. 'queue:' .. ARGV[5], ARGV[7], ARGV[2])
 redis.call('HSET', B .. 'pools', ARGV[5], ARGV[6])
@@ -279,7 +285,8 @@ return {1, false}
 "#;
 
 /// KEYS: session. ARGV: base, id, expected version, JSON, new version, state, ttl ms,
-/// expire-at ms, binding JSON, players... Returns 1 if stored, 0 if the version moved on.
+/// expire-at ms, binding JSON, ttl of the players' `last` ms, players... Returns 1 if stored,
+/// 0 if the version moved on.
 const UPDATE_SESSION: &str = r#"
 local cur = redis.call('HMGET', KEYS[1], 'version', 'state')
 if not cur[1] or cur[1] ~= ARGV[3] then return 0 end
@@ -287,9 +294,12 @@ redis.call('HSET', KEYS[1], 'json', ARGV[4], 'version', ARGV[5], 'state', ARGV[6
 if cur[2] and cur[2] ~= ARGV[6] then index_remove(ARGV[2], cur[2]) end
 if cur[2] ~= ARGV[6] or ARGV[6] == 'ended' then index_add(ARGV[2], ARGV[6], ARGV[7], ARGV[8]) end
 if ARGV[6] == 'ended' then
-  for i = 10, #ARGV do
+  for i = 11, #ARGV do
     local k = B .. 'player:' .. ARGV[i]
-    if redis.call('GET', k) == ARGV[9] then redis.call('DEL', k) end
+    if redis.call('GET', k) == ARGV[9] then
+      redis.call('DEL', k)
+      redis.call('SET', B .. 'last:' .. ARGV[i], ARGV[2], 'PX', ARGV[10])
+    end
   end
 end
 return 1
@@ -562,6 +572,8 @@ async fn pump(client: Client, channel: String, first: PubSub, events: broadcast:
                 Ok(p) => {
                     tracing::info!(%channel, "redis event subscription restored");
                     backoff = BACKOFF_MIN;
+                    // Whatever was published meanwhile is lost: sockets re-read the store.
+                    let _ = events.send(Event::Resync);
                     p
                 }
                 Err(error) => {
@@ -629,6 +641,7 @@ impl Store for RedisStore {
         let (done, busy): (i64, Option<String>) = SCRIPTS
             .enqueue
             .key(self.keys.player(&ticket.player))
+            .key(self.keys.last(&ticket.player))
             .arg(self.base())
             .arg(&ticket.id)
             .arg(serde_json::to_string(ticket)?)
@@ -752,6 +765,16 @@ impl Store for RedisStore {
         Ok(raw.map(|r| serde_json::from_str(&r)).transpose()?)
     }
 
+    async fn last_session(&self, player: &PlayerId) -> Result<Option<SessionId>, StoreError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.keys.last(player))
+            .query_async(&mut conn)
+            .await?;
+        raw.map(|r| SessionId::new(r).map_err(|_| corrupt("a player's last session is not an id")))
+            .transpose()
+    }
+
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
         let mut conn = self.conn.clone();
         let raw: Option<String> = redis::cmd("HGET")
@@ -803,7 +826,8 @@ impl Store for RedisStore {
             .arg(stored.state.as_str())
             .arg(ttl)
             .arg(expire_at)
-            .arg(session_binding(&session.id)?);
+            .arg(session_binding(&session.id)?)
+            .arg(ttl.min(LAST_SESSION_KEPT_MS));
         for p in &stored.players {
             invocation.arg(p.as_str());
         }

@@ -2,3 +2,5 @@
 #![allow(dead_code, unused_imports)]
 
 pub use berth_testkit::player::*;
+
+pub mod host;
