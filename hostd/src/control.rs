@@ -11,10 +11,11 @@
 //! Errors are `{"code": "...", "message": "..."}` with a stable code and a 4xx/5xx status.
 
 use crate::gateway::{GatewayStats, Meter};
+use crate::metrics::Metrics;
 use crate::pool::{ActivateRequest, Pool, PoolError, Status, VmInfo};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -58,19 +59,49 @@ pub fn app(pool: Pool) -> Router {
 
 /// The router; `gateway` serves `/v1/gateway`.
 pub fn router(pool: Pool, gateway: Option<Meter>) -> Router {
+    let metrics = Metrics::new(pool.clone(), gateway.clone());
     Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .route("/v1/activate", post(activate))
         .route("/v1/vms/{id}", delete(destroy))
         .route("/v1/vms/{id}/output", get(output))
         .route("/v1/gateway", get(gateway_stats))
-        .with_state(Ctx { pool, gateway })
+        .with_state(Ctx {
+            pool,
+            gateway,
+            metrics,
+        })
 }
 
 #[derive(Clone)]
 struct Ctx {
     pool: Pool,
     gateway: Option<Meter>,
+    metrics: Metrics,
+}
+
+async fn metrics_text(State(ctx): State<Ctx>) -> Response {
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], ctx.metrics.render()).into_response()
+}
+
+/// Ready to take sessions: not draining, and at least one image's substrate docked.
+async fn readyz(State(Ctx { pool, .. }): State<Ctx>) -> Response {
+    let status = pool.status();
+    let docked = status
+        .images
+        .iter()
+        .any(|i| i.substrate == berth_protocol::SubstrateState::Docked);
+    match (status.draining, docked) {
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response(),
+        (false, false) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "no substrate docked yet").into_response()
+        }
+        (false, true) => (StatusCode::OK, "ready").into_response(),
+    }
 }
 
 async fn status(State(Ctx { pool, .. }): State<Ctx>) -> Json<Status> {
@@ -180,6 +211,11 @@ impl Client {
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// `http://ADDR` of the control API.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     async fn answer<T: serde::de::DeserializeOwned>(

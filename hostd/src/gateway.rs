@@ -235,6 +235,25 @@ impl Meter {
     pub fn stats(&self) -> GatewayStats {
         self.0.stats()
     }
+
+    /// The forwarding-time histogram of each direction in cumulative buckets with the given
+    /// upper bounds (µs), for Prometheus (see [`crate::metrics`]).
+    pub fn forwarding(&self, bounds_us: &[u64]) -> [(&'static str, Cumulative); 2] {
+        let m = &self.0.meters;
+        [
+            ("to_game", m.to_game.cumulative(bounds_us)),
+            ("to_client", m.to_client.cumulative(bounds_us)),
+        ]
+    }
+}
+
+/// A histogram as Prometheus wants it: the sum and count of all samples (µs), and how many
+/// were at most each upper bound (µs; within the buckets' 6.25 %).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cumulative {
+    pub sum_us: u64,
+    pub count: u64,
+    pub buckets: Vec<(u64, u64)>,
 }
 
 /// What a gateway has done (`GET /v1/gateway` on the control API).
@@ -986,6 +1005,7 @@ async fn send<S: Sink<Message> + Unpin>(ws: &mut S, msg: Message) -> bool {
 struct Histogram {
     buckets: Vec<AtomicU64>,
     max: AtomicU64,
+    sum: AtomicU64,
 }
 
 /// Sub-buckets per power of two: 2^SUB_BITS.
@@ -999,6 +1019,7 @@ impl Default for Histogram {
         Histogram {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             max: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
         }
     }
 }
@@ -1029,6 +1050,35 @@ impl Histogram {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.buckets[Self::index(us)].fetch_add(1, Ordering::Relaxed);
         self.max.fetch_max(us, Ordering::Relaxed);
+        self.sum.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts at each of `bounds_us`: a bucket counts under a bound when its
+    /// largest value is at most the bound.
+    fn cumulative(&self, bounds_us: &[u64]) -> Cumulative {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let upper = |i: usize| Self::lower(i + 1).saturating_sub(1).max(Self::lower(i));
+        let buckets = bounds_us
+            .iter()
+            .map(|&bound| {
+                let n = counts
+                    .iter()
+                    .enumerate()
+                    .take_while(|(i, _)| upper(*i) <= bound)
+                    .map(|(_, c)| c)
+                    .sum();
+                (bound, n)
+            })
+            .collect();
+        Cumulative {
+            sum_us: self.sum.load(Ordering::Relaxed),
+            count: counts.iter().sum(),
+            buckets,
+        }
     }
 
     fn count(&self) -> u64 {
@@ -1503,5 +1553,14 @@ mod tests {
         assert_eq!(o.max, 5_000);
         assert!((50..=53).contains(&o.p50), "{o:?}");
         assert!((100..=103).contains(&o.p99), "{o:?}");
+        // For Prometheus: cumulative counts under each bound, and the exact sum.
+        let c = h.cumulative(&[10, 31, 100, 4_000, 10_000]);
+        assert_eq!((c.count, c.sum_us), (101, 5050 + 5_000));
+        let at = |b: u64| c.buckets.iter().find(|(x, _)| *x == b).map(|(_, n)| *n);
+        assert_eq!(at(10), Some(10), "exact below 32 µs");
+        assert_eq!(at(31), Some(31));
+        assert!((95..=100).contains(&at(100).unwrap_or(0)), "{c:?}");
+        assert_eq!(at(4_000), Some(100));
+        assert_eq!(at(10_000), Some(101));
     }
 }

@@ -14,6 +14,8 @@
 //! - [`pool`]: per host, per image: the docked substrate, warm clones, running VMs; activation
 //!   by session id (idempotent), destroy, health, refill, adoption after a restart.
 //! - [`control`]: the operator's HTTP surface and its client (`berth-hostd status` etc.).
+//! - [`metrics`]: `/metrics` (Prometheus) on the control API: activations, VMs, substrates,
+//!   the gateway.
 //! - [`token`]: this host's credential towards the server, read again on every connect.
 //! - [`link`]: the one websocket to the matchmaking server: register, heartbeats, activate and
 //!   destroy on the server's behalf, pool events upstream, reconnect and reconcile.
@@ -37,6 +39,7 @@ pub mod gateway;
 pub mod image;
 pub mod link;
 pub mod manifest;
+pub mod metrics;
 pub mod outbox;
 pub mod pool;
 pub mod selftest;

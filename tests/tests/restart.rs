@@ -416,6 +416,22 @@ async fn sigterm_drains_hostd_the_live_match_finishes_then_it_stops() -> Result<
         deadline_ms: 0,
     };
 
+    // Its control API says what it did: the activation, the live VM, ready.
+    let control = h.control.base().to_owned();
+    let get = |path: &str| reqwest::get(format!("{control}{path}"));
+    let metrics = get("/metrics").await?.text().await?;
+    for line in [
+        r#"berth_hostd_vms{state="active"} 1"#,
+        r#"berth_hostd_substrate_docked{image="arena"} 1"#,
+        r#"berth_hostd_activation_seconds_count{path="warm"} 1"#,
+        "berth_hostd_draining 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    assert!(metrics.contains(r#"berth_hostd_activations_total{image="arena",path="warm"} 1"#));
+    assert_eq!(get("/healthz").await?.text().await?, "ok");
+    assert_eq!(get("/readyz").await?.status(), 200);
+
     signal(h.hostd.id(), nix::sys::signal::Signal::SIGTERM)?;
     // The server hears the drain and places nothing more there; hostd refuses new sessions.
     host_until(&server, "drainer", |h| h.draining).await?;
@@ -424,6 +440,9 @@ async fn sigterm_drains_hostd_the_live_match_finishes_then_it_stops() -> Result<
         other => panic!("expected draining, got {other:?}"),
     }
     assert!(h.control.status().await?.draining);
+    let ready = get("/readyz").await?;
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.text().await?, "draining");
     // The live match plays on to its end, and both players hear its results...
     let live = h.control.status().await?.vms;
     let game = live
