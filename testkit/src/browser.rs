@@ -44,6 +44,17 @@ pub struct Browser {
 
 impl Browser {
     pub async fn start(name: &str, device: Device) -> Result<Browser> {
+        Self::launch(name, device, &[]).await
+    }
+
+    /// As [`Browser::start`], accepting the certificate whose public key hashes (SHA-256 of the
+    /// SubjectPublicKeyInfo, base64) to `spki`: a test CA's leaf, and nothing else.
+    pub async fn start_trusting(name: &str, device: Device, spki: &str) -> Result<Browser> {
+        let flag = format!("--ignore-certificate-errors-spki-list={spki}");
+        Self::launch(name, device, &[flag]).await
+    }
+
+    async fn launch(name: &str, device: Device, extra: &[String]) -> Result<Browser> {
         for bin in [CHROMEDRIVER, CHROMIUM] {
             if !Path::new(bin).exists() {
                 bail!("{bin} is missing: apt-get install chromium chromium-driver (cargo xtask test does)");
@@ -98,6 +109,7 @@ impl Browser {
             "--disable-breakpad".into(),
             format!("--user-data-dir={}", browser.profile.display()),
         ];
+        args.extend(extra.iter().cloned());
         let mut options = json!({ "binary": CHROMIUM });
         match device {
             Device::Phone { width, height } => {

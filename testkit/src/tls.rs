@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct TestCa {
     dir: tempfile::TempDir,
+    /// SHA-256 of the server key's SubjectPublicKeyInfo, base64.
+    spki: String,
 }
 
 impl TestCa {
@@ -49,7 +51,20 @@ impl TestCa {
             format!("{}{}", cert.pem(), ca_cert.pem()),
         )?;
         std::fs::write(dir.path().join("key.pem"), key.serialize_pem())?;
-        Ok(TestCa { dir })
+        let spki = {
+            use base64::Engine as _;
+            use rcgen::PublicKeyData as _;
+            use sha2::Digest as _;
+            let hash = sha2::Sha256::digest(key.subject_public_key_info());
+            base64::engine::general_purpose::STANDARD.encode(hash)
+        };
+        Ok(TestCa { dir, spki })
+    }
+
+    /// The server key's pin (SHA-256 of its SubjectPublicKeyInfo, base64): what Chromium's
+    /// `--ignore-certificate-errors-spki-list` takes, to trust this server and no other.
+    pub fn spki(&self) -> &str {
+        &self.spki
     }
 
     /// The CA certificate (PEM): what a client is told to trust.

@@ -64,6 +64,12 @@ impl Browser {
         Ok(Browser(browser::Browser::start(name, device).await?))
     }
 
+    /// A browser that trusts the server certificate of `ca`.
+    async fn trusting(name: &str, device: Device, ca: &berth_testkit::TestCa) -> Result<Browser> {
+        let b = browser::Browser::start_trusting(name, device, ca.spki()).await?;
+        Ok(Browser(b))
+    }
+
     /// Waits until the JavaScript expression `cond` is true.
     async fn until(&self, what: &str, within: Duration, cond: &str) -> Result<()> {
         self.0.until(what, within, cond, PAGE_CONTEXT).await
@@ -126,6 +132,36 @@ async fn waited_s(b: &Browser) -> Result<u64> {
     let t = b.text("wait").await?;
     let (m, s) = t.split_once(':').with_context(|| format!("wait {t:?}"))?;
     Ok(m.parse::<u64>()? * 60 + s.parse::<u64>()?)
+}
+
+/// The page served over `https://` opens its socket over `wss://` (from `location.protocol`),
+/// signs in and queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_works_over_tls() -> Result<()> {
+    berth_testkit::init_logs();
+    let ca = berth_testkit::TestCa::new()?;
+    let mut config = web_config();
+    config.tls = Some(ca.files());
+    let server = Server::start(config).await?;
+    let desktop = Device::Desktop {
+        width: 1024,
+        height: 768,
+    };
+    let b = Browser::trusting("tls", desktop, &ca).await?;
+    b.goto(&format!("https://localhost:{}/play", server.addr.port()))
+        .await?;
+    assert_eq!(b.js("return location.protocol").await?, "https:");
+    sign_in(&b, "web-tls").await?;
+    b.click("mode-sprint").await?;
+    b.until_screen("queue", Duration::from_secs(10)).await?;
+    let player = berth_protocol::PlayerId::new("web-tls")?;
+    assert!(
+        server.ctx.registry.player(&player).is_some(),
+        "signed in over wss"
+    );
+    b.finish().await?;
+    server.shutdown().await;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
