@@ -9,6 +9,7 @@
 //! - [`stack`]: a whole server + hostd in this process ([`Stack`]).
 //! - [`player`]: players on [`berth_client`] for tests of the server's sockets.
 //! - [`redis`]: a private `redis-server` a test may stop and restart.
+//! - [`netns`]: hosts on their own addresses: network namespaces on a bridge.
 //! - [`game`]: raw clients of a game VM's port (the gateway's client is
 //!   [`berth_client::GameClient`], re-exported here as `GameWs`).
 //! - [`pages`]: the web pages' files, headers and links as a browser fetches them.
@@ -26,6 +27,7 @@
 pub mod browser;
 pub mod fixtures;
 pub mod game;
+pub mod netns;
 pub mod pages;
 pub mod player;
 pub mod redis;

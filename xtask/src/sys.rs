@@ -21,6 +21,8 @@ impl Need {
 pub const QEMU: Need = Need::new("qemu-system-x86", "/usr/bin/qemu-system-x86_64");
 pub const QEMU_UTILS: Need = Need::new("qemu-utils", "/usr/bin/qemu-img");
 pub const E2FS: Need = Need::new("e2fsprogs", "/usr/sbin/mke2fs");
+/// `ip netns`, bridges and veth pairs: the fleet tests' hosts on their own addresses.
+pub const IPROUTE: Need = Need::new("iproute2", "/usr/sbin/ip");
 /// The tests' Redis: `cargo xtask test` runs its own `redis-server` (see `redis.rs`), never the
 /// distribution's service that the package also installs.
 pub const REDIS: Need = Need::new("redis-server", "/usr/bin/redis-server");

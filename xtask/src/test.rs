@@ -18,6 +18,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         sys::QEMU,
         sys::QEMU_UTILS,
         sys::E2FS,
+        sys::IPROUTE,
         sys::REDIS,
         sys::CHROMIUM,
         sys::CHROMEDRIVER,
