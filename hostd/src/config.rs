@@ -2,6 +2,8 @@
 //!
 //! ```toml
 //! host_id = "host-1"
+//! region = "eu"                  # optional: only this region's sessions (unset: any region)
+//! zone = "eu-1a"                 # optional: its zone, for the operators' views
 //! state_dir = "/dev/shm/berth"   # substrates and per-VM files; tmpfs is the point
 //! control = "127.0.0.1:7070"     # operator HTTP surface (loopback only by default)
 //! accel = "auto"                 # auto | tcg | kvm
@@ -389,6 +391,13 @@ pub struct ServerLink {
 pub struct HostdConfig {
     #[serde(default = "default_host_id")]
     pub host_id: String,
+    /// The region this host serves (a region name of the modes): the server places only that
+    /// region's sessions here. Unset: any region.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Its zone within the region, for the operators' views.
+    #[serde(default)]
+    pub zone: Option<String>,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     #[serde(default = "default_control")]
@@ -527,6 +536,14 @@ impl HostdConfig {
         }
         if self.boot_timeout_s == 0 || self.ready_timeout_s == 0 || self.agent_silence_s == 0 {
             return invalid("timeouts".into(), "must be at least 1 second");
+        }
+        for (key, value) in [("region", &self.region), ("zone", &self.zone)] {
+            if value
+                .as_deref()
+                .is_some_and(|v| berth_protocol::SessionId::new(v).is_err())
+            {
+                return invalid(key.into(), &format!("must be {ID_RULE}"));
+            }
         }
         if self.drain_timeout_s > 86_400 {
             return invalid("drain_timeout_s".into(), "must be at most 86400 (a day)");
@@ -807,6 +824,17 @@ mod tests {
         let c = HostdConfig::parse(&server("token_file = \"/nonexistent/t.jwt\"")).expect("valid");
         let e = c.server_link().expect_err("unreadable").to_string();
         assert!(e.contains("server.token_file"), "{e}");
+    }
+
+    #[test]
+    fn region_and_zone_are_names() {
+        let c = HostdConfig::parse("region = \"eu\"\nzone = \"eu-1a\"").expect("valid");
+        assert_eq!(
+            (c.region.as_deref(), c.zone.as_deref()),
+            (Some("eu"), Some("eu-1a"))
+        );
+        assert!(err("region = \"eu west\"").contains("region"));
+        assert!(err("zone = \"\"").contains("zone"));
     }
 
     #[test]

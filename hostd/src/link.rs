@@ -196,6 +196,8 @@ pub fn register(
         driver: status.driver.clone(),
         gateway: link.gateway.clone(),
         max_vms: status.max_vms,
+        region: status.region.clone(),
+        zone: status.zone.clone(),
         images: capacity(status, images),
         vms: status
             .vms
@@ -230,7 +232,7 @@ pub fn activate_answer(session: SessionId, result: &Result<VmInfo, PoolError>) -
 /// What the link does with a pool event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Forward {
-    Send(HostMessage),
+    Send(Box<HostMessage>),
     /// Capacity changed: send a heartbeat now.
     Capacity,
     Nothing,
@@ -238,14 +240,16 @@ pub enum Forward {
 
 pub fn forward(event: PoolEvent) -> Forward {
     if let Some(report) = event.report() {
-        return Forward::Send(report);
+        return Forward::Send(Box::new(report));
     }
     match event {
         // Only VMs with a session emit these (warm clones are destroyed silently).
-        PoolEvent::Destroyed { vm_id, session_id } => Forward::Send(HostMessage::Destroyed {
-            session: session_id,
-            vm: vm_id,
-        }),
+        PoolEvent::Destroyed { vm_id, session_id } => {
+            Forward::Send(Box::new(HostMessage::Destroyed {
+                session: session_id,
+                vm: vm_id,
+            }))
+        }
         // A heartbeat carries capacity and the drain.
         PoolEvent::Docked { .. }
         | PoolEvent::PrimeFailed { .. }
@@ -824,6 +828,8 @@ pub(crate) mod tests {
     fn sample_status() -> Status {
         Status {
             host_id: "h1".into(),
+            region: None,
+            zone: None,
             driver: "qemu".into(),
             accel: "tcg".into(),
             max_vms: 8,
@@ -1187,6 +1193,8 @@ pub(crate) mod tests {
                     session: session("s-old"),
                     image: "arena".into(),
                 }],
+                region: None,
+                zone: None,
                 outbox: vec![],
             }
         );
@@ -1202,12 +1210,12 @@ pub(crate) mod tests {
                 reason: "game_over".into(),
                 results: serde_json::json!({"winner": "alice"}),
             }),
-            Forward::Send(HostMessage::Ended {
+            Forward::Send(Box::new(HostMessage::Ended {
                 session: s.clone(),
                 vm: vm.clone(),
                 reason: "game_over".into(),
                 results: serde_json::json!({"winner": "alice"}),
-            })
+            }))
         );
         assert_eq!(
             forward(PoolEvent::Failed {
@@ -1216,19 +1224,19 @@ pub(crate) mod tests {
                 code: "vm_exited".into(),
                 reason: "gone".into(),
             }),
-            Forward::Send(HostMessage::Failed {
+            Forward::Send(Box::new(HostMessage::Failed {
                 session: s.clone(),
                 vm: vm.clone(),
                 code: "vm_exited".into(),
                 reason: "gone".into(),
-            })
+            }))
         );
         assert_eq!(
             forward(PoolEvent::Destroyed {
                 vm_id: vm.clone(),
                 session_id: s.clone(),
             }),
-            Forward::Send(HostMessage::Destroyed { session: s, vm })
+            Forward::Send(Box::new(HostMessage::Destroyed { session: s, vm }))
         );
         let prime_failed = PoolEvent::PrimeFailed {
             image: "arena".into(),

@@ -185,6 +185,8 @@ vocabulary!(open
         RegisterTimeout = "register_timeout",
         RegisterRequired = "register_required",
         WrongHost = "wrong_host",
+        /// `register.region` or `zone` is not a name.
+        BadRegion = "bad_region",
         AlreadyRegistered = "already_registered",
         ForeignSession = "foreign_session",
         // The gateway.

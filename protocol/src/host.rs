@@ -58,6 +58,13 @@ pub enum HostMessage {
         max_vms: u32,
         images: Vec<ImageCapacity>,
         vms: Vec<HostVm>,
+        /// The region this host serves (`eu`, `us-east`…; the modes' region names): sessions
+        /// of that region only. None: any region.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
+        /// Its zone within the region (a rack, a data centre), for the operators' views.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        zone: Option<String>,
         /// The `ended` and `failed` reports hostd holds that the server has not acknowledged
         /// with `recorded` (their VMs are gone, so `vms` cannot say it): the server records
         /// them before it reconciles `vms`.

@@ -266,6 +266,8 @@ fn registered(
         max_vms,
         images,
         vms,
+        region,
+        zone,
         outbox,
     } = message
     else {
@@ -283,6 +285,12 @@ fn registered(
         let why = format!("credential is for host {host}, register names {named}");
         return Err(refusal("wrong_host", why, close::AUTH));
     }
+    for (what, name) in [("region", &region), ("zone", &zone)] {
+        if name.as_deref().is_some_and(|n| SessionId::new(n).is_err()) {
+            let why = format!("{what} must be {}", berth_protocol::ids::ID_RULE);
+            return Err(refusal("bad_region", why, close::PROTOCOL));
+        }
+    }
     let now = now_ms();
     let record = HostRecord {
         id: host.clone(),
@@ -294,6 +302,8 @@ fn registered(
         max_vms,
         images,
         vms,
+        region,
+        zone,
         replica: ctx.replica.clone(),
         connected_ms: now,
         last_seen_ms: now,

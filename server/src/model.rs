@@ -181,6 +181,11 @@ pub struct HostRecord {
     pub max_vms: u32,
     pub images: Vec<ImageCapacity>,
     pub vms: Vec<HostVm>,
+    /// The region it serves (only that region's sessions are placed on it); None: any.
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
     /// The replica holding this host's websocket.
     pub replica: String,
     pub connected_ms: u64,

@@ -93,11 +93,12 @@ fn wants(core: &Core, s: &Session) -> (u32, u32) {
         .map_or((0, 0), |m| (m.vm.memory_mib, m.vm.vcpus))
 }
 
-/// Orders candidate hosts for `image`: warm clones first, then a docked substrate, then the
-/// policy. Hosts without room, draining, not up, or already tried are left out.
+/// Orders candidate hosts for `image` in `region`: warm clones first, then a docked substrate,
+/// then the policy. Hosts of another region, without room, draining, not up, or already tried
+/// are left out (a host that names no region serves any).
 pub fn rank_hosts<'a>(
     hosts: &'a [HostRecord],
-    image: &str,
+    (image, region): (&str, &str),
     (memory_mib, vcpus): (u32, u32),
     tried: &[HostId],
     pending: &dyn Fn(&HostId) -> u32,
@@ -106,6 +107,7 @@ pub fn rank_hosts<'a>(
     let mut c: Vec<(&HostRecord, u32, bool, bool)> = hosts
         .iter()
         .filter(|h| h.state == HostState::Up && !h.draining && !tried.contains(&h.id))
+        .filter(|h| h.region.as_deref().is_none_or(|r| r == region))
         .filter_map(|h| {
             let img = h
                 .images
@@ -124,6 +126,14 @@ pub fn rank_hosts<'a>(
     c.into_iter().map(|(h, ..)| h).collect()
 }
 
+/// Whether some host of `hosts` could take `s` now (activations in flight not counted).
+fn could_place(core: &Core, hosts: &[HostRecord], s: &Session) -> bool {
+    let none = |_: &HostId| 0;
+    let target = (s.image.as_str(), s.pool.region.as_str());
+    let policy = core.config.placement.policy;
+    !rank_hosts(hosts, target, wants(core, s), &s.tried_hosts, &none, policy).is_empty()
+}
+
 /// Tries once to put a `Placing` session on a host: moves it to `Activating` and asks the
 /// host's replica to send `activate`. Leaves it `Placing` if no host has room now (the sweeper
 /// tries again until the deadline).
@@ -136,12 +146,11 @@ pub async fn try_place(core: &Core, id: &SessionId) -> Result<(), StoreError> {
     }
     let hosts = core.store.hosts().await?;
     // No host could take it anyway: skip reading the activations in flight.
-    let none = |_: &HostId| 0;
-    let wanted = wants(core, &s);
-    let policy = core.config.placement.policy;
-    if rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &none, policy).is_empty() {
+    if !could_place(core, &hosts, &s) {
         return Ok(());
     }
+    let wanted = wants(core, &s);
+    let policy = core.config.placement.policy;
     let activating = core.store.sessions(Some(SessionState::Activating)).await?;
     let pending = |h: &HostId| {
         activating
@@ -149,7 +158,14 @@ pub async fn try_place(core: &Core, id: &SessionId) -> Result<(), StoreError> {
             .filter(|a| a.host.as_ref() == Some(h))
             .count() as u32
     };
-    let ranked = rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &pending, policy);
+    let ranked = rank_hosts(
+        &hosts,
+        (&s.image, &s.pool.region),
+        wanted,
+        &s.tried_hosts,
+        &pending,
+        policy,
+    );
     let Some(host) = ranked.first() else {
         return Ok(());
     };
@@ -396,10 +412,7 @@ pub async fn sweep(core: &Core) -> Result<(), StoreError> {
             }
         }
         if s.state == SessionState::Placing && now <= s.deadline_ms {
-            let none = |_: &HostId| 0;
-            let policy = core.config.placement.policy;
-            let wanted = wants(core, &s);
-            if !rank_hosts(&hosts, &s.image, wanted, &s.tried_hosts, &none, policy).is_empty() {
+            if could_place(core, &hosts, &s) {
                 try_place(core, &s.id).await?;
             }
         } else if settled && now > s.deadline_ms {
@@ -519,10 +532,37 @@ mod tests {
                 vcpus: 1,
             }],
             vms: vec![],
+            region: None,
+            zone: None,
             replica: String::new(),
             connected_ms: 0,
             last_seen_ms: 0,
         }
+    }
+
+    #[test]
+    fn a_host_serves_its_own_region_or_any_when_it_names_none() {
+        let mut eu = host("eu-1", 0, 1, true);
+        eu.region = Some("eu".into());
+        let mut us = host("us-1", 0, 1, true);
+        us.region = Some("us".into());
+        let anywhere = host("any-1", 1, 0, true);
+        let hosts = [eu, us, anywhere];
+        let none = |_: &HostId| 0;
+        let ids = |r: Vec<&HostRecord>| r.iter().map(|h| h.id.to_string()).collect::<Vec<_>>();
+        let rank = |region| {
+            rank_hosts(
+                &hosts,
+                ("arena", region),
+                (128, 1),
+                &[],
+                &none,
+                Policy::Spread,
+            )
+        };
+        assert_eq!(ids(rank("eu")), ["eu-1", "any-1"]);
+        assert_eq!(ids(rank("us")), ["us-1", "any-1"]);
+        assert_eq!(ids(rank("asia")), ["any-1"]);
     }
 
     /// Two duel players matched on `core`: the new session, `Placing` (or `Activating` once
@@ -749,9 +789,16 @@ mod tests {
             host("cold", 0, 0, false),
         ];
         let none = |_: &HostId| 0;
-        let spread = rank_hosts(&hosts, "arena", (128, 1), &[], &none, Policy::Spread);
+        let spread = rank_hosts(
+            &hosts,
+            ("arena", "eu"),
+            (128, 1),
+            &[],
+            &none,
+            Policy::Spread,
+        );
         assert_eq!(ids(spread), ["warm", "idle", "busy", "cold"]);
-        let pack = rank_hosts(&hosts, "arena", (128, 1), &[], &none, Policy::Pack);
+        let pack = rank_hosts(&hosts, ("arena", "eu"), (128, 1), &[], &none, Policy::Pack);
         assert_eq!(ids(pack), ["warm", "busy", "idle", "cold"]);
     }
 
@@ -773,7 +820,7 @@ mod tests {
         assert_eq!(
             ids(rank_hosts(
                 &hosts,
-                "arena",
+                ("arena", "eu"),
                 (128, 1),
                 &tried,
                 &none,
@@ -782,18 +829,26 @@ mod tests {
             ["ok"]
         );
         assert!(
-            rank_hosts(&hosts, "arena", (256, 1), &tried, &none, Policy::Spread).is_empty(),
+            rank_hosts(
+                &hosts,
+                ("arena", "eu"),
+                (256, 1),
+                &tried,
+                &none,
+                Policy::Spread
+            )
+            .is_empty(),
             "too small"
         );
         assert!(
-            rank_hosts(&hosts, "other", (1, 1), &[], &none, Policy::Spread).is_empty(),
+            rank_hosts(&hosts, ("other", "eu"), (1, 1), &[], &none, Policy::Spread).is_empty(),
             "no such image"
         );
         // Activations in flight count against room (and against warm clones).
         let three = |_: &HostId| 3;
         assert!(rank_hosts(
             &[host("ok", 1, 0, true)],
-            "arena",
+            ("arena", "eu"),
             (128, 1),
             &[],
             &three,

@@ -19,6 +19,9 @@ pub struct HostView {
     pub max_vms: u32,
     pub running: u32,
     pub images: Vec<ImageCapacity>,
+    /// The region it serves (None: any) and its zone.
+    pub region: Option<String>,
+    pub zone: Option<String>,
     pub replica: String,
     pub connected_ms: u64,
     pub last_seen_ms: u64,
@@ -132,6 +135,8 @@ impl From<HostRecord> for HostView {
             gateway: h.gateway,
             max_vms: h.max_vms,
             images: h.images,
+            region: h.region,
+            zone: h.zone,
             replica: h.replica,
             connected_ms: h.connected_ms,
             last_seen_ms: h.last_seen_ms,

@@ -226,3 +226,50 @@ async fn an_outbox_report_is_recorded_before_reconciliation_could_call_its_sessi
     s.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_host_gets_sessions_of_its_own_region_only() -> Result<()> {
+    let mut cfg = config();
+    cfg.timeouts.placing_ms = 60_000;
+    let s = Server::start(cfg).await?;
+    let in_region = |host: &str, region: &str| {
+        let mut r = register(host, vec![]);
+        if let HostMessage::Register { region: r, .. } = &mut r {
+            *r = Some(region.into());
+        }
+        r
+    };
+    // A host in `us` registers; a duel in `eu` forms, and is not placed on it.
+    let mut us = host_socket(&s, &auth().mint("h-us", Role::Host, 60)?).await?;
+    send(&mut us, &in_region("h-us", "us")).await?;
+    assert!(matches!(recv(&mut us).await?, ServerToHost::Welcome { .. }));
+    let mut a = common::player(&s, "reg-a").await?;
+    let mut b = common::player(&s, "reg-b").await?;
+    a.send(&queue("duel", "eu")).await?;
+    b.send(&queue("duel", "eu")).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(1500), recv(&mut us)).await {
+            Err(_) => break,
+            Ok(Ok(ServerToHost::Activate { session, .. })) => bail!("{session} placed in us"),
+            Ok(_) => continue,
+        }
+    }
+    // A host in `eu` comes: the session is placed there.
+    let mut eu = host_socket(&s, &auth().mint("h-eu", Role::Host, 60)?).await?;
+    send(&mut eu, &in_region("h-eu", "eu")).await?;
+    let activated = async {
+        loop {
+            if let ServerToHost::Activate { .. } = recv(&mut eu).await? {
+                return Ok::<(), anyhow::Error>(());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), activated).await??;
+    // A region that is not a name is refused at register.
+    let mut bad = host_socket(&s, &auth().mint("h-bad", Role::Host, 60)?).await?;
+    send(&mut bad, &in_region("h-bad", "eu west")).await?;
+    expect_error(&mut bad, "bad_region").await?;
+    assert_eq!(close_of(&mut bad).await, 4400);
+    s.shutdown().await;
+    Ok(())
+}

@@ -183,6 +183,8 @@ fn host(id: &str, last_seen_ms: u64) -> HostRecord {
             session: SessionId::new("s-old").expect("a valid session id"),
             image: "arena".into(),
         }],
+        region: None,
+        zone: None,
         replica: "replica-a".into(),
         connected_ms: last_seen_ms.saturating_sub(1000),
         last_seen_ms,

@@ -77,6 +77,8 @@ pub fn test_game_config(game: &str, warm: u32) -> ImageConfig {
 pub fn hostd_config(state_dir: &Path, images: Vec<ImageConfig>) -> HostdConfig {
     HostdConfig {
         host_id: "test-host".into(),
+        region: None,
+        zone: None,
         state_dir: state_dir.to_path_buf(),
         control: SocketAddr::from(([127, 0, 0, 1], 0)),
         driver: Default::default(),

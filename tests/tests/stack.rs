@@ -615,6 +615,8 @@ async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
                 session: s1.clone(),
                 image: "arena".into(),
             }],
+            region: None,
+            zone: None,
             outbox: vec![],
         },
     )

@@ -296,6 +296,11 @@ pub struct ImageStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub host_id: String,
+    /// The region and zone this host declares (`region`, `zone` in its config).
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
     pub driver: String,
     pub accel: String,
     pub max_vms: u32,
@@ -609,6 +614,8 @@ impl Pool {
         vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
         Status {
             host_id: self.inner.config.host_id.clone(),
+            region: self.inner.config.region.clone(),
+            zone: self.inner.config.zone.clone(),
             driver: self.inner.driver.kind().into(),
             accel: self.inner.driver.accel(),
             max_vms: self.inner.config.max_vms,

@@ -43,6 +43,8 @@ pub fn register_with(host: &str, vms: Vec<HostVm>, outbox: Vec<HostMessage>) -> 
             vcpus: 1,
         }],
         vms,
+        region: None,
+        zone: None,
         outbox,
     }
 }
