@@ -1,28 +1,23 @@
-//! Hosts on their own network addresses (issue 15, first step): a real `berth-hostd` in its own
+//! Hosts on their own network addresses (issue 15): real `berth-hostd`s, each in its own
 //! network namespace on a bridge, the server in the root namespace at the bridge's address,
-//! players reaching the host's gateway at the host's address. The host is cut off the network
-//! mid-match and brought back; the match goes on, and nothing is left: no namespace, no link,
-//! no VM, no file.
+//! players reaching each host's gateway at that host's address. A host is cut off the network
+//! mid-match and brought back, and the match goes on; hosts declare regions and sessions land
+//! only in theirs. Nothing is left: no namespace, no link, no VM, no file.
 
 use anyhow::{Context, Result};
 use berth_protocol::game::{GameAnswer, GameRequest};
 use berth_protocol::play::ServerMessage;
-use berth_server::model::{HostState, SessionState};
-use berth_testkit::netns::{leftovers, Bed};
+use berth_protocol::SessionId;
+use berth_server::app::Server;
+use berth_server::model::{HostRecord, HostState, SessionState};
+use berth_testkit::netns::{leftovers, Bed, NsHost};
 use berth_testkit::player as client;
 use berth_testkit::*;
 use std::time::{Duration, Instant};
 
-/// The bed's block: 10.77.7.0/24, namespaces and links named `bb7…`.
-const BLOCK: u8 = 7;
-const HOST: &str = "ns-host";
-
-/// Polls the server's record of the host until `f` holds (60 s at most).
-async fn host_until(
-    server: &berth_server::app::Server,
-    f: impl Fn(&berth_server::model::HostRecord) -> bool,
-) -> Result<()> {
-    let id = berth_protocol::HostId::new(HOST)?;
+/// Polls the server's record of host `name` until `f` holds (60 s at most).
+async fn host_until(server: &Server, name: &str, f: impl Fn(&HostRecord) -> bool) -> Result<()> {
+    let id = berth_protocol::HostId::new(name)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         if server.ctx.store.host(&id).await?.is_some_and(|h| f(&h)) {
@@ -30,10 +25,8 @@ async fn host_until(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::bail!(
-        "host {HOST} never got there: {:?}",
-        server.ctx.store.host(&id).await?
-    )
+    let last = server.ctx.store.host(&id).await?;
+    anyhow::bail!("host {name} never got there: {last:?}")
 }
 
 /// Joins the game at `endpoint` with `ticket` and waits for its welcome.
@@ -50,57 +43,113 @@ async fn join(endpoint: &str, ticket: &str) -> Result<GameWs> {
     Ok(game)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_on_its_own_address_serves_a_match_and_outlives_being_cut_off() -> Result<()> {
-    init_logs();
-    let mut bed = Bed::new(BLOCK)?;
-    let host = bed.add_host(1)?;
+/// A server on the bed's bridge address: hosts are lost after 1.5 s of silence but keep their
+/// sessions for 60 s.
+async fn server_on(bed: &Bed) -> Result<Server> {
     let mut sc = client::config();
     sc.listen = (bed.gateway_ip(), 0).into();
     sc.timeouts.host_heartbeat_ms = 500;
     sc.timeouts.host_lost_ms = 1500;
     sc.timeouts.host_grace_ms = 60_000;
-    let server = berth_server::app::Server::start(sc).await?;
+    Server::start(sc).await
+}
 
-    let dir = Sandbox::state_dir(HOST);
-    let _ = std::fs::remove_dir_all(&dir);
-    seed_substrate(&dir, &image_config("arena", 1)).await?;
-    let _guard = DirGuard(dir.clone());
-    let conf = fixtures::TempDir::new("ns-host-conf")?;
-    let config = conf.0.join("hostd.toml");
-    let gateway = format!("{}:7071", host.ip);
-    std::fs::write(
-        &config,
-        format!(
-            "host_id = \"{HOST}\"\nstate_dir = \"{}\"\ncontrol = \"{}:7070\"\naccel = \"tcg\"\n\
-             [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = 1\n\
-             [gateway]\nlisten = \"{gateway}\"\n\
-             [server]\nurl = \"ws://{}/v1/hosts\"\ntoken = \"{}\"\n\
-             gateway = \"ws://{gateway}/v1/game\"\nreconnect_max_s = 1\n",
-            dir.display(),
-            host.ip,
-            image_dir().display(),
-            server.addr,
-            fixtures::host_token(HOST),
-        ),
-    )?;
-    let mut hostd = host
-        .command(&hostd_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .spawn()
-        .context("starting berth-hostd in its namespace")?;
-    host_until(&server, |h| {
-        h.images.iter().any(|i| i.docked && i.warm >= 1)
-    })
-    .await?;
+/// A real `berth-hostd` in a host's namespace, with its state and config folders; killed on
+/// drop if the test ends early.
+struct NsHostd {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    /// `IP:PORT` of its gateway, on its own address.
+    gateway: String,
+    _guard: DirGuard,
+    _conf: fixtures::TempDir,
+}
 
-    // A duel: its endpoint is the host's own address, reached over the bridge.
-    let mut a = client::player(&server, "nia").await?;
-    let mut b = client::player(&server, "oto").await?;
-    a.send(&client::queue("duel", "eu")).await?;
-    b.send(&client::queue("duel", "eu")).await?;
+impl Drop for NsHostd {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl NsHostd {
+    /// Starts hostd `name` in `host`'s namespace, linked to `server`, serving `region` (any
+    /// when `None`), with one warm arena clone from the shared primed substrate; returns once
+    /// the server knows it up and docked.
+    async fn start(
+        host: &NsHost,
+        server: &Server,
+        name: &str,
+        region: Option<&str>,
+    ) -> Result<NsHostd> {
+        let dir = Sandbox::state_dir(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        seed_substrate(&dir, &image_config("arena", 1)).await?;
+        let guard = DirGuard(dir.clone());
+        let conf = fixtures::TempDir::new(&format!("{name}-conf"))?;
+        let config = conf.0.join("hostd.toml");
+        let gateway = format!("{}:7071", host.ip);
+        let region = region
+            .map(|r| format!("region = \"{r}\"\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            &config,
+            format!(
+                "host_id = \"{name}\"\n{region}state_dir = \"{}\"\ncontrol = \"{}:7070\"\n\
+                 accel = \"tcg\"\ndrain_timeout_s = 0\n\
+                 [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = 1\n\
+                 [gateway]\nlisten = \"{gateway}\"\n\
+                 [server]\nurl = \"ws://{}/v1/hosts\"\ntoken = \"{}\"\n\
+                 gateway = \"ws://{gateway}/v1/game\"\nreconnect_max_s = 1\n",
+                dir.display(),
+                host.ip,
+                image_dir().display(),
+                server.addr,
+                fixtures::host_token(name),
+            ),
+        )?;
+        let child = host
+            .command(&hostd_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .context("starting berth-hostd in its namespace")?;
+        let hostd = NsHostd {
+            child,
+            dir,
+            gateway,
+            _guard: guard,
+            _conf: conf,
+        };
+        host_until(server, name, |h| {
+            h.images.iter().any(|i| i.docked && i.warm >= 1)
+        })
+        .await?;
+        Ok(hostd)
+    }
+
+    /// SIGTERM (no drain), a clean exit, and nothing left in its state folder.
+    fn stop(mut self) -> Result<()> {
+        signal(self.child.id(), nix::sys::signal::Signal::SIGTERM)?;
+        anyhow::ensure!(self.child.wait()?.success(), "hostd exited badly");
+        assert_nothing_left(&self.dir)
+    }
+}
+
+/// Two players queue for a duel in `region` and are matched: both, the session, its endpoint
+/// and the first player's ticket.
+async fn duel(
+    server: &Server,
+    names: [&str; 2],
+    region: &str,
+) -> Result<(client::Client, client::Client, SessionId, String, String)> {
+    let mut a = client::player(server, names[0]).await?;
+    let mut b = client::player(server, names[1]).await?;
+    a.send(&client::queue("duel", region)).await?;
+    b.send(&client::queue("duel", region)).await?;
     let news = |m: &ServerMessage| !matches!(m, ServerMessage::QueueStatus { .. });
     let ServerMessage::Matched {
         session,
@@ -112,14 +161,28 @@ async fn a_host_on_its_own_address_serves_a_match_and_outlives_being_cut_off() -
         anyhow::bail!("expected matched");
     };
     b.until(Duration::from_secs(30), news).await?;
-    assert_eq!(endpoint, format!("ws://{gateway}/v1/game"));
+    Ok((a, b, session, endpoint, ticket))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_on_its_own_address_serves_a_match_and_outlives_being_cut_off() -> Result<()> {
+    init_logs();
+    const BLOCK: u8 = 7;
+    let mut bed = Bed::new(BLOCK)?;
+    let host = bed.add_host(1)?;
+    let server = server_on(&bed).await?;
+    let hostd = NsHostd::start(&host, &server, "ns-host", None).await?;
+
+    // A duel: its endpoint is the host's own address, reached over the bridge.
+    let (mut a, mut b, session, endpoint, ticket) = duel(&server, ["nia", "oto"], "eu").await?;
+    assert_eq!(endpoint, format!("ws://{}/v1/game", hostd.gateway));
     drop(join(&endpoint, &ticket).await?);
 
     // Cut off: the server loses the host, but keeps the session through the grace.
     host.cut()?;
-    host_until(&server, |h| h.state == HostState::Lost).await?;
+    host_until(&server, "ns-host", |h| h.state == HostState::Lost).await?;
     host.restore()?;
-    host_until(&server, |h| h.state == HostState::Up).await?;
+    host_until(&server, "ns-host", |h| h.state == HostState::Up).await?;
     let s = server.ctx.store.session(&session).await?.context("kept")?;
     assert_eq!(s.state, SessionState::Active, "{:?}", s.end_reason);
 
@@ -131,12 +194,56 @@ async fn a_host_on_its_own_address_serves_a_match_and_outlives_being_cut_off() -
         assert_eq!(reason, "surrender");
         assert!(!results["winner"].is_null(), "{results}");
     }
-    signal(hostd.id(), nix::sys::signal::Signal::SIGTERM)?;
-    assert!(hostd.wait()?.success());
+    hostd.stop()?;
     server.shutdown().await;
     drop(bed);
     assert_eq!(leftovers(BLOCK), Vec::<String>::new());
-    drop(conf);
-    assert_nothing_left(&dir)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_in_two_regions_take_only_their_regions_sessions() -> Result<()> {
+    init_logs();
+    const BLOCK: u8 = 8;
+    let mut bed = Bed::new(BLOCK)?;
+    let server = server_on(&bed).await?;
+    let mut hostds = Vec::new();
+    for (i, (name, region)) in [("fl-eu1", "eu"), ("fl-eu2", "eu"), ("fl-us1", "us")]
+        .into_iter()
+        .enumerate()
+    {
+        let host = bed.add_host(i as u8 + 1)?;
+        hostds.push((
+            region,
+            NsHostd::start(&host, &server, name, Some(region)).await?,
+        ));
+    }
+    let mut players = Vec::new();
+    for (names, region) in [
+        (["ra", "rb"], "eu"),
+        (["rc", "rd"], "us"),
+        (["re", "rf"], "eu"),
+    ] {
+        let (a, b, session, endpoint, _) = duel(&server, names, region).await?;
+        let s = server
+            .ctx
+            .store
+            .session(&session)
+            .await?
+            .context("stored")?;
+        let host = s.host.context("placed")?;
+        let served = hostds
+            .iter()
+            .find(|(_, h)| endpoint == format!("ws://{}/v1/game", h.gateway))
+            .map(|(r, _)| *r);
+        assert_eq!(served, Some(region), "{session} on {host} via {endpoint}");
+        players.push((a, b));
+    }
+    for (_, h) in hostds {
+        h.stop()?;
+    }
+    server.shutdown().await;
+    drop(bed);
+    assert_eq!(leftovers(BLOCK), Vec::<String>::new());
     Ok(())
 }
