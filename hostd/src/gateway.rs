@@ -173,6 +173,7 @@ pub fn serve(
     });
     let app = Router::new()
         .route(PATH, get(upgrade))
+        .route(PROBE_PATH, get(probe))
         .with_state(shared.clone());
     let tls_on = tls.is_some();
     let limits = listen_limits(config, &shared, tls);
@@ -406,6 +407,26 @@ fn listen_limits(
 
 async fn stop_signal(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Where a client times its round trip to this host before it queues (issue 15's latency
+/// queueing): the cheapest answer the gateway can give.
+pub const PROBE_PATH: &str = "/v1/probe";
+
+/// `204 No Content`, never cached, readable and timeable from any page (`Access-Control-Allow-
+/// Origin`, `Timing-Allow-Origin`).
+async fn probe() -> Response {
+    use axum::http::{header, HeaderValue, StatusCode};
+    use axum::response::IntoResponse;
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert("timing-allow-origin", HeaderValue::from_static("*"));
+    r
 }
 
 /// The upgrade. The connection's listener `seat` is held until it closes: the gateway's cap

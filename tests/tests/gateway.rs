@@ -171,6 +171,13 @@ async fn refusals_that_need_no_vm_and_the_stats_on_the_control_api() -> Result<(
     let mut ws = GameWs::connect(addr).await?;
     ws.send_text(r#"{"type":"ping","nonce":1}"#).await?;
     assert_eq!(ws.refused(WAIT).await?, refused("join_first", 4400));
+    // The latency probe: 204, not cached, timeable from any page.
+    let probe = reqwest::get(format!("http://{addr}/v1/probe")).await?;
+    assert_eq!(probe.status(), 204);
+    let header = |name: &str| probe.headers().get(name).and_then(|v| v.to_str().ok());
+    assert_eq!(header("cache-control"), Some("no-store"));
+    assert_eq!(header("access-control-allow-origin"), Some("*"));
+    assert_eq!(header("timing-allow-origin"), Some("*"));
     let mut ws = GameWs::connect(addr).await?;
     ws.send_text(r#"{"type":"join"}"#).await?;
     assert_eq!(ws.refused(WAIT).await?, refused("join_first", 4400));
