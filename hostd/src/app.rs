@@ -1,5 +1,6 @@
 //! hostd as one running thing: [`Hostd`] starts the pool, the players' gateway, the control
-//! API and (with a `[server]` table) the link to the server, and stops them in order. It
+//! API, (with a `[peer]` table) the peer listener and (with a `[server]` table) the link to
+//! the server, and stops them in order. It
 //! mirrors the server's `Server::start`/`shutdown`; [`run`] is `Hostd::start` plus a wait for
 //! the shutdown signal, and tests and `cargo xtask demo` hold a `Hostd` in-process.
 
@@ -88,6 +89,8 @@ pub struct Hostd {
     /// Turns `true` to stop the control API and the link.
     stop: watch::Sender<bool>,
     control: Option<JoinHandle<std::io::Result<()>>>,
+    /// The peer listener ([`crate::peer`]), with `[peer]`.
+    peer: Option<JoinHandle<std::io::Result<()>>>,
     /// The control API's end, once it ended on its own.
     served: Option<std::io::Result<()>>,
     link: Option<JoinHandle<()>>,
@@ -128,6 +131,14 @@ impl Hostd {
                 addr: config.gateway.listen,
                 source,
             })?;
+        let peer_listener =
+            match &config.peer {
+                Some(peer) => Some(tokio::net::TcpListener::bind(peer.listen).await.map_err(
+                    |e| anyhow::anyhow!("config: peer.listen: binding {}: {e}", peer.listen),
+                )?),
+                None => None,
+            };
+        let peer_config = config.peer.clone();
         let gateway_config = config.gateway.clone();
         let gateway_tls = config.gateway_tls()?;
         let pool = Pool::start(config, driver).await?;
@@ -140,6 +151,16 @@ impl Hostd {
                 }
             };
         let (stop, _) = watch::channel(false);
+        let peer = match (peer_listener, peer_config) {
+            (Some(listener), Some(config)) => {
+                let url = config.url(listener.local_addr()?);
+                tracing::info!(peer = %url, "peer listener serving substrates");
+                pool.ship().set_url(url);
+                let stop = stopped(stop.subscribe());
+                Some(crate::peer::serve(listener, pool.clone(), stop))
+            }
+            _ => None,
+        };
         let router = control::router(pool.clone(), Some(gateway.meter()));
         let serve = axum::serve(control_listener, router)
             .with_graceful_shutdown(stopped(stop.subscribe()))
@@ -150,6 +171,7 @@ impl Hostd {
             control_addr,
             stop,
             control: Some(tokio::spawn(serve)),
+            peer,
             served: None,
             link: None,
         };
@@ -232,6 +254,13 @@ impl Hostd {
         if let Some(link) = self.link.take() {
             if let Err(e) = link.await {
                 tracing::error!(error = %e, "the server link task failed");
+            }
+        }
+        if let Some(peer) = self.peer.take() {
+            match peer.await {
+                Ok(Err(e)) => tracing::error!(error = %e, "the peer listener failed"),
+                Err(e) => tracing::error!(error = %e, "the peer listener task failed"),
+                Ok(Ok(())) => {}
             }
         }
         if let Some(control) = self.control.take() {

@@ -433,6 +433,94 @@ pub struct HostdConfig {
     /// The matchmaking server to register with; `None` runs standalone.
     #[serde(default)]
     pub server: Option<ServerConfig>,
+    /// `[peer]`: serve docked substrates to other hosts, and fetch one from a peer instead of
+    /// priming (needs `[server]`, which brokers it); `None`: neither, every image is primed.
+    #[serde(default)]
+    pub peer: Option<PeerConfig>,
+}
+
+/// The optional `[peer]` table (see [`crate::ship`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Where the peer listener binds (port 0: any free port).
+    pub listen: SocketAddr,
+    /// How other hosts reach it: `IP`, `IP:PORT`, `NAME` or `NAME:PORT` (no port: the bound
+    /// one). Required when `listen` is an unspecified address (`0.0.0.0`): the address is
+    /// never guessed.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// How long to wait for the server's answer to `want_substrate` before priming (ms).
+    #[serde(default = "default_peer_ask_ms")]
+    pub ask_ms: u64,
+    /// How long fetching one substrate may take in all before it is given up (seconds).
+    #[serde(default = "default_peer_fetch_timeout")]
+    pub fetch_timeout_s: u64,
+}
+
+fn default_peer_ask_ms() -> u64 {
+    5_000
+}
+fn default_peer_fetch_timeout() -> u64 {
+    60
+}
+
+impl PeerConfig {
+    /// The default waits, listening on `listen`, advertised as `advertise`.
+    pub fn at(listen: SocketAddr, advertise: Option<String>) -> Self {
+        PeerConfig {
+            listen,
+            advertise,
+            ask_ms: default_peer_ask_ms(),
+            fetch_timeout_s: default_peer_fetch_timeout(),
+        }
+    }
+
+    /// The URL peers fetch from, once the listener is bound at `bound`.
+    pub fn url(&self, bound: SocketAddr) -> String {
+        let Some(a) = &self.advertise else {
+            return format!("http://{bound}");
+        };
+        if let Ok(ip) = a.parse::<std::net::IpAddr>() {
+            return format!("http://{}", SocketAddr::new(ip, bound.port()));
+        }
+        let has_port = a
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+        if has_port {
+            format!("http://{a}")
+        } else {
+            format!("http://{a}:{}", bound.port())
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: format!("peer.{key}"),
+                message: message.into(),
+            })
+        };
+        match &self.advertise {
+            None if self.listen.ip().is_unspecified() => {
+                return invalid(
+                    "advertise",
+                    "must be set when listen is an unspecified address",
+                )
+            }
+            Some(a) if a.is_empty() || !is_uri(&format!("http://{a}/")) || a.contains('/') => {
+                return invalid("advertise", "must be HOST or HOST:PORT")
+            }
+            _ => {}
+        }
+        if !(100..=60_000).contains(&self.ask_ms) {
+            return invalid("ask_ms", "must be between 100 and 60000");
+        }
+        if !(1..=3600).contains(&self.fetch_timeout_s) {
+            return invalid("fetch_timeout_s", "must be between 1 and 3600");
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -554,6 +642,9 @@ impl HostdConfig {
             || control.ip().is_unspecified();
         if gateway.port() != 0 && gateway.port() == control.port() && same_ip {
             return invalid("gateway.listen".into(), "must not be the control address");
+        }
+        if let Some(peer) = &self.peer {
+            peer.validate()?;
         }
         if self.gateway.header_read_timeout_ms == 0 {
             return invalid(

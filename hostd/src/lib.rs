@@ -21,6 +21,10 @@
 //!   destroy on the server's behalf, pool events upstream, reconnect and reconcile.
 //! - [`outbox`]: the `ended`/`failed` reports of gone VMs, kept on disk until the server
 //!   answers `recorded`.
+//! - [`ship`]: substrates shipped between hosts instead of primed on each: the books (wants,
+//!   one-time grants), the stream format, the fetching side.
+//! - [`peer`]: the peer listener (`[peer] listen`): what this host serves other hosts (the
+//!   substrate stream).
 //! - [`selftest`]: `berth-hostd selftest`, prime → activate → destroy on this host with its
 //!   configured driver, checking every game answers as its own session and nothing is left.
 //! - [`gateway`]: the players' websocket: ticket check with the session's own key, then frames
@@ -41,8 +45,10 @@ pub mod link;
 pub mod manifest;
 pub mod metrics;
 pub mod outbox;
+pub mod peer;
 pub mod pool;
 pub mod selftest;
+pub mod ship;
 pub mod substrate;
 pub mod token;
 pub mod util;

@@ -16,6 +16,9 @@
 //! - pool events: `Ended`, `Failed` and `Destroyed` are forwarded; `Docked`, `PrimeFailed`
 //!   and `SubstrateDiscarded` send an early heartbeat so capacity changes reach the server at
 //!   once;
+//! - substrate shipping ([`crate::ship`]): the pool's wants go out as `want_substrate` (again
+//!   on every new connection while unanswered); `fetch_substrate` and `no_substrate` answer
+//!   them, `share_substrate` hands the pool a one-time grant for a peer;
 //! - `error` from the server is logged; frames that are not host messages (not JSON, unknown
 //!   type, binary) are logged and ignored, never a reason to drop the link.
 //!
@@ -37,6 +40,7 @@ use crate::config::ImageConfig;
 pub use crate::config::ServerLink;
 use crate::outbox::Outbox;
 use crate::pool::{ActivateRequest, Pool, PoolError, PoolEvent, Status, VmInfo};
+use crate::ship::{Offer, Ship};
 pub use crate::token::Token;
 use crate::token::TokenError;
 use berth_protocol::host::HOST_PROTOCOL_VERSION;
@@ -176,6 +180,7 @@ pub fn capacity(status: &Status, images: &[ImageConfig]) -> Vec<ImageCapacity> {
                 running: i.active,
                 memory_mib: config.map_or(0, |c| c.memory_mib),
                 vcpus: config.map_or(0, |c| c.vcpus),
+                substrate: i.fingerprint.clone(),
             }
         })
         .collect()
@@ -198,6 +203,7 @@ pub fn register(
         max_vms: status.max_vms,
         region: status.region.clone(),
         zone: status.zone.clone(),
+        peer: status.peer.clone(),
         images: capacity(status, images),
         vms: status
             .vms
@@ -254,11 +260,14 @@ pub fn forward(event: PoolEvent) -> Forward {
         PoolEvent::Docked { .. }
         | PoolEvent::PrimeFailed { .. }
         | PoolEvent::SubstrateDiscarded { .. }
+        | PoolEvent::Shipped { .. }
         | PoolEvent::Draining => Forward::Capacity,
         // Answered as `activated` to the `activate` that caused it; reports are sent above.
         PoolEvent::Activated { .. } | PoolEvent::Ended { .. } | PoolEvent::Failed { .. } => {
             Forward::Nothing
         }
+        // The prime that follows says the rest.
+        PoolEvent::ShipRefused { .. } => Forward::Nothing,
     }
 }
 
@@ -273,6 +282,7 @@ pub(crate) trait LinkPool: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<VmInfo, PoolError>> + Send;
     fn destroy(&self, vm: VmId) -> impl Future<Output = Result<(), PoolError>> + Send;
     fn outbox(&self) -> &Outbox;
+    fn ship(&self) -> &Ship;
 }
 
 impl LinkPool for Pool {
@@ -293,6 +303,9 @@ impl LinkPool for Pool {
     }
     fn outbox(&self) -> &Outbox {
         Pool::outbox(self)
+    }
+    fn ship(&self) -> &Ship {
+        Pool::ship(self)
     }
 }
 
@@ -462,6 +475,9 @@ impl<P: LinkPool> Link<P> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = Instant::now();
         let mut ticks = 0u32;
+        // Wants a previous connection may have lost go out on this one.
+        let ship = self.pool.ship().clone();
+        ship.resend();
         loop {
             tokio::select! {
                 () = &mut shutdown => {
@@ -488,6 +504,11 @@ impl<P: LinkPool> Link<P> {
                         for report in self.pool.outbox().pending() {
                             send(ws, &report).await?;
                         }
+                    }
+                }
+                () = ship.wanted() => {
+                    for want in ship.take_unsent() {
+                        send(ws, &want).await?;
                     }
                 }
                 Some(done) = self.done_rx.recv() => {
@@ -590,6 +611,23 @@ impl<P: LinkPool> Link<P> {
             ServerToHost::Recorded { session } => {
                 tracing::debug!(session_id = %session, "the server recorded the report");
                 self.pool.outbox().remove(&session);
+            }
+            ServerToHost::FetchSubstrate { image, from, grant } => self
+                .pool
+                .ship()
+                .answer(&image, Offer::Fetch { from, grant }),
+            ServerToHost::NoSubstrate { image, reason } => {
+                self.pool.ship().answer(&image, Offer::Prime { reason })
+            }
+            ServerToHost::ShareSubstrate {
+                image,
+                grant,
+                ttl_ms,
+            } => {
+                tracing::info!(image, ttl_ms, "a peer may fetch a substrate");
+                self.pool
+                    .ship()
+                    .grant(image, grant, Duration::from_millis(ttl_ms))
             }
         }
     }
@@ -822,6 +860,7 @@ pub(crate) mod tests {
             prime_ms: None,
             substrate_bytes: 0,
             reprimes: Default::default(),
+            fingerprint: None,
         }
     }
 
@@ -841,6 +880,7 @@ pub(crate) mod tests {
             failures: vec![],
             activations: 0,
             draining: false,
+            peer: None,
         }
     }
 
@@ -859,6 +899,7 @@ pub(crate) mod tests {
         /// A folder of its own under the temp dir, removed on drop.
         outbox: Outbox,
         dir: PathBuf,
+        ship: Ship,
     }
 
     impl Drop for DoubleState {
@@ -875,6 +916,7 @@ pub(crate) mod tests {
             let _ = std::fs::remove_dir_all(&dir);
             PoolDouble(Arc::new(DoubleState {
                 outbox: Outbox::new(&dir),
+                ship: Ship::default(),
                 dir,
                 status: Mutex::new(sample_status()),
                 images: vec![image_config("arena", 128, 1), image_config("duel", 256, 2)],
@@ -906,6 +948,9 @@ pub(crate) mod tests {
         }
         fn outbox(&self) -> &Outbox {
             &self.0.outbox
+        }
+        fn ship(&self) -> &Ship {
+            &self.0.ship
         }
         async fn activate(&self, req: ActivateRequest) -> Result<VmInfo, PoolError> {
             let _ = self.0.gate.subscribe().wait_for(|open| *open).await;
@@ -1161,6 +1206,7 @@ pub(crate) mod tests {
                     running: 1,
                     memory_mib: 128,
                     vcpus: 1,
+                    substrate: None,
                 },
                 ImageCapacity {
                     name: "duel".into(),
@@ -1169,6 +1215,7 @@ pub(crate) mod tests {
                     running: 0,
                     memory_mib: 256,
                     vcpus: 2,
+                    substrate: None,
                 },
             ]
         );
@@ -1195,6 +1242,7 @@ pub(crate) mod tests {
                 }],
                 region: None,
                 zone: None,
+                peer: None,
                 outbox: vec![],
             }
         );

@@ -3,8 +3,9 @@
 //!
 //! Two kinds of figures, all under the `berth_hostd_` prefix:
 //! - **counted as they happen**, from the pool's events: activations by image and path and
-//!   their latency, VM failures by code, game reports, primes, prime failures and substrates
-//!   discarded (damaged) and primed again;
+//!   their latency, VM failures by code, game reports, primes, prime failures, substrates
+//!   discarded (damaged) and primed again, substrates shipped from peers and shipped ones
+//!   refused;
 //! - **read at each scrape** ([`Snapshot`]): VMs by state, the VM cap, the drain, each image's
 //!   substrate (docked or not, bytes on disk), and the gateway's connections, refusals and
 //!   closes by code, messages forwarded and its own forwarding time per direction. That last
@@ -39,6 +40,8 @@ struct Counted {
     primes: Family<Labels, Counter>,
     prime_failures: Family<Labels, Counter>,
     discards: Family<Labels, Counter>,
+    shipped: Family<Labels, Counter>,
+    ship_refusals: Family<Labels, Counter>,
 }
 
 /// hostd's metrics: cheap to clone.
@@ -68,6 +71,8 @@ impl Metrics {
             primes: Family::default(),
             prime_failures: Family::default(),
             discards: Family::default(),
+            shipped: Family::default(),
+            ship_refusals: Family::default(),
         });
         let mut registry = Registry::with_prefix("berth_hostd");
         let c = &counted;
@@ -101,6 +106,16 @@ impl Metrics {
                 "substrate_discards",
                 "Substrates discarded and primed again, by image and code",
                 &c.discards,
+            ),
+            (
+                "substrates_shipped",
+                "Substrates fetched from a peer and docked without priming, by image",
+                &c.shipped,
+            ),
+            (
+                "ship_refusals",
+                "Shipped substrates refused or not fetched (then primed), by image and code",
+                &c.ship_refusals,
             ),
         ];
         for (name, help, family) in counters {
@@ -179,6 +194,15 @@ impl Counted {
             PoolEvent::SubstrateDiscarded { image, code, .. } => {
                 let labels = vec![("image", image.clone()), ("code", code.clone())];
                 c.discards.get_or_create(&labels).inc();
+            }
+            PoolEvent::Shipped { image, .. } => {
+                c.shipped
+                    .get_or_create(&vec![("image", image.clone())])
+                    .inc();
+            }
+            PoolEvent::ShipRefused { image, code, .. } => {
+                let labels = vec![("image", image.clone()), ("code", code.clone())];
+                c.ship_refusals.get_or_create(&labels).inc();
             }
             PoolEvent::Destroyed { .. } | PoolEvent::Draining => {}
         }

@@ -57,6 +57,15 @@ pub struct Fingerprint {
     pub machine: Machine,
 }
 
+impl Fingerprint {
+    /// The fingerprint's identity, `sha256:<hex>` of its JSON: what hosts compare to tell
+    /// whether they can restore each other's substrates (see [`crate::ship`]).
+    pub fn key(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a fingerprint serialises");
+        format!("sha256:{}", hex::encode(Sha256::digest(json)))
+    }
+}
+
 /// `substrate.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,6 +110,55 @@ impl SubstrateError {
             SubstrateError::Mismatch { .. } => "substrate_mismatch",
             SubstrateError::Io { .. } => "substrate_io",
         }
+    }
+}
+
+impl Header {
+    /// Parses `substrate.json` of the substrate at `dir` and checks it was made for
+    /// `expected` (magic, format, every field of the fingerprint); the files are not read.
+    pub fn parse(
+        dir: &Path,
+        bytes: &[u8],
+        expected: &Fingerprint,
+    ) -> Result<Header, SubstrateError> {
+        let corrupt = |reason: String| SubstrateError::Corrupt {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        let header: Header =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(format!("header: {e}")))?;
+        if header.magic != MAGIC {
+            return Err(corrupt("bad magic".into()));
+        }
+        if header.format != FORMAT {
+            return Err(SubstrateError::Mismatch {
+                path: dir.to_path_buf(),
+                field: "format version",
+            });
+        }
+        let f = &header.fingerprint;
+        let mismatch = |field| {
+            Err(SubstrateError::Mismatch {
+                path: dir.to_path_buf(),
+                field,
+            })
+        };
+        if f.driver != expected.driver {
+            return mismatch("driver");
+        }
+        if f.image_digest != expected.image_digest {
+            return mismatch("image digest");
+        }
+        if f.hypervisor_version != expected.hypervisor_version {
+            return mismatch("hypervisor version");
+        }
+        if f.device_model != expected.device_model {
+            return mismatch("device model");
+        }
+        if f.machine != expected.machine {
+            return mismatch("machine config");
+        }
+        Ok(header)
     }
 }
 
@@ -154,39 +212,7 @@ impl Substrate {
                 })
             }
         };
-        let header: Header =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("header: {e}")))?;
-        if header.magic != MAGIC {
-            return Err(corrupt("bad magic".into()));
-        }
-        if header.format != FORMAT {
-            return Err(SubstrateError::Mismatch {
-                path: dir.to_path_buf(),
-                field: "format version",
-            });
-        }
-        let f = &header.fingerprint;
-        let mismatch = |field| {
-            Err(SubstrateError::Mismatch {
-                path: dir.to_path_buf(),
-                field,
-            })
-        };
-        if f.driver != expected.driver {
-            return mismatch("driver");
-        }
-        if f.image_digest != expected.image_digest {
-            return mismatch("image digest");
-        }
-        if f.hypervisor_version != expected.hypervisor_version {
-            return mismatch("hypervisor version");
-        }
-        if f.device_model != expected.device_model {
-            return mismatch("device model");
-        }
-        if f.machine != expected.machine {
-            return mismatch("machine config");
-        }
+        let header = Header::parse(dir, &bytes, expected)?;
         let state = Self::state_path(dir);
         let (sha, len) = sha256_file(&state).map_err(|e| corrupt(format!("state file: {e}")))?;
         if len != header.state_bytes || sha != header.state_sha256 {
@@ -246,10 +272,10 @@ pub fn ram_digest(path: &Path) -> std::io::Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn fp() -> Fingerprint {
+    pub(crate) fn fp() -> Fingerprint {
         Fingerprint {
             driver: "qemu".into(),
             image_digest: "abc".into(),
@@ -265,7 +291,7 @@ mod tests {
         }
     }
 
-    fn write(dir: &Path, fingerprint: Fingerprint, state: &[u8]) {
+    pub(crate) fn write(dir: &Path, fingerprint: Fingerprint, state: &[u8]) {
         std::fs::write(Substrate::state_path(dir), state).expect("write state");
         std::fs::write(Substrate::ram_path(dir), ram()).expect("write ram");
         let (sha, len) = sha256_file(&Substrate::state_path(dir)).expect("hash");

@@ -12,6 +12,14 @@
 //! server: {"type":"destroy","session":"…"}
 //! hostd:  {"type":"destroyed","session":"…","vm":"…"}
 //! ```
+//!
+//! Substrate shipping (a host without a docked substrate asks for a peer's before it primes):
+//! ```text
+//! hostd:  {"type":"want_substrate","image":"arena","fingerprint":"sha256:…"}
+//! server: {"type":"fetch_substrate","image":"arena","from":"http://10.0.0.7:7072","grant":"…"}
+//!       | {"type":"no_substrate","image":"arena","reason":"no_peer"}          (then it primes)
+//! server → the peer: {"type":"share_substrate","image":"arena","grant":"…","ttl_ms":30000}
+//! ```
 //! hostd authenticates with a bearer JWT whose `role` is `host` and whose `sub` is its host id.
 
 use crate::codes::{ActivationPath, ErrorCode};
@@ -33,6 +41,10 @@ pub struct ImageCapacity {
     pub running: u32,
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// The identity of the docked substrate (its header's fingerprint, `sha256:<hex>`): hosts
+    /// whose substrates have the same one can restore each other's. None: nothing docked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substrate: Option<String>,
 }
 
 /// A VM a host really has, reported on every (re)connect so the server can reconcile.
@@ -65,6 +77,10 @@ pub enum HostMessage {
         /// Its zone within the region (a rack, a data centre), for the operators' views.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         zone: Option<String>,
+        /// Where this host serves its docked substrates to peers (`http://IP:PORT`); None: it
+        /// serves none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
         /// The `ended` and `failed` reports hostd holds that the server has not acknowledged
         /// with `recorded` (their VMs are gone, so `vms` cannot say it): the server records
         /// them before it reconciles `vms`.
@@ -109,6 +125,10 @@ pub enum HostMessage {
     },
     /// The VM is gone and its slot is back in the pool.
     Destroyed { session: SessionId, vm: VmId },
+    /// This host has no docked substrate of `image` and would like a peer's with this
+    /// `fingerprint` (`sha256:<hex>` of its expected header fingerprint) instead of priming.
+    /// Answered with `fetch_substrate` or `no_substrate`.
+    WantSubstrate { image: String, fingerprint: String },
 }
 
 /// server → hostd.
@@ -145,5 +165,23 @@ pub enum ServerToHost {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// To the host that asked with `want_substrate`: fetch it from the peer at `from` with
+    /// `grant` (a one-time bearer token that peer was given with `share_substrate`).
+    FetchSubstrate {
+        image: String,
+        from: String,
+        grant: String,
+    },
+    /// To the host that asked with `want_substrate`: no peer has one (`reason`); prime it.
+    NoSubstrate {
+        image: String,
+        reason: String,
+    },
+    /// To a peer: let one fetch of `image` with `grant` in within `ttl_ms`.
+    ShareSubstrate {
+        image: String,
+        grant: String,
+        ttl_ms: u64,
     },
 }

@@ -104,6 +104,20 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
                 c.send(ServerToHost::Destroy { session });
             }
         }
+        Event::Share {
+            host,
+            image,
+            grant,
+            ttl_ms,
+        } => {
+            if let Some(c) = ctx.registry.host_conn(&host) {
+                c.send(ServerToHost::ShareSubstrate {
+                    image,
+                    grant,
+                    ttl_ms,
+                });
+            }
+        }
         Event::Resync => resync(ctx),
         Event::PlayerConnected { player, conn } => {
             let old = {

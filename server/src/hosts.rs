@@ -268,6 +268,7 @@ fn registered(
         vms,
         region,
         zone,
+        peer,
         outbox,
     } = message
     else {
@@ -304,6 +305,7 @@ fn registered(
         vms,
         region,
         zone,
+        peer,
         replica: ctx.replica.clone(),
         connected_ms: now,
         last_seen_ms: now,
@@ -410,6 +412,9 @@ async fn handle(
         }
         HostMessage::Ended { .. } | HostMessage::Failed { .. } => {
             handle_report(ctx, host, record, m).await
+        }
+        HostMessage::WantSubstrate { image, fingerprint } => {
+            vec![crate::shipping::want(ctx, record, image, fingerprint).await]
         }
         HostMessage::Activated { .. }
         | HostMessage::ActivateFailed { .. }
@@ -527,7 +532,9 @@ async fn handle_session(
         | HostMessage::Ended { session, .. }
         | HostMessage::Failed { session, .. }
         | HostMessage::Destroyed { session, .. } => session.clone(),
-        HostMessage::Register { .. } | HostMessage::Heartbeat { .. } => return Outcome::Done,
+        HostMessage::Register { .. }
+        | HostMessage::Heartbeat { .. }
+        | HostMessage::WantSubstrate { .. } => return Outcome::Done,
     };
     match owns(ctx, host, &session).await {
         Ok(true) => {}
@@ -574,7 +581,9 @@ async fn handle_session(
             .map(|_| ())
         }
         HostMessage::Destroyed { .. } => sessions::destroyed(ctx, host, &session).await,
-        HostMessage::Register { .. } | HostMessage::Heartbeat { .. } => Ok(()),
+        HostMessage::Register { .. }
+        | HostMessage::Heartbeat { .. }
+        | HostMessage::WantSubstrate { .. } => Ok(()),
     };
     match r {
         Ok(()) => Outcome::Done,

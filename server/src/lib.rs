@@ -22,6 +22,7 @@ pub mod modes;
 pub mod play;
 pub mod registry;
 pub mod sessions;
+pub mod shipping;
 pub mod standing;
 pub mod state;
 pub mod store;

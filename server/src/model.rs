@@ -186,6 +186,9 @@ pub struct HostRecord {
     pub region: Option<String>,
     #[serde(default)]
     pub zone: Option<String>,
+    /// Where it serves its docked substrates to peers (`http://IP:PORT`); None: it serves none.
+    #[serde(default)]
+    pub peer: Option<String>,
     /// The replica holding this host's websocket.
     pub replica: String,
     pub connected_ms: u64,
@@ -219,6 +222,14 @@ pub enum Event {
     Place { host: HostId, session: SessionId },
     /// The replica holding `host`'s websocket should send it `destroy` for `session`.
     Destroy { host: HostId, session: SessionId },
+    /// The replica holding `host`'s websocket should send it `share_substrate` (a peer asked
+    /// for its substrate of `image`; see [`crate::shipping`]).
+    Share {
+        host: HostId,
+        image: String,
+        grant: String,
+        ttl_ms: u64,
+    },
     /// A player connected on `conn`; any other connection of theirs is closed.
     PlayerConnected { player: PlayerId, conn: String },
     /// Never published: the store's event stream had a gap (its subscription was lost and is

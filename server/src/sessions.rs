@@ -509,12 +509,12 @@ pub async fn run_sweeper(core: Arc<Core>, period: Duration) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::test_core;
     use berth_protocol::host::ImageCapacity;
 
-    fn host(id: &str, running: u32, warm: u32, docked: bool) -> HostRecord {
+    pub(crate) fn host(id: &str, running: u32, warm: u32, docked: bool) -> HostRecord {
         HostRecord {
             id: HostId::new(id).expect("id"),
             state: HostState::Up,
@@ -530,10 +530,12 @@ mod tests {
                 running,
                 memory_mib: 128,
                 vcpus: 1,
+                substrate: None,
             }],
             vms: vec![],
             region: None,
             zone: None,
+            peer: None,
             replica: String::new(),
             connected_ms: 0,
             last_seen_ms: 0,

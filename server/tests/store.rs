@@ -177,6 +177,7 @@ fn host(id: &str, last_seen_ms: u64) -> HostRecord {
             running: 1,
             memory_mib: 256,
             vcpus: 1,
+            substrate: None,
         }],
         vms: vec![HostVm {
             vm: VmId::new("vm-1").expect("a valid vm id"),
@@ -185,6 +186,7 @@ fn host(id: &str, last_seen_ms: u64) -> HostRecord {
         }],
         region: None,
         zone: None,
+        peer: None,
         replica: "replica-a".into(),
         connected_ms: last_seen_ms.saturating_sub(1000),
         last_seen_ms,

@@ -89,6 +89,7 @@ pub fn hostd_config(state_dir: &Path, images: Vec<ImageConfig>) -> HostdConfig {
         ready_timeout_s: 20,
         agent_silence_s: 15,
         keep_substrates: false,
+        peer: None,
         drain_timeout_s: 0,
         images,
         gateway: GatewayConfig::at(SocketAddr::from(([127, 0, 0, 1], 0))),

@@ -2,7 +2,9 @@
 //! network namespace on a bridge, the server in the root namespace at the bridge's address,
 //! players reaching each host's gateway at that host's address. A host is cut off the network
 //! mid-match and brought back, and the match goes on; hosts declare regions and sessions land
-//! only in theirs. Nothing is left: no namespace, no link, no VM, no file.
+//! only in theirs. A new host fetches its substrate from a peer instead of priming it, and
+//! refuses (then primes) one that does not match its digest. Nothing is left: no namespace,
+//! no link, no VM, no file.
 
 use anyhow::{Context, Result};
 use berth_protocol::game::{GameAnswer, GameRequest};
@@ -54,6 +56,27 @@ async fn server_on(bed: &Bed) -> Result<Server> {
     Server::start(sc).await
 }
 
+/// How an [`NsHostd`] starts.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    /// Its state folder starts with the shared primed substrate (else it has none).
+    seed: bool,
+    /// A `[peer]` table: it serves its substrates and fetches a peer's before priming.
+    peer: bool,
+    /// Warm arena clones.
+    warm: u32,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            seed: true,
+            peer: false,
+            warm: 1,
+        }
+    }
+}
+
 /// A real `berth-hostd` in a host's namespace, with its state and config folders; killed on
 /// drop if the test ends early.
 struct NsHostd {
@@ -61,6 +84,8 @@ struct NsHostd {
     dir: std::path::PathBuf,
     /// `IP:PORT` of its gateway, on its own address.
     gateway: String,
+    /// `IP:PORT` of its control API.
+    control: std::net::SocketAddr,
     _guard: DirGuard,
     _conf: fixtures::TempDir,
 }
@@ -84,9 +109,23 @@ impl NsHostd {
         name: &str,
         region: Option<&str>,
     ) -> Result<NsHostd> {
+        Self::start_with(host, server, name, region, Setup::default()).await
+    }
+
+    /// [`NsHostd::start`] set up as `setup` says; returns once the server knows it up and
+    /// docked with its warm clones.
+    async fn start_with(
+        host: &NsHost,
+        server: &Server,
+        name: &str,
+        region: Option<&str>,
+        setup: Setup,
+    ) -> Result<NsHostd> {
         let dir = Sandbox::state_dir(name);
         let _ = std::fs::remove_dir_all(&dir);
-        seed_substrate(&dir, &image_config("arena", 1)).await?;
+        if setup.seed {
+            seed_substrate(&dir, &image_config("arena", 1)).await?;
+        }
         let guard = DirGuard(dir.clone());
         let conf = fixtures::TempDir::new(&format!("{name}-conf"))?;
         let config = conf.0.join("hostd.toml");
@@ -94,18 +133,25 @@ impl NsHostd {
         let region = region
             .map(|r| format!("region = \"{r}\"\n"))
             .unwrap_or_default();
+        // The peer listener on the host's own address: peers reach it over the bridge.
+        let peer = if setup.peer {
+            format!("[peer]\nlisten = \"{}:7072\"\n", host.ip)
+        } else {
+            String::new()
+        };
         std::fs::write(
             &config,
             format!(
                 "host_id = \"{name}\"\n{region}state_dir = \"{}\"\ncontrol = \"{}:7070\"\n\
                  accel = \"tcg\"\ndrain_timeout_s = 0\n\
-                 [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = 1\n\
-                 [gateway]\nlisten = \"{gateway}\"\n\
+                 [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = {}\n\
+                 [gateway]\nlisten = \"{gateway}\"\n{peer}\
                  [server]\nurl = \"ws://{}/v1/hosts\"\ntoken = \"{}\"\n\
                  gateway = \"ws://{gateway}/v1/game\"\nreconnect_max_s = 1\n",
                 dir.display(),
                 host.ip,
                 image_dir().display(),
+                setup.warm,
                 server.addr,
                 fixtures::host_token(name),
             ),
@@ -121,14 +167,21 @@ impl NsHostd {
             child,
             dir,
             gateway,
+            control: (host.ip, 7070).into(),
             _guard: guard,
             _conf: conf,
         };
         host_until(server, name, |h| {
-            h.images.iter().any(|i| i.docked && i.warm >= 1)
+            h.images.iter().any(|i| i.docked && i.warm >= setup.warm)
         })
         .await?;
         Ok(hostd)
+    }
+
+    /// Its Prometheus text, from its control API on its own address.
+    async fn metrics(&self) -> Result<String> {
+        let url = format!("http://{}/metrics", self.control);
+        Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
     }
 
     /// SIGTERM (no drain), a clean exit, and nothing left in its state folder.
@@ -187,17 +240,31 @@ async fn a_host_on_its_own_address_serves_a_match_and_outlives_being_cut_off() -
     assert_eq!(s.state, SessionState::Active, "{:?}", s.end_reason);
 
     // Back: the player rejoins and gives up; both hear the results.
-    let mut game = join(&endpoint, &ticket).await?;
+    surrender(&endpoint, &ticket, [&mut a, &mut b]).await?;
+    finish(vec![hostd], server, bed, BLOCK).await
+}
+
+/// The holder of `ticket` joins at `endpoint` and gives up; both players hear the results.
+async fn surrender(endpoint: &str, ticket: &str, players: [&mut client::Client; 2]) -> Result<()> {
+    let mut game = join(endpoint, ticket).await?;
     game.send(&GameRequest::Surrender).await?;
-    for c in [&mut a, &mut b] {
+    for c in players {
         let (reason, results) = client::ended(c).await?;
         assert_eq!(reason, "surrender");
         assert!(!results["winner"].is_null(), "{results}");
     }
-    hostd.stop()?;
+    Ok(())
+}
+
+/// Stops every hostd (nothing left in its state folder), the server and the bed, and checks
+/// that no namespace or link of `block` is left.
+async fn finish(hostds: Vec<NsHostd>, server: Server, bed: Bed, block: u8) -> Result<()> {
+    for h in hostds {
+        h.stop()?;
+    }
     server.shutdown().await;
     drop(bed);
-    assert_eq!(leftovers(BLOCK), Vec::<String>::new());
+    assert_eq!(leftovers(block), Vec::<String>::new());
     Ok(())
 }
 
@@ -239,11 +306,134 @@ async fn three_hosts_in_two_regions_take_only_their_regions_sessions() -> Result
         assert_eq!(served, Some(region), "{session} on {host} via {endpoint}");
         players.push((a, b));
     }
-    for (_, h) in hostds {
-        h.stop()?;
+    finish(
+        hostds.into_iter().map(|(_, h)| h).collect(),
+        server,
+        bed,
+        BLOCK,
+    )
+    .await
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text (0 when absent).
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The arena substrate identity host `name` reports to the server.
+async fn substrate_of(server: &Server, name: &str) -> Result<Option<String>> {
+    let id = berth_protocol::HostId::new(name)?;
+    let host = server.ctx.store.host(&id).await?.context("registered")?;
+    Ok(host.images.iter().find_map(|i| i.substrate.clone()))
+}
+
+/// Queues a duel in `region`, checks it is served by `hostd` through a clone of its substrate
+/// (not a cold boot), and plays it to its results.
+async fn duel_on(server: &Server, hostd: &NsHostd, names: [&str; 2], region: &str) -> Result<()> {
+    let (mut a, mut b, session, endpoint, ticket) = duel(server, names, region).await?;
+    assert_eq!(endpoint, format!("ws://{}/v1/game", hostd.gateway));
+    let status = berth_hostd::control::Client::new(hostd.control)
+        .status()
+        .await?;
+    let vm = status
+        .vms
+        .iter()
+        .find(|v| v.session_id == session)
+        .context("the session's VM")?;
+    assert_ne!(vm.path, berth_protocol::ActivationPath::Cold, "{vm:?}");
+    surrender(&endpoint, &ticket, [&mut a, &mut b]).await
+}
+
+const SHIPPED: &str = "berth_hostd_substrates_shipped_total{image=\"arena\"}";
+const PRIMED: &str = "berth_hostd_primes_total{image=\"arena\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_host_serves_its_first_session_from_a_shipped_substrate_without_priming() -> Result<()>
+{
+    init_logs();
+    const BLOCK: u8 = 9;
+    let mut bed = Bed::new(BLOCK)?;
+    let server = server_on(&bed).await?;
+    let peer = Setup {
+        peer: true,
+        ..Setup::default()
+    };
+    // The source, in another region: it never gets an eu session, only ships its substrate.
+    let source =
+        NsHostd::start_with(&bed.add_host(1)?, &server, "sh-src", Some("us"), peer).await?;
+    let fresh = Setup {
+        seed: false,
+        ..peer
+    };
+    let started = Instant::now();
+    let new = NsHostd::start_with(&bed.add_host(2)?, &server, "sh-new", Some("eu"), fresh).await?;
+    let docked_in = started.elapsed();
+
+    let metrics = new.metrics().await?;
+    assert_eq!(sample(&metrics, SHIPPED), 1.0, "{metrics}");
+    assert_eq!(sample(&metrics, PRIMED), 0.0, "nothing primed: {metrics}");
+    assert_eq!(
+        sample(&source.metrics().await?, SHIPPED),
+        0.0,
+        "the source had its own"
+    );
+    let want = substrate_of(&server, "sh-src").await?;
+    assert!(want.is_some());
+    assert_eq!(substrate_of(&server, "sh-new").await?, want);
+    eprintln!("the new host docked a shipped substrate in {docked_in:?}");
+
+    duel_on(&server, &new, ["sa", "sb"], "eu").await?;
+    finish(vec![new, source], server, bed, BLOCK).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shipped_substrate_that_fails_its_digest_is_refused_and_primed_instead() -> Result<()> {
+    init_logs();
+    const BLOCK: u8 = 10;
+    let mut bed = Bed::new(BLOCK)?;
+    let server = server_on(&bed).await?;
+    // No warm clone on the source: nothing maps the RAM file damaged below.
+    let peer = Setup {
+        peer: true,
+        warm: 0,
+        ..Setup::default()
+    };
+    let source =
+        NsHostd::start_with(&bed.add_host(1)?, &server, "sc-src", Some("us"), peer).await?;
+    // The source's RAM file changes after docking: 4 KiB in the middle flipped.
+    let ram = source.dir.join("substrates/arena/ram");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&ram)?;
+        let at = file.metadata()?.len() / 2;
+        let mut page = vec![0u8; 4096];
+        file.read_exact_at(&mut page, at)?;
+        page.iter_mut().for_each(|b| *b ^= 0xa5);
+        file.write_all_at(&page, at)?;
     }
-    server.shutdown().await;
-    drop(bed);
-    assert_eq!(leftovers(BLOCK), Vec::<String>::new());
-    Ok(())
+    let fresh = Setup {
+        seed: false,
+        warm: 1,
+        ..peer
+    };
+    let new = NsHostd::start_with(&bed.add_host(2)?, &server, "sc-new", Some("eu"), fresh).await?;
+
+    let metrics = new.metrics().await?;
+    let refused = "berth_hostd_ship_refusals_total{image=\"arena\",code=\"substrate_damaged\"}";
+    assert_eq!(sample(&metrics, refused), 1.0, "{metrics}");
+    assert_eq!(sample(&metrics, SHIPPED), 0.0, "{metrics}");
+    assert_eq!(sample(&metrics, PRIMED), 1.0, "primed instead: {metrics}");
+    assert!(
+        !new.dir.join("substrates/.incoming-arena").exists(),
+        "the refused one's temp folder is gone"
+    );
+
+    duel_on(&server, &new, ["sc", "sd"], "eu").await?;
+    finish(vec![new, source], server, bed, BLOCK).await
 }

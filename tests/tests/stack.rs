@@ -617,6 +617,7 @@ async fn vm_failure_deadline_and_an_intruding_host() -> Result<()> {
             }],
             region: None,
             zone: None,
+            peer: None,
             outbox: vec![],
         },
     )

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_e2e;
 mod bench_server;
+mod bench_ship;
 mod build;
 mod chaos;
 mod demo;
@@ -63,6 +64,8 @@ enum BenchCmd {
     Server(bench_server::ServerArgs),
     /// The whole path under a swarm: queue → first game state, gateway overhead.
     E2e(bench_e2e::E2eArgs),
+    /// Priming a substrate vs fetching a docked one from a peer (target/bench/ship.json).
+    Ship(bench_ship::ShipArgs),
 }
 
 fn main() -> Result<()> {
@@ -107,6 +110,13 @@ fn main() -> Result<()> {
             sys::ensure(&[sys::REDIS])?;
             init_logs();
             rt()?.block_on(bench_server::run(args))?;
+        }
+        Cmd::Bench {
+            which: BenchCmd::Ship(args),
+        } => {
+            sys::ensure(&[sys::QEMU, sys::QEMU_UTILS, sys::E2FS])?;
+            init_logs();
+            rt()?.block_on(bench_ship::run(args))?;
         }
         Cmd::Bench {
             which: BenchCmd::E2e(args),

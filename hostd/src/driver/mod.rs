@@ -323,6 +323,14 @@ pub trait VmDriver: Send + Sync + 'static {
         dir: &Path,
         boot_timeout: Duration,
     ) -> Result<PrimeStats, DriverError>;
+    /// Adds to a substrate shipped from a peer into `dir` (its header, state and RAM files)
+    /// the files this host derives from its own copy of the image rather than receive (QEMU:
+    /// the blank disk overlay, whose backing path is this host's, and the kernel header). The
+    /// image is the same: the header's image digest was checked before.
+    fn localise(&self, spec: &VmSpec, dir: &Path) -> Result<(), DriverError> {
+        let _ = (spec, dir);
+        Ok(())
+    }
     /// Restores a clone of `substrate` into `vm_dir`, left paused and waiting for identity.
     async fn restore(
         &self,

@@ -350,6 +350,11 @@ impl VmDriver for QemuDriver {
         )
     }
 
+    fn localise(&self, spec: &VmSpec, dir: &Path) -> Result<(), DriverError> {
+        Self::write_blank_overlay(spec, &Substrate::overlay_path(dir))?;
+        write_kernel_header(&spec.image.kernel(), &dir.join("kernel-header"))
+    }
+
     async fn prime(
         &self,
         spec: &VmSpec,

@@ -11,11 +11,13 @@
 //!
 //! This module holds the pool's types, its books and its queries; the work lives beside it:
 //! `activate` (idempotent activation), `refill` (priming and the warm tier, its choice a pure
-//! function), `health` (checking a substrate whose clones fail, discarding a damaged one),
+//! function), `fetch` (docking a substrate shipped from a peer instead of priming it, see [`crate::ship`]),
+//! `health` (checking a substrate whose clones fail, discarding a damaged one),
 //! `vm` (the task owning each active VM) and `adopt` (VMs left by an earlier hostd).
 
 mod activate;
 mod adopt;
+mod fetch;
 mod health;
 mod refill;
 #[cfg(test)]
@@ -203,6 +205,22 @@ pub enum PoolEvent {
         code: String,
         message: String,
     },
+    /// A substrate was shipped from the peer at `from` and docked: nothing was booted.
+    Shipped {
+        image: String,
+        from: String,
+        /// From asking the server to docked, checks included.
+        fetch_ms: u64,
+        /// Bytes received (zero runs travel as a few bytes).
+        bytes: u64,
+    },
+    /// A shipped substrate was refused (`code`: see [`crate::ship::ShipError::code`]) or could
+    /// not be fetched: the image is primed instead.
+    ShipRefused {
+        image: String,
+        code: String,
+        message: String,
+    },
     /// A docked substrate was found damaged or could not be restored: it is primed again.
     SubstrateDiscarded {
         image: String,
@@ -291,6 +309,9 @@ pub struct ImageStatus {
     /// `substrate_corrupt` / `substrate_mismatch` (found at start-up).
     #[serde(default)]
     pub reprimes: std::collections::BTreeMap<String, u64>,
+    /// The docked substrate's fingerprint key ([`crate::substrate::Fingerprint::key`]).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -311,6 +332,9 @@ pub struct Status {
     /// Taking no new sessions (see [`Pool::drain`]).
     #[serde(default)]
     pub draining: bool,
+    /// Where this host serves its substrates to peers (`[peer]`); None: it serves none.
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// Where an image's substrate is, with what each state needs.
@@ -380,6 +404,8 @@ struct Inner {
     outbox: Outbox,
     /// No new sessions (see [`Pool::drain`]).
     draining: std::sync::atomic::AtomicBool,
+    /// What this host asks peers for and the grants it holds (see [`crate::ship`]).
+    ship: crate::ship::Ship,
 }
 
 /// The pool; cheap to clone.
@@ -463,6 +489,7 @@ impl Pool {
             inner: Arc::new(Inner {
                 outbox,
                 draining: Default::default(),
+                ship: Default::default(),
                 config,
                 driver,
                 specs,
@@ -490,6 +517,19 @@ impl Pool {
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.retain(|t| !t.is_finished());
         tasks.push(tokio::spawn(task));
+    }
+
+    /// The shipping books (see [`crate::ship`]).
+    pub fn ship(&self) -> &crate::ship::Ship {
+        &self.inner.ship
+    }
+
+    /// `image`'s docked substrate, if it has one.
+    pub fn docked(&self, image: &str) -> Option<Substrate> {
+        match &self.state().images.get(image)?.substrate {
+            Phase::Docked(s) => Some((**s).clone()),
+            _ => None,
+        }
     }
 
     /// The reports of gone VMs the server has not acknowledged yet.
@@ -586,6 +626,10 @@ impl Pool {
             .iter()
             .map(|(name, spec)| {
                 let slot = st.images.get(name);
+                let docked = match slot.map(|s| &s.substrate) {
+                    Some(Phase::Docked(s)) => Some(s.header.fingerprint.key()),
+                    _ => None,
+                };
                 let (substrate, err, prime_ms) = match slot.map(|s| &s.substrate) {
                     Some(Phase::Docked(s)) => {
                         (SubstrateState::Docked, None, Some(s.header.prime_ms))
@@ -606,6 +650,7 @@ impl Pool {
                     prime_ms,
                     substrate_bytes: disk_usage(&self.substrate_dir(name)),
                     reprimes: slot.map(|s| s.health.reprimes.clone()).unwrap_or_default(),
+                    fingerprint: docked,
                 }
             })
             .collect();
@@ -624,6 +669,7 @@ impl Pool {
             failures: st.failures.iter().cloned().collect(),
             activations: st.activations,
             draining: self.is_draining(),
+            peer: self.inner.ship.url(),
         }
     }
 

@@ -137,13 +137,21 @@ impl Pool {
         }
     }
 
-    /// Primes `name`'s substrate and books the outcome: docked, or failed (and its folder
-    /// removed) until [`PRIME_RETRY`] has passed.
+    /// Docks `name`'s substrate — shipped from a peer when one has it (`fetch`), else primed —
+    /// and books the outcome: docked, or failed (and its folder removed) until
+    /// [`PRIME_RETRY`] has passed.
     async fn prime(&self, name: &str) {
         let Some(spec) = self.inner.specs.get(name) else {
             return;
         };
         let dir = self.substrate_dir(name);
+        if let Some((substrate, shipped)) = self.ship_in(name, spec, &dir).await {
+            if let Some(slot) = self.state().images.get_mut(name) {
+                slot.substrate = Phase::Docked(Box::new(substrate));
+            }
+            self.emit(shipped);
+            return;
+        }
         tracing::info!(image = %name, "priming substrate");
         let result = self
             .inner

@@ -41,10 +41,12 @@ pub fn register_with(host: &str, vms: Vec<HostVm>, outbox: Vec<HostMessage>) -> 
             running: 0,
             memory_mib: 128,
             vcpus: 1,
+            substrate: None,
         }],
         vms,
         region: None,
         zone: None,
+        peer: None,
         outbox,
     }
 }
