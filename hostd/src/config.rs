@@ -929,6 +929,32 @@ mod tests {
     }
 
     #[test]
+    fn the_peer_table_is_never_guessed_onto_loopback() {
+        let c = HostdConfig::parse("[peer]\nlisten = \"10.0.0.7:0\"").expect("valid");
+        let peer = c.peer.expect("a peer table");
+        let bound = SocketAddr::from(([10, 0, 0, 7], 40001));
+        assert_eq!(peer.url(bound), "http://10.0.0.7:40001");
+        let advertised = |a: &str| PeerConfig::at(bound, Some(a.into())).url(bound);
+        assert_eq!(advertised("203.0.113.9"), "http://203.0.113.9:40001");
+        assert_eq!(advertised("host7.example"), "http://host7.example:40001");
+        assert_eq!(
+            advertised("host7.example:7072"),
+            "http://host7.example:7072"
+        );
+        assert_eq!(advertised("2001:db8::7"), "http://[2001:db8::7]:40001");
+        // 0.0.0.0 says nothing about where peers reach it: advertise is then required.
+        assert!(err("[peer]\nlisten = \"0.0.0.0:7072\"").contains("peer.advertise"));
+        let ok = "[peer]\nlisten = \"0.0.0.0:7072\"\nadvertise = \"10.0.0.7\"";
+        assert!(HostdConfig::parse(ok).is_ok());
+        assert!(
+            err("[peer]\nlisten = \"0.0.0.0:7072\"\nadvertise = \"a b/c\"")
+                .contains("peer.advertise")
+        );
+        assert!(err("[peer]\nlisten = \"10.0.0.7:7072\"\nask_ms = 0").contains("peer.ask_ms"));
+        assert!(err("[peer]\nlisten = \"10.0.0.7:7072\"\nfetch = 1").contains("fetch"));
+    }
+
+    #[test]
     fn token_file_is_relative_to_the_config_and_trimmed() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("host.jwt"), "x.y.z\n").expect("write");

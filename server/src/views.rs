@@ -22,6 +22,8 @@ pub struct HostView {
     /// The region it serves (None: any) and its zone.
     pub region: Option<String>,
     pub zone: Option<String>,
+    /// Where it serves its docked substrates to peers (None: it serves none).
+    pub peer: Option<String>,
     pub replica: String,
     pub connected_ms: u64,
     pub last_seen_ms: u64,
@@ -137,6 +139,7 @@ impl From<HostRecord> for HostView {
             images: h.images,
             region: h.region,
             zone: h.zone,
+            peer: h.peer,
             replica: h.replica,
             connected_ms: h.connected_ms,
             last_seen_ms: h.last_seen_ms,

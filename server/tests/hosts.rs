@@ -273,3 +273,61 @@ async fn a_host_gets_sessions_of_its_own_region_only() -> Result<()> {
     s.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_want_for_a_substrate_gets_a_peer_and_the_peer_the_same_one_time_grant() -> Result<()> {
+    let s = Server::start(config()).await?;
+    // A peer with the arena docked under fingerprint `sha256:a`, serving substrates.
+    let mut peer = host_socket(&s, &auth().mint("h-peer", Role::Host, 60)?).await?;
+    let mut hello = register("h-peer", vec![]);
+    if let HostMessage::Register { images, peer, .. } = &mut hello {
+        images[0].substrate = Some("sha256:a".into());
+        *peer = Some("http://10.0.0.7:7072".into());
+    }
+    send(&mut peer, &hello).await?;
+    assert!(matches!(
+        recv(&mut peer).await?,
+        ServerToHost::Welcome { .. }
+    ));
+    let mut new = host_socket(&s, &auth().mint("h-new", Role::Host, 60)?).await?;
+    send(&mut new, &register("h-new", vec![])).await?;
+    assert!(matches!(
+        recv(&mut new).await?,
+        ServerToHost::Welcome { .. }
+    ));
+
+    let want = |fingerprint: &str| HostMessage::WantSubstrate {
+        image: "arena".into(),
+        fingerprint: fingerprint.into(),
+    };
+    send(&mut new, &want("sha256:a")).await?;
+    let ServerToHost::FetchSubstrate { image, from, grant } = recv(&mut new).await? else {
+        bail!("expected fetch_substrate");
+    };
+    assert_eq!(
+        (image.as_str(), from.as_str()),
+        ("arena", "http://10.0.0.7:7072")
+    );
+    assert_eq!(grant.len(), 64, "256 random bits");
+    match recv(&mut peer).await? {
+        ServerToHost::ShareSubstrate {
+            image,
+            grant: g,
+            ttl_ms,
+        } => {
+            assert_eq!((image.as_str(), g.as_str()), ("arena", grant.as_str()));
+            assert!(ttl_ms > 0);
+        }
+        other => bail!("expected share_substrate, got {other:?}"),
+    }
+    // Another version of the image: nobody has it, prime it.
+    send(&mut new, &want("sha256:b")).await?;
+    match recv(&mut new).await? {
+        ServerToHost::NoSubstrate { image, reason } => {
+            assert_eq!((image.as_str(), reason.as_str()), ("arena", "no_peer"))
+        }
+        other => bail!("expected no_substrate, got {other:?}"),
+    }
+    s.shutdown().await;
+    Ok(())
+}
