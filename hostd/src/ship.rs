@@ -159,8 +159,8 @@ pub enum ShipError {
     },
     #[error("the peer could not be reached")]
     Unreachable(#[source] reqwest::Error),
-    #[error("the fetch took longer than {0:?}")]
-    Timeout(Duration),
+    #[error("the fetch timed out")]
+    Timeout,
     #[error("the stream ended early")]
     Truncated,
     #[error("bad substrate stream: {0}")]
@@ -183,7 +183,7 @@ impl ShipError {
         match self {
             ShipError::Refused { .. } => "ship_refused",
             ShipError::Unreachable(_) => "ship_unreachable",
-            ShipError::Timeout(_) => "ship_timeout",
+            ShipError::Timeout => "ship_timeout",
             ShipError::Truncated => "ship_truncated",
             ShipError::BadStream(_) => "ship_bad_stream",
             ShipError::TooBig(_) => "ship_too_big",
@@ -372,7 +372,7 @@ pub async fn fetch(
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| ShipError::Timeout(timeout))?
+        .map_err(|_| ShipError::Timeout)?
 }
 
 /// The peer's answer to the fetch, once it is 200; a grant the peer does not know yet is
@@ -427,7 +427,7 @@ impl Chunks for reqwest::Response {
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, ShipError> {
         self.chunk().await.map_err(|e| {
             if e.is_timeout() {
-                ShipError::Timeout(Duration::ZERO)
+                ShipError::Timeout
             } else if e.is_body() || e.is_decode() {
                 ShipError::Truncated
             } else {
@@ -753,6 +753,49 @@ mod tests {
             .expect("the stream itself is fine");
         let e = Substrate::open(dst.path(), &fp()).expect_err("damaged");
         assert_eq!(e.code(), "substrate_damaged");
+    }
+
+    /// A peer on a real socket that answers 200 with `head` of a longer body, then stalls
+    /// (`stall`) or hangs up.
+    async fn bad_peer(head: Vec<u8>, stall: bool) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut req = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut sock, &mut req).await;
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 1 << 20);
+            sock.write_all(answer.as_bytes()).await.expect("write");
+            sock.write_all(&head).await.expect("write");
+            if stall {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_hangs_up_or_stalls_mid_stream_is_given_up() {
+        let src = tempfile::tempdir().expect("tmp");
+        write(src.path(), fp(), b"state");
+        let head = stream_of(src.path())[..5000].to_vec();
+        let dst = tempfile::tempdir().expect("tmp");
+        let fetch = |url: String, timeout| {
+            let into = dst.path().to_owned();
+            async move { fetch(&url, "g", "arena", &fp(), &into, timeout).await }
+        };
+        let cut = bad_peer(head.clone(), false).await;
+        let e = fetch(cut, Duration::from_secs(10))
+            .await
+            .expect_err("cut short");
+        assert_eq!(e.code(), "ship_truncated", "{e}");
+        let stalled = bad_peer(head, true).await;
+        let e = fetch(stalled, Duration::from_millis(500))
+            .await
+            .expect_err("stalled");
+        assert_eq!(e.code(), "ship_timeout", "{e}");
     }
 
     #[tokio::test(start_paused = true)]

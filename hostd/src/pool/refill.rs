@@ -152,6 +152,10 @@ impl Pool {
             self.emit(shipped);
             return;
         }
+        if *self.inner.shutdown.borrow() {
+            // Stopped while asking or fetching: nothing is booted on the way out.
+            return;
+        }
         tracing::info!(image = %name, "priming substrate");
         let result = self
             .inner
