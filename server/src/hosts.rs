@@ -1,6 +1,7 @@
 //! The host websocket (`/v1/hosts`): hostd authenticates with a host-role JWT whose subject is
 //! its host id, registers its images, capacity and live VMs (reconciled against the store),
-//! heartbeats, and answers activations. A host may only speak about its own sessions.
+//! heartbeats, and answers activations. A host may only speak about its own sessions. A host
+//! lacking a substrate may ask for a peer's (`want_substrate`, answered by [`crate::shipping`]).
 
 use crate::auth::Role;
 use crate::model::{HostRecord, HostState, SessionState};
