@@ -42,6 +42,7 @@ struct Counted {
     discards: Family<Labels, Counter>,
     shipped: Family<Labels, Counter>,
     ship_refusals: Family<Labels, Counter>,
+    fetch_seconds: Histogram,
 }
 
 /// hostd's metrics: cheap to clone.
@@ -73,6 +74,8 @@ impl Metrics {
             discards: Family::default(),
             shipped: Family::default(),
             ship_refusals: Family::default(),
+            // 10 ms … ~164 s
+            fetch_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
         });
         let mut registry = Registry::with_prefix("berth_hostd");
         let c = &counted;
@@ -121,6 +124,11 @@ impl Metrics {
         for (name, help, family) in counters {
             registry.register(name, help, family.clone());
         }
+        registry.register(
+            "substrate_fetch_seconds",
+            "A shipped substrate from asking for it to docked, checks included",
+            c.fetch_seconds.clone(),
+        );
         registry.register(
             "activation_seconds",
             "Pool-side activation time, by path",
@@ -195,10 +203,13 @@ impl Counted {
                 let labels = vec![("image", image.clone()), ("code", code.clone())];
                 c.discards.get_or_create(&labels).inc();
             }
-            PoolEvent::Shipped { image, .. } => {
+            PoolEvent::Shipped {
+                image, fetch_ms, ..
+            } => {
                 c.shipped
                     .get_or_create(&vec![("image", image.clone())])
                     .inc();
+                c.fetch_seconds.observe(*fetch_ms as f64 / 1e3);
             }
             PoolEvent::ShipRefused { image, code, .. } => {
                 let labels = vec![("image", image.clone()), ("code", code.clone())];

@@ -69,6 +69,9 @@ metrics! {
         "refused", "Messages or connections refused, by error code";
     matches: Counter<u64, AtomicU64> = Counter::default(),
         "matches", "Matches formed by this replica";
+    substrate_wants: Family<Labels, Counter> = Family::default(),
+        "substrate_wants",
+        "Hosts' asks for a peer's substrate, by outcome (shipped, no_peer, store_unavailable)";
 }
 
 impl std::fmt::Debug for Metrics {
@@ -87,6 +90,13 @@ impl Metrics {
     pub fn refuse(&self, code: &str) {
         self.refused
             .get_or_create(&vec![("code", code.to_owned())])
+            .inc();
+    }
+
+    /// A `want_substrate` answered with `outcome`.
+    pub fn substrate_want(&self, outcome: &str) {
+        self.substrate_wants
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
             .inc();
     }
 

@@ -46,9 +46,12 @@ pub async fn want(
     image: String,
     fingerprint: String,
 ) -> ServerToHost {
-    let no = |reason: &str| ServerToHost::NoSubstrate {
-        image: image.clone(),
-        reason: reason.into(),
+    let no = |reason: &str| {
+        ctx.metrics.substrate_want(reason);
+        ServerToHost::NoSubstrate {
+            image: image.clone(),
+            reason: reason.into(),
+        }
     };
     let hosts = match ctx.store.hosts().await {
         Ok(hosts) => hosts,
@@ -75,6 +78,7 @@ pub async fn want(
         tracing::warn!(error = %e, "want_substrate: telling the peer");
         return no("store_unavailable");
     }
+    ctx.metrics.substrate_want("shipped");
     tracing::info!(host_id = %record.id, peer = %peer.id, image, "substrate shipped from a peer");
     ServerToHost::FetchSubstrate { image, from, grant }
 }

@@ -328,6 +328,11 @@ async fn a_want_for_a_substrate_gets_a_peer_and_the_peer_the_same_one_time_grant
         }
         other => bail!("expected no_substrate, got {other:?}"),
     }
+    let metrics = s.ctx.metrics.render();
+    for outcome in ["shipped", "no_peer"] {
+        let line = format!("berth_substrate_wants_total{{outcome=\"{outcome}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
     s.shutdown().await;
     Ok(())
 }

@@ -375,6 +375,8 @@ async fn a_new_host_serves_its_first_session_from_a_shipped_substrate_without_pr
     let metrics = new.metrics().await?;
     assert_eq!(sample(&metrics, SHIPPED), 1.0, "{metrics}");
     assert_eq!(sample(&metrics, PRIMED), 0.0, "nothing primed: {metrics}");
+    let timed = "berth_hostd_substrate_fetch_seconds_count";
+    assert_eq!(sample(&metrics, timed), 1.0, "{metrics}");
     assert_eq!(
         sample(&source.metrics().await?, SHIPPED),
         0.0,
