@@ -1318,6 +1318,60 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn wants_go_up_as_want_substrate_and_the_servers_answers_and_grants_come_back() {
+        let pool = PoolDouble::new();
+        let mut link = linked(&pool, 60_000).await;
+        let ship = pool.ship().clone();
+        let asking = tokio::spawn(async move {
+            ship.ask("arena", "sha256:a".into(), Duration::from_secs(5))
+                .await
+        });
+        assert_eq!(
+            link.conn.recv().await,
+            HostMessage::WantSubstrate {
+                image: "arena".into(),
+                fingerprint: "sha256:a".into()
+            }
+        );
+        link.conn
+            .send(&ServerToHost::FetchSubstrate {
+                image: "arena".into(),
+                from: "http://10.0.0.7:7072".into(),
+                grant: "g1".into(),
+            })
+            .await;
+        let offer = tokio::time::timeout(WAIT, asking)
+            .await
+            .expect("answered in time")
+            .expect("no panic");
+        let expected = Offer::Fetch {
+            from: "http://10.0.0.7:7072".into(),
+            grant: "g1".into(),
+        };
+        assert_eq!(offer, expected);
+        // As a peer: a grant from the server lets one fetch in.
+        link.conn
+            .send(&ServerToHost::ShareSubstrate {
+                image: "arena".into(),
+                grant: "g2".into(),
+                ttl_ms: 30_000,
+            })
+            .await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while pool.ship().redeem("g2", "arena") == Err(crate::ship::PeerError::UnknownGrant) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the grant never came"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            pool.ship().redeem("g2", "arena"),
+            Err(crate::ship::PeerError::GrantUsed)
+        );
+    }
+
+    #[tokio::test]
     async fn registers_with_the_bearer_token_and_closes_on_shutdown() {
         let pool = PoolDouble::new();
         let Linked {
