@@ -50,8 +50,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
-/// The gateway's one route.
-pub const PATH: &str = "/v1/game";
+/// The gateway's websocket route.
+pub use berth_protocol::game::PATH;
 /// The first frame must arrive within this.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest client frame (bytes) by default (an image's `[limits] max_frame_bytes`); a
@@ -409,9 +409,9 @@ async fn stop_signal(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Where a client times its round trip to this host before it queues (issue 15's latency
-/// queueing): the cheapest answer the gateway can give.
-pub const PROBE_PATH: &str = "/v1/probe";
+/// Where a client times its round trip to this host before it queues with latencies: the
+/// cheapest answer the gateway can give.
+pub use berth_protocol::game::PROBE_PATH;
 
 /// `204 No Content`, never cached, readable and timeable from any page (`Access-Control-Allow-
 /// Origin`, `Timing-Allow-Origin`).

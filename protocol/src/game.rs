@@ -24,6 +24,29 @@
 use crate::ids::{PlayerId, SessionId, VmId};
 use serde::{Deserialize, Serialize};
 
+/// The gateway's websocket path (hosts advertise `ws://ADDR:PORT/v1/game`).
+pub const PATH: &str = "/v1/game";
+
+/// Where a client times its round trip to a gateway before it queues with latencies: `GET`
+/// answers `204 No Content` on the gateway's port.
+pub const PROBE_PATH: &str = "/v1/probe";
+
+/// The probe URL of the gateway advertised as `gateway` (`ws://h:p/v1/game` gives
+/// `http://h:p/v1/probe`, `wss://` gives `https://`); `None` if it is not a websocket URL.
+pub fn probe_url(gateway: &str) -> Option<String> {
+    let (scheme, rest) = gateway.split_once("://")?;
+    let scheme = match scheme {
+        "ws" => "http",
+        "wss" => "https",
+        _ => return None,
+    };
+    let authority = rest
+        .split(['/', '?', '#'])
+        .next()
+        .filter(|a| !a.is_empty())?;
+    Some(format!("{scheme}://{authority}{PROBE_PATH}"))
+}
+
 /// Tiles per second.
 pub const PLAYER_SPEED: f32 = 6.0;
 /// Tiles per second.
@@ -300,5 +323,24 @@ mod tests {
             serde_json::from_str(r#"{"score_limit":3}"#).expect("params default the rest");
         assert_eq!(params.score_limit, 3);
         assert_eq!(params.tick_hz, 20);
+    }
+
+    #[test]
+    fn probe_urls_follow_the_gateways_scheme_and_authority() {
+        assert_eq!(
+            probe_url("ws://10.77.8.10:7071/v1/game").as_deref(),
+            Some("http://10.77.8.10:7071/v1/probe")
+        );
+        assert_eq!(
+            probe_url("wss://g.example:443/v1/game?x=1").as_deref(),
+            Some("https://g.example:443/v1/probe")
+        );
+        assert_eq!(
+            probe_url("wss://[::1]:7071").as_deref(),
+            Some("https://[::1]:7071/v1/probe")
+        );
+        assert_eq!(probe_url("http://a/v1/game"), None);
+        assert_eq!(probe_url("ws:///v1/game"), None);
+        assert_eq!(probe_url("nonsense"), None);
     }
 }
