@@ -39,6 +39,7 @@ struct Counted {
     primes: Family<Labels, Counter>,
     prime_failures: Family<Labels, Counter>,
     discards: Family<Labels, Counter>,
+    migrations: Family<Labels, Counter>,
 }
 
 /// hostd's metrics: cheap to clone.
@@ -68,6 +69,7 @@ impl Metrics {
             primes: Family::default(),
             prime_failures: Family::default(),
             discards: Family::default(),
+            migrations: Family::default(),
         });
         let mut registry = Registry::with_prefix("berth_hostd");
         let c = &counted;
@@ -101,6 +103,11 @@ impl Metrics {
                 "substrate_discards",
                 "Substrates discarded and primed again, by image and code",
                 &c.discards,
+            ),
+            (
+                "migrations",
+                "Sessions moved live to (out) or from (in) a peer host",
+                &c.migrations,
             ),
         ];
         for (name, help, family) in counters {
@@ -179,6 +186,14 @@ impl Counted {
             PoolEvent::SubstrateDiscarded { image, code, .. } => {
                 let labels = vec![("image", image.clone()), ("code", code.clone())];
                 c.discards.get_or_create(&labels).inc();
+            }
+            PoolEvent::MigratedOut { .. } => {
+                let labels = vec![("direction", "out".to_owned())];
+                c.migrations.get_or_create(&labels).inc();
+            }
+            PoolEvent::MigratedIn { .. } => {
+                let labels = vec![("direction", "in".to_owned())];
+                c.migrations.get_or_create(&labels).inc();
             }
             PoolEvent::Destroyed { .. } | PoolEvent::Draining => {}
         }

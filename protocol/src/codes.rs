@@ -205,6 +205,7 @@ vocabulary!(open
         GameUnreachable = "game_unreachable",
         BadFrame = "bad_frame",
         GameOver = "game_over",
+        SessionMoved = "session_moved",
         // hostd's pool (`activate_failed`, the control API).
         UnknownImage = "unknown_image",
         UnknownVm = "unknown_vm",
@@ -297,6 +298,8 @@ vocabulary!(closed
         Cold = "cold",
         /// A VM an earlier hostd left running, taken over after a restart.
         Adopted = "adopted",
+        /// Migrated live from another host (its VM moved here running).
+        Migrated = "migrated",
         /// The server learnt of it from the host's register (the `activated` was lost).
         Reconciled = "reconciled",
     }

@@ -290,6 +290,10 @@ pub mod code {
     pub const NOT_ACTIVATED: &str = "not_activated";
     /// The game is over.
     pub const GAME_OVER: &str = "game_over";
+    /// The session moved to another host (a live migration, e.g. off a draining host): the
+    /// game goes on there. Connect to the `endpoint` of the `matched` that `/v1/play` sends
+    /// for the same session, with its ticket (gateway).
+    pub const SESSION_MOVED: &str = "session_moved";
     /// A frame that is not one text message on one line (binary, or a raw newline inside).
     pub const BAD_FRAME: &str = "bad_frame";
     pub const RATE_LIMITED: &str = "rate_limited";
