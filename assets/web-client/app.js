@@ -5,7 +5,12 @@
 
 (() => {
   const PROTOCOL_VERSION = 1;
+  // `?region=eu` queues in that region; `?region=*` times each region's gateways and queues
+  // with the latencies (docs/protocol.md, Queueing by latency).
   const REGION = new URLSearchParams(location.search).get('region') || 'local';
+  const BY_LATENCY = '*';
+  const PROBE_TRIES = 3;
+  const PROBE_TIMEOUT_MS = 2000;
   const NAME_KEY = 'berth.player';
   const ID_RE = /^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$/;
   const MODES = [
@@ -66,6 +71,7 @@
     queueSince: 0, // local time the wait started (from queue_status.waited_ms)
     queueRetries: 0,
     queueTimer: null,
+    measuring: false, // timing the regions' probes before a latency queue
     session: null, // {id, mode, endpoint, ticket, ticketExpires, team, teams}
     ended: new Set(), // sessions whose end we have shown
     results: null, // {session, reason, results, fromGame}
@@ -201,7 +207,52 @@
     st.queueTimer = null;
     if (st.screen !== 'queue' || st.ticket) return;
     // Not connected: `welcome` sends it (see play.onWelcome).
-    play.send({ type: 'queue', mode: st.mode, region: REGION });
+    if (REGION !== BY_LATENCY) {
+      play.send({ type: 'queue', mode: st.mode, region: REGION });
+      return;
+    }
+    if (st.measuring) return;
+    st.measuring = true;
+    $('queue-status').textContent = 'Measuring the way to each region…';
+    measureLatencies().then((latencies) => {
+      st.measuring = false;
+      if (st.screen !== 'queue' || st.ticket) return;
+      if (!Object.keys(latencies).length) {
+        showError('no_regions', 'no region answered its latency probe');
+        show('modes');
+        return;
+      }
+      play.send({ type: 'queue', mode: st.mode, latencies });
+    }, (e) => {
+      st.measuring = false;
+      showError(e.message, 'could not read the regions');
+      show('modes');
+    });
+  }
+
+  // Each region's best round trip (ms) to its gateways' probes: GET /v1/regions lists them; a
+  // few GETs each, the fastest counts (the first pays for the connection).
+  async function measureLatencies() {
+    const r = await fetch('/v1/regions', {
+      headers: { Authorization: `Bearer ${st.token}` }, cache: 'no-store',
+    });
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error(body.code || `http_${r.status}`);
+    const out = {};
+    for (const { region, probes } of body.regions || []) {
+      let best = Infinity;
+      for (const url of probes || []) {
+        for (let i = 0; i < PROBE_TRIES; i++) {
+          const t = performance.now();
+          try {
+            const p = await fetch(url, { cache: 'no-store', signal: AbortSignal.timeout(PROBE_TIMEOUT_MS) });
+            if (p.ok) best = Math.min(best, performance.now() - t);
+          } catch (_) { /* not through this probe */ }
+        }
+      }
+      if (best < Infinity) out[region] = Math.max(1, Math.round(best));
+    }
+    return out;
   }
 
   function cancelQueue() {
@@ -389,8 +440,9 @@
     }
     $('wait').textContent = clock(now() - st.queueSince);
     const window = Math.round(m.skill_window || 0);
+    const latency = m.latency_allowed_ms ? ` · regions within ${m.latency_allowed_ms} ms` : '';
     $('queue-status').textContent =
-      `${m.queued} ${m.queued === 1 ? 'player' : 'players'} queued for ${m.mode} · skill window ±${window}`;
+      `${m.queued} ${m.queued === 1 ? 'player' : 'players'} queued for ${m.mode} · skill window ±${window}${latency}`;
   }
 
   function onDequeued(m) {
@@ -424,6 +476,11 @@
     st.mode = m.mode;
     if (!same) {
       st.results = null;
+      const why = m.region_reason || {};
+      $('match-region').textContent = !m.region ? ''
+        : why.rule === 'latency'
+          ? `Playing in ${m.region}: the nearest region for everyone in the match (slowest ${why.worst_ms} ms)`
+          : `Playing in ${m.region}`;
       renderTeams($('connect-teams'), m.teams, m.team);
       $('connect-status').textContent = 'Connecting to the game…';
       show('connecting');
@@ -456,7 +513,7 @@
     if (m.code === 'not_queued' && st.screen === 'queue') { show('modes'); return; }
     if (m.code === 'replaced') return; // the close (4409) says it
     showError(m.code, m.message);
-    if (st.screen === 'queue' && !st.ticket && ['unknown_mode', 'unknown_region', 'bad_skill', 'party_too_big'].includes(m.code)) {
+    if (st.screen === 'queue' && !st.ticket && ['unknown_mode', 'unknown_region', 'bad_latencies', 'bad_skill', 'party_too_big'].includes(m.code)) {
       show('modes');
     }
   }

@@ -17,7 +17,7 @@ use crate::steer::{self, Grid};
 use berth_client::socket::{Closed, ConnectOptions, Faults, Incoming};
 use berth_client::{GameClient, PlayClient, PlayConfig};
 use berth_protocol::game::{GameAnswer, GameRequest, GameResults, PlayerView};
-use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage};
+use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage, BY_LATENCY};
 use berth_protocol::SessionId;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +74,9 @@ pub enum Failure {
     HelloRefused(String),
     /// The server refused `queue` with this error code.
     QueueRefused(String),
+    /// Queueing by latency, the regions could not be measured (`GET /v1/regions` or every
+    /// probe failed): `unreachable`, `http_<status>`, `bad_body` or `no_regions`.
+    Regions(String),
     /// No `matched` within the configured queue timeout, or the server's `max_wait`.
     QueueTimeout,
     /// Dequeued for another reason (`away`, `mode_removed`, a `cancel` the bot did not send).
@@ -110,6 +113,7 @@ impl Failure {
             Failure::PlayUnreachable(c) => format!("play_unreachable:{}", label(c)),
             Failure::HelloRefused(c) => format!("hello_refused:{}", label(c)),
             Failure::QueueRefused(c) => format!("queue_refused:{}", label(c)),
+            Failure::Regions(c) => format!("regions:{}", label(c)),
             Failure::QueueTimeout => "queue_timeout".into(),
             Failure::Dequeued(r) => format!("dequeued:{}", label(r)),
             Failure::PlacementFailed => "placement_failed".into(),
@@ -173,9 +177,11 @@ pub(crate) fn winners_agree(game: &GameResults, server: &serde_json::Value) -> O
 /// What every bot of a run shares.
 pub(crate) struct Shared {
     pub config: SwarmConfig,
-    /// Each replica's `/v1/play` and `/v1/dev/token` (same order, never empty).
+    /// Each replica's `/v1/play`, `/v1/dev/token` and `/v1/regions` (same order, never
+    /// empty).
     pub play_urls: Vec<String>,
     pub token_urls: Vec<String>,
+    pub regions_urls: Vec<String>,
     /// What the bots' sockets trust over `wss://` (the server's and the gateways').
     pub trust: berth_client::Trust,
     pub http: reqwest::Client,
@@ -227,6 +233,8 @@ struct Game {
 /// What `matched` said (the latest one: tickets are renewed).
 struct Matched {
     session: SessionId,
+    /// The region it is played in.
+    region: String,
     endpoint: String,
     ticket: String,
     ticket_expires: Instant,
@@ -416,6 +424,28 @@ impl Bot {
         }
     }
 
+    /// This match's `queue`: in the configured region, or (region `*`) with the latencies
+    /// measured to each region now.
+    async fn queue_message(
+        &mut self,
+        mode: String,
+        party: Option<PartySpec>,
+    ) -> Result<ClientMessage, Failure> {
+        let skill = Some(self.plan.skill);
+        let region = &self.shared.config.region;
+        if region != BY_LATENCY {
+            return Ok(berth_client::play::queue(&mode, region, party, skill));
+        }
+        let token = self.dev_token().await?;
+        let url = &self.shared.regions_urls[self.replica];
+        let latencies = crate::latency::measure(&self.shared.http, url, &token)
+            .await
+            .map_err(Failure::Regions)?;
+        Ok(berth_client::play::queue_by_latency(
+            &mode, latencies, party, skill,
+        ))
+    }
+
     async fn dev_token(&mut self) -> Result<String, Failure> {
         if let Some(t) = &self.token {
             return Ok(t.clone());
@@ -583,11 +613,9 @@ impl Bot {
         if let Err(f) = self.ensure_play().await {
             return Outcome::Failed(f);
         }
-        let queue = ClientMessage::Queue {
-            mode,
-            region: cfg.region.clone(),
-            party,
-            skill: Some(self.plan.skill),
+        let queue = match self.queue_message(mode, party).await {
+            Ok(q) => q,
+            Err(f) => return Outcome::Failed(f),
         };
         let mut m = Match {
             t_queue: Instant::now(),
@@ -987,6 +1015,7 @@ impl Bot {
         match msg {
             ServerMessage::Matched {
                 session,
+                region,
                 endpoint,
                 ticket,
                 ticket_expires_ms,
@@ -995,6 +1024,7 @@ impl Bot {
             } => {
                 let fresh = Matched {
                     session,
+                    region,
                     endpoint,
                     ticket,
                     ticket_expires: at_epoch_ms(ticket_expires_ms, now),
@@ -1062,6 +1092,7 @@ impl Bot {
                 .record(Metric::TimeToMatch, now - m.t_queue);
             self.tally.matches.matched += 1;
             self.tally.sessions.insert(fresh.session.clone());
+            *self.tally.regions.entry(fresh.region.clone()).or_default() += 1;
             self.set_stage(Stage::Playing);
             m.t_matched = Some(now);
             m.timers.clear(Timer::CancelUntil);

@@ -205,6 +205,8 @@ pub struct SwarmConfig {
     pub drain: Duration,
     /// Game modes to queue for, drawn per match by weight.
     pub modes: Vec<Weighted<String>>,
+    /// The region to queue in, or `*`: measure each region's gateways (`GET /v1/regions`)
+    /// and queue with the latencies, to play in the region best for the match.
     pub region: String,
     /// Party sizes, drawn per party by weight; members queue with the same `party` and a size
     /// of 1 queues solo.
@@ -347,6 +349,11 @@ impl SwarmConfig {
     /// `http://HOST:PORT/v1/dev/token` (`https://` for TLS) of each replica in `server`.
     pub fn token_urls(&self) -> Result<Vec<String>, ConfigError> {
         self.bases(("http", "https"), "/v1/dev/token")
+    }
+
+    /// `http://HOST:PORT/v1/regions` (`https://` for TLS) of each replica in `server`.
+    pub fn regions_urls(&self) -> Result<Vec<String>, ConfigError> {
+        self.bases(("http", "https"), "/v1/regions")
     }
 
     /// `scheme://host[:port]` + `path` of each comma-separated URL of `server`; the scheme is

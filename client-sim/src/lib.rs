@@ -25,6 +25,7 @@
 
 mod bot;
 pub mod config;
+pub mod latency;
 pub mod plot;
 pub mod progress;
 pub mod report;
@@ -72,6 +73,7 @@ pub async fn run(config: SwarmConfig, progress: Option<Progress>) -> Result<Repo
     let shared = Arc::new(Shared {
         play_urls: config.play_urls()?,
         token_urls: config.token_urls()?,
+        regions_urls: config.regions_urls()?,
         trust,
         config: config.clone(),
         http,

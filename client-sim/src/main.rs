@@ -44,7 +44,8 @@ struct Args {
     /// Game modes with weights: `sprint`, or `sprint:3,arena:1`.
     #[arg(long, default_value = "sprint")]
     mode: String,
-    /// The region to queue in.
+    /// The region to queue in, or `*` to time each region's gateway probes and queue with
+    /// the latencies (the match is played in the region best for its players).
     #[arg(long, default_value = "local")]
     region: String,
     /// Party sizes with weights: `1`, or `1:3,2:1` (members queue with the same party id).

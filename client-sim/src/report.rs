@@ -253,6 +253,8 @@ pub(crate) struct Tally {
     pub faults: FaultCounts,
     pub reconnects: Reconnects,
     pub sessions: BTreeSet<SessionId>,
+    /// Matches by the region `matched` named.
+    pub regions: BTreeMap<String, u64>,
     pub histograms: Histograms,
 }
 
@@ -265,6 +267,7 @@ impl Tally {
         self.matches.add(&o.matches);
         add_counts(&mut self.failures, &o.failures);
         add_counts(&mut self.end_reasons, &o.end_reasons);
+        add_counts(&mut self.regions, &o.regions);
         self.faults.add(&o.faults);
         self.reconnects.add(&o.reconnects);
         self.sessions.extend(o.sessions);
@@ -295,6 +298,8 @@ pub struct Report {
     pub failures: BTreeMap<String, u64>,
     /// How finished matches ended (the game's `ended.reason`, else the server's).
     pub end_reasons: BTreeMap<String, u64>,
+    /// Matches by the region they were played in (as `matched` said; per player).
+    pub regions: BTreeMap<String, u64>,
     pub faults: FaultCounts,
     pub reconnects: Reconnects,
     pub latency: Latency,
@@ -321,6 +326,7 @@ impl Report {
             failed: t.failures.values().sum(),
             failures: t.failures,
             end_reasons: t.end_reasons,
+            regions: t.regions,
             faults: t.faults,
             reconnects: t.reconnects,
             latency: Latency::from_histograms(&t.histograms),
@@ -339,6 +345,7 @@ impl Report {
         add_counts(&mut self.failures, &o.failures);
         self.failed = self.failures.values().sum();
         add_counts(&mut self.end_reasons, &o.end_reasons);
+        add_counts(&mut self.regions, &o.regions);
         self.faults.add(&o.faults);
         self.reconnects.add(&o.reconnects);
         self.session_ids.extend(o.session_ids.iter().cloned());

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// The gateway's path.
-pub const PATH: &str = "/v1/game";
+pub use berth_protocol::game::PATH;
 
 /// What a player hears on a gateway socket.
 #[derive(Debug, Clone, PartialEq)]

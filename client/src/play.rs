@@ -263,7 +263,7 @@ impl PlayClient {
     }
 }
 
-/// A `queue` message.
+/// A `queue` message for one named region.
 pub fn queue(
     mode: &str,
     region: &str,
@@ -272,7 +272,25 @@ pub fn queue(
 ) -> ClientMessage {
     ClientMessage::Queue {
         mode: mode.into(),
-        region: region.into(),
+        region: Some(region.into()),
+        latencies: None,
+        party,
+        skill,
+    }
+}
+
+/// A `queue` message with the round trips measured to each region (milliseconds, from timing
+/// the probes `GET /v1/regions` lists): the match is played in the region best for its group.
+pub fn queue_by_latency(
+    mode: &str,
+    latencies: std::collections::BTreeMap<String, u32>,
+    party: Option<PartySpec>,
+    skill: Option<f64>,
+) -> ClientMessage {
+    ClientMessage::Queue {
+        mode: mode.into(),
+        region: None,
+        latencies: Some(latencies),
         party,
         skill,
     }

@@ -67,15 +67,19 @@ pub fn valid_hostname(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// Sets the wall clock to `ms` since the epoch.
+fn set_clock(ms: u64) -> Result<(), ApplyError> {
+    let ts = nix::sys::time::TimeSpec::new((ms / 1000) as i64, ((ms % 1000) * 1_000_000) as i64);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(ApplyError::Clock)
+}
+
 /// Applies an identity to this machine: wall clock (a restored guest's clock is as stale as the
 /// time it spent parked), host name, and the kernel's entropy pool.
 pub fn apply_identity(identity: &Identity) -> Result<(), ApplyError> {
     if !valid_hostname(&identity.hostname) {
         return Err(ApplyError::Hostname(identity.hostname.clone()));
     }
-    let ms = identity.wall_clock_ms;
-    let ts = nix::sys::time::TimeSpec::new((ms / 1000) as i64, ((ms % 1000) * 1_000_000) as i64);
-    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(ApplyError::Clock)?;
+    set_clock(identity.wall_clock_ms)?;
     nix::unistd::sethostname(&identity.hostname).map_err(ApplyError::SetHostname)?;
     // Every clone of a substrate starts with the same entropy pool: mix the seed in.
     // (Uncredited; a write to /dev/urandom cannot fail in a way that matters here.)
@@ -200,6 +204,11 @@ impl Agent {
         match decode_line::<HostToGuest>(&line) {
             Ok(HostToGuest::Identity(identity)) => self.activate(identity),
             Ok(HostToGuest::Prewarm { wall_clock_ms }) => self.prewarm(wall_clock_ms),
+            Ok(HostToGuest::Clock { wall_clock_ms }) => {
+                if let Err(e) = set_clock(wall_clock_ms) {
+                    self.refuse(e.code(), e.to_string());
+                }
+            }
             Err(e) => self.refuse(e.code(), e.to_string()),
         }
     }

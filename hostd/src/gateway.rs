@@ -50,8 +50,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
-/// The gateway's one route.
-pub const PATH: &str = "/v1/game";
+/// The gateway's websocket route.
+pub use berth_protocol::game::PATH;
 /// The first frame must arrive within this.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest client frame (bytes) by default (an image's `[limits] max_frame_bytes`); a
@@ -103,7 +103,7 @@ pub fn close_code(error_code: &str) -> Option<u16> {
         code::UNKNOWN_SESSION => close::NOT_FOUND,
         code::TICKET_IN_USE | code::REPLACED => close::CONFLICT,
         code::GAME_UNREACHABLE => close::UNREACHABLE,
-        code::GAME_OVER | SHUTTING_DOWN => close::GOING_AWAY,
+        code::GAME_OVER | code::SESSION_MOVED | SHUTTING_DOWN => close::GOING_AWAY,
         code::RATE_LIMITED => close::RATE_LIMITED,
         _ => return None,
     })
@@ -409,9 +409,9 @@ async fn stop_signal(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Where a client times its round trip to this host before it queues (issue 15's latency
-/// queueing): the cheapest answer the gateway can give.
-pub const PROBE_PATH: &str = "/v1/probe";
+/// Where a client times its round trip to this host before it queues with latencies: the
+/// cheapest answer the gateway can give.
+pub use berth_protocol::game::PROBE_PATH;
 
 /// `204 No Content`, never cached, readable and timeable from any page (`Access-Control-Allow-
 /// Origin`, `Timing-Allow-Origin`).
@@ -903,7 +903,7 @@ where
                 // Everything the game sent has been forwarded.
                 GameRead::Closed => return game_closed(gate).await,
             },
-            () = gate.ended() => return game_over(),
+            () = gate.ended() => return vm_went(gate),
             _ = &mut *replaced => {
                 return End::Refuse(Refusal::new(code::REPLACED, "a newer connection of this player took over"));
             }
@@ -920,7 +920,12 @@ where
     }
 }
 
-fn game_over() -> End {
+/// The session's VM went: the game is over, or it moved to another host.
+fn vm_went(gate: &Gate) -> End {
+    if gate.moved() {
+        let why = "the session moved to another host: connect to the endpoint of your next matched";
+        return End::Refuse(Refusal::new(code::SESSION_MOVED, why));
+    }
     End::Refuse(Refusal::new(code::GAME_OVER, "the game is over"))
 }
 
@@ -929,7 +934,7 @@ fn game_over() -> End {
 /// the session's end, rather than a plain `game_closed`.
 async fn game_closed(gate: &mut Gate) -> End {
     match tokio::time::timeout(VM_GONE_WAIT, gate.ended()).await {
-        Ok(()) => game_over(),
+        Ok(()) => vm_went(gate),
         Err(_) => End::Close(close::NORMAL, "game_closed"),
     }
 }
@@ -1007,7 +1012,7 @@ impl Upstream {
                 meters.to_game.record(read_at.elapsed());
                 None
             }
-            _ if gate.is_ending() => Some(game_over()),
+            _ if gate.is_ending() => Some(vm_went(gate)),
             _ => Some(End::Close(close::UNREACHABLE, "game_error")),
         }
     }
@@ -1333,6 +1338,7 @@ mod tests {
             players: vec![p("alice")],
             game: Default::default(),
             ending: ending.clone(),
+            moved: Default::default(),
         };
         let lookup = |want: &'static str, key: Vec<u8>| {
             let g = gate(key);

@@ -261,6 +261,8 @@ pub fn forward(event: PoolEvent) -> Forward {
         | PoolEvent::PrimeFailed { .. }
         | PoolEvent::SubstrateDiscarded { .. }
         | PoolEvent::Shipped { .. }
+        | PoolEvent::MigratedOut { .. }
+        | PoolEvent::MigratedIn { .. }
         | PoolEvent::Draining => Forward::Capacity,
         // Answered as `activated` to the `activate` that caused it; reports are sent above.
         PoolEvent::Activated { .. } | PoolEvent::Ended { .. } | PoolEvent::Failed { .. } => {

@@ -43,6 +43,7 @@ struct Counted {
     shipped: Family<Labels, Counter>,
     ship_refusals: Family<Labels, Counter>,
     fetch_seconds: Histogram,
+    migrations: Family<Labels, Counter>,
 }
 
 /// hostd's metrics: cheap to clone.
@@ -76,6 +77,7 @@ impl Metrics {
             ship_refusals: Family::default(),
             // 10 ms … ~164 s
             fetch_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
+            migrations: Family::default(),
         });
         let mut registry = Registry::with_prefix("berth_hostd");
         let c = &counted;
@@ -119,6 +121,11 @@ impl Metrics {
                 "ship_refusals",
                 "Shipped substrates refused or not fetched (then primed), by image and code",
                 &c.ship_refusals,
+            ),
+            (
+                "migrations",
+                "Sessions moved live to (out) or from (in) a peer host",
+                &c.migrations,
             ),
         ];
         for (name, help, family) in counters {
@@ -214,6 +221,14 @@ impl Counted {
             PoolEvent::ShipRefused { image, code, .. } => {
                 let labels = vec![("image", image.clone()), ("code", code.clone())];
                 c.ship_refusals.get_or_create(&labels).inc();
+            }
+            PoolEvent::MigratedOut { .. } => {
+                let labels = vec![("direction", "out".to_owned())];
+                c.migrations.get_or_create(&labels).inc();
+            }
+            PoolEvent::MigratedIn { .. } => {
+                let labels = vec![("direction", "in".to_owned())];
+                c.migrations.get_or_create(&labels).inc();
             }
             PoolEvent::Destroyed { .. } | PoolEvent::Draining => {}
         }

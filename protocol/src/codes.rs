@@ -1,5 +1,5 @@
 //! The vocabularies Berth's messages carry as strings, as types: error codes, session end
-//! reasons, dequeue reasons, activation paths and substrate states.
+//! reasons, dequeue reasons, activation paths, substrate states and region rules.
 //!
 //! Each is an enum whose wire form is exactly the string it always was (`as_str()`), so the
 //! protocol does not change by being typed. Two kinds:
@@ -172,6 +172,10 @@ vocabulary!(open
         AlreadyHello = "already_hello",
         UnknownMode = "unknown_mode",
         UnknownRegion = "unknown_region",
+        /// `queue` names both a region and latencies, or neither.
+        RegionOrLatencies = "region_or_latencies",
+        /// `queue.latencies` is empty, too long, or has a bad region name or value.
+        BadLatencies = "bad_latencies",
         BadSkill = "bad_skill",
         BadParty = "bad_party",
         PartyTooBig = "party_too_big",
@@ -201,6 +205,7 @@ vocabulary!(open
         GameUnreachable = "game_unreachable",
         BadFrame = "bad_frame",
         GameOver = "game_over",
+        SessionMoved = "session_moved",
         // hostd's pool (`activate_failed`, the control API).
         UnknownImage = "unknown_image",
         UnknownVm = "unknown_vm",
@@ -293,6 +298,8 @@ vocabulary!(closed
         Cold = "cold",
         /// A VM an earlier hostd left running, taken over after a restart.
         Adopted = "adopted",
+        /// Migrated live from another host (its VM moved here running).
+        Migrated = "migrated",
         /// The server learnt of it from the host's register (the `activated` was lost).
         Reconciled = "reconciled",
     }
@@ -305,6 +312,17 @@ vocabulary!(closed
         Priming = "priming",
         Docked = "docked",
         Failed = "failed",
+    }
+);
+
+vocabulary!(closed
+    /// How a match's region was chosen.
+    RegionRule {
+        /// The players queued for that region by name.
+        Named = "named",
+        /// The players queued with latencies: of the regions every player reaches within the
+        /// allowed latency, the one with the group's lowest worst latency.
+        Latency = "latency",
     }
 );
 

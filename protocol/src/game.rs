@@ -24,6 +24,29 @@
 use crate::ids::{PlayerId, SessionId, VmId};
 use serde::{Deserialize, Serialize};
 
+/// The gateway's websocket path (hosts advertise `ws://ADDR:PORT/v1/game`).
+pub const PATH: &str = "/v1/game";
+
+/// Where a client times its round trip to a gateway before it queues with latencies: `GET`
+/// answers `204 No Content` on the gateway's port.
+pub const PROBE_PATH: &str = "/v1/probe";
+
+/// The probe URL of the gateway advertised as `gateway` (`ws://h:p/v1/game` gives
+/// `http://h:p/v1/probe`, `wss://` gives `https://`); `None` if it is not a websocket URL.
+pub fn probe_url(gateway: &str) -> Option<String> {
+    let (scheme, rest) = gateway.split_once("://")?;
+    let scheme = match scheme {
+        "ws" => "http",
+        "wss" => "https",
+        _ => return None,
+    };
+    let authority = rest
+        .split(['/', '?', '#'])
+        .next()
+        .filter(|a| !a.is_empty())?;
+    Some(format!("{scheme}://{authority}{PROBE_PATH}"))
+}
+
 /// Tiles per second.
 pub const PLAYER_SPEED: f32 = 6.0;
 /// Tiles per second.
@@ -267,6 +290,10 @@ pub mod code {
     pub const NOT_ACTIVATED: &str = "not_activated";
     /// The game is over.
     pub const GAME_OVER: &str = "game_over";
+    /// The session moved to another host (a live migration, e.g. off a draining host): the
+    /// game goes on there. Connect to the `endpoint` of the `matched` that `/v1/play` sends
+    /// for the same session, with its ticket (gateway).
+    pub const SESSION_MOVED: &str = "session_moved";
     /// A frame that is not one text message on one line (binary, or a raw newline inside).
     pub const BAD_FRAME: &str = "bad_frame";
     pub const RATE_LIMITED: &str = "rate_limited";
@@ -300,5 +327,24 @@ mod tests {
             serde_json::from_str(r#"{"score_limit":3}"#).expect("params default the rest");
         assert_eq!(params.score_limit, 3);
         assert_eq!(params.tick_hz, 20);
+    }
+
+    #[test]
+    fn probe_urls_follow_the_gateways_scheme_and_authority() {
+        assert_eq!(
+            probe_url("ws://10.77.8.10:7071/v1/game").as_deref(),
+            Some("http://10.77.8.10:7071/v1/probe")
+        );
+        assert_eq!(
+            probe_url("wss://g.example:443/v1/game?x=1").as_deref(),
+            Some("https://g.example:443/v1/probe")
+        );
+        assert_eq!(
+            probe_url("wss://[::1]:7071").as_deref(),
+            Some("https://[::1]:7071/v1/probe")
+        );
+        assert_eq!(probe_url("http://a/v1/game"), None);
+        assert_eq!(probe_url("ws:///v1/game"), None);
+        assert_eq!(probe_url("nonsense"), None);
     }
 }

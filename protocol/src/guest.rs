@@ -116,6 +116,11 @@ pub enum HostToGuest {
     Prewarm {
         wall_clock_ms: u64,
     },
+    /// The VM was moved to another host (a live migration): its wall clock lost the pause.
+    /// The agent sets it to `wall_clock_ms` and answers nothing.
+    Clock {
+        wall_clock_ms: u64,
+    },
 }
 
 /// agent → hostd.

@@ -36,7 +36,7 @@ pub mod sdk;
 pub mod ticket;
 pub mod xenstore;
 
-pub use codes::{ActivationPath, DequeueReason, EndReason, ErrorCode, SubstrateState};
+pub use codes::{ActivationPath, DequeueReason, EndReason, ErrorCode, RegionRule, SubstrateState};
 pub use ids::{HostId, IdError, PlayerId, SessionId, VmId};
 
 /// The most characters of a peer's input an error message quotes back.

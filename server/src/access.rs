@@ -1,5 +1,5 @@
-//! Who may use the admin surfaces (the admin API and the dashboard's feed): the admin-role
-//! bearer token check, and the one error answer both give.
+//! Who may use the server's HTTP surfaces (the admin API, the dashboard's feed, the players'
+//! region list): the bearer token check by role, and the one error answer they give.
 
 use crate::auth::{Claims, Role};
 use crate::state::Ctx;
@@ -48,8 +48,14 @@ impl FromRequestParts<Ctx> for Admin {
 /// Checks the request's admin-role bearer token: 401 without a valid token, 403 with another
 /// role's. The claims tell how long the token is good for (the event feed ends there).
 pub fn verify_admin(ctx: &Ctx, headers: &HeaderMap) -> Result<Claims, ApiError> {
+    verify_role(ctx, headers, Role::Admin)
+}
+
+/// Checks the request's bearer token for `role`: 401 without a valid token, 403 with another
+/// role's.
+pub fn verify_role(ctx: &Ctx, headers: &HeaderMap, role: Role) -> Result<Claims, ApiError> {
     let token = wire::bearer(headers).unwrap_or_default();
-    ctx.auth.verify(&token, Role::Admin).map_err(|e| {
+    ctx.auth.verify(&token, role).map_err(|e| {
         ctx.metrics.refuse(e.code());
         let status = if e.code() == "wrong_role" {
             StatusCode::FORBIDDEN

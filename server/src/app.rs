@@ -12,7 +12,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::Store;
 use crate::wire::close;
-use crate::{admin, dashboard, dispatch, hosts, matchmaker, play, sessions, web};
+use crate::{admin, dashboard, dispatch, hosts, matchmaker, play, regions, sessions, web};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -37,6 +37,7 @@ pub fn app(ctx: Ctx) -> Router {
     Router::new()
         .route("/v1/play", get(play::handler))
         .route("/v1/hosts", get(hosts::handler))
+        .route("/v1/regions", get(regions::handler))
         .route("/v1/dev/token", post(dev_token))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))

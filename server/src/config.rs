@@ -221,10 +221,22 @@ pub enum Policy {
     Pack,
 }
 
+/// How a region's sessions are spread over its zones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Zones {
+    /// Among equally ready hosts, one in the zone running the fewest of the candidates'
+    /// sessions: a zone's outage costs the fewest matches.
+    Spread,
+    /// Zones play no part.
+    Ignore,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Placement {
     pub policy: Policy,
+    pub zones: Zones,
     /// Hosts tried per session before it ends as `placement_failed`.
     pub attempts: u32,
 }
@@ -233,6 +245,7 @@ impl Default for Placement {
     fn default() -> Self {
         Placement {
             policy: Policy::Spread,
+            zones: Zones::Spread,
             attempts: 3,
         }
     }

@@ -459,6 +459,8 @@ mod tests {
                 mode: "duel".into(),
                 region: "eu".into(),
             },
+            region: String::new(),
+            region_reason: None,
             image: "arena".into(),
             state,
             players: vec![PlayerId::new("ana").expect("id")],

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod modes;
 pub mod play;
+pub mod regions;
 pub mod registry;
 pub mod sessions;
 pub mod shipping;

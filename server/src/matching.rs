@@ -7,10 +7,16 @@
 //! widens with the anchor's wait); a match forms at once when full, or with at least
 //! `players.min` once the anchor has waited `fill_wait_ms` — and only if every team has a
 //! player (a lone party is not matched against nobody), unless the mode sets `empty_teams`.
+//!
+//! Players queued with latencies (the mode's `*` pool) are matched the same way in each region
+//! the anchor reaches within the latency allowed after its wait (the mode's `[latency]`, which
+//! widens like the skill window), taking only units within that latency of the region too; of
+//! the regions where a match forms, a full one wins, then the lowest worst latency.
 
 use crate::model::Ticket;
 use crate::modes::Mode;
-use berth_protocol::PlayerId;
+use berth_protocol::play::RegionReason;
+use berth_protocol::{PlayerId, RegionRule};
 use std::collections::BTreeMap;
 
 /// A match to claim: its tickets and its teams.
@@ -20,6 +26,9 @@ pub struct Formed {
     pub teams: Vec<Vec<PlayerId>>,
     /// `enqueued_ms` of the oldest ticket in the match.
     pub oldest_ms: u64,
+    /// The region it is played in, and why.
+    pub region: String,
+    pub reason: RegionReason,
 }
 
 /// What one matching pass decided.
@@ -41,6 +50,15 @@ struct Unit<'a> {
 impl Unit<'_> {
     fn size(&self) -> u32 {
         self.tickets.len() as u32
+    }
+
+    /// The unit's latency to `region`: its slowest member's (`None` if one did not measure
+    /// it).
+    fn latency(&self, region: &str) -> Option<u32> {
+        self.tickets
+            .iter()
+            .map(|t| t.latencies.as_ref()?.get(region).copied())
+            .try_fold(0, |worst, ms| Some(worst.max(ms?)))
     }
 }
 
@@ -89,60 +107,137 @@ pub fn decide(mode: &Mode, tickets: &[Ticket], now_ms: u64, away_grace_ms: u64) 
     }
     units.sort_by(|a, b| (a.oldest_ms, &a.tickets[0].id).cmp(&(b.oldest_ms, &b.tickets[0].id)));
 
-    let team_size = mode.team_size();
     let mut used = vec![false; units.len()];
     for anchor in 0..units.len() {
         if used[anchor] {
             continue;
         }
-        let a = &units[anchor];
-        let waited = now_ms.saturating_sub(a.oldest_ms);
-        let window = mode.skill.window_after(waited);
-        let mut picked = vec![anchor];
-        let mut total = a.size();
-        for (i, u) in units.iter().enumerate().skip(anchor + 1) {
-            if total == mode.players.max {
-                break;
-            }
-            if used[i] || total + u.size() > mode.players.max || (u.skill - a.skill).abs() > window
-            {
-                continue;
-            }
-            picked.push(i);
-            total += u.size();
-            if teams_for(&units, &picked, mode.teams, team_size).is_none() {
-                picked.pop();
-                total -= u.size();
-            }
-        }
-        let full = total == mode.players.max;
-        let enough = total >= mode.players.min && waited >= mode.fill_wait_ms;
-        if !(full || enough) {
-            continue;
-        }
-        let Some(teams) = teams_for(&units, &picked, mode.teams, team_size) else {
-            continue;
-        };
-        if !mode.empty_teams && teams.iter().any(Vec::is_empty) {
-            continue;
-        }
-        for &i in &picked {
+        let waited = now_ms.saturating_sub(units[anchor].oldest_ms);
+        let best = regions_for(&units[anchor], mode, waited)
+            .into_iter()
+            .filter_map(|(region, limit)| group(mode, &units, &used, anchor, waited, region, limit))
+            .min_by(|a, b| a.rank().cmp(&b.rank()));
+        let Some(best) = best else { continue };
+        for &i in &best.picked {
             used[i] = true;
         }
         out.matches.push(Formed {
-            tickets: picked
+            tickets: best
+                .picked
                 .iter()
                 .flat_map(|&i| units[i].tickets.iter().map(|t| t.id.clone()))
                 .collect(),
-            teams,
-            oldest_ms: picked
+            oldest_ms: best
+                .picked
                 .iter()
                 .map(|&i| units[i].oldest_ms)
                 .min()
                 .unwrap_or(now_ms),
+            teams: best.teams,
+            region: best.region.to_owned(),
+            reason: best.reason,
         });
     }
     out
+}
+
+/// The regions a match anchored by `a` may be played in, each with the latency every member
+/// must be within there: the pool's own region without a limit for a named queue; for
+/// latency-queued players, each region the mode offers that `a` reaches within the latency
+/// allowed after its wait.
+fn regions_for<'a>(a: &Unit<'a>, mode: &Mode, waited_ms: u64) -> Vec<(&'a str, Option<u32>)> {
+    match a.tickets[0].latencies.as_ref() {
+        None => vec![(a.tickets[0].pool.region.as_str(), None)],
+        Some(latencies) => {
+            let allowed = mode.latency.allowed_after(waited_ms);
+            latencies
+                .keys()
+                .filter(|r| mode.offers_region(r))
+                .filter(|r| a.latency(r).is_some_and(|ms| ms <= allowed))
+                .map(|r| (r.as_str(), Some(allowed)))
+                .collect()
+        }
+    }
+}
+
+/// A match that could form around an anchor in one region.
+struct Group<'a> {
+    picked: Vec<usize>,
+    teams: Vec<Vec<PlayerId>>,
+    full: bool,
+    region: &'a str,
+    reason: RegionReason,
+}
+
+impl Group<'_> {
+    /// Lower is better: a full match first, then the lowest worst latency, then by name.
+    fn rank(&self) -> (bool, u32, &str) {
+        (!self.full, self.reason.worst_ms.unwrap_or(0), self.region)
+    }
+}
+
+/// Gathers, around `anchor` and oldest first, the free units within its skill window (and,
+/// with a `limit`, within that latency of `region`) into a match, if one can form now.
+fn group<'a>(
+    mode: &Mode,
+    units: &[Unit<'_>],
+    used: &[bool],
+    anchor: usize,
+    waited: u64,
+    region: &'a str,
+    limit: Option<u32>,
+) -> Option<Group<'a>> {
+    let team_size = mode.team_size();
+    let a = &units[anchor];
+    let window = mode.skill.window_after(waited);
+    let near = |u: &Unit<'_>| limit.is_none_or(|l| u.latency(region).is_some_and(|ms| ms <= l));
+    let mut picked = vec![anchor];
+    let mut total = a.size();
+    for (i, u) in units.iter().enumerate().skip(anchor + 1) {
+        if total == mode.players.max {
+            break;
+        }
+        if used[i]
+            || total + u.size() > mode.players.max
+            || (u.skill - a.skill).abs() > window
+            || !near(u)
+        {
+            continue;
+        }
+        picked.push(i);
+        total += u.size();
+        if teams_for(units, &picked, mode.teams, team_size).is_none() {
+            picked.pop();
+            total -= u.size();
+        }
+    }
+    let full = total == mode.players.max;
+    let enough = total >= mode.players.min && waited >= mode.fill_wait_ms;
+    if !(full || enough) {
+        return None;
+    }
+    let teams = teams_for(units, &picked, mode.teams, team_size)?;
+    if !mode.empty_teams && teams.iter().any(Vec::is_empty) {
+        return None;
+    }
+    let reason = match limit {
+        None => RegionReason::named(),
+        Some(allowed) => RegionReason {
+            rule: RegionRule::Latency,
+            worst_ms: picked
+                .iter()
+                .filter_map(|&i| units[i].latency(region))
+                .max(),
+            allowed_ms: Some(allowed),
+        },
+    };
+    Some(Group {
+        picked,
+        teams,
+        full,
+        region,
+        reason,
+    })
 }
 
 /// Splits the picked units into `teams` teams of at most `team_size`, keeping parties whole
@@ -210,6 +305,7 @@ mod tests {
             skill,
             enqueued_ms: at,
             away_since_ms: None,
+            latencies: None,
         }
     }
 
@@ -341,5 +437,93 @@ mod tests {
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 100, "each ticket in exactly one match");
+    }
+
+    /// A solo ticket in the latency pool with these measured latencies.
+    fn tl(id: &str, at: u64, latencies: &[(&str, u32)]) -> Ticket {
+        let mut t = t(id, 1000.0, at, None);
+        t.pool.region = berth_protocol::play::BY_LATENCY.into();
+        t.latencies = Some(
+            latencies
+                .iter()
+                .map(|(r, ms)| (r.to_string(), *ms))
+                .collect(),
+        );
+        t
+    }
+
+    #[test]
+    fn latency_groups_play_where_their_worst_latency_is_lowest() {
+        let m = mode("[players]\nmin=2\nmax=2\n[latency]\nallowed_ms=100\nwiden_per_s=10\nmax_allowed_ms=250\n");
+        let q = [
+            tl("a", 0, &[("eu", 30), ("us", 90)]),
+            tl("b", 1, &[("eu", 80), ("us", 40)]),
+        ];
+        let o = decide(&m, &q, 10, 30_000);
+        assert_eq!(o.matches.len(), 1);
+        let f = &o.matches[0];
+        // eu: worst 80; us: worst 90.
+        assert_eq!(f.region, "eu");
+        assert_eq!(f.reason.rule, RegionRule::Latency);
+        assert_eq!(
+            (f.reason.worst_ms, f.reason.allowed_ms),
+            (Some(80), Some(100))
+        );
+        // A named queue plays in its own region.
+        let named = [t("x", 1000.0, 0, None), t("y", 1000.0, 1, None)];
+        let o = decide(&m, &named, 10, 30_000);
+        assert_eq!(o.matches[0].region, "r");
+        assert_eq!(o.matches[0].reason, RegionReason::named());
+    }
+
+    #[test]
+    fn latency_allowance_widens_with_the_anchors_wait() {
+        let m = mode("[players]\nmin=2\nmax=2\n[latency]\nallowed_ms=100\nwiden_per_s=10\nmax_allowed_ms=150\n");
+        let q = [
+            tl("a", 0, &[("eu", 20), ("us", 170)]),
+            tl("b", 0, &[("eu", 140), ("us", 20)]),
+        ];
+        assert!(
+            decide(&m, &q, 3_000, 30_000).matches.is_empty(),
+            "130 allowed, eu needs 140"
+        );
+        let o = decide(&m, &q, 4_000, 30_000);
+        assert_eq!(o.matches.len(), 1, "140 allowed after 4 s");
+        assert_eq!(o.matches[0].region, "eu");
+        assert_eq!(o.matches[0].reason.allowed_ms, Some(140));
+        // Capped at max_allowed_ms: a region 200 ms away never qualifies.
+        let far = [
+            tl("a", 0, &[("eu", 20)]),
+            tl("b", 0, &[("eu", 200), ("us", 20)]),
+        ];
+        assert!(decide(&m, &far, 60_000, 30_000).matches.is_empty());
+    }
+
+    #[test]
+    fn a_full_match_beats_a_closer_partial_one_and_parties_count_their_slowest() {
+        let m = mode("teams=2\nfill_wait_ms=0\n[players]\nmin=2\nmax=4\n");
+        let mut q = vec![
+            tl("a", 0, &[("eu", 10), ("us", 50)]),
+            tl("b", 1, &[("eu", 10), ("us", 50)]),
+            tl("c", 2, &[("us", 20)]),
+            tl("d", 3, &[("us", 20)]),
+        ];
+        // eu has only a and b (worst 10); us has all four (worst 50): the full one wins.
+        let o = decide(&m, &q, 10, 30_000);
+        assert_eq!(o.matches.len(), 1);
+        assert_eq!(o.matches[0].region, "us");
+        assert_eq!(o.matches[0].tickets.len(), 4);
+        // A party's latency to a region is its slowest member's; a member who did not
+        // measure a region keeps the party out of it.
+        for (i, p) in [("c", 0), ("d", 1)] {
+            q[p + 2] = tl(i, 2, &[("us", 20), ("eu", 120)]);
+            q[p + 2].party = Some(PartySpec {
+                id: "cd".into(),
+                size: 2,
+            });
+        }
+        q[3].latencies.as_mut().expect("set").remove("eu");
+        let o = decide(&m, &q, 10, 30_000);
+        assert_eq!(o.matches[0].region, "us", "{:?}", o.matches[0]);
     }
 }

@@ -92,7 +92,7 @@ pub async fn cycle(core: &Arc<Core>, pool: &PoolKey) -> Result<usize, StoreError
         let sessions: Vec<_> = outcome
             .matches
             .iter()
-            .map(|f| (f, new_session(core, mode, &pool.region, f, now)))
+            .map(|f| (f, new_session(core, mode, pool, f, now)))
             .collect();
         let results = futures_util::future::join_all(
             sessions
@@ -221,6 +221,7 @@ mod tests {
             skill: 1000.0,
             enqueued_ms,
             away_since_ms: None,
+            latencies: None,
         };
         core.store.enqueue(&t).await.expect("enqueue");
         t

@@ -2,7 +2,7 @@
 //! bindings, and the events replicas tell each other.
 
 use berth_protocol::host::{HostVm, ImageCapacity};
-use berth_protocol::play::PartySpec;
+use berth_protocol::play::{PartySpec, RegionReason};
 use berth_protocol::{HostId, PlayerId, SessionId, VmId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -34,6 +34,12 @@ pub struct Ticket {
     /// Set while the player has no live connection; the ticket is dropped after the grace.
     #[serde(default)]
     pub away_since_ms: Option<u64>,
+    /// Queued with latencies (in the mode's [`BY_LATENCY`] pool): the milliseconds the client
+    /// measured to each region the mode offers.
+    ///
+    /// [`BY_LATENCY`]: berth_protocol::play::BY_LATENCY
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latencies: Option<std::collections::BTreeMap<String, u32>>,
 }
 
 /// What a player is bound to: one live ticket or one session, never both.
@@ -102,7 +108,16 @@ pub struct Transition {
 pub struct Session {
     pub id: SessionId,
     pub version: u64,
+    /// The queue it was matched from (its region is [`BY_LATENCY`] for latency-queued players).
+    ///
+    /// [`BY_LATENCY`]: berth_protocol::play::BY_LATENCY
     pub pool: PoolKey,
+    /// The region it is played in (placement: a host of this region), and why; empty in
+    /// records from before regions were chosen (then the pool's region, see [`Self::region`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region_reason: Option<RegionReason>,
     pub image: String,
     pub state: SessionState,
     pub players: Vec<PlayerId>,
@@ -155,6 +170,15 @@ impl Session {
         }
     }
 
+    /// The region the session is played in.
+    pub fn region(&self) -> &str {
+        if self.region.is_empty() {
+            &self.pool.region
+        } else {
+            &self.region
+        }
+    }
+
     pub fn since_ms(&self) -> u64 {
         self.history.last().map_or(self.created_ms, |t| t.at_ms)
     }
@@ -198,6 +222,37 @@ pub struct HostRecord {
 impl HostRecord {
     pub fn running(&self) -> u32 {
         self.images.iter().map(|i| i.running).sum()
+    }
+
+    /// A test double of an up host with one 128 MiB `arena` image: `running` VMs, `warm`
+    /// clones, a docked substrate or not; room for 4 VMs, no region.
+    #[cfg(test)]
+    pub fn test_double(id: &str, running: u32, warm: u32, docked: bool) -> HostRecord {
+        HostRecord {
+            id: HostId::new(id).expect("id"),
+            state: HostState::Up,
+            draining: false,
+            accel: "tcg".into(),
+            driver: "qemu".into(),
+            gateway: String::new(),
+            max_vms: 4,
+            images: vec![ImageCapacity {
+                name: "arena".into(),
+                docked,
+                warm,
+                running,
+                memory_mib: 128,
+                vcpus: 1,
+                substrate: None,
+            }],
+            vms: vec![],
+            region: None,
+            zone: None,
+            peer: None,
+            replica: String::new(),
+            connected_ms: 0,
+            last_seen_ms: 0,
+        }
     }
 }
 

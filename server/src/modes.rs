@@ -76,6 +76,36 @@ impl Skill {
     }
 }
 
+/// How far players queued with latencies may be from a match's region.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Latency {
+    /// Every player of a match must have at most this latency to its region (ms)…
+    pub allowed_ms: u32,
+    /// …widened by this much per second the oldest player waited…
+    pub widen_per_s: u32,
+    /// …up to this.
+    pub max_allowed_ms: u32,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency {
+            allowed_ms: 100,
+            widen_per_s: 10,
+            max_allowed_ms: 250,
+        }
+    }
+}
+
+impl Latency {
+    /// The latency allowed once the oldest player waited `waited_ms`.
+    pub fn allowed_after(&self, waited_ms: u64) -> u32 {
+        let widened = u64::from(self.widen_per_s) * waited_ms / 1000;
+        (u64::from(self.allowed_ms) + widened).min(u64::from(self.max_allowed_ms)) as u32
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mode {
@@ -96,6 +126,9 @@ pub struct Mode {
     pub vm: VmResources,
     #[serde(default)]
     pub skill: Skill,
+    /// For players who queue with latencies instead of a region.
+    #[serde(default)]
+    pub latency: Latency,
     /// With at least `players.min` but fewer than `players.max` matchable, start once the
     /// oldest ticket waited this long.
     #[serde(default)]
@@ -163,6 +196,12 @@ impl Mode {
         let ordered = s.window >= 0.0 && s.widen_per_s >= 0.0 && s.max_window >= s.window;
         if !(ordered && s.default.is_finite()) {
             return bad("skill", "need 0 <= window <= max_window, widen_per_s >= 0");
+        }
+        let l = &self.latency;
+        if l.max_allowed_ms < l.allowed_ms
+            || l.max_allowed_ms > berth_protocol::play::MAX_LATENCY_MS
+        {
+            return bad("latency", "need allowed_ms <= max_allowed_ms <= 60000");
         }
         if self.max_wait_s == 0 || self.session_max_s == 0 {
             return bad(

@@ -5,6 +5,7 @@
 //! same code runs on real sockets and in tests.
 
 use crate::model::{Event, PoolKey, Ticket};
+use crate::modes::Mode;
 use crate::standing::{queue_status, standing, Told};
 use crate::state::{lock, Conn, Ctx, Outbound, PlayerConn};
 use crate::util::{now_ms, random_id};
@@ -16,9 +17,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use berth_net::Seat;
-use berth_protocol::play::{ClientMessage, PartySpec, ServerMessage, PLAY_PROTOCOL_VERSION};
+use berth_protocol::play::{
+    ClientMessage, PartySpec, ServerMessage, BY_LATENCY, MAX_LATENCIES, MAX_LATENCY_MS,
+    PLAY_PROTOCOL_VERSION,
+};
 use berth_protocol::{echo, PlayerId};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -355,9 +360,10 @@ async fn handle(ctx: &Ctx, player: &PlayerId, m: Message) -> Vec<ServerMessage> 
         ClientMessage::Queue {
             mode,
             region,
+            latencies,
             party,
             skill,
-        } => queue(ctx, player, mode, region, party, skill).await,
+        } => queue(ctx, player, mode, (region, latencies), party, skill).await,
         ClientMessage::Cancel {} => match ctx.store.dequeue(player).await {
             Ok(Some(t)) => Ok(vec![ServerMessage::Dequeued {
                 ticket: t.id,
@@ -379,11 +385,64 @@ fn valid_name(s: &str) -> bool {
     berth_protocol::SessionId::new(s).is_ok()
 }
 
+/// Where a `queue` asks to play: the pool's region, and the latencies if it gave them.
+type Wanted = (Option<String>, Option<BTreeMap<String, u32>>);
+
+/// Checks a `queue`'s region or latencies against `mode`: the pool region (a named region, or
+/// [`BY_LATENCY`]) and the latencies to keep (those of regions the mode offers).
+fn where_to_play(
+    mode: &Mode,
+    wanted: Wanted,
+) -> Result<(String, Option<BTreeMap<String, u32>>), Refusal> {
+    let unknown = |region: &str| {
+        let name = &mode.name;
+        Err((
+            "unknown_region",
+            format!("mode {name} is not offered in region {}", echo(region)),
+        ))
+    };
+    match wanted {
+        (Some(region), None) => {
+            if !valid_name(&region) || !mode.offers_region(&region) {
+                return unknown(&region);
+            }
+            Ok((region, None))
+        }
+        (None, Some(latencies)) => {
+            let bad = |m: String| Err(("bad_latencies", m));
+            if latencies.is_empty() || latencies.len() > MAX_LATENCIES {
+                return bad(format!("latencies must name 1 to {MAX_LATENCIES} regions"));
+            }
+            if let Some((r, ms)) = latencies
+                .iter()
+                .find(|(r, ms)| !valid_name(r) || **ms > MAX_LATENCY_MS)
+            {
+                return bad(format!(
+                    "latency {ms} ms to region {}: regions are names, latencies at most {MAX_LATENCY_MS} ms",
+                    echo(r)
+                ));
+            }
+            let offered: BTreeMap<String, u32> = latencies
+                .into_iter()
+                .filter(|(r, _)| mode.offers_region(r))
+                .collect();
+            if offered.is_empty() {
+                return unknown("(none of the measured)");
+            }
+            Ok((BY_LATENCY.to_owned(), Some(offered)))
+        }
+        _ => Err((
+            "region_or_latencies",
+            "queue names a region or gives latencies, exactly one of the two".into(),
+        )),
+    }
+}
+
 async fn queue(
     ctx: &Ctx,
     player: &PlayerId,
     mode_name: String,
-    region: String,
+    wanted: Wanted,
     party: Option<PartySpec>,
     skill: Option<f64>,
 ) -> Result<Vec<ServerMessage>, Refusal> {
@@ -394,15 +453,7 @@ async fn queue(
             format!("no mode {}; modes: {}", echo(&mode_name), known.join(", ")),
         ));
     };
-    if !valid_name(&region) || !mode.offers_region(&region) {
-        return Err((
-            "unknown_region",
-            format!(
-                "mode {mode_name} is not offered in region {}",
-                echo(&region)
-            ),
-        ));
-    }
+    let (region, latencies) = where_to_play(mode, wanted)?;
     let skill = skill.unwrap_or(mode.skill.default);
     if !skill.is_finite() || skill.abs() > 1e9 {
         return Err(("bad_skill", "skill must be a finite number".into()));
@@ -457,6 +508,7 @@ async fn queue(
         skill,
         enqueued_ms: now_ms(),
         away_since_ms: None,
+        latencies,
     };
     match ctx.store.enqueue(&ticket).await {
         Ok(()) => {}

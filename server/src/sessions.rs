@@ -4,10 +4,10 @@
 //! Every change is a compare-and-set on the stored session followed by an
 //! [`Event::Session`], so any replica may make it and every replica tells its own players.
 
-use crate::config::Policy;
+use crate::config::{Placement, Policy, Zones};
 use crate::domain::Core;
 use crate::matching::Formed;
-use crate::model::{Event, HostRecord, HostState, Session, SessionState, Transition};
+use crate::model::{Event, HostRecord, HostState, PoolKey, Session, SessionState, Transition};
 use crate::modes::Mode;
 use crate::store::StoreError;
 use crate::util::{now_ms, random_id, random_key};
@@ -20,16 +20,15 @@ use std::time::Duration;
 const CAS_TRIES: usize = 8;
 
 /// A new session for a formed match, in `Placing`.
-pub fn new_session(core: &Core, mode: &Mode, region: &str, formed: &Formed, now: u64) -> Session {
+pub fn new_session(core: &Core, mode: &Mode, pool: &PoolKey, formed: &Formed, now: u64) -> Session {
     let id = SessionId::new(format!("s-{}", &random_id()[..20])).expect("hex is a valid id");
     let players = formed.teams.iter().flatten().cloned().collect();
     Session {
         id,
         version: 0,
-        pool: crate::model::PoolKey {
-            mode: mode.name.clone(),
-            region: region.to_owned(),
-        },
+        pool: pool.clone(),
+        region: formed.region.clone(),
+        region_reason: Some(formed.reason.clone()),
         image: mode.image.clone(),
         state: SessionState::Placing,
         players,
@@ -94,15 +93,16 @@ fn wants(core: &Core, s: &Session) -> (u32, u32) {
 }
 
 /// Orders candidate hosts for `image` in `region`: warm clones first, then a docked substrate,
-/// then the policy. Hosts of another region, without room, draining, not up, or already tried
-/// are left out (a host that names no region serves any).
+/// then (zones spread) the zone running the fewest of the candidates' VMs, then the policy.
+/// Hosts of another region, without room, draining, not up, or already tried are left out (a
+/// host that names no region serves any).
 pub fn rank_hosts<'a>(
     hosts: &'a [HostRecord],
     (image, region): (&str, &str),
     (memory_mib, vcpus): (u32, u32),
     tried: &[HostId],
     pending: &dyn Fn(&HostId) -> u32,
-    policy: Policy,
+    placement: &Placement,
 ) -> Vec<&'a HostRecord> {
     let mut c: Vec<(&HostRecord, u32, bool, bool)> = hosts
         .iter()
@@ -117,11 +117,21 @@ pub fn rank_hosts<'a>(
             (busy < h.max_vms).then_some((h, busy, img.warm > pending(&h.id), img.docked))
         })
         .collect();
+    let mut zone_load: HashMap<Option<&str>, u32> = HashMap::new();
+    if placement.zones == Zones::Spread {
+        for (h, busy, ..) in &c {
+            *zone_load.entry(h.zone.as_deref()).or_default() += busy;
+        }
+    }
+    let zone = |h: &HostRecord| zone_load.get(&h.zone.as_deref()).copied().unwrap_or(0);
     c.sort_by(|a, b| {
-        b.2.cmp(&a.2).then(b.3.cmp(&a.3)).then(match policy {
-            Policy::Spread => a.1.cmp(&b.1),
-            Policy::Pack => b.1.cmp(&a.1),
-        })
+        b.2.cmp(&a.2)
+            .then(b.3.cmp(&a.3))
+            .then(zone(a.0).cmp(&zone(b.0)))
+            .then(match placement.policy {
+                Policy::Spread => a.1.cmp(&b.1),
+                Policy::Pack => b.1.cmp(&a.1),
+            })
     });
     c.into_iter().map(|(h, ..)| h).collect()
 }
@@ -129,9 +139,17 @@ pub fn rank_hosts<'a>(
 /// Whether some host of `hosts` could take `s` now (activations in flight not counted).
 fn could_place(core: &Core, hosts: &[HostRecord], s: &Session) -> bool {
     let none = |_: &HostId| 0;
-    let target = (s.image.as_str(), s.pool.region.as_str());
-    let policy = core.config.placement.policy;
-    !rank_hosts(hosts, target, wants(core, s), &s.tried_hosts, &none, policy).is_empty()
+    let target = (s.image.as_str(), s.region());
+    let placement = &core.config.placement;
+    !rank_hosts(
+        hosts,
+        target,
+        wants(core, s),
+        &s.tried_hosts,
+        &none,
+        placement,
+    )
+    .is_empty()
 }
 
 /// Tries once to put a `Placing` session on a host: moves it to `Activating` and asks the
@@ -150,7 +168,6 @@ pub async fn try_place(core: &Core, id: &SessionId) -> Result<(), StoreError> {
         return Ok(());
     }
     let wanted = wants(core, &s);
-    let policy = core.config.placement.policy;
     let activating = core.store.sessions(Some(SessionState::Activating)).await?;
     let pending = |h: &HostId| {
         activating
@@ -160,11 +177,11 @@ pub async fn try_place(core: &Core, id: &SessionId) -> Result<(), StoreError> {
     };
     let ranked = rank_hosts(
         &hosts,
-        (&s.image, &s.pool.region),
+        (&s.image, s.region()),
         wanted,
         &s.tried_hosts,
         &pending,
-        policy,
+        &core.config.placement,
     );
     let Some(host) = ranked.first() else {
         return Ok(());
@@ -512,34 +529,9 @@ pub async fn run_sweeper(core: Arc<Core>, period: Duration) {
 pub(crate) mod tests {
     use super::*;
     use crate::domain::test_core;
-    use berth_protocol::host::ImageCapacity;
 
     pub(crate) fn host(id: &str, running: u32, warm: u32, docked: bool) -> HostRecord {
-        HostRecord {
-            id: HostId::new(id).expect("id"),
-            state: HostState::Up,
-            draining: false,
-            accel: "tcg".into(),
-            driver: "qemu".into(),
-            gateway: String::new(),
-            max_vms: 4,
-            images: vec![ImageCapacity {
-                name: "arena".into(),
-                docked,
-                warm,
-                running,
-                memory_mib: 128,
-                vcpus: 1,
-                substrate: None,
-            }],
-            vms: vec![],
-            region: None,
-            zone: None,
-            peer: None,
-            replica: String::new(),
-            connected_ms: 0,
-            last_seen_ms: 0,
-        }
+        HostRecord::test_double(id, running, warm, docked)
     }
 
     #[test]
@@ -552,16 +544,7 @@ pub(crate) mod tests {
         let hosts = [eu, us, anywhere];
         let none = |_: &HostId| 0;
         let ids = |r: Vec<&HostRecord>| r.iter().map(|h| h.id.to_string()).collect::<Vec<_>>();
-        let rank = |region| {
-            rank_hosts(
-                &hosts,
-                ("arena", region),
-                (128, 1),
-                &[],
-                &none,
-                Policy::Spread,
-            )
-        };
+        let rank = |region| rank_hosts(&hosts, ("arena", region), (128, 1), &[], &none, &spread());
         assert_eq!(ids(rank("eu")), ["eu-1", "any-1"]);
         assert_eq!(ids(rank("us")), ["us-1", "any-1"]);
         assert_eq!(ids(rank("asia")), ["any-1"]);
@@ -584,6 +567,7 @@ pub(crate) mod tests {
                 skill: 1000.0,
                 enqueued_ms: now_ms(),
                 away_since_ms: None,
+                latencies: None,
             };
             core.store.enqueue(&t).await.expect("enqueue");
         }
@@ -782,6 +766,56 @@ pub(crate) mod tests {
         v.into_iter().map(|h| h.id.as_str()).collect()
     }
 
+    fn spread() -> Placement {
+        Placement::default()
+    }
+
+    fn pack() -> Placement {
+        Placement {
+            policy: Policy::Pack,
+            ..Placement::default()
+        }
+    }
+
+    #[test]
+    fn sessions_spread_over_zones_among_equally_ready_hosts() {
+        let zoned = |id, running, zone: &str| {
+            let mut h = host(id, running, 1, true);
+            h.zone = Some(zone.into());
+            h
+        };
+        // Zone a runs 3 (a1 2 + a2 1), zone b runs 2: b's host wins although a2 is idler.
+        let hosts = [
+            zoned("a1", 2, "a"),
+            zoned("a2", 1, "a"),
+            zoned("b1", 2, "b"),
+        ];
+        let none = |_: &HostId| 0;
+        let rank =
+            |p: &Placement| ids(rank_hosts(&hosts, ("arena", "eu"), (128, 1), &[], &none, p));
+        assert_eq!(rank(&spread()), ["b1", "a2", "a1"]);
+        let ignore = Placement {
+            zones: Zones::Ignore,
+            ..Placement::default()
+        };
+        assert_eq!(rank(&ignore), ["a2", "a1", "b1"]);
+        // Readiness still comes first: a warm clone beats the emptier zone.
+        let mut cold_b = zoned("b1", 0, "b");
+        cold_b.images[0].warm = 0;
+        let hosts = [zoned("a1", 2, "a"), cold_b];
+        assert_eq!(
+            ids(rank_hosts(
+                &hosts,
+                ("arena", "eu"),
+                (128, 1),
+                &[],
+                &none,
+                &spread()
+            )),
+            ["a1", "b1"]
+        );
+    }
+
     #[test]
     fn warm_then_docked_then_policy() {
         let hosts = [
@@ -791,16 +825,9 @@ pub(crate) mod tests {
             host("cold", 0, 0, false),
         ];
         let none = |_: &HostId| 0;
-        let spread = rank_hosts(
-            &hosts,
-            ("arena", "eu"),
-            (128, 1),
-            &[],
-            &none,
-            Policy::Spread,
-        );
+        let spread = rank_hosts(&hosts, ("arena", "eu"), (128, 1), &[], &none, &spread());
         assert_eq!(ids(spread), ["warm", "idle", "busy", "cold"]);
-        let pack = rank_hosts(&hosts, ("arena", "eu"), (128, 1), &[], &none, Policy::Pack);
+        let pack = rank_hosts(&hosts, ("arena", "eu"), (128, 1), &[], &none, &pack());
         assert_eq!(ids(pack), ["warm", "busy", "idle", "cold"]);
     }
 
@@ -826,24 +853,16 @@ pub(crate) mod tests {
                 (128, 1),
                 &tried,
                 &none,
-                Policy::Spread
+                &spread()
             )),
             ["ok"]
         );
         assert!(
-            rank_hosts(
-                &hosts,
-                ("arena", "eu"),
-                (256, 1),
-                &tried,
-                &none,
-                Policy::Spread
-            )
-            .is_empty(),
+            rank_hosts(&hosts, ("arena", "eu"), (256, 1), &tried, &none, &spread()).is_empty(),
             "too small"
         );
         assert!(
-            rank_hosts(&hosts, ("other", "eu"), (1, 1), &[], &none, Policy::Spread).is_empty(),
+            rank_hosts(&hosts, ("other", "eu"), (1, 1), &[], &none, &spread()).is_empty(),
             "no such image"
         );
         // Activations in flight count against room (and against warm clones).
@@ -854,7 +873,7 @@ pub(crate) mod tests {
             (128, 1),
             &[],
             &three,
-            Policy::Spread
+            &spread()
         )
         .is_empty());
     }

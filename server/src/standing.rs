@@ -113,10 +113,13 @@ pub async fn queue_status(ctx: &Ctx, player: &PlayerId) -> Option<ServerMessage>
     let tickets = ctx.store.tickets(&pool).await.ok()?;
     let t = tickets.iter().find(|t| t.id == ticket)?;
     let waited_ms = now_ms().saturating_sub(t.enqueued_ms);
-    let window = ctx
-        .modes
-        .get(&pool.mode)
-        .map_or(0.0, |m| m.skill.window_after(waited_ms));
+    let mode = ctx.modes.get(&pool.mode);
+    let window = mode.map_or(0.0, |m| m.skill.window_after(waited_ms));
+    let latency_allowed_ms = t
+        .latencies
+        .as_ref()
+        .and(mode)
+        .map(|m| m.latency.allowed_after(waited_ms));
     Some(ServerMessage::QueueStatus {
         ticket,
         mode: pool.mode,
@@ -124,6 +127,7 @@ pub async fn queue_status(ctx: &Ctx, player: &PlayerId) -> Option<ServerMessage>
         waited_ms,
         queued: tickets.len() as u64,
         skill_window: window,
+        latency_allowed_ms,
     })
 }
 
@@ -153,6 +157,8 @@ pub fn session_message(
             Some(ServerMessage::Matched {
                 session: s.id.clone(),
                 mode: s.pool.mode.clone(),
+                region: s.region().to_owned(),
+                region_reason: s.region_reason.clone(),
                 endpoint: s.endpoint.clone().unwrap_or_default(),
                 ticket,
                 ticket_expires_ms,
@@ -201,6 +207,7 @@ mod tests {
             waited_ms: 0,
             queued: 1,
             skill_window: 0.0,
+            latency_allowed_ms: None,
         });
         assert!(told.waiting(), "a queued player waits for news");
         told.observe(&ended("s-1"));

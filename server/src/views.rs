@@ -46,6 +46,7 @@ pub struct SessionRow {
     pub id: SessionId,
     pub state: SessionState,
     pub mode: String,
+    /// The region it is played in (for players queued by latency, the one chosen for them).
     pub region: String,
     pub image: String,
     pub host: Option<HostId>,
@@ -62,7 +63,7 @@ impl From<&Session> for SessionRow {
             id: s.id.clone(),
             state: s.state,
             mode: s.pool.mode.clone(),
-            region: s.pool.region.clone(),
+            region: s.region().to_owned(),
             image: s.image.clone(),
             host: s.host.clone(),
             players: s.players.clone(),

@@ -14,10 +14,11 @@ const APP_JS: &str = include_str!("../../assets/web-client/app.js");
 const STYLE_CSS: &str = include_str!("../../assets/web-client/style.css");
 const BASE_CSS: &str = include_str!("../../assets/common/base.css");
 
-/// The page talks to this origin (`/v1/dev/token`, `/v1/play`) and to game gateways on any
-/// host (`matched.endpoint`), loads nothing else and may not be framed.
+/// The page talks to this origin (`/v1/dev/token`, `/v1/play`, `/v1/regions`) and to game
+/// gateways on any host (`matched.endpoint`, and their latency probes over `http(s)`), loads
+/// nothing else and may not be framed.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-                   connect-src 'self' ws: wss:; base-uri 'none'; form-action 'self'; \
+                   connect-src 'self' ws: wss: http: https:; base-uri 'none'; form-action 'self'; \
                    frame-ancestors 'none'";
 
 /// `/play` (and `/play/`), `/play/app.js`, `/play/style.css`, and `/assets/base.css` for both

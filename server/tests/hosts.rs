@@ -188,6 +188,8 @@ async fn an_outbox_report_is_recorded_before_reconciliation_could_call_its_sessi
             mode: "duel".into(),
             region: "eu".into(),
         },
+        region: String::new(),
+        region_reason: None,
         image: "arena".into(),
         state: SessionState::Active,
         players: vec![],

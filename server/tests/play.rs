@@ -168,7 +168,8 @@ async fn bad_messages_get_codes_and_the_connection_lives_on() -> Result<()> {
     }
     c.send(&ClientMessage::Queue {
         mode: "arena".into(),
-        region: "eu".into(),
+        region: Some("eu".into()),
+        latencies: None,
         party: Some(PartySpec {
             id: "p1".into(),
             size: 5,
@@ -379,7 +380,8 @@ async fn parties_are_capped_at_their_size() -> Result<()> {
     let s = server().await?;
     let party = |size| ClientMessage::Queue {
         mode: "arena".into(),
-        region: "eu".into(),
+        region: Some("eu".into()),
+        latencies: None,
         party: Some(PartySpec {
             id: "crew".into(),
             size,

@@ -129,6 +129,7 @@ fn ticket(id: &str, player: PlayerId, pool: PoolKey, enqueued_ms: u64) -> Ticket
         skill: 1_517.123_456_789_012_3,
         enqueued_ms,
         away_since_ms: None,
+        latencies: None,
     }
 }
 
@@ -137,6 +138,8 @@ fn session(id: &str, pool: PoolKey, players: Vec<PlayerId>, created_ms: u64) -> 
         id: SessionId::new(id).expect("a valid session id"),
         version: 0,
         pool,
+        region: String::new(),
+        region_reason: None,
         image: "arena".into(),
         state: SessionState::Placing,
         teams: vec![players.clone(), vec![]],

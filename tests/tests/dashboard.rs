@@ -558,6 +558,8 @@ async fn seed(store: &Arc<dyn Store>, n: usize) -> Result<()> {
                 mode: mode.into(),
                 region: regions[rng.next(3) as usize].into(),
             },
+            region: String::new(),
+            region_reason: None,
             image: "arena".into(),
             state,
             teams: players.chunks(size / 2).map(<[PlayerId]>::to_vec).collect(),

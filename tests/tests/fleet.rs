@@ -12,6 +12,7 @@ use berth_protocol::play::ServerMessage;
 use berth_protocol::SessionId;
 use berth_server::app::Server;
 use berth_server::model::{HostRecord, HostState, SessionState};
+use berth_testkit::browser::{Browser, Device};
 use berth_testkit::netns::{leftovers, Bed, NsHost};
 use berth_testkit::player as client;
 use berth_testkit::*;
@@ -46,9 +47,10 @@ async fn join(endpoint: &str, ticket: &str) -> Result<GameWs> {
 }
 
 /// A server on the bed's bridge address: hosts are lost after 1.5 s of silence but keep their
-/// sessions for 60 s.
+/// sessions for 60 s; development tokens for the page and berth-sim.
 async fn server_on(bed: &Bed) -> Result<Server> {
     let mut sc = client::config();
+    sc.auth.dev_tokens = true;
     sc.listen = (bed.gateway_ip(), 0).into();
     sc.timeouts.host_heartbeat_ms = 500;
     sc.timeouts.host_lost_ms = 1500;
@@ -438,4 +440,143 @@ async fn a_shipped_substrate_that_fails_its_digest_is_refused_and_primed_instead
 
     duel_on(&server, &new, ["sc", "sd"], "eu").await?;
     finish(vec![new, source], server, bed, BLOCK).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn players_queued_by_latency_play_in_the_region_best_for_them() -> Result<()> {
+    init_logs();
+    const BLOCK: u8 = 11;
+    let mut bed = Bed::new(BLOCK)?;
+    let server = server_on(&bed).await?;
+    let mut hostds = Vec::new();
+    for (i, (name, region)) in [("lt-eu1", "eu"), ("lt-us1", "us")].into_iter().enumerate() {
+        let host = bed.add_host(i as u8 + 1)?;
+        hostds.push(NsHostd::start(&host, &server, name, Some(region)).await?);
+    }
+    let http = reqwest::Client::new();
+    let regions_url = format!("http://{}/v1/regions", server.addr);
+
+    // berth-sim's measurement over the bridge: both regions, through their own gateways.
+    let measured = berth_sim::latency::measure(&http, &regions_url, &fixtures::token("lt-m")).await;
+    let measured = measured.map_err(|code| anyhow::anyhow!("measuring: {code}"))?;
+    assert_eq!(
+        measured.keys().collect::<Vec<_>>(),
+        ["eu", "us"],
+        "{measured:?}"
+    );
+
+    // The page queues by latency (`?region=*`): it times both regions (about the same here);
+    // its opponent is far from us, so eu is best for the two of them.
+    let b = Browser::start(
+        "fleet-latency",
+        Device::Desktop {
+            width: 1280,
+            height: 800,
+        },
+    )
+    .await?;
+    let page = format!("http://{}/play?region=*", server.addr);
+    b.goto(&page).await?;
+    let ctx = "'screen=' + document.body.dataset.screen + ' status=' + \
+               document.querySelector('[data-testid=queue-status]').textContent + ' error=' + \
+               document.querySelector('[data-testid=error-text]').textContent";
+    let within = Duration::from_secs(20);
+    b.until(
+        "sign-in",
+        within,
+        "document.body.dataset.screen === 'signin'",
+        ctx,
+    )
+    .await?;
+    let name = b.el("name").await?;
+    name.clear().await?;
+    name.send_keys("lt-page").await?;
+    b.click("signin").await?;
+    b.until(
+        "modes",
+        within,
+        "document.body.dataset.screen === 'modes'",
+        ctx,
+    )
+    .await?;
+    b.click("mode-sprint").await?;
+    let queued = "document.querySelector('[data-testid=queue-status]').textContent.includes('regions within ')";
+    b.until("queued by latency", within, queued, ctx).await?;
+    let mut far = client::player(&server, "lt-far").await?;
+    let latencies = [("eu".to_owned(), 5), ("us".to_owned(), 400)].into();
+    far.send(&berth_client::play::queue_by_latency(
+        "sprint", latencies, None, None,
+    ))
+    .await?;
+    let ServerMessage::Matched {
+        region,
+        region_reason,
+        endpoint,
+        ticket,
+        ..
+    } = far
+        .until(Duration::from_secs(30), |m| {
+            matches!(m, ServerMessage::Matched { .. })
+        })
+        .await?
+    else {
+        unreachable!()
+    };
+    assert_eq!(region, "eu");
+    assert_eq!(endpoint, format!("ws://{}/v1/game", hostds[0].gateway));
+    let reason = region_reason.context("a reason")?;
+    assert_eq!(reason.rule, berth_protocol::RegionRule::Latency);
+    // us is beyond any allowance for the far player (400 > 250 ms); eu's worst is theirs or
+    // the page's, whichever is slower.
+    assert!(reason.worst_ms >= Some(5), "{reason:?}");
+    b.until(
+        "the page's region",
+        within,
+        "document.querySelector('[data-testid=match-region]').textContent.startsWith('Playing in eu')",
+        ctx,
+    )
+    .await?;
+    // The far player gives up; both hear the end.
+    let mut game = join(&endpoint, &ticket).await?;
+    game.send(&GameRequest::Surrender).await?;
+    let (reason, _) = client::ended(&mut far).await?;
+    assert_eq!(reason, "surrender");
+    b.until(
+        "the results",
+        within,
+        "document.body.dataset.screen === 'results'",
+        ctx,
+    )
+    .await?;
+    b.finish().await?;
+
+    // Two bots of berth-sim queue by latency (`--region '*'`) and play a sprint.
+    let swarm = berth_sim::SwarmConfig {
+        server: format!("http://{}", server.addr),
+        region: berth_protocol::play::BY_LATENCY.into(),
+        modes: vec![berth_sim::Weighted::new("sprint".into(), 1.0)],
+        matches: berth_sim::Matches::Count(1),
+        duration: Duration::from_secs(20),
+        drain: Duration::from_secs(40),
+        name_prefix: "lt-sim".into(),
+        ..berth_sim::SwarmConfig::default()
+    };
+    let report = berth_sim::run(swarm, None).await?;
+    assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
+    assert_eq!(report.matches.finished, 2);
+    assert_eq!(
+        report.regions.values().sum::<u64>(),
+        2,
+        "{:?}",
+        report.regions
+    );
+    assert!(report.regions.keys().all(|r| r == "eu" || r == "us"));
+
+    for h in hostds {
+        h.stop()?;
+    }
+    server.shutdown().await;
+    drop(bed);
+    assert_eq!(leftovers(BLOCK), Vec::<String>::new());
+    Ok(())
 }

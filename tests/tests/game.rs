@@ -417,3 +417,98 @@ async fn a_game_nobody_joins_ends_as_abandoned() -> Result<()> {
     sb.gone(vm.vm_id.as_str()).await?;
     sb.finish().await
 }
+
+/// A free loopback address for a receiving VM to listen on.
+fn free_addr() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_game_moves_to_another_host_with_its_state() -> Result<()> {
+    let src = Sandbox::docked("game-mig-src").await?;
+    let dst = Sandbox::docked("game-mig-dst").await?;
+    let mut events = dst.pool.subscribe();
+    let req = duel("mig-1", serde_json::json!({"score_limit": 3}));
+    let vm = src.pool.activate(req.clone()).await?;
+    let (mut alice, _) = Player::join(vm.game_addr, &ticket(KEY, "mig-1", "alice")).await?;
+    let before = alice.state_until(|s| s.tick > 10).await?;
+
+    // The target listens; the source sends the running VM there.
+    let listen = free_addr()?;
+    let incoming = dst.pool.receive(req, listen).await?;
+    let moved = src.pool.send(&req_session("mig-1"), listen).await?;
+    let info = incoming.finish(Duration::from_secs(30)).await?;
+    println!("migrated: {moved:?}");
+    assert!(moved.sent_bytes > 0 && moved.total_ms > 0, "{moved:?}");
+    assert_eq!(info.path, berth_hostd::pool::ActivationPath::Migrated);
+    src.gone(vm.vm_id.as_str()).await?;
+    assert!(
+        src.pool.status().vms.is_empty(),
+        "nothing left on the source"
+    );
+
+    // Alice's connection went with the source; she rejoins on the target and the world goes on
+    // from where it was: the same session, later ticks, the clock and scores kept.
+    drop(alice);
+    let (mut alice, welcome) = Player::join(info.game_addr, &ticket(KEY, "mig-1", "alice")).await?;
+    assert!(welcome.rejoined, "the game knew alice already: {welcome:?}");
+    assert_eq!(welcome.session_id.as_str(), "mig-1");
+    let after = alice.state_until(|_| true).await?;
+    assert!(
+        after.tick > before.tick,
+        "{} then {}",
+        before.tick,
+        after.tick
+    );
+    assert_eq!(after.scores, before.scores);
+    assert!(after.time_left_ms < before.time_left_ms);
+    let skew = after.clock_ms as i64 - now_ms() as i64;
+    assert!(
+        skew.abs() < 2_000,
+        "the guest clock is {skew} ms off after the move"
+    );
+    // The game ends on the target, and its results come from there.
+    let (mut bob, _) = Player::join(info.game_addr, &ticket(KEY, "mig-1", "bob")).await?;
+    bob.send(r#"{"type":"surrender"}"#).await?;
+    let (reason, results) = alice.ended().await?;
+    assert_eq!((reason.as_str(), results.winner), ("surrender", Some(0)));
+    let (session, reason, _) = next_ended(&mut events).await?;
+    assert_eq!((session.as_str(), reason.as_str()), ("mig-1", "surrender"));
+    dst.gone(info.vm_id.as_str()).await?;
+    src.finish().await?;
+    dst.finish().await
+}
+
+fn req_session(id: &str) -> SessionId {
+    SessionId::new(id).expect("id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_whose_target_dies_leaves_the_game_playing_on_the_source() -> Result<()> {
+    let src = Sandbox::docked("game-mig-keep").await?;
+    let dst = Sandbox::docked("game-mig-dies").await?;
+    let req = duel("mig-2", serde_json::json!({}));
+    let vm = src.pool.activate(req.clone()).await?;
+    let (mut alice, _) = Player::join(vm.game_addr, &ticket(KEY, "mig-2", "alice")).await?;
+    let before = alice.state_until(|_| true).await?;
+    let listen = free_addr()?;
+    let incoming = dst.pool.receive(req, listen).await?;
+    // The target's QEMU dies as the stream starts.
+    let send = {
+        let pool = src.pool.clone();
+        tokio::spawn(async move { pool.send(&req_session("mig-2"), listen).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    kill_qemu_naming(&dst.dir);
+    let sent = send.await?;
+    assert!(sent.is_err(), "the migration cannot have worked: {sent:?}");
+    assert!(incoming.finish(Duration::from_secs(5)).await.is_err());
+    // The game plays on at the source, on the same connection.
+    let later = alice.state_until(|s| s.tick > before.tick + 5).await?;
+    assert_eq!(later.scores, before.scores);
+    assert_eq!(src.vm_of(&req_session("mig-2"))?.vm_id, vm.vm_id);
+    drop(alice);
+    src.pool.destroy("mig-2").await?;
+    src.finish().await?;
+    dst.finish().await
+}

@@ -44,6 +44,21 @@ fn link_as(
     )
 }
 
+/// A connection to the test Redis under the key prefix of this run's `name`.
+async fn redis_store(name: &str) -> Result<Arc<dyn Store>> {
+    let url = berth_testkit::fixtures::redis_url()?;
+    let prefix = format!("berth-{name}-{}", std::process::id());
+    Ok(Arc::new(RedisStore::connect(&url, &prefix).await?))
+}
+
+/// Two replicas on one Redis store (`name`'s), each with its own connection; read each one's
+/// store as `r.ctx.store`.
+async fn replicas(name: &str, config: ServerConfig) -> Result<(Server, Server)> {
+    let r1 = Server::start_with(config.clone(), redis_store(name).await?).await?;
+    let r2 = Server::start_with(config, redis_store(name).await?).await?;
+    Ok((r1, r2))
+}
+
 fn stack_config() -> ServerConfig {
     let mut c = config();
     c.timeouts.host_heartbeat_ms = 500;
@@ -342,13 +357,9 @@ async fn admin_end_drain_and_a_lost_host() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
-    let url = berth_testkit::fixtures::redis_url()?;
-    let prefix = format!("berth-stack-{}", std::process::id());
     let sandbox = Sandbox::start("stack-redis", 1).await?;
-    let one: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
-    let two: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
-    let r1 = Server::start_with(stack_config(), one.clone()).await?;
-    let r2 = Server::start_with(stack_config(), two).await?;
+    let (r1, r2) = replicas("stack", stack_config()).await?;
+    let one = r1.ctx.store.clone();
     let (stop, task) = link(&sandbox, &r1);
     host_until(&one, |h| {
         h.state == HostState::Up && h.images.iter().any(|i| i.docked)
@@ -385,13 +396,9 @@ async fn two_replicas_on_redis_serve_players_on_either() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_going_down_moves_its_host_to_another_and_ends_no_match() -> Result<()> {
-    let url = berth_testkit::fixtures::redis_url()?;
-    let prefix = format!("berth-failover-{}", std::process::id());
     let sandbox = Sandbox::start("stack-failover", 1).await?;
-    let one: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
-    let two: Arc<dyn Store> = Arc::new(RedisStore::connect(&url, &prefix).await?);
-    let r1 = Server::start_with(stack_config(), one).await?;
-    let r2 = Server::start_with(stack_config(), two.clone()).await?;
+    let (r1, r2) = replicas("failover", stack_config()).await?;
+    let two = r2.ctx.store.clone();
     let (first, second) = (r1.ctx.replica.clone(), r2.ctx.replica.clone());
     let (stop, task) = link_as(&sandbox, &[&r1, &r2], "test-host");
     host_until(&two, |h| {
@@ -424,15 +431,11 @@ async fn a_replica_going_down_moves_its_host_to_another_and_ends_no_match() -> R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_of_a_game_that_ends_while_the_link_is_down_reach_the_players_after() -> Result<()>
 {
-    let url = berth_testkit::fixtures::redis_url()?;
-    let prefix = format!("berth-outbox-{}", std::process::id());
     let sandbox = Sandbox::start("stack-outbox", 1).await?;
-    let store = || RedisStore::connect(&url, &prefix);
     let mut cfg = stack_config();
     cfg.timeouts.host_grace_ms = 60_000;
-    let two: Arc<dyn Store> = Arc::new(store().await?);
-    let r1 = Server::start_with(cfg.clone(), Arc::new(store().await?)).await?;
-    let r2 = Server::start_with(cfg.clone(), two.clone()).await?;
+    let (r1, r2) = replicas("outbox", cfg.clone()).await?;
+    let two = r2.ctx.store.clone();
     // The host knows replica 1 only; the players are on replica 2.
     let (stop, task) = link_as(&sandbox, &[&r1], "test-host");
     host_until(&two, |h| {
@@ -460,7 +463,7 @@ async fn results_of_a_game_that_ends_while_the_link_is_down_reach_the_players_af
 
     // The replica comes back: the report rides in `register`, and both players hear the end.
     cfg.listen = addr;
-    let r1 = Server::start_with(cfg, Arc::new(store().await?)).await?;
+    let r1 = Server::start_with(cfg, redis_store("outbox").await?).await?;
     for player in [&mut a, &mut b] {
         let (reason, results) = ended(player).await?;
         assert_eq!(reason, "surrender");

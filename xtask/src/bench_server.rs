@@ -764,7 +764,7 @@ impl Probe {
         let outcome = berth_server::matching::decide(mode, &queued, now, 30_000);
         let t = Instant::now();
         for formed in &outcome.matches {
-            let session = berth_server::sessions::new_session(ctx, mode, &pool.region, formed, now);
+            let session = berth_server::sessions::new_session(ctx, mode, pool, formed, now);
             anyhow::ensure!(
                 store.claim(&formed.tickets, &session).await?,
                 "probe claim lost"
@@ -897,6 +897,7 @@ fn bench_ticket(id: String, player: String, i: usize, pool: &PoolKey) -> Result<
         skill: 1000.0 + (i % 97) as f64,
         enqueued_ms: berth_protocol::now_ms(),
         away_since_ms: None,
+        latencies: None,
     })
 }
 

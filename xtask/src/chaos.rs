@@ -14,12 +14,11 @@
 //! version ([`short`]).
 
 use crate::image;
-use crate::redis::{free_port, RedisServer};
-use anyhow::{bail, Context, Result};
+use crate::stack::{nonzero, read_json, HostSpec, Place, Stack, StackSpec, Swarm, MUST_BE_ZERO};
+use anyhow::{bail, Result};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -41,7 +40,6 @@ pub fn short() -> Result<()> {
     tokio::runtime::Runtime::new()?.block_on(run(args))
 }
 
-const SECRET: &str = "chaos-secret-0123456789abcdef";
 const HOSTS: [&str; 2] = ["chaos-h1", "chaos-h2"];
 /// End reasons that do not kill a match: an admin's, and a killed VM's.
 const ALLOWED: [&str; 2] = ["admin", "vm_failed"];
@@ -53,8 +51,8 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     image::build()?;
     crate::build::build_workspace()?;
     let started = Instant::now();
-    let mut stack = Stack::start().await?;
-    let swarms = stack.swarms(&args)?;
+    let mut stack = Stack::start(spec()).await?;
+    let swarms = swarms(&stack, &args)?;
     let faults = stack.timeline(args.duration).await;
     let mut sims = Vec::new();
     for mut s in swarms {
@@ -73,367 +71,63 @@ pub async fn run(args: ChaosArgs) -> Result<()> {
     verdict(&report)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-/// One child process of the run, restartable, its output appended to a log file; killed on
-/// drop. Tracks its peak RSS across restarts.
-struct Proc {
-    name: String,
-    program: PathBuf,
-    args: Vec<String>,
-    log: PathBuf,
-    child: Option<std::process::Child>,
-    peak_kib: u64,
-}
-
-impl Proc {
-    fn start(name: &str, program: PathBuf, args: Vec<String>, dir: &Path) -> Result<Proc> {
-        let mut p = Proc {
-            name: name.into(),
-            program,
-            args,
-            log: dir.join(format!("{name}.log")),
-            child: None,
-            peak_kib: 0,
-        };
-        p.spawn()?;
-        Ok(p)
-    }
-
-    fn spawn(&mut self) -> Result<()> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = std::process::Command::new(&self.program)
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", self.program.display()))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    fn pid(&self) -> Option<nix::unistd::Pid> {
-        self.child
-            .as_ref()
-            .map(|c| nix::unistd::Pid::from_raw(c.id() as i32))
-    }
-
-    fn signal(&self, signal: Signal) -> Result<()> {
-        let pid = self.pid().context("not running")?;
-        nix::sys::signal::kill(pid, signal).with_context(|| format!("{signal} to {}", self.name))
-    }
-
-    fn sample(&mut self) {
-        if let Some(kib) = self
-            .child
-            .as_ref()
-            .and_then(|c| crate::bench_server::status_kib(c.id(), "VmHWM"))
-        {
-            self.peak_kib = self.peak_kib.max(kib);
-        }
-    }
-
-    /// SIGKILL, reaped.
-    fn kill9(&mut self) {
-        self.sample();
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Waits for it to exit by itself within `within`, else kills it; its exit status.
-    fn wait(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        let child = self.child.as_mut().context("not running")?;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                self.kill9();
-                bail!("{} did not exit within {within:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM, then [`Proc::wait`].
-    fn stop(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
-        self.sample();
-        self.signal(Signal::SIGTERM)?;
-        self.wait(within)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn bin(name: &str) -> PathBuf {
-    image::root().join("target/debug").join(name)
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(serde_json::from_str(&text)?)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The stack
-
-struct Stack {
-    dir: PathBuf,
-    redis: RedisServer,
-    replicas: Vec<Proc>,
-    /// `127.0.0.1:PORT` of each replica.
-    addrs: Vec<String>,
-    hostds: Vec<Proc>,
-    controls: Vec<String>,
-    state_dirs: Vec<PathBuf>,
-    http: reqwest::Client,
-    admin: String,
-    auth: berth_server::auth::Auth,
-}
-
-/// A swarm process and where it writes its report.
-struct Swarm {
-    proc: Proc,
-    report: PathBuf,
-}
-
-impl Swarm {
-    fn wait(&mut self, within: Duration) -> Result<()> {
-        let status = self.proc.wait(within)?;
-        // berth-sim exits non-zero when matches failed; the report says which.
-        eprintln!("chaos: {} exited: {status}", self.proc.name);
-        Ok(())
-    }
-}
-
-impl Stack {
-    async fn start() -> Result<Stack> {
-        let dir = image::root().join("target/chaos");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("modes"))?;
-        std::fs::write(dir.join("modes/chaos.toml"), chaos_mode().toml())?;
-        std::fs::write(
-            dir.join("server.toml"),
-            format!(
-                "[auth]\nsecret = \"{SECRET}\"\ndev_tokens = true\n\n[timeouts]\n\
-                 host_heartbeat_ms = 1000\nhost_lost_ms = 3000\nhost_grace_ms = 30000\n\
-                 shutdown_delay_ms = 300\n"
-            ),
-        )?;
-        let redis = RedisServer::start_persistent()?;
-        eprintln!("chaos: redis (AOF) at {}", redis.url);
-        let mut config = berth_server::config::ServerConfig::default();
-        config.auth.secret = SECRET.into();
-        let auth = berth_server::auth::Auth::new(&config.auth)?;
-        let admin = auth.mint("chaos", berth_server::auth::Role::Admin, 24 * 3600)?;
-        let mut stack = Stack {
-            dir,
-            redis,
-            replicas: Vec::new(),
-            addrs: Vec::new(),
-            hostds: Vec::new(),
-            controls: Vec::new(),
-            state_dirs: Vec::new(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()?,
-            admin,
-            auth,
-        };
-        for name in ["r1", "r2"] {
-            stack.start_replica(name)?;
-        }
-        for i in 0..HOSTS.len() {
-            stack.start_hostd(i)?;
-        }
-        stack
-            .healthy(Duration::from_secs(300))
-            .await
-            .context("the stack never came up")?;
-        eprintln!("chaos: 2 replicas, 2 hosts up with docked substrates");
-        Ok(stack)
-    }
-
-    fn start_replica(&mut self, name: &str) -> Result<()> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let args = vec![
-            "--config".into(),
-            self.dir.join("server.toml").display().to_string(),
-            "run".into(),
-            "--listen".into(),
-            addr.clone(),
-            "--redis".into(),
-            self.redis.url.clone(),
-            "--modes".into(),
-            self.dir.join("modes").display().to_string(),
-        ];
-        self.replicas
-            .push(Proc::start(name, bin("berth-server"), args, &self.dir)?);
-        self.addrs.push(addr);
-        Ok(())
-    }
-
-    fn start_hostd(&mut self, i: usize) -> Result<()> {
-        let host = HOSTS[i];
-        let state = PathBuf::from(format!("/dev/shm/berth-{host}"));
-        let _ = std::fs::remove_dir_all(&state);
-        let (control, gateway) = (free_port()?, free_port()?);
-        // Each host starts on a different replica.
-        let mut urls: Vec<String> = self
-            .addrs
+/// Two replicas and two hosts on loopback, without regions.
+fn spec() -> StackSpec {
+    StackSpec {
+        dir: image::root().join("target/chaos"),
+        tag: "chaos",
+        listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        replicas: 2,
+        hosts: HOSTS
             .iter()
-            .map(|a| format!("\"ws://{a}/v1/hosts\""))
-            .collect();
-        let n = urls.len();
-        urls.rotate_left(i % n);
-        let token = self
-            .auth
-            .mint(host, berth_server::auth::Role::Host, 24 * 3600)?;
-        let config = format!(
-            "host_id = \"{host}\"\nstate_dir = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n\
-             accel = \"tcg\"\nmax_vms = 12\ndrain_timeout_s = 60\n\n\
-             [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = 2\n\n\
-             [gateway]\nlisten = \"127.0.0.1:{gateway}\"\n\n\
-             [server]\nurl = [{}]\ntoken = \"{token}\"\n\
-             gateway = \"ws://127.0.0.1:{gateway}/v1/game\"\nreconnect_max_s = 2\n",
-            state.display(),
-            image::image_dir().display(),
-            urls.join(", "),
-        );
-        let path = self.dir.join(format!("{host}.toml"));
-        std::fs::write(&path, config)?;
-        let args = vec!["run".into(), "--config".into(), path.display().to_string()];
-        self.hostds
-            .push(Proc::start(host, bin("berth-hostd"), args, &self.dir)?);
-        self.controls.push(format!("http://127.0.0.1:{control}"));
-        self.state_dirs.push(state);
-        Ok(())
+            .map(|h| HostSpec {
+                name: h.to_string(),
+                region: None,
+                zone: None,
+                place: Place::Loopback,
+                warm: 2,
+                max_vms: 12,
+            })
+            .collect(),
+        mode: ("chaos", chaos_mode()),
     }
+}
 
-    /// The two swarms, each knowing both replicas (in a different order).
-    fn swarms(&self, args: &ChaosArgs) -> Result<Vec<Swarm>> {
-        let mut out = Vec::new();
-        for (i, prefix) in ["a", "b"].into_iter().enumerate() {
-            let mut servers: Vec<String> =
-                self.addrs.iter().map(|a| format!("http://{a}")).collect();
-            servers.rotate_left(i);
-            let report = self.dir.join(format!("swarm-{prefix}.json"));
-            let players = (args.players / 2).max(2);
-            let a = [
-                "--server",
-                &servers.join(","),
-                "--players",
-                &players.to_string(),
-                "--ramp",
-                "10s",
-                "--duration",
-                &format!("{}s", args.duration.as_secs()),
-                "--drain",
-                "120s",
-                "--mode",
-                "chaos",
-                "--region",
-                "eu",
-                "--matches",
-                "loop",
-                "--think",
-                "1s..4s",
-                "--prefix",
-                prefix,
-                "--seed",
-                &(i + 1).to_string(),
-                // The mode's max wait (60 s) plus the reconnect grace (30 s), and some.
-                "--queue-timeout",
-                "100s",
-                "--quiet",
-                "--json",
-            ];
-            let mut a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
-            a.push(report.display().to_string());
-            let proc = Proc::start(&format!("swarm-{prefix}"), bin("berth-sim"), a, &self.dir)?;
-            out.push(Swarm { proc, report });
-        }
-        Ok(out)
+/// The two swarms, each knowing both replicas (in a different order), playing duels in a loop.
+fn swarms(stack: &Stack, args: &ChaosArgs) -> Result<Vec<Swarm>> {
+    let mut out = Vec::new();
+    for (i, prefix) in ["a", "b"].into_iter().enumerate() {
+        let players = (args.players / 2).max(2).to_string();
+        let duration = format!("{}s", args.duration.as_secs());
+        let seed = (i + 1).to_string();
+        let a = [
+            "--players",
+            &players,
+            "--ramp",
+            "10s",
+            "--duration",
+            &duration,
+            "--drain",
+            "120s",
+            "--mode",
+            "chaos",
+            "--region",
+            "eu",
+            "--matches",
+            "loop",
+            "--think",
+            "1s..4s",
+            "--prefix",
+            prefix,
+            "--seed",
+            &seed,
+            // The mode's max wait (60 s) plus the reconnect grace (30 s), and some.
+            "--queue-timeout",
+            "100s",
+        ];
+        out.push(stack.swarm(prefix, i, &a)?);
     }
-
-    async fn get(&self, url: &str) -> Result<reqwest::Response> {
-        Ok(self.http.get(url).bearer_auth(&self.admin).send().await?)
-    }
-
-    /// `GET /v1/admin/PATH` from the first replica that answers.
-    async fn admin_get(&self, path: &str) -> Result<Value> {
-        for a in &self.addrs {
-            if let Ok(r) = self.get(&format!("http://{a}/v1/admin/{path}")).await {
-                if r.status().is_success() {
-                    return Ok(r.json().await?);
-                }
-            }
-        }
-        bail!("no replica answered /v1/admin/{path}")
-    }
-
-    async fn admin_post(&self, path: &str) -> Result<()> {
-        for a in &self.addrs {
-            let url = format!("http://{a}/v1/admin/{path}");
-            if let Ok(r) = self.http.post(&url).bearer_auth(&self.admin).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-        }
-        bail!("no replica took POST /v1/admin/{path}")
-    }
-
-    /// Both replicas ready, both hosts up with a docked substrate, within `within`.
-    async fn healthy(&self, within: Duration) -> Result<Duration> {
-        let t = Instant::now();
-        loop {
-            if self.is_healthy().await {
-                return Ok(t.elapsed());
-            }
-            if t.elapsed() > within {
-                bail!("not healthy within {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn is_healthy(&self) -> bool {
-        for a in &self.addrs {
-            match self.http.get(format!("http://{a}/readyz")).send().await {
-                Ok(r) if r.status().is_success() => {}
-                _ => return false,
-            }
-        }
-        let Ok(Value::Array(hosts)) = self.admin_get("hosts").await else {
-            return false;
-        };
-        let up = |h: &Value| {
-            h["state"] == "up"
-                && h["images"]
-                    .as_array()
-                    .is_some_and(|i| i.iter().any(|i| i["docked"] == true))
-        };
-        hosts.iter().filter(|h| up(h)).count() == HOSTS.len()
-    }
+    Ok(out)
 }
 
 /// Duels: first to 5 points or 12 seconds.
@@ -621,121 +315,6 @@ impl Stack {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Counting
-
-impl Stack {
-    /// Waits (up to 90 s) until no session is live; returns those still live then.
-    async fn settle(&self) -> Result<u64> {
-        let t = Instant::now();
-        loop {
-            let live = ["placing", "activating", "active", "ending"];
-            let mut n = 0;
-            for state in live {
-                let page = self
-                    .admin_get(&format!("sessions?state={state}&limit=1000"))
-                    .await?;
-                n += page.as_array().map_or(0, |a| a.len()) as u64;
-            }
-            if n == 0 || t.elapsed() > Duration::from_secs(90) {
-                return Ok(n);
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    /// Every session the store holds, with its end reason and results.
-    async fn sessions(&self) -> Result<Vec<Value>> {
-        let mut out = Vec::new();
-        loop {
-            let page = self
-                .admin_get(&format!("sessions?limit=1000&offset={}", out.len()))
-                .await?;
-            let rows = page.as_array().cloned().unwrap_or_default();
-            if rows.is_empty() {
-                return Ok(out);
-            }
-            out.extend(rows);
-        }
-    }
-
-    /// Stops the hosts (SIGTERM: nothing is live, so no drain wait), then the replicas, and
-    /// looks for what is left: QEMU processes and files of the hosts' state folders. Whatever
-    /// is found is counted, then removed.
-    fn stop(&mut self) -> Result<(Value, Value)> {
-        let mut exits = Vec::new();
-        for p in self.hostds.iter_mut().chain(self.replicas.iter_mut()) {
-            let status = p.stop(Duration::from_secs(90));
-            exits.push(json!({"process": p.name, "exit": format!("{status:?}")}));
-        }
-        let leaked_vms = qemu_of(&self.state_dirs);
-        let leaked_files: usize = self.state_dirs.iter().map(|d| files_under(d)).sum();
-        for pid in &leaked_vms {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGKILL);
-        }
-        for d in &self.state_dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        let panics = self.panics();
-        let peak = |ps: &[Proc]| ps.iter().map(|p| p.peak_kib).max().unwrap_or(0) / 1024;
-        let rss = json!({"server": peak(&self.replicas), "hostd": peak(&self.hostds)});
-        let leaks = json!({
-            "leaked_vms": leaked_vms.len(),
-            "leaked_files": leaked_files,
-            "panics": panics,
-            "exits": exits,
-        });
-        Ok((leaks, rss))
-    }
-
-    /// Lines saying `panicked at` in every process's log.
-    fn panics(&self) -> usize {
-        std::fs::read_dir(&self.dir)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-                    .map(|e| {
-                        std::fs::read_to_string(e.path())
-                            .unwrap_or_default()
-                            .matches("panicked at")
-                            .count()
-                    })
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-}
-
-/// QEMU processes whose command line names one of `dirs`.
-fn qemu_of(dirs: &[PathBuf]) -> Vec<i32> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            cmd.contains("qemu-system") && dirs.iter().any(|d| cmd.contains(&*d.to_string_lossy()))
-        })
-        .collect()
-}
-
-/// Files (not folders) under `dir`, recursively.
-fn files_under(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| match e.file_type() {
-                    Ok(t) if t.is_dir() => files_under(&e.path()),
-                    _ => 1,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 /// The run's figures from the store's sessions and the swarms' reports.
 fn tally(sessions: &[Value], sims: &[Value], stuck: u64) -> Value {
     let mut failed_by_reason: BTreeMap<String, u64> = BTreeMap::new();
@@ -802,20 +381,7 @@ fn write_report(report: &Value) -> Result<()> {
 
 /// Fails unless the faults cost nothing they must not.
 fn verdict(r: &Value) -> Result<()> {
-    let must_be_zero = [
-        "stranded",
-        "results_lost",
-        "matches_killed",
-        "stuck_sessions",
-        "leaked_vms",
-        "leaked_files",
-        "panics",
-    ];
-    let bad: Vec<String> = must_be_zero
-        .iter()
-        .filter(|k| r[**k].as_u64() != Some(0))
-        .map(|k| format!("{k} = {}", r[*k]))
-        .collect();
+    let bad = nonzero(r, &MUST_BE_ZERO);
     let unrecovered: Vec<&str> = r["faults"]
         .as_array()
         .into_iter()

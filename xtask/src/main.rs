@@ -7,10 +7,12 @@ mod bench_ship;
 mod build;
 mod chaos;
 mod demo;
+mod fleet;
 mod image;
 mod redis;
 #[cfg(test)]
 mod seams;
+mod stack;
 mod sys;
 mod test;
 mod xen;
@@ -48,6 +50,10 @@ enum Cmd {
     /// hostd, Redis restarts, drains, floods) while swarms play; writes target/bench/chaos.json
     /// and fails if a fault cost a player a match or results, or left anything behind.
     Chaos(chaos::ChaosArgs),
+    /// A fleet on this machine: each hostd in its own network namespace at its own address, in
+    /// regions and zones; a swarm queueing by latency plays while a host is cut off and comes
+    /// back; fails if a session ran outside its region, results were lost or anything is left.
+    Fleet(fleet::FleetArgs),
     /// Benchmarks; results go to target/bench/*.json.
     Bench {
         #[command(subcommand)]
@@ -90,6 +96,10 @@ fn main() -> Result<()> {
         Cmd::Chaos(args) => {
             init_logs();
             rt()?.block_on(chaos::run(args))?;
+        }
+        Cmd::Fleet(args) => {
+            init_logs();
+            rt()?.block_on(fleet::run(args))?;
         }
         Cmd::Bench {
             which: BenchCmd::Activation(args),

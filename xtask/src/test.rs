@@ -4,7 +4,9 @@
 //! workspace once (debug), starts a private Redis for the store tests (`BERTH_TEST_REDIS`), runs
 //! the whole suite with nextest (VM tests at most two at a time, see `.config/nextest.toml`),
 //! stops that Redis, then runs the short chaos run (`chaos.rs`: two replicas, two hostds and
-//! two swarms as processes under a timeline of faults), then the nested-Xen tier (`xen.rs`: Xen and a Berth dom0 inside QEMU;
+//! two swarms as processes under a timeline of faults), then the short fleet run (`fleet.rs`:
+//! three hostds in their own network namespaces in two regions, a host cut off), then the
+//! nested-Xen tier (`xen.rs`: Xen and a Berth dom0 inside QEMU;
 //! skipped, and said so, where its packages cannot be downloaded or `BERTH_XEN_TIER=0`), then
 //! checks that no test left a QEMU process or a `/dev/shm` folder behind.
 
@@ -69,7 +71,9 @@ pub fn run(extra: &[String]) -> Result<()> {
     };
     drop(redis);
     let _ = std::fs::remove_dir_all("/dev/shm/berth-test-cache");
-    let result = result.and_then(|()| chaos_tier());
+    let result = result
+        .and_then(|()| chaos_tier())
+        .and_then(|()| fleet_tier());
     let xen = xen_tier();
     let leaks = leftovers();
     match (result, xen) {
@@ -105,6 +109,18 @@ fn chaos_tier() -> Result<()> {
     }
     eprintln!("xtask: chaos tier: separate processes under a timeline of faults");
     crate::chaos::short()
+}
+
+/// The short `cargo xtask fleet` (3 hosts in namespaces, 2 regions, 4 players queueing by
+/// latency, a host cut off for 6 s): it fails the run if a session ran outside its region,
+/// results were lost or anything is left. `BERTH_FLEET_TIER=0` skips it, and says so.
+fn fleet_tier() -> Result<()> {
+    if std::env::var("BERTH_FLEET_TIER").is_ok_and(|v| v == "0") {
+        eprintln!("xtask: fleet tier SKIPPED (BERTH_FLEET_TIER=0)");
+        return Ok(());
+    }
+    eprintln!("xtask: fleet tier: hosts in their own namespaces, regions, a host cut off");
+    crate::fleet::short()
 }
 
 /// How the nested-Xen tier went, when it did not fail.

@@ -3,7 +3,9 @@
 //! A driver knows how to turn an image into a docked substrate ([`VmDriver::prime`]), how to
 //! restore clones of it ([`VmDriver::restore`], left paused: the warm tier), how to cold-boot an
 //! image (the baseline the benchmark compares against) and how to re-attach to a VM an earlier
-//! hostd left running ([`VmDriver::adopt`]). Each VM is a [`Vm`], owned by exactly one task of
+//! hostd left running ([`VmDriver::adopt`]); and how to move a running VM to a peer host
+//! ([`Vm::send_to`] on the source, [`VmDriver::receive`] and [`Vm::finish_receive`] on the
+//! target: QEMU live migration over TCP). Each VM is a [`Vm`], owned by exactly one task of
 //! the pool, which drives [`Vm::activate`], waits on [`Vm::event`] and ends with
 //! [`Vm::destroy`] — the one place its process, sockets and overlay are removed.
 
@@ -211,6 +213,8 @@ pub enum DriverError {
     Substrate(#[from] SubstrateError),
     #[error("not supported by this driver: {0}")]
     Unsupported(&'static str),
+    #[error("live migration failed: {0}")]
+    Migration(String),
     #[error(
         "images.{image}.balloon_mib = {target_mib} starves the guest: it gives memory back only \
          down to {kept_mib} MiB (what its kernel, agent and game hold once initialised), and \
@@ -240,6 +244,7 @@ impl DriverError {
             DriverError::GameExited { .. } => "game_crashed",
             DriverError::Substrate(e) => e.code(),
             DriverError::Unsupported(_) => "unsupported",
+            DriverError::Migration(_) => "migration_failed",
             DriverError::BalloonStarves { .. } => "balloon_starves",
         }
     }
@@ -307,6 +312,17 @@ fn last_lines(stderr: &[String]) -> String {
     }
 }
 
+/// What one live migration took, as the source's hypervisor measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Migrated {
+    /// From the start to the VM running on the peer.
+    pub total_ms: u64,
+    /// How long the VM was paused.
+    pub downtime_ms: u64,
+    /// Bytes of RAM (and device state) sent.
+    pub sent_bytes: u64,
+}
+
 /// One hypervisor backend.
 #[async_trait]
 pub trait VmDriver: Send + Sync + 'static {
@@ -349,6 +365,19 @@ pub trait VmDriver: Send + Sync + 'static {
     ) -> Result<Box<dyn Vm>, DriverError>;
     /// Re-attaches to a VM described by `record` in `vm_dir`, left by an earlier hostd.
     async fn adopt(&self, record: &VmRecord, vm_dir: &Path) -> Result<Box<dyn Vm>, DriverError>;
+    /// Starts a clone of `substrate` in `vm_dir` that waits on `listen` (TCP) for a live VM a
+    /// peer host migrates here with [`Vm::send_to`]; returned as soon as it listens.
+    /// [`Vm::finish_receive`] then waits for the VM to be in and runs it.
+    async fn receive(
+        &self,
+        _spec: &VmSpec,
+        _substrate: &Substrate,
+        _vm_id: VmId,
+        _vm_dir: &Path,
+        _listen: SocketAddr,
+    ) -> Result<Box<dyn Vm>, DriverError> {
+        Err(DriverError::Unsupported("live migration"))
+    }
     /// VMs of this driver still alive on the host, described for a person (the selftest's
     /// "nothing left" check). By default: processes whose command line names `state_dir`.
     async fn leftovers(&self, state_dir: &Path) -> Vec<String> {
@@ -379,6 +408,28 @@ pub trait Vm: Send {
     /// need keep the default, which does nothing.
     async fn prewarm(&mut self, _timeout: Duration) -> Result<(), DriverError> {
         Ok(())
+    }
+    /// Live-migrates this running VM to a peer's [`VmDriver::receive`] listening at `to`,
+    /// pausing it for about `downtime` at most, within `timeout` in all. `Ok`: the VM is
+    /// stopped here for good (its owner destroys it; the peer runs it). `Err`: it runs on here
+    /// as before.
+    async fn send_to(
+        &mut self,
+        _to: SocketAddr,
+        _downtime: Duration,
+        _timeout: Duration,
+    ) -> Result<Migrated, DriverError> {
+        Err(DriverError::Unsupported("live migration"))
+    }
+    /// For a VM from [`VmDriver::receive`]: waits (within `timeout`) until the migrated VM is
+    /// in, runs it, sets its clock, and serves `session` (its players and ticket key, for the
+    /// gateway and a later adoption). `Err`: the owner destroys it.
+    async fn finish_receive(
+        &mut self,
+        _session: (SessionId, Vec<PlayerId>, String),
+        _timeout: Duration,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("live migration"))
     }
     /// Waits for the next thing that ends or breaks this VM. Heartbeats are consumed inside;
     /// after activation, `silence` without one yields [`VmEvent::Silent`].

@@ -16,7 +16,7 @@
 //! paused after its restore, so no clone ever runs on the substrate's shrunken memory.
 
 use super::files::{io_err, mkdir_private, seal_substrate};
-use super::{DriverError, PrimeStats, Ready, Vm, VmDriver, VmEvent, VmRecord, VmSpec};
+use super::{DriverError, Migrated, PrimeStats, Ready, Vm, VmDriver, VmEvent, VmRecord, VmSpec};
 use crate::substrate::{Fingerprint, Substrate};
 use crate::util::{now_ms, pid_alive, pid_cmdline};
 use async_trait::async_trait;
@@ -24,7 +24,7 @@ use berth_protocol::guest::{
     decode_line, encode_line, GuestToHost, HostToGuest, Identity, Line, LineBuffer,
     AGENT_PORT_NAME, AGENT_PROTOCOL_VERSION, GAME_PORT,
 };
-use berth_protocol::VmId;
+use berth_protocol::{PlayerId, SessionId, VmId};
 use qapi::qmp;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -306,6 +306,32 @@ impl QemuDriver {
         Ok(vm)
     }
 
+    /// A clone of `substrate` in `vm_dir`, paused and waiting for its incoming migration (from
+    /// the substrate's state file, or from a peer).
+    async fn spawn_clone(
+        &self,
+        spec: &VmSpec,
+        substrate: &Substrate,
+        vm_id: VmId,
+        vm_dir: &Path,
+    ) -> Result<QemuVm, DriverError> {
+        if !substrate.dir.join("kernel-header").exists() {
+            return Err(DriverError::Restore(
+                "the substrate has no kernel header".into(),
+            ));
+        }
+        mkdir_private(vm_dir)?;
+        std::fs::copy(substrate.overlay(), vm_dir.join("overlay.qcow2"))
+            .map_err(io_err("copying the overlay"))?;
+        let ram = substrate.ram();
+        let ram = if spec.config.cow {
+            Ram::Private(&ram)
+        } else {
+            Ram::Anonymous
+        };
+        self.spawn(spec, vm_id, vm_dir, ram, true).await
+    }
+
     fn write_blank_overlay(spec: &VmSpec, path: &Path) -> Result<(), DriverError> {
         if spec.image.manifest.disk.is_empty() {
             return Err(DriverError::Unsupported(
@@ -427,22 +453,8 @@ impl VmDriver for QemuDriver {
         vm_id: VmId,
         vm_dir: &Path,
     ) -> Result<Box<dyn Vm>, DriverError> {
-        if !substrate.dir.join("kernel-header").exists() {
-            return Err(DriverError::Restore(
-                "the substrate has no kernel header".into(),
-            ));
-        }
-        mkdir_private(vm_dir)?;
-        std::fs::copy(substrate.overlay(), vm_dir.join("overlay.qcow2"))
-            .map_err(io_err("copying the overlay"))?;
-        let ram = substrate.ram();
-        let ram = if spec.config.cow {
-            Ram::Private(&ram)
-        } else {
-            Ram::Anonymous
-        };
         let t0 = Instant::now();
-        let mut vm = self.spawn(spec, vm_id, vm_dir, ram, true).await?;
+        let mut vm = self.spawn_clone(spec, substrate, vm_id, vm_dir).await?;
         let spawned_us = t0.elapsed().as_micros() as u64;
         let result = async {
             let qmp = vm.qmp()?;
@@ -527,6 +539,37 @@ impl VmDriver for QemuDriver {
         vm.paused = !status.running;
         Ok(Box::new(vm))
     }
+
+    async fn receive(
+        &self,
+        spec: &VmSpec,
+        substrate: &Substrate,
+        vm_id: VmId,
+        vm_dir: &Path,
+        listen: SocketAddr,
+    ) -> Result<Box<dyn Vm>, DriverError> {
+        let mut vm = self.spawn_clone(spec, substrate, vm_id, vm_dir).await?;
+        let result = async {
+            let qmp = vm.qmp()?;
+            // The same capabilities as the source, which set them when it was restored.
+            prepare_migration(qmp, spec.config.cow).await?;
+            qmp.execute(qmp::migrate_incoming {
+                uri: Some(format!("tcp:{listen}")),
+                channels: None,
+                exit_on_error: None,
+            })
+            .await
+            .map_err(|e| DriverError::Migration(format!("listening on {listen}: {e}")))
+        }
+        .await;
+        if let Err(e) = result {
+            Box::new(vm).destroy_in_place().await;
+            return Err(e);
+        }
+        vm.paused = true;
+        vm.save_record(&spec.config.name)?;
+        Ok(Box::new(vm))
+    }
 }
 
 /// Both sides of a migration: `x-ignore-shared` for copy-on-write substrates (RAM stays in
@@ -552,6 +595,16 @@ async fn prepare_migration(qmp: &QmpService, cow: bool) -> Result<(), DriverErro
     Ok(())
 }
 
+/// The figures of a completed outgoing migration.
+fn migrated(info: &qmp::MigrationInfo) -> Migrated {
+    let ms = |v: Option<i64>| v.unwrap_or(0).max(0) as u64;
+    Migrated {
+        total_ms: ms(info.total_time),
+        downtime_ms: ms(info.downtime),
+        sent_bytes: info.ram.as_ref().map_or(0, |r| r.transferred.max(0) as u64),
+    }
+}
+
 /// The first 64 KiB of a bzImage: its boot header and setup code, enough for QEMU to accept
 /// it as `-kernel` for a VM that is restored rather than booted.
 fn write_kernel_header(kernel: &Path, out: &Path) -> Result<(), DriverError> {
@@ -563,8 +616,12 @@ fn write_kernel_header(kernel: &Path, out: &Path) -> Result<(), DriverError> {
     std::fs::write(out, head).map_err(io_err("writing the kernel header"))
 }
 
-/// Polls `query-migrate` until the migration (either direction) completes or fails.
-async fn wait_migration(qmp: &QmpService, limit: Duration) -> Result<(), DriverError> {
+/// Polls `query-migrate` until the migration (either direction) completes or fails; what it
+/// says then.
+async fn wait_migration(
+    qmp: &QmpService,
+    limit: Duration,
+) -> Result<qmp::MigrationInfo, DriverError> {
     let deadline = Instant::now() + limit;
     loop {
         let info = qmp
@@ -572,7 +629,7 @@ async fn wait_migration(qmp: &QmpService, limit: Duration) -> Result<(), DriverE
             .await
             .map_err(qmp_err("query-migrate"))?;
         match info.status {
-            Some(qmp::MigrationStatus::completed) => return Ok(()),
+            Some(qmp::MigrationStatus::completed) => return Ok(info),
             Some(qmp::MigrationStatus::failed) | Some(qmp::MigrationStatus::cancelled) => {
                 return Err(DriverError::Restore(
                     info.error_desc.unwrap_or_else(|| "migration failed".into()),
@@ -998,6 +1055,79 @@ impl Vm for QemuVm {
             .await
             .map_err(qmp_err("stop"))?;
         Ok(())
+    }
+
+    async fn send_to(
+        &mut self,
+        to: SocketAddr,
+        downtime: Duration,
+        timeout: Duration,
+    ) -> Result<Migrated, DriverError> {
+        let qmp = self.qmp()?;
+        let params = qmp::MigrateSetParameters {
+            downtime_limit: Some(downtime.as_millis() as u64),
+            max_bandwidth: Some(64 << 30),
+            ..Default::default()
+        };
+        qmp.execute(qmp::migrate_set_parameters(params))
+            .await
+            .map_err(qmp_err("migrate-set-parameters"))?;
+        let sent = async {
+            qmp.execute(qmp::migrate {
+                uri: Some(format!("tcp:{to}")),
+                channels: None,
+                detach: None,
+                resume: None,
+            })
+            .await
+            .map_err(|e| DriverError::Migration(e.to_string()))?;
+            wait_migration(qmp, timeout).await
+        }
+        .await;
+        match sent {
+            Ok(info) => {
+                self.paused = true;
+                Ok(migrated(&info))
+            }
+            Err(e) => {
+                // A failed migration leaves the source running, unless it failed in its last
+                // stop-and-copy: then QEMU keeps it paused. Either way it plays on here.
+                let _ = qmp.execute(qmp::migrate_cancel {}).await;
+                let status = qmp.execute(qmp::query_status {}).await;
+                if status.is_ok_and(|s| !s.running) {
+                    qmp.execute(qmp::cont {}).await.map_err(qmp_err("cont"))?;
+                }
+                Err(match e {
+                    DriverError::Restore(m) => DriverError::Migration(m),
+                    other => other,
+                })
+            }
+        }
+    }
+
+    async fn finish_receive(
+        &mut self,
+        (session, players, ticket_key): (SessionId, Vec<PlayerId>, String),
+        timeout: Duration,
+    ) -> Result<(), DriverError> {
+        let qmp = self.qmp()?;
+        wait_migration(qmp, timeout).await.map_err(|e| match e {
+            DriverError::Restore(m) => DriverError::Migration(m),
+            other => other,
+        })?;
+        qmp.execute(qmp::cont {}).await.map_err(qmp_err("cont"))?;
+        self.paused = false;
+        self.activated = true;
+        self.last_heard = Instant::now();
+        // The guest's clock stood still while it was paused: set it to this host's.
+        self.send(&HostToGuest::Clock {
+            wall_clock_ms: now_ms(),
+        })
+        .await?;
+        self.record.serve(session, players, ticket_key);
+        self.record
+            .save(&self.dir)
+            .map_err(io_err("writing vm.json"))
     }
 
     async fn event(&mut self, silence: Duration) -> VmEvent {

@@ -4,11 +4,11 @@
 //! and checks the content of one whose clones keep failing.
 
 use super::{
-    new_vm_id, ActivateRequest, ActivationPath, Phase, Pool, PoolError, PoolEvent, SessionKeys,
-    VmInfo, MAX_TICKET_KEY,
+    new_vm_id, ActivateRequest, ActivationPath, Pool, PoolError, PoolEvent, SessionKeys, VmInfo,
+    MAX_TICKET_KEY,
 };
 use crate::driver::{Ready, Vm, VmSpec};
-use crate::util::{now_ms, random_u64};
+use crate::util::random_u64;
 use berth_protocol::guest::Identity;
 use berth_protocol::VmId;
 use std::sync::Arc;
@@ -58,13 +58,7 @@ impl Pool {
 
     async fn do_activate(&self, req: ActivateRequest) -> Result<VmInfo, PoolError> {
         let t0 = Instant::now();
-        let spec = self
-            .inner
-            .specs
-            .get(&req.image)
-            .ok_or_else(|| PoolError::UnknownImage {
-                image: req.image.clone(),
-            })?;
+        let spec = self.spec(&req.image)?;
         {
             let mut st = self.state();
             let running = st.active.len() as u32 + st.activating;
@@ -117,20 +111,7 @@ impl Pool {
                 }
             }
         }
-        let substrate = match &self.state().images.get(&req.image).map(|s| &s.substrate) {
-            Some(Phase::Docked(s)) => s.clone(),
-            Some(other) => {
-                return Err(PoolError::NotDocked {
-                    image: req.image.clone(),
-                    state: other.state().as_str().into(),
-                })
-            }
-            None => {
-                return Err(PoolError::UnknownImage {
-                    image: req.image.clone(),
-                })
-            }
-        };
+        let substrate = self.substrate_of(&req.image)?;
         let vm_id = new_vm_id();
         let mut vm = match self
             .inner
@@ -162,17 +143,8 @@ impl Pool {
         t0: Instant,
         ready: &Ready,
     ) -> VmInfo {
-        let info = VmInfo {
-            vm_id: vm.id().clone(),
-            image: req.image.clone(),
-            session_id: req.session_id.clone(),
-            game_addr: vm.game_addr(),
-            pid: vm.pid(),
-            path,
-            activated_ms: now_ms(),
-            activate_us: t0.elapsed().as_micros() as u64,
-            clock_skew_ms: ready.guest_clock_ms as i64 - ready.host_clock_ms as i64,
-        };
+        let skew_ms = ready.guest_clock_ms as i64 - ready.host_clock_ms as i64;
+        let info = VmInfo::of(vm.as_ref(), req, path, t0, skew_ms);
         tracing::info!(vm_id = %info.vm_id, session_id = %info.session_id, ?path, activate_us = info.activate_us, "activated");
         self.clone_worked(&req.image);
         self.state().activations += 1;

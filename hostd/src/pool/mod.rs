@@ -19,13 +19,14 @@ mod activate;
 mod adopt;
 mod fetch;
 mod health;
+mod migrate;
 mod refill;
 #[cfg(test)]
 pub(crate) mod tests;
 mod vm;
 
 use crate::config::HostdConfig;
-use crate::driver::{DriverError, PrimeStats, Vm, VmDriver, VmSpec};
+use crate::driver::{DriverError, Migrated, PrimeStats, Vm, VmDriver, VmSpec};
 use crate::image::Image;
 use crate::outbox::Outbox;
 use crate::substrate::Substrate;
@@ -99,15 +100,22 @@ pub struct Gate {
     pub players: Vec<PlayerId>,
     /// The game's framing and limits (its image's `manifest.json`).
     pub game: crate::manifest::GameRuntime,
-    /// Turns `true` when the VM starts to go (game over, destroy, failure, shutdown); the
-    /// sender is dropped once it is gone.
+    /// Turns `true` when the VM starts to go (game over, destroy, failure, shutdown, moved to
+    /// another host); the sender is dropped once it is gone.
     pub ending: watch::Receiver<bool>,
+    /// Set before `ending` turns when the VM went because it moved to another host.
+    pub moved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Gate {
     /// Resolves once the session's VM is ending or gone.
     pub async fn ended(&mut self) {
         let _ = self.ending.wait_for(|ending| *ending).await;
+    }
+
+    /// True when the session's VM went because it moved to another host.
+    pub fn moved(&self) -> bool {
+        self.moved.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// True once the session's VM is ending or gone.
@@ -144,6 +152,29 @@ pub struct VmInfo {
     pub activate_us: u64,
     /// Guest wall clock minus host wall clock at `ready` (ms; small when the clock was set).
     pub clock_skew_ms: i64,
+}
+
+impl VmInfo {
+    /// What `vm`, serving `req`'s session by `path` since `t0`, is now.
+    fn of(
+        vm: &dyn Vm,
+        req: &ActivateRequest,
+        path: ActivationPath,
+        t0: std::time::Instant,
+        skew_ms: i64,
+    ) -> Self {
+        VmInfo {
+            vm_id: vm.id().clone(),
+            image: req.image.clone(),
+            session_id: req.session_id.clone(),
+            game_addr: vm.game_addr(),
+            pid: vm.pid(),
+            path,
+            activated_ms: crate::util::now_ms(),
+            activate_us: t0.elapsed().as_micros() as u64,
+            clock_skew_ms: skew_ms,
+        }
+    }
 }
 
 /// Why an activation or command failed. Cloneable: concurrent callers for one session share it.
@@ -245,6 +276,16 @@ pub enum PoolEvent {
     Destroyed {
         vm_id: VmId,
         session_id: SessionId,
+    },
+    /// The session's VM moved to a peer host running ([`Pool::send`]); its slot here is free.
+    MigratedOut {
+        vm_id: VmId,
+        session_id: SessionId,
+        migrated: Migrated,
+    },
+    /// A session's VM moved here running from a peer host ([`Incoming::finish`]).
+    MigratedIn {
+        vm: VmInfo,
     },
     /// The pool takes no new sessions ([`Pool::drain`]).
     Draining,
@@ -364,6 +405,11 @@ struct ImageSlot {
 
 enum VmCommand {
     Destroy(oneshot::Sender<()>),
+    /// Live-migrate to a peer's receiving VM at this address.
+    Migrate {
+        to: SocketAddr,
+        reply: oneshot::Sender<Result<Migrated, DriverError>>,
+    },
 }
 
 struct Active {
@@ -371,6 +417,7 @@ struct Active {
     cmd: mpsc::Sender<VmCommand>,
     keys: SessionKeys,
     ending: watch::Receiver<bool>,
+    moved: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An active session's players and raw ticket key (empty for a VM adopted from a record
@@ -557,6 +604,31 @@ impl Pool {
         let _ = self.inner.events.send(e);
     }
 
+    /// The spec of `image`, or `unknown_image`.
+    fn spec(&self, image: &str) -> Result<&VmSpec, PoolError> {
+        self.inner
+            .specs
+            .get(image)
+            .ok_or_else(|| PoolError::UnknownImage {
+                image: image.to_owned(),
+            })
+    }
+
+    /// The docked substrate of `image` to clone, or why there is none (`not_docked`,
+    /// `unknown_image`).
+    fn substrate_of(&self, image: &str) -> Result<Box<Substrate>, PoolError> {
+        match &self.state().images.get(image).map(|s| &s.substrate) {
+            Some(Phase::Docked(s)) => Ok(s.clone()),
+            Some(other) => Err(PoolError::NotDocked {
+                image: image.to_owned(),
+                state: other.state().as_str().into(),
+            }),
+            None => Err(PoolError::UnknownImage {
+                image: image.to_owned(),
+            }),
+        }
+    }
+
     fn vm_dir(&self, vm_id: &VmId) -> PathBuf {
         self.inner.config.state_dir.join("vms").join(vm_id.as_str())
     }
@@ -583,6 +655,7 @@ impl Pool {
                 .map(|s| s.image.manifest.game.clone())
                 .unwrap_or_default(),
             ending: a.ending.clone(),
+            moved: a.moved.clone(),
         };
         (!gate.key.is_empty() && !gate.is_ending()).then_some(gate)
     }

@@ -628,6 +628,7 @@ fn ticket_keys_are_hex_and_stay_out_of_logs() {
         players: vec![],
         game: Default::default(),
         ending,
+        moved: Default::default(),
     };
     assert!(!format!("{gate:?}").contains("192"));
     assert!(!gate.is_ending());
