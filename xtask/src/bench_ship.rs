@@ -28,15 +28,8 @@ pub struct ShipArgs {
 }
 
 pub async fn run(args: ShipArgs) -> Result<()> {
-    let game = crate::image::game_manifest(&args.image)?;
     crate::image::build()?;
-    let image_dir = crate::image::image_dir_of(&game.name);
-    let base = PathBuf::from(format!("/dev/shm/berth-bench-ship-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    let result = measure(&args, &game.name, &image_dir, &base).await;
-    berth_hostd::util::kill_processes_naming(&base);
-    let _ = std::fs::remove_dir_all(&base);
-    let report = result?;
+    let report = measure_in_place(&args).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     let out = crate::image::root().join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -44,6 +37,18 @@ pub async fn run(args: ShipArgs) -> Result<()> {
     std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// [`measure`] in a state folder of its own under `/dev/shm`, removed after.
+pub(crate) async fn measure_in_place(args: &ShipArgs) -> Result<serde_json::Value> {
+    let game = crate::image::game_manifest(&args.image)?;
+    let image_dir = crate::image::image_dir_of(&game.name);
+    let base = PathBuf::from(format!("/dev/shm/berth-bench-ship-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let result = measure(args, &game.name, &image_dir, &base).await;
+    berth_hostd::util::kill_processes_naming(&base);
+    let _ = std::fs::remove_dir_all(&base);
+    result
 }
 
 async fn measure(

@@ -2,6 +2,7 @@
 //! tests, run benchmarks.
 mod bench;
 mod bench_e2e;
+mod bench_fleet;
 mod bench_server;
 mod bench_ship;
 mod build;
@@ -72,6 +73,9 @@ enum BenchCmd {
     E2e(bench_e2e::E2eArgs),
     /// Priming a substrate vs fetching a docked one from a peer (target/bench/ship.json).
     Ship(bench_ship::ShipArgs),
+    /// The fleet: priming vs fetching a substrate, and live migrations of a running duel
+    /// between two hosts with a player bot (downtime, MiB sent, the player's stall).
+    Fleet(bench_fleet::FleetBenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -127,6 +131,13 @@ fn main() -> Result<()> {
             sys::ensure(&[sys::QEMU, sys::QEMU_UTILS, sys::E2FS])?;
             init_logs();
             rt()?.block_on(bench_ship::run(args))?;
+        }
+        Cmd::Bench {
+            which: BenchCmd::Fleet(args),
+        } => {
+            sys::ensure(&[sys::QEMU, sys::QEMU_UTILS, sys::E2FS])?;
+            init_logs();
+            rt()?.block_on(bench_fleet::run(args))?;
         }
         Cmd::Bench {
             which: BenchCmd::E2e(args),
