@@ -261,9 +261,22 @@ pub fn forward(event: PoolEvent) -> Forward {
         | PoolEvent::PrimeFailed { .. }
         | PoolEvent::SubstrateDiscarded { .. }
         | PoolEvent::Shipped { .. }
-        | PoolEvent::MigratedOut { .. }
-        | PoolEvent::MigratedIn { .. }
         | PoolEvent::Draining => Forward::Capacity,
+        PoolEvent::MigratedOut {
+            vm_id,
+            session_id,
+            migrated,
+        } => Forward::Send(Box::new(HostMessage::Sent {
+            session: session_id,
+            vm: vm_id,
+            downtime_ms: migrated.downtime_ms,
+            total_ms: migrated.total_ms,
+            sent_bytes: migrated.sent_bytes,
+        })),
+        PoolEvent::MigratedIn { vm } => Forward::Send(Box::new(HostMessage::Received {
+            session: vm.session_id,
+            vm: vm.vm_id,
+        })),
         // Answered as `activated` to the `activate` that caused it; reports are sent above.
         PoolEvent::Activated { .. } | PoolEvent::Ended { .. } | PoolEvent::Failed { .. } => {
             Forward::Nothing
@@ -285,11 +298,39 @@ pub(crate) trait LinkPool: Clone + Send + Sync + 'static {
     fn destroy(&self, vm: VmId) -> impl Future<Output = Result<(), PoolError>> + Send;
     fn outbox(&self) -> &Outbox;
     fn ship(&self) -> &Ship;
+    /// Live migration, target side: a receiving VM and the address peers send it to.
+    fn receive(
+        &self,
+        _req: ActivateRequest,
+    ) -> impl Future<Output = Result<(crate::pool::Incoming, String), PoolError>> + Send {
+        async { Err(PoolError::ShuttingDown) }
+    }
+    /// Live migration, source side: send `session`'s VM to `to`.
+    fn send_vm(
+        &self,
+        _session: SessionId,
+        _to: std::net::SocketAddr,
+    ) -> impl Future<Output = Result<crate::driver::Migrated, PoolError>> + Send {
+        async { Err(PoolError::ShuttingDown) }
+    }
 }
 
 impl LinkPool for Pool {
     fn status(&self) -> Status {
         Pool::status(self)
+    }
+    async fn receive(
+        &self,
+        req: ActivateRequest,
+    ) -> Result<(crate::pool::Incoming, String), PoolError> {
+        Pool::receive_on_peer(self, req).await
+    }
+    async fn send_vm(
+        &self,
+        session: SessionId,
+        to: std::net::SocketAddr,
+    ) -> Result<crate::driver::Migrated, PoolError> {
+        Pool::send(self, &session, to).await
     }
     fn images(&self) -> &[ImageConfig] {
         &self.config().images
@@ -376,6 +417,9 @@ struct Link<P> {
     link: ServerLink,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
+    /// What background tasks (migrations) have to say to the server.
+    said_tx: mpsc::UnboundedSender<HostMessage>,
+    said_rx: mpsc::UnboundedReceiver<HostMessage>,
     inflight: HashMap<SessionId, Inflight>,
     /// Which of `link.urls` the next connection dials.
     at: usize,
@@ -390,11 +434,14 @@ enum Flow {
 impl<P: LinkPool> Link<P> {
     fn new(pool: P, link: ServerLink) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (said_tx, said_rx) = mpsc::unbounded_channel();
         Link {
             pool,
             link,
             done_tx,
             done_rx,
+            said_tx,
+            said_rx,
             inflight: HashMap::new(),
             at: 0,
         }
@@ -517,6 +564,7 @@ impl<P: LinkPool> Link<P> {
                     let message = self.settle(done);
                     send(ws, &message).await?;
                 }
+                Some(said) = self.said_rx.recv() => send(ws, &said).await?,
                 event = events.recv() => match event {
                     Ok(event) => match forward(event) {
                         Forward::Send(message) => send(ws, &message).await?,
@@ -606,6 +654,34 @@ impl<P: LinkPool> Link<P> {
                 );
             }
             ServerToHost::Destroy { session } => self.destroy(session),
+            ServerToHost::Receive {
+                session,
+                image,
+                players,
+                teams,
+                ticket_key,
+                params,
+                deadline_ms,
+            } => {
+                let req = ActivateRequest {
+                    session_id: session,
+                    image,
+                    players,
+                    teams,
+                    params,
+                    ticket_key,
+                    deadline_ms,
+                };
+                tokio::spawn(receive_task(self.pool.clone(), req, self.said_tx.clone()));
+            }
+            ServerToHost::Send { session, to } => {
+                tokio::spawn(send_task(
+                    self.pool.clone(),
+                    session,
+                    to,
+                    self.said_tx.clone(),
+                ));
+            }
             ServerToHost::Error { code, message } => {
                 tracing::warn!(%code, detail = %message, "the server reported an error")
             }
@@ -791,6 +867,73 @@ async fn close(ws: &mut Socket) {
         reason: "hostd shutting down".into(),
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live migration: the server's `receive` and `send` run as tasks, each saying how it went
+// (`receiving`, or `migration_failed`); one that worked is told by the pool's events (`sent`
+// from the source, `received` from the target).
+
+/// How long a receiving VM waits for the source's stream.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn migration_failed(session: SessionId, side: &str, e: &PoolError) -> HostMessage {
+    HostMessage::MigrationFailed {
+        session,
+        side: side.into(),
+        code: e.code().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Target: a clone listens; its address goes to the server; then the VM is waited for.
+async fn receive_task<P: LinkPool>(
+    pool: P,
+    req: ActivateRequest,
+    said: mpsc::UnboundedSender<HostMessage>,
+) {
+    let session = req.session_id.clone();
+    let (incoming, addr) = match pool.receive(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(session_id = %session, error = %e, "cannot receive a migrated session");
+            let _ = said.send(migration_failed(session, "receive", &e));
+            return;
+        }
+    };
+    let _ = said.send(HostMessage::Receiving {
+        session: session.clone(),
+        addr,
+    });
+    if let Err(e) = incoming.finish(RECEIVE_TIMEOUT).await {
+        tracing::warn!(session_id = %session, error = %e, "the migrated session never came");
+        let _ = said.send(migration_failed(session, "receive", &e));
+    }
+}
+
+/// Source: the VM goes to `to` (`HOST:PORT`).
+async fn send_task<P: LinkPool>(
+    pool: P,
+    session: SessionId,
+    to: String,
+    said: mpsc::UnboundedSender<HostMessage>,
+) {
+    let addr = match tokio::net::lookup_host(&to).await.map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        _ => {
+            let message = format!(
+                "cannot resolve the migration address {}",
+                berth_protocol::echo(&to)
+            );
+            let e = PoolError::BadRequest { message };
+            let _ = said.send(migration_failed(session, "send", &e));
+            return;
+        }
+    };
+    if let Err(e) = pool.send_vm(session.clone(), addr).await {
+        tracing::warn!(session_id = %session, error = %e, "sending the session's VM failed");
+        let _ = said.send(migration_failed(session, "send", &e));
+    }
 }
 
 #[cfg(test)]

@@ -185,6 +185,11 @@ vocabulary!(open
         NotQueued = "not_queued",
         StoreUnavailable = "store_unavailable",
         StoreCorrupt = "store_corrupt",
+        // The admin API's session moves (`POST /v1/admin/sessions/{id}/migrate`).
+        NotActive = "not_active",
+        MigrationInFlight = "migration_in_flight",
+        NoTarget = "no_target",
+        MigrationFailed = "migration_failed",
         // The host socket.
         RegisterTimeout = "register_timeout",
         RegisterRequired = "register_required",

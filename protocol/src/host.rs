@@ -125,6 +125,27 @@ pub enum HostMessage {
     },
     /// The VM is gone and its slot is back in the pool.
     Destroyed { session: SessionId, vm: VmId },
+    /// Answer to `receive`: a clone waits for the session's VM at `addr` (`HOST:PORT`).
+    Receiving { session: SessionId, addr: String },
+    /// The session's VM moved here and runs (answer to `receive`, after the stream).
+    Received { session: SessionId, vm: VmId },
+    /// Answer to `send`: the session's VM left this host for the peer, running.
+    Sent {
+        session: SessionId,
+        vm: VmId,
+        /// How long the VM was paused, the whole migration, and the bytes sent.
+        downtime_ms: u64,
+        total_ms: u64,
+        sent_bytes: u64,
+    },
+    /// A `receive` or `send` failed (`side`: `receive` or `send`). A failed send leaves the
+    /// VM running on the source; the receiving clone is destroyed.
+    MigrationFailed {
+        session: SessionId,
+        side: String,
+        code: String,
+        message: String,
+    },
     /// This host has no docked substrate of `image` and would like a peer's with this
     /// `fingerprint` (`sha256:<hex>` of its expected header fingerprint) instead of priming.
     /// Answered with `fetch_substrate` or `no_substrate`.
@@ -165,6 +186,26 @@ pub enum ServerToHost {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// Prepare to take this session's VM from a peer (a live migration): a clone of the
+    /// docked substrate of `image` listens for it; answered `receiving` with its address,
+    /// then `received` once the VM runs here (or `migration_failed`).
+    Receive {
+        session: SessionId,
+        image: String,
+        players: Vec<PlayerId>,
+        #[serde(default)]
+        teams: Vec<Vec<PlayerId>>,
+        ticket_key: String,
+        #[serde(default)]
+        params: serde_json::Value,
+        deadline_ms: u64,
+    },
+    /// Move this session's running VM to the peer clone listening at `to` (`HOST:PORT`, from
+    /// the peer's `receiving`); answered `sent` or `migration_failed`.
+    Send {
+        session: SessionId,
+        to: String,
     },
     /// To the host that asked with `want_substrate`: fetch it from the peer at `from` with
     /// `grant` (a one-time bearer token that peer was given with `share_substrate`).

@@ -41,6 +41,11 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Ctx>)> {
             "/v1/admin/sessions/{id}/end",
             post(end_session),
         ),
+        (
+            Method::POST,
+            "/v1/admin/sessions/{id}/migrate",
+            post(migrate_session),
+        ),
         (Method::GET, "/v1/admin/queues", get(queues)),
     ]
 }
@@ -177,6 +182,62 @@ async fn end_session(
             format!("session {id} is already {}", s.state.as_str()),
         )),
     }
+}
+
+/// `{"host": "h2"}`: where to move the session (optional: the best host otherwise).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateBody {
+    #[serde(default)]
+    host: Option<String>,
+}
+
+/// Moves a live session to another host and waits (up to the migration timeout) for the
+/// outcome: 200 with the session where it now runs, 409 if it cannot start, 502 if it failed
+/// (the session plays on where it was).
+async fn migrate_session(
+    a: Admin,
+    State(ctx): State<Ctx>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<SessionView>, ApiError> {
+    let id = session_id(id)?;
+    let body: MigrateBody = if body.is_empty() {
+        MigrateBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            let detail = clip(&e.to_string(), DETAIL_MAX_CHARS).into_owned();
+            ApiError(StatusCode::BAD_REQUEST, "bad_request", detail)
+        })?
+    };
+    let to = body.host.map(host_id).transpose()?;
+    tracing::info!(session_id = %id, admin = a.0, to = ?to, "admin moves session");
+    let (from, target) = crate::migration::start(&ctx, &id, to.as_ref())
+        .await
+        .map_err(|e| {
+            let status = match e {
+                crate::migration::MigrateError::Unknown(_) => StatusCode::NOT_FOUND,
+                crate::migration::MigrateError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::CONFLICT,
+            };
+            ApiError(status, e.code(), e.to_string())
+        })?;
+    let Some(s) = crate::migration::settled(&ctx, &id).await? else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "unknown_session",
+            format!("session {id} is gone"),
+        ));
+    };
+    if s.host.as_ref() == Some(&target) {
+        return Ok(Json(SessionView::of(s, now_ms())));
+    }
+    let why = s.history.last().map(|t| t.note.clone()).unwrap_or_default();
+    Err(ApiError(
+        StatusCode::BAD_GATEWAY,
+        "migration_failed",
+        format!("session {id} stays on {from}: {why}"),
+    ))
 }
 
 async fn queues(_: Admin, State(ctx): State<Ctx>) -> Result<Json<Vec<QueueView>>, ApiError> {

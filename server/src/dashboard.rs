@@ -461,6 +461,7 @@ mod tests {
             },
             region: String::new(),
             region_reason: None,
+            migration: None,
             image: "arena".into(),
             state,
             players: vec![PlayerId::new("ana").expect("id")],

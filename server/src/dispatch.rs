@@ -99,6 +99,22 @@ async fn handle(ctx: &Ctx, e: Event) -> Result<(), crate::store::StoreError> {
             }
             c.send(s.activate_message());
         }
+        Event::Receive { host, session } => {
+            let Some(c) = ctx.registry.host_conn(&host) else {
+                return Ok(());
+            };
+            let Some(s) = ctx.store.session(&session).await? else {
+                return Ok(());
+            };
+            if s.migration.as_ref().is_some_and(|m| m.to == host) {
+                c.send(crate::migration::receive_message(&s));
+            }
+        }
+        Event::Send { host, session, to } => {
+            if let Some(c) = ctx.registry.host_conn(&host) {
+                c.send(ServerToHost::Send { session, to });
+            }
+        }
         Event::Destroy { host, session } => {
             if let Some(c) = ctx.registry.host_conn(&host) {
                 c.send(ServerToHost::Destroy { session });

@@ -4,7 +4,7 @@
 //! lacking a substrate may ask for a peer's (`want_substrate`, answered by [`crate::shipping`]).
 
 use crate::auth::Role;
-use crate::model::{HostRecord, HostState, SessionState};
+use crate::model::{Event, HostRecord, HostState, SessionState};
 use crate::sessions;
 use crate::state::{lock, Conn, Ctx, HostConn, Outbound};
 use crate::util::{now_ms, random_id};
@@ -354,6 +354,8 @@ async fn reconcile(ctx: &Ctx, record: &HostRecord) -> Vec<ServerToHost> {
         match s.state {
             // Activation is idempotent by session id: ask again.
             SessionState::Activating => out.push(s.activate_message()),
+            // A VM moving to another host is not lost: the migration settles it.
+            SessionState::Active if s.migration.is_some() => {}
             SessionState::Active | SessionState::Ending => {
                 let _ = sessions::abandon(ctx, &s.id, "vm_lost").await;
             }
@@ -417,9 +419,68 @@ async fn handle(
         HostMessage::WantSubstrate { image, fingerprint } => {
             vec![crate::shipping::want(ctx, record, image, fingerprint).await]
         }
+        HostMessage::Receiving { .. }
+        | HostMessage::Received { .. }
+        | HostMessage::Sent { .. }
+        | HostMessage::MigrationFailed { .. } => migration_message(ctx, host, m).await,
         HostMessage::Activated { .. }
         | HostMessage::ActivateFailed { .. }
         | HostMessage::Destroyed { .. } => update(ctx, host, record, retry, m).await,
+    }
+}
+
+/// A host's part of a migration (see [`crate::migration`]); a message about a session that is
+/// not moving to or from it changes nothing.
+async fn migration_message(ctx: &Ctx, host: &HostId, m: HostMessage) -> Vec<ServerToHost> {
+    use crate::migration as mig;
+    let r = match m {
+        HostMessage::Receiving { session, addr } => mig::receiving(ctx, host, &session, addr).await,
+        HostMessage::Received { session, vm } => {
+            match mig::received(ctx, host, &session, &vm).await {
+                Ok(true) => {
+                    let event = Event::Session {
+                        session,
+                        state: SessionState::Active,
+                    };
+                    ctx.store.publish(&event).await
+                }
+                // Not moving here (any more): the VM is not this session's.
+                Ok(false) => {
+                    if let Some(c) = ctx.registry.host_conn(host) {
+                        c.send(ServerToHost::Destroy { session });
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        HostMessage::Sent {
+            session,
+            downtime_ms,
+            total_ms,
+            sent_bytes,
+            ..
+        } => {
+            let mib = sent_bytes as f64 / (1 << 20) as f64;
+            let note = format!(
+                "sent by {host}: paused {downtime_ms} ms, {total_ms} ms in all, {mib:.1} MiB"
+            );
+            mig::sent(ctx, host, &session, note).await
+        }
+        HostMessage::MigrationFailed {
+            session,
+            side,
+            code,
+            message,
+        } => {
+            tracing::warn!(session_id = %session, host_id = %host, side, code, message, "migration failed");
+            mig::failed(ctx, host, &session, format!("{side}: {code}: {message}")).await
+        }
+        _ => Ok(()),
+    };
+    match r {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![error(e.code(), "state store unavailable")],
     }
 }
 
@@ -533,9 +594,7 @@ async fn handle_session(
         | HostMessage::Ended { session, .. }
         | HostMessage::Failed { session, .. }
         | HostMessage::Destroyed { session, .. } => session.clone(),
-        HostMessage::Register { .. }
-        | HostMessage::Heartbeat { .. }
-        | HostMessage::WantSubstrate { .. } => return Outcome::Done,
+        _ => return Outcome::Done,
     };
     match owns(ctx, host, &session).await {
         Ok(true) => {}
@@ -582,9 +641,7 @@ async fn handle_session(
             .map(|_| ())
         }
         HostMessage::Destroyed { .. } => sessions::destroyed(ctx, host, &session).await,
-        HostMessage::Register { .. }
-        | HostMessage::Heartbeat { .. }
-        | HostMessage::WantSubstrate { .. } => Ok(()),
+        _ => Ok(()),
     };
     match r {
         Ok(()) => Outcome::Done,

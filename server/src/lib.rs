@@ -17,6 +17,7 @@ pub mod hosts;
 pub mod matching;
 pub mod matchmaker;
 pub mod metrics;
+pub mod migration;
 pub mod model;
 pub mod modes;
 pub mod play;

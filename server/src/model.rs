@@ -103,6 +103,17 @@ pub struct Transition {
     pub note: String,
 }
 
+/// A live session moving from one host to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Migration {
+    pub from: HostId,
+    pub to: HostId,
+    pub started_ms: u64,
+    /// The source said `sent`: the VM left it.
+    #[serde(default)]
+    pub sent: bool,
+}
+
 /// A match and the VM that runs it. Changed only by compare-and-set on `version`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Session {
@@ -118,6 +129,9 @@ pub struct Session {
     pub region: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region_reason: Option<RegionReason>,
+    /// A move to another host under way (see [`crate::migration`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
     pub image: String,
     pub state: SessionState,
     pub players: Vec<PlayerId>,
@@ -275,6 +289,14 @@ pub enum Event {
     },
     /// The replica holding `host`'s websocket should send it `activate` for `session`.
     Place { host: HostId, session: SessionId },
+    /// The replica holding `host`'s websocket should send it `receive` for `session`.
+    Receive { host: HostId, session: SessionId },
+    /// The replica holding `host`'s websocket should send it `send` for `session` to `to`.
+    Send {
+        host: HostId,
+        session: SessionId,
+        to: String,
+    },
     /// The replica holding `host`'s websocket should send it `destroy` for `session`.
     Destroy { host: HostId, session: SessionId },
     /// The replica holding `host`'s websocket should send it `share_substrate` (a peer asked

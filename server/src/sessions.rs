@@ -29,6 +29,7 @@ pub fn new_session(core: &Core, mode: &Mode, pool: &PoolKey, formed: &Formed, no
         pool: pool.clone(),
         region: formed.region.clone(),
         region_reason: Some(formed.reason.clone()),
+        migration: None,
         image: mode.image.clone(),
         state: SessionState::Placing,
         players,

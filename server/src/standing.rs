@@ -29,7 +29,8 @@ use berth_protocol::{PlayerId, SessionId};
 pub struct Told {
     /// The ticket last reported queued (cleared by `dequeued`, `matched`, `session_ended`).
     queued: Option<String>,
-    matched: Option<SessionId>,
+    /// The session and the endpoint last told (a session moved to another host is told again).
+    matched: Option<(SessionId, String)>,
     ended: Option<SessionId>,
 }
 
@@ -39,9 +40,11 @@ impl Told {
         match m {
             ServerMessage::QueueStatus { ticket, .. } => self.queued = Some(ticket.clone()),
             ServerMessage::Dequeued { .. } => self.queued = None,
-            ServerMessage::Matched { session, .. } => {
+            ServerMessage::Matched {
+                session, endpoint, ..
+            } => {
                 self.queued = None;
-                self.matched = Some(session.clone());
+                self.matched = Some((session.clone(), endpoint.clone()));
             }
             ServerMessage::SessionEnded { session, .. } => {
                 self.queued = None;
@@ -54,7 +57,12 @@ impl Told {
     /// Whether `m` would tell the player nothing new.
     fn knows(&self, m: &ServerMessage) -> bool {
         match m {
-            ServerMessage::Matched { session, .. } => self.matched.as_ref() == Some(session),
+            ServerMessage::Matched {
+                session, endpoint, ..
+            } => self
+                .matched
+                .as_ref()
+                .is_some_and(|(s, e)| s == session && e == endpoint),
             ServerMessage::SessionEnded { session, .. } => self.ended.as_ref() == Some(session),
             _ => false,
         }
@@ -62,7 +70,8 @@ impl Told {
 
     /// Whether the player may be waiting to hear how something ended.
     fn waiting(&self) -> bool {
-        self.queued.is_some() || (self.matched.is_some() && self.matched != self.ended)
+        let matched = self.matched.as_ref().map(|(s, _)| s);
+        self.queued.is_some() || (matched.is_some() && matched != self.ended.as_ref())
     }
 }
 

@@ -190,6 +190,7 @@ async fn an_outbox_report_is_recorded_before_reconciliation_could_call_its_sessi
         },
         region: String::new(),
         region_reason: None,
+        migration: None,
         image: "arena".into(),
         state: SessionState::Active,
         players: vec![],

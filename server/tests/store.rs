@@ -140,6 +140,7 @@ fn session(id: &str, pool: PoolKey, players: Vec<PlayerId>, created_ms: u64) -> 
         pool,
         region: String::new(),
         region_reason: None,
+        migration: None,
         image: "arena".into(),
         state: SessionState::Placing,
         teams: vec![players.clone(), vec![]],

@@ -560,6 +560,7 @@ async fn seed(store: &Arc<dyn Store>, n: usize) -> Result<()> {
             },
             region: String::new(),
             region_reason: None,
+            migration: None,
             image: "arena".into(),
             state,
             teams: players.chunks(size / 2).map(<[PlayerId]>::to_vec).collect(),

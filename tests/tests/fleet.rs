@@ -580,3 +580,121 @@ async fn players_queued_by_latency_play_in_the_region_best_for_them() -> Result<
     assert_eq!(leftovers(BLOCK), Vec::<String>::new());
     Ok(())
 }
+
+/// `POST /v1/admin/sessions/{id}/migrate` on `server`: the status and the body.
+async fn migrate(
+    server: &Server,
+    session: &SessionId,
+    body: &str,
+) -> Result<(u16, serde_json::Value)> {
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://{}/v1/admin/sessions/{session}/migrate",
+            server.addr
+        ))
+        .bearer_auth(fixtures::admin_token())
+        .body(body.to_owned())
+        .send()
+        .await?;
+    Ok((r.status().as_u16(), r.json().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_match_moves_to_another_host_and_finishes_there() -> Result<()> {
+    init_logs();
+    const BLOCK: u8 = 12;
+    let mut bed = Bed::new(BLOCK)?;
+    let server = server_on(&bed).await?;
+    let peer = Setup {
+        peer: true,
+        ..Setup::default()
+    };
+    let one = NsHostd::start_with(&bed.add_host(1)?, &server, "mv-1", Some("eu"), peer).await?;
+    let two = NsHostd::start_with(&bed.add_host(2)?, &server, "mv-2", Some("eu"), peer).await?;
+    let (mut a, mut b, session, endpoint, ticket) = duel(&server, ["ma", "mb"], "eu").await?;
+    let (from, to) = if endpoint.contains(&one.gateway) {
+        (&one, &two)
+    } else {
+        (&two, &one)
+    };
+    let mut game = join(&endpoint, &ticket).await?;
+
+    // Bad requests first: an unknown host, a body that is not the documented one.
+    let (status, body) = migrate(&server, &session, r#"{"host":"nobody"}"#).await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("no_target")),
+        "{body}"
+    );
+    let (status, body) = migrate(&server, &session, r#"{"hots":"mv-2"}"#).await?;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+
+    // The move: the server answers once the session runs on the other host.
+    let target = if std::ptr::eq(to, &two) {
+        "mv-2"
+    } else {
+        "mv-1"
+    };
+    let (status, body) = migrate(&server, &session, &format!(r#"{{"host":"{target}"}}"#)).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["host"], target, "{body}");
+    // The player's gateway connection is closed `session_moved`; a fresh `matched` names the
+    // new endpoint, where the game goes on.
+    let closed = game
+        .until(Duration::from_secs(10), |h| {
+            matches!(h, Heard::Close(..) | Heard::Dropped)
+        })
+        .await?;
+    assert_eq!(closed, Heard::Close(1001, "session_moved".into()));
+    let ServerMessage::Matched {
+        endpoint: moved_to,
+        ticket,
+        ..
+    } = a
+        .until(Duration::from_secs(10), |m| {
+            matches!(m, ServerMessage::Matched { endpoint, .. } if *endpoint != endpoint_of(&from.gateway))
+        })
+        .await?
+    else {
+        unreachable!()
+    };
+    assert_eq!(moved_to, endpoint_of(&to.gateway));
+    let mut game = GameWs::connect_url(&moved_to, Default::default()).await?;
+    game.send(&GameRequest::Join { ticket }).await?;
+    let welcome = game
+        .until(Duration::from_secs(10), |h| {
+            matches!(h, Heard::Answer(GameAnswer::Welcome(_)))
+        })
+        .await?;
+    let Heard::Answer(GameAnswer::Welcome(w)) = welcome else {
+        unreachable!()
+    };
+    assert!(w.rejoined, "the game knew the player from before the move");
+    let s = server.ctx.store.session(&session).await?.context("kept")?;
+    assert_eq!(s.host.as_ref().map(|h| h.as_str()), Some(target));
+    assert!(
+        s.history.iter().any(|t| t.note.starts_with("moved from")),
+        "{:?}",
+        s.history
+    );
+    assert!(
+        s.history.iter().any(|t| t.note.starts_with("sent by")),
+        "{:?}",
+        s.history
+    );
+    game.send(&GameRequest::Surrender).await?;
+    for c in [&mut a, &mut b] {
+        let (reason, results) = client::ended(c).await?;
+        assert_eq!(reason, "surrender");
+        assert!(!results["winner"].is_null(), "{results}");
+    }
+    finish(vec![one, two], server, bed, BLOCK).await
+}
+
+fn endpoint_of(gateway: &str) -> String {
+    format!("ws://{gateway}/v1/game")
+}

@@ -625,8 +625,10 @@ pub fn run(art: &Artefacts, mode: Mode, opts: &RunOpts) -> Result<Value> {
 }
 
 /// Runs `cmd` with its stdout as a serial console (streamed to `log_path`, see
-/// [`read_console`]) until it exits, or until `timeout`: then it is killed and this fails with
-/// the console's last 40 lines. Returns every console line and how the process ended.
+/// [`read_console`]) until it exits, or until `timeout`, or until the guest kernel reports a
+/// hung task (the nested emulation's known stall: nothing recovers from it, so waiting out the
+/// timeout would only cost minutes): then it is killed and this fails with the console's last
+/// 40 lines. Returns every console line and how the process ended.
 fn supervise(
     cmd: &mut Command,
     log_path: &Path,
@@ -643,17 +645,24 @@ fn supervise(
             .with_context(|| format!("starting {:?}", cmd.get_program()))?,
     );
     let stdout = machine.0.stdout.take().expect("stdout is piped");
-    let console = std::thread::spawn(move || read_console(stdout, log, t0));
+    let hung = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = hung.clone();
+    let console = std::thread::spawn(move || read_console(stdout, log, t0, &seen));
     let status = loop {
         if let Some(status) = machine.0.try_wait()? {
             break status;
         }
-        if t0.elapsed() >= timeout {
+        let stalled = hung.load(std::sync::atomic::Ordering::Relaxed);
+        if t0.elapsed() >= timeout || stalled {
             drop(machine);
             let lines = console.join().expect("console reader does not panic")?;
+            let why = if stalled {
+                "a guest kernel task hung (the nested emulation stalled)".to_owned()
+            } else {
+                format!("timed out after {} s", timeout.as_secs())
+            };
             bail!(
-                "timed out after {} s; {:?} killed. Last 40 console lines (all in {}):\n{}",
-                timeout.as_secs(),
+                "{why}; {:?} killed. Last 40 console lines (all in {}):\n{}",
                 cmd.get_program(),
                 log_path.display(),
                 tail(&lines, 40)
@@ -672,6 +681,7 @@ fn read_console(
     stdout: std::process::ChildStdout,
     log: std::fs::File,
     t0: Instant,
+    hung: &std::sync::atomic::AtomicBool,
 ) -> Result<Vec<String>> {
     let mut log = std::io::LineWriter::new(log);
     let mut reader = std::io::BufReader::new(stdout);
@@ -687,6 +697,10 @@ fn read_console(
             .filter(|c| *c != '\r' && *c != '\n')
             .collect();
         writeln!(log, "{line}")?;
+        // The kernel's hung-task watchdog: "INFO: task xenbus:29 blocked for more than 120 s".
+        if line.contains("blocked for more than") {
+            hung.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if line.starts_with("BERTH-") || line.to_lowercase().contains("error") {
             eprintln!("xen [{:6.1} s] {line}", t0.elapsed().as_secs_f64());
         }

@@ -107,6 +107,48 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// [`Pool::receive`] on this host's peer address (`[peer]`): a free port on its `listen`
+    /// address; the address peers reach it at (`advertise`'s name, or the bound IP, with
+    /// that port) is returned with it.
+    pub async fn receive_on_peer(
+        &self,
+        req: ActivateRequest,
+    ) -> Result<(Incoming, String), PoolError> {
+        let peer = self
+            .inner
+            .config
+            .peer
+            .as_ref()
+            .ok_or_else(|| PoolError::BadRequest {
+                message: "this host has no [peer] address: it cannot take migrated sessions".into(),
+            })?;
+        let port = std::net::TcpListener::bind((peer.listen.ip(), 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| PoolError::Driver {
+                code: "migration_failed".into(),
+                message: format!("finding a port on {}: {e}", peer.listen.ip()),
+            })?
+            .port();
+        let listen = SocketAddr::new(peer.listen.ip(), port);
+        let host = match &peer.advertise {
+            Some(a) => a
+                .rsplit_once(':')
+                .map_or(a.as_str(), |(h, p)| {
+                    if p.parse::<u16>().is_ok() {
+                        h
+                    } else {
+                        a.as_str()
+                    }
+                })
+                .to_owned(),
+            None => peer.listen.ip().to_string(),
+        };
+        let incoming = self.receive(req, listen).await?;
+        Ok((incoming, format!("{host}:{port}")))
+    }
+}
+
 impl Incoming {
     /// Waits (within `timeout`) for the migrated VM to be in, then runs it here as the
     /// session's VM. `Err`: nothing of it is left.

@@ -137,6 +137,7 @@ impl std::fmt::Debug for Gate {
 
 /// How a VM was activated: `warm`, `substrate` or `adopted` here.
 pub use berth_protocol::ActivationPath;
+pub use migrate::Incoming;
 
 /// An active VM as the pool reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -170,6 +170,9 @@ async fn vm_task(
             migrated,
         });
         let _ = tx.send(Ok(migrated));
+        // The session lives on at the peer: no `destroyed` for it.
+        pool.inner.wake.notify_one();
+        return;
     }
     if let Some(e) = announce {
         // On disk before anyone hears of it: the results outlive any outage until recorded.
