@@ -709,6 +709,16 @@
     onError(m) {
       if (this.ended) return; // the match is over; the socket is closing
       const code = m.code;
+      if (code === 'session_moved') {
+        // The match moves to another host, running: the `matched` that names it is on its way
+        // (ask /v1/play if it is slow to come).
+        this.detach();
+        this.tries = 0;
+        this.waitingTicket = true;
+        note('The match moved to another server — rejoining…');
+        setTimeout(() => { if (this.waitingTicket && !this.ws) this.renew(); }, 5000);
+        return;
+      }
       showError(code, m.message);
       if (['ticket_expired', 'bad_ticket', 'unknown_session'].includes(code)) {
         // Ask /v1/play: a fresh `matched` (and ticket) if the session lives, else its end.

@@ -255,6 +255,10 @@ struct Match {
     play_end: Option<(String, serde_json::Value)>,
     /// A refusal from the gateway to report if no results come.
     game_refusal: Option<String>,
+    /// The endpoint the game socket last joined, and the one a `session_moved` left (the
+    /// match goes on where the next `matched` says, not there).
+    joined: Option<String>,
+    moved_from: Option<String>,
     queue_msg: String,
     /// The server holds a ticket for this queue (`queue_status` or `already_queued` seen).
     queued: bool,
@@ -628,6 +632,8 @@ impl Bot {
             game_results: None,
             play_end: None,
             game_refusal: None,
+            joined: None,
+            moved_from: None,
             queue_msg: to_json(&queue),
             queued: false,
             requeue_since: None,
@@ -945,6 +951,11 @@ impl Bot {
     async fn connect_game(&mut self, m: &mut Match) -> Option<Outcome> {
         let mm = m.matched.as_ref()?;
         let now = Instant::now();
+        if m.moved_from.as_ref() == Some(&mm.endpoint) {
+            // Moved, and the `matched` naming the new host has not come yet.
+            m.timers.set(Timer::AwaitingTicket, now + TICKET_WAIT);
+            return None;
+        }
         if m.game_opens > 0
             && !m.timers.is_set(Timer::AwaitingTicket)
             && now + Duration::from_secs(1) >= mm.ticket_expires
@@ -957,6 +968,7 @@ impl Bot {
         }
         m.game_attempts += 1;
         let seed = self.seed();
+        m.joined = Some(mm.endpoint.clone());
         match GameClient::connect_url(&mm.endpoint, self.socket_options(seed)).await {
             Ok(mut link) => {
                 tracing::debug!(player = %self.plan.name, session = %mm.session, opens = m.game_opens, "game socket open");
@@ -1304,6 +1316,15 @@ impl Bot {
                 return Some(self.conclude(m));
             }
             m.timers.set_once(Timer::EndWait, now + RESULTS_WAIT);
+            return None;
+        }
+        if code == c::SESSION_MOVED {
+            // The match moved to another host, running: the next `matched` names it (it
+            // may have come already); rejoin there.
+            m.game = None;
+            m.moved_from = m.joined.clone();
+            self.tally.reconnects.moved += 1;
+            m.timers.set(Timer::GameConnect, now);
             return None;
         }
         if welcomed {

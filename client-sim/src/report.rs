@@ -214,6 +214,9 @@ pub struct Reconnects {
     pub game: u64,
     /// Game `welcome`s with `rejoined: true`.
     pub rejoined: u64,
+    /// Game sockets closed `session_moved`: the match moved to another host and was rejoined
+    /// there.
+    pub moved: u64,
 }
 
 impl MatchCounts {
@@ -241,6 +244,7 @@ impl Reconnects {
         self.play += o.play;
         self.game += o.game;
         self.rejoined += o.rejoined;
+        self.moved += o.moved;
     }
 }
 

@@ -80,6 +80,9 @@ async fn set_drain(
         ));
     }
     tracing::info!(host_id = %id, admin = who, draining, "host drain changed");
+    if draining && ctx.config.placement.move_on_drain {
+        tokio::spawn(crate::migration::drain(ctx.core.clone(), id.clone()));
+    }
     ctx.dashboard.hosts_changed();
     Ok(Json(
         serde_json::json!({ "host": id, "draining": draining }),

@@ -237,6 +237,9 @@ pub enum Zones {
 pub struct Placement {
     pub policy: Policy,
     pub zones: Zones,
+    /// Draining a host (admin API, or hostd stopping) moves its live sessions to other hosts
+    /// by live migration; off: they play to their end where they are.
+    pub move_on_drain: bool,
     /// Hosts tried per session before it ends as `placement_failed`.
     pub attempts: u32,
 }
@@ -246,6 +249,7 @@ impl Default for Placement {
         Placement {
             policy: Policy::Spread,
             zones: Zones::Spread,
+            move_on_drain: true,
             attempts: 3,
         }
     }

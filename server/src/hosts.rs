@@ -535,6 +535,9 @@ async fn drained(ctx: &Ctx, record: &mut HostRecord) {
         Ok(_) => {
             tracing::info!(host_id = %record.id, "host draining");
             record.draining = true;
+            if ctx.config.placement.move_on_drain {
+                tokio::spawn(crate::migration::drain(ctx.core.clone(), record.id.clone()));
+            }
         }
         Err(e) => tracing::warn!(host_id = %record.id, error = %e, "marking the host draining"),
     }

@@ -271,6 +271,44 @@ pub async fn failed(
     Ok(())
 }
 
+/// Moves every active session off `host` (it is draining), one after another, each to the
+/// best host that can take it; one that none can take plays to its end where it is. Returns
+/// how many moved. Runs in the background of whoever drained the host.
+pub async fn drain(core: std::sync::Arc<Core>, host: HostId) -> usize {
+    let sessions = match crate::sessions::live_sessions(&core).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(host_id = %host, error = %e, "drain: reading the live sessions");
+            return 0;
+        }
+    };
+    let mut moved = 0;
+    for s in sessions
+        .into_iter()
+        .filter(|s| s.host.as_ref() == Some(&host))
+    {
+        if s.state != SessionState::Active {
+            continue;
+        }
+        match start(&core, &s.id, None).await {
+            Ok((_, to)) => match settled(&core, &s.id).await {
+                Ok(Some(after)) if after.host.as_ref() == Some(&to) => moved += 1,
+                Ok(_) => {
+                    tracing::warn!(session_id = %s.id, "drain: the move failed; it plays on here")
+                }
+                Err(e) => {
+                    tracing::warn!(session_id = %s.id, error = %e, "drain: waiting for the move")
+                }
+            },
+            Err(e) => {
+                tracing::info!(session_id = %s.id, code = e.code(), error = %e, "drain: not moved; it plays on here")
+            }
+        }
+    }
+    tracing::info!(host_id = %host, moved, "drain: sessions moved off");
+    moved
+}
+
 /// Waits until `id`'s migration is over (its booking cleared), failing it after
 /// [`MIGRATION_TIMEOUT_MS`] (a host that never answered); the session then (`None`: it is
 /// gone).

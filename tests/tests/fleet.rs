@@ -581,17 +581,25 @@ async fn players_queued_by_latency_play_in_the_region_best_for_them() -> Result<
     Ok(())
 }
 
-/// `POST /v1/admin/sessions/{id}/migrate` on `server`: the status and the body.
-async fn migrate(
-    server: &Server,
-    session: &SessionId,
-    body: &str,
-) -> Result<(u16, serde_json::Value)> {
+/// A bed of `block` with a server and two hosts of region `eu` serving their substrates to
+/// each other (`[peer]`), named `names`.
+async fn two_peers(block: u8, names: [&str; 2]) -> Result<(Bed, Server, NsHostd, NsHostd)> {
+    init_logs();
+    let mut bed = Bed::new(block)?;
+    let server = server_on(&bed).await?;
+    let peer = Setup {
+        peer: true,
+        ..Setup::default()
+    };
+    let one = NsHostd::start_with(&bed.add_host(1)?, &server, names[0], Some("eu"), peer).await?;
+    let two = NsHostd::start_with(&bed.add_host(2)?, &server, names[1], Some("eu"), peer).await?;
+    Ok((bed, server, one, two))
+}
+
+/// `POST /v1/admin/PATH` on `server` with an admin token: the status and the JSON body.
+async fn admin_post(server: &Server, path: &str, body: &str) -> Result<(u16, serde_json::Value)> {
     let r = reqwest::Client::new()
-        .post(format!(
-            "http://{}/v1/admin/sessions/{session}/migrate",
-            server.addr
-        ))
+        .post(format!("http://{}/v1/admin/{path}", server.addr))
         .bearer_auth(fixtures::admin_token())
         .body(body.to_owned())
         .send()
@@ -599,18 +607,19 @@ async fn migrate(
     Ok((r.status().as_u16(), r.json().await?))
 }
 
+/// `POST /v1/admin/sessions/{id}/migrate` with `body`.
+async fn migrate(
+    server: &Server,
+    session: &SessionId,
+    body: &str,
+) -> Result<(u16, serde_json::Value)> {
+    admin_post(server, &format!("sessions/{session}/migrate"), body).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_match_moves_to_another_host_and_finishes_there() -> Result<()> {
-    init_logs();
     const BLOCK: u8 = 12;
-    let mut bed = Bed::new(BLOCK)?;
-    let server = server_on(&bed).await?;
-    let peer = Setup {
-        peer: true,
-        ..Setup::default()
-    };
-    let one = NsHostd::start_with(&bed.add_host(1)?, &server, "mv-1", Some("eu"), peer).await?;
-    let two = NsHostd::start_with(&bed.add_host(2)?, &server, "mv-2", Some("eu"), peer).await?;
+    let (bed, server, one, two) = two_peers(BLOCK, ["mv-1", "mv-2"]).await?;
     let (mut a, mut b, session, endpoint, ticket) = duel(&server, ["ma", "mb"], "eu").await?;
     let (from, to) = if endpoint.contains(&one.gateway) {
         (&one, &two)
@@ -697,4 +706,86 @@ async fn a_live_match_moves_to_another_host_and_finishes_there() -> Result<()> {
 
 fn endpoint_of(gateway: &str) -> String {
     format!("ws://{gateway}/v1/game")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_host_moves_its_live_match_away_and_ends_none() -> Result<()> {
+    const BLOCK: u8 = 14;
+    let (bed, server, one, two) = two_peers(BLOCK, ["dr-1", "dr-2"]).await?;
+    let (mut a, mut b, session, endpoint, _) = duel(&server, ["da", "db"], "eu").await?;
+    let (from, to) = if endpoint.contains(&one.gateway) {
+        ("dr-1", &two)
+    } else {
+        ("dr-2", &one)
+    };
+    // An operator drains the match's host: the match moves, it does not end.
+    let (status, body) = admin_post(&server, &format!("hosts/{from}/drain"), "").await?;
+    assert_eq!(status, 200, "{body}");
+    let elsewhere = endpoint_of(&to.gateway);
+    let mut ticket = String::new();
+    for c in [&mut a, &mut b] {
+        let m = c
+            .until(
+                Duration::from_secs(30),
+                |m| matches!(m, ServerMessage::Matched { endpoint, .. } if *endpoint == elsewhere),
+            )
+            .await?;
+        if let ServerMessage::Matched { ticket: t, .. } = m {
+            ticket = t;
+        }
+    }
+    let s = server.ctx.store.session(&session).await?.context("kept")?;
+    assert_eq!(s.state, SessionState::Active, "{:?}", s.end_reason);
+    // It is finished on the other host, and both players hear its results.
+    surrender(&elsewhere, &ticket, [&mut a, &mut b]).await?;
+    let s = server.ctx.store.session(&session).await?.context("kept")?;
+    assert_eq!(s.end_reason.as_deref(), Some("surrender"));
+    finish(vec![one, two], server, bed, BLOCK).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_sim_players_follow_their_match_when_its_host_drains() -> Result<()> {
+    const BLOCK: u8 = 15;
+    let (bed, server, one, two) = two_peers(BLOCK, ["fs-1", "fs-2"]).await?;
+    // Two bots play one sprint (first to 5 or 20 s).
+    let swarm = berth_sim::SwarmConfig {
+        server: format!("http://{}", server.addr),
+        region: "eu".into(),
+        modes: vec![berth_sim::Weighted::new("sprint".into(), 1.0)],
+        matches: berth_sim::Matches::Count(1),
+        duration: Duration::from_secs(10),
+        drain: Duration::from_secs(60),
+        name_prefix: "fs".into(),
+        ..berth_sim::SwarmConfig::default()
+    };
+    let run = tokio::spawn(berth_sim::run(swarm, None));
+    // Once the match plays, its host drains: the match moves to the other host.
+    let store = server.ctx.store.clone();
+    let t0 = Instant::now();
+    let session = loop {
+        let active = store.sessions(Some(SessionState::Active)).await?;
+        if let Some(s) = active.first() {
+            break s.clone();
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "no match started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let from = session.host.clone().context("placed")?;
+    let (status, body) = admin_post(&server, &format!("hosts/{from}/drain"), "").await?;
+    assert_eq!(status, 200, "{body}");
+    let report = run.await??;
+    assert_eq!(report.failed, 0, "failures: {:?}", report.failures);
+    assert_eq!(report.matches.finished, 2);
+    assert_eq!(report.reconnects.moved, 2, "both players followed the move");
+    let s = store.session(&session.id).await?.context("kept")?;
+    assert_ne!(s.host, Some(from), "it finished on the other host");
+    assert!(
+        s.end_reason
+            .as_deref()
+            .is_some_and(|r| r == "score_limit" || r == "time_limit"),
+        "{:?}",
+        s.end_reason
+    );
+    finish(vec![one, two], server, bed, BLOCK).await
 }
