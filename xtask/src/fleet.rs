@@ -2,7 +2,9 @@
 //! namespace at its own address on a bridge (`testkit::netns`), declaring its region and zone;
 //! Redis and the `berth-server` replicas run in the root namespace at the bridge's address.
 //! A `berth-sim` swarm queues by latency (it times every region's gateway probes) and plays in
-//! a loop while the first host is cut off the network for a while and brought back.
+//! a loop while the first host is cut off the network for a while and brought back, and the
+//! second is drained for 10 s (its live matches move to another host of their region, and the
+//! bots follow them).
 //!
 //! Then it checks, from the store, that every session was played on a host of its region and
 //! that no match lost its results; from the swarm, that nobody was stranded; and, after
@@ -215,14 +217,32 @@ async fn play(stack: &mut Stack, hosts: &[NsHost], args: &FleetArgs) -> Result<V
             "recovered_ms": back.ok().map(|d| d.as_millis() as u64),
         });
     }
+    let drain = drain_second(stack, started, args.duration).await;
     swarm.wait(args.duration + Duration::from_secs(200))?;
     let sim = read_json(&swarm.report)?;
     let stuck = stack.settle().await?;
     let sessions = stack.sessions().await?;
     let mut report = count(stack, &sessions, &sim, stuck);
     report["cut"] = cut;
+    report["drain"] = drain;
+    report["sim_moved"] = sim["reconnects"]["moved"].clone();
     report["elapsed_s"] = json!(started.elapsed().as_secs());
     Ok(report)
+}
+
+/// Two thirds into the run, drains the second host for 10 s (its live matches move to
+/// another host of their region) and undrains it; what it did.
+async fn drain_second(stack: &Stack, started: Instant, duration: Duration) -> Value {
+    let Some(host) = stack.hosts.get(1).map(|h| h.name.clone()) else {
+        return Value::Null;
+    };
+    tokio::time::sleep((duration * 2 / 3).saturating_sub(started.elapsed())).await;
+    eprintln!("fleet: draining {host} (its matches move)");
+    let drained = stack.admin_post(&format!("hosts/{host}/drain")).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let undrained = stack.admin_post(&format!("hosts/{host}/undrain")).await;
+    let error = drained.and(undrained).err().map(|e| format!("{e:#}"));
+    json!({"host": host, "for_s": 10, "error": error})
 }
 
 /// Sessions by region and host, misplaced ones (on a host of another region), results lost,
@@ -237,7 +257,7 @@ fn count(stack: &Stack, sessions: &[Value], sim: &Value, stuck: u64) -> Value {
         BTreeMap::<String, u64>::new(),
         BTreeMap::<String, u64>::new(),
     );
-    let (mut misplaced, mut results_lost, mut killed) = (0u64, 0u64, 0u64);
+    let (mut misplaced, mut results_lost, mut killed, mut moved) = (0u64, 0u64, 0u64, 0u64);
     for s in sessions {
         let region = s["region"].as_str().unwrap_or_default();
         *by_region.entry(region.into()).or_default() += 1;
@@ -245,6 +265,13 @@ fn count(stack: &Stack, sessions: &[Value], sim: &Value, stuck: u64) -> Value {
             *by_host.entry(host.into()).or_default() += 1;
             misplaced += u64::from(region_of.get(host) != Some(&region));
         }
+        moved += u64::from(s["history"].as_array().is_some_and(|h| {
+            h.iter().any(|t| {
+                t["note"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("moved from"))
+            })
+        }));
         let reason = s["end_reason"].as_str().unwrap_or_default();
         if reason.is_empty() {
             continue;
@@ -271,6 +298,7 @@ fn count(stack: &Stack, sessions: &[Value], sim: &Value, stuck: u64) -> Value {
         "sessions_by_region": by_region,
         "sessions_by_host": by_host,
         "misplaced": misplaced,
+        "moved": moved,
         "results_lost": results_lost + failures.get("no_results").and_then(Value::as_u64).unwrap_or(0),
         "matches_killed": killed,
         "stranded": stranded,

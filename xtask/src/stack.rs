@@ -310,11 +310,16 @@ impl Stack {
                 .map(|v| format!("{key} = \"{v}\"\n"))
                 .unwrap_or_default()
         };
+        // Hosts on their own addresses serve each other substrates and take moved sessions.
+        let peer = match &spec.place {
+            Place::Loopback => String::new(),
+            Place::Namespace { ip, .. } => format!("[peer]\nlisten = \"{ip}:7072\"\n\n"),
+        };
         let config = format!(
             "host_id = \"{host}\"\n{}{}state_dir = \"{}\"\ncontrol = \"{ip}:{control}\"\n\
              accel = \"tcg\"\nmax_vms = {}\ndrain_timeout_s = 60\n\n\
              [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = {}\n\n\
-             [gateway]\nlisten = \"{ip}:{gateway}\"\n\n\
+             [gateway]\nlisten = \"{ip}:{gateway}\"\n\n{peer}\
              [server]\nurl = [{}]\ntoken = \"{token}\"\n\
              gateway = \"ws://{ip}:{gateway}/v1/game\"\nreconnect_max_s = 2\n",
             names("region", &spec.region),
