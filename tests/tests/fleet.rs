@@ -67,6 +67,8 @@ struct Setup {
     peer: bool,
     /// Warm arena clones.
     warm: u32,
+    /// How long a SIGTERM drains before hostd stops (0: at once).
+    drain_timeout_s: u64,
 }
 
 impl Default for Setup {
@@ -75,6 +77,7 @@ impl Default for Setup {
             seed: true,
             peer: false,
             warm: 1,
+            drain_timeout_s: 0,
         }
     }
 }
@@ -145,13 +148,14 @@ impl NsHostd {
             &config,
             format!(
                 "host_id = \"{name}\"\n{region}state_dir = \"{}\"\ncontrol = \"{}:7070\"\n\
-                 accel = \"tcg\"\ndrain_timeout_s = 0\n\
+                 accel = \"tcg\"\ndrain_timeout_s = {}\n\
                  [[images]]\nname = \"arena\"\ndir = \"{}\"\nwarm = {}\n\
                  [gateway]\nlisten = \"{gateway}\"\n{peer}\
                  [server]\nurl = \"ws://{}/v1/hosts\"\ntoken = \"{}\"\n\
                  gateway = \"ws://{gateway}/v1/game\"\nreconnect_max_s = 1\n",
                 dir.display(),
                 host.ip,
+                setup.drain_timeout_s,
                 image_dir().display(),
                 setup.warm,
                 server.addr,
@@ -184,6 +188,19 @@ impl NsHostd {
     async fn metrics(&self) -> Result<String> {
         let url = format!("http://{}/metrics", self.control);
         Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+    }
+
+    /// Waits (at most `within`) for it to exit by itself: a clean exit, and nothing left.
+    fn exited_within(mut self, within: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::ensure!(status.success(), "hostd exited badly: {status}");
+                return assert_nothing_left(&self.dir);
+            }
+            anyhow::ensure!(t0.elapsed() < within, "hostd still runs after {within:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// SIGTERM (no drain), a clean exit, and nothing left in its state folder.
@@ -584,16 +601,51 @@ async fn players_queued_by_latency_play_in_the_region_best_for_them() -> Result<
 /// A bed of `block` with a server and two hosts of region `eu` serving their substrates to
 /// each other (`[peer]`), named `names`.
 async fn two_peers(block: u8, names: [&str; 2]) -> Result<(Bed, Server, NsHostd, NsHostd)> {
-    init_logs();
-    let mut bed = Bed::new(block)?;
-    let server = server_on(&bed).await?;
     let peer = Setup {
         peer: true,
         ..Setup::default()
     };
+    two_peers_with(block, names, peer).await
+}
+
+/// [`two_peers`], both set up as `peer` says.
+async fn two_peers_with(
+    block: u8,
+    names: [&str; 2],
+    peer: Setup,
+) -> Result<(Bed, Server, NsHostd, NsHostd)> {
+    init_logs();
+    let mut bed = Bed::new(block)?;
+    let server = server_on(&bed).await?;
     let one = NsHostd::start_with(&bed.add_host(1)?, &server, names[0], Some("eu"), peer).await?;
     let two = NsHostd::start_with(&bed.add_host(2)?, &server, names[1], Some("eu"), peer).await?;
     Ok((bed, server, one, two))
+}
+
+/// Of two hosts, the one whose gateway `endpoint` names, then the other.
+fn serving<'a>(endpoint: &str, one: &'a NsHostd, two: &'a NsHostd) -> (&'a NsHostd, &'a NsHostd) {
+    if endpoint.contains(&one.gateway) {
+        (one, two)
+    } else {
+        (two, one)
+    }
+}
+
+/// Waits until both players were told their match moved to `endpoint`; the last ticket.
+async fn both_moved_to(endpoint: &str, players: [&mut client::Client; 2]) -> Result<String> {
+    let mut ticket = String::new();
+    for c in players {
+        let m = c
+            .until(
+                Duration::from_secs(30),
+                |m| matches!(m, ServerMessage::Matched { endpoint: e, .. } if e == endpoint),
+            )
+            .await?;
+        if let ServerMessage::Matched { ticket: t, .. } = m {
+            ticket = t;
+        }
+    }
+    Ok(ticket)
 }
 
 /// `POST /v1/admin/PATH` on `server` with an admin token: the status and the JSON body.
@@ -621,11 +673,7 @@ async fn a_live_match_moves_to_another_host_and_finishes_there() -> Result<()> {
     const BLOCK: u8 = 12;
     let (bed, server, one, two) = two_peers(BLOCK, ["mv-1", "mv-2"]).await?;
     let (mut a, mut b, session, endpoint, ticket) = duel(&server, ["ma", "mb"], "eu").await?;
-    let (from, to) = if endpoint.contains(&one.gateway) {
-        (&one, &two)
-    } else {
-        (&two, &one)
-    };
+    let (from, to) = serving(&endpoint, &one, &two);
     let mut game = join(&endpoint, &ticket).await?;
 
     // Bad requests first: an unknown host, a body that is not the documented one.
@@ -722,18 +770,7 @@ async fn draining_a_host_moves_its_live_match_away_and_ends_none() -> Result<()>
     let (status, body) = admin_post(&server, &format!("hosts/{from}/drain"), "").await?;
     assert_eq!(status, 200, "{body}");
     let elsewhere = endpoint_of(&to.gateway);
-    let mut ticket = String::new();
-    for c in [&mut a, &mut b] {
-        let m = c
-            .until(
-                Duration::from_secs(30),
-                |m| matches!(m, ServerMessage::Matched { endpoint, .. } if *endpoint == elsewhere),
-            )
-            .await?;
-        if let ServerMessage::Matched { ticket: t, .. } = m {
-            ticket = t;
-        }
-    }
+    let ticket = both_moved_to(&elsewhere, [&mut a, &mut b]).await?;
     let s = server.ctx.store.session(&session).await?.context("kept")?;
     assert_eq!(s.state, SessionState::Active, "{:?}", s.end_reason);
     // It is finished on the other host, and both players hear its results.
@@ -787,5 +824,96 @@ async fn berth_sim_players_follow_their_match_when_its_host_drains() -> Result<(
         "{:?}",
         s.end_reason
     );
+    finish(vec![one, two], server, bed, BLOCK).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_host_moves_its_live_match_away_before_it_exits() -> Result<()> {
+    const BLOCK: u8 = 16;
+    let setup = Setup {
+        peer: true,
+        drain_timeout_s: 60,
+        ..Setup::default()
+    };
+    let (bed, server, one, two) = two_peers_with(BLOCK, ["st-1", "st-2"], setup).await?;
+    let (mut a, mut b, session, endpoint, _) = duel(&server, ["sa1", "sb1"], "eu").await?;
+    let (stopping, staying) = if endpoint.contains(&one.gateway) {
+        (one, two)
+    } else {
+        (two, one)
+    };
+    // hostd is told to stop: it drains, the server moves its match, and it exits once empty.
+    signal(stopping.child.id(), nix::sys::signal::Signal::SIGTERM)?;
+    let elsewhere = endpoint_of(&staying.gateway);
+    let ticket = both_moved_to(&elsewhere, [&mut a, &mut b]).await?;
+    stopping.exited_within(Duration::from_secs(30))?;
+    surrender(&elsewhere, &ticket, [&mut a, &mut b]).await?;
+    let s = server.ctx.store.session(&session).await?.context("kept")?;
+    assert_eq!(s.end_reason.as_deref(), Some("surrender"));
+    finish(vec![staying], server, bed, BLOCK).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_target_dies_leaves_the_match_playing_on_the_source() -> Result<()> {
+    const BLOCK: u8 = 17;
+    let (bed, server, one, two) = two_peers(BLOCK, ["td-1", "td-2"]).await?;
+    let (mut a, mut b, session, endpoint, ticket) = duel(&server, ["ta", "tb"], "eu").await?;
+    let (source, target) = serving(&endpoint, &one, &two);
+    let mut game = join(&endpoint, &ticket).await?;
+    // The move starts; the target's receiving VM is killed as soon as it appears.
+    let before: Vec<u32> = qemu_naming(&target.dir);
+    let moving = {
+        let (addr, id) = (server.addr, session.clone());
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("http://{addr}/v1/admin/sessions/{id}/migrate"))
+                .bearer_auth(fixtures::admin_token())
+                .send()
+                .await?;
+            anyhow::Ok((r.status().as_u16(), r.json::<serde_json::Value>().await?))
+        })
+    };
+    let t0 = Instant::now();
+    let victim = loop {
+        let fresh: Vec<u32> = qemu_naming(&target.dir)
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect();
+        if let Some(pid) = fresh.first() {
+            break *pid;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no receiving VM appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    signal(victim, nix::sys::signal::Signal::SIGKILL)?;
+    let (status, body) = moving.await??;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (502, Some("migration_failed")),
+        "{body}"
+    );
+    let s = server.ctx.store.session(&session).await?.context("kept")?;
+    assert_eq!(s.state, SessionState::Active);
+    assert!(s.migration.is_none());
+    assert_eq!(
+        s.endpoint.as_deref(),
+        Some(endpoint.as_str()),
+        "still on {}",
+        source.gateway
+    );
+    // The same game connection goes on, and the match ends there with its results.
+    game.until(Duration::from_secs(10), |h| {
+        matches!(h, Heard::Answer(GameAnswer::State(_)))
+    })
+    .await?;
+    game.send(&GameRequest::Surrender).await?;
+    for c in [&mut a, &mut b] {
+        let (reason, results) = client::ended(c).await?;
+        assert_eq!(reason, "surrender");
+        assert!(!results["winner"].is_null(), "{results}");
+    }
     finish(vec![one, two], server, bed, BLOCK).await
 }
