@@ -6,8 +6,10 @@
 //! move to its first after, on the new host). The game is then finished where it ended up,
 //! and its results must arrive. Writes `target/bench/fleet.json`.
 //!
-//! Drains are not here yet: moving a draining host's sessions is the server's part of
-//! migration, so `sessions_ended_by_drain` is `null` (not measured), never a made-up 0.
+//! Last, a `cargo xtask fleet` run (separate processes, hosts in their own namespaces, a swarm
+//! of 8) drains a host under load: `sessions_ended_by_drain` counts every match of that run
+//! not ended by its game (an upper bound of what the drain cost), `sessions_moved_by_drain`
+//! the sessions it moved.
 
 use crate::bench::{round, summary};
 use anyhow::{bail, Context, Result};
@@ -47,9 +49,22 @@ pub async fn run(args: FleetBenchArgs) -> Result<()> {
     berth_hostd::util::kill_processes_naming(&base);
     let _ = std::fs::remove_dir_all(&base);
     let moved = moved?;
+    // A fleet run as separate processes drains a host under a swarm: what the drain cost.
+    let run = crate::fleet::FleetArgs {
+        hosts: "eu:a,eu:b,us:a".into(),
+        replicas: 2,
+        players: 8,
+        duration: Duration::from_secs(60),
+        cut: Duration::ZERO,
+        keep: false,
+    };
+    let fleet = crate::fleet::report(&run)
+        .await?
+        .context("a fleet run reports")?;
     let report = json!({
-        "hosts": 2,
-        "regions": 1,
+        // The fleet run's; the migrations run between two hosts of one region.
+        "hosts": fleet["hosts"],
+        "regions": fleet["regions"],
         "accel": shipped["accel"],
         "cores": shipped["cores"],
         "prime_ms": shipped["prime_ms"],
@@ -60,9 +75,11 @@ pub async fn run(args: FleetBenchArgs) -> Result<()> {
         "migration_total_ms": summary(moved.total_ms),
         "migrated_mib": summary(moved.mib),
         "player_stall_ms": summary(moved.stall_ms),
-        "sessions_ended_by_drain": null,
-        "results_missing": moved.results_missing,
-        "not_measured": "sessions_ended_by_drain: draining a host with migration needs the server's part (next)",
+        // Every match of the fleet run that did not end by its game (so at most the drain's).
+        "sessions_ended_by_drain": fleet["matches_killed"],
+        "sessions_moved_by_drain": fleet["moved"],
+        "fleet_run_matches": fleet["matches"],
+        "results_missing": moved.results_missing + fleet["results_lost"].as_u64().unwrap_or(0),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     let out = crate::image::root().join("target/bench");

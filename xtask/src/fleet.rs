@@ -59,23 +59,29 @@ pub fn short() -> Result<()> {
 }
 
 pub async fn run(args: FleetArgs) -> Result<()> {
+    if let Some(report) = report(&args).await? {
+        verdict(&report)?;
+    }
+    Ok(())
+}
+
+/// The run (or, with `--keep`, the fleet until Ctrl-C) and its report; fails if anything of
+/// the bed is left.
+pub async fn report(args: &FleetArgs) -> Result<Option<Value>> {
     use crate::sys::{ensure, E2FS, IPROUTE, QEMU, REDIS};
     ensure(&[QEMU, REDIS, E2FS, IPROUTE])?;
     let places = parse_hosts(&args.hosts)?;
     image::build()?;
     crate::build::build_workspace()?;
     sweep(BLOCK);
-    let result = fleet(&args, &places).await;
+    let result = fleet(args, &places).await;
     sweep(BLOCK);
     let left = leftovers(BLOCK);
     let report = result?;
     if !left.is_empty() {
         bail!("fleet: left behind: {left:?}");
     }
-    if let Some(report) = report {
-        verdict(&report)?;
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// `eu:a,eu:b,us` → `[(eu, Some(a)), (eu, Some(b)), (us, None)]`.
